@@ -1,0 +1,179 @@
+"""Task-agnostic results: what a task produces and what the result writers consume.
+
+Tasks know nothing about DICOM output, and writers know nothing about models.
+Everything here is plain data. Coordinates are in the *source image's* pixel
+grid: ``x`` is the column, ``y`` the row, both 0-based with (0, 0) at the centre
+of the top-left pixel. The writers convert to DICOM SCOORD (1-based, pixel
+corner origin) themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Code:
+    """A coded concept (value, coding scheme designator, meaning)."""
+
+    value: str
+    scheme: str
+    meaning: str
+
+
+# Frequently used codes. Task modules add their own next to their logic.
+SCT = "SCT"
+DCM = "DCM"
+FRACTURE = Code("72704001", SCT, "Fracture")
+PRESENT = Code("52101004", SCT, "Present")
+ABSENT = Code("2667000", SCT, "Absent")
+PROBABILITY_UNIT = Code("{probability}", "UCUM", "probability")
+CUBIC_MM = Code("mm3", "UCUM", "cubic millimeter")
+HU_UNIT = Code("[hnsf'U]", "UCUM", "Hounsfield unit")
+NO_UNITS = Code("1", "UCUM", "no units")
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """A reference to one source image (or one frame of a multi-frame image)."""
+
+    sop_instance_uid: str
+    frame_number: int | None = None  # 1-based, only for multi-frame sources
+
+
+@dataclass
+class Measurement:
+    """A numeric measurement such as a probability, a volume or a mean HU."""
+
+    name: Code
+    value: float
+    unit: Code
+    finding_site: Code | None = None
+    derivation: Code | None = None
+
+
+@dataclass
+class Classification:
+    """A qualitative evaluation (finding + value) with its probability.
+
+    ``images`` empty means the classification is about the whole study (or
+    series); otherwise it is about these source images.
+    """
+
+    finding: Code
+    value: Code
+    probability: float | None = None
+    finding_site: Code | None = None
+    laterality: Code | None = None
+    images: tuple[ImageRef, ...] = ()
+    measurements: list[Measurement] = field(default_factory=list)
+    tracking_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.probability is not None and not 0.0 <= float(self.probability) <= 1.0:
+            raise ValueError(f"probability must lie in [0, 1], got {self.probability}")
+
+
+@dataclass
+class Box:
+    """An axis-aligned box on one source image, in pixel coordinates (x = column, y = row)."""
+
+    image: ImageRef
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    label: Code
+    score: float
+    finding_site: Code | None = None
+    tracking_id: str | None = None
+    measurements: list[Measurement] = field(default_factory=list)
+    qualitative: list[tuple[Code, Code]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not (self.x1 > self.x0 and self.y1 > self.y0):
+            raise ValueError(f"box must have positive size, got ({self.x0},{self.y0})-({self.x1},{self.y1})")
+
+
+@dataclass
+class Mask:
+    """A binary segmentation of one structure in the source series' pixel grid.
+
+    ``array`` has shape (n_images, rows, columns); plane ``i`` belongs to
+    ``images[i]``. Writers rely on this to build per-frame references.
+    """
+
+    label: Code
+    category: Code
+    array: np.ndarray
+    images: tuple[ImageRef, ...]
+    finding_site: Code | None = None
+    measurements: list[Measurement] = field(default_factory=list)
+    tracking_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.array.ndim != 3:
+            raise ValueError(f"mask array must be 3-D (n_images, rows, cols), got shape {self.array.shape}")
+        if self.array.shape[0] != len(self.images):
+            raise ValueError(f"mask has {self.array.shape[0]} planes but {len(self.images)} image references")
+        self.array = self.array.astype(bool, copy=False)
+
+
+@dataclass
+class Panel:
+    """One tile of a secondary-capture overlay.
+
+    Either ``image`` references a source image, whose pixels the writer loads
+    through the display pipeline, or ``pixels`` gives a pre-computed greyscale
+    picture in [0, 1] (such as a sagittal reformat). Heat map and contours use
+    the panel's pixel grid.
+    """
+
+    image: ImageRef | None = None
+    pixels: np.ndarray | None = None
+    caption: str = ""
+    boxes: list[Box] = field(default_factory=list)
+    heatmap: np.ndarray | None = None
+    contours: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if (self.image is None) == (self.pixels is None):
+            raise ValueError("a panel needs exactly one of image or pixels")
+
+
+@dataclass
+class Overlay:
+    """One secondary-capture image: a single panel or a montage of several."""
+
+    panels: list[Panel]
+    title: str
+    derived_from: tuple[ImageRef, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.panels:
+            raise ValueError("an overlay needs at least one panel")
+
+
+@dataclass
+class Findings:
+    """Everything one task run says about one study."""
+
+    task: str
+    algorithm_name: str
+    algorithm_version: str
+    study_instance_uid: str
+    source_images: tuple[ImageRef, ...]
+    classifications: list[Classification] = field(default_factory=list)
+    boxes: list[Box] = field(default_factory=list)
+    masks: list[Mask] = field(default_factory=list)
+    measurements: list[Measurement] = field(default_factory=list)
+    overlays: list[Overlay] = field(default_factory=list)
+    summary: str = ""
+    synthetic_model: bool = False
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.source_images:
+            raise ValueError("findings must reference at least one source image")

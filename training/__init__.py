@@ -1,0 +1,3 @@
+"""Training package of bone-dicomnode: synthetic studies, datasets, trainers, evaluation, retraining."""
+
+DISTRIBUTION = "bone-dicomnode"

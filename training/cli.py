@@ -1,0 +1,59 @@
+"""Command line interface ``dicomnode-train``.
+
+Sub-commands import their implementation lazily; each module owns its options
+through a ``add_arguments(parser)`` / ``run(args)`` pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from dicomnode._identity import check_packages
+
+# sub-command -> module implementing add_arguments(parser) and run(args) -> int
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("training.synth.cli", "write synthetic DICOM studies plus a labels manifest"),
+    "train": ("training.train_cli", "train a task and write a model bundle"),
+    "evaluate": ("training.evaluate_cli", "evaluate a bundle on a labelled data folder"),
+    "promote": ("training.promote", "promote a bundle into a registry if it beats the current one"),
+    "schedule": ("training.nightly.scheduler", "run the nightly retraining scheduler"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the parser; modules that are not installed yet are listed but fail clearly."""
+    p = argparse.ArgumentParser(prog="dicomnode-train", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text)
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not module.startswith(exc.name):
+                raise
+            sp.set_defaults(func=lambda a, n=name: _missing(n))
+            continue
+        mod.add_arguments(sp)
+        sp.set_defaults(func=mod.run)
+    return p
+
+
+def _missing(name: str) -> int:
+    print(f"error: 'dicomnode-train {name}' is not available in this installation", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``dicomnode-train``."""
+    check_packages("inference", "training")
+    level = logging.INFO
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
