@@ -5,8 +5,12 @@ handlers); everything behind that raises these classes.
 """
 
 
-class DicomNodeError(Exception):
-    """Base class of every error raised by this project."""
+from inference.errors import BundleError, DicomNodeError, InvalidDatasetError, ModelNotFoundError, TaskError
+
+__all__ = [
+    "BundleError", "ConfigError", "DeliveryError", "DicomNodeError", "InvalidDatasetError", "ModelNotFoundError",
+    "OutOfResourcesError", "ResultWriteError", "RoutingError", "TaskError",
+]
 
 
 class ConfigError(DicomNodeError):
@@ -17,20 +21,11 @@ class OutOfResourcesError(DicomNodeError):
     """Disk full, free space below the configured minimum, or the spool cannot persist."""
 
 
-class InvalidDatasetError(DicomNodeError):
-    """A received or loaded dataset cannot be parsed or lacks required attributes."""
-
 
 class RoutingError(DicomNodeError):
     """A route or its rules cannot be evaluated."""
 
 
-class TaskError(DicomNodeError):
-    """A task failed on its input (unsupported series, model failure)."""
-
-
-class ModelNotFoundError(TaskError):
-    """No usable model bundle exists for a task."""
 
 
 class ResultWriteError(DicomNodeError):
