@@ -1,0 +1,430 @@
+"""The receiving edge: a pynetdicom SCP for C-ECHO and C-STORE that writes into the spool.
+
+* The C-STORE handler only hands the received file to :meth:`Spool.store` and maps
+  the outcome to a DIMSE status; nothing slow runs on the association thread.
+* Data sets are streamed to disk by pynetdicom (``STORE_RECV_CHUNKED_DATASET``),
+  so memory stays bounded whatever the instance size. In receiver processes the
+  temporary files are created inside the spool's file system so they are moved,
+  not copied.
+* Association control happens before presentation-context negotiation: the
+  calling AE title and peer IP must be in ``allowed_callers`` (else rejected-
+  permanent, "calling AE title not recognised"), the free disk space must be
+  above the minimum and the number of open associations below
+  ``max_associations`` (else rejected-transient).
+* ``receive_processes > 1`` starts that many processes, each with an AE bound to
+  the same port with ``SO_REUSEPORT``; the kernel spreads connections over them.
+  The association limit is shared between them.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import socket
+import ssl
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from pydicom import uid as tsuid
+from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom.acse import ACSE
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+from dicomnode.config import Config, NodeConfig
+from dicomnode.errors import ConfigError, DicomNodeError, InvalidDatasetError, OutOfResourcesError
+from dicomnode.spool import Spool, StoreOutcome
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "STATUS_CANNOT_UNDERSTAND", "STATUS_OUT_OF_RESOURCES", "STATUS_PROCESSING_FAILURE", "STATUS_SUCCESS",
+    "TRANSFER_SYNTAXES", "ReceiverGroup", "build_ae", "start_receivers",
+]
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_CANNOT_UNDERSTAND = 0xC210
+STATUS_PROCESSING_FAILURE = 0xC211
+
+#: Transfer syntaxes accepted for every storage SOP class (the data set is stored as sent).
+TRANSFER_SYNTAXES: list[str] = [
+    tsuid.ExplicitVRLittleEndian, tsuid.ImplicitVRLittleEndian, tsuid.DeflatedExplicitVRLittleEndian,
+    tsuid.ExplicitVRBigEndian, tsuid.JPEGBaseline8Bit, tsuid.JPEGExtended12Bit, tsuid.JPEGLosslessSV1,
+    tsuid.JPEGLossless, tsuid.JPEGLSLossless, tsuid.JPEGLSNearLossless, tsuid.JPEG2000Lossless, tsuid.JPEG2000,
+    tsuid.RLELossless, tsuid.HTJ2KLossless, tsuid.HTJ2KLosslessRPCL, tsuid.HTJ2K,
+]
+
+# A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
+_RJ_CALLING_AE = (0x01, 0x01, 0x03)  # rejected-permanent, service-user, calling AE title not recognised
+_RJ_LOCAL_LIMIT = (0x02, 0x03, 0x02)  # rejected-transient, service-provider (presentation), local limit exceeded
+_RJ_NO_REASON = (0x02, 0x01, 0x01)  # rejected-transient, service-user, no reason given (disk low)
+
+
+class _Counter(Protocol):
+    def try_acquire(self, limit: int) -> bool: ...
+
+    def release(self) -> None: ...
+
+
+class _LocalCounter:
+    """Open-association counter for one process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._n = 0
+
+    def try_acquire(self, limit: int) -> bool:
+        with self._lock:
+            if self._n >= limit:
+                return False
+            self._n += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self._n = max(self._n - 1, 0)
+
+
+class _SharedCounter:
+    """Open-association counter shared by the receiver processes (a ``multiprocessing.Value``)."""
+
+    def __init__(self, value: Any) -> None:
+        self._value = value
+
+    def try_acquire(self, limit: int) -> bool:
+        with self._value.get_lock():
+            if self._value.value >= limit:
+                return False
+            self._value.value += 1
+            return True
+
+    def release(self) -> None:
+        with self._value.get_lock():
+            self._value.value = max(self._value.value - 1, 0)
+
+
+class _Policy:
+    """Who may associate, and the shared limits."""
+
+    def __init__(self, node: NodeConfig, spool: Spool, counter: _Counter) -> None:
+        self.allowed = {(c.ae_title.strip(), c.host.strip()) for c in node.allowed_callers}
+        self.max_associations = node.max_associations
+        self.spool = spool
+        self.counter = counter
+
+    def decide(self, calling_ae: str, peer_host: str) -> tuple[tuple[int, int, int] | None, str]:
+        """Return (reject triple or None, reason); acquires an association slot when accepting."""
+        if (calling_ae.strip(), peer_host) not in self.allowed:
+            return _RJ_CALLING_AE, "calling AE title / host not in allowed_callers"
+        if not self.spool.disk_ok():
+            return _RJ_NO_REASON, "free disk space below disk_min_free_gb"
+        if not self.counter.try_acquire(self.max_associations):
+            return _RJ_LOCAL_LIMIT, f"max_associations ({self.max_associations}) reached"
+        return None, "accepted"
+
+
+class _GuardedACSE(ACSE):
+    """ACSE whose acceptor side applies :class:`_Policy` before negotiating contexts."""
+
+    policy: _Policy
+
+    def _negotiate_as_acceptor(self) -> None:
+        rq = self.requestor.primitive
+        calling = str(getattr(rq, "calling_ae_title", "") or "").strip()
+        host = str(self.assoc.requestor.address or "")
+        reject, reason = self.policy.decide(calling, host)
+        if reject is not None:
+            log.warning("rejecting association from AE %r at %s: %s", calling, host, reason)
+            self.requestor.ae_title = calling
+            self.send_reject(*reject)
+            evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+            self.assoc.kill()
+            return
+        self.assoc._dicomnode_slot = True  # type: ignore[attr-defined]
+        super()._negotiate_as_acceptor()
+
+
+def _make_handler_class(policy: _Policy) -> type[RequestHandler]:
+    class _Handler(RequestHandler):
+        def _create_association(self) -> Association:
+            assoc = super()._create_association()
+            acse = _GuardedACSE(assoc)
+            acse.policy = policy
+            assoc.acse = acse
+            return assoc
+
+    return _Handler
+
+
+class _Server(ThreadedAssociationServer):
+    """Association server that may share its port with other processes (``SO_REUSEPORT``)."""
+
+    reuse_port = False
+
+    def server_bind(self) -> None:
+        if self.reuse_port:
+            assert self.socket is not None
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+def _ssl_context(node: NodeConfig) -> ssl.SSLContext | None:
+    if node.tls is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(node.tls.cert_file), str(node.tls.key_file))
+    if node.tls.ca_file:
+        ctx.load_verify_locations(str(node.tls.ca_file))
+    ctx.verify_mode = ssl.CERT_REQUIRED if node.tls.require_client_cert else ssl.CERT_NONE
+    return ctx
+
+
+def _handlers(spool: Spool, policy: _Policy) -> list[tuple[Any, Callable[..., Any]]]:
+    def assoc_id(event: evt.Event) -> str | None:
+        return getattr(event.assoc, "_dicomnode_id", None)
+
+    def on_accepted(event: evt.Event) -> None:
+        aid = uuid.uuid4().hex
+        event.assoc._dicomnode_id = aid  # type: ignore[attr-defined]
+        calling = str(event.assoc.requestor.ae_title).strip()
+        host = str(event.assoc.requestor.address)
+        try:
+            spool.open_association(aid, calling, host)
+        except Exception:  # noqa: BLE001 - bookkeeping must not break the association
+            log.exception("cannot record association %s", aid)
+        log.info("association %s accepted from AE %r at %s", aid, calling, host)
+
+    def on_released(event: evt.Event) -> None:
+        aid = assoc_id(event)
+        if aid:
+            try:
+                spool.release_association(aid)
+            except Exception:  # noqa: BLE001
+                log.exception("cannot record release of association %s", aid)
+            log.info("association %s released", aid)
+
+    def on_aborted(event: evt.Event) -> None:
+        aid = assoc_id(event)
+        if aid:
+            try:
+                spool.abort_association(aid)
+            except Exception:  # noqa: BLE001
+                log.exception("cannot record abort of association %s", aid)
+            log.warning("association %s aborted", aid)
+
+    def on_closed(event: evt.Event) -> None:
+        if getattr(event.assoc, "_dicomnode_slot", False):
+            event.assoc._dicomnode_slot = False  # type: ignore[attr-defined]
+            policy.counter.release()
+
+    def on_echo(event: evt.Event) -> int:
+        return STATUS_SUCCESS
+
+    def on_store(event: evt.Event) -> int:
+        aid = assoc_id(event)
+        sop = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "?")
+        try:
+            path = event.dataset_path
+        except AttributeError:
+            data: Any = event.encoded_dataset(include_meta=True)
+        else:
+            data = path
+        try:
+            outcome = spool.store(data, assoc_id=aid)
+        except OutOfResourcesError as exc:
+            log.error("C-STORE %s on association %s: out of resources: %s", sop, aid, exc)
+            return STATUS_OUT_OF_RESOURCES
+        except InvalidDatasetError as exc:
+            log.error("C-STORE %s on association %s: cannot understand the data set: %s", sop, aid, exc)
+            return STATUS_CANNOT_UNDERSTAND
+        except DicomNodeError as exc:
+            log.error("C-STORE %s on association %s failed: %s", sop, aid, exc)
+            return STATUS_PROCESSING_FAILURE
+        except Exception:  # noqa: BLE001 - never let a bad instance take the node down
+            log.exception("C-STORE %s on association %s: unexpected error", sop, aid)
+            return STATUS_OUT_OF_RESOURCES
+        if outcome is StoreOutcome.DUPLICATE:
+            log.debug("C-STORE %s: duplicate, already stored", sop)
+        return STATUS_SUCCESS
+
+    return [
+        (evt.EVT_ACCEPTED, on_accepted), (evt.EVT_RELEASED, on_released), (evt.EVT_ABORTED, on_aborted),
+        (evt.EVT_CONN_CLOSE, on_closed), (evt.EVT_C_ECHO, on_echo), (evt.EVT_C_STORE, on_store),
+    ]
+
+
+def build_ae(cfg: Config, spool: Spool, *, _counter: _Counter | None = None) -> AE:
+    """Build the node's AE (contexts, timeouts, association policy) without starting it.
+
+    Start it with :func:`serve_ae` (or ``ae.start_server`` using ``ae.dicomnode_server_kwargs``).
+    Turns on pynetdicom's ``STORE_RECV_CHUNKED_DATASET`` (process-wide).
+    """
+    node = cfg.node
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    ae = AE(ae_title=node.ae_title)
+    ae.maximum_associations = node.max_associations + 1  # our policy enforces the limit, shared across processes
+    ae.maximum_pdu_size = node.max_pdu
+    ae.acse_timeout = node.acse_timeout_s
+    ae.dimse_timeout = node.dimse_timeout_s
+    ae.network_timeout = node.network_timeout_s
+    ae.require_called_aet = False
+    ae.add_supported_context(Verification)
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+    policy = _Policy(node, spool, _counter or _LocalCounter())
+    ae.dicomnode_policy = policy  # type: ignore[attr-defined]
+    ae.dicomnode_handlers = _handlers(spool, policy)  # type: ignore[attr-defined]
+    return ae
+
+
+def serve_ae(ae: AE, cfg: Config, *, reuse_port: bool = False) -> ThreadedAssociationServer:
+    """Bind and start ``ae`` (from :func:`build_ae`) in a background thread; returns the server.
+
+    ``server.server_address[1]`` is the bound port (useful with port 0). Stop it with ``server.shutdown()``.
+    """
+    policy: _Policy = ae.dicomnode_policy  # type: ignore[attr-defined]
+    server_cls = type("_BoundServer", (_Server,), {"reuse_port": reuse_port})
+    server = server_cls(ae, (cfg.node.host, cfg.node.port), ae.ae_title, ae.supported_contexts,
+                        ssl_context=_ssl_context(cfg.node), evt_handlers=ae.dicomnode_handlers,  # type: ignore[attr-defined]
+                        request_handler=_make_handler_class(policy))
+    thread = threading.Thread(target=server.serve_forever, name=f"dicomnode-scp:{server.server_address[1]}",
+                              daemon=True)
+    thread.start()
+    ae._servers.append(server)
+    log.info("SCP %s listening on %s:%d (pid %d)", ae.ae_title, cfg.node.host, server.server_address[1], os.getpid())
+    return server
+
+
+# --------------------------------------------------------------------------------------------- processes
+
+
+def _receiver_main(cfg: Config, port: int, stop: Any, counter_value: Any, ready: Any, parent_pid: int) -> None:
+    """Body of one receiver process."""
+    logging.basicConfig(level=getattr(logging, cfg.log_level), stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s %(name)s[{os.getpid()}]: %(message)s")
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    cfg = cfg.model_copy(update={"node": cfg.node.model_copy(update={"port": port})})
+    spool = Spool(cfg.node.storage_dir, cfg.node.disk_min_free_gb)
+    tempfile.tempdir = str(spool.tmp_dir)  # pynetdicom's chunked temp files land on the spool's file system
+    ae = build_ae(cfg, spool, _counter=_SharedCounter(counter_value))
+    try:
+        server = serve_ae(ae, cfg, reuse_port=True)
+    except OSError as exc:
+        ready.put(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    ready.put(("ok", os.getpid()))
+    while not stop.wait(0.5):
+        if os.getppid() != parent_pid:  # parent died (kill -9): do not keep the port
+            log.error("parent process %d is gone; receiver exiting", parent_pid)
+            break
+    server.shutdown()
+    ae.shutdown()
+
+
+class ReceiverGroup:
+    """The running SCP: one in-process server, or N processes sharing the port."""
+
+    def __init__(self, *, port: int, stop: Any, processes: list[Any] | None = None,
+                 ae: AE | None = None, server: ThreadedAssociationServer | None = None) -> None:
+        self.port = port
+        self._stop = stop
+        self._processes = processes or []
+        self._ae = ae
+        self._server = server
+        self._stopped = False
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of receiver processes (empty for the in-process server)."""
+        return [p.pid for p in self._processes]
+
+    def is_alive(self) -> bool:
+        """True while every receiver is running."""
+        if self._server is not None:
+            return not self._stopped
+        return bool(self._processes) and all(p.is_alive() for p in self._processes)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop accepting associations and wait for the receivers to end."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._stop.set()
+        if self._server is not None and self._ae is not None:
+            self._server.shutdown()
+            self._ae.shutdown()
+        deadline = time.monotonic() + timeout_s
+        for p in self._processes:
+            p.join(max(deadline - time.monotonic(), 0.1))
+            if p.is_alive():
+                log.warning("receiver process %d did not stop in time; terminating", p.pid)
+                p.terminate()
+                p.join(2.0)
+
+    def wait(self) -> None:
+        """Block until the group is stopped (or every receiver process has ended)."""
+        if self._processes:
+            for p in self._processes:
+                p.join()
+        else:
+            self._stop.wait()
+
+
+def start_receivers(cfg: Config, stop: Any | None = None) -> ReceiverGroup:
+    """Start the SCP as configured: in-process for ``receive_processes == 1``, else N processes.
+
+    Parameters
+    ----------
+    cfg:
+        The node configuration.
+    stop:
+        Optional ``multiprocessing.Event``; setting it stops the receivers.
+
+    Raises
+    ------
+    ConfigError
+        Port 0 with several processes, or a receiver process failed to bind.
+    """
+    n = cfg.node.receive_processes
+    if n == 1:
+        stop_evt = stop if stop is not None else threading.Event()
+        spool = Spool(cfg.node.storage_dir, cfg.node.disk_min_free_gb)
+        ae = build_ae(cfg, spool)
+        try:
+            server = serve_ae(ae, cfg)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {cfg.node.host}:{cfg.node.port}: {exc}") from exc
+        return ReceiverGroup(port=int(server.server_address[1]), stop=stop_evt, ae=ae, server=server)
+    if cfg.node.port == 0:
+        raise ConfigError("node.port must be a fixed port when receive_processes > 1")
+    Spool(cfg.node.storage_dir, cfg.node.disk_min_free_gb)  # create the schema once, before the children race
+    ctx = mp.get_context("spawn")
+    stop_evt = stop if stop is not None else ctx.Event()
+    counter = ctx.Value("i", 0)
+    ready = ctx.Queue()
+    procs = [ctx.Process(target=_receiver_main, name=f"dicomnode-receiver-{i}", daemon=True,
+                         args=(cfg, cfg.node.port, stop_evt, counter, ready, os.getpid())) for i in range(n)]
+    for p in procs:
+        p.start()
+    group = ReceiverGroup(port=cfg.node.port, stop=stop_evt, processes=procs)
+    errors = []
+    for _ in procs:
+        try:
+            status, detail = ready.get(timeout=60)
+        except Exception:  # noqa: BLE001 - queue.Empty
+            status, detail = "error", "receiver process did not start within 60 s"
+        if status != "ok":
+            errors.append(str(detail))
+    if errors:
+        group.stop()
+        raise ConfigError(f"cannot start receivers on {cfg.node.host}:{cfg.node.port}: {'; '.join(errors)}")
+    log.info("%d receiver processes listening on %s:%d", n, cfg.node.host, cfg.node.port)
+    return group

@@ -1,0 +1,495 @@
+"""The spool: received instances, durably on disk, indexed in SQLite.
+
+Layout: ``<storage_dir>/spool/<study>/<series>/<sop>.dcm`` holding exactly the
+bytes the peer sent (DICOM File Format: preamble, file meta, then the data set
+as encoded on the wire; no decode, no re-encode). ``<storage_dir>/spool/.tmp``
+holds partial writes.
+
+Durability: :meth:`Spool.store` writes a temp file, fsyncs it, renames it
+into place, fsyncs the directory and only then commits the index rows, so a
+success status returned after it means the instance survives a crash or power
+loss. A crash between rename and commit leaves a file without a row; the same
+instance sent again is then stored normally.
+
+Tables owned here: ``instances``, ``series``, ``associations``.
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import sqlite3
+import struct
+import time
+import uuid
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pydicom
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from dicomnode import db
+from dicomnode.errors import InvalidDatasetError, OutOfResourcesError
+from dicomnode.router import SeriesInfo, routing_meta
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SCHEMA", "SeriesRecord", "Spool", "StoreOutcome", "StoredInstance"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    sop_class_uid TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    transfer_syntax TEXT,
+    received_at REAL NOT NULL,
+    assoc_id TEXT
+);
+CREATE INDEX IF NOT EXISTS instances_study ON instances(study_uid, series_uid);
+CREATE INDEX IF NOT EXISTS instances_assoc ON instances(assoc_id);
+CREATE TABLE IF NOT EXISTS series (
+    series_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    meta_json TEXT NOT NULL,
+    n_instances INTEGER NOT NULL DEFAULT 0,
+    first_received REAL NOT NULL,
+    last_received REAL NOT NULL,
+    expected_count INTEGER
+);
+CREATE INDEX IF NOT EXISTS series_study ON series(study_uid);
+CREATE INDEX IF NOT EXISTS series_last ON series(last_received);
+CREATE TABLE IF NOT EXISTS associations (
+    assoc_id TEXT PRIMARY KEY,
+    calling_ae TEXT,
+    peer_host TEXT,
+    opened_at REAL NOT NULL,
+    released_at REAL,
+    n_stored INTEGER NOT NULL DEFAULT 0,
+    aborted INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_GIB = 1024**3
+_COPY_CHUNK = 1 << 20
+
+
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
+_UNDEFINED = 0xFFFFFFFF
+_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+
+
+class _Truncated(Exception):
+    pass
+
+
+def _scan_elements(fp: BinaryIO, end: int, implicit: bool, little: bool, stop_tag: int | None) -> None:
+    """Walk data elements (tags and lengths only) up to ``end`` or ``stop_tag``; raise _Truncated if short."""
+    order = "<" if little else ">"
+    while True:
+        head = fp.read(8)
+        if not head and stop_tag is None:
+            return
+        if len(head) < 8:
+            raise _Truncated("data element header cut off")
+        group, elem = struct.unpack(order + "HH", head[:4])
+        tag = (group << 16) | elem
+        if tag in (_ITEM_END, _SEQ_END) or group == 0xFFFE:
+            length = struct.unpack(order + "L", head[4:])[0]
+            if tag == stop_tag:
+                return
+            raise _Truncated(f"unexpected delimiter ({group:04X},{elem:04X})")
+        if implicit:
+            vr, length = b"", struct.unpack(order + "L", head[4:])[0]
+        else:
+            vr = head[4:6]
+            if vr in _LONG_VRS:
+                more = fp.read(4)
+                if len(more) < 4:
+                    raise _Truncated("data element length cut off")
+                length = struct.unpack(order + "L", more)[0]
+            else:
+                length = struct.unpack(order + "H", head[6:])[0]
+        if length == _UNDEFINED:
+            if tag == 0x7FE00010:
+                _scan_items(fp, end, implicit=False, little=little, encapsulated=True)
+            else:
+                # SQ (explicit or implicit) or UN of undefined length: implicit VR little endian inside for UN
+                _scan_items(fp, end, implicit=implicit or vr == b"UN", little=little if vr != b"UN" else True,
+                            encapsulated=False)
+        else:
+            fp.seek(length, os.SEEK_CUR)
+            if fp.tell() > end:
+                raise _Truncated(f"value of ({group:04X},{elem:04X}) runs past the end of the data")
+        if stop_tag is None and fp.tell() == end:
+            return
+
+
+def _scan_items(fp: BinaryIO, end: int, *, implicit: bool, little: bool, encapsulated: bool) -> None:
+    order = "<" if little else ">"
+    while True:
+        head = fp.read(8)
+        if len(head) < 8:
+            raise _Truncated("sequence cut off before its delimiter")
+        group, elem = struct.unpack(order + "HH", head[:4])
+        tag = (group << 16) | elem
+        length = struct.unpack(order + "L", head[4:])[0]
+        if tag == _SEQ_END:
+            return
+        if tag != _ITEM:
+            raise _Truncated(f"unexpected tag ({group:04X},{elem:04X}) in a sequence")
+        if length == _UNDEFINED:
+            if encapsulated:
+                raise _Truncated("encapsulated fragment of undefined length")
+            _scan_elements(fp, end, implicit, little, stop_tag=_ITEM_END)
+        else:
+            fp.seek(length, os.SEEK_CUR)
+            if fp.tell() > end:
+                raise _Truncated("sequence item runs past the end of the data")
+
+
+def _check_complete(fp: BinaryIO, transfer_syntax: str) -> None:
+    """Verify the data set after the file meta is structurally complete (not cut off mid-element)."""
+    start = fp.tell()
+    size = fp.seek(0, os.SEEK_END)
+    fp.seek(start)
+    try:
+        if transfer_syntax == DeflatedExplicitVRLittleEndian:
+            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            while chunk := fp.read(_COPY_CHUNK):
+                inflater.decompress(chunk, 0)
+                while inflater.unconsumed_tail:
+                    inflater.decompress(inflater.unconsumed_tail, 0)
+            if not inflater.eof:
+                raise _Truncated("deflated data set cut off")
+            return
+        ts = UID(transfer_syntax) if transfer_syntax else ImplicitVRLittleEndian
+        implicit, little = (ts.is_implicit_VR, ts.is_little_endian) if ts.is_transfer_syntax else (False, True)
+        if start < size:
+            _scan_elements(fp, size, implicit, little, stop_tag=None)
+    except (_Truncated, struct.error, zlib.error) as exc:
+        raise InvalidDatasetError(f"received data set is truncated or malformed: {exc}") from exc
+
+
+class StoreOutcome(enum.Enum):
+    """Result of :meth:`Spool.store`."""
+
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """One spooled instance."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_uid: str
+    series_uid: str
+    path: Path
+    received_at: float
+
+
+@dataclass(frozen=True)
+class SeriesRecord:
+    """One spooled series with the routing attributes of its first instance."""
+
+    series_uid: str
+    study_uid: str
+    meta: dict[str, Any] = field(hash=False)
+    n_instances: int
+    first_received: float
+    last_received: float
+    expected_count: int | None
+
+    def info(self) -> SeriesInfo:
+        """The router's view of this series."""
+        return SeriesInfo.from_meta(self.meta, self.n_instances)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _valid_uid(value: Any) -> str | None:
+    text = str(value).strip().rstrip("\x00") if value is not None else ""
+    return text if 0 < len(text) <= 64 and _UID_RE.match(text) else None
+
+
+def _expected_from_header(meta: dict[str, Any]) -> int | None:
+    """Instance count a header announces: ImagesInAcquisition, or 1 for an enhanced multi-frame object."""
+    n = meta.get("images_in_acquisition")
+    if isinstance(n, int) and n > 0:
+        return n
+    frames = meta.get("number_of_frames")
+    if isinstance(frames, int) and frames > 1:
+        return 1
+    return None
+
+
+class Spool:
+    """Durable store of received instances plus their SQLite index.
+
+    Parameters
+    ----------
+    storage_dir:
+        The node's storage directory (``cfg.node.storage_dir``).
+    disk_min_free_gb:
+        Below this much free space (GiB) on the spool's file system, stores fail
+        with :class:`OutOfResourcesError`.
+    """
+
+    def __init__(self, storage_dir: Path, disk_min_free_gb: float) -> None:
+        self.storage_dir = Path(storage_dir)
+        self.root = self.storage_dir / "spool"
+        self.tmp_dir = self.root / ".tmp"
+        self.disk_min_free_gb = float(disk_min_free_gb)
+        self.db_path = db.db_path(self.storage_dir)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._tmp_dev = os.stat(self.tmp_dir).st_dev
+        conn = db.connect(self.db_path)
+        try:
+            db.ensure_schema(conn, SCHEMA)
+        finally:
+            conn.close()
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        return db.thread_connection(self.db_path)
+
+    def free_gb(self) -> float:
+        """Free space on the spool's file system in GiB."""
+        return shutil.disk_usage(self.root).free / _GIB
+
+    def disk_ok(self) -> bool:
+        """True when free space is at least ``disk_min_free_gb``."""
+        try:
+            return self.free_gb() >= self.disk_min_free_gb
+        except OSError:
+            return False
+
+    @staticmethod
+    def _parse(fp: BinaryIO) -> tuple[pydicom.Dataset, str]:
+        """Parse the header (no pixel data) and check the data set is complete; return it and its transfer syntax."""
+        try:
+            ds = pydicom.dcmread(fp, stop_before_pixels=True)
+            ts = str(ds.file_meta.get("TransferSyntaxUID") or "")
+            meta_sop = ds.file_meta.get("MediaStorageSOPInstanceUID")
+            if meta_sop is not None and "SOPInstanceUID" not in ds:
+                ds.SOPInstanceUID = meta_sop
+            fp.seek(0)
+            read_preamble(fp, False)
+            _read_file_meta_info(fp)
+        except Exception as exc:  # noqa: BLE001 - anything pydicom raises means "cannot parse"
+            raise InvalidDatasetError(f"cannot parse received dataset: {type(exc).__name__}: {exc}") from exc
+        _check_complete(fp, ts)
+        return ds, ts
+
+    def _take_input(self, encoded: bytes | bytearray | memoryview | str | os.PathLike[str]) -> Path:
+        """Materialise ``encoded`` as a fsynced file inside ``tmp_dir`` and return its path."""
+        tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        try:
+            if isinstance(encoded, bytes | bytearray | memoryview):
+                with open(tmp, "wb") as f:
+                    f.write(encoded)
+                    f.flush()
+                    os.fsync(f.fileno())
+                return tmp
+            src = Path(encoded)
+            if os.stat(src).st_dev == self._tmp_dev:
+                # Same file system: fsync the received file and move it, no copy.
+                fd = os.open(src, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(src, tmp)
+                return tmp
+            with open(src, "rb") as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout, _COPY_CHUNK)
+                fout.flush()
+                os.fsync(fout.fileno())
+            return tmp
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise OutOfResourcesError(f"cannot write to spool: {exc}") from exc
+
+    # ------------------------------------------------------------------ store
+
+    def store(self, encoded: bytes | str | os.PathLike[str], *, assoc_id: str | None) -> StoreOutcome:
+        """Persist one received instance (DICOM File Format bytes, or a path to such a file).
+
+        A path given here is consumed: it is moved into the spool when it lies on
+        the same file system, otherwise copied and left for the caller to delete.
+
+        Raises
+        ------
+        OutOfResourcesError
+            Free disk below the minimum, or the write / index update failed.
+        InvalidDatasetError
+            The data cannot be parsed or lacks valid Study/Series/SOP Instance UIDs.
+        """
+        if not self.disk_ok():
+            raise OutOfResourcesError(
+                f"free disk space below {self.disk_min_free_gb:g} GiB on {self.root}")
+        if isinstance(encoded, bytes | bytearray | memoryview):
+            ds, ts = self._parse(io.BytesIO(bytes(encoded)))
+        else:
+            try:
+                with open(encoded, "rb") as fp:
+                    ds, ts = self._parse(fp)
+            except OSError as exc:
+                raise OutOfResourcesError(f"cannot read received file {encoded}: {exc}") from exc
+        try:
+            sop = _valid_uid(ds.get("SOPInstanceUID"))
+            sop_class = _valid_uid(ds.get("SOPClassUID")) or _valid_uid(ds.file_meta.get("MediaStorageSOPClassUID"))
+            study = _valid_uid(ds.get("StudyInstanceUID"))
+            series = _valid_uid(ds.get("SeriesInstanceUID"))
+            meta = routing_meta(ds)
+        except Exception as exc:  # noqa: BLE001 - malformed element values
+            raise InvalidDatasetError(f"cannot read UIDs from received dataset: {exc}") from exc
+        missing = [n for n, v in (("SOPInstanceUID", sop), ("SOPClassUID", sop_class),
+                                  ("StudyInstanceUID", study), ("SeriesInstanceUID", series)) if v is None]
+        if missing:
+            raise InvalidDatasetError(f"received dataset lacks valid {', '.join(missing)}")
+        assert sop and sop_class and study and series
+        conn = self._conn
+        if conn.execute("SELECT 1 FROM instances WHERE sop_instance_uid=?", (sop,)).fetchone():
+            log.info("duplicate instance %s ignored", sop)
+            return StoreOutcome.DUPLICATE
+
+        tmp = self._take_input(encoded)
+        final_dir = self.root / study / series
+        final = final_dir / f"{sop}.dcm"
+        try:
+            created = not final_dir.exists()
+            final_dir.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, final)
+            _fsync_dir(final_dir)
+            if created:
+                _fsync_dir(final_dir.parent)
+                _fsync_dir(self.root)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise OutOfResourcesError(f"cannot move instance into spool: {exc}") from exc
+
+        now = time.time()
+        try:
+            with db.transaction(conn):
+                cur = conn.execute(
+                    "INSERT OR IGNORE INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid, path,"
+                    " transfer_syntax, received_at, assoc_id) VALUES (?,?,?,?,?,?,?,?)",
+                    (sop, sop_class, study, series, str(final.relative_to(self.storage_dir)), ts, now, assoc_id))
+                if cur.rowcount == 0:
+                    return StoreOutcome.DUPLICATE
+                row = conn.execute("SELECT meta_json FROM series WHERE series_uid=?", (series,)).fetchone()
+                if row is None:
+                    conn.execute(
+                        "INSERT INTO series (series_uid, study_uid, meta_json, n_instances, first_received,"
+                        " last_received, expected_count) VALUES (?,?,?,?,?,?,?)",
+                        (series, study, json.dumps(meta), 1, now, now, _expected_from_header(meta)))
+                else:
+                    stored = json.loads(row["meta_json"])
+                    views = set(stored.get("view_positions") or ())
+                    if not set(meta["view_positions"]) <= views:
+                        stored["view_positions"] = sorted(views | set(meta["view_positions"]))
+                        conn.execute("UPDATE series SET meta_json=? WHERE series_uid=?", (json.dumps(stored), series))
+                    conn.execute(
+                        "UPDATE series SET n_instances=n_instances+1, last_received=? WHERE series_uid=?",
+                        (now, series))
+                if assoc_id is not None:
+                    conn.execute("UPDATE associations SET n_stored=n_stored+1 WHERE assoc_id=?", (assoc_id,))
+        except sqlite3.Error as exc:
+            raise OutOfResourcesError(f"cannot index instance {sop}: {exc}") from exc
+        log.debug("stored %s in series %s", sop, series)
+        return StoreOutcome.STORED
+
+    # ------------------------------------------------------------------ associations
+
+    def open_association(self, assoc_id: str, calling_ae: str, peer_host: str) -> None:
+        """Record that an association was accepted."""
+        self._conn.execute(
+            "INSERT OR REPLACE INTO associations (assoc_id, calling_ae, peer_host, opened_at) VALUES (?,?,?,?)",
+            (assoc_id, calling_ae, peer_host, time.time()))
+
+    def release_association(self, assoc_id: str) -> None:
+        """Record an orderly release; series that received instances in it learn their expected count.
+
+        The expected count is only set where the headers did not announce one.
+        """
+        conn = self._conn
+        with db.transaction(conn):
+            conn.execute("UPDATE associations SET released_at=? WHERE assoc_id=?", (time.time(), assoc_id))
+            conn.execute(
+                "UPDATE series SET expected_count=n_instances WHERE expected_count IS NULL AND series_uid IN"
+                " (SELECT DISTINCT series_uid FROM instances WHERE assoc_id=?)", (assoc_id,))
+
+    def abort_association(self, assoc_id: str) -> None:
+        """Record that an association was aborted (no expected counts are derived from it)."""
+        self._conn.execute("UPDATE associations SET aborted=1 WHERE assoc_id=?", (assoc_id,))
+
+    def last_association_release(self, study_uid: str) -> float | None:
+        """Latest ``released_at`` of associations that stored instances of ``study_uid`` (None if none released)."""
+        row = self._conn.execute(
+            "SELECT MAX(a.released_at) AS t FROM associations a WHERE a.assoc_id IN"
+            " (SELECT DISTINCT assoc_id FROM instances WHERE study_uid=?)", (study_uid,)).fetchone()
+        return None if row is None or row["t"] is None else float(row["t"])
+
+    # ------------------------------------------------------------------ queries
+
+    def series_records(self, study_uid: str | None = None) -> list[SeriesRecord]:
+        """Spooled series, all or of one study, oldest first."""
+        sql = "SELECT * FROM series"
+        args: tuple[Any, ...] = ()
+        if study_uid is not None:
+            sql += " WHERE study_uid=?"
+            args = (study_uid,)
+        rows = self._conn.execute(sql + " ORDER BY first_received, series_uid", args).fetchall()
+        return [SeriesRecord(r["series_uid"], r["study_uid"], json.loads(r["meta_json"]), r["n_instances"],
+                             r["first_received"], r["last_received"], r["expected_count"]) for r in rows]
+
+    def instances(self, study_uid: str, series_uid: str | None = None) -> list[StoredInstance]:
+        """Spooled instances of a study (or one series), in arrival order, with absolute paths."""
+        sql = "SELECT * FROM instances WHERE study_uid=?"
+        args: tuple[Any, ...] = (study_uid,)
+        if series_uid is not None:
+            sql += " AND series_uid=?"
+            args += (series_uid,)
+        rows = self._conn.execute(sql + " ORDER BY received_at, sop_instance_uid", args).fetchall()
+        return [StoredInstance(r["sop_instance_uid"], r["sop_class_uid"], r["study_uid"], r["series_uid"],
+                               self.storage_dir / r["path"], r["received_at"]) for r in rows]
+
+    def studies_received_since(self, ts: float) -> list[str]:
+        """Study UIDs with an instance received at or after ``ts``."""
+        rows = self._conn.execute(
+            "SELECT study_uid FROM series GROUP BY study_uid HAVING MAX(last_received) >= ? ORDER BY MIN(first_received)",
+            (ts,)).fetchall()
+        return [r["study_uid"] for r in rows]
+
+    def delete_study(self, study_uid: str) -> int:
+        """Delete a study's files and index rows (retention); returns the number of instances removed."""
+        if _valid_uid(study_uid) is None:
+            raise InvalidDatasetError(f"not a valid Study Instance UID: {study_uid!r}")
+        conn = self._conn
+        with db.transaction(conn):
+            n = conn.execute("DELETE FROM instances WHERE study_uid=?", (study_uid,)).rowcount
+            conn.execute("DELETE FROM series WHERE study_uid=?", (study_uid,))
+        shutil.rmtree(self.root / study_uid, ignore_errors=True)
+        log.info("deleted study %s from the spool (%d instances)", study_uid, n)
+        return n
