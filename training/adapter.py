@@ -1,0 +1,161 @@
+"""The plug-in interface of a task: one adapter object plus its typed config.
+
+The trainer, evaluation and promotion are written once; a task supplies only
+what differs (network, pre-processing, loss, metrics, bundle metadata).
+:class:`BaseAdapter` provides defaults for the optional parts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from inference.bundle import InputSpec, LabelSpec
+from training.data import Preprocess, Sample
+
+__all__ = ["BaseAdapter", "EvalResult", "TaskAdapter", "TaskConfig", "move_to"]
+
+
+class TaskConfig(BaseModel):
+    """Base of every task's typed config (``extra="forbid"``); tasks subclass it once with their fields."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+@dataclass
+class EvalResult:
+    """What a task's evaluation returns.
+
+    ``metrics`` are JSON-able numbers/lists/dicts and must contain the adapter's
+    ``primary_metric``. For classification tasks ``y_true`` (N,) and ``y_prob``
+    ((N,) binary or (N, C)) let the evaluation draw ROC, confusion and calibration plots.
+    """
+
+    metrics: dict[str, Any]
+    y_true: np.ndarray | None = None
+    y_prob: np.ndarray | None = None
+    class_names: list[str] = field(default_factory=list)
+    tables: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class TaskAdapter(Protocol):
+    """What the trainer needs from a task."""
+
+    name: str
+    config_model: type[TaskConfig]
+    primary_metric: str
+    greater_is_better: bool
+
+    def architecture(self, cfg: TaskConfig) -> tuple[str, dict[str, Any]]:
+        """Architecture name (as known to :func:`inference.nets.build_network`) and its init args."""
+        ...
+
+    def build_model(self, cfg: TaskConfig) -> torch.nn.Module:
+        """A freshly initialised network."""
+        ...
+
+    def preprocessor(self, cfg: TaskConfig) -> Preprocess:
+        """A picklable callable ``record -> list of samples`` (dicts of numpy arrays and numbers)."""
+        ...
+
+    def preprocess_signature(self, cfg: TaskConfig) -> str:
+        """A string that changes whenever the pre-processing output would change (cache key)."""
+        ...
+
+    def train_transform(self, cfg: TaskConfig) -> Callable[[Sample], Sample] | None:
+        """Augmentation applied to training samples (tensors), or None."""
+        ...
+
+    def collate(self, cfg: TaskConfig) -> Callable[[list[Sample]], Any] | None:
+        """Collate function for the DataLoader (None: torch's default)."""
+        ...
+
+    def forward(self, model: torch.nn.Module, batch: Any, device: torch.device) -> Any:
+        """Training-mode forward pass on one batch."""
+        ...
+
+    def loss(self, outputs: Any, batch: Any) -> torch.Tensor:
+        """Scalar loss of ``outputs`` against the targets in ``batch``."""
+        ...
+
+    def evaluate(self, model: torch.nn.Module, loader: torch.utils.data.DataLoader, device: torch.device,
+                 cfg: TaskConfig) -> EvalResult:
+        """Metrics of ``model`` (already in eval mode) on ``loader``."""
+        ...
+
+    def input_spec(self, cfg: TaskConfig) -> InputSpec:
+        """The input spec recorded in the bundle."""
+        ...
+
+    def labels(self, cfg: TaskConfig) -> list[LabelSpec]:
+        """Output classes/structures with codes."""
+        ...
+
+    def reference_figures(self) -> dict[str, Any]:
+        """The source document's figures, shown beside ours in ``report.md``."""
+        ...
+
+    def card_notes(self, cfg: TaskConfig) -> str:
+        """Task-specific text for the model card (design choices, limits)."""
+        ...
+
+
+def move_to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to(v, device) for v in batch)
+    return batch
+
+
+class BaseAdapter:
+    """Defaults for the optional parts of :class:`TaskAdapter`.
+
+    The default forward moves the batch to the device and calls ``model(batch["image"])``.
+    """
+
+    name: ClassVar[str] = ""
+    config_model: ClassVar[type[TaskConfig]] = TaskConfig
+    primary_metric: ClassVar[str] = "loss"
+    greater_is_better: ClassVar[bool] = True
+
+    def config(self, values: dict[str, Any] | None = None) -> TaskConfig:
+        """Validate a task config from a plain dict."""
+        return self.config_model.model_validate(values or {})
+
+    def preprocess_signature(self, cfg: TaskConfig) -> str:
+        """Default: adapter class, its module and the full task config."""
+        return f"{type(self).__module__}.{type(self).__qualname__}:{cfg.model_dump_json()}"
+
+    def train_transform(self, cfg: TaskConfig) -> Callable[[Sample], Sample] | None:
+        """No augmentation."""
+        return None
+
+    def collate(self, cfg: TaskConfig) -> Callable[[list[Sample]], Any] | None:
+        """torch's default collate."""
+        return None
+
+    def forward(self, model: torch.nn.Module, batch: Any, device: torch.device) -> Any:
+        """``model(batch["image"])`` with the batch moved to ``device``."""
+        batch = move_to(batch, device)
+        return model(batch["image"])
+
+    def move(self, batch: Any, device: torch.device) -> Any:
+        """Move every tensor in ``batch`` to ``device``."""
+        return move_to(batch, device)
+
+    def reference_figures(self) -> dict[str, Any]:
+        """No reference figures."""
+        return {}
+
+    def card_notes(self, cfg: TaskConfig) -> str:
+        """No extra notes."""
+        return ""

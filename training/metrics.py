@@ -1,0 +1,319 @@
+"""Task metrics: classification, detection (mAP@0.5, FROC) and segmentation (Dice, HD95).
+
+Everything takes plain numpy arrays and returns floats or small dicts, so the
+results go straight into ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+from scipy.stats import rankdata
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "BoxPrediction", "accuracy", "average_precision", "bootstrap_ci", "box_iou", "classification_report",
+    "cohen_kappa", "confusion_matrix", "dice", "froc", "hd95", "macro_f1", "mean_average_precision",
+    "roc_auc", "roc_curve", "segmentation_report", "sensitivity_specificity",
+]
+
+
+def _ints(a: Sequence[int] | np.ndarray) -> np.ndarray:
+    return np.asarray(a).astype(int).ravel()
+
+
+def accuracy(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
+    """Fraction of exact matches."""
+    t, p = _ints(y_true), _ints(y_pred)
+    return float(np.mean(t == p)) if t.size else float("nan")
+
+
+def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int | None = None) -> np.ndarray:
+    """Counts ``cm[true, pred]`` for classes ``0..n_classes-1``."""
+    t, p = _ints(y_true), _ints(y_pred)
+    k = n_classes if n_classes is not None else int(max(t.max(initial=-1), p.max(initial=-1)) + 1)
+    cm = np.zeros((k, k), dtype=np.int64)
+    np.add.at(cm, (t, p), 1)
+    return cm
+
+
+def sensitivity_specificity(y_true: Sequence[int], y_pred: Sequence[int], positive: int = 1) -> tuple[float, float]:
+    """(sensitivity, specificity) of class ``positive`` against the rest; NaN where undefined."""
+    t, p = _ints(y_true) == positive, _ints(y_pred) == positive
+    tp, fn = np.sum(t & p), np.sum(t & ~p)
+    tn, fp = np.sum(~t & ~p), np.sum(~t & p)
+    sens = float(tp / (tp + fn)) if tp + fn else float("nan")
+    spec = float(tn / (tn + fp)) if tn + fp else float("nan")
+    return sens, spec
+
+
+def macro_f1(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int | None = None) -> float:
+    """Unweighted mean of per-class F1 over classes present in ``y_true`` or ``y_pred`` (sklearn's default)."""
+    cm = confusion_matrix(y_true, y_pred, n_classes)
+    present = (cm.sum(0) + cm.sum(1)) > 0
+    tp = np.diag(cm).astype(float)
+    denom = cm.sum(0) + cm.sum(1)
+    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+    return float(f1[present].mean()) if present.any() else float("nan")
+
+
+def cohen_kappa(y_true: Sequence[int], y_pred: Sequence[int], weights: str | None = None,
+                n_classes: int | None = None) -> float:
+    """Cohen's kappa; ``weights`` None (unweighted), ``"linear"`` or ``"quadratic"``."""
+    cm = confusion_matrix(y_true, y_pred, n_classes).astype(float)
+    k = cm.shape[0]
+    n = cm.sum()
+    if n == 0:
+        return float("nan")
+    expected = np.outer(cm.sum(1), cm.sum(0)) / n
+    i, j = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
+    if weights is None:
+        w = (i != j).astype(float)
+    elif weights == "linear":
+        w = np.abs(i - j).astype(float)
+    elif weights == "quadratic":
+        w = ((i - j) ** 2).astype(float)
+    else:
+        raise ValueError(f"unknown weights {weights!r}")
+    denom = float((w * expected).sum())
+    return float(1.0 - (w * cm).sum() / denom) if denom else float("nan")
+
+
+def roc_curve(y_true: Sequence[int], score: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate, thresholds), starting at (0, 0)."""
+    t = _ints(y_true) == 1
+    s = np.asarray(score, dtype=float).ravel()
+    order = np.argsort(-s, kind="mergesort")
+    s, t = s[order], t[order]
+    distinct = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]
+    tps = np.cumsum(t)[distinct]
+    fps = (distinct + 1) - tps
+    p, n = t.sum(), (~t).sum()
+    tpr = np.r_[0.0, tps / p] if p else np.full(distinct.size + 1, np.nan)
+    fpr = np.r_[0.0, fps / n] if n else np.full(distinct.size + 1, np.nan)
+    return fpr, tpr, np.r_[np.inf, s[distinct]]
+
+
+def roc_auc(y_true: Sequence[int], score: Sequence[float]) -> float:
+    """Area under the ROC curve (ties count one half); NaN with a single class."""
+    t = _ints(y_true) == 1
+    s = np.asarray(score, dtype=float).ravel()
+    p, n = int(t.sum()), int((~t).sum())
+    if p == 0 or n == 0:
+        return float("nan")
+    ranks = rankdata(s, method="average")
+    return float((ranks[t].sum() - p * (p + 1) / 2) / (p * n))
+
+
+def bootstrap_ci(metric, y_true: Sequence, y_score: Sequence, *, n_boot: int = 1000, alpha: float = 0.05,
+                 seed: int = 0) -> tuple[float, float, float]:
+    """(point estimate, lower, upper) of ``metric(y_true, y_score)`` by percentile bootstrap over cases.
+
+    Resamples that give NaN (e.g. one class only) are skipped.
+    """
+    t, s = np.asarray(y_true), np.asarray(y_score)
+    point = float(metric(t, s))
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(t), len(t))
+        v = metric(t[idx], s[idx])
+        if not np.isnan(v):
+            vals.append(v)
+    if not vals:
+        return point, float("nan"), float("nan")
+    lo, hi = np.percentile(vals, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return point, float(lo), float(hi)
+
+
+def classification_report(y_true: Sequence[int], prob: np.ndarray, class_names: Sequence[str], *,
+                          threshold: float = 0.5, n_boot: int = 1000, seed: int = 0) -> dict[str, object]:
+    """All classification metrics for probabilities ``prob`` of shape (N,) (binary) or (N, C).
+
+    Binary: accuracy, sensitivity, specificity, ROC-AUC with bootstrap 95% CI, F1.
+    Multi-class: accuracy, macro-F1, Cohen's and quadratic-weighted kappa, per-class
+    sensitivity, one-vs-rest AUC. Both include the confusion matrix.
+    """
+    t = _ints(y_true)
+    prob = np.asarray(prob, dtype=float)
+    k = len(class_names)
+    if prob.ndim == 2 and prob.shape[1] == 1:
+        prob = prob[:, 0]
+    out: dict[str, object] = {"n": int(t.size), "class_names": list(class_names)}
+    if prob.ndim == 1:
+        pred = (prob >= threshold).astype(int)
+        sens, spec = sensitivity_specificity(t, pred)
+        auc, lo, hi = bootstrap_ci(roc_auc, t, prob, n_boot=n_boot, seed=seed)
+        out.update(accuracy=accuracy(t, pred), sensitivity=sens, specificity=spec, auc=auc, auc_ci95=[lo, hi],
+                   f1=_f1_binary(t, pred), threshold=threshold,
+                   confusion_matrix=confusion_matrix(t, pred, 2).tolist())
+        return out
+    pred = prob.argmax(1)
+    out.update(
+        accuracy=accuracy(t, pred), macro_f1=macro_f1(t, pred, k), kappa=cohen_kappa(t, pred, None, k),
+        kappa_quadratic=cohen_kappa(t, pred, "quadratic", k),
+        sensitivity_per_class={c: sensitivity_specificity(t, pred, i)[0] for i, c in enumerate(class_names)},
+        auc_ovr={c: roc_auc((t == i).astype(int), prob[:, i]) for i, c in enumerate(class_names)},
+        confusion_matrix=confusion_matrix(t, pred, k).tolist(),
+    )
+    return out
+
+
+def _f1_binary(t: np.ndarray, p: np.ndarray) -> float:
+    tp = np.sum((t == 1) & (p == 1))
+    denom = np.sum(t == 1) + np.sum(p == 1)
+    return float(2 * tp / denom) if denom else float("nan")
+
+
+# --- detection -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BoxPrediction:
+    """A predicted box ``(x0, y0, x1, y1)`` on image ``image`` with a class label and a score."""
+
+    image: str
+    box: tuple[float, float, float, float]
+    label: int
+    score: float
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU of boxes ``a`` (N, 4) and ``b`` (M, 4) in (x0, y0, x1, y1)."""
+    a = np.asarray(a, dtype=float).reshape(-1, 4)
+    b = np.asarray(b, dtype=float).reshape(-1, 4)
+    ix0 = np.maximum(a[:, None, 0], b[None, :, 0])
+    iy0 = np.maximum(a[:, None, 1], b[None, :, 1])
+    ix1 = np.minimum(a[:, None, 2], b[None, :, 2])
+    iy1 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(ix1 - ix0, 0, None) * np.clip(iy1 - iy0, 0, None)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def _match(preds: list[BoxPrediction], gts: dict[str, np.ndarray], iou_thr: float) -> np.ndarray:
+    """True-positive flags for predictions sorted by descending score (greedy, each GT matched once)."""
+    used = {img: np.zeros(len(b), dtype=bool) for img, b in gts.items()}
+    tp = np.zeros(len(preds), dtype=bool)
+    for i, p in enumerate(preds):
+        g = gts.get(p.image)
+        if g is None or len(g) == 0:
+            continue
+        ious = box_iou(np.asarray([p.box]), g)[0]
+        ious[used[p.image]] = -1.0
+        j = int(np.argmax(ious))
+        if ious[j] >= iou_thr:
+            tp[i] = True
+            used[p.image][j] = True
+    return tp
+
+
+def average_precision(preds: Sequence[BoxPrediction], gts: dict[str, np.ndarray], iou_thr: float = 0.5) -> float:
+    """VOC-style all-point interpolated AP for one class.
+
+    ``gts`` maps image id -> ground-truth boxes (K, 4) of this class. NaN with no ground truth.
+    """
+    n_gt = int(sum(len(b) for b in gts.values()))
+    if n_gt == 0:
+        return float("nan")
+    ps = sorted(preds, key=lambda p: -p.score)
+    if not ps:
+        return 0.0
+    tp = _match(ps, gts, iou_thr)
+    ctp, cfp = np.cumsum(tp), np.cumsum(~tp)
+    recall = ctp / n_gt
+    precision = ctp / np.maximum(ctp + cfp, 1)
+    mrec = np.r_[0.0, recall, 1.0]
+    mpre = np.r_[0.0, precision, 0.0]
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+    idx = np.nonzero(mrec[1:] != mrec[:-1])[0]
+    return float(np.sum((mrec[idx + 1] - mrec[idx]) * mpre[idx + 1]))
+
+
+def mean_average_precision(preds: Sequence[BoxPrediction], gts: dict[str, list[tuple[tuple[float, ...], int]]],
+                           iou_thr: float = 0.5) -> dict[str, object]:
+    """mAP@``iou_thr`` over classes with ground truth; ``gts`` maps image -> [(box, label), ...]."""
+    labels = sorted({lab for boxes in gts.values() for _, lab in boxes})
+    per_class: dict[int, float] = {}
+    for lab in labels:
+        g = {img: np.asarray([b for b, lb in boxes if lb == lab], dtype=float).reshape(-1, 4) for img, boxes in gts.items()}
+        per_class[lab] = average_precision([p for p in preds if p.label == lab], g, iou_thr)
+    vals = [v for v in per_class.values() if not np.isnan(v)]
+    return {"map": float(np.mean(vals)) if vals else float("nan"), "ap_per_class": per_class}
+
+
+def froc(preds: Sequence[BoxPrediction], gts: dict[str, np.ndarray], n_images: int, *, iou_thr: float = 0.5,
+         fps_per_image: Sequence[float] = (0.125, 0.25, 0.5, 1, 2, 4, 8)) -> dict[str, object]:
+    """Free-response ROC: lesion sensitivity at given false positives per image, and their mean.
+
+    ``gts`` maps image id -> ground-truth boxes (K, 4); all images count for the FP rate.
+    """
+    n_gt = int(sum(len(b) for b in gts.values()))
+    ps = sorted(preds, key=lambda p: -p.score)
+    tp = _match(ps, gts, iou_thr) if ps else np.zeros(0, dtype=bool)
+    sens_curve = np.cumsum(tp) / n_gt if n_gt else np.full(len(ps), np.nan)
+    fp_curve = np.cumsum(~tp) / max(n_images, 1)
+    points = []
+    for f in fps_per_image:
+        ok = np.nonzero(fp_curve <= f)[0]
+        points.append(float(sens_curve[ok[-1]]) if ok.size else 0.0)
+    return {"fps_per_image": list(map(float, fps_per_image)), "sensitivity": points,
+            "mean_sensitivity": float(np.mean(points)) if points else float("nan"),
+            "curve_fp": fp_curve.tolist(), "curve_sensitivity": sens_curve.tolist()}
+
+
+# --- segmentation --------------------------------------------------------------------------------------
+
+
+def dice(pred: np.ndarray, truth: np.ndarray, *, empty: float = 1.0) -> float:
+    """Dice coefficient of two binary masks; ``empty`` when both are empty."""
+    p, t = np.asarray(pred, dtype=bool), np.asarray(truth, dtype=bool)
+    denom = p.sum() + t.sum()
+    return float(2.0 * np.logical_and(p, t).sum() / denom) if denom else float(empty)
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    return mask & ~ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(mask.ndim, 1))
+
+
+def hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float] | None = None) -> float:
+    """95th percentile symmetric Hausdorff distance between mask surfaces, in units of ``spacing``.
+
+    0 when both masks are empty, infinity when exactly one is.
+    """
+    p, t = np.asarray(pred, dtype=bool), np.asarray(truth, dtype=bool)
+    if not p.any() and not t.any():
+        return 0.0
+    if not p.any() or not t.any():
+        return float("inf")
+    sp = tuple(spacing) if spacing is not None else (1.0,) * p.ndim
+    sp_, st = _surface(p), _surface(t)
+    dt_t = ndimage.distance_transform_edt(~st, sampling=sp)
+    dt_p = ndimage.distance_transform_edt(~sp_, sampling=sp)
+    d = np.r_[dt_t[sp_], dt_p[st]]
+    return float(np.percentile(d, 95))
+
+
+def segmentation_report(pred: np.ndarray, truth: np.ndarray, names: Sequence[str],
+                        spacing: Sequence[float] | None = None, *, channels_first: bool = False) -> dict[str, dict[str, float]]:
+    """Dice and HD95 per structure.
+
+    With ``channels_first`` the arrays are boolean stacks with a leading axis of length
+    ``len(names)`` (multi-label, overlapping structures allowed); otherwise they are
+    integer label maps in which label ``i + 1`` is ``names[i]``.
+    """
+    out: dict[str, dict[str, float]] = {}
+    for i, name in enumerate(names):
+        if channels_first:
+            pm, tm = np.asarray(pred[i], dtype=bool), np.asarray(truth[i], dtype=bool)
+        else:
+            pm, tm = pred == i + 1, truth == i + 1
+        out[name] = {"dice": dice(pm, tm), "hd95": hd95(pm, tm, spacing)}
+    return out

@@ -1,0 +1,491 @@
+"""One training loop for every task.
+
+The loop is configured by :class:`TrainConfig` and specialised by a task's
+:class:`~training.adapter.TaskAdapter`. It seeds everything, uses AMP on CUDA,
+checkpoints every ``checkpoint_every`` epochs and resumes from the checkpoint
+after an interruption (on CPU with a fixed seed the result equals an
+uninterrupted run), stops early, supports LR schedules and class-balanced
+sampling, and runs under ``torchrun`` with DistributedDataParallel through the
+same code path (world size 1 otherwise). It ends by evaluating the best
+checkpoint on the locked hold-out split and writing a bundle.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from inference.bundle import BundleMeta, save_bundle
+from inference.errors import DicomNodeError
+from inference.runtime import autocast_context, select_device
+from training.adapter import EvalResult, TaskAdapter, TaskConfig, move_to
+from training.data import RecordDataset, SampleCache, Split, SplitConfig, data_hash
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "EpochSampler", "TrainConfig", "TrainError", "TrainResult", "balanced_indices", "evaluate_records",
+    "make_loader", "seed_everything", "train",
+]
+
+CHECKPOINT = "checkpoint.pt"
+TRAIN_LOG = "train_log.jsonl"
+
+
+class TrainError(DicomNodeError):
+    """Training cannot start or continue (bad config, empty split, corrupt checkpoint)."""
+
+
+class TrainConfig(BaseModel):
+    """Hyperparameters shared by every task."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["none", "plateau", "cosine", "step"] = "none"
+    step_size: int = Field(10, ge=1, description="epochs between LR drops (schedule=step)")
+    gamma: float = Field(0.1, gt=0, le=1, description="LR factor (step and plateau)")
+    plateau_patience: int = Field(5, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+    early_stopping_patience: int | None = Field(None, ge=1)
+    amp: bool = True
+    seed: int = 0
+    balanced_sampling: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (also used to pre-process)")
+    checkpoint_every: int = Field(1, ge=1)
+    grad_clip: float | None = Field(None, gt=0)
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap for quick runs and tests")
+    eval_batch_size: int | None = Field(None, ge=1)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    cache_dir: Path | None = None
+    version: str | None = Field(None, pattern=r"^[A-Za-z0-9_.+-]+$")
+    fp16_weights: bool = False
+    synthetic_only: bool | None = Field(None, description="None: true when every manifest row says synthetic")
+    log_every_steps: int = Field(50, ge=1)
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`train`."""
+
+    bundle_dir: Path
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    best_epoch: int
+    epochs_run: int
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (CPU and CUDA) and ask for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def balanced_indices(labels: Sequence[int], rng: np.random.Generator) -> list[int]:
+    """One balanced epoch: each class contributes minority-class-size samples drawn without replacement.
+
+    For two classes that is 2 x minority per epoch (the wrist spec); the result is shuffled.
+    """
+    lab = np.asarray(labels)
+    classes = [c for c in np.unique(lab)]
+    if not classes:
+        return []
+    per = min(int(np.sum(lab == c)) for c in classes)
+    chosen = np.concatenate([rng.choice(np.nonzero(lab == c)[0], size=per, replace=False) for c in classes])
+    rng.shuffle(chosen)
+    return [int(i) for i in chosen]
+
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """Deterministic per-epoch order (shuffled or class-balanced), sharded by DDP rank.
+
+    The order depends only on (seed, epoch), so a resumed run sees the same batches.
+    """
+
+    def __init__(self, n: int, *, seed: int, labels: Sequence[int] | None = None, shuffle: bool = True,
+                 rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.seed, self.labels, self.shuffle = n, seed, labels, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the order of ``epoch``."""
+        self.epoch = epoch
+
+    def _indices(self) -> list[int]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        if self.labels is not None:
+            idx = balanced_indices(self.labels, rng)
+        elif self.shuffle:
+            idx = [int(i) for i in rng.permutation(self.n)]
+        else:
+            idx = list(range(self.n))
+        if self.world_size > 1:
+            total = math.ceil(len(idx) / self.world_size) * self.world_size
+            idx = (idx + idx[: total - len(idx)])[self.rank:total:self.world_size]
+        return idx
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices())
+
+    def __len__(self) -> int:
+        return len(self._indices())
+
+
+def _worker_init(worker_id: int) -> None:
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
+    torch.set_num_threads(1)
+
+
+def make_loader(ds: RecordDataset, cfg: TrainConfig, collate: Callable | None, *, sampler: EpochSampler | None = None,
+                batch_size: int | None = None, epoch_seed: int = 0) -> torch.utils.data.DataLoader:
+    """A DataLoader with seeded workers (the generator fixes worker seeds and any random ops)."""
+    g = torch.Generator()
+    g.manual_seed(epoch_seed)
+    return torch.utils.data.DataLoader(
+        ds, batch_size=batch_size or cfg.batch_size, sampler=sampler, shuffle=False, num_workers=cfg.num_workers,
+        collate_fn=collate, worker_init_fn=_worker_init if cfg.num_workers else None, generator=g,
+        persistent_workers=False, pin_memory=torch.cuda.is_available(),
+    )
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device_pref: str) -> tuple[_Dist, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist(), select_device(device_pref)
+    import torch.distributed as dist
+
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_pref != "cpu"
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(local)
+    return _Dist(rank, local, world), torch.device(f"cuda:{local}" if use_cuda else "cpu")
+
+
+def _make_optimizer(params: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, greater: bool) -> Any:
+    if cfg.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode="max" if greater else "min", factor=cfg.gamma, patience=cfg.plateau_patience, min_lr=cfg.min_lr)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs, eta_min=cfg.min_lr)
+    if cfg.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
+    return None
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fingerprint(adapter: TaskAdapter, tcfg: TaskConfig, cfg: TrainConfig, split: Split) -> str:
+    ignore = {"num_workers", "device", "cache_dir", "version", "log_every_steps", "checkpoint_every"}
+    payload = {"task": adapter.name, "task_cfg": tcfg.model_dump(mode="json"),
+               "train": cfg.model_dump(mode="json", exclude=ignore),
+               "train_keys": sorted(r.key for r in split.train), "val_keys": sorted(r.key for r in split.val)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _progress(iterable: Any, total: int, desc: str) -> Any:
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return tqdm(iterable, total=total, desc=desc, leave=False, file=sys.stderr)
+    return iterable
+
+
+def evaluate_records(adapter: TaskAdapter, model: torch.nn.Module, records: Sequence[Any], tcfg: TaskConfig,
+                     cfg: TrainConfig, device: torch.device, cache: SampleCache | None) -> EvalResult:
+    """Evaluate ``model`` on ``records`` with the adapter's metrics (model put in eval mode)."""
+    ds = RecordDataset(records, adapter.preprocessor(tcfg), adapter.preprocess_signature(tcfg), cache=cache,
+                       workers=cfg.num_workers)
+    if len(ds) == 0:
+        raise TrainError("evaluation set is empty")
+    loader = make_loader(ds, cfg, adapter.collate(tcfg), batch_size=cfg.eval_batch_size or cfg.batch_size,
+                         epoch_seed=cfg.seed)
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        result = adapter.evaluate(_unwrap(model), loader, device, tcfg)
+    model.train(was_training)
+    if adapter.primary_metric not in result.metrics:
+        raise TrainError(f"task {adapter.name} evaluation lacks its primary metric {adapter.primary_metric!r}")
+    return result
+
+
+def _better(a: float, b: float | None, greater: bool) -> bool:
+    if b is None or (isinstance(b, float) and math.isnan(b)):
+        return not math.isnan(a)
+    return a > b if greater else a < b
+
+
+def _card(adapter: TaskAdapter, tcfg: TaskConfig, meta: BundleMeta, split: Split) -> str:
+    synth = ("**Trained on synthetic studies only.** It demonstrates the pipeline; it has not been validated on "
+             "patient data and must not be used for diagnosis.\n\n" if meta.synthetic_only else "")
+    metrics = "\n".join(f"- {k}: {v:.4g}" for k, v in meta.metrics.items() if isinstance(v, (int, float)))
+    counts = split.summary()
+    return (
+        f"# Model card: {meta.task} {meta.version}\n\n{synth}"
+        f"- Architecture: `{meta.architecture}` {json.dumps(meta.init_args, sort_keys=True)}\n"
+        f"- Training data: {counts['records']['train']} train / {counts['records']['val']} validation records "
+        f"({counts['patients']['train']} / {counts['patients']['val']} patients), data hash `{meta.training_data_hash}`\n"
+        f"- Locked hold-out: {counts['records']['holdout']} records ({counts['patients']['holdout']} patients), "
+        f"hash `{meta.holdout_hash}`\n- Code: {meta.code.package} {meta.code.git_commit or ''}\n"
+        f"- Created: {meta.created_at}\n\n## Hold-out metrics\n\n{metrics or '- (no hold-out records)'}\n\n"
+        f"## Intended use and limits\n\nDecision support only: every result is marked \"AI RESULT - NOT FOR "
+        f"DIAGNOSTIC USE ALONE\". Performance on other scanners, sites or populations is unknown until measured.\n\n"
+        f"{adapter.card_notes(tcfg)}\n"
+    )
+
+
+def train(
+    adapter: TaskAdapter,
+    split: Split,
+    out_dir: str | os.PathLike[str],
+    cfg: TrainConfig,
+    task_cfg: TaskConfig | None = None,
+    *,
+    work_dir: str | os.PathLike[str] | None = None,
+    resume: bool = True,
+    callbacks: Sequence[Callable[[int, dict[str, Any]], None]] = (),
+) -> TrainResult:
+    """Train ``adapter``'s network on ``split`` and write a bundle to ``out_dir``.
+
+    Parameters
+    ----------
+    work_dir:
+        Checkpoint, training log and (default) sample cache; default ``<out_dir>.work``.
+    resume:
+        Continue from ``work_dir/checkpoint.pt`` when it exists and matches this run.
+    callbacks:
+        Called as ``cb(epoch, record)`` after each epoch's checkpoint (tests use this to
+        simulate an interruption).
+
+    Raises
+    ------
+    TrainError
+        If the training split is empty or a checkpoint belongs to another run.
+    """
+    tcfg = task_cfg if task_cfg is not None else adapter.config_model()
+    out = Path(out_dir)
+    work = Path(work_dir) if work_dir is not None else out.with_name(out.name + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    if not split.train:
+        raise TrainError("training split is empty")
+    dist_info, device = _init_distributed(cfg.device)
+    seed_everything(cfg.seed + dist_info.rank)
+    amp = cfg.amp and device.type == "cuda"
+    cache = SampleCache(cfg.cache_dir or work / "cache")
+    preprocess, signature = adapter.preprocessor(tcfg), adapter.preprocess_signature(tcfg)
+    train_ds = RecordDataset(split.train, preprocess, signature, cache=cache, transform=adapter.train_transform(tcfg),
+                             workers=cfg.num_workers)
+    sampler = EpochSampler(len(train_ds), seed=cfg.seed, labels=train_ds.labels() if cfg.balanced_sampling else None,
+                           rank=dist_info.rank, world_size=dist_info.world_size)
+    model: torch.nn.Module = adapter.build_model(tcfg).to(device)
+    if dist_info.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dist_info.local_rank] if device.type == "cuda" else None)
+    opt = _make_optimizer(model.parameters(), cfg)
+    sched = _make_scheduler(opt, cfg, adapter.greater_is_better)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    fingerprint = _fingerprint(adapter, tcfg, cfg, split)
+
+    start_epoch, history = 0, []
+    best_metric: float | None = None
+    best_epoch, bad_epochs = -1, 0
+    best_state = copy.deepcopy(_unwrap(model).state_dict())
+    ckpt_path = work / CHECKPOINT
+    if resume and ckpt_path.exists():
+        try:
+            ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # a torn write cannot happen (atomic), but a foreign file can
+            raise TrainError(f"cannot read checkpoint {ckpt_path}: {exc}") from exc
+        if ck.get("fingerprint") != fingerprint:
+            raise TrainError(f"checkpoint {ckpt_path} belongs to a different run; delete it or use another work dir")
+        _unwrap(model).load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        if sched is not None and ck.get("scheduler") is not None:
+            sched.load_state_dict(ck["scheduler"])
+        scaler.load_state_dict(ck["scaler"])
+        start_epoch, history = int(ck["epoch"]) + 1, list(ck["history"])
+        best_metric, best_epoch, bad_epochs = ck["best_metric"], ck["best_epoch"], ck["bad_epochs"]
+        best_state = ck["best_state"]
+        _set_rng_state(ck["rng"])
+        log.info("resumed %s training from epoch %d", adapter.name, start_epoch)
+
+    collate = adapter.collate(tcfg)
+    stopped_early = start_epoch > 0 and cfg.early_stopping_patience is not None and bad_epochs >= cfg.early_stopping_patience
+    epoch = start_epoch - 1
+    for epoch in range(start_epoch, cfg.epochs):
+        if stopped_early:
+            break
+        t0 = time.perf_counter()
+        sampler.set_epoch(epoch)
+        loader = make_loader(train_ds, cfg, collate, sampler=sampler, epoch_seed=cfg.seed * 100003 + epoch)
+        model.train()
+        total, steps = 0.0, 0
+        n_steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
+        for batch in _progress(loader, n_steps, f"{adapter.name} epoch {epoch + 1}/{cfg.epochs}"):
+            if steps >= n_steps:
+                break
+            batch = move_to(batch, device)
+            opt.zero_grad(set_to_none=True)
+            with autocast_context(device, amp):
+                loss = adapter.loss(adapter.forward(model, batch, device), batch)
+            if not torch.isfinite(loss):
+                raise TrainError(f"loss became {loss.item()} at epoch {epoch + 1} step {steps + 1}")
+            scaler.scale(loss).backward()
+            if cfg.grad_clip is not None:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            total += float(loss.detach())
+            steps += 1
+            if not sys.stderr.isatty() and steps % cfg.log_every_steps == 0:
+                log.info("%s epoch %d step %d/%d loss %.4f", adapter.name, epoch + 1, steps, n_steps, total / steps)
+        train_loss = total / max(steps, 1)
+        entry: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss, "lr": opt.param_groups[0]["lr"]}
+        if split.val:
+            res = evaluate_records(adapter, model, split.val, tcfg, cfg, device, cache)
+            metric = float(res.metrics[adapter.primary_metric])
+            entry.update({f"val_{k}": v for k, v in res.metrics.items() if isinstance(v, (int, float))})
+        else:
+            metric = -train_loss if adapter.greater_is_better else train_loss
+        if _better(metric, best_metric, adapter.greater_is_better):
+            best_metric, best_epoch, bad_epochs = metric, epoch + 1, 0
+            best_state = copy.deepcopy(_unwrap(model).state_dict())
+        else:
+            bad_epochs += 1
+        if sched is not None:
+            sched.step(metric) if cfg.schedule == "plateau" else sched.step()
+        entry["seconds"] = round(time.perf_counter() - t0, 3)
+        history.append(entry)
+        log.info("%s epoch %d/%d train_loss %.4f %s %.4f lr %.2e", adapter.name, epoch + 1, cfg.epochs, train_loss,
+                 adapter.primary_metric, metric, entry["lr"])
+        stopped_early = cfg.early_stopping_patience is not None and bad_epochs >= cfg.early_stopping_patience
+        if dist_info.main:
+            (work / TRAIN_LOG).write_text("".join(json.dumps(h) + "\n" for h in history), encoding="utf-8")
+            if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs or stopped_early:
+                _atomic_torch_save({
+                    "fingerprint": fingerprint, "epoch": epoch, "model": _unwrap(model).state_dict(),
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched is not None else None,
+                    "scaler": scaler.state_dict(), "history": history, "best_metric": best_metric,
+                    "best_epoch": best_epoch, "bad_epochs": bad_epochs, "best_state": best_state, "rng": _rng_state(),
+                }, ckpt_path)
+        for cb in callbacks:
+            cb(epoch, entry)
+        if stopped_early:
+            log.info("%s: early stop after epoch %d (best epoch %d)", adapter.name, epoch + 1, best_epoch)
+
+    final_model = adapter.build_model(tcfg)
+    final_model.load_state_dict(best_state)
+    final_model.to(device)
+    metrics: dict[str, Any] = {}
+    if split.holdout:
+        metrics = evaluate_records(adapter, final_model, split.holdout, tcfg, cfg, device, cache).metrics
+    arch, init_args = adapter.architecture(tcfg)
+    rows = [r.row for r in split.train + split.val + split.holdout]
+    synthetic = cfg.synthetic_only if cfg.synthetic_only is not None else bool(rows) and all(
+        bool(r.get("synthetic")) for r in rows)
+    meta = BundleMeta(
+        task=adapter.name, version=cfg.version or _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ"),
+        architecture=arch, init_args=init_args, input=adapter.input_spec(tcfg), labels=adapter.labels(tcfg),
+        training_data_hash=data_hash(split.train + split.val), holdout_hash=split.holdout_hash,
+        split=split.summary(), metrics=metrics, primary_metric=adapter.primary_metric,
+        greater_is_better=adapter.greater_is_better, train_config=cfg.model_dump(mode="json"),
+        task_config=tcfg.model_dump(mode="json"), synthetic_only=synthetic, training_log=history,
+        notes=f"best epoch {best_epoch} of {len(history)}",
+    )
+    bundle_dir = out
+    if dist_info.main:
+        bundle_dir = save_bundle(out, meta, best_state, _card(adapter, tcfg, meta, split), fp16=cfg.fp16_weights,
+                                 overwrite=True)
+    if dist_info.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return TrainResult(bundle_dir=bundle_dir, metrics=metrics, history=history, best_epoch=best_epoch,
+                       epochs_run=len(history))
+
+
+def history_of(work_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Rows of ``train_log.jsonl`` in ``work_dir`` (the learning curves)."""
+    p = Path(work_dir) / TRAIN_LOG
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+
