@@ -188,8 +188,28 @@ def _rank_key(patient_id: str, cfg: SplitConfig) -> str:
     return hashlib.sha256(f"{cfg.salt}\x00{patient_id}".encode()).hexdigest()
 
 
+def _split_hints(records: Sequence[Record]) -> dict[str, str]:
+    """Patient -> split from the manifest's ``split_hint`` (a site's own locked hold-out).
+
+    Raises
+    ------
+    DataError
+        If the rows of one patient name different splits.
+    """
+    hints: dict[str, str] = {}
+    for r in records:
+        hint = r.row.get("split_hint")
+        if hint is None:
+            continue
+        if hint not in ("train", "val", "holdout"):
+            raise DataError(f"record {r.key}: split_hint must be train, val or holdout, got {hint!r}")
+        if hints.setdefault(r.patient_id, hint) != hint:
+            raise DataError(f"patient of record {r.key} has rows in different split_hint splits")
+    return hints
+
+
 def split_records(records: Sequence[Record], cfg: SplitConfig | None = None) -> Split:
-    """Patient-level split by :func:`assign_split`.
+    """Patient-level split by :func:`assign_split`; a row's ``split_hint`` overrides it for its patient.
 
     Tiny data sets (where the hash leaves a split with a nonzero fraction empty)
     fall back to ranking the patients by the same hash and cutting by the
@@ -215,6 +235,9 @@ def split_records(records: Sequence[Record], cfg: SplitConfig | None = None) -> 
             for p in ranked[start:start + counts[name]]:
                 assign[p] = name
             start += counts[name]
+    hints = _split_hints(records)
+    for patient, hint in hints.items():
+        assign[patient] = hint
     parts: dict[str, list[Record]] = {"train": [], "val": [], "holdout": []}
     for r in records:
         parts[assign[r.patient_id]].append(r)

@@ -97,3 +97,14 @@ def test_worker_processes_preprocess(tmp_path: Path) -> None:
     serial = RecordDataset(recs, preprocess, "sig", cache=None)
     for i in range(4):
         assert np.array_equal(ds[i]["image"].numpy(), serial[i]["image"].numpy())
+
+
+def test_split_hint_overrides_and_conflicts() -> None:
+    recs = _records(50)
+    forced = [Record(key=r.key, patient_id=r.patient_id, study_uid=r.study_uid, files=(),
+                     row={"split_hint": "holdout"} if r.patient_id == "P7" else {}) for r in recs]
+    split = split_records(forced)
+    assert {r.key for r in split.holdout if r.patient_id == "P7"} == {"7-0", "7-1", "7-2"}
+    bad = forced + [Record(key="x", patient_id="P7", study_uid="x", files=(), row={"split_hint": "train"})]
+    with pytest.raises(DataError):
+        split_records(bad)

@@ -110,3 +110,43 @@ def test_epoch_sampler_shards_and_repeats() -> None:
     assert first != list(again)
     again.set_epoch(3)
     assert first == list(again)
+
+
+def test_cli_train_evaluate_promote(tmp_path: Path) -> None:
+    import json
+
+    from training.cli import main
+    from training.tasks import register_adapter
+
+    register_adapter(ADAPTER)
+    data = tmp_path / "data"
+    rows = make_toy_data(data, n_patients=12, seed=5)
+    (data / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "cfg.yaml").write_text("train:\n  lr: 0.005\n  schedule: step\n  step_size: 1\ntask:\n  channels: 3\n")
+    common = ["--data", str(data), "--device", "cpu", "--config", str(tmp_path / "cfg.yaml"), "--set", "batch_size=4"]
+    assert main(["train", "toy_square", "--out", str(tmp_path / "b1"), "--epochs", "2", "--version", "c1",
+                 "--set", "seed=1", *common]) == 0
+    meta = load_bundle(tmp_path / "b1").meta
+    assert meta.init_args["channels"] == 3 and meta.train_config["lr"] == 0.005 and meta.train_config["epochs"] == 2
+
+    assert main(["evaluate", str(tmp_path / "b1"), "--data", str(data), "--out", str(tmp_path / "ev"),
+                 "--device", "cpu"]) == 0
+    report = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert report["holdout_matches_bundle"] is True and report["metrics"]["accuracy"] == meta.metrics["accuracy"]
+    for name in ("report.md", "confusion_matrix.png", "calibration.png", "learning_curves.png"):
+        assert (tmp_path / "ev" / name).stat().st_size > 0, name
+    md = (tmp_path / "ev" / "report.md").read_text()
+    assert "| accuracy |" in md and "0.9" in md  # our figure beside the reference figure
+
+    reg = tmp_path / "models"
+    assert main(["promote", str(tmp_path / "b1"), "--registry", str(reg)]) == 0
+    assert ModelRegistry(reg).current("toy_square") == "c1"
+    # a candidate must beat the current one by the margin on the same hold-out: impossible with margin 2
+    assert main(["train", "toy_square", "--out", str(tmp_path / "b2"), "--epochs", "2", "--version", "c2",
+                 "--set", "seed=2", *common]) == 0
+    assert main(["promote", str(tmp_path / "b2"), "--registry", str(reg), "--data", str(data),
+                 "--margin", "2", "--device", "cpu"]) == 1
+    assert ModelRegistry(reg).current("toy_square") == "c1"
+    assert main(["promote", str(tmp_path / "b2"), "--registry", str(reg), "--margin", "-2"]) == 0
+    assert ModelRegistry(reg).current("toy_square") == "c2"
+    assert main(["train", "toy_square", "--out", str(tmp_path / "b3"), "--set", "nonsense=1", *common]) == 2

@@ -1,0 +1,304 @@
+"""Evaluate a bundle on labelled data: ``metrics.json``, PNG plots and ``report.md``.
+
+The evaluation uses the bundle's own split config, so on the data it was
+trained from it scores exactly the locked hold-out set (the hold-out hash is
+checked and reported). Plots use matplotlib's Agg backend.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from inference.bundle import Bundle, load_bundle
+from inference.runtime import select_device
+from training.adapter import EvalResult, TaskAdapter
+from training.data import Record, SampleCache, SplitConfig, load_records, split_records
+from training.metrics import roc_curve
+from training.trainer import TrainConfig, TrainError, evaluate_records
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Evaluation", "evaluate_bundle", "write_report"]
+
+
+@dataclass
+class Evaluation:
+    """Result of :func:`evaluate_bundle`."""
+
+    bundle: Bundle
+    result: EvalResult
+    n_records: int
+    holdout_hash: str | None
+    holdout_matches: bool | None
+    files: list[Path]
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        """The task metrics."""
+        return self.result.metrics
+
+    @property
+    def primary(self) -> float:
+        """Value of the bundle's primary metric (NaN if missing)."""
+        name = self.bundle.meta.primary_metric
+        return float(self.result.metrics.get(name, math.nan)) if name else math.nan
+
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    if isinstance(v, np.ndarray):
+        return _json_safe(v.tolist())
+    if isinstance(v, (np.floating, float)):
+        f = float(v)
+        return None if math.isnan(f) else ("inf" if math.isinf(f) else f)
+    if isinstance(v, np.integer):
+        return int(v)
+    return v
+
+
+def evaluate_bundle(
+    bundle_dir: str | os.PathLike[str],
+    data_dir: str | os.PathLike[str] | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    *,
+    records: list[Record] | None = None,
+    subset: Literal["holdout", "all"] = "holdout",
+    device: str = "auto",
+    adapter: TaskAdapter | None = None,
+    num_workers: int = 0,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> Evaluation:
+    """Evaluate a bundle on the hold-out split (or all records) of a labelled data folder.
+
+    Parameters
+    ----------
+    records:
+        Records to use instead of reading ``data_dir``'s manifest.
+    subset:
+        ``"holdout"``: the split the bundle's split config assigns to hold-out;
+        ``"all"``: every record (e.g. an external test set).
+    adapter:
+        Task adapter; by default the registered one for the bundle's task.
+    out_dir:
+        Where ``metrics.json``, plots and ``report.md`` go (nothing written if None).
+
+    Raises
+    ------
+    TrainError
+        If the selected subset is empty.
+    """
+    from training.tasks import get_adapter
+
+    bundle = load_bundle(bundle_dir)
+    meta = bundle.meta
+    adapter = adapter or get_adapter(meta.task)
+    tcfg = adapter.config_model.model_validate(meta.task_config)
+    train_cfg = TrainConfig.model_validate({**meta.train_config, "device": device, "num_workers": num_workers,
+                                            "cache_dir": None})
+    if records is None:
+        if data_dir is None:
+            raise TrainError("evaluate needs a data folder or records")
+        records = load_records(data_dir)
+    split_cfg = SplitConfig.model_validate(meta.split.get("config", {})) if meta.split else train_cfg.split
+    split = split_records(records, split_cfg)
+    chosen = split.holdout if subset == "holdout" else list(records)
+    matches = None if subset == "all" or meta.holdout_hash is None else split.holdout_hash == meta.holdout_hash
+    if matches is False:
+        log.warning("hold-out set differs from the one recorded in the bundle (different data folder?)")
+    if not chosen:
+        raise TrainError(f"no records in the {subset} subset")
+    dev = select_device(device)
+    model = bundle.load_into(adapter.build_model(tcfg)).to(dev)
+    with tempfile.TemporaryDirectory(prefix="eval-cache-") as tmp:
+        cache = SampleCache(cache_dir or tmp)
+        result = evaluate_records(adapter, model, chosen, tcfg, train_cfg, dev, cache)
+    ev = Evaluation(bundle=bundle, result=result, n_records=len(chosen),
+                    holdout_hash=split.holdout_hash if subset == "holdout" else None, holdout_matches=matches, files=[])
+    if out_dir is not None:
+        ev.files = write_report(ev, Path(out_dir), adapter.reference_figures())
+    return ev
+
+
+def _plot_roc(ax: Any, y: np.ndarray, p: np.ndarray, names: list[str]) -> bool:
+    from training.metrics import roc_auc
+
+    drawn = False
+    if p.ndim == 1:
+        curves = [(names[-1] if names else "positive", y, p)]
+    else:
+        curves = [(n, (y == i).astype(int), p[:, i]) for i, n in enumerate(names)]
+    for name, yt, score in curves:
+        if len(np.unique(yt)) < 2:
+            continue
+        fpr, tpr, _ = roc_curve(yt, score)
+        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc(yt, score):.3f})")
+        drawn = True
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.legend(loc="lower right", fontsize=8)
+    return drawn
+
+
+def _plot_calibration(ax: Any, y: np.ndarray, p: np.ndarray, bins: int = 10) -> None:
+    if p.ndim == 1:
+        conf, hit = p, (y == 1).astype(float)
+        ax.set_xlabel("predicted probability")
+        ax.set_ylabel("observed frequency")
+    else:
+        conf, hit = p.max(1), (p.argmax(1) == y).astype(float)
+        ax.set_xlabel("confidence (max probability)")
+        ax.set_ylabel("accuracy")
+    edges = np.linspace(0, 1, bins + 1)
+    idx = np.clip(np.digitize(conf, edges) - 1, 0, bins - 1)
+    xs, ys, ns = [], [], []
+    for b in range(bins):
+        sel = idx == b
+        if sel.any():
+            xs.append(conf[sel].mean())
+            ys.append(hit[sel].mean())
+            ns.append(int(sel.sum()))
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.plot(xs, ys, "o-")
+    for x, yv, n in zip(xs, ys, ns, strict=True):
+        ax.annotate(str(n), (x, yv), fontsize=7, xytext=(2, 2), textcoords="offset points")
+
+
+def _plot_confusion(fig: Any, ax: Any, cm: np.ndarray, names: list[str]) -> None:
+    im = ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, str(int(cm[i, j])), ha="center", va="center",
+                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+    fig.colorbar(im, ax=ax)
+
+
+def _plot_learning(ax: Any, log_rows: list[dict[str, Any]], primary: str | None) -> None:
+    ep = [r["epoch"] for r in log_rows]
+    ax.plot(ep, [r.get("train_loss", np.nan) for r in log_rows], label="train loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    key = f"val_{primary}" if primary else None
+    if key and any(key in r for r in log_rows):
+        ax2 = ax.twinx()
+        ax2.plot(ep, [r.get(key, np.nan) for r in log_rows], "C1", label=key)
+        ax2.set_ylabel(key)
+        ax2.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
+
+
+def write_report(ev: Evaluation, out: Path, reference: dict[str, Any]) -> list[Path]:
+    """Write ``metrics.json``, plots and ``report.md`` into ``out``; return the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    meta = ev.bundle.meta
+    res = ev.result
+    files: list[Path] = []
+    payload = {"task": meta.task, "version": meta.version, "n_records": ev.n_records,
+               "holdout_hash": ev.holdout_hash, "holdout_matches_bundle": ev.holdout_matches,
+               "primary_metric": meta.primary_metric, "metrics": res.metrics, "tables": res.tables,
+               "reference": reference}
+    (out / "metrics.json").write_text(json.dumps(_json_safe(payload), indent=2) + "\n", encoding="utf-8")
+    files.append(out / "metrics.json")
+    names = res.class_names or [str(i) for i in range(2)]
+
+    def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        files.append(out / name)
+
+    if res.y_true is not None and res.y_prob is not None:
+        y, p = np.asarray(res.y_true).astype(int), np.asarray(res.y_prob, dtype=float)
+        if p.ndim == 2 and p.shape[1] == 1:
+            p = p[:, 0]
+        fig, ax = plt.subplots(figsize=(5, 5))
+        ax.set_title(f"ROC - {meta.task} {meta.version}")
+        if _plot_roc(ax, y, p, names):
+            save(fig, "roc.png")
+        else:
+            plt.close(fig)
+        fig, ax = plt.subplots(figsize=(5, 5))
+        ax.set_title("calibration")
+        _plot_calibration(ax, y, p)
+        save(fig, "calibration.png")
+    cm = res.metrics.get("confusion_matrix")
+    if cm is not None:
+        cm_arr = np.asarray(cm)
+        fig, ax = plt.subplots(figsize=(5, 4.5))
+        ax.set_title("confusion matrix")
+        _plot_confusion(fig, ax, cm_arr, names if len(names) == cm_arr.shape[0] else [str(i) for i in range(len(cm_arr))])
+        save(fig, "confusion_matrix.png")
+    if meta.training_log:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.set_title("learning curves")
+        _plot_learning(ax, meta.training_log, meta.primary_metric)
+        save(fig, "learning_curves.png")
+    (out / "report.md").write_text(_report_md(ev, reference, [f.name for f in files if f.suffix == ".png"]),
+                                   encoding="utf-8")
+    files.append(out / "report.md")
+    return files
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "n/a" if math.isnan(v) else f"{v:.4g}"
+    if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, float) for x in v):
+        return f"[{_fmt(v[0])}, {_fmt(v[1])}]"
+    return str(v)
+
+
+def _report_md(ev: Evaluation, reference: dict[str, Any], plots: list[str]) -> str:
+    meta = ev.bundle.meta
+    m = ev.result.metrics
+    scalar = {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "n"}
+    for k, v in m.items():
+        if k.endswith("_ci95"):
+            scalar[k] = v
+    keys = list(scalar) + [k for k in reference if k not in scalar and not k.startswith("_")]
+    lines = [
+        f"# Evaluation: {meta.task} {meta.version}", "",
+        f"- Records evaluated: {ev.n_records}",
+        f"- Hold-out hash: `{ev.holdout_hash}` "
+        + ("(matches the bundle)" if ev.holdout_matches else "(differs from the bundle's)" if ev.holdout_matches is False
+           else ""),
+        f"- Architecture: `{meta.architecture}`; trained on synthetic data only: {meta.synthetic_only}", "",
+        "| metric | ours | source document |", "|---|---|---|",
+    ]
+    for k in keys:
+        lines.append(f"| {k} | {_fmt(scalar.get(k, '-'))} | {_fmt(reference.get(k, '-'))} |")
+    for name, table in ev.result.tables.items():
+        lines += ["", f"## {name}", ""]
+        if isinstance(table, dict) and table and all(isinstance(v, dict) for v in table.values()):
+            cols = sorted({c for v in table.values() for c in v})
+            lines += ["| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+            lines += [f"| {r} | " + " | ".join(_fmt(v.get(c, "-")) for c in cols) + " |" for r, v in table.items()]
+        else:
+            lines.append(f"```\n{json.dumps(_json_safe(table), indent=2)}\n```")
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    notes = reference.get("_notes") if isinstance(reference, dict) else None
+    if notes:
+        lines += ["", "## Notes on the source figures", "", str(notes)]
+    return "\n".join(lines) + "\n"
+

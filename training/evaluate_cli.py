@@ -1,0 +1,39 @@
+"""``dicomnode-train evaluate BUNDLE_DIR --data DIR [--out DIR]``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from inference.errors import DicomNodeError
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``dicomnode-train evaluate``."""
+    p.add_argument("bundle", metavar="BUNDLE_DIR")
+    p.add_argument("--data", required=True, help="labelled data folder (DICOM + labels.jsonl/csv)")
+    p.add_argument("--out", help="output folder (default: BUNDLE_DIR/../<bundle>-eval)")
+    p.add_argument("--subset", choices=["holdout", "all"], default="holdout",
+                   help="the bundle's locked hold-out split of DATA, or every record (external test set)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--workers", type=int, default=0, help="pre-processing worker processes")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate and print where the report went."""
+    from training.evaluate import evaluate_bundle
+
+    bundle = Path(args.bundle)
+    out = Path(args.out) if args.out else bundle.parent / f"{bundle.name}-eval"
+    try:
+        ev = evaluate_bundle(bundle, args.data, out, subset=args.subset, device=args.device, num_workers=args.workers)
+    except DicomNodeError as exc:
+        print(f"error: {exc}")
+        return 2
+    name = ev.bundle.meta.primary_metric
+    print(f"{ev.bundle.meta.task} {ev.bundle.meta.version}: {name} = {ev.primary:.4g} on {ev.n_records} records")
+    for f in ev.files:
+        print(f)
+    return 0
