@@ -1,0 +1,60 @@
+"""What every task module shares: model lookup through one process-wide cache, source references.
+
+A task module (``inference/tasks/<name>.py``) defines a callable
+``(datasets, TaskContext) -> Findings`` and registers it with
+:func:`inference.tasks.register_task`. It obtains its model with
+:func:`model_for`, which honours ``context.model_dir`` (a pinned bundle, as in
+``dicomnode analyze --model`` or a route's ``model:``) and otherwise returns the
+registry's current version, swapped in without a restart after a promotion.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydicom import Dataset
+
+from inference.errors import ModelNotFoundError
+from inference.findings import ImageRef
+from inference.registry import LoadedModel, ModelCache, ModelRegistry
+
+_caches: dict[tuple[str, str], ModelCache] = {}
+_lock = threading.Lock()
+
+DEFAULT_MODELS_DIR = Path("models")
+
+
+def model_cache(models_dir: Path, device: str = "auto") -> ModelCache:
+    """The process-wide :class:`ModelCache` for ``models_dir`` on ``device``."""
+    key = (str(Path(models_dir).resolve()), device)
+    with _lock:
+        if key not in _caches:
+            _caches[key] = ModelCache(ModelRegistry(models_dir), device=device, check_interval_s=2.0)
+        return _caches[key]
+
+
+def model_for(task: str, context: object) -> LoadedModel:
+    """The model a task run uses: the pinned bundle if given, else the registry's current version.
+
+    Raises
+    ------
+    ModelNotFoundError
+        If no bundle is pinned and nothing is promoted for ``task``.
+    """
+    device = getattr(context, "device", "auto") or "auto"
+    models_dir = getattr(context, "models_dir", None) or DEFAULT_MODELS_DIR
+    cache = model_cache(Path(models_dir), device)
+    pinned = getattr(context, "model_dir", None)
+    if pinned is not None:
+        loaded = cache.get_pinned(pinned)
+        if loaded.meta.task != task:
+            raise ModelNotFoundError(f"bundle {pinned} is for task {loaded.meta.task!r}, not {task!r}")
+        return loaded
+    return cache.get(task)
+
+
+def image_refs(datasets: Sequence[Dataset]) -> tuple[ImageRef, ...]:
+    """One :class:`ImageRef` per source instance (frame-less), in the given order."""
+    return tuple(ImageRef(str(ds.SOPInstanceUID)) for ds in datasets)
