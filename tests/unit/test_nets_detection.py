@@ -135,3 +135,32 @@ def test_param_table_orders_variants(capsys: pytest.CaptureFixture[str]) -> None
     assert "| resnet50_ds |" in format_table(rows)
     assert main(["--param-table"]) == 0
     assert "resnet50_sk" in capsys.readouterr().out
+
+
+def test_backbone_freezing_frozen_bn_and_local_weights(tmp_path) -> None:
+    import torchvision
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from inference.nets.detection import resnet_fpn_backbone
+
+    torch.manual_seed(0)
+    ref = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "r18.pt"
+    torch.save(ref.state_dict(), path)
+    bb = resnet_fpn_backbone("resnet18", stages=3, frozen_bn=True, trainable_stages=2, pretrained_path=path)
+    body = bb.body
+    assert isinstance(body.bn1, FrozenBatchNorm2d)
+    assert not any(p.requires_grad for p in body.conv1.parameters())
+    assert not any(p.requires_grad for p in body.layer1.parameters())
+    assert all(p.requires_grad for p in body.layer2.parameters())
+    assert torch.equal(body.layer3[0].conv1.weight, ref.layer3[0].conv1.weight)
+    assert "layer4" not in dict(body.named_children())
+    feats = bb(torch.zeros(1, 3, 64, 64))
+    assert list(feats) == ["0", "1", "2", "pool"]
+    assert {t.shape[1] for t in feats.values()} == {bb.out_channels}
+    with pytest.raises(ValueError):
+        resnet_fpn_backbone("resnet18", stages=5)
+    with pytest.raises(ValueError):
+        resnet_fpn_backbone("resnet18", extra="p3")
+    with pytest.raises(ValueError):
+        resnet_fpn_backbone("vgg16")
