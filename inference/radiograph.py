@@ -507,6 +507,22 @@ def prepare(
     return PreparedImage(tensor, m, (rows, cols), (x0, y0, x1, y1), angle, flip, mean, std)
 
 
+def augment(prepared: PreparedImage, rng: np.random.Generator) -> PreparedImage:
+    """Training augmentation of an already prepared image (for trainers that cache :func:`prepare` outputs).
+
+    Random crop of 90-100 % of the area resized back, and a horizontal flip with
+    p = 0.5 (no colour inversion), composed into the transform. This resamples
+    the model-space image a second time; :func:`prepare` with ``rng`` does it in
+    one interpolation from the source.
+    """
+    out_hw = prepared.model_shape
+    aug, flip = _augmentation_matrix(out_hw, rng)
+    pixels = warp(prepared.display(), aug, out_hw)
+    tensor = torch.from_numpy((pixels - prepared.mean) / prepared.std).unsqueeze(0)
+    return PreparedImage(tensor, aug @ prepared.source_to_model, prepared.source_shape, prepared.bbox,
+                         prepared.angle_deg, flip != prepared.hflip, prepared.mean, prepared.std)
+
+
 def _mask_outside_crop(pixels: np.ndarray, m: np.ndarray, bbox: tuple[int, int, int, int],
                        out_hw: tuple[int, int]) -> np.ndarray:
     """Black out model pixels whose source position lies outside the part box (other parts, markers)."""

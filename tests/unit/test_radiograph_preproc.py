@@ -242,6 +242,19 @@ def test_augmentation_crop_and_flip() -> None:
     assert 1.0 <= ratio <= 1.06
 
 
+def test_augment_cached_prepared_image_keeps_mapping() -> None:
+    true = np.array([120.0, 150.0])
+    img, _ = hand_image(10.0, size=300)
+    yy, xx = np.mgrid[0:300, 0:300]
+    img = img + 3.0 * np.exp(-((xx - true[0]) ** 2 + (yy - true[1]) ** 2) / (2 * 2.0**2))
+    base = rg.prepare(img)
+    aug = rg.augment(base, np.random.default_rng(5))
+    assert tuple(aug.tensor.shape) == (1, 512, 341)
+    disp = aug.display() - aug.display().min()
+    back = aug.points_to_source(_peak(np.where(disp > 1.2, disp, 0.0))[None])[0]
+    assert np.linalg.norm(back - true) <= 1.0
+
+
 def test_prepare_dataset_splits_and_aligns() -> None:
     a, _ = hand_image(25.0, size=300, seed=1)
     b, _ = hand_image(-150.0, size=300, seed=2)
