@@ -6,12 +6,15 @@ Every task runs its network through :func:`run_batched` so that GPU specifics
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
@@ -19,7 +22,10 @@ from inference.errors import TaskError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StageTimer", "autocast_context", "prepare_model", "run_batched", "select_device"]
+__all__ = ["StageTimer", "autocast_context", "prefetch_map", "prepare_model", "run_batched", "select_device"]
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 STAGES: tuple[str, ...] = ("load", "preprocess", "forward", "postprocess", "write")
 
@@ -164,6 +170,41 @@ def _move(obj: object, device: torch.device) -> object:
     if isinstance(obj, (list, tuple)):
         return type(obj)(_move(v, device) for v in obj)
     return obj
+
+
+def prefetch_map(fn: Callable[[T], R], items: Iterable[T], *, workers: int = 2, ahead: int | None = None,
+                 processes: bool = True, executor: Executor | None = None) -> Iterator[R]:
+    """``map(fn, items)`` in worker processes (or threads), in order, keeping ``ahead`` results queued.
+
+    Pre-processing (DICOM decode, resampling) runs here while the caller runs the
+    network on earlier results, so the accelerator is not starved. ``workers == 0``
+    runs inline. ``fn`` and the items must be picklable when ``processes`` is true.
+    A long-lived ``executor`` (e.g. the node's pre-processing pool) may be passed
+    instead; it is not shut down here.
+    """
+    if executor is None and workers <= 0:
+        yield from map(fn, items)
+        return
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+    from multiprocessing import get_context
+
+    ahead = ahead or 2 * max(workers, 1)
+    own = executor is None
+    pool = executor or (ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) if processes
+                        else ThreadPoolExecutor(max_workers=workers))
+    with pool if own else contextlib.nullcontext(pool):
+        pending: collections.deque = collections.deque()
+        it = iter(items)
+        for item in it:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= ahead:
+                break
+        while pending:
+            result = pending.popleft().result()
+            for item in it:
+                pending.append(pool.submit(fn, item))
+                break
+            yield result
 
 
 def n_batches(n: int, batch: int) -> int:

@@ -66,3 +66,15 @@ def test_stage_timer() -> None:
     assert t.log_line().startswith("load=") and "forward=" in t.log_line()
     t.merge({"write": 1.0})
     assert t.seconds["write"] == 1.0
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+@pytest.mark.parametrize("workers,processes", [(0, True), (2, False), (2, True)])
+def test_prefetch_map_keeps_order(workers: int, processes: bool) -> None:
+    from inference.runtime import prefetch_map
+
+    assert list(prefetch_map(_square, range(20), workers=workers, ahead=3, processes=processes)) == [
+        i * i for i in range(20)]
