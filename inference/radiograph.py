@@ -222,9 +222,39 @@ def _disk(radius: int) -> np.ndarray:
     return xx * xx + yy * yy <= r * r
 
 
-def foreground_mask(image: np.ndarray, *, close_frac: float = 0.02, open_frac: float = 0.01) -> np.ndarray:
-    """Otsu foreground, then a morphological close and an open with disks sized to the image."""
+def collimation_interior(image: np.ndarray, *, full: float = 0.9, max_depth: float = 0.25) -> tuple[int, int, int, int]:
+    """(r0, r1, c0, c1) inside a bright collimation frame (unexposed border bars).
+
+    From each edge, rows/columns that are more than ``full`` foreground (Otsu)
+    are peeled off, up to ``max_depth`` of the size; anatomy rarely fills 90 %
+    of an edge row, a shutter bar always does.
+    """
     mask = image > otsu_threshold(image)
+    rows, cols = mask.shape
+    r0, r1, c0, c1 = 0, rows, 0, cols
+    for _ in range(2):  # a second pass catches corners left by the first
+        while r0 < rows * max_depth and mask[r0, c0:c1].mean() > full:
+            r0 += 1
+        while rows - r1 < rows * max_depth and mask[r1 - 1, c0:c1].mean() > full:
+            r1 -= 1
+        while c0 < cols * max_depth and mask[r0:r1, c0].mean() > full:
+            c0 += 1
+        while cols - c1 < cols * max_depth and mask[r0:r1, c1 - 1].mean() > full:
+            c1 -= 1
+    return r0, r1, c0, c1
+
+
+def foreground_mask(image: np.ndarray, *, close_frac: float = 0.02, open_frac: float = 0.01) -> np.ndarray:
+    """Otsu foreground inside the collimation, then a morphological close and an open (disks sized to the image).
+
+    A bright collimation frame (:func:`collimation_interior`) is excluded first,
+    and Otsu's threshold is computed on the interior only.
+    """
+    r0, r1, c0, c1 = collimation_interior(image)
+    mask = np.zeros(image.shape, dtype=bool)
+    interior = image[r0:r1, c0:c1]
+    if interior.size:
+        mask[r0:r1, c0:c1] = interior > otsu_threshold(interior)
     side = max(image.shape)
     if close_frac > 0:
         r = max(1, round(side * close_frac))
@@ -281,22 +311,20 @@ def split_parts(image: np.ndarray, *, min_share: float = 0.02, merge_overlap: fl
 
 
 def _merge_overlapping(boxes: list[list[float]], threshold: float) -> list[list[float]]:
-    merged = True
-    while merged and len(boxes) > 1:
-        merged = False
-        for i in range(len(boxes)):
-            for j in range(i + 1, len(boxes)):
-                a, b = boxes[i], boxes[j]
-                iw = min(a[2], b[2]) - max(a[0], b[0])
-                ih = min(a[3], b[3]) - max(a[1], b[1])
-                smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
-                if iw > 0 and ih > 0 and iw * ih > threshold * smaller:
-                    boxes[i] = [min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]), a[4] + b[4]]
-                    del boxes[j]
-                    merged = True
-                    break
-            if merged:
+    """Merge boxes (x0, y0, x1, y1, share) whose overlap exceeds ``threshold`` of the smaller box, until stable."""
+    i = 0
+    while i < len(boxes):
+        a = boxes[i]
+        for j in range(i + 1, len(boxes)):
+            b = boxes[j]
+            iw, ih = min(a[2], b[2]) - max(a[0], b[0]), min(a[3], b[3]) - max(a[1], b[1])
+            smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+            if iw > 0 and ih > 0 and iw * ih > threshold * smaller:
+                boxes[i] = [min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]), a[4] + b[4]]
+                del boxes[j]
+                i = -1  # restart: the grown box may now overlap earlier ones
                 break
+        i += 1
     return boxes
 
 

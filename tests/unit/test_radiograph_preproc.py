@@ -131,6 +131,23 @@ def test_splitter_counts_two_large_parts_and_drops_marker() -> None:
     assert abs(bx0 - 230) <= 2 and abs(bx1 - 360) <= 2 and abs(by0 - 60) <= 2 and abs(by1 - 280) <= 2
 
 
+def test_splitter_ignores_bright_collimation_frame() -> None:
+    img = np.full((300, 400), 0.05, dtype=np.float32)
+    img[40:260, 40:150] = 0.6
+    img[60:270, 230:350] = 0.55
+    img[:18], img[-25:], img[:, :12], img[:, -20:] = 1.0, 1.0, 1.0, 1.0  # unexposed shutter bars
+    assert rg.collimation_interior(img) == (18, 275, 12, 380)
+    parts = rg.split_parts(img)
+    assert len(parts) == 2
+    assert parts[0].bbox[0] == pytest.approx(40, abs=2) and parts[1].bbox[2] == pytest.approx(350, abs=2)
+
+
+def test_rotation_with_collimation_frame() -> None:
+    img, _ = hand_image(120.0)
+    img[:20], img[:, -30:] = 1.0, 1.0
+    assert angle_diff(rg.find_alignment(img).angle_deg, -120.0) <= 5.0
+
+
 def test_splitter_on_large_image_maps_boxes_to_source_pixels() -> None:
     img = np.full((1500, 2000), 0.05, dtype=np.float32)
     img[200:1300, 150:750] = 0.8
