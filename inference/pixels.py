@@ -194,8 +194,24 @@ def apply_window(values: np.ndarray, center: float, width: float, function: str 
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
-def _percentile_scale(values: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
-    finite = values[np.isfinite(values)]
+def _padding_mask(stored: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """Pixels whose stored value is Pixel Padding Value (up to Pixel Padding Range Limit), or None."""
+    if "PixelPaddingValue" not in ds or int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        return None
+    try:
+        a = int(ds.PixelPaddingValue)
+        b = int(ds.get("PixelPaddingRangeLimit", a))
+    except (TypeError, ValueError):
+        log.warning("ignoring unparsable Pixel Padding Value")
+        return None
+    lo, hi = min(a, b), max(a, b)
+    return (stored >= lo) & (stored <= hi)
+
+
+def _percentile_scale(values: np.ndarray, percentiles: tuple[float, float],
+                      exclude: np.ndarray | None = None) -> np.ndarray:
+    keep = np.isfinite(values) if exclude is None else np.isfinite(values) & ~exclude
+    finite = values[keep]
     if finite.size == 0:
         return np.zeros(values.shape, dtype=np.float32)
     lo, hi = np.percentile(finite, percentiles)
@@ -244,8 +260,9 @@ def display_array(
 
     The VOI LUT Sequence is used if present, else Window Center/Width, else the
     ``percentiles`` range of the modality values (computed over all frames
-    returned). MONOCHROME1 images are inverted from the header, so callers never
-    need to look at Photometric Interpretation.
+    returned, padding excluded). MONOCHROME1 images are inverted from the
+    header, so callers never need to look at Photometric Interpretation. Pixels
+    marked by Pixel Padding Value (/Range Limit) come out 0 (black).
 
     Parameters
     ----------
@@ -256,7 +273,9 @@ def display_array(
     percentiles:
         Lower and upper percentile used when the header has no VOI.
     """
-    values = modality_values(ds, frame)
+    stored = _decode_pixels(ds, frame)
+    values = _rescale(stored, ds, frame)
+    padding = _padding_mask(stored, ds)
     out: np.ndarray | None = None
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
         try:
@@ -268,7 +287,9 @@ def display_array(
         if window is not None:
             out = apply_window(values, window[0], window[1], str(ds.get("VOILUTFunction", "LINEAR")))
     if out is None:
-        out = _percentile_scale(values, percentiles)
+        out = _percentile_scale(values, percentiles, padding)
     if is_monochrome1(ds):
         out = 1.0 - out
+    if padding is not None:
+        out = np.where(padding, 0.0, out)
     return np.nan_to_num(out, nan=0.0).astype(np.float32, copy=False)

@@ -191,3 +191,15 @@ def test_compressed_transfer_syntaxes(syntax: str) -> None:
     except (RuntimeError, NotImplementedError) as exc:  # encoder plugin unavailable for this syntax
         pytest.skip(f"no encoder for {syntax}: {exc}")
     np.testing.assert_array_equal(modality_values(ds), arr.astype(np.float32) - 100)
+
+
+def test_pixel_padding_excluded_from_percentiles_and_black() -> None:
+    arr = np.full((100, 100), 3000, dtype=np.uint16)  # padding outside the field of view
+    arr[20:80, 20:80] = 1000
+    arr[20:50, 20:80] = 2000
+    ds = make_ds(arr, photometric="MONOCHROME1")
+    ds.PixelPaddingValue = 3000
+    out = display_array(ds)
+    assert out[0, 0] == 0.0  # padding is black even in MONOCHROME1
+    # the range comes from the anatomy only: 2000 -> 0 (MONOCHROME1), 1000 -> 1
+    assert out[30, 30] == pytest.approx(0.0) and out[60, 60] == pytest.approx(1.0)
