@@ -46,6 +46,8 @@ def test_n4_reduces_multiplicative_bias() -> None:
     ratio = field[inner] / bias[inner]
     assert ratio.std() / ratio.mean() < 0.1
     assert elapsed < 30.0
+    with_mask, _ = mr.n4_correct(biased, (3.0, 0.4, 0.4), mask=obj)
+    assert cv(with_mask) < 0.5 * cv(biased)
 
 
 # --------------------------------------------------------------------------- joint centre
