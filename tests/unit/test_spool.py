@@ -1,0 +1,209 @@
+"""Spool: atomic, idempotent, header-only store with its SQLite index."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
+
+from dicomnode.errors import InvalidDatasetError, OutOfResourcesError
+from dicomnode.spool import Spool, StoreOutcome
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def make_instance(study: str, series: str, *, rows: int = 16, frames: int | None = None,
+                  images_in_acquisition: int | None = None, view: str | None = None, sop: str | None = None) -> bytes:
+    """Encode a small CT instance in the DICOM File Format."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = CT
+    ds.SOPInstanceUID = sop or generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID = CT
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = series
+    ds.Modality = "CT"
+    ds.BodyPartExamined = "KNEE"
+    ds.PatientName = "Doe^Jane"
+    ds.PatientID = "ID42"
+    if view:
+        ds.ViewPosition = view
+    if images_in_acquisition:
+        ds.ImagesInAcquisition = images_in_acquisition
+    ds.Rows = ds.Columns = rows
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    n = 1
+    if frames:
+        ds.NumberOfFrames = frames
+        n = frames
+    ds.PixelData = bytes(range(256)) * (rows * rows * 2 * n // 256)
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    return Spool(tmp_path / "var", disk_min_free_gb=0)
+
+
+def test_store_is_atomic_and_byte_identical(spool: Spool) -> None:
+    study, series = generate_uid(), generate_uid()
+    data = make_instance(study, series)
+    spool.open_association("a1", "PACS", "127.0.0.1")
+    assert spool.store(data, assoc_id="a1") is StoreOutcome.STORED
+    (inst,) = spool.instances(study)
+    sop = pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID
+    assert inst.path == spool.root / study / series / f"{sop}.dcm"
+    assert inst.path.read_bytes() == data
+    assert inst.sop_class_uid == CT and inst.series_uid == series
+    assert list(spool.tmp_dir.iterdir()) == []
+    (rec,) = spool.series_records()
+    assert rec.n_instances == 1 and rec.meta["modality"] == "CT" and rec.expected_count is None
+    assert "ID42" not in str(rec.meta) and "Doe" not in str(rec.meta)
+    assert rec.info().body_part == "KNEE"
+
+
+def test_store_from_path_moves_the_file(spool: Spool, tmp_path: Path) -> None:
+    study, series = generate_uid(), generate_uid()
+    data = make_instance(study, series)
+    src = spool.tmp_dir.parent / "incoming.dcm"  # same file system as the spool
+    src.write_bytes(data)
+    assert spool.store(src, assoc_id=None) is StoreOutcome.STORED
+    assert not src.exists()
+    (inst,) = spool.instances(study)
+    assert inst.path.read_bytes() == data
+
+
+def test_duplicate_sop_instance_is_stored_once(spool: Spool) -> None:
+    study, series = generate_uid(), generate_uid()
+    data = make_instance(study, series)
+    assert spool.store(data, assoc_id=None) is StoreOutcome.STORED
+    assert spool.store(data, assoc_id=None) is StoreOutcome.DUPLICATE
+    assert len(spool.instances(study)) == 1
+    assert spool.series_records()[0].n_instances == 1
+
+
+def test_out_of_resources_when_disk_minimum_is_huge(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "var", disk_min_free_gb=1e9)
+    assert not spool.disk_ok()
+    with pytest.raises(OutOfResourcesError):
+        spool.store(make_instance(generate_uid(), generate_uid()), assoc_id=None)
+    assert spool.series_records() == []
+
+
+def test_write_failure_is_out_of_resources_and_leaves_nothing(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing_replace(src: object, dst: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    study = generate_uid()
+    with pytest.raises(OutOfResourcesError):
+        spool.store(make_instance(study, generate_uid()), assoc_id=None)
+    assert spool.instances(study) == [] and list(spool.tmp_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("data", [b"", b"garbage" * 100, b"\x00" * 128 + b"DICM" + b"\xff" * 50])
+def test_garbage_is_invalid(spool: Spool, data: bytes) -> None:
+    with pytest.raises(InvalidDatasetError):
+        spool.store(data, assoc_id=None)
+    assert spool.series_records() == []
+
+
+def test_truncated_pixel_data_is_invalid(spool: Spool) -> None:
+    data = make_instance(generate_uid(), generate_uid(), rows=64)
+    with pytest.raises(InvalidDatasetError, match="truncated"):
+        spool.store(data[:-1000], assoc_id=None)
+
+
+def test_truncated_encapsulated_pixel_data_is_invalid(spool: Spool) -> None:
+    ds = pydicom.dcmread(io.BytesIO(make_instance(generate_uid(), generate_uid(), rows=32)))
+    ds.compress(RLELossless, encoding_plugin="pydicom")
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    data = buf.getvalue()
+    with pytest.raises(InvalidDatasetError, match="truncated"):
+        spool.store(data[:-20], assoc_id=None)
+    assert spool.store(data, assoc_id=None) is StoreOutcome.STORED
+
+
+def test_missing_or_unsafe_uids_are_invalid(spool: Spool) -> None:
+    with pydicom.config.disable_value_validation():
+        unsafe = make_instance("../../etc", generate_uid())
+    with pytest.raises(InvalidDatasetError):
+        spool.store(unsafe, assoc_id=None)
+    ds = pydicom.dcmread(io.BytesIO(make_instance(generate_uid(), generate_uid())))
+    del ds.SeriesInstanceUID
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    with pytest.raises(InvalidDatasetError, match="SeriesInstanceUID"):
+        spool.store(buf.getvalue(), assoc_id=None)
+    assert not any(p for p in spool.root.iterdir() if p.name != ".tmp")
+
+
+def test_expected_count_from_header_and_from_release(spool: Spool) -> None:
+    study = generate_uid()
+    announced, counted, aborted = generate_uid(), generate_uid(), generate_uid()
+    spool.open_association("a1", "PACS", "127.0.0.1")
+    spool.store(make_instance(study, announced, images_in_acquisition=3), assoc_id="a1")
+    for _ in range(2):
+        spool.store(make_instance(study, counted), assoc_id="a1")
+    spool.open_association("a2", "PACS", "127.0.0.1")
+    spool.store(make_instance(study, aborted), assoc_id="a2")
+    assert spool.last_association_release(study) is None
+    spool.release_association("a1")
+    spool.abort_association("a2")
+    recs = {r.series_uid: r for r in spool.series_records(study)}
+    assert recs[announced].expected_count == 3
+    assert recs[counted].expected_count == 2
+    assert recs[aborted].expected_count is None
+    released = spool.last_association_release(study)
+    assert released is not None and released <= recs[counted].last_received + 60
+
+
+def test_multiframe_expects_one_instance_and_counts_frames(spool: Spool) -> None:
+    study, series = generate_uid(), generate_uid()
+    spool.store(make_instance(study, series, frames=5), assoc_id=None)
+    (rec,) = spool.series_records(study)
+    assert rec.expected_count == 1 and rec.info().n_slices == 5
+
+
+def test_view_positions_merge_across_instances(spool: Spool) -> None:
+    study, series = generate_uid(), generate_uid()
+    spool.store(make_instance(study, series, view="PA"), assoc_id=None)
+    spool.store(make_instance(study, series, view="LAT"), assoc_id=None)
+    (rec,) = spool.series_records(study)
+    assert rec.n_instances == 2 and rec.info().view_positions == {"PA", "LAT"}
+
+
+def test_queries_and_retention_delete(spool: Spool) -> None:
+    import time
+
+    s1, s2 = generate_uid(), generate_uid()
+    spool.store(make_instance(s1, generate_uid()), assoc_id=None)
+    mark = time.time()
+    time.sleep(0.01)
+    series2 = generate_uid()
+    spool.store(make_instance(s2, series2), assoc_id=None)
+    spool.store(make_instance(s2, generate_uid()), assoc_id=None)
+    assert spool.studies_received_since(mark) == [s2]
+    assert set(spool.studies_received_since(0)) == {s1, s2}
+    assert len(spool.instances(s2)) == 2 and len(spool.instances(s2, series2)) == 1
+    paths = [i.path for i in spool.instances(s2)]
+    assert spool.delete_study(s2) == 2
+    assert not any(p.exists() for p in paths) and not (spool.root / s2).exists()
+    assert spool.instances(s2) == [] and [r.study_uid for r in spool.series_records()] == [s1]
+    # a fresh Spool on the same directory sees the same index (schema is idempotent)
+    again = Spool(spool.storage_dir, 0)
+    assert [r.study_uid for r in again.series_records()] == [s1]
