@@ -54,12 +54,15 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC210
 STATUS_PROCESSING_FAILURE = 0xC211
 
-#: Transfer syntaxes accepted for every storage SOP class (the data set is stored as sent).
+#: Transfer syntaxes accepted for every storage SOP class, in order of preference (pynetdicom accepts the
+#: first one in this list that the requestor offers). Encapsulated syntaxes come first so that a file the
+#: sender holds compressed arrives and is stored as it is (senders such as dcmtk's storescu offer the file's
+#: own syntax next to the uncompressed ones and fail if asked to convert); lossless before lossy.
 TRANSFER_SYNTAXES: list[str] = [
-    tsuid.ExplicitVRLittleEndian, tsuid.ImplicitVRLittleEndian, tsuid.DeflatedExplicitVRLittleEndian,
-    tsuid.ExplicitVRBigEndian, tsuid.JPEGBaseline8Bit, tsuid.JPEGExtended12Bit, tsuid.JPEGLosslessSV1,
-    tsuid.JPEGLossless, tsuid.JPEGLSLossless, tsuid.JPEGLSNearLossless, tsuid.JPEG2000Lossless, tsuid.JPEG2000,
-    tsuid.RLELossless, tsuid.HTJ2KLossless, tsuid.HTJ2KLosslessRPCL, tsuid.HTJ2K,
+    tsuid.JPEGLosslessSV1, tsuid.JPEGLossless, tsuid.JPEGLSLossless, tsuid.JPEG2000Lossless,
+    tsuid.HTJ2KLossless, tsuid.HTJ2KLosslessRPCL, tsuid.RLELossless, tsuid.DeflatedExplicitVRLittleEndian,
+    tsuid.JPEGBaseline8Bit, tsuid.JPEGExtended12Bit, tsuid.JPEGLSNearLossless, tsuid.JPEG2000, tsuid.HTJ2K,
+    tsuid.ExplicitVRLittleEndian, tsuid.ImplicitVRLittleEndian, tsuid.ExplicitVRBigEndian,
 ]
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
