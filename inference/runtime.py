@@ -188,7 +188,8 @@ def prefetch_map(fn: Callable[[T], R], items: Iterable[T], *, workers: int = 2, 
     from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
     from multiprocessing import get_context
 
-    ahead = ahead or 2 * max(workers, 1)
+    if ahead is None:
+        ahead = 2 * max(int(getattr(executor, "_max_workers", 0) or 0), workers, 1)
     own = executor is None
     pool = executor or (ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) if processes
                         else ThreadPoolExecutor(max_workers=workers))
