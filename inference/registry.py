@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 POINTER = "current"
 
-__all__ = ["LoadedModel", "ModelCache", "ModelRegistry"]
+__all__ = ["LoadedModel", "ModelCache", "ModelRegistry", "load_model", "shared_cache"]
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -316,3 +316,56 @@ class ModelCache:
         """Task -> version of every model currently warm."""
         with self._lock:
             return {t: e.loaded.version for t, e in self._entries.items()}
+
+
+_SHARED: dict[tuple[str, str], ModelCache] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_cache(models_dir: str | os.PathLike[str], device: str | torch.device = "auto", *,
+                 check_interval_s: float = 5.0) -> ModelCache:
+    """The process-wide :class:`ModelCache` for ``(models_dir, device)``, created on first use.
+
+    The node's workers and ``dicomnode analyze`` share it, so a model is loaded once per
+    process and hot-swapped for everyone.
+    """
+    from inference.runtime import select_device
+
+    key = (str(Path(models_dir).resolve()), str(select_device(device)))
+    with _SHARED_LOCK:
+        cache = _SHARED.get(key)
+        if cache is None:
+            cache = _SHARED[key] = ModelCache(ModelRegistry(models_dir), device=device,
+                                              check_interval_s=check_interval_s)
+        return cache
+
+
+def load_model(task: str, *, models_dir: str | os.PathLike[str] | None = None,
+               model_dir: str | os.PathLike[str] | None = None, device: str | torch.device = "auto",
+               builder: ModelBuilder | None = None) -> LoadedModel:
+    """The model a task run should use: an explicit bundle (``model_dir``) or the registry's current version.
+
+    This is what a task calls with the fields of its ``TaskContext``. Hold on to the
+    returned :class:`LoadedModel` for the whole job.
+
+    Raises
+    ------
+    ModelNotFoundError
+        If neither a bundle directory nor a models directory with a promoted version is given.
+    BundleError
+        If the bundle belongs to another task or is malformed.
+    """
+    if model_dir is not None:
+        meta = read_meta(model_dir)
+        if meta.task != task:
+            raise BundleError(f"bundle {model_dir} is for task {meta.task!r}, not {task!r}")
+        if builder is not None:
+            cache = ModelCache(ModelRegistry(Path(model_dir).parent), device=device, builder=builder)
+        else:
+            cache = shared_cache(Path(model_dir).resolve().parent, device)
+        return cache.get_pinned(model_dir)
+    if models_dir is None:
+        raise ModelNotFoundError(f"no model for task {task!r}: give a bundle directory or a models directory")
+    if builder is not None:
+        return ModelCache(ModelRegistry(models_dir), device=device, builder=builder).get(task)
+    return shared_cache(models_dir, device).get(task)

@@ -116,3 +116,18 @@ def test_pinned_bundle(tmp_path: Path) -> None:
     b = _bundle(tmp_path, "7", 7.0)
     assert cache.get_pinned(b).version == "7"
     assert cache.get_pinned(b) is cache.get_pinned(b)
+
+
+def test_load_model_and_shared_cache(tmp_path: Path) -> None:
+    from inference.registry import load_model, shared_cache
+
+    reg = ModelRegistry(tmp_path / "models")
+    b = _bundle(tmp_path, "1", 1.0)
+    reg.promote("toy", b)
+    assert load_model("toy", models_dir=tmp_path / "models", device="cpu", builder=_builder).version == "1"
+    assert load_model("toy", model_dir=b, device="cpu", builder=_builder).version == "1"
+    with pytest.raises(BundleError):
+        load_model("other", model_dir=b, device="cpu", builder=_builder)
+    with pytest.raises(ModelNotFoundError):
+        load_model("toy", device="cpu")
+    assert shared_cache(tmp_path / "models", "cpu") is shared_cache(tmp_path / "models", "cpu")

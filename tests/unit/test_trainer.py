@@ -150,3 +150,27 @@ def test_cli_train_evaluate_promote(tmp_path: Path) -> None:
     assert main(["promote", str(tmp_path / "b2"), "--registry", str(reg), "--margin", "-2"]) == 0
     assert ModelRegistry(reg).current("toy_square") == "c2"
     assert main(["train", "toy_square", "--out", str(tmp_path / "b3"), "--set", "nonsense=1", *common]) == 2
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_world_size_2(tmp_path: Path) -> None:
+    """The same train() under torchrun with two CPU processes (gloo) writes one bundle."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    rows = make_toy_data(data, n_patients=8)
+    (data / "rows.json").write_text(json.dumps(rows))
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "tests.unit.ddp_worker", str(data), str(tmp_path / "bundle")],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    b = load_bundle(tmp_path / "bundle")
+    assert b.meta.version == "ddp" and len(b.meta.training_log) == 2
+    assert not any(k.startswith("module.") for k in b.state_dict)  # saved unwrapped from DDP
