@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--version", help="bundle version string (default: UTC timestamp)")
     p.add_argument("--fp16", action="store_true", help="store weights in float16 (demo bundles)")
     p.add_argument("--workers", type=int, help="data loading / pre-processing processes")
+    p.add_argument("--synthetic", action="store_true",
+                   help="mark the bundle as trained on synthetic data only (also automatic when every manifest "
+                        "row has \"synthetic\": true)")
 
 
 def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -87,6 +90,8 @@ def build_configs(adapter: Any, args: argparse.Namespace) -> tuple[Any, Any]:
             train_raw[field] = getattr(args, opt)
     if getattr(args, "fp16", False):
         train_raw["fp16_weights"] = True
+    if getattr(args, "synthetic", False):
+        train_raw["synthetic_only"] = True
     try:
         return TrainConfig.model_validate(train_raw), adapter.config_model.model_validate(task_raw)
     except ValidationError as exc:

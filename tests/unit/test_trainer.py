@@ -152,6 +152,15 @@ def test_cli_train_evaluate_promote(tmp_path: Path) -> None:
     assert main(["train", "toy_square", "--out", str(tmp_path / "b3"), "--set", "nonsense=1", *common]) == 2
 
 
+def test_dataloader_workers_same_result(toy_split, tmp_path: Path) -> None:
+    cfg = _cfg(version="w", epochs=2)
+    serial = train(ADAPTER, toy_split, tmp_path / "w0", cfg, ToyConfig())
+    parallel = train(ADAPTER, toy_split, tmp_path / "w2", cfg.model_copy(update={"num_workers": 2}), ToyConfig())
+    a, b = load_bundle(serial.bundle_dir), load_bundle(parallel.bundle_dir)
+    for k in a.state_dict:
+        assert torch.equal(a.state_dict[k], b.state_dict[k]), k
+
+
 @pytest.mark.slow
 def test_torchrun_ddp_world_size_2(tmp_path: Path) -> None:
     """The same train() under torchrun with two CPU processes (gloo) writes one bundle."""
