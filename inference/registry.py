@@ -289,7 +289,16 @@ class ModelCache:
             if entry is not None and state[0] == entry.loaded.version:
                 entry.pointer_state, entry.checked_at = state, now
                 return entry.loaded
-            loaded = self._load(self.registry.current_dir(task))
+            try:
+                loaded = self._load(self.registry.current_dir(task))
+            except (BundleError, ModelNotFoundError) as exc:
+                if entry is None:
+                    raise
+                # a broken promotion must not take the task down: keep the last good model until the pointer moves
+                log.error("task %s: cannot load version %s (%s); keeping version %s", task, state[0], exc,
+                          entry.loaded.version)
+                entry.pointer_state, entry.checked_at = state, now
+                return entry.loaded
             if entry is not None:
                 log.info("task %s: swapped model version %s -> %s", task, entry.loaded.version, loaded.version)
             self._entries[task] = _Entry(loaded=loaded, pointer_state=state, checked_at=now)

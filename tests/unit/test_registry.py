@@ -131,3 +131,19 @@ def test_load_model_and_shared_cache(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFoundError):
         load_model("toy", device="cpu")
     assert shared_cache(tmp_path / "models", "cpu") is shared_cache(tmp_path / "models", "cpu")
+
+
+def test_broken_promotion_keeps_last_good_model(tmp_path: Path) -> None:
+    reg = ModelRegistry(tmp_path / "models")
+    reg.promote("toy", _bundle(tmp_path, "1", 1.0))
+    cache = ModelCache(reg, device="cpu", builder=_builder, check_interval_s=0)
+    assert cache.get("toy").version == "1"
+    reg.promote("toy", _bundle(tmp_path, "2", 2.0))
+    (tmp_path / "models" / "toy" / "2" / "weights.pt").write_bytes(b"garbage")  # damaged after promotion
+    assert cache.get("toy").version == "1"
+    reg.promote("toy", _bundle(tmp_path, "3", 3.0))
+    assert cache.get("toy").version == "3"
+    fresh = ModelCache(reg, device="cpu", builder=_builder)
+    reg.set_current("toy", "2")
+    with pytest.raises(BundleError):
+        fresh.get("toy")
