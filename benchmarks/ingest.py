@@ -1,0 +1,352 @@
+"""Ingest benchmark: C-STORE throughput of the node against dcmtk storescp and Orthanc, plus peak RSS.
+
+The same N images (default 300 of 512x512 16-bit CT) are sent with dcmtk ``storescu`` over 1 and over 4
+parallel associations to (a) this node (``receive_processes`` >= 2, fsync before every success),
+(b) dcmtk ``storescp`` and (c) Orthanc, all with the same maximum PDU size, in one run. Every target gets
+fresh storage for every measurement. Then, optionally, a ~2 GB study of large multi-frame instances is sent
+to the node while the peak RSS of its receiver processes is read from ``/proc/<pid>/status`` (VmHWM).
+
+Usage::
+
+    .venv/bin/python benchmarks/ingest.py [--n 300] [--repeats 1] [--big-gb 2.0] [--write-readme]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dicomnode.config import Config  # noqa: E402
+from dicomnode.scp import start_receivers  # noqa: E402
+
+STORESCU, STORESCP, ECHOSCU, ORTHANC = "/usr/bin/storescu", "/usr/bin/storescp", "/usr/bin/echoscu", "/usr/sbin/Orthanc"
+ENV = dict(os.environ, TCP_NODELAY="1")
+PDU = 131072
+README = Path(__file__).with_name("README.md")
+RESULTS = Path(__file__).with_name("results") / "ingest.json"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _base(study: str, series: str, rows: int, frames: int | None) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = pydicom.uid.CTImageStorage if frames is None else "1.2.840.10008.5.1.4.1.1.2.1"
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+    ds.Modality = "CT"
+    ds.PatientName, ds.PatientID = "Bench^Mark", "BENCH"
+    ds.Rows = ds.Columns = rows
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    if frames:
+        ds.NumberOfFrames = frames
+    return ds
+
+
+def make_images(out: Path, n: int, rows: int = 512) -> list[Path]:
+    """Write ``n`` single-frame 16-bit CT images of one series."""
+    out.mkdir(parents=True, exist_ok=True)
+    study, series = generate_uid(), generate_uid()
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 4096, size=(rows, rows), dtype=np.uint16).tobytes()
+    paths = []
+    for i in range(n):
+        ds = _base(study, series, rows, None)
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = i + 1
+        ds.PixelData = pixels
+        p = out / f"img{i:05d}.dcm"
+        pydicom.dcmwrite(p, ds, enforce_file_format=True)
+        paths.append(p)
+    return paths
+
+
+def make_big_study(out: Path, total_gb: float, frames: int = 64, rows: int = 512) -> list[Path]:
+    """Write a study of multi-frame instances (32 MiB each by default) totalling about ``total_gb`` GiB."""
+    out.mkdir(parents=True, exist_ok=True)
+    per = frames * rows * rows * 2
+    n = max(1, round(total_gb * 1024**3 / per))
+    study, series = generate_uid(), generate_uid()
+    pixels = np.random.default_rng(1).integers(0, 4096, size=(frames, rows, rows), dtype=np.uint16).tobytes()
+    paths = []
+    for i in range(n):
+        ds = _base(study, series, rows, frames)
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = i + 1
+        ds.PixelData = pixels
+        p = out / f"big{i:04d}.dcm"
+        pydicom.dcmwrite(p, ds, enforce_file_format=True)
+        paths.append(p)
+    return paths
+
+
+def wait_echo(port: int, aet: str = "ECHOSCU", timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        r = subprocess.run([ECHOSCU, "-aet", aet, "127.0.0.1", str(port)], capture_output=True, env=ENV)
+        if r.returncode == 0:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"no C-ECHO answer on port {port}")
+
+
+def send(port: int, files: list[Path], parallel: int, called: str) -> float:
+    """Send ``files`` split over ``parallel`` storescu processes; return the wall time in seconds."""
+    groups = [files[i::parallel] for i in range(parallel)]
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen([STORESCU, "-aet", "STORESCU", "-aec", called, "--max-pdu", str(PDU), "127.0.0.1",
+                               str(port), *map(str, g)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for g in groups]
+    errs = [p.communicate()[1] for p in procs]
+    dt = time.perf_counter() - t0
+    bad = [(p.returncode, e.decode(errors="replace")[-500:]) for p, e in zip(procs, errs, strict=True)
+           if p.returncode]
+    if bad:
+        raise RuntimeError(f"storescu failed: {bad}")
+    return dt
+
+
+# ------------------------------------------------------------------------------------------ targets
+
+
+@contextmanager
+def node_target(work: Path, processes: int) -> Iterator[tuple[int, str, Callable[[], list[int]]]]:
+    port = free_port()
+    callers = [{"ae_title": "STORESCU", "host": "127.0.0.1"}, {"ae_title": "ECHOSCU", "host": "127.0.0.1"}]
+    cfg = Config.model_validate({"node": {
+        "port": port, "storage_dir": str(work / "node"), "disk_min_free_gb": 1, "max_pdu": PDU,
+        "receive_processes": processes, "max_associations": 16, "allowed_callers": callers,
+    }, "log_level": "WARNING"})
+    group = start_receivers(cfg)
+    try:
+        wait_echo(port)
+        yield port, cfg.node.ae_title, lambda: group.pids
+    finally:
+        group.stop()
+
+
+@contextmanager
+def storescp_target(work: Path) -> Iterator[tuple[int, str, Callable[[], list[int]]]]:
+    port = free_port()
+    out = work / "storescp"
+    out.mkdir(parents=True)
+    proc = subprocess.Popen([STORESCP, "--max-pdu", str(PDU), "-aet", "STORESCP", "--output-directory", str(out),
+                             str(port)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_echo(port)
+        yield port, "STORESCP", lambda: [proc.pid]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextmanager
+def orthanc_target(work: Path) -> Iterator[tuple[int, str, Callable[[], list[int]]]]:
+    port, http = free_port(), free_port()
+    root = work / "orthanc"
+    root.mkdir(parents=True)
+    cfg = {"Name": "bench", "DicomAet": "ORTHANC", "DicomPort": port, "HttpPort": http,
+           "StorageDirectory": str(root / "storage"), "IndexDirectory": str(root / "index"),
+           "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckCalledAeTitle": False,
+           "DicomAlwaysAllowStore": True, "DicomAlwaysAllowEcho": True, "Plugins": [], "StorageCompression": False,
+           "MaximumPduLength": PDU}
+    (root / "orthanc.json").write_text(json.dumps(cfg))
+    log = open(root / "orthanc.log", "wb")
+    proc = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=log, stderr=log)
+    try:
+        wait_echo(port)
+        yield port, "ORTHANC", lambda: [proc.pid]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+_NOOP_SCP = """
+import sys
+from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom.sop_class import Verification
+_config.STORE_RECV_CHUNKED_DATASET = True
+ae = AE("NOOP")
+ae.maximum_pdu_size = int(sys.argv[2])
+ae.add_supported_context(Verification)
+for cx in AllStoragePresentationContexts:
+    ae.add_supported_context(cx.abstract_syntax)
+ae.start_server(("127.0.0.1", int(sys.argv[1])), evt_handlers=[(evt.EVT_C_STORE, lambda e: 0x0000)])
+"""
+
+
+@contextmanager
+def pynetdicom_noop_target(work: Path) -> Iterator[tuple[int, str, Callable[[], list[int]]]]:
+    """Reference: a bare pynetdicom SCP (one process) whose C-STORE handler stores nothing."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", _NOOP_SCP, str(port), str(PDU)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_echo(port)
+        yield port, "NOOP", lambda: [proc.pid]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def peak_rss_mib(pids: list[int]) -> float:
+    """Sum over ``pids`` of the peak resident set size (VmHWM) in MiB."""
+    total = 0.0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                total += int(line.split()[1]) / 1024
+    return total
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def run(n: int, repeats: int, processes: int, big_gb: float) -> dict:
+    results: dict = {"n": n, "repeats": repeats, "processes": processes, "pdu": PDU, "rates": {}}
+    with tempfile.TemporaryDirectory(prefix="ingest-bench-") as tmp:
+        tmp_path = Path(tmp)
+        files = make_images(tmp_path / "images", n)
+        size_mb = sum(f.stat().st_size for f in files) / 1e6
+        results["size_mb"] = size_mb
+        targets = {"node": lambda w: node_target(w, processes), "storescp": storescp_target,
+                   "orthanc": orthanc_target, "noop": pynetdicom_noop_target}
+        for parallel in (1, 4):
+            for name, target in targets.items():
+                times = []
+                for r in range(repeats):
+                    work = tmp_path / f"{name}-{parallel}-{r}"
+                    with target(work) as (port, aet, _pids):
+                        times.append(send(port, files, parallel, aet))
+                    shutil.rmtree(work, ignore_errors=True)
+                rate = n / statistics.median(times)
+                results["rates"][f"{name}/{parallel}"] = rate
+                print(f"{name:9s} {parallel} assoc: {rate:8.1f} images/s  (median of {repeats}; "
+                      f"{', '.join(f'{t:.2f}s' for t in times)})", flush=True)
+        if big_gb > 0:
+            big = make_big_study(tmp_path / "big", big_gb)
+            big_bytes = sum(f.stat().st_size for f in big)
+            work = tmp_path / "node-big"
+            with node_target(work, processes) as (port, aet, pids):
+                idle = peak_rss_mib(pids())
+                dt = send(port, big, 1, aet)
+                peak = peak_rss_mib(pids())
+            results["big"] = {"gib": big_bytes / 1024**3, "instances": len(big), "seconds": dt,
+                              "idle_rss_mib": idle, "peak_rss_mib": peak, "processes": processes}
+            print(f"big study {big_bytes / 1024**3:.2f} GiB in {len(big)} instances: {dt:.1f} s; receivers' peak "
+                  f"RSS {peak:.0f} MiB (after start-up {idle:.0f} MiB, {processes} processes)", flush=True)
+    return results
+
+
+def render(res: dict) -> str:
+    r = res["rates"]
+    lines = [
+        "## Ingest",
+        "",
+        f"`benchmarks/ingest.py`: {res['n']} CT images of 512x512 16-bit ({res['size_mb']:.0f} MB) sent with dcmtk "
+        f"`storescu` (TCP_NODELAY=1, max PDU {res['pdu']}) over 1 and 4 parallel associations, fresh storage per "
+        f"run, median of {res['repeats']} run(s), all in one run on the same machine (2 shared CPU cores). The node "
+        f"runs {res['processes']} receiver processes (SO_REUSEPORT) and fsyncs every instance and its index row "
+        "before answering success; dcmtk storescp writes without fsync.",
+        "",
+        "| associations | node (images/s) | dcmtk storescp (images/s) | Orthanc (images/s) | node / storescp "
+        "| node / Orthanc | reference: pynetdicom no-op SCP (images/s) | node / no-op |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for p in (1, 4):
+        node, scp, orth, noop = r[f"node/{p}"], r[f"storescp/{p}"], r[f"orthanc/{p}"], r[f"noop/{p}"]
+        lines.append(f"| {p} | {node:.0f} | {scp:.0f} | {orth:.0f} | {node / scp:.2f} | {node / orth:.2f} "
+                     f"| {noop:.0f} | {node / noop:.2f} |")
+    best = max(r[f"node/{p}"] / r[f"storescp/{p}"] for p in (1, 4))
+    lines += [
+        "",
+        "The no-op row is a bare pynetdicom SCP in one process whose handler returns success without writing "
+        "anything: it is the ceiling of the library the node is built on, on this machine.",
+        "",
+        f"Reading: the goal of storescp parity is **not met** (best node/storescp ratio "
+        f"{best:.2f}). The node keeps the fsync-before-success guarantee "
+        "(file, directory and SQLite WAL are synced before the status is sent) and is faster than Orthanc, "
+        "which also syncs its storage by default (SyncStorageArea is true since Orthanc 1.7.4). The limit is pynetdicom itself: its DUL and association "
+        "reactors poll with 1 ms sleeps and decode PDUs in Python, so one process tops out near the no-op "
+        "figure whatever the handler does; the node's extra receiver processes (SO_REUSEPORT) are what lift "
+        "the 4-association figure to the no-op ceiling or above. On a 2-core machine shared with the senders "
+        "more processes did not help (4 processes measured slower than 2 in trial runs).",
+        "",
+    ]
+    big = res.get("big")
+    if big:
+        lines.append(f"Peak RSS while receiving a {big['gib']:.2f} GiB study ({big['instances']} multi-frame instances "
+                     f"of 32 MiB, one association): {big['peak_rss_mib']:.0f} MiB summed over the "
+                     f"{big['processes']} receiver processes ({big['idle_rss_mib']:.0f} MiB after start-up); "
+                     f"received in {big['seconds']:.1f} s. Data sets are streamed to disk "
+                     "(`STORE_RECV_CHUNKED_DATASET`), so memory does not grow with instance or study size.")
+    else:
+        lines.append("Peak RSS for a 2 GB study: not measured in this run (`--big-gb 0`).")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def write_readme(section: str) -> None:
+    text = README.read_text() if README.exists() else "# Benchmarks\n\nMeasured figures; each section says how.\n\n"
+    start = text.find("## Ingest")
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+    README.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=300)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--processes", type=int, default=2, help="node receive_processes")
+    ap.add_argument("--big-gb", type=float, default=2.0, help="size of the RSS study in GiB (0 to skip)")
+    ap.add_argument("--write-readme", action="store_true", help="write the table into benchmarks/README.md")
+    ap.add_argument("--render-only", action="store_true", help="re-render the last results JSON, measure nothing")
+    args = ap.parse_args(argv)
+    if args.render_only:
+        res = json.loads(RESULTS.read_text())
+    else:
+        res = run(args.n, args.repeats, args.processes, args.big_gb)
+        RESULTS.parent.mkdir(exist_ok=True)
+        RESULTS.write_text(json.dumps(res, indent=2))
+    section = render(res)
+    print(section)
+    if args.write_readme:
+        write_readme(section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
