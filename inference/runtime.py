@@ -22,7 +22,7 @@ from inference.errors import TaskError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StageTimer", "autocast_context", "prefetch_map", "prepare_model", "run_batched", "select_device"]
+__all__ = ["StageTimer", "autocast_context", "device_prefetch", "prefetch_map", "prepare_model", "run_batched", "select_device"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -206,6 +206,86 @@ def prefetch_map(fn: Callable[[T], R], items: Iterable[T], *, workers: int = 2, 
                 pending.append(pool.submit(fn, item))
                 break
             yield result
+
+
+def _to_device_tree(obj: object, device: torch.device) -> object:
+    if isinstance(obj, torch.Tensor):
+        if device.type == "cuda":
+            return obj.pin_memory().to(device, non_blocking=True)
+        return obj
+    if isinstance(obj, dict):
+        return {k: _to_device_tree(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device_tree(v, device) for v in obj)
+    return obj
+
+
+def _record_stream(obj: object, stream: torch.cuda.Stream) -> None:
+    """Tell the caching allocator that tensors made on the copy stream are used on ``stream``."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_cuda:
+            obj.record_stream(stream)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _record_stream(v, stream)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _record_stream(v, stream)
+
+
+def device_prefetch(items: Iterable[T], device: torch.device | str, *, depth: int = 3) -> Iterator[T]:
+    """Iterate ``items`` while a background thread fetches the next ones and copies their tensors to ``device``.
+
+    Receiving a pre-processed item (from :func:`prefetch_map`) and its host-to-device
+    copy (pinned, on a separate CUDA stream) then overlap the network's work on the
+    previous item. On CPU it only overlaps the receiving. Errors are re-raised here.
+    """
+    import queue
+    import threading
+
+    device = select_device(device)
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    done = object()
+    stop = threading.Event()
+
+    def feed() -> None:
+        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        try:
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                for item in items:
+                    moved = _to_device_tree(item, device)
+                    event = None
+                    if stream is not None:
+                        event = torch.cuda.Event()
+                        event.record(stream)
+                    while not stop.is_set():
+                        try:
+                            q.put((moved, event), timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+            q.put((done, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            q.put((exc, None))
+
+    thread = threading.Thread(target=feed, name="device-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, event = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            if event is not None:
+                current = torch.cuda.current_stream(device)
+                current.wait_event(event)
+                _record_stream(item, current)
+            yield item
+    finally:
+        stop.set()
 
 
 def n_batches(n: int, batch: int) -> int:

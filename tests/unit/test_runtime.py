@@ -78,3 +78,24 @@ def test_prefetch_map_keeps_order(workers: int, processes: bool) -> None:
 
     assert list(prefetch_map(_square, range(20), workers=workers, ahead=3, processes=processes)) == [
         i * i for i in range(20)]
+
+
+def test_device_prefetch_order_and_errors() -> None:
+    from inference.runtime import device_prefetch
+
+    items = [(torch.full((2,), float(i)), {"i": i}) for i in range(7)]
+    got = list(device_prefetch(iter(items), "cpu", depth=2))
+    assert [int(g[1]["i"]) for g in got] == list(range(7)) and torch.equal(got[3][0], items[3][0])
+
+    def broken():
+        yield torch.zeros(1)
+        raise RuntimeError("decode failed")
+
+    it = device_prefetch(broken(), "cpu")
+    assert torch.equal(next(it), torch.zeros(1))
+    with pytest.raises(RuntimeError, match="decode failed"):
+        next(it)
+    # abandoning the iterator early does not hang
+    gen = device_prefetch(iter(range(100)), "cpu", depth=1)
+    assert next(gen) == 0
+    gen.close()
