@@ -343,6 +343,7 @@ class ReceiverGroup:
         self._ae = ae
         self._server = server
         self._stopped = False
+        self._lock = threading.Lock()
 
     @property
     def pids(self) -> list[int]:
@@ -357,9 +358,10 @@ class ReceiverGroup:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop accepting associations and wait for the receivers to end."""
-        if self._stopped:
-            return
-        self._stopped = True
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
         self._stop.set()
         if self._server is not None and self._ae is not None:
             self._server.shutdown()
@@ -397,18 +399,22 @@ def start_receivers(cfg: Config, stop: Any | None = None) -> ReceiverGroup:
         Port 0 with several processes, or a receiver process failed to bind.
     """
     n = cfg.node.receive_processes
+    if n > 1 and cfg.node.port == 0:
+        raise ConfigError("node.port must be a fixed port when receive_processes > 1")
+    spool = Spool(cfg.node.storage_dir, cfg.node.disk_min_free_gb)  # schema once, before any child races
+    spool.close_stale_associations()
     if n == 1:
         stop_evt = stop if stop is not None else threading.Event()
-        spool = Spool(cfg.node.storage_dir, cfg.node.disk_min_free_gb)
         ae = build_ae(cfg, spool)
         try:
             server = serve_ae(ae, cfg)
         except OSError as exc:
             raise ConfigError(f"cannot listen on {cfg.node.host}:{cfg.node.port}: {exc}") from exc
-        return ReceiverGroup(port=int(server.server_address[1]), stop=stop_evt, ae=ae, server=server)
-    if cfg.node.port == 0:
-        raise ConfigError("node.port must be a fixed port when receive_processes > 1")
-    Spool(cfg.node.storage_dir, cfg.node.disk_min_free_gb)  # create the schema once, before the children race
+        group = ReceiverGroup(port=int(server.server_address[1]), stop=stop_evt, ae=ae, server=server)
+        if stop is not None:  # setting the caller's event stops the server, as it does the processes
+            threading.Thread(target=lambda: (stop_evt.wait(), group.stop()), name="dicomnode-scp-stop",
+                             daemon=True).start()
+        return group
     ctx = mp.get_context("spawn")
     stop_evt = stop if stop is not None else ctx.Event()
     counter = ctx.Value("i", 0)

@@ -64,7 +64,8 @@ CREATE TABLE IF NOT EXISTS series (
     n_instances INTEGER NOT NULL DEFAULT 0,
     first_received REAL NOT NULL,
     last_received REAL NOT NULL,
-    expected_count INTEGER
+    expected_count INTEGER,
+    expected_source TEXT
 );
 CREATE INDEX IF NOT EXISTS series_study ON series(study_uid);
 CREATE INDEX IF NOT EXISTS series_last ON series(last_received);
@@ -202,7 +203,11 @@ class StoredInstance:
 
 @dataclass(frozen=True)
 class SeriesRecord:
-    """One spooled series with the routing attributes of its first instance."""
+    """One spooled series with the routing attributes of its first instance.
+
+    ``expected_count`` is None until known: from the header (ImagesInAcquisition, or 1 for an
+    enhanced multi-frame object) or, after an association that sent it was released, the count then.
+    """
 
     series_uid: str
     study_uid: str
@@ -264,6 +269,9 @@ class Spool:
         conn = db.connect(self.db_path)
         try:
             db.ensure_schema(conn, SCHEMA)
+            columns = {r["name"] for r in conn.execute("PRAGMA table_info(series)")}
+            if "expected_source" not in columns:  # databases created before the column existed
+                conn.execute("ALTER TABLE series ADD COLUMN expected_source TEXT")
         finally:
             conn.close()
 
@@ -335,8 +343,9 @@ class Spool:
     def store(self, encoded: bytes | str | os.PathLike[str], *, assoc_id: str | None) -> StoreOutcome:
         """Persist one received instance (DICOM File Format bytes, or a path to such a file).
 
-        A path given here is consumed: it is moved into the spool when it lies on
-        the same file system, otherwise copied and left for the caller to delete.
+        A path given here is moved into the spool when the instance is stored and the
+        path lies on the spool's file system; otherwise it is copied and left in place
+        (as it is for duplicates) for the caller to delete.
 
         Raises
         ------
@@ -399,11 +408,13 @@ class Spool:
                 if cur.rowcount == 0:
                     return StoreOutcome.DUPLICATE
                 row = conn.execute("SELECT meta_json FROM series WHERE series_uid=?", (series,)).fetchone()
+                expected = _expected_from_header(meta)
                 if row is None:
                     conn.execute(
                         "INSERT INTO series (series_uid, study_uid, meta_json, n_instances, first_received,"
-                        " last_received, expected_count) VALUES (?,?,?,?,?,?,?)",
-                        (series, study, json.dumps(meta), 1, now, now, _expected_from_header(meta)))
+                        " last_received, expected_count, expected_source) VALUES (?,?,?,?,?,?,?,?)",
+                        (series, study, json.dumps(meta), 1, now, now, expected,
+                         None if expected is None else "header"))
                 else:
                     stored = json.loads(row["meta_json"])
                     views = set(stored.get("view_positions") or ())
@@ -431,14 +442,33 @@ class Spool:
     def release_association(self, assoc_id: str) -> None:
         """Record an orderly release; series that received instances in it learn their expected count.
 
-        The expected count is only set where the headers did not announce one.
+        A series whose headers announced a count keeps it. Otherwise its expected count becomes its
+        current instance count, unless another association that also sent instances of it is still
+        open (a study split over parallel associations is not complete until the last one releases).
+        A later association that adds instances updates the count again on its release.
         """
         conn = self._conn
         with db.transaction(conn):
             conn.execute("UPDATE associations SET released_at=? WHERE assoc_id=?", (time.time(), assoc_id))
             conn.execute(
-                "UPDATE series SET expected_count=n_instances WHERE expected_count IS NULL AND series_uid IN"
-                " (SELECT DISTINCT series_uid FROM instances WHERE assoc_id=?)", (assoc_id,))
+                "UPDATE series SET expected_count=n_instances, expected_source='association'"
+                " WHERE (expected_source IS NULL OR expected_source='association')"
+                " AND series_uid IN (SELECT DISTINCT series_uid FROM instances WHERE assoc_id=?)"
+                " AND NOT EXISTS (SELECT 1 FROM instances i JOIN associations a ON a.assoc_id=i.assoc_id"
+                "   WHERE i.series_uid=series.series_uid AND a.assoc_id<>? AND a.released_at IS NULL"
+                "   AND a.aborted=0)", (assoc_id, assoc_id))
+
+    def close_stale_associations(self) -> int:
+        """Mark associations still open in the index as aborted (call at start-up, before receiving).
+
+        After a crash, associations of the dead process would otherwise look open forever and block
+        expected counts. Returns how many were closed.
+        """
+        n = self._conn.execute(
+            "UPDATE associations SET aborted=1 WHERE released_at IS NULL AND aborted=0").rowcount
+        if n:
+            log.warning("marked %d association(s) left open by a previous run as aborted", n)
+        return n
 
     def abort_association(self, assoc_id: str) -> None:
         """Record that an association was aborted (no expected counts are derived from it)."""

@@ -305,6 +305,20 @@ def test_max_associations(make_node) -> None:
     held[1].release()
 
 
+def test_stop_event_stops_the_in_process_server(tmp_path: Path) -> None:
+    import threading
+
+    stop = threading.Event()
+    group = start_receivers(_node_config(tmp_path), stop)
+    try:
+        assert echo(group.port).returncode == 0
+        stop.set()
+        wait_for(lambda: not group.is_alive())
+        wait_for(lambda: echo(group.port).returncode != 0)
+    finally:
+        group.stop()
+
+
 def test_receive_processes_share_the_port_and_the_limit(make_node, tmp_path: Path) -> None:
     node = make_node(receive_processes=2, max_associations=2)
     assert len(node.group.pids) == 2 and node.group.is_alive()

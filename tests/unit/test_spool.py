@@ -172,6 +172,35 @@ def test_expected_count_from_header_and_from_release(spool: Spool) -> None:
     assert released is not None and released <= recs[counted].last_received + 60
 
 
+def test_expected_count_waits_for_parallel_associations_and_follows_later_ones(spool: Spool) -> None:
+    study, series = generate_uid(), generate_uid()
+    spool.open_association("a1", "PACS", "127.0.0.1")
+    spool.open_association("a2", "PACS", "127.0.0.1")
+    spool.store(make_instance(study, series), assoc_id="a1")
+    spool.store(make_instance(study, series), assoc_id="a2")
+    spool.release_association("a1")
+    assert spool.series_records(study)[0].expected_count is None  # a2 still sends this series
+    spool.store(make_instance(study, series), assoc_id="a2")
+    spool.release_association("a2")
+    assert spool.series_records(study)[0].expected_count == 3
+    spool.open_association("a3", "PACS", "127.0.0.1")  # a late association adds one more
+    spool.store(make_instance(study, series), assoc_id="a3")
+    spool.release_association("a3")
+    assert spool.series_records(study)[0].expected_count == 4
+
+
+def test_stale_associations_are_closed_at_start_up(spool: Spool) -> None:
+    study, series = generate_uid(), generate_uid()
+    spool.open_association("dead", "PACS", "127.0.0.1")  # its process was killed mid-association
+    spool.store(make_instance(study, series), assoc_id="dead")
+    assert spool.close_stale_associations() == 1
+    spool.open_association("new", "PACS", "127.0.0.1")
+    spool.store(make_instance(study, series), assoc_id="new")
+    spool.release_association("new")
+    assert spool.series_records(study)[0].expected_count == 2
+    assert spool.close_stale_associations() == 0
+
+
 def test_multiframe_expects_one_instance_and_counts_frames(spool: Spool) -> None:
     study, series = generate_uid(), generate_uid()
     spool.store(make_instance(study, series, frames=5), assoc_id=None)
