@@ -388,7 +388,6 @@ def train(
 
     collate = adapter.collate(tcfg)
     stopped_early = start_epoch > 0 and cfg.early_stopping_patience is not None and bad_epochs >= cfg.early_stopping_patience
-    epoch = start_epoch - 1
     for epoch in range(start_epoch, cfg.epochs):
         if stopped_early:
             break
