@@ -3,6 +3,32 @@
 The trainer, evaluation and promotion are written once; a task supplies only
 what differs (network, pre-processing, loss, metrics, bundle metadata).
 :class:`BaseAdapter` provides defaults for the optional parts.
+
+A task module ``training/tasks/<task>.py`` looks like this::
+
+    class WristConfig(TaskConfig):                 # every hyperparameter of the task, typed
+        input_hw: tuple[int, int] = (512, 341)
+        backbone: str = "resnet18"
+
+    class WristAdapter(BaseAdapter):
+        name = "wrist_fracture"
+        config_model = WristConfig
+        primary_metric = "study_accuracy"
+        greater_is_better = True
+
+        def architecture(self, cfg): return "resnet_classifier", {"backbone": cfg.backbone}
+        def build_model(self, cfg): return build_network(*self.architecture(cfg)[:1], **self.architecture(cfg)[1])
+        def preprocessor(self, cfg): return functools.partial(prepare_record, input_hw=cfg.input_hw)  # picklable
+        def loss(self, outputs, batch): return F.binary_cross_entropy_with_logits(outputs[:, 0], batch["label"].float())
+        def evaluate(self, model, loader, device, cfg): ...  # -> EvalResult(metrics=..., y_true=..., y_prob=...)
+        def input_spec(self, cfg): return InputSpec(modality=["DX", "CR"], size=list(cfg.input_hw), ...)
+        def labels(self, cfg): return [LabelSpec(name="fracture", index=0, code=...)]
+
+    register_adapter(WristAdapter())           # from training.tasks
+
+Samples are dicts of numpy arrays and numbers (``"image"``, ``"label"``, ...); the
+dataset adds ``record_index`` so ``evaluate`` can aggregate images per study.
+Class-balanced sampling (``TrainConfig.balanced_sampling``) reads ``sample["label"]``.
 """
 
 from __future__ import annotations
