@@ -17,7 +17,9 @@ A task module ``training/tasks/<task>.py`` looks like this::
         greater_is_better = True
 
         def architecture(self, cfg): return "resnet_classifier", {"backbone": cfg.backbone}
-        def build_model(self, cfg): return build_network(*self.architecture(cfg)[:1], **self.architecture(cfg)[1])
+        def build_model(self, cfg):
+            arch, init_args = self.architecture(cfg)
+            return build_network(arch, **init_args)
         def preprocessor(self, cfg): return functools.partial(prepare_record, input_hw=cfg.input_hw)  # picklable
         def loss(self, outputs, batch): return F.binary_cross_entropy_with_logits(outputs[:, 0], batch["label"].float())
         def evaluate(self, model, loader, device, cfg): ...  # -> EvalResult(metrics=..., y_true=..., y_prob=...)
