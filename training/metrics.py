@@ -17,7 +17,7 @@ from scipy.stats import rankdata
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "BoxPrediction", "accuracy", "average_precision", "bootstrap_ci", "box_iou", "classification_report",
+    "BoxPrediction", "accuracy", "aggregate_by_group", "average_precision", "bootstrap_ci", "box_iou", "classification_report",
     "cohen_kappa", "confusion_matrix", "dice", "froc", "hd95", "macro_f1", "mean_average_precision",
     "roc_auc", "roc_curve", "segmentation_report", "sensitivity_specificity",
 ]
@@ -168,6 +168,31 @@ def _f1_binary(t: np.ndarray, p: np.ndarray) -> float:
     tp = np.sum((t == 1) & (p == 1))
     denom = np.sum(t == 1) + np.sum(p == 1)
     return float(2 * tp / denom) if denom else float("nan")
+
+
+def aggregate_by_group(values: np.ndarray, groups: Sequence[int], how: str = "max",
+                       threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Per-group scores from per-image scores: (sorted group ids, aggregated values).
+
+    ``how``: ``"max"`` (the "at least one" rule: a study is positive if any image is),
+    ``"mean"`` (mean probability, rows of ``values`` may be class vectors), or
+    ``"majority"`` (fraction of images at or above ``threshold``, for a majority vote).
+    """
+    v = np.asarray(values, dtype=float)
+    g = np.asarray(groups).astype(int).ravel()
+    ids = np.unique(g)
+    out = []
+    for i in ids:
+        sel = v[g == i]
+        if how == "max":
+            out.append(sel.max(0))
+        elif how == "mean":
+            out.append(sel.mean(0))
+        elif how == "majority":
+            out.append(float(np.mean(sel >= threshold)))
+        else:
+            raise ValueError(f"unknown aggregation {how!r}")
+    return ids, np.asarray(out)
 
 
 # --- detection -----------------------------------------------------------------------------------------

@@ -96,3 +96,16 @@ def test_dice_and_hd95_by_hand() -> None:
     assert rep["femur"]["dice"] == pytest.approx(0.5) and rep["tibia"]["dice"] == 0.0
     stacked = m.segmentation_report(np.stack([a, b]), np.stack([a, a]), ["x", "y"], channels_first=True)
     assert stacked["x"]["dice"] == 1.0 and stacked["y"]["dice"] == pytest.approx(0.5)
+
+
+def test_aggregate_by_group() -> None:
+    scores = np.array([0.1, 0.7, 0.2, 0.4, 0.6, 0.9])
+    groups = [5, 5, 2, 2, 9, 9]
+    ids, alo = m.aggregate_by_group(scores, groups, "max")
+    assert ids.tolist() == [2, 5, 9] and alo.tolist() == [0.4, 0.7, 0.9]
+    _, vote = m.aggregate_by_group(scores, groups, "majority")
+    assert vote.tolist() == [0.0, 0.5, 1.0]
+    _, mean = m.aggregate_by_group(np.array([[0.2, 0.8], [0.4, 0.6]]), [1, 1], "mean")
+    assert mean.tolist() == [[pytest.approx(0.3), pytest.approx(0.7)]]
+    with pytest.raises(ValueError):
+        m.aggregate_by_group(scores, groups, "median")
