@@ -403,6 +403,7 @@ def start_receivers(cfg: Config, stop: Any | None = None) -> ReceiverGroup:
         raise ConfigError("node.port must be a fixed port when receive_processes > 1")
     spool = Spool(cfg.node.storage_dir, cfg.node.disk_min_free_gb)  # schema once, before any child races
     spool.close_stale_associations()
+    spool.clean_tmp()
     if n == 1:
         stop_evt = stop if stop is not None else threading.Event()
         ae = build_ae(cfg, spool)

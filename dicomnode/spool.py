@@ -458,6 +458,17 @@ class Spool:
                 "   WHERE i.series_uid=series.series_uid AND a.assoc_id<>? AND a.released_at IS NULL"
                 "   AND a.aborted=0)", (assoc_id, assoc_id))
 
+    def clean_tmp(self) -> int:
+        """Delete partial files left in the spool's temp folder by a crash (call before receiving)."""
+        n = 0
+        for f in self.tmp_dir.iterdir():
+            if f.is_file():
+                f.unlink(missing_ok=True)
+                n += 1
+        if n:
+            log.warning("removed %d partial file(s) left in %s", n, self.tmp_dir)
+        return n
+
     def close_stale_associations(self) -> int:
         """Mark associations still open in the index as aborted (call at start-up, before receiving).
 

@@ -251,3 +251,22 @@ def test_explain_paths_and_describe_routes(tmp_path: Path) -> None:
     desc = describe_routes(cfg)
     assert "adult-wrist: task wrist_fracture" in desc and "knee-ct" in desc
     assert "no routes configured" in describe_routes(Config())
+
+
+def test_cli_route_explain_and_check_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dicomnode.cli import main
+
+    cfg_file = tmp_path / "node.yaml"
+    cfg_file.write_text("routes:\n  - name: paed\n    task: physis_fracture\n"
+                        "    match: {modality: [DX], body_part: [WRIST], max_age_years: 17.999}\n")
+    data = tmp_path / "data"
+    data.mkdir()
+    series = generate_uid()
+    pydicom.dcmwrite(data / "a.dcm", _dataset(generate_uid(), series, Modality="DX", BodyPartExamined="POIGNET",
+                                              PatientBirthDate="20100301", StudyDate="20200229"),
+                     enforce_file_format=True)
+    assert main(["route", "explain", str(data), "--config", str(cfg_file)]) == 0
+    out = capsys.readouterr().out
+    assert f"series {series}" in out and "-> paed" in out and "POIGNET (= WRIST)" in out
+    assert main(["check-config", str(cfg_file)]) == 0
+    assert "paed: task physis_fracture" in capsys.readouterr().out

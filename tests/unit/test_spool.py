@@ -199,6 +199,8 @@ def test_stale_associations_are_closed_at_start_up(spool: Spool) -> None:
     spool.release_association("new")
     assert spool.series_records(study)[0].expected_count == 2
     assert spool.close_stale_associations() == 0
+    (spool.tmp_dir / "tmpabc.dcm").write_bytes(b"partial")
+    assert spool.clean_tmp() == 1 and list(spool.tmp_dir.iterdir()) == []
 
 
 def test_multiframe_expects_one_instance_and_counts_frames(spool: Spool) -> None:
