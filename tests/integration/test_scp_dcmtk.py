@@ -364,3 +364,28 @@ def test_memory_is_bounded_for_large_instances(make_node, tmp_path: Path) -> Non
     got = stored_path(node.spool, src)
     assert dataset_bytes(got) == dataset_bytes(src)
     assert list(node.spool.tmp_dir.iterdir()) == []
+
+
+def test_tls_echo_and_store(make_node, tmp_path: Path) -> None:
+    """DICOM TLS: the SCP wraps accepted sockets; a TLS client stores, a plain-TCP client gets nothing."""
+    import ssl
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["/usr/bin/openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                    "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"], check=True, capture_output=True,
+                   timeout=60)
+    node = make_node(tls={"cert_file": str(cert), "key_file": str(key)})
+    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+    client.check_hostname = False
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, tls_args=(client, None))
+    assert assoc.is_established
+    src = ct_file(tmp_path / "tls.dcm")
+    assert int(assoc.send_c_store(pydicom.dcmread(src)).Status) == 0
+    assoc.release()
+    assert stored_path(node.spool, src).exists()
+    assert echo(node.port).returncode != 0  # plain DICOM on a TLS port fails
+    again = ae.associate("127.0.0.1", node.port, tls_args=(client, None))  # and the node keeps serving
+    assert again.is_established
+    again.release()
