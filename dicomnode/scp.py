@@ -125,6 +125,8 @@ class _Policy:
 
     def decide(self, calling_ae: str, peer_host: str) -> tuple[tuple[int, int, int] | None, str]:
         """Return (reject triple or None, reason); acquires an association slot when accepting."""
+        if peer_host.lower().startswith("::ffff:"):  # IPv4 peer on a dual-stack socket
+            peer_host = peer_host[7:]
         if (calling_ae.strip(), peer_host) not in self.allowed:
             return _RJ_CALLING_AE, "calling AE title / host not in allowed_callers"
         if not self.spool.disk_ok():
