@@ -26,7 +26,7 @@ def toy_split(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _cfg(**kw) -> TrainConfig:
-    base = dict(epochs=4, batch_size=4, lr=5e-3, seed=3, device="cpu", schedule="cosine", amp=False)
+    base = dict(epochs=4, batch_size=2, lr=5e-2, seed=3, device="cpu", schedule="cosine", amp=False)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -127,7 +127,7 @@ def test_cli_train_evaluate_promote(tmp_path: Path) -> None:
     assert main(["train", "toy_square", "--out", str(tmp_path / "b1"), "--epochs", "2", "--version", "c1",
                  "--set", "seed=1", *common]) == 0
     meta = load_bundle(tmp_path / "b1").meta
-    assert meta.init_args["channels"] == 3 and meta.train_config["lr"] == 0.005 and meta.train_config["epochs"] == 2
+    assert meta.init_args["channels"] == [3, 3] and meta.train_config["lr"] == 0.005 and meta.train_config["epochs"] == 2
 
     assert main(["evaluate", str(tmp_path / "b1"), "--data", str(data), "--out", str(tmp_path / "ev"),
                  "--device", "cpu"]) == 0

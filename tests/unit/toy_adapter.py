@@ -14,6 +14,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from inference.bundle import InputSpec, LabelSpec
+from inference.nets import build_network
 from inference.series import load_series
 from training.adapter import BaseAdapter, EvalResult, TaskConfig
 from training.data import Record, Sample
@@ -84,21 +85,6 @@ class ToyConfig(TaskConfig):
     dropout: float = 0.1
 
 
-class ToyNet(torch.nn.Module):
-    """A tiny CNN with dropout (so resume tests also cover the RNG state)."""
-
-    def __init__(self, channels: int = 4, dropout: float = 0.1) -> None:
-        super().__init__()
-        self.body = torch.nn.Sequential(
-            torch.nn.Conv2d(1, channels, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-            torch.nn.Conv2d(channels, channels, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-            torch.nn.Flatten(), torch.nn.Dropout(dropout), torch.nn.Linear(channels, 1),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)[:, 0]
-
-
 def preprocess(record: Record) -> list[Sample]:
     """Series -> HU -> scaled image (1, SIZE, SIZE) and its label."""
     vol = load_series(record.files).volume()
@@ -115,21 +101,24 @@ class ToyAdapter(BaseAdapter):
     greater_is_better = True
 
     def architecture(self, cfg: ToyConfig) -> tuple[str, dict[str, Any]]:
-        return "toy_cnn", {"channels": cfg.channels, "dropout": cfg.dropout}
+        # a tiny instance of a real architecture, so bundles rebuild through inference.nets like the real tasks
+        return "motion_cnn", {"in_channels": 1, "num_classes": 1, "channels": [cfg.channels, cfg.channels],
+                              "hidden": 8, "dropout": cfg.dropout}
 
     def build_model(self, cfg: ToyConfig) -> torch.nn.Module:
-        return ToyNet(cfg.channels, cfg.dropout)
+        arch, init_args = self.architecture(cfg)
+        return build_network(arch, **init_args)
 
     def preprocessor(self, cfg: ToyConfig):
         return preprocess
 
     def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.nn.functional.binary_cross_entropy_with_logits(outputs.float(), batch["label"].float())
+        return torch.nn.functional.binary_cross_entropy_with_logits(outputs[:, 0].float(), batch["label"].float())
 
     def evaluate(self, model, loader, device, cfg) -> EvalResult:
         probs, labels = [], []
         for batch in loader:
-            probs.append(torch.sigmoid(model(batch["image"].to(device)).float()).cpu())
+            probs.append(torch.sigmoid(model(batch["image"].to(device))[:, 0].float()).cpu())
             labels.append(batch["label"])
         p = torch.cat(probs).numpy()
         y = torch.cat(labels).numpy()
@@ -150,6 +139,5 @@ ADAPTER = ToyAdapter()
 
 
 def build_from_bundle(bundle) -> torch.nn.Module:
-    """ModelCache builder for toy bundles."""
-    model = ToyNet(**bundle.meta.init_args)
-    return bundle.load_into(model)
+    """ModelCache builder for toy bundles (what the default builder does, spelled out)."""
+    return bundle.build_model()
