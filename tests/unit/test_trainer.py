@@ -183,3 +183,32 @@ def test_torchrun_ddp_world_size_2(tmp_path: Path) -> None:
     b = load_bundle(tmp_path / "bundle")
     assert b.meta.version == "ddp" and len(b.meta.training_log) == 2
     assert not any(k.startswith("module.") for k in b.state_dict)  # saved unwrapped from DDP
+
+
+def test_task_uses_promoted_bundle_and_hot_swaps(toy_split, tmp_path: Path) -> None:
+    """Train -> bundle -> registry -> task run through inference.tasks; deterministic; swap on promotion."""
+    import pydicom
+
+    from inference.tasks import TaskContext, get_task
+    from tests.unit import toy_task  # noqa: F401 - registers the task
+
+    r1 = train(ADAPTER, toy_split, tmp_path / "v1", _cfg(version="v1"), ToyConfig())
+    r2 = train(ADAPTER, toy_split, tmp_path / "v2", _cfg(version="v2", seed=11, epochs=1), ToyConfig())
+    reg = ModelRegistry(tmp_path / "models")
+    reg.promote("toy_square", r1.bundle_dir)
+    datasets = [pydicom.dcmread(f) for f in toy_split.holdout[0].files]
+    ctx = TaskContext(models_dir=tmp_path / "models", device="cpu")
+    task = get_task("toy_square")
+    f1, f1b = task(datasets, ctx), task(datasets, ctx)
+    assert f1.algorithm_version == "v1" and f1.synthetic_model
+    assert f1.classifications[0].probability == f1b.classifications[0].probability  # deterministic on CPU
+    assert {"load", "preprocess", "forward", "postprocess"} <= set(f1.timings_s)
+    reg.promote("toy_square", r2.bundle_dir)
+    from inference.tasks.base import model_cache
+
+    model_cache(tmp_path / "models", "cpu").reload("toy_square")
+    f2 = task(datasets, ctx)
+    assert f2.algorithm_version == "v2"
+    assert f2.classifications[0].probability != f1.classifications[0].probability
+    pinned = task(datasets, TaskContext(models_dir=tmp_path / "models", model_dir=r1.bundle_dir, device="cpu"))
+    assert pinned.algorithm_version == "v1"
