@@ -77,6 +77,8 @@ def seg_planes(ds: Dataset) -> tuple[list[tuple[str, int | None]], np.ndarray, d
     planes: list[tuple[str, int | None]] = []
     index: dict[tuple[str, int | None], int] = {}
     pending = []
+    depth: dict[tuple[str, int | None], float] = {}
+    normal = _normal(ds)
     for f, fg in enumerate(ds.PerFrameFunctionalGroupsSequence):
         seg_no = int(fg.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
         key: tuple[str, int | None] = (f"frame-{f}", None)
@@ -89,14 +91,30 @@ def seg_planes(ds: Dataset) -> tuple[list[tuple[str, int | None]], np.ndarray, d
             pos = fg.get("PlanePositionSequence")
             if pos:
                 key = (",".join(f"{v:.3f}" for v in pos[0].ImagePositionPatient), None)
+        pos = fg.get("PlanePositionSequence")
+        if normal is not None and pos:
+            depth[key] = float(np.dot(normal, np.asarray(pos[0].ImagePositionPatient, float)))
         if key not in index:
             index[key] = len(planes)
             planes.append(key)
         pending.append((index[key], numbers.index(seg_no), f))
+    if len(depth) == len(planes):  # order planes along the slice normal, as sorted sources are
+        order = sorted(range(len(planes)), key=lambda i: depth[planes[i]])
+        rank = {old: new for new, old in enumerate(order)}
+        planes = [planes[i] for i in order]
+        pending = [(rank[p], s, f) for p, s, f in pending]
     masks = np.zeros((len(planes), int(ds.Rows), int(ds.Columns), len(numbers)), bool)
     for p, s, f in pending:
         masks[p, :, :, s] |= raw[f].astype(bool)
     return planes, masks, labels
+
+
+def _normal(ds: Dataset) -> np.ndarray | None:
+    try:
+        iop = ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient
+    except (AttributeError, IndexError, KeyError):
+        return None
+    return np.cross(np.asarray(iop[:3], float), np.asarray(iop[3:], float))
 
 
 def render_seg(ds: Dataset, sources: Sequence[Dataset] | None = None) -> np.ndarray:

@@ -131,4 +131,12 @@ def build_seg(findings: Findings, sources: Sequence[Dataset], context: ResultCon
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise ResultWriteError(f"cannot build SEG: {exc}") from exc
+    if "FrameOfReferenceUID" not in seg:
+        # projection images: the SEG shares the source pixel grid, hence its orientation (Type 2C)
+        seg.PatientOrientation = seg_sources[0].get("PatientOrientation") or None
+        # Pixel Measures is only required with a frame of reference; highdicom writes it without a
+        # Slice Thickness here and then cannot read its own object back
+        shared = seg.SharedFunctionalGroupsSequence[0]
+        if "PixelMeasuresSequence" in shared and "SliceThickness" not in shared.PixelMeasuresSequence[0]:
+            del shared.PixelMeasuresSequence
     return finish(seg, seg_sources[0], context, description)

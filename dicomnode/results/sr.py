@@ -113,15 +113,25 @@ def _classification_group(
     measurements = [_measurement(m, algo) for m in c.measurements]
     if c.probability is not None:
         measurements.insert(0, _probability(c.finding, c.probability, algo))
+    if _is_finding(c.finding):
+        # "Finding = <value>" is the group's finding type item itself; repeating it would duplicate it
+        finding_type, qualitative = c.value, None
+    else:
+        finding_type = c.finding
+        qualitative = [hd.sr.QualitativeEvaluation(rc.to_hd(c.finding), rc.to_hd(c.value))]
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(c.tracking_id, f"classification {index}"),
-        finding_type=rc.to_hd(c.finding),
+        finding_type=rc.to_hd(finding_type),
         algorithm_id=algo,
         finding_sites=_finding_sites(c.finding_site, c.laterality),
         measurements=measurements or None,
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(rc.to_hd(c.finding), rc.to_hd(c.value))],
+        qualitative_evaluations=qualitative,
         source_images=_source_image_refs(c.images, by_uid) or None,
     )
+
+
+def _is_finding(code: Code) -> bool:
+    return (code.value, code.scheme) == (rc.FINDING.value, rc.FINDING.scheme)
 
 
 def _box_group(
@@ -139,8 +149,8 @@ def _box_group(
             referenced_frame_numbers=[b.image.frame_number] if b.image.frame_number else None,
         ),
     )
-    qualitative = [hd.sr.QualitativeEvaluation(rc.to_hd(rc.FINDING), rc.to_hd(b.label))]
-    qualitative += [hd.sr.QualitativeEvaluation(rc.to_hd(n), rc.to_hd(v)) for n, v in b.qualitative]
+    # the label is the group's "Finding" (finding type) item; extra evaluations follow it
+    qualitative = [hd.sr.QualitativeEvaluation(rc.to_hd(n), rc.to_hd(v)) for n, v in b.qualitative]
     measurements = [_probability(b.label, b.score, algo)] + [_measurement(m, algo) for m in b.measurements]
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(b.tracking_id, f"region {index}"),
@@ -149,7 +159,7 @@ def _box_group(
         algorithm_id=algo,
         finding_sites=_finding_sites(b.finding_site),
         measurements=measurements,
-        qualitative_evaluations=qualitative,
+        qualitative_evaluations=qualitative or None,
     )
 
 
