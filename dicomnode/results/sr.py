@@ -286,6 +286,8 @@ def build_sr(
         ))
     for i, b in enumerate(findings.boxes, start=1):
         groups.append(_box_group(i, b, algo, by_uid))
+    if not groups and seg is None:
+        raise ResultWriteError("findings contain no classification, measurement, box or mask to report")
     evidence = [header_for_copy(ds) for ds in sources]
     if seg is not None:
         numbers = segment_numbers or {i: i + 1 for i in range(len(findings.masks))}

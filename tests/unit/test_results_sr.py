@@ -287,6 +287,9 @@ def test_sources_must_cover_findings_and_share_a_study(ct):
         build_results(f, [*ct, *other], ResultContext())
     with pytest.raises(ResultWriteError):
         build_results(f, [], ResultContext())
+    empty = Findings("spine_bmd", "SpineBMD", "1.2", str(ct[0].StudyInstanceUID), f.source_images)
+    with pytest.raises(ResultWriteError, match="nothing|no classification"):
+        build_results(empty, ct, ResultContext())
 
 
 def test_missing_type2_patient_attributes_stay_empty(ct, tmp_path, dciodvfy):
