@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
+from dicomnode.cli import main as cli_main
 from dicomnode.results import ResultContext
 from dicomnode.results import codes as rc
 from dicomnode.results.builder import build_results
@@ -196,3 +197,24 @@ def test_one_sc_per_overlay_numbered(tmp_path, dciodvfy):
     assert len({s.SOPInstanceUID for s in scs}) == 2 and len({s.SeriesInstanceUID for s in scs}) == 1
     for i, s in enumerate(scs):
         _save(s, tmp_path, dciodvfy, f"sc{i}.dcm")
+
+
+def test_single_ct_slice_orientation_and_cli_render(tmp_path, dciodvfy, capsys):
+    ct = volume_series("CT", n=2, rows=32, cols=32)
+    ref = ImageRef(str(ct[1].SOPInstanceUID))
+    f = Findings("spine_bmd", "SpineBMD", "1.2", str(ct[0].StudyInstanceUID), (ref,),
+                 classifications=[Classification(rc.OSTEOPOROSIS, PRESENT, 0.7, images=(ref,))],
+                 overlays=[Overlay([Panel(image=ref, contours={"L1": np.ones((32, 32), bool)})], "L1")])
+    objects = build_results(f, ct, ResultContext())
+    (sc,) = _scs(objects)
+    path = _save(sc, tmp_path, dciodvfy, "ct.dcm")
+    assert list(pydicom.dcmread(path).PatientOrientation) == ["L", "P"]  # rows run to the left, columns posterior
+    out = tmp_path / "ct.png"
+    assert cli_main(["render", str(path), "--out", str(out)]) == 0
+    assert np.asarray(Image.open(out)).shape == sc.pixel_array.shape
+    (sr,) = [o for o in objects if o.Modality == "SR"]
+    sr_path = tmp_path / "sr.dcm"
+    sr.save_as(sr_path, enforce_file_format=True)
+    assert cli_main(["render", str(sr_path), "--out", str(tmp_path / "sr.png")]) == 2
+    assert "no pixel data" in capsys.readouterr().err
+    assert not (tmp_path / "sr.png").exists()
