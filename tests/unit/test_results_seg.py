@@ -14,7 +14,7 @@ from dicomnode.results import ResultContext
 from dicomnode.results import codes as rc
 from dicomnode.results.builder import build_results
 from dicomnode.results.render import render_file, seg_planes
-from inference.findings import Findings, ImageRef, Mask
+from inference.findings import Findings, ImageRef, Mask, Overlay, Panel
 from tests.unit._results_sources import dx_image, volume_series
 
 
@@ -149,3 +149,22 @@ def test_render_seg_without_and_with_sources(tmp_path, dciodvfy):
     over = np.asarray(Image.open(render_file(path, tmp_path / "over.png", sources=mr)).convert("RGB"))
     assert over.shape == plain.shape
     assert not np.array_equal(over, plain)  # the source pixels show through
+
+
+def test_seg_and_sc_on_a_multiframe_source(tmp_path, dciodvfy):
+    ct = volume_series("CT", n=4, rows=16, cols=16)
+    mf = hd.legacy.LegacyConvertedEnhancedCTImage(ct, series_instance_uid=hd.UID(), series_number=5,
+                                                   sop_instance_uid=hd.UID(), instance_number=1)
+    refs = tuple(ImageRef(str(mf.SOPInstanceUID), frame) for frame in range(1, 5))
+    arr = np.zeros((4, 16, 16), bool)
+    arr[1:3, 4:9, 3:12] = True
+    f = Findings("knee_bone_seg", "KneeUNet", "1.0", str(mf.StudyInstanceUID), refs,
+                 masks=[Mask(rc.FEMUR, rc.ANATOMICAL_STRUCTURE, arr, refs)],
+                 overlays=[Overlay([Panel(image=r) for r in refs], "frames")])
+    objects = build_results(f, [mf], ResultContext())
+    assert [o.Modality for o in objects] == ["SEG", "SR", "OT"]
+    paths = [_save(o, tmp_path, dciodvfy, f"mf{i}.dcm") for i, o in enumerate(objects)]
+    back = hd.seg.segread(paths[0])
+    pixels = back.get_pixels_by_source_frame(str(mf.SOPInstanceUID), [1, 2, 3, 4], combine_segments=False,
+                                             assert_missing_frames_are_empty=True)
+    np.testing.assert_array_equal(pixels[..., 0].astype(bool), arr)
