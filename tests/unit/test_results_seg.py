@@ -14,7 +14,7 @@ from dicomnode.results import ResultContext
 from dicomnode.results import codes as rc
 from dicomnode.results.builder import build_results
 from dicomnode.results.render import render_file, seg_planes
-from inference.findings import Findings, ImageRef, Mask, Overlay, Panel
+from inference.findings import PRESENT, Box, Classification, Findings, ImageRef, Mask, Overlay, Panel
 from tests.unit._results_sources import dx_image, volume_series
 
 
@@ -160,6 +160,8 @@ def test_seg_and_sc_on_a_multiframe_source(tmp_path, dciodvfy):
     arr[1:3, 4:9, 3:12] = True
     f = Findings("knee_bone_seg", "KneeUNet", "1.0", str(mf.StudyInstanceUID), refs,
                  masks=[Mask(rc.FEMUR, rc.ANATOMICAL_STRUCTURE, arr, refs)],
+                 boxes=[Box(refs[2], 3, 4, 11, 8, rc.FEMUR, 0.9)],
+                 classifications=[Classification(rc.FEMUR, PRESENT, 0.8, images=refs[1:3])],
                  overlays=[Overlay([Panel(image=r) for r in refs], "frames")])
     objects = build_results(f, [mf], ResultContext())
     assert [o.Modality for o in objects] == ["SEG", "SR", "OT"]
@@ -168,3 +170,8 @@ def test_seg_and_sc_on_a_multiframe_source(tmp_path, dciodvfy):
     pixels = back.get_pixels_by_source_frame(str(mf.SOPInstanceUID), [1, 2, 3, 4], combine_segments=False,
                                              assert_missing_frames_are_empty=True)
     np.testing.assert_array_equal(pixels[..., 0].astype(bool), arr)
+    report = hd.sr.srread(paths[1]).content
+    (roi,) = report.get_planar_roi_measurement_groups()
+    assert int(roi.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedFrameNumber) == 3
+    (group,) = report.get_image_measurement_groups()
+    assert [list(s.referenced_frame_numbers) for s in group.source_images] == [[2], [3]]
