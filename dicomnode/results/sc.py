@@ -58,9 +58,8 @@ def panel_grey(panel: Panel, by_uid: dict[str, Dataset]) -> np.ndarray:
         grey = np.asarray(panel.pixels, dtype=np.float32)
     else:
         ref = panel.image
-        assert ref is not None
-        ds = by_uid.get(ref.sop_instance_uid)
-        if ds is None:
+        ds = by_uid.get(ref.sop_instance_uid) if ref is not None else None
+        if ref is None or ds is None:
             raise ResultWriteError("overlay panel references an image that is not among the sources")
         frame = ref.frame_number - 1 if ref.frame_number else (0 if int(ds.get("NumberOfFrames", 1) or 1) > 1 else None)
         grey = display_array(ds, frame)
