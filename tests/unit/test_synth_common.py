@@ -1,0 +1,144 @@
+"""Shared synthetic-study code: patients, UIDs, dataset writing, body parts and the labels manifest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import SecondaryCaptureImageStorage
+
+from dicomnode.bodypart import canonical_body_part
+from training.synth import common
+from training.synth.manifest import ManifestError, ManifestWriter, read_manifest
+
+
+def _dataset(seed: int, out: Path) -> Path:
+    rng = np.random.default_rng(seed)
+    uids = common.UidSource(f"test:{seed}")
+    patient = common.new_patient(rng, (18, 90))
+    study = common.new_study(rng, uids, patient, "TEST STUDY")
+    series = common.new_series(uids, 1, "OT", common.body_part_string(rng, "WRIST", 1.0))
+    eq = common.Equipment(manufacturer="ACME", model="X1")
+    ds = common.base_dataset(SecondaryCaptureImageStorage, patient, study, series, eq,
+                             sop_instance_uid=uids.make("sop", 1))
+    ds.ConversionType = "WSD"
+    ds.PatientOrientation = ""
+    img = common.to_stored(rng.random((16, 20)), 12, invert=True)
+    common.set_pixel_data(ds, img, bits_stored=12, photometric="MONOCHROME1")
+    common.set_rescale(ds, 1.0, 0.0)
+    common.set_window(ds, 2048, 4096)
+    return common.write_dataset(ds, out)
+
+
+def test_patient_age_matches_birth_and_range() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        p = common.new_patient(rng, (2, 17))
+        years = int(p.age_string[:3])
+        assert p.age_string.endswith("Y") and 2 <= years <= 17
+        exact = (p.exam_date - p.birth_date).days / 365.25
+        assert abs(exact - p.age_years) < 1e-9 and int(exact) == years
+    infant = common.Patient("A^B", "X", p.birth_date, "F", 0.25, p.exam_date)
+    assert infant.age_string == "003M"
+
+
+def test_written_file_is_deterministic_and_well_formed(tmp_path: Path) -> None:
+    a = _dataset(7, tmp_path / "a")
+    b = _dataset(7, tmp_path / "b")
+    c = _dataset(8, tmp_path / "c")
+    assert a.relative_to(tmp_path / "a") == b.relative_to(tmp_path / "b")
+    assert a.read_bytes() == b.read_bytes()
+    assert a.name != c.name
+    ds = pydicom.dcmread(a)
+    assert a.parent.name == ds.SeriesInstanceUID and a.parent.parent.name == ds.StudyInstanceUID
+    assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    assert ds.BitsStored == 12 and ds.HighBit == 11 and ds.PhotometricInterpretation == "MONOCHROME1"
+    assert int(ds.pixel_array.max()) <= 4095
+    assert canonical_body_part(ds.BodyPartExamined) == "WRIST" and ds.BodyPartExamined != "WRIST"
+    assert not list(a.parent.glob(".tmp-*"))
+
+
+def test_every_synonym_is_known_to_the_router() -> None:
+    for canonical, syns in common.BODY_PART_SYNONYMS.items():
+        for s in syns:
+            assert len(s) <= 16 and all(c.isupper() or c.isdigit() or c in " _" for c in s), s
+            assert canonical_body_part(s) == canonical_body_part(canonical), s
+
+
+def test_pixel_data_rejects_values_outside_bits(tmp_path: Path) -> None:
+    ds = pydicom.Dataset()
+    with pytest.raises(common.SynthError):
+        common.set_pixel_data(ds, np.full((4, 4), 5000, np.uint16), bits_stored=12)
+
+
+def test_study_seed_and_uids_are_stable() -> None:
+    assert common.study_seed(1, 5) == common.study_seed(1, 5) != common.study_seed(1, 6)
+    assert common.study_seed(1, 5) != common.study_seed(2, 5)
+    u = common.UidSource("k")
+    assert u.make("sop", 1) == common.UidSource("k").make("sop", 1) != u.make("sop", 2)
+    assert len(u.make("sop", 1)) <= 64
+
+
+def test_manifest_round_trip_jsonl_and_csv(tmp_path: Path) -> None:
+    rows = [
+        {"study_uid": "1.2.3", "label": "fracture", "patient_id": "P1",
+         "boxes": [{"sop_instance_uid": "1.2.3.4", "x0": 1, "y0": 2, "x1": 10, "y1": 12, "label": "fracture"}]},
+        {"study_uid": "1.2.5", "sop_instance_uid": "1.2.5.1", "label": 0, "split_hint": None},
+        {"study_uid": "1.2.6", "mask": "masks/1.2.6.mha", "vertebrae": {"L1": "normal", "L2": "osteopenia"}},
+    ]
+    with ManifestWriter(tmp_path) as w:
+        w.extend(rows)
+    got = read_manifest(tmp_path)
+    assert [r["study_uid"] for r in got] == ["1.2.3", "1.2.5", "1.2.6"]
+    assert got[0]["boxes"][0]["x1"] == 10.0 and got[2]["vertebrae"]["L2"] == "osteopenia"
+
+    csv_dir = tmp_path / "csv"
+    csv_dir.mkdir()
+    (csv_dir / "labels.csv").write_text(
+        'study_uid,sop_instance_uid,label,boxes\n'
+        '1.2.3,,1,"[{""sop_instance_uid"": ""1.2.3.4"", ""x0"": 0, ""y0"": 0, ""x1"": 5, ""y1"": 5}]"\n'
+        '1.2.4,1.2.4.1,normal,\n')
+    got = read_manifest(csv_dir)
+    assert got[0]["label"] == 1 and got[0]["boxes"][0]["x1"] == 5.0
+    assert got[1]["label"] == "normal" and "boxes" not in got[1]
+
+
+@pytest.mark.parametrize("line, msg", [
+    ('{"label": 1}', "needs 'study_uid'"),
+    ('{"study_uid": "1.2", "boxes": [{"x0": 5, "y0": 0, "x1": 1, "y1": 3, "sop_instance_uid": "1.3"}]}', "x0 < x1"),
+    ('{"study_uid": "1.2", "boxes": [{"x0": 0, "y0": 0, "x1": 1, "y1": 3}]}', "sop_instance_uid"),
+    ('{"study_uid": "abc"}', "not a valid UID"),
+    ('{"study_uid": "1.2", "split_hint": "test"}', "split_hint"),
+    ('{"study_uid": "1.2"', "invalid JSON"),
+])
+def test_manifest_errors_name_the_line(tmp_path: Path, line: str, msg: str) -> None:
+    (tmp_path / "labels.jsonl").write_text('{"study_uid": "1.1"}\n' + line + "\n")
+    with pytest.raises(ManifestError, match=f"line 2.*{msg}"):
+        read_manifest(tmp_path)
+
+
+def test_manifest_writer_is_atomic_and_rejects_duplicates(tmp_path: Path) -> None:
+    (tmp_path / "labels.jsonl").write_text(json.dumps({"study_uid": "9.9"}) + "\n")
+    with pytest.raises(ManifestError, match="duplicate"), ManifestWriter(tmp_path) as w:
+        w.append({"study_uid": "1.1"})
+        w.append({"study_uid": "1.1"})
+    assert [r["study_uid"] for r in read_manifest(tmp_path)] == ["9.9"]
+    assert not list(tmp_path.glob(".*.tmp"))
+    with pytest.raises(ManifestError, match="no labels"):
+        read_manifest(tmp_path / "missing")
+
+
+def _toy_study(job: common.StudyJob) -> list[dict]:
+    rng = job.rng()
+    return [{"study_uid": common.UidSource(str(job.seed)).make("study"), "label": int(rng.integers(0, 2))}]
+
+
+def test_generate_studies_same_rows_for_any_worker_count(tmp_path: Path) -> None:
+    a = common.generate_studies(tmp_path / "a", 9, 3, _toy_study, workers=1)
+    b = common.generate_studies(tmp_path / "b", 9, 3, _toy_study, workers=2, chunk_size=2)
+    assert a.read_text() == b.read_text() and len(read_manifest(a)) == 9
+    with pytest.raises(common.SynthError):
+        common.generate_studies(tmp_path / "c", 1, 3, _toy_study, difficulty=2.0)

@@ -1,0 +1,490 @@
+"""Shared DICOM writing for every synthetic-study generator.
+
+What each generator needs, in one place:
+
+* deterministic randomness: :func:`study_seed` derives a per-study seed from the
+  run seed and the study index, :class:`UidSource` makes UIDs from it, so the
+  same ``(seed, index)`` always gives the same pixels and UIDs whatever the
+  number of workers;
+* the patient / study / series / equipment modules (:func:`new_patient`,
+  :func:`new_study`, :func:`new_series`, :class:`Equipment`) and
+  :func:`base_dataset`, which fills them plus SOP Common and General Image;
+* pixel helpers: :func:`set_pixel_data`, :func:`set_rescale`,
+  :func:`set_window`, :func:`choose_photometric`, :func:`choose_bits_stored`,
+  :func:`to_stored`;
+* :func:`body_part_string` (canonical term, sometimes a non-English synonym);
+* :func:`write_dataset` writing ``<out>/<study_uid>/<series_uid>/<sop>.dcm``
+  (explicit VR little endian, file meta, atomic rename);
+* :func:`generate_studies`, the multiprocessing driver that runs a per-study
+  function over chunks of indices and writes the labels manifest.
+
+The generator interface (every ``training/synth/<task>.py``)::
+
+    generate(out: Path, n: int, seed: int, *, workers: int = 2, difficulty: float = 0.5,
+             label_noise: float = 0.02) -> Path      # returns the manifest path
+    preview(out_png: Path, n: int, seed: int) -> Path
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+
+from inference.errors import DicomNodeError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "BODY_PART_SYNONYMS", "Equipment", "Patient", "Series", "Study", "StudyJob", "SynthError", "UidSource",
+    "base_dataset", "body_part_string", "choose_bits_stored", "choose_photometric", "generate_studies",
+    "new_patient", "new_series", "new_study", "set_pixel_data", "set_rescale", "set_window", "study_seed",
+    "to_stored", "write_dataset",
+]
+
+#: UID root of the synthetic objects (pydicom's registered root; objects are clearly synthetic)
+UID_PREFIX = "1.2.826.0.1.3680043.8.498."
+
+
+class SynthError(DicomNodeError):
+    """A synthetic-study generator got invalid arguments or failed to write its output."""
+
+
+# --- deterministic randomness ----------------------------------------------------------------------------
+
+
+def study_seed(seed: int, index: int) -> int:
+    """Per-study seed: a hash of (run seed, study index), independent of worker layout."""
+    h = hashlib.sha256(f"bone-dicomnode-synth\x00{int(seed)}\x00{int(index)}".encode()).digest()
+    return int.from_bytes(h[:8], "big") & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class UidSource:
+    """Deterministic UIDs: ``make(*parts)`` hashes the source key and the parts.
+
+    Parameters
+    ----------
+    key:
+        Something unique to the study, e.g. ``f"{task}:{study_seed}"``.
+    """
+
+    key: str
+
+    def make(self, *parts: object) -> str:
+        """Return a UID that depends only on ``key`` and ``parts``."""
+        return str(generate_uid(prefix=UID_PREFIX, entropy_srcs=[self.key, *(str(p) for p in parts)]))
+
+
+# --- patient / study / series / equipment ---------------------------------------------------------------
+
+_FAMILY = ("MUSTERMANN", "GARCIA", "DUBOIS", "ROSSI", "SMITH", "HUBER", "MARTINEZ", "LEROY", "BIANCHI", "JONES",
+           "WAGNER", "LOPEZ", "MOREAU", "RUSSO", "BROWN", "GRUBER", "FERNANDEZ", "LAMBERT", "COLOMBO", "TAYLOR",
+           "NOVAK", "KOWALSKI", "JANSEN", "SILVA", "NIELSEN", "BAUER", "SANCHEZ", "FONTAINE", "RICCI", "WILSON")
+_GIVEN_F = ("ANNA", "MARIA", "SOPHIE", "LUCIA", "CLAIRE", "GIULIA", "EMMA", "ELENA", "JULIA", "SARA", "LENA",
+            "CARMEN", "CHLOE", "CHIARA", "OLIVIA")
+_GIVEN_M = ("THOMAS", "JOSE", "PIERRE", "MARCO", "JAMES", "LUKAS", "JAVIER", "LOUIS", "LUCA", "DAVID", "FELIX",
+            "PABLO", "HUGO", "MATTEO", "NOAH")
+
+_DATE_LO = dt.date(2018, 1, 1)
+_DATE_DAYS = (dt.date(2025, 12, 31) - _DATE_LO).days
+
+
+@dataclass(frozen=True)
+class Patient:
+    """Patient module values plus the exam date the age refers to."""
+
+    name: str
+    patient_id: str
+    birth_date: dt.date
+    sex: str
+    age_years: float
+    exam_date: dt.date
+
+    @property
+    def age_string(self) -> str:
+        """PatientAge as DICOM AS: ``"045Y"``, or months/weeks/days for infants."""
+        if self.age_years >= 1.0:
+            return f"{min(int(self.age_years), 999):03d}Y"
+        days = int(round(self.age_years * 365.25))
+        if days >= 31:
+            return f"{max(1, days // 30):03d}M"
+        if days >= 7:
+            return f"{days // 7:03d}W"
+        return f"{days:03d}D"
+
+
+def new_patient(rng: np.random.Generator, age_range_years: tuple[float, float], *,
+                exam_date: dt.date | None = None, sex: str | None = None) -> Patient:
+    """Draw a synthetic patient whose age at ``exam_date`` lies in ``age_range_years`` (years, inclusive).
+
+    The exam date is drawn in 2018-2025 unless given; the birth date follows from it.
+    """
+    lo, hi = float(age_range_years[0]), float(age_range_years[1])
+    if not 0 <= lo <= hi:
+        raise SynthError(f"invalid age range {age_range_years!r}")
+    exam = exam_date or (_DATE_LO + dt.timedelta(days=int(rng.integers(0, _DATE_DAYS + 1))))
+    # stay strictly inside [lo, hi + 1) whole years so that the AS string is within the range
+    age = float(rng.uniform(lo, hi + 0.999))
+    birth = exam - dt.timedelta(days=int(age * 365.25))
+    age = (exam - birth).days / 365.25
+    sex = sex or str(rng.choice(["F", "M"]))
+    given = _GIVEN_F if sex == "F" else _GIVEN_M
+    name = f"{rng.choice(_FAMILY)}^{rng.choice(given)}"
+    pid = "SYN" + "".join(rng.choice(list("0123456789ABCDEF"), size=12))
+    return Patient(name=name, patient_id=pid, birth_date=birth, sex=sex, age_years=age, exam_date=exam)
+
+
+@dataclass(frozen=True)
+class Study:
+    """General Study module values."""
+
+    study_uid: str
+    date: dt.date
+    time: dt.time
+    accession: str
+    study_id: str
+    description: str
+    referring_physician: str = ""
+
+
+def new_study(rng: np.random.Generator, uids: UidSource, patient: Patient, description: str) -> Study:
+    """A study on the patient's exam date at a random working-hours time."""
+    secs = int(rng.integers(7 * 3600, 19 * 3600))
+    return Study(
+        study_uid=uids.make("study"), date=patient.exam_date,
+        time=dt.time(secs // 3600, (secs // 60) % 60, secs % 60),
+        accession="A" + "".join(rng.choice(list("0123456789"), size=9)),
+        study_id=str(int(rng.integers(1, 99999))), description=description,
+        referring_physician=str(rng.choice(["", "DR^HOUSE", "WELBY^MARCUS", "MEDICO^ANA"])),
+    )
+
+
+@dataclass(frozen=True)
+class Series:
+    """General Series module values (modality, body part, laterality, numbering)."""
+
+    series_uid: str
+    number: int
+    modality: str
+    body_part: str
+    description: str = ""
+    laterality: str = ""  # "L"/"R" or "" (series laterality; DX images also carry ImageLaterality)
+    protocol: str = ""
+
+
+def new_series(uids: UidSource, number: int, modality: str, body_part: str, *, description: str = "",
+               laterality: str = "", protocol: str = "") -> Series:
+    """A series with a deterministic UID derived from its number."""
+    return Series(series_uid=uids.make("series", number), number=number, modality=modality, body_part=body_part,
+                  description=description, laterality=laterality, protocol=protocol)
+
+
+@dataclass(frozen=True)
+class Equipment:
+    """General Equipment module values."""
+
+    manufacturer: str
+    model: str
+    station: str = "SYNTH01"
+    serial: str = "0001"
+    software: str = "bone-dicomnode synth 1"
+    institution: str = "SYNTHETIC HOSPITAL"
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+# --- body parts ------------------------------------------------------------------------------------------
+
+#: canonical -> non-English/abbreviated synonyms a modality might write (all valid CS values)
+BODY_PART_SYNONYMS: dict[str, tuple[str, ...]] = {
+    "WRIST": ("HANDGELENK", "MUNECA", "POIGNET", "POLSO"),
+    "HAND": ("MANO", "MAIN"),
+    "FOREARM": ("UNTERARM", "ANTEBRAZO"),
+    "ELBOW": ("ELLENBOGEN", "CODO"),
+    "ANKLE": ("SPRUNGGELENK", "TOBILLO"),
+    "LEG": ("UNTERSCHENKEL", "PIERNA"),
+    "LSPINE": ("LWS", "LUMBAR SPINE", "COLUMNA LUMBAR"),
+    "SPINE": ("WIRBELSAULE",),
+    "ABDOMEN": ("BAUCH",),
+    "KNEE": ("KNIE", "RODILLA", "GENOU"),
+    "RADIUS": ("SPEICHE",),
+    "TIBIA": ("SCHIENBEIN",),
+}
+
+
+def body_part_string(rng: np.random.Generator, canonical: str, synonym_rate: float = 0.25) -> str:
+    """BodyPartExamined for ``canonical``: with probability ``synonym_rate`` a non-English synonym."""
+    syn = BODY_PART_SYNONYMS.get(canonical, ())
+    if syn and rng.random() < synonym_rate:
+        return str(rng.choice(syn))
+    return canonical
+
+
+# --- datasets --------------------------------------------------------------------------------------------
+
+
+def _da(d: dt.date) -> str:
+    return d.strftime("%Y%m%d")
+
+
+def _tm(t: dt.time) -> str:
+    return t.strftime("%H%M%S")
+
+
+def base_dataset(sop_class_uid: str, patient: Patient, study: Study, series: Series, equipment: Equipment, *,
+                 sop_instance_uid: str, instance_number: int = 1,
+                 content_time: dt.time | None = None) -> FileDataset:
+    """A dataset with file meta and the Patient, General Study, Patient Study, General Series,
+    General Equipment, General Image (numbering, dates) and SOP Common modules filled.
+
+    The caller adds the modality-specific modules and the pixel data.
+    """
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class_uid
+    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = "BONEDICOMNODE1"
+    ds = FileDataset("", Dataset(), file_meta=meta, preamble=b"\x00" * 128)
+
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = sop_class_uid
+    ds.SOPInstanceUID = sop_instance_uid
+    ds.InstanceCreationDate = _da(study.date)
+    ds.InstanceCreationTime = _tm(study.time)
+    # Patient
+    ds.PatientName = patient.name
+    ds.PatientID = patient.patient_id
+    ds.IssuerOfPatientID = "SYNTH"
+    ds.PatientBirthDate = _da(patient.birth_date)
+    ds.PatientSex = patient.sex
+    ds.PatientIdentityRemoved = "NO"
+    # General Study / Patient Study
+    ds.StudyInstanceUID = study.study_uid
+    ds.StudyDate = _da(study.date)
+    ds.StudyTime = _tm(study.time)
+    ds.ReferringPhysicianName = study.referring_physician
+    ds.StudyID = study.study_id
+    ds.AccessionNumber = study.accession
+    ds.StudyDescription = study.description
+    ds.PatientAge = patient.age_string
+    # General Series
+    ds.Modality = series.modality
+    ds.SeriesInstanceUID = series.series_uid
+    ds.SeriesNumber = series.number
+    ds.SeriesDate = _da(study.date)
+    ds.SeriesTime = _tm(study.time)
+    if series.description:
+        ds.SeriesDescription = series.description
+    if series.protocol:
+        ds.ProtocolName = series.protocol
+    ds.BodyPartExamined = series.body_part
+    if series.laterality:
+        ds.Laterality = series.laterality
+    # General Equipment
+    ds.Manufacturer = equipment.manufacturer
+    ds.ManufacturerModelName = equipment.model
+    ds.InstitutionName = equipment.institution
+    ds.StationName = equipment.station
+    ds.DeviceSerialNumber = equipment.serial
+    ds.SoftwareVersions = equipment.software
+    # General Image
+    ds.InstanceNumber = instance_number
+    ds.ContentDate = _da(study.date)
+    ds.ContentTime = _tm(content_time or study.time)
+    ds.AcquisitionDate = _da(study.date)
+    ds.AcquisitionTime = _tm(content_time or study.time)
+    return ds
+
+
+# --- pixels ----------------------------------------------------------------------------------------------
+
+
+def choose_photometric(rng: np.random.Generator, p_monochrome1: float = 0.3) -> str:
+    """``"MONOCHROME1"`` with probability ``p_monochrome1``, else ``"MONOCHROME2"``."""
+    return "MONOCHROME1" if rng.random() < p_monochrome1 else "MONOCHROME2"
+
+
+def choose_bits_stored(rng: np.random.Generator, options: Sequence[int] = (12, 14, 16)) -> int:
+    """One of ``options`` (BitsStored of a detector)."""
+    return int(rng.choice(list(options)))
+
+
+def to_stored(values: np.ndarray, bits_stored: int, *, invert: bool = False, lo: float | None = None,
+              hi: float | None = None) -> np.ndarray:
+    """Map float ``values`` linearly from ``[lo, hi]`` (default: their range) onto ``0 .. 2**bits - 1``.
+
+    ``invert=True`` writes the MONOCHROME1 convention (high signal -> low value).
+    Returns ``uint16``.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    lo = float(v.min()) if lo is None else float(lo)
+    hi = float(v.max()) if hi is None else float(hi)
+    top = (1 << int(bits_stored)) - 1
+    scaled = (v - lo) / max(hi - lo, 1e-12)
+    if invert:
+        scaled = 1.0 - scaled
+    return np.clip(np.rint(scaled * top), 0, top).astype(np.uint16)
+
+
+def set_pixel_data(ds: Dataset, pixels: np.ndarray, *, bits_stored: int, photometric: str = "MONOCHROME2",
+                   signed: bool = False) -> None:
+    """Write the Image Pixel module for a greyscale 2D (rows, cols) or multi-frame (frames, rows, cols) array.
+
+    Values must already fit ``bits_stored`` (see :func:`to_stored`); ``BitsAllocated`` is 16.
+    """
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise SynthError(f"unsupported PhotometricInterpretation {photometric!r}")
+    if not 8 <= bits_stored <= 16:
+        raise SynthError(f"BitsStored must be 8..16, got {bits_stored}")
+    arr = np.asarray(pixels)
+    if arr.ndim not in (2, 3):
+        raise SynthError(f"pixel array must be 2D or 3D, got shape {arr.shape}")
+    lo, hi = (-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1) if signed else (0, (1 << bits_stored) - 1)
+    if arr.size and (int(arr.min()) < lo or int(arr.max()) > hi):
+        raise SynthError(f"pixel values {int(arr.min())}..{int(arr.max())} do not fit BitsStored {bits_stored}")
+    arr = arr.astype("<i2" if signed else "<u2", copy=False)
+    if arr.ndim == 3:
+        ds.NumberOfFrames = arr.shape[0]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.Rows, ds.Columns = int(arr.shape[-2]), int(arr.shape[-1])
+    ds.BitsAllocated = 16
+    ds.BitsStored = int(bits_stored)
+    ds.HighBit = int(bits_stored) - 1
+    ds.PixelRepresentation = 1 if signed else 0
+    ds.PixelData = np.ascontiguousarray(arr).tobytes()
+
+
+def set_rescale(ds: Dataset, slope: float = 1.0, intercept: float = 0.0, rescale_type: str | None = None) -> None:
+    """Modality LUT as RescaleSlope/Intercept (and RescaleType, e.g. "HU" or "US", when given)."""
+    ds.RescaleIntercept = f"{intercept:.6g}"
+    ds.RescaleSlope = f"{slope:.6g}"
+    if rescale_type:
+        ds.RescaleType = rescale_type
+
+
+def set_window(ds: Dataset, center: float | Sequence[float], width: float | Sequence[float],
+               explanation: str | Sequence[str] | None = None) -> None:
+    """VOI LUT window(s): WindowCenter/WindowWidth (multi-valued when sequences are given)."""
+    def fmt(v: float | Sequence[float]) -> str | list[str]:
+        if isinstance(v, Iterable):
+            return [f"{float(x):.6g}" for x in v]
+        return f"{float(v):.6g}"
+    ds.WindowCenter = fmt(center)
+    ds.WindowWidth = fmt(width)
+    if explanation is not None:
+        ds.WindowCenterWidthExplanation = explanation if isinstance(explanation, str) else list(explanation)
+
+
+# --- writing ---------------------------------------------------------------------------------------------
+
+
+def write_dataset(ds: FileDataset, out_root: Path, study_uid: str | None = None,
+                  series_uid: str | None = None) -> Path:
+    """Write ``ds`` to ``<out_root>/<study_uid>/<series_uid>/<SOPInstanceUID>.dcm`` atomically.
+
+    The UIDs default to the dataset's own. Returns the file path.
+    """
+    study_uid = study_uid or str(ds.StudyInstanceUID)
+    series_uid = series_uid or str(ds.SeriesInstanceUID)
+    folder = Path(out_root) / study_uid / series_uid
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{ds.SOPInstanceUID}.dcm"
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=folder)
+    os.close(fd)
+    try:
+        ds.save_as(tmp, enforce_file_format=True)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# --- parallel driver -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StudyJob:
+    """What a per-study function gets: where to write, which study, its seed and the run's knobs."""
+
+    out: Path
+    index: int
+    seed: int
+    difficulty: float = 0.5
+    label_noise: float = 0.02
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def rng(self, stream: str = "main") -> np.random.Generator:
+        """An independent generator per named stream (e.g. "anatomy", "noise", "labels")."""
+        h = hashlib.sha256(f"{self.seed}\x00{stream}".encode()).digest()
+        return np.random.default_rng(int.from_bytes(h[:8], "big"))
+
+
+StudyFn = Callable[[StudyJob], list[dict[str, Any]]]
+
+
+def _run_chunk(fn: StudyFn, jobs: list[StudyJob]) -> list[list[dict[str, Any]]]:
+    return [fn(job) for job in jobs]
+
+
+def generate_studies(out: Path, n: int, seed: int, make_study: StudyFn, *, workers: int = 2,
+                     difficulty: float = 0.5, label_noise: float = 0.02, params: dict[str, Any] | None = None,
+                     manifest_name: str = "labels.jsonl", chunk_size: int | None = None) -> Path:
+    """Run ``make_study`` for study indices ``0..n-1`` over ``workers`` processes and write the manifest.
+
+    ``make_study`` must be a module-level function (picklable) that writes its
+    files under ``job.out`` and returns its manifest rows. Rows are written in
+    index order, so the manifest is identical whatever ``workers`` is.
+
+    Returns
+    -------
+    Path
+        The manifest path (``out / manifest_name``).
+    """
+    from training.synth.manifest import ManifestWriter
+
+    if n < 0:
+        raise SynthError(f"n must be >= 0, got {n}")
+    if not 0.0 <= difficulty <= 1.0:
+        raise SynthError(f"difficulty must be in [0, 1], got {difficulty}")
+    if not 0.0 <= label_noise <= 0.5:
+        raise SynthError(f"label_noise must be in [0, 0.5], got {label_noise}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [StudyJob(out=out, index=i, seed=study_seed(seed, i), difficulty=difficulty, label_noise=label_noise,
+                     params=dict(params or {})) for i in range(n)]
+    workers = max(1, int(workers))
+    if chunk_size is None:
+        chunk_size = max(1, min(32, -(-n // (workers * 4)) if n else 1))
+    chunks = [jobs[i:i + chunk_size] for i in range(0, n, chunk_size)]
+    writer = ManifestWriter(out, manifest_name)
+    try:
+        if workers == 1 or len(chunks) <= 1:
+            results: Iterable[list[list[dict[str, Any]]]] = (_run_chunk(make_study, c) for c in chunks)
+            for chunk_rows in results:
+                for rows in chunk_rows:
+                    writer.extend(rows)
+        else:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                for chunk_rows in pool.map(_run_chunk, [make_study] * len(chunks), chunks):
+                    for rows in chunk_rows:
+                        writer.extend(rows)
+        path = writer.finalize()
+    except BaseException:
+        writer.abort()
+        raise
+    log.info("wrote %d synthetic studies and %d manifest rows under %s", n, writer.count, out)
+    return path
