@@ -1,0 +1,260 @@
+"""Assembler: decides from the spool index when a study is complete and enqueues its jobs.
+
+It only reads the spool's tables, so it works with any number of receiver
+processes. A study is complete when every series has been quiet for the
+smallest ``complete_after_s`` of the routes it matches, or earlier once the
+association that sent it was released and each series holds its expected
+instance count. On completion each series is routed (pure router) and one job
+per (study, route, generation) is enqueued in the same transaction that marks
+the study complete. Instances arriving after completion re-open the study with
+``generation + 1``; the new jobs write into the same result series and their
+SR supersedes the previous one (``result_series`` / ``result_documents``).
+
+Tables owned here: ``studies``, ``result_series``, ``result_documents``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+
+from dicomnode import db
+from dicomnode.config import Config
+from dicomnode.jobs import JobQueue
+from dicomnode.results import PriorDocument, ResultContext
+from dicomnode.router import route_series
+from dicomnode.spool import SeriesRecord, Spool
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SCHEMA", "Assembler", "StudyState", "load_result_context", "save_result_context"]
+
+DEFAULT_QUIET_S = 10.0
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS studies (
+    study_uid TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    generation INTEGER NOT NULL DEFAULT 1,
+    routes TEXT,
+    no_route_series TEXT,
+    last_instance_at REAL,
+    completed_at REAL,
+    processed_at REAL,
+    purged_at REAL
+);
+CREATE TABLE IF NOT EXISTS result_series (
+    study_uid TEXT NOT NULL,
+    route TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    series_number INTEGER,
+    PRIMARY KEY (study_uid, route, kind)
+);
+CREATE TABLE IF NOT EXISTS result_documents (
+    study_uid TEXT NOT NULL,
+    route TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    PRIMARY KEY (study_uid, route)
+);
+"""
+
+
+@dataclass(frozen=True)
+class StudyState:
+    """One row of ``studies``."""
+
+    study_uid: str
+    state: str
+    generation: int
+    routes: list[str]
+    no_route_series: list[str]
+    last_instance_at: float | None
+    completed_at: float | None
+    processed_at: float | None
+
+
+def load_result_context(conn: sqlite3.Connection, study_uid: str, route: str, ctx: ResultContext) -> ResultContext:
+    """Fill ``ctx`` with the stored result series and the previous SR of (study, route)."""
+    for r in conn.execute("SELECT kind, series_uid, series_number FROM result_series WHERE study_uid=? AND route=?",
+                          (study_uid, route)):
+        ctx.series_uids[r["kind"]] = r["series_uid"]
+        if r["series_number"] is not None:
+            ctx.series_numbers[r["kind"]] = int(r["series_number"])
+    doc = conn.execute("SELECT * FROM result_documents WHERE study_uid=? AND route=?", (study_uid, route)).fetchone()
+    if doc is not None:
+        ctx.predecessors = [PriorDocument(study_uid, doc["series_uid"], doc["sop_instance_uid"], doc["sop_class_uid"])]
+    return ctx
+
+
+def save_result_context(conn: sqlite3.Connection, study_uid: str, route: str, ctx: ResultContext,
+                        sr: tuple[str, str, str] | None) -> None:
+    """Persist result series and the latest SR ``(series, sop instance, sop class)``; inside a transaction."""
+    for kind, uid in ctx.series_uids.items():
+        conn.execute("INSERT OR REPLACE INTO result_series (study_uid, route, kind, series_uid, series_number)"
+                     " VALUES (?,?,?,?,?)", (study_uid, route, kind, uid, ctx.series_numbers.get(kind)))
+    if sr is not None:
+        conn.execute("INSERT OR REPLACE INTO result_documents (study_uid, route, series_uid, sop_instance_uid,"
+                     " sop_class_uid) VALUES (?,?,?,?,?)", (study_uid, route, *sr))
+
+
+class Assembler:
+    """Polls the spool index and turns quiet or complete studies into jobs."""
+
+    def __init__(self, cfg: Config, spool: Spool, queue: JobQueue, *, poll_s: float = 0.5) -> None:
+        self.cfg = cfg
+        self.spool = spool
+        self.queue = queue
+        self.poll_s = poll_s
+        self.db_path = spool.db_path
+        conn = db.connect(self.db_path)
+        try:
+            db.ensure_schema(conn, SCHEMA)
+        finally:
+            conn.close()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_purge = 0.0
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        """This thread's connection."""
+        return db.thread_connection(self.db_path)
+
+    # ------------------------------------------------------------------ queries
+
+    def study(self, study_uid: str) -> StudyState | None:
+        """The assembler's record of a study."""
+        r = self.conn.execute("SELECT * FROM studies WHERE study_uid=?", (study_uid,)).fetchone()
+        if r is None:
+            return None
+        return StudyState(r["study_uid"], r["state"], r["generation"], json.loads(r["routes"] or "[]"),
+                          json.loads(r["no_route_series"] or "[]"), r["last_instance_at"], r["completed_at"],
+                          r["processed_at"])
+
+    def _quiet_s(self, rec: SeriesRecord) -> float:
+        matched = route_series(rec.info(), self.cfg.routes)
+        pool = matched or self.cfg.routes
+        return min((r.complete_after_s for r in pool), default=DEFAULT_QUIET_S)
+
+    def is_complete(self, study_uid: str, records: list[SeriesRecord], now: float) -> bool:
+        """Quiet period elapsed for every series, or released with every expected count reached."""
+        if not records:
+            return False
+        if all(now - rec.last_received >= self._quiet_s(rec) for rec in records):
+            return True
+        released = self.spool.last_association_release(study_uid)
+        last = max(rec.last_received for rec in records)
+        return (released is not None and released >= last
+                and all(rec.expected_count is not None and rec.n_instances >= rec.expected_count for rec in records))
+
+    # ------------------------------------------------------------------ one pass
+
+    def poll_once(self, now: float | None = None) -> list[str]:
+        """Check every study that may need work; returns the studies completed in this pass."""
+        now = time.time() if now is None else now
+        rows = self.conn.execute(
+            "SELECT s.study_uid, MAX(s.last_received) AS last, st.state, st.completed_at, st.last_instance_at"
+            " FROM series s LEFT JOIN studies st ON st.study_uid = s.study_uid GROUP BY s.study_uid").fetchall()
+        done: list[str] = []
+        for r in rows:
+            uid, state = r["study_uid"], r["state"]
+            if state is None:
+                self.conn.execute("INSERT OR IGNORE INTO studies (study_uid, state, last_instance_at) VALUES (?,?,?)",
+                                  (uid, "receiving", r["last"]))
+                state = "receiving"
+            elif state != "receiving" and r["last_instance_at"] is not None and r["last"] > r["last_instance_at"]:
+                self.conn.execute("UPDATE studies SET state='receiving', generation=generation+1, processed_at=NULL"
+                                  " WHERE study_uid=? AND state=?", (uid, state))
+                log.info("late instances re-open study %s", uid)
+                state = "receiving"
+            if state == "receiving" and self._complete_study(uid, now):
+                done.append(uid)
+        if now - self._last_purge > 60.0:
+            self._last_purge = now
+            self.purge_expired(now)
+        return done
+
+    def _complete_study(self, study_uid: str, now: float) -> bool:
+        records = self.spool.series_records(study_uid)
+        if not self.is_complete(study_uid, records, now):
+            return False
+        by_route: dict[str, list[str]] = {}
+        tasks: dict[str, str] = {}
+        no_route: list[str] = []
+        for rec in records:
+            matched = route_series(rec.info(), self.cfg.routes)
+            if not matched:
+                no_route.append(rec.series_uid)
+            for route in matched:
+                by_route.setdefault(route.name, []).append(rec.series_uid)
+                tasks[route.name] = route.task
+        last = max(rec.last_received for rec in records)
+        conn = self.conn
+        with db.transaction(conn):
+            row = conn.execute("SELECT state, generation FROM studies WHERE study_uid=?", (study_uid,)).fetchone()
+            if row is None or row["state"] != "receiving":
+                return False
+            cur_last = conn.execute("SELECT MAX(last_received) AS t FROM series WHERE study_uid=?",
+                                    (study_uid,)).fetchone()["t"]
+            if cur_last is not None and cur_last > last:
+                return False  # an instance arrived since we read the records; look again next pass
+            gen = int(row["generation"])
+            for name, series in by_route.items():
+                self.queue.enqueue(study_uid, name, tasks[name], series, generation=gen, conn=conn)
+            state = "complete" if by_route else "no_route"
+            conn.execute("UPDATE studies SET state=?, routes=?, no_route_series=?, last_instance_at=?, completed_at=?"
+                         " WHERE study_uid=?", (state, json.dumps(sorted(by_route)), json.dumps(no_route), last, now,
+                                                study_uid))
+        log.info("study %s complete (generation %d): %d job(s), %d series without a route", study_uid, gen,
+                 len(by_route), len(no_route))
+        return True
+
+    def purge_expired(self, now: float | None = None) -> int:
+        """Delete spooled studies processed (or without a route) longer than ``retention_days`` ago."""
+        now = time.time() if now is None else now
+        cutoff = now - self.cfg.node.retention_days * 86400.0
+        rows = self.conn.execute(
+            "SELECT study_uid FROM studies WHERE purged_at IS NULL AND ((state='processed' AND processed_at<?)"
+            " OR (state='no_route' AND completed_at<?))", (cutoff, cutoff)).fetchall()
+        for r in rows:
+            self.spool.delete_study(r["study_uid"])
+            self.conn.execute("UPDATE studies SET purged_at=? WHERE study_uid=?", (now, r["study_uid"]))
+        return len(rows)
+
+    # ------------------------------------------------------------------ thread
+
+    def start(self) -> Assembler:
+        """Poll in a background thread."""
+        self._thread = threading.Thread(target=self._run, name="assembler", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.poll_once()
+            except Exception:  # noqa: BLE001 - keep polling after a database hiccup
+                log.exception("assembler pass failed")
+            self._stop.wait(self.poll_s)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the thread."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+
+def mark_processed_if_done(conn: sqlite3.Connection, study_uid: str, generation: int) -> None:
+    """Set the study ``processed`` when no job of its current generation is pending or running (in a transaction)."""
+    left = conn.execute("SELECT COUNT(*) AS n FROM jobs WHERE study_uid=? AND generation=? AND state IN"
+                        " ('pending','running')", (study_uid, generation)).fetchone()["n"]
+    if left == 0:
+        conn.execute("UPDATE studies SET state='processed', processed_at=? WHERE study_uid=? AND generation=?"
+                     " AND state='complete'", (time.time(), study_uid, generation))

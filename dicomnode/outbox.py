@@ -1,0 +1,177 @@
+"""Durable outbox: result files waiting to be sent, and their per-destination deliveries.
+
+Result objects are written atomically (temp file, fsync, rename) under
+``<storage_dir>/outbox/job-<id>/``. Each (file, destination) pair is one row of
+``deliveries`` (pending -> sent | dead). A row is marked sent only after the
+peer confirmed the store; since every file keeps its SOP Instance UID, a resend
+after a crash overwrites the same instance in the PACS instead of duplicating it.
+
+Table owned here: ``deliveries``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sqlite3
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import Dataset
+
+from dicomnode import db
+from dicomnode.errors import ResultWriteError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SCHEMA", "Delivery", "Outbox"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS deliveries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id INTEGER,
+    study_uid TEXT,
+    sop_instance_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL DEFAULT 0,
+    last_error TEXT,
+    created_at REAL NOT NULL,
+    sent_at REAL,
+    UNIQUE (path, destination)
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(state, destination, next_attempt_at);
+"""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One (file, destination) pair."""
+
+    id: int
+    job_id: int | None
+    study_uid: str | None
+    sop_instance_uid: str
+    path: Path
+    destination: str
+    state: str
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Outbox:
+    """Result files and the ``deliveries`` table in the node database."""
+
+    def __init__(self, storage_dir: Path) -> None:
+        self.storage_dir = Path(storage_dir)
+        self.root = self.storage_dir / "outbox"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.db_path = db.db_path(self.storage_dir)
+        conn = db.connect(self.db_path)
+        try:
+            db.ensure_schema(conn, SCHEMA)
+        finally:
+            conn.close()
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        """This thread's connection."""
+        return db.thread_connection(self.db_path)
+
+    def write_datasets(self, job_id: int, datasets: Sequence[Dataset]) -> list[Path]:
+        """Write result objects atomically into ``outbox/job-<id>/`` (replacing an earlier partial attempt)."""
+        folder = self.root / f"job-{job_id}"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        paths: list[Path] = []
+        try:
+            for i, ds in enumerate(datasets):
+                final = folder / f"{i:03d}_{ds.SOPInstanceUID}.dcm"
+                tmp = folder / f".{uuid.uuid4().hex}.part"
+                ds.save_as(tmp, enforce_file_format=True)
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, final)
+                paths.append(final)
+            _fsync_dir(folder)
+            _fsync_dir(self.root)
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ResultWriteError(f"cannot write result objects of job {job_id}: {exc}") from exc
+        return paths
+
+    def add(self, conn: sqlite3.Connection, paths: Sequence[Path], destinations: Sequence[str], *,
+            job_id: int | None, study_uid: str | None, sop_uids: Sequence[str]) -> int:
+        """Insert deliveries for every (path, destination); call inside the caller's transaction."""
+        now = time.time()
+        n = 0
+        for path, sop in zip(paths, sop_uids, strict=True):
+            for dest in destinations:
+                n += conn.execute(
+                    "INSERT OR IGNORE INTO deliveries (job_id, study_uid, sop_instance_uid, path, destination,"
+                    " created_at) VALUES (?,?,?,?,?,?)",
+                    (job_id, study_uid, sop, str(Path(path).relative_to(self.storage_dir)), dest, now)).rowcount
+        return n
+
+    def _row(self, r: sqlite3.Row) -> Delivery:
+        return Delivery(r["id"], r["job_id"], r["study_uid"], r["sop_instance_uid"], self.storage_dir / r["path"],
+                        r["destination"], r["state"], r["attempts"], r["next_attempt_at"], r["last_error"])
+
+    def due(self, now: float | None = None, limit: int = 200) -> dict[str, list[Delivery]]:
+        """Pending deliveries whose retry time has come, grouped by destination, oldest first."""
+        now = time.time() if now is None else now
+        rows = self.conn.execute(
+            "SELECT * FROM deliveries WHERE state='pending' AND next_attempt_at<=? ORDER BY id LIMIT ?",
+            (now, limit)).fetchall()
+        out: dict[str, list[Delivery]] = {}
+        for r in rows:
+            out.setdefault(r["destination"], []).append(self._row(r))
+        return out
+
+    def mark_sent(self, delivery_id: int) -> None:
+        """The peer confirmed the store."""
+        now = time.time()
+        self.conn.execute("UPDATE deliveries SET state='sent', sent_at=?, attempts=attempts+1, last_error=NULL"
+                          " WHERE id=?", (now, delivery_id))
+
+    def mark_failed(self, delivery_id: int, error: str, *, transient: bool, max_retries: int,
+                    backoff_initial_s: float, backoff_max_s: float) -> str:
+        """Record a failed attempt: retry later with exponential backoff, or ``dead``. Returns the new state."""
+        conn = self.conn
+        now = time.time()
+        with db.transaction(conn):
+            row = conn.execute("SELECT attempts FROM deliveries WHERE id=?", (delivery_id,)).fetchone()
+            if row is None:
+                return "missing"
+            attempts = int(row["attempts"]) + 1
+            if not transient or attempts > max_retries:
+                state, due = "dead", now
+            else:
+                state, due = "pending", now + min(backoff_max_s, backoff_initial_s * 2 ** (attempts - 1))
+            conn.execute("UPDATE deliveries SET state=?, attempts=?, next_attempt_at=?, last_error=? WHERE id=?",
+                         (state, attempts, due, error[:2000], delivery_id))
+        return state
+
+    def list(self, limit: int = 1000) -> list[Delivery]:
+        """Deliveries, newest first."""
+        rows = self.conn.execute("SELECT * FROM deliveries ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [self._row(r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        """Number of deliveries per state."""
+        return {r["state"]: r["n"] for r in
+                self.conn.execute("SELECT state, COUNT(*) AS n FROM deliveries GROUP BY state")}

@@ -1,0 +1,193 @@
+"""C-STORE SCU that drains the outbox to the configured destinations.
+
+Each object is offered in its own transfer syntax plus explicit and implicit VR
+little endian. Failures are classified: connection refused, timeouts, aborts,
+transient association rejections and 0xA7xx / 0x0110 statuses are transient
+(retried with backoff up to ``max_retries``); permanent rejections, "SOP class
+not supported" (0x0122, or no accepted presentation context) and other
+0xCxxx / 0xA9xx statuses are permanent and the delivery goes to ``dead``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.presentation import build_context
+
+from dicomnode.config import Config, Destination
+from dicomnode.errors import DeliveryError
+from dicomnode.outbox import Outbox
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Sender", "classify_status", "send_files"]
+
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
+def classify_status(status: int) -> tuple[bool, bool]:
+    """Map a C-STORE status to ``(ok, transient)``."""
+    if status == 0x0000 or (status & 0xF000) == 0xB000:
+        return True, False
+    if (status & 0xFF00) == 0xA700 or status in (0x0110, 0x0212, 0x0213):
+        return False, True
+    return False, False
+
+
+def _reject_reason(assoc: object) -> tuple[str, bool]:
+    prim = getattr(getattr(assoc, "acceptor", None), "primitive", None)
+    result = getattr(prim, "result", None)
+    source = getattr(prim, "result_source", None)
+    diag = getattr(prim, "diagnostic", None)
+    transient = result == 0x02
+    kind = "transient" if transient else "permanent"
+    return f"association rejected ({kind}; source {source}, reason {diag})", transient
+
+
+def send_files(paths: Sequence[Path], dest: Destination, calling_ae: str) -> list[DeliveryError | None]:
+    """Send files over one association; return per-file ``None`` (stored) or the error.
+
+    Raises
+    ------
+    DeliveryError
+        When no association could be established (every file failed the same way).
+    """
+    headers = []
+    for p in paths:
+        ds = pydicom.dcmread(p, stop_before_pixels=True)
+        headers.append((str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)))
+    ae = AE(ae_title=dest.calling_ae_title or calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_s
+    contexts = []
+    for sop_class, ts in sorted(set(headers)):
+        if ts not in _UNCOMPRESSED:
+            contexts.append(build_context(sop_class, [ts]))
+        contexts.append(build_context(sop_class, list(_UNCOMPRESSED)))
+    uniq = {(c.abstract_syntax, tuple(c.transfer_syntax)): c for c in contexts}
+    ae.requested_contexts = list(uniq.values())[:128]
+    try:
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    except OSError as exc:
+        raise DeliveryError(f"cannot connect to {dest.ae_title}@{dest.host}:{dest.port}: {exc}",
+                            transient=True) from exc
+    if assoc.is_rejected:
+        reason, transient = _reject_reason(assoc)
+        raise DeliveryError(f"{dest.ae_title}: {reason}", transient=transient)
+    if not assoc.is_established:
+        raise DeliveryError(f"cannot associate with {dest.ae_title}@{dest.host}:{dest.port} (refused, timed out "
+                            "or aborted)", transient=True)
+    results: list[DeliveryError | None] = []
+    try:
+        accepted = {(c.abstract_syntax, c.transfer_syntax[0]) for c in assoc.accepted_contexts}
+        for path, (sop_class, ts) in zip(paths, headers, strict=True):
+            if not assoc.is_established:
+                results.append(DeliveryError("association aborted during sending", transient=True))
+                continue
+            ds = pydicom.dcmread(path)
+            if (sop_class, ts) not in accepted:
+                target = next((t for t in _UNCOMPRESSED if (sop_class, t) in accepted), None)
+                if target is None:
+                    results.append(DeliveryError(f"{dest.ae_title} does not support SOP class {sop_class} "
+                                                 "(no presentation context accepted)", transient=False))
+                    continue
+                if ds.file_meta.TransferSyntaxUID.is_compressed:
+                    ds.decompress()
+                ds.file_meta.TransferSyntaxUID = target
+            try:
+                status = assoc.send_c_store(ds)
+            except (ValueError, RuntimeError) as exc:
+                results.append(DeliveryError(f"cannot send: {exc}", transient=False))
+                continue
+            code = int(status.Status) if status and "Status" in status else None
+            if code is None:
+                results.append(DeliveryError("no C-STORE response (timeout or abort)", transient=True))
+                continue
+            ok, transient = classify_status(code)
+            results.append(None if ok else DeliveryError(
+                f"{dest.ae_title} answered C-STORE status 0x{code:04X}", transient=transient))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return results
+
+
+class Sender:
+    """Background thread sending due outbox deliveries to their destinations."""
+
+    def __init__(self, cfg: Config, outbox: Outbox, *, poll_s: float = 0.5) -> None:
+        self.cfg = cfg
+        self.outbox = outbox
+        self.poll_s = poll_s
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sender", daemon=True)
+
+    def start(self) -> Sender:
+        """Start the thread."""
+        self._thread.start()
+        return self
+
+    def wake(self) -> None:
+        """Look for due deliveries now."""
+        self._wake.set()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop after the current batch."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout_s)
+
+    def run_once(self) -> int:
+        """Attempt every due delivery once; returns how many were attempted."""
+        n = 0
+        for dest_name, deliveries in self.outbox.due().items():
+            if self._stop.is_set():
+                break
+            dest = self.cfg.destinations.get(dest_name)
+            if dest is None:
+                for d in deliveries:
+                    self.outbox.mark_failed(d.id, f"destination {dest_name!r} is not configured", transient=False,
+                                            max_retries=0, backoff_initial_s=1, backoff_max_s=1)
+                continue
+            n += len(deliveries)
+            self._send_batch(dest_name, dest, deliveries)
+        return n
+
+    def _send_batch(self, dest_name: str, dest: Destination, deliveries: list) -> None:
+        existing = [d for d in deliveries if d.path.exists()]
+        for d in deliveries:
+            if not d.path.exists():
+                self.outbox.mark_failed(d.id, f"result file {d.path} is missing", transient=False, max_retries=0,
+                                        backoff_initial_s=1, backoff_max_s=1)
+        if not existing:
+            return
+        try:
+            results: list[DeliveryError | None] = send_files([d.path for d in existing], dest, self.cfg.node.ae_title)
+        except DeliveryError as exc:
+            results = [exc] * len(existing)
+        except Exception as exc:  # noqa: BLE001 - unreadable file or library error: permanent, recorded
+            results = [DeliveryError(f"{type(exc).__name__}: {exc}", transient=False)] * len(existing)
+        for d, err in zip(existing, results, strict=True):
+            if err is None:
+                self.outbox.mark_sent(d.id)
+                log.info("sent %s to %s", d.sop_instance_uid, dest_name)
+            else:
+                state = self.outbox.mark_failed(d.id, str(err), transient=err.transient, max_retries=dest.max_retries,
+                                                backoff_initial_s=dest.backoff_initial_s,
+                                                backoff_max_s=dest.backoff_max_s)
+                log.warning("delivery %d to %s failed: %s -> %s", d.id, dest_name, err, state)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+            except Exception:  # noqa: BLE001 - the sender thread must survive database hiccups
+                log.exception("sender loop error")
+            self._wake.wait(self.poll_s)
+            self._wake.clear()

@@ -1,0 +1,86 @@
+"""``dicomnode serve``: receivers, assembler, workers and sender in one foreground process.
+
+Start-up: load plugins, open the database, return interrupted jobs to pending,
+then start the receivers (SCP), the assembler thread, the worker pool and the
+sender thread. SIGTERM/SIGINT stop receiving first, let in-flight jobs finish
+(or return them to pending), then stop the sender.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+
+from dicomnode import db
+from dicomnode.assembler import Assembler
+from dicomnode.config import Config
+from dicomnode.jobs import JobQueue, WorkerPool
+from dicomnode.outbox import Outbox
+from dicomnode.sender import Sender
+from dicomnode.spool import Spool
+from dicomnode.worker import JobHandler
+from inference.tasks import load_plugins
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Node", "serve"]
+
+
+class Node:
+    """The pipeline stages of a running node (receivers excluded), for ``serve`` and tests."""
+
+    def __init__(self, cfg: Config, *, poll_s: float = 0.5) -> None:
+        self.cfg = cfg
+        storage = cfg.node.storage_dir
+        storage.mkdir(parents=True, exist_ok=True)
+        self.spool = Spool(storage, cfg.node.disk_min_free_gb)
+        self.queue = JobQueue(db.db_path(storage))
+        self.outbox = Outbox(storage)
+        self.assembler = Assembler(cfg, self.spool, self.queue, poll_s=poll_s)
+        self.sender = Sender(cfg, self.outbox, poll_s=poll_s)
+        handler = JobHandler(cfg, self.spool, self.queue, self.outbox, on_results=self.sender.wake)
+        self.workers = WorkerPool(self.queue, handler, n_workers=cfg.node.workers, poll_s=poll_s)
+
+    def start(self) -> Node:
+        """Recover interrupted jobs and start assembler, workers and sender."""
+        self.queue.recover()
+        self.assembler.start()
+        self.workers.start()
+        self.sender.start()
+        return self
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop assembling, finish or return in-flight jobs, stop sending."""
+        self.assembler.stop()
+        self.workers.stop(timeout_s)
+        self.sender.stop(timeout_s)
+
+
+def serve(cfg: Config, *, stop_event: threading.Event | None = None) -> int:
+    """Run the node until SIGTERM/SIGINT (or ``stop_event``); returns the exit status."""
+    from dicomnode.scp import start_receivers
+
+    load_plugins(cfg.plugins)
+    stop = stop_event or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            log.info("signal %d received; shutting down", signum)
+            stop.set()
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    node = Node(cfg).start()
+    receivers = start_receivers(cfg)
+    log.info("node %s listening on %s:%d; %d route(s), %d worker(s)", cfg.node.ae_title, cfg.node.host,
+             receivers.port, len(cfg.routes), cfg.node.workers)
+    try:
+        while not stop.wait(1.0):
+            if not receivers.is_alive():
+                log.error("receivers stopped unexpectedly; shutting down")
+                return 1
+    finally:
+        receivers.stop()
+        node.stop()
+        log.info("node stopped")
+    return 0

@@ -1,0 +1,66 @@
+"""``dicomnode status``: studies, series, jobs and deliveries read from the node database."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+
+from dicomnode import db
+from dicomnode.config import Config
+
+__all__ = ["print_status", "status_text"]
+
+
+def _ts(value: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value)) if value else "-"
+
+
+def _table(conn: sqlite3.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone() is not None
+
+
+def status_text(cfg: Config, limit: int = 50) -> str:
+    """Render the node's state as text (no patient identifiers, UIDs only)."""
+    path = db.db_path(cfg.node.storage_dir)
+    if not path.exists():
+        return f"no node database at {path} (the node has not run yet)"
+    conn = db.connect(path)
+    out: list[str] = [f"database: {path}"]
+    try:
+        if _table(conn, "studies"):
+            out.append("\nSTUDIES (state, generation, routes, completed, processed)")
+            for r in conn.execute("SELECT * FROM studies ORDER BY COALESCE(completed_at, 0) DESC LIMIT ?", (limit,)):
+                routes = ",".join(json.loads(r["routes"] or "[]")) or "-"
+                nr = len(json.loads(r["no_route_series"] or "[]"))
+                out.append(f"  {r['study_uid']}  {r['state']:<9} gen={r['generation']} routes={routes}"
+                           f" no_route_series={nr} completed={_ts(r['completed_at'])}"
+                           f" processed={_ts(r['processed_at'])}")
+        if _table(conn, "series"):
+            out.append("\nSERIES (study, instances, expected, last received)")
+            for r in conn.execute("SELECT * FROM series ORDER BY last_received DESC LIMIT ?", (limit,)):
+                meta = json.loads(r["meta_json"])
+                out.append(f"  {r['series_uid']}  study={r['study_uid']} modality={meta.get('modality') or '-'}"
+                           f" n={r['n_instances']} expected={r['expected_count'] or '-'}"
+                           f" last={_ts(r['last_received'])}")
+        if _table(conn, "jobs"):
+            out.append("\nJOBS (id, state, attempts, task, route, study, last error)")
+            for r in conn.execute("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,)):
+                err = f"  error: {r['last_error']}" if r["last_error"] else ""
+                out.append(f"  #{r['id']:<5} {r['state']:<7} attempts={r['attempts']} task={r['task']}"
+                           f" route={r['route']} gen={r['generation']} study={r['study_uid']}{err}")
+        if _table(conn, "deliveries"):
+            out.append("\nDELIVERIES (id, state, attempts, destination, SOP instance, last error)")
+            for r in conn.execute("SELECT * FROM deliveries ORDER BY id DESC LIMIT ?", (limit,)):
+                err = f"  error: {r['last_error']}" if r["last_error"] else ""
+                out.append(f"  #{r['id']:<5} {r['state']:<7} attempts={r['attempts']} dest={r['destination']}"
+                           f" sop={r['sop_instance_uid']}{err}")
+    finally:
+        conn.close()
+    return "\n".join(out)
+
+
+def print_status(cfg: Config, limit: int = 50) -> int:
+    """Print :func:`status_text`; returns 0."""
+    print(status_text(cfg, limit))
+    return 0

@@ -1,0 +1,78 @@
+"""The job handler: run one job's task on its spooled series and hand the results to the outbox.
+
+Exactly once: result files are written first (atomically, into a folder named
+after the job, replaced on a retry); then one transaction inserts the
+deliveries, records the result series and latest SR, and marks the job done. A
+crash before that commit reruns the job and nothing was queued for sending; a
+crash after it leaves the deliveries to the sender.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from dicomnode import db
+from dicomnode.assembler import load_result_context, mark_processed_if_done, save_result_context
+from dicomnode.config import Config
+from dicomnode.errors import TaskError
+from dicomnode.jobs import Job, JobQueue
+from dicomnode.outbox import Outbox
+from dicomnode.processing import process_study
+from dicomnode.results import ResultContext
+from dicomnode.spool import Spool
+from inference.tasks import TaskContext
+
+log = logging.getLogger(__name__)
+
+__all__ = ["JobHandler", "PermanentJobError"]
+
+SR_STORAGE_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
+
+
+class PermanentJobError(TaskError):
+    """A job that cannot succeed on retry (route removed, no instances left)."""
+
+    permanent = True
+
+
+class JobHandler:
+    """Callable ``handler(job)`` used by :class:`dicomnode.jobs.WorkerPool`."""
+
+    def __init__(self, cfg: Config, spool: Spool, queue: JobQueue, outbox: Outbox, *,
+                 on_results: object = None) -> None:
+        self.cfg = cfg
+        self.spool = spool
+        self.queue = queue
+        self.outbox = outbox
+        self.on_results = on_results
+
+    def __call__(self, job: Job) -> None:
+        """Process ``job`` and commit its results; raises on failure (the pool records it)."""
+        route = next((r for r in self.cfg.routes if r.name == job.route), None)
+        if route is None:
+            raise PermanentJobError(f"route {job.route!r} is no longer configured")
+        paths = [inst.path for uid in job.series_uids for inst in self.spool.instances(job.study_uid, uid)]
+        if not paths:
+            raise PermanentJobError(f"no spooled instances left for study {job.study_uid}")
+        conn = db.thread_connection(self.outbox.db_path)
+        rctx = load_result_context(conn, job.study_uid, job.route, ResultContext(
+            institution_name=self.cfg.results.institution_name))
+        tctx = TaskContext(models_dir=self.cfg.models_dir, model_dir=route.model, device=self.cfg.device,
+                           extra={"route": route.name, "job_id": job.id})
+        findings, objects = process_study(paths, job.task, tctx, rctx)
+        files = self.outbox.write_datasets(job.id, objects)
+        sr = next(((str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), str(ds.SOPClassUID)) for ds in objects
+                   if str(ds.SOPClassUID).startswith(SR_STORAGE_PREFIX)), None)
+        with db.transaction(conn):
+            state = conn.execute("SELECT state FROM jobs WHERE id=?", (job.id,)).fetchone()
+            if state is None or state["state"] != "running":
+                log.warning("job %d is no longer running (%s); results discarded", job.id, state and state["state"])
+                return
+            self.outbox.add(conn, files, route.send_to, job_id=job.id, study_uid=job.study_uid,
+                            sop_uids=[str(ds.SOPInstanceUID) for ds in objects])
+            save_result_context(conn, job.study_uid, job.route, rctx, sr)
+            self.queue.mark_done(job.id, timings=dict(findings.timings_s),
+                                 model_version=f"{findings.algorithm_name} {findings.algorithm_version}", conn=conn)
+            mark_processed_if_done(conn, job.study_uid, job.generation)
+        if callable(self.on_results):
+            self.on_results()

@@ -1,0 +1,1 @@
+"""Test-only plugins loaded by node subprocesses through the ``plugins`` config key."""
