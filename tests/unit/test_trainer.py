@@ -212,3 +212,60 @@ def test_task_uses_promoted_bundle_and_hot_swaps(toy_split, tmp_path: Path) -> N
     assert f2.classifications[0].probability != f1.classifications[0].probability
     pinned = task(datasets, TaskContext(models_dir=tmp_path / "models", model_dir=r1.bundle_dir, device="cpu"))
     assert pinned.algorithm_version == "v1"
+
+
+def _sr_values(path: Path) -> tuple[str, list[float]]:
+    """(all text in an SR, its numeric values) for assertions independent of the tree layout."""
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    texts: list[str] = []
+    nums: list[float] = []
+
+    def walk(seq) -> None:
+        for item in seq:
+            for kw in ("TextValue", "UID", "PersonName"):
+                if kw in item:
+                    texts.append(str(item.get(kw)))
+            if "MeasuredValueSequence" in item:
+                nums.extend(float(m.NumericValue) for m in item.MeasuredValueSequence)
+            if "ContentSequence" in item:
+                walk(item.ContentSequence)
+
+    walk(ds.get("ContentSequence", []))
+    return " ".join(texts) + " " + str(ds.get("SoftwareVersions", "")), nums
+
+
+def test_dicomnode_analyze_end_to_end(toy_split, tmp_path: Path) -> None:
+    """Tiny trained bundle -> registry -> `dicomnode analyze` writes an SR; deterministic; a promotion swaps it."""
+    pytest.importorskip("dicomnode.analyze")
+    import shutil
+
+    from dicomnode.cli import main
+    from inference.tasks.base import model_cache
+    from tests.unit import toy_task  # noqa: F401 - registers the task
+
+    reg = tmp_path / "models"
+    for version, seed in (("toyver-first", 3), ("toyver-second", 11)):
+        res = train(ADAPTER, toy_split, tmp_path / version, _cfg(version=version, seed=seed), ToyConfig())
+        if version == "toyver-first":
+            ModelRegistry(reg).promote("toy_square", res.bundle_dir)
+    study = tmp_path / "study"
+    study.mkdir()
+    for f in toy_split.holdout[0].files:
+        shutil.copy(f, study / f.name)
+    args = ["analyze", str(study), "--task", "toy_square", "--models-dir", str(reg), "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "out1")]) == 0
+    assert main([*args, "--out", str(tmp_path / "out2")]) == 0
+    sr1 = sorted((tmp_path / "out1").glob("SR_*.dcm"))
+    sr2 = sorted((tmp_path / "out2").glob("SR_*.dcm"))
+    assert len(sr1) == len(sr2) == 1
+    text1, nums1 = _sr_values(sr1[0])
+    _, nums2 = _sr_values(sr2[0])
+    assert "toyver-first" in text1 and nums1 and nums1 == nums2  # deterministic on CPU
+
+    ModelRegistry(reg).promote("toy_square", tmp_path / "toyver-second")
+    model_cache(reg, "cpu").reload("toy_square")
+    assert main([*args, "--out", str(tmp_path / "out3")]) == 0
+    text3, _ = _sr_values(next((tmp_path / "out3").glob("SR_*.dcm")))
+    assert "toyver-second" in text3 and "toyver-first" not in text3
