@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -313,7 +314,7 @@ class SampleCache:
                     arr = z[name]
                     samples[int(idx)][field_name] = arr.item() if arr.ndim == 0 else arr
             return samples
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
             log.warning("dropping damaged cache entry %s: %s", p, exc)
             p.unlink(missing_ok=True)
             return None

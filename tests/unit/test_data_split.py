@@ -108,3 +108,16 @@ def test_split_hint_overrides_and_conflicts() -> None:
     bad = forced + [Record(key="x", patient_id="P7", study_uid="x", files=(), row={"split_hint": "train"})]
     with pytest.raises(DataError):
         split_records(bad)
+
+
+def test_damaged_cache_entry_is_recomputed(tmp_path: Path) -> None:
+    rows = make_toy_data(tmp_path / "data", n_patients=2)
+    recs = records_from_rows(rows, tmp_path / "data")
+    cache = SampleCache(tmp_path / "cache")
+    RecordDataset(recs, preprocess, "sig", cache=cache)
+    key = cache.key(recs[0], "sig")
+    path = next((tmp_path / "cache").rglob(f"{key}.npz"))
+    path.write_bytes(path.read_bytes()[:-20])  # torn write
+    assert cache.get(key) is None and not path.exists()
+    ds = RecordDataset(recs, preprocess, "sig", cache=cache)
+    assert ds[0]["image"].shape == (1, 16, 16) and path.exists()
