@@ -19,6 +19,7 @@ import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import Verification
 
 from dicomnode.config import Config, Destination
 from dicomnode.errors import DeliveryError
@@ -64,7 +65,7 @@ def send_files(paths: Sequence[Path], dest: Destination, calling_ae: str) -> lis
         headers.append((str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)))
     ae = AE(ae_title=dest.calling_ae_title or calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_s
-    contexts = []
+    contexts = [build_context(Verification)]  # keeps the association up when no storage context is accepted
     for sop_class, ts in sorted(set(headers)):
         if ts not in _UNCOMPRESSED:
             contexts.append(build_context(sop_class, [ts]))
