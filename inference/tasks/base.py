@@ -10,29 +10,20 @@ registry's current version, swapped in without a restart after a promotion.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 from pydicom import Dataset
 
-from inference.errors import ModelNotFoundError
 from inference.findings import ImageRef
-from inference.registry import LoadedModel, ModelCache, ModelRegistry
-
-_caches: dict[tuple[str, str], ModelCache] = {}
-_lock = threading.Lock()
+from inference.registry import LoadedModel, ModelCache, load_model, shared_cache
 
 DEFAULT_MODELS_DIR = Path("models")
 
 
 def model_cache(models_dir: Path, device: str = "auto") -> ModelCache:
-    """The process-wide :class:`ModelCache` for ``models_dir`` on ``device``."""
-    key = (str(Path(models_dir).resolve()), device)
-    with _lock:
-        if key not in _caches:
-            _caches[key] = ModelCache(ModelRegistry(models_dir), device=device, check_interval_s=2.0)
-        return _caches[key]
+    """The process-wide :class:`ModelCache` for ``models_dir`` on ``device`` (see :func:`shared_cache`)."""
+    return shared_cache(models_dir, device)
 
 
 def model_for(task: str, context: object) -> LoadedModel:
@@ -42,17 +33,15 @@ def model_for(task: str, context: object) -> LoadedModel:
     ------
     ModelNotFoundError
         If no bundle is pinned and nothing is promoted for ``task``.
+    BundleError
+        If the pinned bundle belongs to another task.
     """
-    device = getattr(context, "device", "auto") or "auto"
-    models_dir = getattr(context, "models_dir", None) or DEFAULT_MODELS_DIR
-    cache = model_cache(Path(models_dir), device)
-    pinned = getattr(context, "model_dir", None)
-    if pinned is not None:
-        loaded = cache.get_pinned(pinned)
-        if loaded.meta.task != task:
-            raise ModelNotFoundError(f"bundle {pinned} is for task {loaded.meta.task!r}, not {task!r}")
-        return loaded
-    return cache.get(task)
+    return load_model(
+        task,
+        models_dir=getattr(context, "models_dir", None) or DEFAULT_MODELS_DIR,
+        model_dir=getattr(context, "model_dir", None),
+        device=getattr(context, "device", "auto") or "auto",
+    )
 
 
 def image_refs(datasets: Sequence[Dataset]) -> tuple[ImageRef, ...]:
