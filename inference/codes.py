@@ -60,3 +60,22 @@ IMAGING_PROCEDURE = Code("363679005", SCT, "Imaging procedure")
 COMPUTED_TOMOGRAPHY = Code("77477000", SCT, "Computed tomography")
 MAGNETIC_RESONANCE_IMAGING = Code("113091000", SCT, "Magnetic resonance imaging")
 PLAIN_RADIOGRAPHY = Code("168537006", SCT, "Plain radiography")
+
+# --- HR-pQCT motion grading (hrpqct_motion) ----------------------------------------------------------
+# No standard code exists for the manufacturer's 1-5 visual motion scale, so the grade concepts use the
+# project's local coding scheme (PS3.16 Section 8: private coding scheme designators start with "99").
+LOCAL = "99BDN"
+YES = Code("373066001", SCT, "Yes")
+NO = Code("373067005", SCT, "No")
+PATIENT_MOTION = Code("128553", DCM, "Patient motion")
+MOTION_ARTIFACT_GRADE = Code("MOTION-GRADE", LOCAL, "Motion artifact grade")
+EXPECTED_MOTION_ARTIFACT_GRADE = Code("MOTION-GRADE-EXP", LOCAL, "Expected motion artifact grade")
+RESCAN_RECOMMENDED = Code("RESCAN", LOCAL, "Rescan recommended")
+GRADE_UNIT = Code("{grade}", "UCUM", "grade")
+MOTION_GRADES = {
+    1: Code("MOTION-GRADE-1", LOCAL, "Motion grade 1 (no visible motion)"),
+    2: Code("MOTION-GRADE-2", LOCAL, "Motion grade 2 (slight motion)"),
+    3: Code("MOTION-GRADE-3", LOCAL, "Motion grade 3 (moderate motion)"),
+    4: Code("MOTION-GRADE-4", LOCAL, "Motion grade 4 (severe motion)"),
+    5: Code("MOTION-GRADE-5", LOCAL, "Motion grade 5 (very severe motion)"),
+}
