@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The README's main-job command. The full demo lands with the demo issue.
+# The README's main-job command: set up what is missing, then run the demo node end to end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-echo "the end-to-end demo is not yet available; run 'bash scripts/test.sh' for the test suite"
+bash scripts/bootstrap.sh
+exec .venv/bin/python scripts/demo.py "$@"
