@@ -8,6 +8,8 @@ this module registers the task (config ``plugins: [tests.plugins.bone_test_task]
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,7 +36,14 @@ DX_CLASS = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Pr
 
 
 def run_test_task(datasets: Sequence[Dataset], context: TaskContext) -> Findings:
-    """Deterministic findings from the mean pixel value of the first image (sorted by SOP Instance UID)."""
+    """Deterministic findings from the mean pixel value of the first image (sorted by SOP Instance UID).
+
+    ``BONE_TEST_TASK_SLEEP_S`` in the environment makes it slow, so durability
+    tests can kill the node while a job runs.
+    """
+    delay = float(os.environ.get("BONE_TEST_TASK_SLEEP_S", "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
     ordered = sorted(datasets, key=lambda d: str(d.SOPInstanceUID))
     first = ordered[0]
     arr = first.pixel_array.astype(np.float64)
