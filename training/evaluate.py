@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -127,7 +128,8 @@ def evaluate_bundle(
     ev = Evaluation(bundle=bundle, result=result, n_records=len(chosen),
                     holdout_hash=split.holdout_hash if subset == "holdout" else None, holdout_matches=matches, files=[])
     if out_dir is not None:
-        ev.files = write_report(ev, Path(out_dir), adapter.reference_figures())
+        ev.files = write_report(ev, Path(out_dir), adapter.reference_figures(),
+                                plotter=getattr(adapter, "report_plots", None))
     return ev
 
 
@@ -203,8 +205,12 @@ def _plot_learning(ax: Any, log_rows: list[dict[str, Any]], primary: str | None)
     ax.legend(loc="upper left", fontsize=8)
 
 
-def write_report(ev: Evaluation, out: Path, reference: dict[str, Any]) -> list[Path]:
-    """Write ``metrics.json``, plots and ``report.md`` into ``out``; return the files written."""
+def write_report(ev: Evaluation, out: Path, reference: dict[str, Any],
+                 plotter: Callable[[EvalResult, Path], list[Path]] | None = None) -> list[Path]:
+    """Write ``metrics.json``, plots and ``report.md`` into ``out``; return the files written.
+
+    ``plotter`` (an adapter's optional ``report_plots``) draws task-specific PNGs into ``out``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -254,6 +260,8 @@ def write_report(ev: Evaluation, out: Path, reference: dict[str, Any]) -> list[P
         ax.set_title("learning curves")
         _plot_learning(ax, meta.training_log, meta.primary_metric)
         save(fig, "learning_curves.png")
+    if plotter is not None:
+        files.extend(plotter(res, out))
     (out / "report.md").write_text(_report_md(ev, reference, [f.name for f in files if f.suffix == ".png"]),
                                    encoding="utf-8")
     files.append(out / "report.md")
