@@ -1,0 +1,171 @@
+"""Synthetic radiographs: projection physics, DICOM conformance, determinism, labels and routing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation
+
+from training.synth import radiograph as rg
+from training.synth import wrist_fracture
+from training.synth.manifest import read_manifest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(root.rglob("*.dcm"))
+
+
+@pytest.fixture(scope="module")
+def wrist_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wrist")
+    wrist_fracture.generate(out, 6, 11, workers=1, params=None)
+    return out
+
+
+def test_chord_of_ellipsoid_is_exact() -> None:
+    det = rg.Detector(rows=41, cols=41, pixel_mm=0.5)
+    sphere = rg.Part(np.zeros(3), np.eye(3), (5.0, 5.0, 5.0), 1.0)
+    li = rg.project([sphere], np.eye(3), det)
+    assert li[20, 20] == pytest.approx(10.0, rel=1e-6)  # centre pixel (0.25 mm off) ~ diameter
+    x = (np.arange(41) + 0.5 - 20.5) * 0.5
+    expected = 2 * np.sqrt(np.clip(25 - x[None, :] ** 2 - x[:, None] ** 2, 0, None))
+    np.testing.assert_allclose(li, expected, atol=1e-9)
+    half = sphere.clipped(np.array([0.0, 0.0, 1.0]), 0.0)  # keep z <= 0
+    np.testing.assert_allclose(rg.project([half], np.eye(3), det), expected / 2, atol=1e-9)
+    cut = sphere.clipped(np.array([1.0, 0.0, 0.0]), 0.0)  # keep x <= 0: plane parallel to the rays
+    got = rg.project([cut], np.eye(3), det)
+    assert got[:, x > 0].max() == 0 and got[20, 19] == pytest.approx(expected[20, 19])
+
+
+def test_headers_conform_and_dciodvfy_is_clean(wrist_small: Path, dciodvfy: Callable[[Path], None]) -> None:
+    files = _files(wrist_small)
+    assert len(files) >= 6
+    sops = set()
+    for f in files:
+        ds = pydicom.dcmread(f)
+        sops.add(ds.SOPInstanceUID)
+        assert ds.SOPClassUID in (DigitalXRayImageStorageForPresentation, ComputedRadiographyImageStorage)
+        assert ds.Modality == ("DX" if ds.SOPClassUID == DigitalXRayImageStorageForPresentation else "CR")
+        assert f.parent.name == ds.SeriesInstanceUID and f.parent.parent.name == ds.StudyInstanceUID
+        assert ds.PatientAge.endswith("Y") and 18 <= int(ds.PatientAge[:3]) <= 90
+        assert ds.StudyDate >= ds.PatientBirthDate and len(ds.StudyDate) == 8
+        assert ds.PhotometricInterpretation in ("MONOCHROME1", "MONOCHROME2") and ds.BitsStored in (12, 14, 16)
+        assert int(ds.pixel_array.max()) < (1 << ds.BitsStored) and ds.ViewPosition in ("PA", "LL")
+        assert 512 <= max(ds.Rows, ds.Columns) <= 1024 and ds.ImagerPixelSpacing
+        assert "WindowCenter" in ds and "BodyPartExamined" in ds
+    assert len(sops) == len(files)
+    for f in files[:4]:
+        dciodvfy(f)
+
+
+def test_routed_to_wrist_fracture(wrist_small: Path) -> None:
+    from dicomnode.config import load_config
+    from dicomnode.router import SeriesInfo, route_series
+
+    cfg = load_config(REPO / "config" / "node.yaml")
+    by_series: dict[str, list[pydicom.Dataset]] = {}
+    for f in _files(wrist_small):
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        by_series.setdefault(ds.SeriesInstanceUID, []).append(ds)
+    for datasets in by_series.values():
+        routes = route_series(SeriesInfo.from_datasets(datasets), cfg.routes)
+        assert [r.task for r in routes] == ["wrist_fracture"]
+
+
+def test_same_seed_same_bytes(tmp_path: Path) -> None:
+    a = wrist_fracture.generate(tmp_path / "a", 3, 5, workers=1)
+    b = wrist_fracture.generate(tmp_path / "b", 3, 5, workers=2)
+    assert a.read_text() == b.read_text()
+    fa, fb = _files(tmp_path / "a"), _files(tmp_path / "b")
+    assert [f.relative_to(tmp_path / "a") for f in fa] == [f.relative_to(tmp_path / "b") for f in fb]
+    assert all(x.read_bytes() == y.read_bytes() for x, y in zip(fa, fb, strict=True))
+    c = wrist_fracture.generate(tmp_path / "c", 3, 6, workers=1)
+    assert {f.name for f in _files(tmp_path / "c")}.isdisjoint({f.name for f in fa})
+    assert c.read_text() != a.read_text()
+
+
+@pytest.mark.parametrize("difficulty", [0.2, 0.8])
+def test_fracture_box_lies_on_the_fracture(difficulty: float) -> None:
+    """The box marks where the fractured radius differs from the same radius intact."""
+    rng = np.random.default_rng(3)
+    checked = 0
+    for _ in range(12):
+        w = rg.wrist_anatomy(rng, float(rng.uniform(20, 80)))
+        fx = wrist_fracture.fracture_plane(rng, w, difficulty)
+        broken = rg.split_parts(w.radius, fx["n"], fx["h"], fx["gap"], fx["delta"])
+        pts = rg.plane_points(fx["n"], fx["h"], fx["center"], w.radius, extent=30 * w.scale)
+        assert len(pts) > 50
+        for lateral in (False, True):
+            view = rg.view_matrix(lateral, float(rng.normal(0, 6)))
+            det = rg.Detector(320, 256, 0.6, cy=-8)
+            if not wrist_fracture.fracture_visible(fx, view):
+                continue
+            box = rg.box_of_points(np.concatenate([pts, pts + fx["delta"]]), view, det)
+            assert box is not None
+            intact = rg.project(w.radius, view, det)
+            r0, r1, c0, c1 = int(box["y0"]), int(box["y1"]) + 1, int(box["x0"]), int(box["x1"]) + 1
+            assert intact[r0:r1, c0:c1].max() > 0.5  # the box is on the radius
+            # the gap alone changes the image only inside the box
+            gap_only = rg.split_parts(w.radius, fx["n"], fx["h"], fx["gap"], np.zeros(3))
+            diff = np.abs(rg.project(gap_only, view, det) - intact)
+            assert diff.sum() > 0 and diff[r0:r1, c0:c1].sum() >= 0.97 * diff.sum()
+            # with the displacement, the fracture site inside the box changes clearly
+            moved = np.abs(rg.project(broken, view, det) - intact)
+            assert moved[r0:r1, c0:c1].max() > 0.02
+            checked += 1
+    assert checked >= 6
+
+
+@pytest.fixture(scope="module")
+def wrist_hundred(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wrist100")
+    wrist_fracture.generate(out, 100, 2024, workers=2, label_noise=0.0)
+    return out
+
+
+def test_both_classes_and_boxes(wrist_hundred: Path) -> None:
+    rows = read_manifest(wrist_hundred)
+    labels = np.array([r["label"] for r in rows])
+    assert len(rows) == 100 and 0.18 <= labels.mean() <= 0.45
+    pos = [r for r in rows if r["label"] == 1]
+    assert all(not r["boxes"] for r in rows if r["label"] == 0)
+    with_box = [r for r in pos if r["boxes"]]
+    assert 0.6 * len(pos) <= len(with_box)  # usually visible in at least one view
+    one_view = [r for r in pos if len(r["boxes"]) == 1]
+    assert one_view, "some fractures must be visible in one view only"
+    shapes = {}
+    for f in _files(wrist_hundred):
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        shapes[ds.SOPInstanceUID] = (ds.Rows, ds.Columns)
+    for r in with_box:
+        for b in r["boxes"]:
+            h, w = shapes[b["sop_instance_uid"]]
+            assert 0 <= b["x0"] < b["x1"] <= w and 0 <= b["y0"] < b["y1"] <= h
+
+
+def test_histogram_baseline_stays_near_chance(wrist_hundred: Path) -> None:
+    """Logistic regression on intensity histograms must not solve the task."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import cross_val_predict
+
+    from training.synth.preview import display_image
+
+    rows = {r["study_uid"]: r["label"] for r in read_manifest(wrist_hundred)}
+    feats: dict[str, list[np.ndarray]] = {}
+    for f in _files(wrist_hundred):
+        ds = pydicom.dcmread(f)
+        img = display_image(ds)
+        h = np.histogram(img, bins=32, range=(0, 255))[0].astype(float)
+        feats.setdefault(ds.StudyInstanceUID, []).append(h / h.sum())
+    uids = sorted(feats)
+    x = np.array([np.mean(feats[u], axis=0) for u in uids])
+    y = np.array([rows[u] for u in uids])
+    prob = cross_val_predict(LogisticRegression(max_iter=2000, C=1.0), x, y, cv=5, method="predict_proba")[:, 1]
+    assert roc_auc_score(y, prob) < 0.7

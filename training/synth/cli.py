@@ -1,0 +1,66 @@
+"""``dicomnode-train synth TASK --out DIR --n N --seed S``: write synthetic studies plus a labels manifest."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import time
+from pathlib import Path
+
+from training.synth.common import SynthError
+
+log = logging.getLogger(__name__)
+
+#: task name -> generator module (each has generate(...) and preview(...))
+GENERATORS: dict[str, str] = {
+    "wrist_fracture": "training.synth.wrist_fracture",
+    "physis_fracture": "training.synth.physis_fracture",
+    "spine_bmd": "training.synth.spine_bmd",
+    "hrpqct_motion": "training.synth.hrpqct_motion",
+    "knee_bone_seg": "training.synth.knee_bone_seg",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the ``synth`` sub-command."""
+    parser.add_argument("task", choices=sorted(GENERATORS), help="task whose studies to generate")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (study/series/instance.dcm)")
+    parser.add_argument("--n", type=int, required=True, help="number of studies")
+    parser.add_argument("--seed", type=int, default=0, help="seed; the same seed gives identical output")
+    parser.add_argument("--difficulty", type=float, default=0.5, help="0 (obvious) .. 1 (subtle), default 0.5")
+    parser.add_argument("--label-noise", type=float, default=0.02, help="fraction of flipped labels")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    parser.add_argument("--preview", type=Path, default=None, help="also write a PNG contact sheet here")
+
+
+def load_generator(task: str) -> object:
+    """Import the generator module of ``task``."""
+    if task not in GENERATORS:
+        raise SynthError(f"no synthetic generator for task {task!r}; known: {', '.join(sorted(GENERATORS))}")
+    try:
+        return importlib.import_module(GENERATORS[task])
+    except ModuleNotFoundError as exc:
+        if exc.name == GENERATORS[task]:
+            raise SynthError(f"the generator for {task!r} is not available in this installation") from None
+        raise
+
+
+def run(args: argparse.Namespace) -> int:
+    """Generate the studies (and the preview); return the exit status."""
+    try:
+        mod = load_generator(args.task)
+        t0 = time.perf_counter()
+        manifest = mod.generate(args.out, args.n, args.seed, workers=args.workers,  # type: ignore[attr-defined]
+                                difficulty=args.difficulty, label_noise=args.label_noise)
+        dt = time.perf_counter() - t0
+        log.info("%s: %d studies in %.1f s (%.1f studies/s); manifest %s", args.task, args.n, dt,
+                 args.n / max(dt, 1e-9), manifest)
+        if args.preview is not None:
+            png = mod.preview(args.preview, min(args.n, 8) or 8, args.seed)  # type: ignore[attr-defined]
+            log.info("preview written to %s", png)
+    except SynthError as exc:
+        log.error("%s", exc)
+        return 2
+    print(manifest)
+    return 0

@@ -1,0 +1,96 @@
+"""Contact sheets: a PNG grid of generated images with their labels and boxes, for people to look at."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from PIL import Image, ImageDraw, ImageFont
+
+from training.synth.manifest import read_manifest
+
+log = logging.getLogger(__name__)
+
+__all__ = ["contact_sheet", "display_image", "sheet_from_folder"]
+
+_BOX_COLOURS = {"fracture": (255, 60, 60), "metal": (60, 160, 255), "text": (255, 200, 0)}
+
+
+def display_image(ds: pydicom.Dataset) -> np.ndarray:
+    """uint8 display image of one frame: rescale, window if present, MONOCHROME1 inverted."""
+    a = ds.pixel_array.astype(np.float64)
+    if a.ndim == 3:
+        a = a[a.shape[0] // 2]
+    a = a * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
+    lo, hi = np.percentile(a, [0.5, 99.5])
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        c = float(np.atleast_1d(ds.WindowCenter)[0])
+        w = float(np.atleast_1d(ds.WindowWidth)[0])
+        lo, hi = c - w / 2, c + w / 2
+    a = np.clip((a - lo) / max(hi - lo, 1e-9), 0, 1)
+    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+        a = 1.0 - a
+    return (a * 255).astype(np.uint8)
+
+
+def _boxes_by_sop(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        for b in r.get("boxes") or []:
+            out.setdefault(b["sop_instance_uid"], []).append(b)
+    return out
+
+
+def sheet_from_folder(root: Path, out_png: Path, *, max_images: int = 16, tile: int = 256) -> Path:
+    """Draw up to ``max_images`` images of a labelled folder, each with its label and boxes."""
+    rows = read_manifest(root)
+    by_study = {r.get("study_uid"): r for r in rows if r.get("study_uid")}
+    by_sop = {r.get("sop_instance_uid"): r for r in rows if r.get("sop_instance_uid")}
+    boxes = _boxes_by_sop(rows)
+    files = sorted(Path(root).rglob("*.dcm"))
+    tiles: list[Image.Image] = []
+    font = ImageFont.load_default(size=14)
+    for f in files:
+        ds = pydicom.dcmread(f)
+        row = by_sop.get(ds.SOPInstanceUID) or by_study.get(ds.StudyInstanceUID) or {}
+        img = display_image(ds)
+        h, w = img.shape
+        k = tile / max(h, w)
+        im = Image.fromarray(img).convert("RGB").resize((max(1, int(w * k)), max(1, int(h * k))))
+        canvas = Image.new("RGB", (tile, tile + 18))
+        canvas.paste(im, ((tile - im.width) // 2, 0))
+        draw = ImageDraw.Draw(canvas)
+        ox = (tile - im.width) // 2
+        for b in boxes.get(ds.SOPInstanceUID, []):
+            draw.rectangle([ox + b["x0"] * k, b["y0"] * k, ox + b["x1"] * k, b["y1"] * k],
+                           outline=_BOX_COLOURS.get(b.get("label", ""), (0, 255, 0)), width=2)
+        text = f"{ds.get('ViewPosition', '')} {ds.get('PatientAge', '')} label={row.get('label', '?')}"
+        draw.text((3, tile + 1), text, fill=(255, 255, 255), font=font)
+        tiles.append(canvas)
+        if len(tiles) >= max_images:
+            break
+    if not tiles:
+        raise FileNotFoundError(f"no DICOM images under {root}")
+    ncol = min(4, len(tiles))
+    nrow = -(-len(tiles) // ncol)
+    sheet = Image.new("RGB", (ncol * tile, nrow * (tile + 18)), (40, 40, 40))
+    for i, t in enumerate(tiles):
+        sheet.paste(t, ((i % ncol) * tile, (i // ncol) * (tile + 18)))
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out_png)
+    return out_png
+
+
+def contact_sheet(task: str, out_png: Path, n: int, seed: int, **kwargs: Any) -> Path:
+    """Generate ``n`` studies of ``task`` into a temporary folder and draw them."""
+    from training.synth.cli import load_generator
+
+    gen = load_generator(task)
+    with tempfile.TemporaryDirectory(prefix="synth-preview-") as tmp:
+        gen.generate(Path(tmp), n, seed, workers=1, **kwargs)  # type: ignore[attr-defined]
+        return sheet_from_folder(Path(tmp), out_png, max_images=max(4, 2 * n))

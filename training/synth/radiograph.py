@@ -1,0 +1,505 @@
+"""Projection radiography of analytic 3D shapes, and DX/CR "for presentation" writing.
+
+A scene is a list of :class:`Part` objects: ellipsoids or elliptic cylinders
+(one semi-axis marked infinite) clipped by half-spaces, each with a linear
+attenuation coefficient (1/mm). Cortical bone is an outer part plus an inner
+part of the same shape, shrunk by the cortical thickness, whose coefficient is
+``mu_inner - mu_cortex`` (inner lies inside outer, so the sum is exact).
+
+Line integrals along the view axis are exact: along each ray the quadric gives
+an entry/exit interval, which every clip plane shortens. A view is a rotation
+of the scene (PA, lateral, in-plane tilt on the detector). The detector image
+is then formed physically: Beer-Lambert primary, scatter as a wide blur of the
+primary, detector blur, Poisson quantum noise, collimation with leakage, the
+log transform and a presentation-style contrast curve.
+
+Coordinates: millimetres; x = image column direction, y = row direction
+(distal/fingers towards -y, i.e. up), z = towards the source.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from pydicom.dataset import Dataset, FileDataset
+from pydicom.uid import ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation
+from scipy import ndimage
+
+from training.synth.common import (
+    Equipment,
+    Patient,
+    Series,
+    Study,
+    base_dataset,
+    set_pixel_data,
+    set_rescale,
+    set_window,
+    to_stored,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Detector", "Part", "bone", "box_of_points", "form_image", "project", "rot", "text_mask", "view_matrix",
+    "xray_dataset",
+]
+
+MU_SOFT = 0.027  # water-like soft tissue at ~40 keV effective, 1/mm
+MU_FAT = 0.020
+MU_CORTEX = 0.10
+MU_TRAB = 0.045
+MU_CARTILAGE = 0.028
+MU_STEEL = 1.6
+
+
+def rot(axis: str, deg: float) -> np.ndarray:
+    """Rotation matrix about ``axis`` ("x", "y" or "z") by ``deg`` degrees."""
+    a = np.deg2rad(deg)
+    c, s = np.cos(a), np.sin(a)
+    if axis == "x":
+        return np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
+    if axis == "y":
+        return np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
+    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+
+
+@dataclass(frozen=True)
+class Part:
+    """A clipped ellipsoid (or elliptic cylinder) of constant attenuation.
+
+    Parameters
+    ----------
+    center, axes, semi:
+        Centre (mm), 3x3 matrix whose columns are the local axes, semi-axes (mm).
+    infinite:
+        Index of a semi-axis that is infinite (cylinder), or -1; ``semi`` of that
+        axis is then only the half-length used for bounding boxes.
+    clips:
+        Half-spaces ``n . x <= h`` as ``(n, h)``.
+    mu:
+        Linear attenuation coefficient (1/mm); may be negative for inner parts.
+    """
+
+    center: np.ndarray
+    axes: np.ndarray
+    semi: tuple[float, float, float]
+    mu: float
+    infinite: int = -1
+    clips: tuple[tuple[np.ndarray, float], ...] = ()
+    tag: str = ""
+
+    def moved(self, delta: np.ndarray) -> Part:
+        """The part translated by ``delta`` (clip planes move with it)."""
+        d = np.asarray(delta, float)
+        return replace(self, center=self.center + d,
+                       clips=tuple((n, h + float(n @ d)) for n, h in self.clips))
+
+    def clipped(self, n: np.ndarray, h: float) -> Part:
+        """The part intersected with ``n . x <= h``."""
+        return replace(self, clips=(*self.clips, (np.asarray(n, float), float(h))))
+
+    def transformed(self, v: np.ndarray) -> Part:
+        """The part under rotation ``v`` (about the origin)."""
+        return replace(self, center=v @ self.center, axes=v @ self.axes,
+                       clips=tuple((v @ n, h) for n, h in self.clips))
+
+    def shrunk(self, t: float, mu: float) -> Part:
+        """The same shape shrunk by ``t`` mm on every finite axis, with coefficient ``mu``."""
+        semi = tuple(s if i == self.infinite else max(s - t, 0.2) for i, s in enumerate(self.semi))
+        return replace(self, semi=semi, mu=mu)  # type: ignore[arg-type]
+
+
+def bone(center: np.ndarray, axes: np.ndarray, semi: tuple[float, float, float], *, cortex: float,
+         mu_inner: float = MU_TRAB, infinite: int = -1, clips: tuple[tuple[np.ndarray, float], ...] = (),
+         tag: str = "", mu_cortex: float = MU_CORTEX) -> list[Part]:
+    """Outer cortical part plus inner (trabecular or medullary) part."""
+    outer = Part(np.asarray(center, float), np.asarray(axes, float), semi, mu_cortex, infinite, clips, tag)
+    return [outer, outer.shrunk(cortex, mu_inner - mu_cortex)]
+
+
+def view_matrix(lateral: bool, tilt_deg: float, roll_deg: float = 0.0) -> np.ndarray:
+    """Scene -> detector rotation: about y by 90 (+roll) degrees for a lateral view, then in-plane tilt."""
+    base = rot("y", (90.0 if lateral else 0.0) + roll_deg)
+    return rot("z", tilt_deg) @ base
+
+
+@dataclass(frozen=True)
+class Detector:
+    """Detector grid: ``rows x cols`` pixels of ``pixel_mm``, centred on scene point ``(cx, cy)``."""
+
+    rows: int
+    cols: int
+    pixel_mm: float
+    cx: float = 0.0
+    cy: float = 0.0
+
+    def to_pixel(self, xy: np.ndarray) -> np.ndarray:
+        """Detector-plane mm (x, y) -> (col, row) pixel coordinates."""
+        xy = np.atleast_2d(xy)
+        col = (xy[:, 0] - self.cx) / self.pixel_mm + self.cols / 2.0 - 0.5
+        row = (xy[:, 1] - self.cy) / self.pixel_mm + self.rows / 2.0 - 0.5
+        return np.stack([col, row], axis=1)
+
+
+def _part_bbox(p: Part, det: Detector) -> tuple[int, int, int, int] | None:
+    semi = np.asarray(p.semi, float)
+    if p.infinite >= 0:
+        ext = np.abs(p.axes[:2, p.infinite]) * semi[p.infinite] + np.delete(semi, p.infinite).max()
+    else:
+        m = p.axes @ np.diag(semi**2) @ p.axes.T
+        ext = np.sqrt(np.diag(m)[:2])
+    lo = det.to_pixel(p.center[:2] - ext)[0]
+    hi = det.to_pixel(p.center[:2] + ext)[0]
+    c0, r0 = max(int(np.floor(lo[0])) - 1, 0), max(int(np.floor(lo[1])) - 1, 0)
+    c1, r1 = min(int(np.ceil(hi[0])) + 2, det.cols), min(int(np.ceil(hi[1])) + 2, det.rows)
+    if c0 >= c1 or r0 >= r1:
+        return None
+    return r0, r1, c0, c1
+
+
+def chord(p: Part, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Exact path length (mm) of rays ``(x, y, t)``, t in R, inside part ``p`` (already in view frame)."""
+    inv2 = np.array([0.0 if i == p.infinite else 1.0 / s**2 for i, s in enumerate(p.semi)])
+    a_mat = p.axes @ np.diag(inv2) @ p.axes.T
+    dx, dy, dz = x - p.center[0], y - p.center[1], -p.center[2]
+    a = a_mat[2, 2]
+    if a < 1e-12:
+        raise ValueError("a cylinder part lies along the view axis")
+    b = a_mat[2, 0] * dx + a_mat[2, 1] * dy + a_mat[2, 2] * dz
+    c = (a_mat[0, 0] * dx * dx + a_mat[1, 1] * dy * dy + a_mat[2, 2] * dz * dz
+         + 2 * (a_mat[0, 1] * dx * dy + a_mat[0, 2] * dx * dz + a_mat[1, 2] * dy * dz) - 1.0)
+    disc = b * b - a * c
+    inside = disc > 0
+    root = np.sqrt(np.where(inside, disc, 0.0))
+    t0 = (-b - root) / a
+    t1 = (-b + root) / a
+    for n, h in p.clips:
+        rhs = h - (n[0] * x + n[1] * y)
+        if n[2] > 1e-9:
+            t1 = np.minimum(t1, rhs / n[2])
+        elif n[2] < -1e-9:
+            t0 = np.maximum(t0, rhs / n[2])
+        else:
+            inside = inside & (rhs >= 0)
+    return np.where(inside, np.maximum(t1 - t0, 0.0), 0.0)
+
+
+def project(parts: list[Part], view: np.ndarray, det: Detector) -> np.ndarray:
+    """Line integral image ``sum(mu * L)`` of ``parts`` seen through rotation ``view``."""
+    out = np.zeros((det.rows, det.cols), np.float64)
+    for p0 in parts:
+        p = p0.transformed(view)
+        bb = _part_bbox(p, det)
+        if bb is None:
+            continue
+        r0, r1, c0, c1 = bb
+        xs = (np.arange(c0, c1) + 0.5 - det.cols / 2.0) * det.pixel_mm + det.cx
+        ys = (np.arange(r0, r1) + 0.5 - det.rows / 2.0) * det.pixel_mm + det.cy
+        out[r0:r1, c0:c1] += p.mu * chord(p, xs[None, :], ys[:, None])
+    return out
+
+
+def box_of_points(points: np.ndarray, view: np.ndarray, det: Detector, pad_px: float = 4.0) -> dict[str, float] | None:
+    """Pixel bounding box of scene points seen through ``view``, clipped to the detector (None if outside)."""
+    pix = det.to_pixel((np.asarray(points) @ view.T)[:, :2])
+    x0, y0 = pix.min(axis=0) - pad_px
+    x1, y1 = pix.max(axis=0) + pad_px
+    x0, y0 = max(float(x0), 0.0), max(float(y0), 0.0)
+    x1, y1 = min(float(x1), det.cols - 1.0), min(float(y1), det.rows - 1.0)
+    if x1 - x0 < 2 or y1 - y0 < 2:
+        return None
+    return {"x0": round(x0, 1), "y0": round(y0, 1), "x1": round(x1, 1), "y1": round(y1, 1)}
+
+
+def text_mask(text: str, height_px: int) -> np.ndarray:
+    """Boolean bitmap of ``text`` rendered with Pillow's built-in font, about ``height_px`` tall."""
+    font = ImageFont.load_default(size=max(8, int(height_px)))
+    x0, y0, x1, y1 = font.getbbox(text)
+    img = Image.new("L", (x1 - x0 + 4, y1 - y0 + 4))
+    ImageDraw.Draw(img).text((2 - x0, 2 - y0), text, fill=255, font=font)
+    return np.asarray(img) > 127
+
+
+@dataclass
+class Exposure:
+    """Acquisition and processing knobs of one image."""
+
+    photons: float = 3000.0  # mean quanta per pixel in the unattenuated beam
+    scatter_fraction: float = 0.2
+    scatter_sigma_mm: float = 20.0
+    blur_px: float = 0.6
+    collimation: tuple[int, int, int, int] | None = None  # r0, r1, c0, c1 exposed area
+    leakage: float = 0.004
+    gamma: float = 1.0
+    unsharp: float = 0.5
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def form_image(line_integral: np.ndarray, exp: Exposure, rng: np.random.Generator, pixel_mm: float) -> np.ndarray:
+    """Detector physics and presentation processing: line integrals -> float image (bone bright)."""
+    primary = np.exp(-line_integral)
+    if exp.collimation is not None:
+        r0, r1, c0, c1 = exp.collimation
+        shutter = np.full(primary.shape, exp.leakage)
+        shutter[r0:r1, c0:c1] = 1.0
+        shutter = ndimage.gaussian_filter(shutter, 1.5)
+        primary = primary * shutter
+    # scatter: a wide blur of the primary, computed on a coarse grid
+    f = 8
+    small = primary[::f, ::f]
+    sig = exp.scatter_sigma_mm / (pixel_mm * f)
+    scat = ndimage.gaussian_filter(small, sig, mode="nearest")
+    scat = ndimage.zoom(scat, (primary.shape[0] / small.shape[0], primary.shape[1] / small.shape[1]), order=1)
+    scat = scat[: primary.shape[0], : primary.shape[1]]
+    signal = primary + exp.scatter_fraction * scat * (primary > exp.leakage * 2)
+    signal = ndimage.gaussian_filter(signal, exp.blur_px)
+    counts = rng.poisson(signal * exp.photons).astype(np.float64)
+    counts = ndimage.gaussian_filter(counts, 0.5)
+    img = -np.log(np.maximum(counts, 0.5) / exp.photons)
+    if exp.unsharp > 0:
+        img = img + exp.unsharp * (img - ndimage.gaussian_filter(img, 6.0))
+    return img
+
+
+_VIEW_CODES = {"PA": ("399348003", "SCT"), "AP": ("399182002", "SCT"), "LL": ("399352003", "SCT")}
+_VIEW_MEANINGS = {"PA": "postero-anterior", "AP": "antero-posterior", "LL": "latero-medial"}
+
+
+def xray_dataset(*, modality: str, patient: Patient, study: Study, series: Series, equipment: Equipment,
+                 sop_instance_uid: str, instance_number: int, image: np.ndarray, bits_stored: int,
+                 photometric: str, pixel_mm: float, view_position: str, laterality: str,
+                 body_part_code: tuple[str, str], burned_in: bool, content_time: dt.time | None = None,
+                 kvp: float = 55.0, exposure_mas: float = 2.5) -> FileDataset:
+    """A DX (for presentation) or CR dataset of a processed radiograph.
+
+    ``image`` is the processed float image (bone bright); it is mapped to
+    ``bits_stored`` over its 0.1-99.9 percentile range and inverted for MONOCHROME1.
+    """
+    if modality not in ("DX", "CR"):
+        raise ValueError(f"modality must be DX or CR, got {modality!r}")
+    sop_class = DigitalXRayImageStorageForPresentation if modality == "DX" else ComputedRadiographyImageStorage
+    ds = base_dataset(sop_class, patient, study, series, equipment, sop_instance_uid=sop_instance_uid,
+                      instance_number=instance_number, content_time=content_time)
+    lo, hi = np.percentile(image, [0.1, 99.9])
+    mono1 = photometric == "MONOCHROME1"
+    stored = to_stored(image, bits_stored, invert=mono1, lo=float(lo), hi=float(hi))
+    set_pixel_data(ds, stored, bits_stored=bits_stored, photometric=photometric)
+    ds.ImageType = ["DERIVED", "PRIMARY"] if modality == "DX" else ["ORIGINAL", "PRIMARY"]
+    ds.BurnedInAnnotation = "YES" if burned_in else "NO"
+    ds.LossyImageCompression = "00"
+    ds.PatientOrientation = ["A", "F"] if view_position == "LL" else (["R", "F"] if laterality == "L" else ["L", "F"])
+    ds.ViewPosition = view_position
+    ds.KVP = f"{kvp:.0f}"
+    ds.Exposure = str(max(1, int(round(exposure_mas))))
+    ds.ImagerPixelSpacing = [f"{pixel_mm:.4g}", f"{pixel_mm:.4g}"]
+    ds.DistanceSourceToDetector = "1100"
+    ds.DistanceSourceToPatient = "1050"
+    ds.EstimatedRadiographicMagnificationFactor = "1.04762"
+    # window on the exposed anatomy (the shutter area stays saturated), as a modality's processing would
+    body = stored[stored < np.percentile(stored, 97)] if not mono1 else stored[stored > np.percentile(stored, 3)]
+    wlo, whi = (float(v) for v in np.percentile(body, [1.0, 99.8]))
+    set_window(ds, center=(wlo + whi) / 2.0, width=max(whi - wlo, 2.0))
+    ds.VOILUTFunction = "LINEAR"
+    if modality == "DX":
+        ds.PresentationIntentType = "FOR PRESENTATION"
+        ds.ImageLaterality = laterality
+        ds.PixelIntensityRelationship = "LOG"
+        ds.PixelIntensityRelationshipSign = 1 if mono1 else -1
+        set_rescale(ds, 1.0, 0.0, "US")
+        ds.PresentationLUTShape = "INVERSE" if mono1 else "IDENTITY"
+        ds.DetectorType = "SCINTILLATOR"
+        ds.DetectorConfiguration = "AREA"
+        ds.PixelSpacing = ds.ImagerPixelSpacing
+        view = Dataset()
+        view.CodeValue, view.CodingSchemeDesignator = _VIEW_CODES[view_position]
+        view.CodeMeaning = _VIEW_MEANINGS[view_position]
+        ds.ViewCodeSequence = [view]
+        ds.AcquisitionContextSequence = []
+        code = Dataset()
+        code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = body_part_code[0], "SCT", body_part_code[1]
+        ds.AnatomicRegionSequence = [code]
+        ds.PositionerType = "NONE"
+    else:
+        ds.Laterality = laterality
+        ds.PlateType = "IP"
+    return ds
+
+
+# --- forearm / wrist / hand anatomy ----------------------------------------------------------------------
+
+_Y = np.array([0.0, 1.0, 0.0])
+
+#: carpal bones: name, (x, y, z), semi-axes, in-plane angle (deg), ossification onset (years)
+_CARPALS = (
+    ("scaphoid", (9, -10, 1), (5, 9, 5), 30, 5.5), ("lunate", (-1, -10, 0), (6, 6, 6), 0, 4.0),
+    ("triquetrum", (-10, -13, -1), (5, 5, 5), 0, 3.0), ("pisiform", (-12, -12, 7), (4, 4, 4), 0, 10.0),
+    ("trapezium", (15, -25, 2), (6, 6, 6), 20, 5.0), ("trapezoid", (7, -27, 1), (4.5, 5.5, 5), 0, 5.5),
+    ("capitate", (-1, -27, 0), (6, 9, 7), 0, 0.2), ("hamate", (-10, -26, 0), (6, 8, 6), 10, 0.3),
+)
+#: metacarpals: base (x, y), length, angle (deg, from the -y axis)
+_METACARPALS = (((17, -31), 45, 35), ((7, -37), 66, 8), ((-1, -37), 63, 0), ((-8, -35), 57, -7),
+                ((-14, -33), 53, -14))
+
+
+def _cyl(center: np.ndarray, axis_deg: float, radius: tuple[float, float], half_len: float, cortex: float,
+         mu_inner: float, tag: str, start: float | None = None, end: float | None = None,
+         mu_cortex: float = MU_CORTEX) -> list[Part]:
+    """A long-bone shaft along an in-plane direction (``axis_deg`` from +y), clipped to [start, end] along it."""
+    ax = rot("z", axis_deg)
+    u = ax @ _Y
+    clips: list[tuple[np.ndarray, float]] = []
+    c = np.asarray(center, float)
+    if start is not None:
+        clips.append((-u, -(float(u @ c) + start)))
+    if end is not None:
+        clips.append((u, float(u @ c) + end))
+    return bone(c, ax, (radius[0], half_len, radius[1]), cortex=cortex, mu_inner=mu_inner, infinite=1,
+                clips=tuple(clips), tag=tag, mu_cortex=mu_cortex)
+
+
+@dataclass
+class Wrist:
+    """A forearm/wrist/hand phantom: parts by group plus the geometry fracture models need."""
+
+    radius: list[Part]
+    epiphyses: list[Part]
+    other: list[Part]
+    soft: list[Part]
+    scale: float
+    radius_x: float
+    articular_y: float
+    physis_y: float | None
+    physis_width: float
+
+    def parts(self) -> list[Part]:
+        """Every part of the scene."""
+        return [*self.soft, *self.other, *self.radius, *self.epiphyses]
+
+
+def wrist_anatomy(rng: np.random.Generator, age_years: float) -> Wrist:
+    """A right wrist in PA orientation with per-subject variation; children get physes and fewer carpals.
+
+    Mirror x (``rot("y", 180)``) for a left wrist.
+    """
+    child = age_years < 17.0
+    s = float(np.clip(0.55 + 0.45 * (age_years - 2.0) / 15.0, 0.55, 1.0)) if child else 1.0
+    s *= float(rng.normal(1.0, 0.06))
+    cort = (1.0 if child else float(rng.uniform(1.4, 2.4))) * s
+    mu_trab = MU_TRAB * float(rng.uniform(0.75, 1.15)) * (0.9 if child else 1.0)
+    mu_ct = MU_CORTEX * float(rng.uniform(0.85, 1.1)) * (0.85 if child else 1.0)
+    j = lambda sd=1.0: float(rng.normal(0.0, sd))  # noqa: E731 - small jitter helper
+    xr, xu = (11 + j()) * s, (-13 + j()) * s
+    art_y = -4 * s
+    incl = np.deg2rad(rng.uniform(16, 28))
+    tilt = np.deg2rad(rng.uniform(3, 18))
+    n_art = np.array([-np.sin(incl), -1.0, -np.sin(tilt)])
+    n_art /= np.linalg.norm(n_art)
+    h_art = float(n_art @ np.array([xr, art_y, 0.0]))
+
+    radius = _cyl(np.array([xr, 60 * s, 0]), j(2), (7.5 * s, 6 * s), 90 * s, cort, MU_SOFT, "radius", start=-38 * s,
+                  mu_cortex=mu_ct)
+    physis_y: float | None = None
+    epi: list[Part] = []
+    w_phys = 0.0
+    meta_clips: tuple[tuple[np.ndarray, float], ...] = ((_Y, 22 * s + 0.5),)
+    if child:
+        physis_y = art_y + 5.5 * s
+        w_phys = float(np.clip(2.6 - 0.13 * age_years + rng.normal(0, 0.2), 0.35, 2.6))
+        meta_clips += ((-_Y, -(physis_y + w_phys / 2)),)
+        size = float(np.clip(0.35 + 0.06 * age_years, 0.35, 1.0))
+        eb = 3.0 * s * (0.6 + 0.4 * size)
+        epi = bone(np.array([xr, physis_y - w_phys / 2, 0]), np.eye(3), (10.5 * s * size, eb, 8 * s * size),
+                   cortex=0.5 * s, mu_inner=mu_trab, clips=((_Y, physis_y - w_phys / 2), (n_art, h_art)),
+                   tag="radius_epiphysis", mu_cortex=mu_ct)
+    else:
+        meta_clips += ((n_art, h_art),)
+    radius += bone(np.array([xr + 1.0 * s, 9 * s, 0]), np.eye(3), (11 * s, 20 * s, 9 * s), cortex=cort * 0.55,
+                   mu_inner=mu_trab, clips=meta_clips, tag="radius", mu_cortex=mu_ct)
+
+    other: list[Part] = []
+    other += _cyl(np.array([xu, 60 * s, 0]), j(2), (6 * s, 6 * s), 90 * s, cort, MU_SOFT, "ulna", start=-46 * s)
+    uy = 8 * s if not child else 8 * s + 2.0
+    other += bone(np.array([xu, uy, 0]), np.eye(3), (8 * s, 10 * s, 7.5 * s), cortex=cort * 0.5, mu_inner=mu_trab,
+                  clips=((_Y, 14 * s + 0.5), (-_Y, -(uy - 7 * s))), tag="ulna", mu_cortex=mu_ct)
+    if not child or age_years >= 6:
+        other += bone(np.array([xu - 3 * s, -1.5 * s, 0]), np.eye(3), (2 * s, 5 * s, 2 * s), cortex=0.6 * s,
+                      mu_inner=mu_trab, tag="ulna_styloid", mu_cortex=mu_ct)
+    for name, (cx, cy, cz), semi, ang, onset in _CARPALS:
+        if child and age_years < onset:
+            continue
+        f = float(np.clip((age_years - onset) / 6.0 + 0.3, 0.3, 1.0)) if child else 1.0
+        ctr = np.array([cx + j(0.7), cy + j(0.7), cz]) * s
+        other += bone(ctr, rot("z", ang + j(5)), tuple(v * s * f * rng.uniform(0.9, 1.1) for v in semi),
+                      cortex=0.7 * s, mu_inner=mu_trab, tag=name, mu_cortex=mu_ct)
+    for (bx, by), length, ang in _METACARPALS:
+        ang_r = ang + j(2)
+        base = np.array([bx, by, 0.0]) * s
+        u = rot("z", ang_r) @ _Y
+        length = length * s * float(rng.uniform(0.93, 1.07))
+        mid = base - u * length / 2
+        other += _cyl(mid, ang_r, (4.2 * s, 4.0 * s), length / 2, cort * 0.7, MU_SOFT, "metacarpal",
+                      start=-length / 2 + 5 * s, end=length / 2)
+        other += bone(base - u * 2.5 * s, rot("z", ang_r), (5.5 * s, 3.5 * s, 5 * s), cortex=0.6 * s,
+                      mu_inner=mu_trab, tag="metacarpal_base", mu_cortex=mu_ct)
+        head = base - u * (length + 1.5 * s)
+        other += bone(head, rot("z", ang_r), (5.5 * s, 5.5 * s, 5.5 * s), cortex=0.6 * s, mu_inner=mu_trab,
+                      tag="metacarpal_head", mu_cortex=mu_ct)
+        ph = head - u * (9.5 * s + 12 * s)
+        other += _cyl(ph, ang_r, (4.5 * s, 3.8 * s), 12 * s, cort * 0.6, mu_trab, "phalanx", start=-12 * s,
+                      end=12 * s)
+    fat = float(rng.uniform(0.9, 1.25))
+    soft = [
+        Part(np.array([-1 * s, 60 * s, 0]), np.eye(3), (30 * s * fat, 100, 21 * s * fat), MU_SOFT, 1,
+             ((-_Y, 12 * s),), "forearm"),
+        Part(np.array([0, -45 * s, 0]), rot("z", j(3)), (40 * s * fat, 56 * s, 23 * s * fat), MU_SOFT, -1,
+             ((_Y, -12 * s),), "hand"),
+    ]
+    return Wrist(radius=radius, epiphyses=epi, other=other, soft=soft, scale=s, radius_x=xr, articular_y=art_y,
+                 physis_y=physis_y, physis_width=w_phys)
+
+
+def inside(part: Part, pts: np.ndarray) -> np.ndarray:
+    """Which scene points lie inside ``part``."""
+    inv2 = np.array([0.0 if i == part.infinite else 1.0 / s**2 for i, s in enumerate(part.semi)])
+    local = (pts - part.center) @ part.axes
+    ok = (local**2 @ inv2) <= 1.0
+    for n, h in part.clips:
+        ok &= pts @ n <= h + 1e-9
+    return ok
+
+
+def split_parts(parts: list[Part], n: np.ndarray, h: float, gap: float, delta: np.ndarray) -> list[Part]:
+    """Cut ``parts`` by the plane ``n . x = h`` leaving a ``gap`` (mm); the side ``n . x < h`` moves by ``delta``."""
+    n = np.asarray(n, float) / np.linalg.norm(n)
+    out = []
+    for p in parts:
+        out.append(p.clipped(-n, -(h + gap / 2)))
+        out.append(p.clipped(n, h - gap / 2).moved(delta))
+    return out
+
+
+def plane_points(n: np.ndarray, h: float, center: np.ndarray, within: list[Part], extent: float = 30.0,
+                 step: float = 0.5) -> np.ndarray:
+    """Points of the plane ``n . x = h`` near ``center`` that lie inside any of ``within`` (outer parts)."""
+    n = np.asarray(n, float) / np.linalg.norm(n)
+    a = np.cross(n, [0.0, 0.0, 1.0]) if abs(n[2]) < 0.9 else np.cross(n, [1.0, 0.0, 0.0])
+    a /= np.linalg.norm(a)
+    b = np.cross(n, a)
+    c0 = center - (center @ n - h) * n
+    g = np.arange(-extent, extent + step, step)
+    uu, vv = np.meshgrid(g, g)
+    pts = c0 + uu.reshape(-1, 1) * a + vv.reshape(-1, 1) * b
+    ok = np.zeros(len(pts), bool)
+    for p in within:
+        if p.mu > 0:
+            ok |= inside(p, pts)
+    return pts[ok]
+
+
+def ray_direction(view: np.ndarray) -> np.ndarray:
+    """Scene-frame direction of the rays of ``view``."""
+    return view.T @ np.array([0.0, 0.0, 1.0])
