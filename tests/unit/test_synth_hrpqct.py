@@ -1,0 +1,101 @@
+"""HR-pQCT motion generator: headers, geometry, dciodvfy, determinism, grades vs measured motion."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import CTImageStorage
+
+from training.synth import hrpqct_motion as hr
+from training.synth.tomo import ParallelBeam, fbp, forward_project, opposed_projection_ssd
+
+SMALL = {"n": 64, "n_views": 64, "n_slices": 12}
+
+
+def _rows(manifest: Path) -> list[dict]:
+    return [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+
+
+def _series(root: Path, study_uid: str) -> list[pydicom.Dataset]:
+    files = sorted((root / study_uid).glob("*/*.dcm"))
+    dss = [pydicom.dcmread(f) for f in files]
+    return sorted(dss, key=lambda d: int(d.InstanceNumber))
+
+
+def test_fbp_reconstructs_disk_and_motion_raises_ssd() -> None:
+    geom = ParallelBeam(64, 64)
+    yy, xx = np.mgrid[:64, :64] - 32
+    img = ((xx - 5) ** 2 + yy**2 < 20**2).astype(np.float32)
+    sino = forward_project(img, geom)
+    rec = fbp(sino, geom)
+    assert abs(float(rec[32, 37]) - 1.0) < 0.08
+    assert abs(float(rec[2, 2])) < 0.1
+    assert opposed_projection_ssd(sino) < 1e-8
+    shifts = np.zeros((geom.n_views, 2))
+    shifts[40:, 0] = 2.0
+    moved = forward_project(img, geom, shifts=shifts)
+    assert opposed_projection_ssd(moved) > 1e-3
+    assert np.abs(fbp(moved, geom) - img).mean() > np.abs(rec - img).mean()
+
+
+def test_headers_geometry_and_dciodvfy(tmp_path: Path, dciodvfy) -> None:
+    manifest = hr.generate(tmp_path, 1, 3, workers=1, params={**SMALL, "scanner": "XtremeCT II"})
+    (row,) = _rows(manifest)
+    dss = _series(tmp_path, row["study_uid"])
+    assert len(dss) == row["n_slices"] == 12
+    first = dss[0]
+    assert first.SOPClassUID == CTImageStorage and first.Modality == "CT"
+    assert first.Manufacturer == "Scanco Medical AG" and first.ManufacturerModelName == "XtremeCT II"
+    assert float(first.SliceThickness) == pytest.approx(0.0607)
+    iop = np.array(first.ImageOrientationPatient, dtype=float)
+    normal = np.cross(iop[:3], iop[3:])
+    pos = np.array([d.ImagePositionPatient for d in dss], dtype=float)
+    steps = np.diff(pos, axis=0)
+    assert np.allclose(steps, 0.0607 * normal, atol=1e-4)
+    assert len({d.SOPInstanceUID for d in dss}) == len(dss)
+    assert first.BodyPartExamined in {"RADIUS", "TIBIA", "WRIST", "ANKLE", "LEG", "FOREARM", "SPEICHE",
+                                      "SCHIENBEIN", "UNTERSCHENKEL", "PIERNA", "SPRUNGGELENK", "TOBILLO",
+                                      "UNTERARM", "ANTEBRAZO", "HANDGELENK", "MUNECA", "POIGNET", "POLSO"}
+    assert 1 <= row["label"] <= 5
+    dciodvfy(sorted((tmp_path / row["study_uid"]).glob("*/*.dcm"))[0])
+
+
+def test_deterministic(tmp_path: Path) -> None:
+    a = _rows(hr.generate(tmp_path / "a", 1, 11, workers=1, params=SMALL))
+    b = _rows(hr.generate(tmp_path / "b", 1, 11, workers=1, params=SMALL))
+    assert a == b
+    pa = _series(tmp_path / "a", a[0]["study_uid"])[5].pixel_array
+    pb = _series(tmp_path / "b", b[0]["study_uid"])[5].pixel_array
+    assert np.array_equal(pa, pb)
+    c = _rows(hr.generate(tmp_path / "c", 1, 12, workers=1, params=SMALL))
+    assert c[0]["study_uid"] != a[0]["study_uid"]
+
+
+def test_higher_grade_means_more_measured_motion(tmp_path: Path) -> None:
+    ssd: dict[int, list[float]] = {}
+    for grade in (1, 2, 4, 5):
+        rows = _rows(hr.generate(tmp_path / f"g{grade}", 2, 100 + grade, workers=1,
+                                 params={**SMALL, "grade": grade, "site": "radius"}))
+        ssd[grade] = [r["motion_ssd"] for r in rows]
+        assert all(r["grade_true"] == grade for r in rows)
+    assert np.mean(ssd[5]) > np.mean(ssd[4]) > np.mean(ssd[1])
+    assert np.mean(ssd[2]) > np.mean(ssd[1])
+    assert min(ssd[5]) > max(ssd[1])
+
+
+def test_grade_distribution_spans_all_classes_and_is_skewed() -> None:
+    rng = np.random.default_rng(0)
+    for site in ("radius", "tibia"):
+        counts = Counter(hr.draw_grade(rng, site, 0.5)[2] for _ in range(3000))
+        assert set(counts) == {1, 2, 3, 4, 5}
+        assert counts[5] < counts[4] < max(counts[1], counts[3])
+    # neighbouring grades are ambiguous for the rater, distant ones are not
+    sev = 0.5 * (hr.SEVERITY_EDGES[2] + hr.SEVERITY_EDGES[3])
+    seen = Counter(hr.rater_grade(rng, sev, 0.5) for _ in range(2000))
+    assert seen[3] > seen[2] > 0 and seen[3] > seen[4] > 0
+    assert seen[1] == 0 and seen[5] == 0
