@@ -53,6 +53,9 @@ def test_study_from_orthanc_comes_back_with_results(tmp_path: Path,
     assert out.returncode == 0, out.stderr
     assert study_uid in out.stdout and "done" in out.stdout and "sent" in out.stdout
     assert "TST001" not in out.stdout  # no patient IDs
+    assert node.stop() == 0  # SIGTERM: clean shutdown
+    log = node.log_tail(10**7)
+    assert "node stopped" in log and "TST001" not in log and "TEST^NODE" not in log
 
 
 def test_late_instance_replaces_results(tmp_path: Path, node_with_orthanc: tuple[NodeProcess, OrthancServer]) -> None:
