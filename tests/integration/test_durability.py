@@ -7,6 +7,7 @@ results reach Orthanc exactly once (counted in Orthanc).
 from __future__ import annotations
 
 import io
+import sqlite3
 import time
 from pathlib import Path
 
@@ -114,3 +115,24 @@ def test_pacs_down_when_results_are_ready(tmp_path: Path,
     results = _wait_results_settled(pacs, node, study_uid, sources)
     assert sorted(r["Modality"] for r in results) == ["OT", "SR"]
     assert len(pacs.instances_in_study(study_uid)) == len(sources) + 2
+
+
+def test_resend_after_crash_between_store_and_mark_does_not_duplicate(
+        tmp_path: Path, node_with_orthanc: tuple[NodeProcess, OrthancServer]) -> None:
+    node, pacs = node_with_orthanc
+    node.start()
+    study_uid, paths = write_study(tmp_path / "study", n_series=1, n_images=2)
+    sources = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths}
+    pacs.upload_dir(tmp_path / "study")
+    pacs.store_to_modality("node", [pacs.study_id(study_uid)])
+    before = _wait_results_settled(pacs, node, study_uid, sources)
+    node.kill9()
+    # the state a crash leaves when the PACS stored the objects but the node had not yet recorded it
+    conn = sqlite3.connect(node.storage_dir / "node.db")
+    with conn:
+        conn.execute("UPDATE deliveries SET state='pending', sent_at=NULL")
+    conn.close()
+    node.start()
+    after = _wait_results_settled(pacs, node, study_uid, sources)
+    assert sorted(r["SOPInstanceUID"] for r in after) == sorted(r["SOPInstanceUID"] for r in before)
+    assert all(r["attempts"] == 2 for r in node.query("SELECT attempts FROM deliveries"))
