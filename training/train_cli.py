@@ -68,7 +68,9 @@ def build_configs(adapter: Any, args: argparse.Namespace) -> tuple[Any, Any]:
             raise DicomNodeError(f"cannot read config {args.config}: {exc}") from exc
         if not isinstance(raw, dict) or set(raw) - {"train", "task"}:
             raise DicomNodeError(f"config {args.config} must be a mapping with 'train' and/or 'task' sections")
-    train_raw: dict[str, Any] = dict(raw.get("train") or {})
+    # a task adapter may declare its faithful TrainConfig values (e.g. batch size, balanced sampling)
+    train_raw: dict[str, Any] = {**dict(getattr(adapter, "train_config_defaults", None) or {}),
+                                 **dict(raw.get("train") or {})}
     task_raw: dict[str, Any] = dict(raw.get("task") or {})
     for item in args.set:
         key, sep, text = item.partition("=")
