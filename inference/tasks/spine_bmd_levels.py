@@ -1,0 +1,401 @@
+"""Post-processing of ``spine_bmd``: lumbar level finding, slice selection and the class rules.
+
+Level finding (the cheap pass that decides which slices go through the detector)
+----------------------------------------------------------------------------------
+1. The spine's midline column is the central axial column with the most bone
+   (:func:`inference.ct.spine_midline_column`). A thin sagittal slab around it
+   is collapsed by a maximum over the columns: ``slab[slice, row]`` (HU).
+2. The vertebral-body column in that slab is the most anterior run of rows
+   (smallest row index, i.e. anterior for a standard axial orientation) where
+   cortical bone (> ``cortex_hu``) occurs in many slices; the spinal canal
+   separates it from the posterior elements.
+3. For each slice, the number of body-column rows holding cortical bone is the
+   *bone profile*. Vertebral bodies have a cortical shell (anterior and
+   posterior walls, endplates) on every slice, whatever their trabecular
+   density; intervertebral discs have none. This is why the profile counts
+   cortex rather than averaging HU: an osteoporotic body (40-110 HU) and a disc
+   (70-110 HU) have the same mean.
+4. Slices with bone form runs; gaps thinner than ``close_mm`` are closed, runs
+   shorter than ``min_body_mm`` are dropped and runs longer than
+   ``max_body_mm`` (a disc lost to thick slices) are split at the profile's
+   minimum. Each run is one vertebral body.
+5. Level labels come from the z-order of the runs anchored at the sacrum: the
+   most inferior run is the sacrum when it reaches the bottom of the stack or
+   is much wider (ilia) than the run above; the run above the sacrum is L5,
+   then L4, L3, L2, L1 going up. Without a sacrum the most inferior complete
+   body is taken as L5 (documented fallback, logged as a warning).
+
+Classification rules
+--------------------
+* Per slice, the detector's boxes inside the expected vertebral-body region
+  are grouped: the top-scoring box is the body; every detection overlapping it
+  (IoU >= 0.5; torchvision emits one box per class and proposal) gives its
+  class's score. Scores per class are the maxima, normalised to sum to 1.
+* Per vertebra, the class distribution is the mean over its mid-body slices;
+  the class is its argmax and the probability its value.
+* Patient level: the lowest of L1-L4 (the most severe class), as DXA
+  reporting takes the lowest T-score; its confidence is the probability that
+  at least one of the reported vertebrae is at least that severe,
+  ``1 - prod_v P_v(class < worst)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from inference.ct import spine_midline_column
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CLASS_NAMES", "LEVEL_NAMES", "REPORTED_LEVELS", "BodyRun", "SliceDetection", "SpineGeometry",
+    "VertebraResult", "aggregate_vertebra", "body_runs", "find_levels", "label_runs", "patient_class",
+    "select_slices", "slice_class_scores", "spine_geometry",
+]
+
+CLASS_NAMES: tuple[str, ...] = ("normal", "osteopenia", "osteoporosis")
+LEVEL_NAMES: tuple[str, ...] = ("L1", "L2", "L3", "L4", "L5")
+REPORTED_LEVELS: tuple[str, ...] = ("L1", "L2", "L3", "L4")
+
+
+@dataclass(frozen=True)
+class BodyRun:
+    """One vertebral body along the stack: slice indices (stack order, inclusive) and extent in mm."""
+
+    i0: int
+    i1: int
+    z0: float
+    z1: float
+    partial: bool = False
+    width_mm: float = 0.0
+    name: str = ""
+
+    @property
+    def center_mm(self) -> float:
+        """Mid-height of the body (mm)."""
+        return (self.z0 + self.z1) / 2.0
+
+    @property
+    def height_mm(self) -> float:
+        """Extent along the stack (mm)."""
+        return self.z1 - self.z0
+
+
+@dataclass
+class SpineGeometry:
+    """What the profile pass found: the slab column, the body's AP rows, the profile and the runs."""
+
+    column: int
+    ap_rows: tuple[int, int]
+    profile: np.ndarray
+    runs: list[BodyRun] = field(default_factory=list)
+    sacrum: BodyRun | None = None
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """Inclusive (start, end) index pairs of the True runs of a 1-D mask."""
+    m = np.concatenate([[False], np.asarray(mask, bool), [False]])
+    d = np.diff(m.astype(int))
+    return list(zip(np.nonzero(d == 1)[0].tolist(), (np.nonzero(d == -1)[0] - 1).tolist(), strict=True))
+
+
+def spine_geometry(
+    volume_hu: np.ndarray,
+    positions: Sequence[float] | np.ndarray,
+    pixel_spacing: tuple[float, float],
+    *,
+    cortex_hu: float = 300.0,
+    slab_mm: float = 10.0,
+    anterior_band_mm: float = 12.0,
+    body_depth_mm: float = 40.0,
+    anterior_up: bool = True,
+) -> SpineGeometry:
+    """Midline column, vertebral-body AP rows and the per-slice cortical-bone profile.
+
+    The profile counts cortical rows in a band of ``anterior_band_mm`` behind
+    the most anterior bony row of the slab (the bodies' anterior cortex): every
+    body slice crosses the anterior wall or an endplate there, discs do not, and
+    the posterior elements (which reach the disc levels at the facet joints) lie
+    further back. ``ap_rows`` spans ``body_depth_mm`` from that row (where a
+    body's box centre may be).
+
+    Parameters
+    ----------
+    volume_hu:
+        (slices, rows, cols) HU in stack order (ascending position).
+    positions:
+        Slice positions (mm) along the stack normal.
+    pixel_spacing:
+        (row, column) spacing in mm.
+    anterior_up:
+        True when anterior is towards row 0 (standard axial orientation,
+        column direction cosine pointing posterior).
+    """
+    vol = np.asarray(volume_hu)
+    if vol.ndim != 3:
+        raise ValueError(f"volume must be (slices, rows, cols), got {vol.shape}")
+    if not anterior_up:
+        vol = vol[:, ::-1, :]
+    col = spine_midline_column(vol, threshold=cortex_hu)
+    half = max(1, int(round(slab_mm / 2.0 / float(pixel_spacing[1]))))
+    slab = vol[:, :, max(0, col - half):col + half + 1].max(axis=2)  # (slices, rows)
+    bone = slab > cortex_hu
+    freq = ndimage.uniform_filter1d(bone.mean(axis=0).astype(float), size=3)
+    rows = vol.shape[1]
+    if freq.max() <= 0:
+        return SpineGeometry(col, (0, 0), np.zeros(vol.shape[0]))
+    r0 = int(np.argmax(freq > 0.25 * freq.max()))  # anterior cortex of the bodies
+    band = max(2, int(round(anterior_band_mm / float(pixel_spacing[0]))))
+    depth = max(band, int(round(body_depth_mm / float(pixel_spacing[0]))))
+    profile = bone[:, r0:min(rows, r0 + band)].sum(axis=1).astype(float)
+    r1 = min(rows - 1, r0 + depth)
+    ap = (r0, r1) if anterior_up else (rows - 1 - r1, rows - 1 - r0)
+    del positions  # the runs' geometry is computed by body_runs
+    return SpineGeometry(col, ap, profile)
+
+
+def body_runs(
+    profile: np.ndarray,
+    positions: Sequence[float] | np.ndarray,
+    *,
+    min_rows: float = 2.0,
+    close_mm: float = 3.0,
+    min_body_mm: float = 12.0,
+    max_body_mm: float = 45.0,
+    edge_mm: float = 2.0,
+) -> list[BodyRun]:
+    """Vertebral bodies as runs of slices whose profile shows cortical bone.
+
+    Returns the runs ordered from superior to inferior (descending position).
+    """
+    prof = np.asarray(profile, dtype=float)
+    pos = np.asarray(positions, dtype=float)
+    if len(prof) != len(pos):
+        raise ValueError("one profile value per slice is needed")
+    if len(pos) < 2:
+        return []
+    step = float(np.median(np.abs(np.diff(pos)))) or 1.0
+    mask = prof >= min_rows
+    gap = max(1, int(round(close_mm / step)))
+    for s, e in _runs(~mask):  # close thin gaps (noise, partial volume) inside a body
+        if s > 0 and e < len(mask) - 1 and (e - s + 1) < gap:
+            mask[s:e + 1] = True
+    pieces: list[tuple[int, int]] = []
+    for s, e in _runs(mask):
+        stack = [(s, e)]
+        while stack:
+            a, b = stack.pop()
+            if (b - a + 1) * step > max_body_mm and b - a >= 4:
+                lo, hi = a + max(1, int(round(8.0 / step))), b - max(1, int(round(8.0 / step)))
+                if hi > lo:
+                    cut = lo + int(np.argmin(ndimage.uniform_filter1d(prof[lo:hi + 1], size=3)))
+                    stack += [(a, cut - 1), (cut + 1, b)]
+                    continue
+            pieces.append((a, b))
+    lo_pos, hi_pos = float(pos.min()), float(pos.max())
+    out: list[BodyRun] = []
+    for a, b in pieces:
+        z0, z1 = float(min(pos[a], pos[b])) - step / 2, float(max(pos[a], pos[b])) + step / 2
+        partial = (z0 - lo_pos) < edge_mm or (hi_pos - z1) < edge_mm
+        if (z1 - z0) < min_body_mm and not partial:
+            continue
+        out.append(BodyRun(int(a), int(b), z0, z1, partial))
+    return sorted(out, key=lambda r: -r.center_mm)
+
+
+def _bone_width_mm(volume_hu: np.ndarray, run: BodyRun, ap_rows: tuple[int, int], col_spacing: float,
+                   cortex_hu: float) -> float:
+    """Lateral extent (mm) of bone in the body's AP rows over the run's central slices."""
+    a, b = sorted((run.i0, run.i1))
+    mid = (a + b) // 2
+    sl = volume_hu[max(a, mid - 1):min(b, mid + 1) + 1, ap_rows[0]:ap_rows[1] + 1, :]
+    cols = np.nonzero((sl > cortex_hu).any(axis=(0, 1)))[0]
+    return float((cols.max() - cols.min() + 1) * col_spacing) if cols.size else 0.0
+
+
+def label_runs(runs: Sequence[BodyRun], widths: Sequence[float] | None = None, *,
+               bottom_partial: bool | None = None, sacrum_width_ratio: float = 1.6) -> tuple[list[BodyRun], BodyRun | None]:
+    """Name the runs L5..L1 upwards from the sacrum.
+
+    Parameters
+    ----------
+    runs:
+        Bodies ordered superior to inferior (as :func:`body_runs` returns them).
+    widths:
+        Lateral bone width per run (mm); the sacrum is much wider than L5 (ilia).
+    bottom_partial:
+        Whether the most inferior run reaches the bottom of the stack (default:
+        its ``partial`` flag).
+
+    Returns
+    -------
+    (named runs superior to inferior, sacrum run or None)
+    """
+    runs = list(runs)
+    if not runs:
+        return [], None
+    widths = list(widths) if widths is not None else [r.width_mm for r in runs]
+    last = runs[-1]
+    reaches_bottom = last.partial if bottom_partial is None else bottom_partial
+    wider = len(runs) > 1 and widths[-1] > sacrum_width_ratio * max(widths[-2], 1e-6)
+    sacrum: BodyRun | None = None
+    if reaches_bottom or wider:
+        sacrum = last
+        runs = runs[:-1]
+    else:
+        log.warning("no sacrum found below the lowest vertebral body; taking it as L5")
+    named: list[BodyRun] = []
+    for k, r in enumerate(reversed(runs)):  # inferior first: L5, L4, ...
+        if k >= len(LEVEL_NAMES):
+            break
+        if r.partial and k > 0:  # a body cut by the top of the stack is not measured
+            continue
+        named.append(BodyRun(r.i0, r.i1, r.z0, r.z1, r.partial, r.width_mm, LEVEL_NAMES[-1 - k]))
+    return sorted(named, key=lambda r: -r.center_mm), sacrum
+
+
+def find_levels(volume_hu: np.ndarray, positions: Sequence[float] | np.ndarray, pixel_spacing: tuple[float, float],
+                *, cortex_hu: float = 300.0, anterior_up: bool = True) -> SpineGeometry:
+    """The profile pass end to end: geometry, body runs and their level names (L1..L5)."""
+    pos = np.asarray(positions, dtype=float)
+    geom = spine_geometry(volume_hu, pos, pixel_spacing, cortex_hu=cortex_hu, anterior_up=anterior_up)
+    runs = body_runs(geom.profile, pos)
+    runs = [BodyRun(r.i0, r.i1, r.z0, r.z1, r.partial,
+                    _bone_width_mm(volume_hu, r, geom.ap_rows, float(pixel_spacing[1]), cortex_hu)) for r in runs]
+    geom.runs, geom.sacrum = label_runs(runs)
+    return geom
+
+
+def select_slices(run: BodyRun, positions: Sequence[float] | np.ndarray, *, central_fraction: float = 0.4,
+                  count: int = 3) -> list[int]:
+    """Up to ``count`` evenly spread slice indices within the central part of a body (mid-body slices).
+
+    The detector runs only on these: every k-th slice of the central
+    ``central_fraction`` of the body's height, k chosen to give ``count``
+    slices; the nearest slice to the centre when the body is thin.
+    """
+    pos = np.asarray(positions, dtype=float)
+    c, h = run.center_mm, run.height_mm * central_fraction / 2.0
+    inside = np.nonzero(np.abs(pos - c) <= h)[0]
+    if inside.size == 0:
+        return [int(np.argmin(np.abs(pos - c)))]
+    if inside.size <= count:
+        return sorted(int(i) for i in inside)
+    picks = np.linspace(0, inside.size - 1, count).round().astype(int)
+    return sorted({int(inside[i]) for i in picks})
+
+
+# --------------------------------------------------------------------------- detections -> classes
+
+
+@dataclass(frozen=True)
+class SliceDetection:
+    """The vertebral body found on one slice: its box, the class distribution and the box score."""
+
+    slice_index: int
+    box: tuple[float, float, float, float]
+    probs: np.ndarray
+    score: float
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    ix0, iy0 = np.maximum(a[0], b[:, 0]), np.maximum(a[1], b[:, 1])
+    ix1, iy1 = np.minimum(a[2], b[:, 2]), np.minimum(a[3], b[:, 3])
+    inter = np.clip(ix1 - ix0, 0, None) * np.clip(iy1 - iy0, 0, None)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def slice_class_scores(
+    boxes: np.ndarray,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    *,
+    slice_index: int = 0,
+    region: tuple[float, float, float, float] | None = None,
+    n_classes: int = len(CLASS_NAMES),
+    iou_group: float = 0.5,
+) -> SliceDetection | None:
+    """The body's box and class distribution on one slice from raw detector output.
+
+    ``labels`` are 1-based (0 is background). Only boxes whose centre lies in
+    ``region`` (x0, y0, x1, y1) count, when given. None when nothing is left.
+    """
+    b = np.asarray(boxes, dtype=float).reshape(-1, 4)
+    lab = np.asarray(labels, dtype=int).ravel()
+    sc = np.asarray(scores, dtype=float).ravel()
+    keep = (lab >= 1) & (lab <= n_classes)
+    if region is not None:
+        cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+        keep &= (cx >= region[0]) & (cx <= region[2]) & (cy >= region[1]) & (cy <= region[3])
+    b, lab, sc = b[keep], lab[keep], sc[keep]
+    if b.shape[0] == 0:
+        return None
+    top = int(np.argmax(sc))
+    group = _iou(b[top], b) >= iou_group
+    per_class = np.zeros(n_classes)
+    for lb, s in zip(lab[group], sc[group], strict=True):
+        per_class[lb - 1] = max(per_class[lb - 1], s)
+    probs = per_class / per_class.sum()
+    return SliceDetection(int(slice_index), tuple(float(v) for v in b[top]), probs, float(sc[top]))
+
+
+@dataclass
+class VertebraResult:
+    """Per-vertebra outcome: level, class distribution, chosen mid-body slice and box, trabecular HU."""
+
+    level: str
+    probs: np.ndarray
+    slice_index: int
+    box: tuple[float, float, float, float]
+    slices: list[int]
+    run: BodyRun
+    mean_hu: float | None = None
+
+    @property
+    def class_index(self) -> int:
+        """Index into :data:`CLASS_NAMES`."""
+        return int(np.argmax(self.probs))
+
+    @property
+    def class_name(self) -> str:
+        """The class name."""
+        return CLASS_NAMES[self.class_index]
+
+    @property
+    def probability(self) -> float:
+        """Probability of the chosen class."""
+        return float(self.probs[self.class_index])
+
+
+def aggregate_vertebra(run: BodyRun, detections: Sequence[SliceDetection]) -> VertebraResult | None:
+    """Mean class distribution over a vertebra's mid-body slices; box and slice of the best detection."""
+    dets = [d for d in detections if d is not None]
+    if not dets:
+        return None
+    probs = np.mean([d.probs for d in dets], axis=0)
+    best = max(dets, key=lambda d: d.score)
+    return VertebraResult(run.name, probs / probs.sum(), best.slice_index, best.box, [d.slice_index for d in dets], run)
+
+
+def patient_class(vertebrae: Sequence[VertebraResult]) -> tuple[int, float]:
+    """Patient-level class (the most severe of the vertebrae) and its confidence.
+
+    The confidence is ``1 - prod_v P_v(class < worst)``: the probability that
+    at least one vertebra is at least as severe as the reported class.
+
+    Raises
+    ------
+    ValueError
+        With no vertebra.
+    """
+    if not vertebrae:
+        raise ValueError("patient class needs at least one vertebra")
+    worst = max(v.class_index for v in vertebrae)
+    below = np.prod([float(np.sum(v.probs[:worst])) for v in vertebrae])
+    return worst, float(np.clip(1.0 - below, 0.0, 1.0))
