@@ -53,6 +53,8 @@ OSTEOPOROSIS = Code("64859006", SCT, "Osteoporosis")
 IMAGE_ARTIFACTS = Code("111207", DCM, "Image artifact(s)")
 IMAGE_QUALITY_RATING = Code("111029", DCM, "Image Quality Rating")
 VOLUME = Code("118565006", SCT, "Volume")
+ATTENUATION_COEFFICIENT = Code("112031", DCM, "Attenuation Coefficient")  # e.g. mean trabecular HU
+MEAN = Code("373098007", SCT, "Mean")  # measurement derivation
 
 # --- algorithm and procedure -------------------------------------------------------------------------
 ARTIFICIAL_INTELLIGENCE = Code("123110", DCM, "Artificial Intelligence")
@@ -79,3 +81,10 @@ MOTION_GRADES = {
     4: Code("MOTION-GRADE-4", LOCAL, "Motion grade 4 (severe motion)"),
     5: Code("MOTION-GRADE-5", LOCAL, "Motion grade 5 (very severe motion)"),
 }
+
+# --- Paediatric growth-plate fractures (physis_fracture) ----------------------------------------------
+# No SNOMED concept for "fracture of the growth plate" is used here without a licensed browser to check
+# it, so the finding and its site use the local scheme; the generic Fracture concept stays SCT 72704001.
+GROWTH_PLATE = Code("GROWTH-PLATE", LOCAL, "Growth plate (physis)")
+GROWTH_PLATE_FRACTURE = Code("PHYSIS-FX", LOCAL, "Fracture of growth plate")
+SALTER_HARRIS_TYPE = Code("SALTER-HARRIS", LOCAL, "Salter-Harris type")
