@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from dicomnode import db
 from dicomnode.config import Config
 from dicomnode.jobs import JobQueue
+from dicomnode.outbox import Outbox
 from dicomnode.results import PriorDocument, ResultContext
 from dicomnode.router import route_series
 from dicomnode.spool import SeriesRecord, Spool
@@ -107,8 +108,10 @@ def save_result_context(conn: sqlite3.Connection, study_uid: str, route: str, ct
 class Assembler:
     """Polls the spool index and turns quiet or complete studies into jobs."""
 
-    def __init__(self, cfg: Config, spool: Spool, queue: JobQueue, *, poll_s: float = 0.5) -> None:
+    def __init__(self, cfg: Config, spool: Spool, queue: JobQueue, *, poll_s: float = 0.5,
+                 outbox: Outbox | None = None) -> None:
         self.cfg = cfg
+        self.outbox = outbox
         self.spool = spool
         self.queue = queue
         self.poll_s = poll_s
@@ -217,7 +220,10 @@ class Assembler:
         return True
 
     def purge_expired(self, now: float | None = None) -> int:
-        """Delete spooled studies processed (or without a route) longer than ``retention_days`` ago."""
+        """Delete spooled studies processed (or without a route) longer than ``retention_days`` ago.
+
+        Result files already delivered that long ago are removed from the outbox too.
+        """
         now = time.time() if now is None else now
         cutoff = now - self.cfg.node.retention_days * 86400.0
         rows = self.conn.execute(
@@ -226,6 +232,8 @@ class Assembler:
         for r in rows:
             self.spool.delete_study(r["study_uid"])
             self.conn.execute("UPDATE studies SET purged_at=? WHERE study_uid=?", (now, r["study_uid"]))
+        if self.outbox is not None:
+            self.outbox.purge_sent(cutoff)
         return len(rows)
 
     # ------------------------------------------------------------------ thread

@@ -166,6 +166,22 @@ class Outbox:
                          (state, attempts, due, error[:2000], delivery_id))
         return state
 
+    def purge_sent(self, older_than: float) -> int:
+        """Delete result folders whose deliveries are all sent (or dead) before ``older_than``; returns folders removed.
+
+        Rows stay in ``deliveries`` for ``dicomnode status``.
+        """
+        rows = self.conn.execute(
+            "SELECT job_id FROM deliveries WHERE job_id IS NOT NULL GROUP BY job_id"
+            " HAVING SUM(state='pending')=0 AND MAX(COALESCE(sent_at, next_attempt_at))<?", (older_than,)).fetchall()
+        n = 0
+        for r in rows:
+            folder = self.root / f"job-{r['job_id']}"
+            if folder.exists():
+                shutil.rmtree(folder, ignore_errors=True)
+                n += 1
+        return n
+
     def list(self, limit: int = 1000) -> list[Delivery]:
         """Deliveries, newest first."""
         rows = self.conn.execute("SELECT * FROM deliveries ORDER BY id DESC LIMIT ?", (limit,)).fetchall()

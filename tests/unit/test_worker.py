@@ -113,3 +113,19 @@ def test_analyze_runs_the_same_path(tmp_path: Path) -> None:
     mods = sorted(pydicom.dcmread(p).Modality for p in written)
     assert mods == ["OT", "SR"]
     assert all(pydicom.dcmread(p).StudyInstanceUID == study for p in written)
+
+
+def test_delivered_results_are_purged_after_retention(node) -> None:
+    cfg, spool, queue, outbox, asm, handler = node
+    asm.outbox = outbox
+    study = generate_uid()
+    _store(spool, study, generate_uid(), 0)
+    asm.poll_once(time.time() + 2)
+    _run_one(queue, handler)
+    folder = outbox.list()[0].path.parent
+    assert asm.purge_expired(time.time() + 30 * 86400) == 1  # still pending: files kept, spool purged
+    assert folder.exists()
+    for d in outbox.list():
+        outbox.mark_sent(d.id)
+    asm.purge_expired(time.time() + 30 * 86400)
+    assert not folder.exists() and {d.state for d in outbox.list()} == {"sent"}
