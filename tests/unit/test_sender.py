@@ -169,3 +169,28 @@ def test_permanent_rejection_goes_dead_at_once(tmp_path: Path, scp_factory, file
     sender, outbox = _outbox_with(tmp_path, files, scp.port, max_retries=10)
     sender.run_once()
     assert outbox.counts() == {"dead": 2}
+
+
+def test_compressed_object_falls_back_to_uncompressed(tmp_path: Path) -> None:
+    from pydicom.uid import RLELossless
+
+    ds = dx_dataset(generate_uid(), generate_uid(), 0)
+    ds.compress(RLELossless)
+    path = tmp_path / "rle.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    received: list[str] = []
+
+    def on_store(event: evt.Event) -> int:
+        received.append(str(event.context.transfer_syntax))
+        return 0x0000
+
+    for supported, expected in (([ExplicitVRLittleEndian], ExplicitVRLittleEndian), ([RLELossless], RLELossless)):
+        ae = AE(ae_title="PACS")
+        ae.add_supported_context(DigitalXRayImageStorageForPresentation, supported)
+        port = free_port()
+        server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        try:
+            assert send_files([path], _dest(port), "BONENODE") == [None]
+        finally:
+            server.shutdown()
+        assert received[-1] == expected
