@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,8 +114,8 @@ def write_slice_series(
     slope: float = 1.0,
     intercept: float = 0.0,
     rescale_type: str | None = None,
-    window: tuple[float, float] | None = None,
-    window_explanation: str | None = None,
+    window: tuple[float | Sequence[float], float | Sequence[float]] | None = None,
+    window_explanation: str | Sequence[str] | None = None,
     signed: bool = True,
     bits_stored: int = 16,
     image_type: tuple[str, ...] = ("ORIGINAL", "PRIMARY", "AXIAL"),

@@ -1,0 +1,100 @@
+"""Lumbar CT generator: headers, geometry, dciodvfy, determinism, HU in the boxes tracks the class."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.uid import CTImageStorage
+
+from training.synth import spine_bmd as sb
+from training.synth.common import new_patient
+
+SMALL = {"n": 96, "pixel_spacing": 2.0, "thickness": 3.0}
+
+
+def _rows(manifest: Path) -> list[dict]:
+    return [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+
+
+def _by_sop(root: Path, study_uid: str) -> dict[str, pydicom.Dataset]:
+    return {f.stem: pydicom.dcmread(f) for f in (root / study_uid).glob("*/*.dcm")}
+
+
+def test_headers_geometry_and_dciodvfy(tmp_path: Path, dciodvfy) -> None:
+    (row,) = _rows(sb.generate(tmp_path, 1, 5, workers=1, params=SMALL))
+    dss = sorted(_by_sop(tmp_path, row["study_uid"]).values(), key=lambda d: int(d.InstanceNumber))
+    assert 20 <= len(dss) == row["n_slices"] <= 120
+    first = dss[0]
+    assert first.SOPClassUID == CTImageStorage and first.Modality == "CT"
+    assert float(first.RescaleIntercept) == -1024.0 and float(first.RescaleSlope) == 1.0
+    assert first.RescaleType == "HU"
+    assert first.BodyPartExamined in {"LSPINE", "SPINE", "ABDOMEN", "LWS", "LUMBAR SPINE", "COLUMNA LUMBAR",
+                                      "WIRBELSAULE", "BAUCH"}
+    iop = np.array(first.ImageOrientationPatient, dtype=float)
+    normal = np.cross(iop[:3], iop[3:])
+    pos = np.array([d.ImagePositionPatient for d in dss], dtype=float)
+    assert np.allclose(np.diff(pos, axis=0), 3.0 * normal, atol=1e-3)
+    assert float(first.SliceThickness) == 3.0
+    assert set(row["vertebrae"]) == {"L1", "L2", "L3", "L4"}
+    assert row["label"] == max(row["vertebrae"].values(), key=sb.CLASSES.index)
+    sops = {d.SOPInstanceUID for d in dss}
+    for lv in row["levels"].values():
+        assert set(lv["mid_sops"]) <= sops
+        assert lv["slices"][0] <= min(lv["mid_slices"]) <= max(lv["mid_slices"]) <= lv["slices"][1]
+    assert {b["sop_instance_uid"] for b in row["boxes"]} <= sops
+    dciodvfy(next((tmp_path / row["study_uid"]).glob("*/*.dcm")))
+
+
+def test_deterministic(tmp_path: Path) -> None:
+    a = _rows(sb.generate(tmp_path / "a", 1, 9, workers=1, params=SMALL))
+    b = _rows(sb.generate(tmp_path / "b", 1, 9, workers=1, params=SMALL))
+    assert a == b
+    sop = a[0]["boxes"][0]["sop_instance_uid"]
+    pa = _by_sop(tmp_path / "a", a[0]["study_uid"])[sop].pixel_array
+    pb = _by_sop(tmp_path / "b", b[0]["study_uid"])[sop].pixel_array
+    assert np.array_equal(pa, pb)
+
+
+def _box_hu(root: Path, row: dict) -> dict[str, float]:
+    dss = _by_sop(root, row["study_uid"])
+    means: dict[str, list[float]] = {}
+    for b in row["boxes"]:
+        ds = dss[b["sop_instance_uid"]]
+        hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        cx, cy = (b["x0"] + b["x1"]) / 2, (b["y0"] + b["y1"]) / 2
+        w, h = (b["x1"] - b["x0"]) / 4, (b["y1"] - b["y0"]) / 4
+        roi = hu[int(round(cy - h)):int(round(cy + h)) + 1, int(round(cx - w)):int(round(cx + w)) + 1]
+        means.setdefault(b["label"], []).append(float(roi.mean()))
+    return {k: float(np.mean(v)) for k, v in means.items()}
+
+
+def test_box_hu_tracks_class(tmp_path: Path) -> None:
+    hu: dict[str, list[float]] = {}
+    for i, shift in enumerate((1.0, -1.75, -3.6)):
+        (row,) = _rows(sb.generate(tmp_path / str(i), 1, 20 + i, workers=1, label_noise=0.0,
+                                   params={**SMALL, "t_shift": shift}))
+        for cls, v in _box_hu(tmp_path / str(i), row).items():
+            hu.setdefault(cls, []).append(v)
+        # the box lies on the vertebral body: its centre is bone, well above soft tissue
+        assert min(_box_hu(tmp_path / str(i), row).values()) > 20.0
+    assert set(hu) == set(sb.CLASSES)
+    normal, penia, porosis = (np.mean(hu[c]) for c in sb.CLASSES)
+    assert normal > penia > porosis
+    assert 150 < normal < 280 and 95 < penia < 175 and 20 < porosis < 125
+
+
+def test_parameter_space_spans_every_class() -> None:
+    rng = np.random.default_rng(1)
+    per_vertebra: Counter[str] = Counter()
+    for _ in range(500):
+        p = new_patient(rng, sb.AGE_RANGE)
+        per_vertebra.update(sb.who_class(float(t)) for t in sb.draw_t_scores(rng, p.age_years, p.sex)[:4])
+    assert all(per_vertebra[c] > 100 for c in sb.CLASSES)
+    assert sb.who_class(-1.0) == "normal" and sb.who_class(-2.5) == "osteoporosis"
+    assert sb.who_class(-1.01) == "osteopenia"
+    # class HU ranges overlap only at the edges
+    assert sb.trabecular_hu(-1.0) == 160.0 and abs(sb.trabecular_hu(-2.5) - 110.5) < 1

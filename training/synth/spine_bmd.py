@@ -1,0 +1,293 @@
+"""Synthetic axial lumbar/abdominal CT with per-vertebra bone-density classes.
+
+Anatomy in patient coordinates (LPS, mm): L1-L5 vertebral bodies as elliptic
+cylinders with a waist, a cortical shell and endplates around trabecular bone,
+posterior elements (pedicle/lamina ring around the spinal canal, spinous and
+transverse processes), intervertebral discs, the sacrum's top below L5, psoas
+and back muscles, aorta, IVC, kidneys, abdominal organs and fat, air outside.
+Lordosis moves the bodies along y with z.
+
+Partial volume is exact along z (each structure contributes the overlap of
+its z extent with the slice thickness) and linear over one pixel in-plane.
+The image is then blurred by a Gaussian PSF and gets correlated Gaussian noise.
+
+Ground truth: a DXA-like patient T-score (age and sex dependent), a
+per-vertebra T-score around it, WHO classes from that (normal T >= -1,
+osteopenia -2.5 < T < -1, osteoporosis T <= -2.5), and a trabecular HU of
+``193 + 33 T`` plus individual scatter, so classes overlap at the edges as in
+real data (normal ~160-250, osteopenia ~110-160, osteoporosis ~40-110 HU).
+The manifest row holds per level the class, T-score, trabecular HU, slice range,
+mid-body slices and their SOP UIDs, and boxes of the body on the mid-body slices.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.fft as sfft
+from scipy.ndimage import gaussian_filter
+
+from training.synth.common import (
+    Equipment,
+    StudyJob,
+    UidSource,
+    body_part_string,
+    generate_studies,
+    new_patient,
+    new_series,
+    new_study,
+)
+from training.synth.volume import VolumeGeometry, write_slice_series
+
+log = logging.getLogger(__name__)
+
+TASK = "spine_bmd"
+AGE_RANGE = (40.0, 90.0)
+LEVELS = ("L1", "L2", "L3", "L4", "L5")
+CLASSES = ("normal", "osteopenia", "osteoporosis")
+EQUIPMENT = (
+    Equipment("SIEMENS", "SOMATOM Definition AS+", station="CT01"),
+    Equipment("GE MEDICAL SYSTEMS", "Revolution CT", station="CT02"),
+    Equipment("Philips", "iCT 256", station="CT03"),
+    Equipment("Canon Medical Systems", "Aquilion ONE", station="CT04"),
+)
+
+
+def who_class(t_score: float) -> str:
+    """WHO class of a T-score: normal T >= -1, osteopenia -2.5 < T < -1, osteoporosis T <= -2.5."""
+    if t_score >= -1.0:
+        return "normal"
+    if t_score > -2.5:
+        return "osteopenia"
+    return "osteoporosis"
+
+
+def trabecular_hu(t_score: float) -> float:
+    """Mean trabecular HU that a T-score corresponds to (before individual scatter)."""
+    return 193.0 + 33.0 * t_score
+
+
+def draw_t_scores(rng: np.random.Generator, age: float, sex: str) -> np.ndarray:
+    """Patient-level DXA-like T-score with per-vertebra variation (L1..L5)."""
+    loss = 0.045 if sex == "F" else 0.028
+    t_patient = rng.normal(0.3 - loss * max(age - 35.0, 0.0), 1.1)
+    return t_patient + rng.normal(0.0, 0.3, size=len(LEVELS))
+
+
+def _soft(d: np.ndarray, px: float) -> np.ndarray:
+    """Pixel fraction inside from a signed distance (mm, positive inside)."""
+    return np.clip(d / px + 0.5, 0.0, 1.0).astype(np.float32)
+
+
+def _ellipse(x: np.ndarray, y: np.ndarray, cx: float, cy: float, a: float, b: float, px: float) -> np.ndarray:
+    r = np.sqrt(((x - cx) / a) ** 2 + ((y - cy) / b) ** 2)
+    return _soft((1.0 - r) * min(a, b), px)
+
+
+def _box(x: np.ndarray, y: np.ndarray, x0: float, x1: float, y0: float, y1: float, px: float) -> np.ndarray:
+    d = np.minimum(np.minimum(x - x0, x1 - x), np.minimum(y - y0, y1 - y))
+    return _soft(d, px)
+
+
+def _z_overlap(z: np.ndarray, thick: float, z0: float, z1: float) -> np.ndarray:
+    """Fraction of each slice ``[z - t/2, z + t/2]`` inside ``[z0, z1]``."""
+    lo = np.maximum(z - thick / 2, z0)
+    hi = np.minimum(z + thick / 2, z1)
+    return np.clip((hi - lo) / thick, 0.0, 1.0)
+
+
+def _mix(vol: np.ndarray, frac: np.ndarray, value: float | np.ndarray) -> None:
+    vol += frac * (value - vol)
+
+
+def render(rng: np.random.Generator, n: int, px: float, thick: float, t_scores: np.ndarray,
+           difficulty: float) -> tuple[np.ndarray, np.ndarray, dict[str, dict[str, Any]], tuple[float, float, float]]:
+    """Render the HU volume (slices from inferior to superior).
+
+    Returns
+    -------
+    hu, z, levels, origin:
+        ``(S, n, n)`` float32 HU, slice centre z (mm), per-level ground truth
+        (z extent, centre, semi-axes, trabecular HU) and ImagePositionPatient of slice 0.
+    """
+    # vertebral column, top of L1 at z = 0 going down
+    levels: dict[str, dict[str, Any]] = {}
+    z_top = 0.0
+    size = rng.uniform(0.9, 1.12)
+    lordosis = rng.uniform(4.0, 12.0)
+    scol = rng.normal(0.0, 3.0)
+    scatter = 8.0 + 14.0 * difficulty
+    for i, name in enumerate(LEVELS):
+        h = rng.uniform(24.0, 28.5) * size
+        disc = rng.uniform(7.0, 11.0) * size
+        z1 = z_top
+        z0 = z1 - h
+        zc = 0.5 * (z0 + z1)
+        depth = (zc + 100.0) / 100.0
+        levels[name] = {
+            "z0": z0, "z1": z1, "zc": zc, "disc0": z0 - disc,
+            "cx": scol * np.sin(zc / 60.0), "cy": -lordosis * np.sin(np.pi * (zc + 160.0) / 200.0),
+            "a": (20.0 + 1.2 * i) * size * rng.uniform(0.95, 1.05), "b": (15.0 + 0.8 * i) * size,
+            "cort": rng.uniform(0.8, 1.3), "cort_hu": rng.uniform(650.0, 950.0),
+            "trab_hu": float(trabecular_hu(float(t_scores[i])) + rng.normal(0.0, scatter)),
+            "depth": depth,
+        }
+        z_top = z0 - disc
+    sacrum_top = z_top
+    # coverage: from above L1 to somewhere in L5 or the sacrum, at most 120 slices
+    z_hi = rng.uniform(3.0, 15.0)
+    z_lo = max(rng.uniform(sacrum_top - 15.0, levels["L5"]["zc"]), z_hi - 119 * thick)
+    n_sl = int(np.floor((z_hi - z_lo) / thick)) + 1
+    z = z_hi - (n_sl - 1) * thick + np.arange(n_sl) * thick  # inferior -> superior
+    # in-plane grid, FOV centred a little behind the vertebral body
+    cy0 = rng.uniform(5.0, 20.0)
+    cx0 = rng.normal(0.0, 4.0)
+    c = (np.arange(n) - n // 2) * px
+    x, y = np.meshgrid(c + cx0, c + cy0)
+    origin = (float(x[0, 0]), float(y[0, 0]), float(z[0]))
+    # soft tissue background, constant along z
+    body_a, body_b = rng.uniform(140.0, 190.0), rng.uniform(110.0, 150.0)
+    body_cy = 95.0 - body_b
+    bg = np.full((n, n), -1000.0, dtype=np.float32)
+    _mix(bg, _ellipse(x, y, 0.0, body_cy, body_a, body_b, px), -100.0 + rng.normal(0, 8))
+    fat = rng.uniform(10.0, 35.0)
+    _mix(bg, _ellipse(x, y, 0.0, body_cy, body_a - fat, body_b - fat, px), 35.0)
+    _mix(bg, _ellipse(x, y, 0.0, -70.0, body_a * 0.6, 45.0, px), rng.uniform(-60.0, 20.0))  # bowel/mesentery
+    for side in (-1, 1):
+        _mix(bg, _ellipse(x, y, side * 32.0, 55.0, 22.0, 24.0, px), 50.0)  # erector spinae
+        _mix(bg, _ellipse(x, y, side * 70.0, 20.0, 28.0, 45.0, px), 30.0)  # kidney region
+    _mix(bg, _ellipse(x, y, 14.0, -28.0, 11.0, 11.0, px), rng.choice([40.0, 180.0]))  # aorta (contrast or not)
+    _mix(bg, _ellipse(x, y, -22.0, -26.0, 12.0, 9.0, px), 40.0)  # IVC
+    vol = np.repeat(bg[None], n_sl, axis=0)
+    # psoas grows going down
+    for k in range(n_sl):
+        grow = np.clip((levels["L1"]["z1"] - z[k]) / 150.0, 0.15, 1.0)
+        for side in (-1, 1):
+            _mix(vol[k], _ellipse(x, y, side * (30.0 + 12 * grow), 2.0, 8 + 14 * grow, 8 + 10 * grow, px), 50.0)
+    # trabecular texture (band-pass noise)
+    tex = rng.standard_normal(vol.shape).astype(np.float32)
+    spec = sfft.rfftn(tex, workers=1)
+    f = np.sqrt(sfft.fftfreq(n_sl, thick)[:, None, None] ** 2 + sfft.fftfreq(n, px)[None, :, None] ** 2
+                + sfft.rfftfreq(n, px)[None, None, :] ** 2)
+    spec *= np.exp(-0.5 * ((f - 0.35) / 0.15) ** 2).astype(np.float32)
+    tex = sfft.irfftn(spec, s=vol.shape, workers=1)
+    tex *= 28.0 / (tex.std() + 1e-9)
+    for lv in levels.values():
+        fz_out = _z_overlap(z, thick, lv["z0"], lv["z1"])
+        fz_in = _z_overlap(z, thick, lv["z0"] + lv["cort"], lv["z1"] - lv["cort"])
+        fz_disc = _z_overlap(z, thick, lv["disc0"], lv["z0"])
+        fz_post = _z_overlap(z, thick, lv["z0"] + 3.0, lv["z1"] - 1.0)
+        for k in np.nonzero((fz_out > 0) | (fz_disc > 0) | (fz_post > 0))[0]:
+            waist = 1.0 - 0.06 * (1.0 - ((z[k] - lv["zc"]) / (0.5 * (lv["z1"] - lv["z0"]))) ** 2)
+            a, b = lv["a"] * waist, lv["b"] * waist
+            cx, cy = lv["cx"], lv["cy"]
+            if fz_disc[k] > 0:
+                _mix(vol[k], fz_disc[k] * _ellipse(x, y, cx, cy, lv["a"] * 1.02, lv["b"] * 1.02, px),
+                     80.0 + rng.normal(0, 5))
+            if fz_post[k] > 0:
+                canal_y = cy + b + 9.0
+                ring = _ellipse(x, y, cx, canal_y, 15.0, 12.0, px) - _ellipse(x, y, cx, canal_y, 10.0, 7.5, px)
+                post = np.maximum(ring, _box(x, y, cx - 3.0, cx + 3.0, canal_y + 8.0, canal_y + 40.0, px))
+                post = np.maximum(post, _box(x, y, cx - 45.0, cx + 45.0, canal_y - 6.0, canal_y - 1.0, px)
+                                  * (abs(z[k] - lv["zc"]) < 6.0))
+                _mix(vol[k], fz_post[k] * post, 420.0)
+                _mix(vol[k], fz_post[k] * _ellipse(x, y, cx, canal_y, 10.0, 7.5, px), 10.0)
+            if fz_out[k] > 0:
+                outer = _ellipse(x, y, cx, cy, a, b, px)
+                inner = _ellipse(x, y, cx, cy, a - lv["cort"], b - lv["cort"], px)
+                _mix(vol[k], fz_out[k] * outer, lv["cort_hu"])
+                _mix(vol[k], fz_in[k] * inner, lv["trab_hu"] + tex[k])
+    # sacrum top (S1 body, wide) if covered
+    fz_s = _z_overlap(z, thick, sacrum_top - 40.0, sacrum_top)
+    for k in np.nonzero(fz_s > 0)[0]:
+        _mix(vol[k], fz_s[k] * _ellipse(x, y, 0.0, levels["L5"]["cy"] + 8, 26.0, 17.0, px),
+             trabecular_hu(float(np.mean(t_scores))) + 20.0)
+        for side in (-1, 1):
+            _mix(vol[k], fz_s[k] * _ellipse(x, y, side * 45.0, 25.0, 22.0, 16.0, px), 250.0)
+    return vol, z, levels, origin
+
+
+def make_study(job: StudyJob) -> list[dict[str, Any]]:
+    """Write one axial lumbar CT series and return its manifest row."""
+    rng_a, rng_n, rng_l = job.rng("anatomy"), job.rng("noise"), job.rng("labels")
+    p = job.params
+    uids = UidSource(f"{TASK}:{job.seed}")
+    patient = new_patient(rng_a, AGE_RANGE, sex="F" if rng_a.random() < 0.6 else "M")
+    n = int(p.get("n", int(rng_a.choice([256, 320], p=[0.7, 0.3]))))
+    px = float(p.get("pixel_spacing", rng_a.uniform(0.6, 0.9)))
+    thick = float(p.get("thickness", rng_a.choice([1.5, 2.0, 2.5, 3.0])))
+    t_scores = draw_t_scores(rng_l, patient.age_years, patient.sex)
+    if "t_shift" in p:
+        t_scores = t_scores - t_scores.mean() + float(p["t_shift"])
+    hu, z, levels, origin = render(rng_a, n, px, thick, t_scores, job.difficulty)
+    hu = gaussian_filter(hu, sigma=(0.0, 0.6 / px, 0.6 / px))  # in-plane PSF
+    sigma = float(rng_n.uniform(10.0, 25.0))
+    noise = gaussian_filter(rng_n.standard_normal(hu.shape).astype(np.float32), sigma=(0.0, 0.8, 0.8))
+    hu += noise * (sigma / (noise.std() + 1e-9))
+
+    eq = EQUIPMENT[int(rng_a.integers(len(EQUIPMENT)))]
+    canonical = str(rng_a.choice(["LSPINE", "SPINE", "ABDOMEN"], p=[0.45, 0.2, 0.35]))
+    study = new_study(rng_a, uids, patient, "CT ABDOMEN" if canonical == "ABDOMEN" else "CT LWS")
+    series = new_series(uids, int(rng_a.integers(2, 6)), "CT", body_part_string(rng_a, canonical, 0.3),
+                        description=f"{'Abdomen' if canonical == 'ABDOMEN' else 'LWS'} {thick:g}mm Knochen",
+                        protocol="Abdomen" if canonical == "ABDOMEN" else "LWS nativ")
+    geom = VolumeGeometry("axial", (px, px), thick, thick, origin)
+    extra = {"KVP": "120", "XRayTubeCurrent": int(rng_a.integers(120, 350)), "ExposureTime": 500,
+             "ConvolutionKernel": str(rng_a.choice(["B60f", "BONE", "YB", "FC30"])),
+             "ReconstructionDiameter": f"{px * n:.4g}", "ScanOptions": "HELICAL"}
+    sops = write_slice_series(job.out, hu, geom, modality="CT", patient=patient, study=study, series=series,
+                              equipment=eq, uids=uids, slope=1.0, intercept=-1024.0, rescale_type="HU",
+                              window=((500.0, 40.0), (2000.0, 400.0)),
+                              window_explanation=["BONE", "ABDOMEN"], signed=False, bits_stored=12,
+                              extra=extra)
+    vertebrae: dict[str, str] = {}
+    detail: dict[str, dict[str, Any]] = {}
+    boxes: list[dict[str, Any]] = []
+    worst = 0
+    for i, name in enumerate(LEVELS[:4]):
+        lv = levels[name]
+        cls = who_class(float(t_scores[i]))
+        noisy = cls
+        if rng_l.random() < job.label_noise:
+            noisy = CLASSES[int(np.clip(CLASSES.index(cls) + rng_l.choice([-1, 1]), 0, 2))]
+        inside = np.nonzero((z >= lv["z0"]) & (z <= lv["z1"]))[0]
+        if not len(inside):
+            continue
+        h = lv["z1"] - lv["z0"]
+        mid = [int(k) for k in inside if abs(z[k] - lv["zc"]) <= 0.25 * h] or [int(inside[len(inside) // 2])]
+        vertebrae[name] = noisy
+        worst = max(worst, CLASSES.index(noisy))
+        detail[name] = {"class": noisy, "class_true": cls, "t_score": round(float(t_scores[i]), 3),
+                        "trabecular_hu": round(lv["trab_hu"], 1), "slices": [int(inside[0]), int(inside[-1])],
+                        "mid_slices": mid, "mid_sops": [sops[k] for k in mid]}
+        for k in mid:
+            waist = 1.0 - 0.06 * (1.0 - ((z[k] - lv["zc"]) / (0.5 * h)) ** 2)
+            col = (lv["cx"] - origin[0]) / px
+            row = (lv["cy"] - origin[1]) / px
+            ha, hb = lv["a"] * waist / px, lv["b"] * waist / px
+            boxes.append({"sop_instance_uid": sops[k], "x0": round(max(col - ha, 0.0), 2),
+                          "y0": round(max(row - hb, 0.0), 2), "x1": round(min(col + ha, n - 1.0), 2),
+                          "y1": round(min(row + hb, n - 1.0), 2), "label": noisy, "level": name})
+    return [{"study_uid": study.study_uid, "patient_id": patient.patient_id, "task": TASK,
+             "label": CLASSES[worst], "vertebrae": vertebrae, "levels": detail, "boxes": boxes,
+             "series_uid": series.series_uid, "n_slices": len(sops)}]
+
+
+def generate(out: Path, n: int, seed: int, *, workers: int = 2, difficulty: float = 0.5,
+             label_noise: float = 0.02, params: dict[str, Any] | None = None) -> Path:
+    """Write ``n`` synthetic lumbar CT studies under ``out``; return the manifest path.
+
+    ``params`` may set ``n`` (matrix), ``pixel_spacing``, ``thickness`` and ``t_shift`` (patient mean T-score).
+    """
+    return generate_studies(Path(out), n, seed, make_study, workers=workers, difficulty=difficulty,
+                            label_noise=label_noise, params=params)
+
+
+def preview(out_png: Path, n: int, seed: int) -> Path:
+    """Contact sheet of ``n`` studies with their per-vertebra boxes and classes."""
+    from training.synth.preview import contact_sheet
+
+    return contact_sheet(TASK, Path(out_png), n, seed)
