@@ -45,6 +45,7 @@ EQUIPMENT = (
     Equipment("AGFA", "DX-D 600"),
 )
 WRIST_CODE = ("74670003", "Wrist joint")
+SOFT_TAGS = frozenset({"forearm", "hand"})
 
 
 def lerp(a: float, b: float, t: float) -> float:
@@ -52,13 +53,13 @@ def lerp(a: float, b: float, t: float) -> float:
     return a + (b - a) * t
 
 
-def acquire(rng: np.random.Generator, parts: list[rg.Part], view: np.ndarray, det: rg.Detector,
-            difficulty: float, marker: str | None) -> tuple[np.ndarray, dict[str, float] | None]:
-    """Project, add a lead laterality marker and a collimator, form the detector image.
+def acquire(rng: np.random.Generator, li: np.ndarray, det: rg.Detector, difficulty: float,
+            marker: str | None) -> tuple[np.ndarray, dict[str, float] | None]:
+    """Add a lead laterality marker and a collimator to line integrals ``li``; form the detector image.
 
     Returns the processed float image and the marker's pixel box (or None).
     """
-    li = rg.project(parts, view, det)
+    li = li.copy()
     mbox = None
     if marker:
         m = rg.text_mask(marker, int(9.0 / det.pixel_mm))
@@ -141,7 +142,9 @@ def make_study(job: StudyJob) -> list[dict[str, Any]]:
     for k, (vp, view0) in enumerate(_views(rng_a)):
         view = view0 @ mirror
         det = rg.Detector(rows, cols, pix, cx=rng_a.normal(0, 6), cy=-8 + rng_a.normal(0, 8))
-        img, _ = acquire(rng_i, parts, view, det, job.difficulty, side if rng_a.random() < 0.9 else None)
+        soft = [p for p in parts if p.tag in SOFT_TAGS]
+        li = rg.project([p for p in parts if p.tag not in SOFT_TAGS], view, det, smooth=soft)
+        img, _ = acquire(rng_i, li, det, job.difficulty, side if rng_a.random() < 0.9 else None)
         sop = uids.make("sop", 1, k + 1)
         ds = rg.xray_dataset(modality=modality, patient=patient, study=study, series=series, equipment=eq,
                              sop_instance_uid=sop, instance_number=k + 1, image=img, bits_stored=bits,
