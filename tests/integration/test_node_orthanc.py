@@ -28,6 +28,7 @@ def test_study_from_orthanc_comes_back_with_results(tmp_path: Path,
                                                     node_with_orthanc: tuple[NodeProcess, OrthancServer]) -> None:
     node, pacs = node_with_orthanc
     node.start()
+    assert pacs.echo_modality("node")  # Orthanc's C-ECHO reaches the node
     study_uid, paths = write_study(tmp_path / "study", n_series=2, n_images=2)
     source_uids = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths}
     pacs.upload_dir(tmp_path / "study")
@@ -89,3 +90,9 @@ def test_late_instance_replaces_results(tmp_path: Path, node_with_orthanc: tuple
     assert prior == [first_sr[0]["SOPInstanceUID"]]
     gens = sorted(r["generation"] for r in node.query("SELECT generation FROM jobs WHERE state='done'"))
     assert gens == [1, 2]
+
+
+@pytest.mark.parametrize("orthanc", [{"peer": ("PEER", "127.0.0.1", 11112)}], indirect=True)
+def test_orthanc_fixture_registers_modalities(orthanc: OrthancServer) -> None:
+    assert orthanc.get("/modalities") == ["peer"]
+    assert orthanc.statistics()["CountInstances"] == 0
