@@ -10,6 +10,7 @@ architecture                builder                                             
 ``resnet_classifier``       :class:`inference.nets.resnet.ResNetClassifier`              wrist, physis
 ``mobilenet_v2_classifier`` :class:`inference.nets.resnet.MobileNetV2Classifier`         physis baseline
 ``physis_detector``         :func:`inference.nets.detection.build_physis_detector`       physis
+``physis_two_stage``        :class:`inference.nets.physis_two_stage.PhysisTwoStage`      physis (bundle)
 ``spine_detector``          :func:`inference.nets.spine_detector.build_spine_detector`   spine_bmd
 ``motion_cnn``              :class:`inference.nets.hrpqct.MotionGradeCNN`                hrpqct_motion
 ``unet2d``                  :class:`inference.nets.unet.UNet2D`                          knee_bone_seg
@@ -35,6 +36,7 @@ _BUILDERS: dict[str, tuple[str, str]] = {
     "resnet_classifier": ("inference.nets.resnet", "ResNetClassifier"),
     "mobilenet_v2_classifier": ("inference.nets.resnet", "MobileNetV2Classifier"),
     "physis_detector": ("inference.nets.detection", "build_physis_detector"),
+    "physis_two_stage": ("inference.nets.physis_two_stage", "PhysisTwoStage"),
     "spine_detector": ("inference.nets.spine_detector", "build_spine_detector"),
     "motion_cnn": ("inference.nets.hrpqct", "MotionGradeCNN"),
     "unet2d": ("inference.nets.unet", "UNet2D"),
