@@ -46,8 +46,9 @@ def test_study_from_orthanc_comes_back_with_results(tmp_path: Path,
     assert ds.StudyInstanceUID == study_uid
     jobs = node.query("SELECT state, series_uids FROM jobs")
     assert [j["state"] for j in jobs] == ["done"] and len(json.loads(jobs[0]["series_uids"])) == 2
-    wait_for(lambda: node.query("SELECT 1 FROM deliveries WHERE state='sent'"), 30, "deliveries marked sent")
-    assert {r["state"] for r in node.query("SELECT state FROM deliveries")} == {"sent"}
+    wait_for(lambda: {r["state"] for r in node.query("SELECT state FROM deliveries")} == {"sent"}, 30,
+             "every delivery marked sent")
+    assert len(node.query("SELECT 1 FROM deliveries")) == 2
 
     out = subprocess.run([sys.executable, "-m", "dicomnode.cli", "status", "--config", str(node.config_path)],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
