@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -21,11 +20,7 @@ def _pydicom_strict() -> None:
     pydicom.config.settings.writing_validation_mode = pydicom.config.RAISE
 
 
-def free_port() -> int:
-    """Return a free TCP port on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from dicomnode.devpacs import free_port  # noqa: E402,F401  (re-exported for the tests)
 
 
 def run_dciodvfy(path: Path) -> tuple[list[str], str]:
