@@ -202,7 +202,7 @@ def make_study(job: StudyJob) -> list[dict[str, Any]]:
                               equipment=eq, uids=uids, window=(float(np.percentile(values, 99) / 2),
                                                                 float(np.percentile(values, 99))),
                               signed=False, bits_stored=12,
-                              image_type=("ORIGINAL", "PRIMARY"), extra=extra)
+                              image_type=("ORIGINAL", "PRIMARY", "OTHER"), extra=extra)
     mask_rel = Path("masks") / f"{study.study_uid}.mha"
     write_label_map(job.out / mask_rel, labels, geom)
     return [{"study_uid": study.study_uid, "patient_id": patient.patient_id, "task": TASK,
