@@ -229,7 +229,7 @@ def make_study(job: StudyJob) -> list[dict[str, Any]]:
     n_slices, slice_mm, kvp = SCANNERS[model]
     n_slices = int(p.get("n_slices", n_slices))
     n = int(p.get("n", 256))
-    n_views = int(p.get("n_views", n))
+    n_views = int(p.get("n_views", (3 * n) // 4))  # the scanners also acquire fewer views than columns
     px = FOV_MM[site] / n
     if "grade" in p:
         true_grade = int(p["grade"])

@@ -81,17 +81,25 @@ class ParallelBeam:
 
     def _embed(self, images: np.ndarray) -> np.ndarray:
         """Place ``(S, n, n)`` images in the padded grid with the rotation centre at index 0."""
-        s = images.shape[0]
-        grid = np.zeros((s, self.m, self.m), dtype=np.float32)
-        off = self.m // 2 - self.n // 2
-        grid[:, off:off + self.n, off:off + self.n] = images / self._apod
-        return sfft.ifftshift(grid, axes=(1, 2))
+        grid = np.zeros((images.shape[0], self.m, self.m), dtype=np.float32)
+        img = images / self._apod
+        for (gr, ir) in self._blocks():
+            for (gc, ic) in self._blocks():
+                grid[:, gr, gc] = img[:, ir, ic]
+        return grid
+
+    def _blocks(self) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+        """(grid slice, image slice) pairs mapping image index i to grid index (i - n // 2) mod m."""
+        h, n, m = self.n // 2, self.n, self.m
+        return ((slice(0, n - h), slice(h, n)), (slice(m - h, m), slice(0, h)))
 
     def _extract(self, grid: np.ndarray) -> np.ndarray:
         """Inverse of :meth:`_embed` without the deapodisation."""
-        grid = sfft.fftshift(grid, axes=(1, 2))
-        off = self.m // 2 - self.n // 2
-        return grid[:, off:off + self.n, off:off + self.n]
+        out = np.empty((grid.shape[0], self.n, self.n), dtype=grid.dtype)
+        for (gr, ir) in self._blocks():
+            for (gc, ic) in self._blocks():
+                out[:, ir, ic] = grid[:, gr, gc]
+        return out
 
     def radial_samples(self, angles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Bilinear interpolation pattern of the radial lines at ``angles``.
