@@ -121,6 +121,14 @@ class ResultsConfig(_Strict):
     institution_name: str | None = None
 
 
+class TrainingArchiveConfig(_Strict):
+    """Where routes with ``archive_for_training`` keep de-identified copies (see :mod:`dicomnode.archive`)."""
+
+    dir: Path | None = Field(None, description="default: <storage_dir>/training-archive")
+    key_dir: Path | None = Field(None, description="pseudonymisation key + UID map; default <storage_dir>/training-archive-keys")
+    max_gb: float = Field(50.0, gt=0, description="size cap; the oldest series are evicted first")
+
+
 class Config(_Strict):
     """The whole node configuration."""
 
@@ -134,6 +142,7 @@ class Config(_Strict):
         default_factory=list, description="extra Python modules imported at start-up to register site tasks"
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    training_archive: TrainingArchiveConfig = Field(default_factory=TrainingArchiveConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
@@ -162,7 +171,10 @@ class Config(_Strict):
 
         node = self.node.model_copy(update={"storage_dir": fix(self.node.storage_dir)})
         routes = [r.model_copy(update={"model": fix(r.model)}) if r.model else r for r in self.routes]
-        return self.model_copy(update={"node": node, "models_dir": fix(self.models_dir), "routes": routes})
+        ta = self.training_archive.model_copy(update={k: fix(v) for k, v in (
+            ("dir", self.training_archive.dir), ("key_dir", self.training_archive.key_dir)) if v is not None})
+        return self.model_copy(update={"node": node, "models_dir": fix(self.models_dir), "routes": routes,
+                                       "training_archive": ta})
 
 
 def load_config(path: str | Path) -> Config:

@@ -74,5 +74,17 @@ class JobHandler:
             self.queue.mark_done(job.id, timings=dict(findings.timings_s),
                                  model_version=f"{findings.algorithm_name} {findings.algorithm_version}", conn=conn)
             mark_processed_if_done(conn, job.study_uid, job.generation)
+        if route.archive_for_training:
+            _archive_for_training(paths, route, self.cfg)
         if callable(self.on_results):
             self.on_results()
+
+
+def _archive_for_training(paths: list, route: object, cfg: Config) -> None:
+    """Keep a de-identified copy for nightly retraining; a failure here never fails the job."""
+    from dicomnode.archive import archive_series
+
+    try:
+        archive_series(paths, route, cfg)  # type: ignore[arg-type]
+    except Exception as exc:  # noqa: BLE001 - archiving is best effort; the results are already committed
+        log.warning("route %s: series not archived for training: %s", getattr(route, "name", "?"), exc)
