@@ -24,7 +24,7 @@ estimate from the 0- and 180-degree projections, and the true severity.
 Geometry: XtremeCT (110 slices, 82 um) and XtremeCT II (168 slices, 60.7 um)
 along z. In-plane the image is reconstructed on a modest matrix (default 256)
 covering the limb, so the recorded PixelSpacing is coarser than the scanner's
-native voxel (about 0.22 mm radius, 0.31 mm tibia); SliceThickness is native.
+native voxel (0.25 mm radius, 0.34 mm tibia at 256); SliceThickness is native.
 Modality values (RescaleSlope 1, RescaleIntercept 0) are mg HA/cm3. RescaleType
 is not written: the CT Image IOD only allows "HU" there for original images.
 """
@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import scipy.fft as sfft
+from scipy.ndimage import gaussian_filter1d
 
 from training.synth.common import (
     Equipment,
@@ -64,7 +65,7 @@ SCANNERS: dict[str, tuple[int, float, float]] = {  # model -> (slices, slice mm,
     "XtremeCT": (110, 0.082, 59.4),
     "XtremeCT II": (168, 0.0607, 68.0),
 }
-FOV_MM = {"radius": 56.0, "tibia": 80.0}
+FOV_MM = {"radius": 64.0, "tibia": 88.0}
 #: grade distributions per site, after the thesis (tibia 334/97/42/24/2, radius 139/169/233/62/8), grade 5 kept rare
 GRADE_P = {"radius": (0.23, 0.28, 0.37, 0.10, 0.02), "tibia": (0.64, 0.19, 0.09, 0.06, 0.02)}
 #: severity interval of each true grade (continuous scale 0..1)
@@ -159,17 +160,17 @@ def phantom(rng: np.random.Generator, site: str, n: int, n_slices: int, px: floa
     z = (np.arange(n_slices) - n_slices / 2) * dz
     loss = np.clip((age - 45) / 45, 0, 1) * (1.3 if sex == "F" else 0.8)
     if site == "radius":
-        env_a, env_b = rng.uniform(23, 27), rng.uniform(17, 20)
-        bone = dict(a=rng.uniform(10, 12.5), b=rng.uniform(7.5, 9), cx=rng.uniform(-6, -2), cy=rng.uniform(-2, 2),
+        env_a, env_b = rng.uniform(27, 29.5), rng.uniform(18, 21)
+        bone = dict(a=rng.uniform(10, 12.5), b=rng.uniform(7.5, 9), cx=rng.uniform(-10, -7), cy=rng.uniform(-2, 2),
                     cort=rng.uniform(0.6, 1.2))
-        other = dict(a=rng.uniform(4, 5), b=rng.uniform(3.5, 4.5), cx=rng.uniform(10, 13), cy=rng.uniform(0, 3),
-                     cort=rng.uniform(0.6, 1.0))
+        other = dict(a=rng.uniform(4, 5), b=rng.uniform(3.5, 4.5), cy=rng.uniform(0, 3), cort=rng.uniform(0.6, 1.0))
     else:
-        env_a, env_b = rng.uniform(33, 37), rng.uniform(29, 33)
-        bone = dict(a=rng.uniform(15, 18), b=rng.uniform(13, 15.5), cx=rng.uniform(-6, -2),
+        env_a, env_b = rng.uniform(37, 40), rng.uniform(30, 34)
+        bone = dict(a=rng.uniform(15, 18), b=rng.uniform(13, 15.5), cx=rng.uniform(-13, -9),
                     cy=rng.uniform(-3, 1), cort=rng.uniform(1.0, 1.8))
-        other = dict(a=rng.uniform(5, 6.5), b=rng.uniform(4.5, 6), cx=rng.uniform(14, 18),
-                     cy=rng.uniform(5, 9), cort=rng.uniform(0.8, 1.3))
+        other = dict(a=rng.uniform(5, 6.5), b=rng.uniform(4.5, 6), cy=rng.uniform(5, 9), cort=rng.uniform(0.8, 1.3))
+    # the ulna/fibula sits beside the main bone with a soft-tissue gap (the bones never overlap)
+    other["cx"] = bone["cx"] + bone["a"] * 1.25 * 1.12 + other["a"] * 1.12 + rng.uniform(1.5, 4.0)
     taper = rng.uniform(0.01, 0.03)  # per mm: the bone widens distally
     scale = (1 + taper * z)[:, None, None].astype(np.float32)
     fat_mm = rng.uniform(2.0, 7.0)
@@ -210,6 +211,7 @@ def acquire(rng: np.random.Generator, density: np.ndarray, motion: Motion, geom:
     f = (pos - i0).astype(np.float32)[:, :, None]
     views = np.arange(geom.n_views)[None, :]
     sino = (1 - f) * sino[i0, views] + f * sino[i0 + 1, views]
+    sino = gaussian_filter1d(sino, 0.6, axis=2)  # detector aperture / focal spot blur
     counts = rng.poisson(photons * np.exp(-np.clip(sino, 0, None))).astype(np.float32)
     sino = -np.log(np.maximum(counts, 1.0) / photons)
     ssd = opposed_projection_ssd(sino)
