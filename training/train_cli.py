@@ -37,6 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--version", help="bundle version string (default: UTC timestamp)")
     p.add_argument("--fp16", action="store_true", help="store weights in float16 (demo bundles)")
     p.add_argument("--workers", type=int, help="data loading / pre-processing processes")
+    p.add_argument("--method", help="shortcut for --set task.method=... (tasks whose config has a 'method' field)")
     p.add_argument("--synthetic", action="store_true",
                    help="mark the bundle as trained on synthetic data only (also automatic when every manifest "
                         "row has \"synthetic\": true)")
@@ -90,6 +91,10 @@ def build_configs(adapter: Any, args: argparse.Namespace) -> tuple[Any, Any]:
     for opt, field in (("epochs", "epochs"), ("device", "device"), ("version", "version"), ("workers", "num_workers")):
         if getattr(args, opt, None) is not None:
             train_raw[field] = getattr(args, opt)
+    if getattr(args, "method", None) is not None:
+        if "method" not in adapter.config_model.model_fields:
+            raise DicomNodeError(f"--method: task {adapter.name} has no 'method' option")
+        task_raw["method"] = args.method
     if getattr(args, "fp16", False):
         train_raw["fp16_weights"] = True
     if getattr(args, "synthetic", False):

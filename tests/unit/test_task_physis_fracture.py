@@ -284,3 +284,31 @@ def test_tiny_bundle_through_analyze(tiny_bundle, tmp_path, dciodvfy):
     probs2 = [g.get_measurements()[0].value for g in hd.sr.srread(sr2).content.get_image_measurement_groups()]
     assert probs == probs2
 
+
+
+def test_method_shortcut_sets_task_method():
+    import argparse
+
+    from inference.errors import DicomNodeError
+    from training.tasks import get_adapter
+    from training.train_cli import add_arguments, build_configs
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    adapter = get_adapter("physis_fracture")
+    _, tcfg = build_configs(adapter, parser.parse_args(["physis_fracture", "--data", "d", "--out", "o",
+                                                        "--method", "detector"]))
+    assert tcfg.method == "detector"
+    _, tcfg = build_configs(adapter, parser.parse_args(["physis_fracture", "--data", "d", "--out", "o"]))
+    assert tcfg.method == "two_stage" and tcfg.variant == "faithful" and tcfg.det_long_side >= 1024
+    with pytest.raises(DicomNodeError):
+        build_configs(adapter, parser.parse_args(["physis_fracture", "--data", "d", "--out", "o", "--method", "x"]))
+
+
+@pytest.mark.parametrize("method,present", [("classifier", ("image_classifier",)), ("detector", ("detector",))])
+def test_baseline_bundles_hold_only_their_network(method, present):
+    args = physis_init_args(method, variant="light", det_long_side=64, image_size=32, crop_size=32)
+    model = build_network("physis_two_stage", **args)
+    for name in ("detector", "crop_classifier", "image_classifier"):
+        assert (getattr(model, name) is not None) == (name in present)
+    assert model.methods == [method]
