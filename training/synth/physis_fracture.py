@@ -49,7 +49,8 @@ _TEXTS = ("STEHEND", "GIPS", "IN GIPS", "PA", "LAT", "SEITL", "NACH REP", "POST 
 
 def physis_fracture(rng: np.random.Generator, w: rg.Wrist, difficulty: float) -> dict[str, Any]:
     """Draw a fracture at or next to the distal radial physis: kind, plane, gap, displacement, mm."""
-    assert w.physis_y is not None
+    if w.physis_y is None:
+        raise ValueError("physis fractures need a phantom with open physes (age < 18)")
     s = w.scale
     kind = str(rng.choice(KINDS, p=[0.3, 0.45, 0.25]))
     mag = float(lerp(2.2, 0.4, difficulty) * rng.uniform(0.4, 1.2))
@@ -125,8 +126,11 @@ def burn_text(rng: np.random.Generator, img: np.ndarray) -> dict[str, float]:
     m = rg.text_mask(text, int(rng.integers(22, 40)))
     h, w = m.shape
     r = int(rng.integers(10, img.shape[0] - h - 10))
-    c = int(rng.integers(10, max(11, img.shape[1] // 4 - w))) if rng.random() < 0.5 else \
-        int(rng.integers(3 * img.shape[1] // 4, img.shape[1] - w - 10))
+    cols = img.shape[1]
+    if rng.random() < 0.5:  # near the left or the right edge, as annotations usually are
+        c = int(rng.integers(10, max(11, cols // 4 - w)))
+    else:
+        c = int(rng.integers(min(3 * cols // 4, cols - w - 11), cols - w - 10))
     top = float(np.percentile(img, 99.95))
     region = img[r:r + h, c:c + w]
     region[m] = top

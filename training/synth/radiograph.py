@@ -213,13 +213,15 @@ def project(parts: list[Part], view: np.ndarray, det: Detector, *, smooth: list[
     _project_into(out, parts, view, det)
     if smooth:
         f = smooth_factor
-        coarse = Detector(-(-det.rows // f), -(-det.cols // f), det.pixel_mm * f,
-                          det.cx + (f * (-(-det.cols // f)) - det.cols) * det.pixel_mm / 2,
-                          det.cy + (f * (-(-det.rows // f)) - det.rows) * det.pixel_mm / 2)
+        nr, nc = -(-det.rows // f), -(-det.cols // f)
+        # coarse pixel k is centred on fine pixel k * f
+        x0 = (0.5 - det.cols / 2.0) * det.pixel_mm + det.cx
+        y0 = (0.5 - det.rows / 2.0) * det.pixel_mm + det.cy
+        pm = det.pixel_mm * f
+        coarse = Detector(nr, nc, pm, x0 - (0.5 - nc / 2.0) * pm, y0 - (0.5 - nr / 2.0) * pm)
         low = np.zeros((coarse.rows, coarse.cols), np.float32)
         _project_into(low, smooth, view, coarse)
-        big = np.repeat(np.repeat(low, f, axis=0), f, axis=1)[: det.rows, : det.cols]
-        out += ndimage.uniform_filter(big, f, mode="nearest")
+        out += upsample(low, out.shape, f)
     return out
 
 
@@ -265,12 +267,41 @@ def _edge_profile(n: int, a: int, b: int, leakage: float, soft: float = 1.5) -> 
     return (leakage + (1.0 - leakage) * inner).astype(np.float32)
 
 
+def _up_axis0(a: np.ndarray, n: int, f: int) -> np.ndarray:
+    t = (np.arange(f, dtype=np.float32) / np.float32(f))[None, :, None]
+    ext = np.concatenate([a, a[-1:]], axis=0)
+    lo, hi = ext[:-1, None, :], ext[1:, None, :]
+    return (lo + (hi - lo) * t).reshape(a.shape[0] * f, a.shape[1])[:n]
+
+
+def upsample(small: np.ndarray, shape: tuple[int, int], f: int) -> np.ndarray:
+    """Bilinear upsampling of a grid sampled at every ``f``-th pixel (fine pixel ``k f + j`` lies ``j/f``
+    of the way from coarse sample ``k`` to ``k + 1``; constant beyond the last sample)."""
+    s32 = np.ascontiguousarray(small, dtype=np.float32)
+    rows = _up_axis0(s32, shape[0], f)
+    return np.ascontiguousarray(_up_axis0(np.ascontiguousarray(rows.T), shape[1], f).T)
+
+
 def _coarse_blur(img: np.ndarray, sigma_px: float, f: int) -> np.ndarray:
-    """Wide Gaussian blur evaluated on a grid ``f`` times coarser, upsampled (repeat + box smoothing)."""
+    """Wide Gaussian blur evaluated on a grid ``f`` times coarser and interpolated back."""
     small = img[::f, ::f]
-    blurred = ndimage.gaussian_filter(small, sigma_px / f, mode="nearest")
-    big = np.repeat(np.repeat(blurred, f, axis=0), f, axis=1)[: img.shape[0], : img.shape[1]]
-    return ndimage.uniform_filter(big, f, mode="nearest")
+    return upsample(ndimage.gaussian_filter(small, sigma_px / f, mode="nearest"), img.shape, f)
+
+
+def _blur3(img: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable 3-tap blur ``[w, 1 - 2w, w]`` with variance ``sigma**2`` (``sigma`` up to ~0.8 px)."""
+    w = np.float32(min(sigma * sigma / 2.0, 0.33))
+    out = img * (1 - 2 * w)
+    out[1:] += w * img[:-1]
+    out[:-1] += w * img[1:]
+    out[0] += w * img[0]
+    out[-1] += w * img[-1]
+    res = out * (1 - 2 * w)
+    res[:, 1:] += w * out[:, :-1]
+    res[:, :-1] += w * out[:, 1:]
+    res[:, 0] += w * out[:, 0]
+    res[:, -1] += w * out[:, -1]
+    return res
 
 
 def form_image(line_integral: np.ndarray, exp: Exposure, rng: np.random.Generator, pixel_mm: float) -> np.ndarray:
@@ -289,12 +320,12 @@ def form_image(line_integral: np.ndarray, exp: Exposure, rng: np.random.Generato
         primary *= _edge_profile(cols, c0, c1, np.sqrt(exp.leakage))[None, :]
     scat = _coarse_blur(primary, exp.scatter_sigma_mm / pixel_mm, 8)
     signal = primary + np.float32(exp.scatter_fraction) * scat * (primary > exp.leakage * 2)
-    signal = ndimage.gaussian_filter(signal, exp.blur_px, truncate=3.0)
+    signal = _blur3(signal, exp.blur_px)
     lam = signal * np.float32(exp.photons)
     counts = lam + np.sqrt(lam) * rng.standard_normal(lam.shape, dtype=np.float32)
     img = -np.log(np.maximum(counts, 0.5) / np.float32(exp.photons))
     if exp.unsharp > 0:
-        img += np.float32(exp.unsharp) * (img - ndimage.uniform_filter(img, 13, mode="nearest"))
+        img += np.float32(exp.unsharp) * (img - _coarse_blur(img, 6.0, 4))
     return img
 
 
@@ -419,7 +450,7 @@ def wrist_anatomy(rng: np.random.Generator, age_years: float) -> Wrist:
 
     Mirror x (``rot("y", 180)``) for a left wrist.
     """
-    child = age_years < 17.0
+    child = age_years < 18.0
     s = float(np.clip(0.55 + 0.45 * (age_years - 2.0) / 15.0, 0.55, 1.0)) if child else 1.0
     s *= float(rng.normal(1.0, 0.06))
     cort = (1.0 if child else float(rng.uniform(1.4, 2.4))) * s

@@ -46,6 +46,7 @@ EQUIPMENT = (
 )
 WRIST_CODE = ("74670003", "Wrist joint")
 SOFT_TAGS = frozenset({"forearm", "hand"})
+ROWS, COLS = 576, 448  # long side >= 512; the classifier input is 341 x 512
 
 
 def lerp(a: float, b: float, t: float) -> float:
@@ -136,8 +137,8 @@ def make_study(job: StudyJob) -> list[dict[str, Any]]:
     photometric = choose_photometric(rng_a, 0.3)
     bits = choose_bits_stored(rng_a, (12, 14, 16))
     pts = rg.plane_points(fx["n"], fx["h"], fx["center"], w.radius, extent=30 * w.scale) if fractured else None
-    rows, cols = (640, 512)
-    pix = float(rng_a.uniform(0.26, 0.32))
+    rows, cols = ROWS, COLS
+    pix = float(rng_a.uniform(0.29, 0.36))
     boxes = []
     for k, (vp, view0) in enumerate(_views(rng_a)):
         view = view0 @ mirror
