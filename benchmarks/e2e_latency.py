@@ -211,7 +211,8 @@ def write_readme(row: str, note: str) -> None:
     lines = [ln for ln in lines if not (ln.startswith(prefix) and ln.split("|")[3].strip() == same_device)]
     if HEADER.split("\n")[0] not in body:
         lines += ["", HEADER]
-    lines.append(row)
+    last_row = max(i for i, ln in enumerate(lines) if ln.startswith("|"))
+    lines.insert(last_row + 1, row)  # keep the rows together, notes below the table stay below
     README.write_text(text[:start] + "\n".join(lines) + "\n" + ("\n" if end < len(text) else "") + text[end:])
 
 
