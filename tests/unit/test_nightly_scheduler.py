@@ -72,7 +72,7 @@ def test_two_tasks_share_one_worker(tmp_path: Path) -> None:
 
 
 def test_missed_runs_coalesce_into_one_catch_up(tmp_path: Path) -> None:
-    tz = dt.timezone.utc
+    tz = dt.UTC
     trig = cron_trigger("0 2 * * *", tz)
     last = dt.datetime(2026, 1, 1, 2, 0, 5, tzinfo=tz)
     now = dt.datetime(2026, 1, 4, 3, 0, tzinfo=tz)
