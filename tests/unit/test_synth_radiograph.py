@@ -239,3 +239,20 @@ def test_physis_fracture_box_covers_the_change(kind: str) -> None:
     r0, r1, c0, c1 = int(box["y0"]), int(box["y1"]) + 1, int(box["x0"]), int(box["x1"]) + 1
     assert diff[r0:r1, c0:c1].max() > 0.05
     assert intact[r0:r1, c0:c1].max() > 0.3
+
+
+def test_cli_writes_studies_manifest_and_preview(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from training.cli import main
+
+    out, png = tmp_path / "out", tmp_path / "sheet.png"
+    rc = main(["synth", "wrist_fracture", "--out", str(out), "--n", "2", "--seed", "4", "--workers", "1",
+               "--difficulty", "0.3", "--preview", str(png)])
+    assert rc == 0
+    assert capsys.readouterr().out.strip() == str(out / "labels.jsonl")
+    assert len(read_manifest(out)) == 2 and _files(out)
+    from PIL import Image
+
+    with Image.open(png) as im:
+        assert im.width >= 256 and im.height >= 256
+    rc = main(["synth", "wrist_fracture", "--out", str(tmp_path / "bad"), "--n", "1", "--difficulty", "3"])
+    assert rc == 2 and not (tmp_path / "bad" / "labels.jsonl").exists()
