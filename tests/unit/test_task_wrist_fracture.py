@@ -247,3 +247,21 @@ def test_task_without_images_raises(trained: dict[str, Path]) -> None:
     ds.SOPInstanceUID, ds.StudyInstanceUID, ds.Modality = "1.2.3", "1.2", "SR"
     with pytest.raises(TaskError):
         get_task("wrist_fracture")([ds], TaskContext(model_dir=trained["bundle"], device="cpu"))
+
+
+def test_train_cli_uses_adapter_defaults_and_lets_the_user_override(tmp_path: Path) -> None:
+    import argparse
+
+    from training.train_cli import add_arguments, build_configs
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    adapter = get_adapter("wrist_fracture")
+    cfg, _ = build_configs(adapter, parser.parse_args(["wrist_fracture", "--data", "d", "--out", "o"]))
+    assert cfg.batch_size == 32 and cfg.balanced_sampling and cfg.optimizer == "adam"
+    yml = tmp_path / "c.yaml"
+    yml.write_text("train: {batch_size: 4}\n")
+    cfg, tcfg = build_configs(adapter, parser.parse_args(["wrist_fracture", "--data", "d", "--out", "o", "--config",
+                                                          str(yml), "--set", "balanced_sampling=false",
+                                                          "--set", "threshold=0.3"]))
+    assert cfg.batch_size == 4 and not cfg.balanced_sampling and tcfg.threshold == 0.3
