@@ -4,26 +4,32 @@ Level finding (the cheap pass that decides which slices go through the detector)
 ----------------------------------------------------------------------------------
 1. The spine's midline column is the central axial column with the most bone
    (:func:`inference.ct.spine_midline_column`). A thin sagittal slab around it
-   is collapsed by a maximum over the columns: ``slab[slice, row]`` (HU).
-2. The vertebral-body column in that slab is the most anterior run of rows
-   (smallest row index, i.e. anterior for a standard axial orientation) where
-   cortical bone (> ``cortex_hu``) occurs in many slices; the spinal canal
-   separates it from the posterior elements.
-3. For each slice, the number of body-column rows holding cortical bone is the
-   *bone profile*. Vertebral bodies have a cortical shell (anterior and
-   posterior walls, endplates) on every slice, whatever their trabecular
-   density; intervertebral discs have none. This is why the profile counts
-   cortex rather than averaging HU: an osteoporotic body (40-110 HU) and a disc
-   (70-110 HU) have the same mean.
+   (10 mm) is collapsed by a maximum over the columns: ``slab[slice, row]`` (HU).
+2. On every slice the first cortical row from the front (> ``cortex_hu``) is
+   the bodies' anterior cortex; it is interpolated over slices without bone
+   (discs) and median-filtered along the stack (lordosis moves it smoothly).
+3. The *bone profile* of a slice counts the cortical rows in a 12 mm band
+   behind that anterior cortex. Vertebral bodies have a cortical shell
+   (anterior wall, endplates) on every slice whatever their trabecular
+   density; intervertebral discs have none, and the posterior elements (which
+   reach the disc levels at the facet joints) lie further back. Counting cortex
+   rather than averaging HU matters: an osteoporotic body (40-110 HU) and a
+   disc (70-110 HU) have the same mean.
 4. Slices with bone form runs; gaps thinner than ``close_mm`` are closed, runs
-   shorter than ``min_body_mm`` are dropped and runs longer than
-   ``max_body_mm`` (a disc lost to thick slices) are split at the profile's
-   minimum. Each run is one vertebral body.
-5. Level labels come from the z-order of the runs anchored at the sacrum: the
-   most inferior run is the sacrum when it reaches the bottom of the stack or
-   is much wider (ilia) than the run above; the run above the sacrum is L5,
-   then L4, L3, L2, L1 going up. Without a sacrum the most inferior complete
-   body is taken as L5 (documented fallback, logged as a warning).
+   shorter than ``min_body_mm`` are dropped unless cut by the stack's end, and
+   runs longer than ``max_body_mm`` (a disc lost to thick slices) are split at
+   the profile's minimum. Each run is one vertebral body.
+5. Level names come from the z-order of the runs and one anchor, in this order
+   of preference (:func:`label_runs`):
+
+   * ribs: a body whose slices show bone more than ``rib_mm`` lateral to the
+     midline is thoracic; the first body below the last such one is L1;
+   * the sacrum: the most inferior run when it is much wider than the body
+     above it (ilia) is S1; the body above is L5;
+   * otherwise the most superior complete body is L1 (lumbar CT framed from
+     the thoracolumbar junction, as the synthetic studies are).
+
+   A body cut by the top of the stack is never named (its level is unknown).
 
 Classification rules
 --------------------
@@ -54,8 +60,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "CLASS_NAMES", "LEVEL_NAMES", "REPORTED_LEVELS", "BodyRun", "SliceDetection", "SpineGeometry",
-    "VertebraResult", "aggregate_vertebra", "body_runs", "find_levels", "label_runs", "patient_class",
-    "select_slices", "slice_class_scores", "spine_geometry",
+    "VertebraResult", "aggregate_vertebra", "body_runs", "find_levels", "label_runs", "lateral_extent_mm",
+    "patient_class", "select_slices", "slice_class_scores", "spine_geometry",
 ]
 
 CLASS_NAMES: tuple[str, ...] = ("normal", "osteopenia", "osteoporosis")
@@ -85,16 +91,23 @@ class BodyRun:
         """Extent along the stack (mm)."""
         return self.z1 - self.z0
 
+    def named(self, name: str, width_mm: float | None = None) -> BodyRun:
+        """A copy with a level name (and optionally a lateral width)."""
+        return BodyRun(self.i0, self.i1, self.z0, self.z1, self.partial,
+                       self.width_mm if width_mm is None else width_mm, name)
+
 
 @dataclass
 class SpineGeometry:
-    """What the profile pass found: the slab column, the body's AP rows, the profile and the runs."""
+    """What the profile pass found: slab column, anterior cortex row per slice, AP rows, profile and runs."""
 
     column: int
     ap_rows: tuple[int, int]
     profile: np.ndarray
+    anterior_row: np.ndarray = field(default_factory=lambda: np.zeros(0))
     runs: list[BodyRun] = field(default_factory=list)
     sacrum: BodyRun | None = None
+    anchor: str = ""
 
 
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
@@ -112,51 +125,41 @@ def spine_geometry(
     cortex_hu: float = 300.0,
     slab_mm: float = 10.0,
     anterior_band_mm: float = 12.0,
-    body_depth_mm: float = 40.0,
-    anterior_up: bool = True,
+    body_depth_mm: float = 45.0,
 ) -> SpineGeometry:
-    """Midline column, vertebral-body AP rows and the per-slice cortical-bone profile.
+    """Midline column, anterior cortex row per slice and the cortical-bone profile (steps 1-3 above).
 
-    The profile counts cortical rows in a band of ``anterior_band_mm`` behind
-    the most anterior bony row of the slab (the bodies' anterior cortex): every
-    body slice crosses the anterior wall or an endplate there, discs do not, and
-    the posterior elements (which reach the disc levels at the facet joints) lie
-    further back. ``ap_rows`` spans ``body_depth_mm`` from that row (where a
-    body's box centre may be).
-
-    Parameters
-    ----------
-    volume_hu:
-        (slices, rows, cols) HU in stack order (ascending position).
-    positions:
-        Slice positions (mm) along the stack normal.
-    pixel_spacing:
-        (row, column) spacing in mm.
-    anterior_up:
-        True when anterior is towards row 0 (standard axial orientation,
-        column direction cosine pointing posterior).
+    ``volume_hu`` is (slices, rows, cols) HU in stack order with anterior towards
+    row 0 (flip it first otherwise); ``positions`` the slice positions (mm).
+    ``ap_rows`` spans from the most anterior cortex to ``body_depth_mm`` behind
+    the most posterior one: where a body's box centre may lie.
     """
     vol = np.asarray(volume_hu)
-    if vol.ndim != 3:
-        raise ValueError(f"volume must be (slices, rows, cols), got {vol.shape}")
-    if not anterior_up:
-        vol = vol[:, ::-1, :]
+    pos = np.asarray(positions, dtype=float)
+    if vol.ndim != 3 or len(pos) != vol.shape[0]:
+        raise ValueError(f"need a (slices, rows, cols) volume and one position per slice, got {vol.shape}")
+    n, rows = vol.shape[0], vol.shape[1]
     col = spine_midline_column(vol, threshold=cortex_hu)
     half = max(1, int(round(slab_mm / 2.0 / float(pixel_spacing[1]))))
-    slab = vol[:, :, max(0, col - half):col + half + 1].max(axis=2)  # (slices, rows)
-    bone = slab > cortex_hu
-    freq = ndimage.uniform_filter1d(bone.mean(axis=0).astype(float), size=3)
-    rows = vol.shape[1]
-    if freq.max() <= 0:
-        return SpineGeometry(col, (0, 0), np.zeros(vol.shape[0]))
-    r0 = int(np.argmax(freq > 0.25 * freq.max()))  # anterior cortex of the bodies
+    bone = vol[:, :, max(0, col - half):col + half + 1].max(axis=2) > cortex_hu  # (slices, rows)
+    has = bone.any(axis=1)
+    if not has.any():
+        return SpineGeometry(col, (0, 0), np.zeros(n), np.zeros(n))
+    first = np.where(has, bone.argmax(axis=1), -1).astype(float)
+    idx = np.arange(n)
+    ant = np.interp(idx, idx[has], first[has])
+    step = float(np.median(np.abs(np.diff(pos)))) if n > 1 else 1.0
+    win = max(3, int(round(20.0 / max(step, 1e-3))) | 1)
+    ant = ndimage.median_filter(ant, size=win, mode="nearest")
     band = max(2, int(round(anterior_band_mm / float(pixel_spacing[0]))))
-    depth = max(band, int(round(body_depth_mm / float(pixel_spacing[0]))))
-    profile = bone[:, r0:min(rows, r0 + band)].sum(axis=1).astype(float)
-    r1 = min(rows - 1, r0 + depth)
-    ap = (r0, r1) if anterior_up else (rows - 1 - r1, rows - 1 - r0)
-    del positions  # the runs' geometry is computed by body_runs
-    return SpineGeometry(col, ap, profile)
+    lead = max(1, int(round(2.0 / float(pixel_spacing[0]))))
+    profile = np.zeros(n)
+    for k in range(n):
+        r0 = int(max(0, round(ant[k]) - lead))
+        profile[k] = bone[k, r0:min(rows, r0 + band + lead)].sum()
+    depth = int(round(body_depth_mm / float(pixel_spacing[0])))
+    ap = (int(max(0, ant.min() - lead)), int(min(rows - 1, ant.max() + depth)))
+    return SpineGeometry(col, ap, profile, ant)
 
 
 def body_runs(
@@ -169,7 +172,7 @@ def body_runs(
     max_body_mm: float = 45.0,
     edge_mm: float = 2.0,
 ) -> list[BodyRun]:
-    """Vertebral bodies as runs of slices whose profile shows cortical bone.
+    """Vertebral bodies as runs of slices whose profile shows cortical bone (step 4 above).
 
     Returns the runs ordered from superior to inferior (descending position).
     """
@@ -208,66 +211,69 @@ def body_runs(
     return sorted(out, key=lambda r: -r.center_mm)
 
 
-def _bone_width_mm(volume_hu: np.ndarray, run: BodyRun, ap_rows: tuple[int, int], col_spacing: float,
-                   cortex_hu: float) -> float:
-    """Lateral extent (mm) of bone in the body's AP rows over the run's central slices."""
+def lateral_extent_mm(volume_hu: np.ndarray, run: BodyRun, geom: SpineGeometry, col_spacing: float,
+                      cortex_hu: float) -> float:
+    """Largest distance (mm) from the midline of bone in the spine's AP rows over the run's central slices."""
     a, b = sorted((run.i0, run.i1))
     mid = (a + b) // 2
-    sl = volume_hu[max(a, mid - 1):min(b, mid + 1) + 1, ap_rows[0]:ap_rows[1] + 1, :]
+    sl = volume_hu[max(a, mid - 1):min(b, mid + 1) + 1, geom.ap_rows[0]:geom.ap_rows[1] + 1, :]
     cols = np.nonzero((sl > cortex_hu).any(axis=(0, 1)))[0]
-    return float((cols.max() - cols.min() + 1) * col_spacing) if cols.size else 0.0
+    return float(np.abs(cols - geom.column).max() * col_spacing) if cols.size else 0.0
 
 
-def label_runs(runs: Sequence[BodyRun], widths: Sequence[float] | None = None, *,
-               bottom_partial: bool | None = None, sacrum_width_ratio: float = 1.6) -> tuple[list[BodyRun], BodyRun | None]:
-    """Name the runs L5..L1 upwards from the sacrum.
+def label_runs(runs: Sequence[BodyRun], widths: Sequence[float] | None = None, *, rib_mm: float = 65.0,
+               sacrum_width_ratio: float = 1.5) -> tuple[list[BodyRun], BodyRun | None, str]:
+    """Name the runs L1..L5 (step 5 above).
 
     Parameters
     ----------
     runs:
         Bodies ordered superior to inferior (as :func:`body_runs` returns them).
     widths:
-        Lateral bone width per run (mm); the sacrum is much wider than L5 (ilia).
-    bottom_partial:
-        Whether the most inferior run reaches the bottom of the stack (default:
-        its ``partial`` flag).
+        Lateral bone extent per run (mm from the midline); default each run's ``width_mm``.
 
     Returns
     -------
-    (named runs superior to inferior, sacrum run or None)
+    (named runs superior to inferior, sacrum run or None, anchor used: "ribs", "sacrum" or "top")
     """
     runs = list(runs)
     if not runs:
-        return [], None
-    widths = list(widths) if widths is not None else [r.width_mm for r in runs]
-    last = runs[-1]
-    reaches_bottom = last.partial if bottom_partial is None else bottom_partial
-    wider = len(runs) > 1 and widths[-1] > sacrum_width_ratio * max(widths[-2], 1e-6)
+        return [], None, ""
+    w = list(widths) if widths is not None else [r.width_mm for r in runs]
+    runs = [r.named(r.name, wi) for r, wi in zip(runs, w, strict=True)]
     sacrum: BodyRun | None = None
-    if reaches_bottom or wider:
-        sacrum = last
-        runs = runs[:-1]
+    if len(runs) > 1 and w[-1] > sacrum_width_ratio * max(w[-2], 1e-6):
+        sacrum = runs.pop()
+    thoracic = [i for i, wi in enumerate(w[:len(runs)]) if wi > rib_mm]
+    if thoracic:
+        start, anchor = thoracic[-1] + 1, "ribs"
+        names = {i: LEVEL_NAMES[k] for k, i in enumerate(range(start, min(len(runs), start + 5)))}
+    elif sacrum is not None:
+        anchor = "sacrum"
+        names = {i: LEVEL_NAMES[-1 - k] for k, i in enumerate(reversed(range(max(0, len(runs) - 5), len(runs))))}
     else:
-        log.warning("no sacrum found below the lowest vertebral body; taking it as L5")
-    named: list[BodyRun] = []
-    for k, r in enumerate(reversed(runs)):  # inferior first: L5, L4, ...
-        if k >= len(LEVEL_NAMES):
-            break
-        if r.partial and k > 0:  # a body cut by the top of the stack is not measured
-            continue
-        named.append(BodyRun(r.i0, r.i1, r.z0, r.z1, r.partial, r.width_mm, LEVEL_NAMES[-1 - k]))
-    return sorted(named, key=lambda r: -r.center_mm), sacrum
+        start = 1 if runs[0].partial and len(runs) > 1 else 0
+        anchor = "top"
+        names = {i: LEVEL_NAMES[k] for k, i in enumerate(range(start, min(len(runs), start + 5)))}
+    top_cut = runs[0].partial and runs[0].i1 >= max(r.i1 for r in runs)
+    named = [runs[i].named(nm) for i, nm in names.items() if not (i == 0 and top_cut)]
+    return sorted(named, key=lambda r: -r.center_mm), sacrum, anchor
 
 
 def find_levels(volume_hu: np.ndarray, positions: Sequence[float] | np.ndarray, pixel_spacing: tuple[float, float],
                 *, cortex_hu: float = 300.0, anterior_up: bool = True) -> SpineGeometry:
     """The profile pass end to end: geometry, body runs and their level names (L1..L5)."""
     pos = np.asarray(positions, dtype=float)
-    geom = spine_geometry(volume_hu, pos, pixel_spacing, cortex_hu=cortex_hu, anterior_up=anterior_up)
+    vol = np.asarray(volume_hu) if anterior_up else np.asarray(volume_hu)[:, ::-1, :]
+    geom = spine_geometry(vol, pos, pixel_spacing, cortex_hu=cortex_hu)
     runs = body_runs(geom.profile, pos)
-    runs = [BodyRun(r.i0, r.i1, r.z0, r.z1, r.partial,
-                    _bone_width_mm(volume_hu, r, geom.ap_rows, float(pixel_spacing[1]), cortex_hu)) for r in runs]
-    geom.runs, geom.sacrum = label_runs(runs)
+    widths = [lateral_extent_mm(vol, r, geom, float(pixel_spacing[1]), cortex_hu) for r in runs]
+    geom.runs, geom.sacrum, geom.anchor = label_runs(runs, widths)
+    if not anterior_up:  # back to the caller's row order
+        rows = vol.shape[1]
+        geom.ap_rows = (rows - 1 - geom.ap_rows[1], rows - 1 - geom.ap_rows[0])
+        geom.anterior_row = rows - 1 - geom.anterior_row
+    log.debug("spine levels: %s (anchor %s)", [(r.name, round(r.center_mm, 1)) for r in geom.runs], geom.anchor)
     return geom
 
 

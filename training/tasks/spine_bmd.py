@@ -71,6 +71,7 @@ class SpineBmdConfig(TaskConfig):
     image_size: int = Field(512, ge=64, le=1024, description="slices resized to this (CT is 512x512)")
     in_channels: Literal[1, 3] = 3
     pretrained_path: str | None = Field(None, description="local ImageNet ResNet weights (never downloaded)")
+    box_score_thresh: float = Field(0.05, ge=0, lt=1, description="detector output threshold (torchvision default)")
     negatives_per_study: int = Field(2, ge=0, description="slices without a body (discs) per training study")
     hflip: bool = True
     intensity_jitter: float = Field(0.05, ge=0, le=0.5)
@@ -106,7 +107,8 @@ def study_truth(row: dict[str, Any], sop_to_index: dict[str, int], positions: np
         ``classes`` level -> class index; ``boxes`` slice index -> [(box, class index)];
         ``mid_mm`` level -> true mid-body position (median of its labelled
         slices, or the row's ``levels[level]["z_mm"]``); ``extent_mm`` level ->
-        (z0, z1) when the row gives it.
+        (z0, z1) when the row gives it (``levels[level]`` with ``z0_mm``/``z1_mm``
+        or ``slices`` = [first, last] slice index, as the synthetic generator writes).
 
     Raises
     ------
@@ -143,6 +145,10 @@ def study_truth(row: dict[str, Any], sop_to_index: dict[str, int], positions: np
                 mid[str(lv)] = float(info["z_mm"])
             if "z0_mm" in info and "z1_mm" in info:
                 extent[str(lv)] = (float(info["z0_mm"]), float(info["z1_mm"]))
+            elif isinstance(info.get("slices"), list) and len(info["slices"]) == 2:  # first/last slice index
+                a, b = (int(v) for v in info["slices"])
+                if 0 <= a < len(positions) and 0 <= b < len(positions):
+                    extent[str(lv)] = (float(positions[a]), float(positions[b]))
     return {"classes": classes, "boxes": boxes, "mid_mm": mid, "extent_mm": extent}
 
 
@@ -223,7 +229,8 @@ class SpineBmdAdapter(BaseAdapter):
         args: dict[str, Any] = {"backbone": cfg.backbone}
         if cfg.variant == "light":
             args.update(SPINE_LIGHT_ARGS)
-        args.update({"in_channels": cfg.in_channels, "min_size": cfg.image_size, "max_size": cfg.image_size})
+        args.update({"in_channels": cfg.in_channels, "min_size": cfg.image_size, "max_size": cfg.image_size,
+                     "box_score_thresh": cfg.box_score_thresh})
         if cfg.pretrained_path:
             args["pretrained_path"] = cfg.pretrained_path
         return "spine_detector", args
