@@ -23,8 +23,9 @@ def _table(conn: sqlite3.Connection, name: str) -> bool:
 def status_text(cfg: Config, limit: int = 50) -> str:
     """Render the node's state as text (no patient identifiers, UIDs only)."""
     path = db.db_path(cfg.node.storage_dir)
+    models = _models_text(cfg)
     if not path.exists():
-        return f"no node database at {path} (the node has not run yet)"
+        return f"no node database at {path} (the node has not run yet)" + models
     conn = db.connect(path)
     out: list[str] = [f"database: {path}"]
     try:
@@ -57,7 +58,20 @@ def status_text(cfg: Config, limit: int = 50) -> str:
                            f" sop={r['sop_instance_uid']}{err}")
     finally:
         conn.close()
-    return "\n".join(out)
+    return "\n".join(out) + models
+
+
+def _models_text(cfg: Config) -> str:
+    """Current model version of each task in the registry and when it was promoted (the pointer's mtime)."""
+    from inference.registry import ModelRegistry
+
+    reg = ModelRegistry(cfg.models_dir)
+    lines = []
+    for task in reg.tasks():
+        version = reg.current(task)
+        when = reg.pointer_path(task).stat().st_mtime if version else None
+        lines.append(f"  {task:<20} version={version or '-'} promoted={_ts(when)}")
+    return ("\n\nMODELS (task, current version, promoted)\n" + "\n".join(lines)) if lines else ""
 
 
 def print_status(cfg: Config, limit: int = 50) -> int:

@@ -186,3 +186,44 @@ def test_burned_in_annotation_refused_and_opt_in(tmp_path: Path) -> None:
     assert archive_series(_study(tmp_path / "in2", n=1), off, cfg) == []
     assert not (tmp_path / "var" / "training-archive" / "studies").exists() or not any(
         (tmp_path / "var" / "training-archive" / "studies").iterdir())
+
+
+def test_worker_archives_processed_series_of_opted_in_route(tmp_path: Path) -> None:
+    import io
+    import time as _time
+
+    import tests.plugins.bone_test_task  # noqa: F401 - registers test_task
+    from dicomnode.assembler import Assembler
+    from dicomnode.jobs import JobQueue
+    from dicomnode.outbox import Outbox
+    from dicomnode.spool import Spool
+    from dicomnode.worker import JobHandler
+    from tests.plugins.bone_test_task import dx_dataset
+
+    cfg = Config.model_validate({
+        "node": {"storage_dir": str(tmp_path / "var"), "disk_min_free_gb": 0},
+        "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104}},
+        "routes": [{"name": "wrist", "task": "test_task", "match": {"modality": ["DX"]}, "complete_after_s": 1,
+                    "send_to": ["pacs"], "archive_for_training": True}],
+        "training_archive": {"dir": str(tmp_path / "arch"), "key_dir": str(tmp_path / "keys")},
+    })
+    spool = Spool(cfg.node.storage_dir, 0)
+    queue = JobQueue(spool.db_path)
+    outbox = Outbox(cfg.node.storage_dir)
+    asm = Assembler(cfg, spool, queue)
+    handler = JobHandler(cfg, spool, queue, outbox)
+    study, series = generate_uid(), generate_uid()
+    buf = io.BytesIO()
+    dx_dataset(study, series, 0).save_as(buf, enforce_file_format=True)
+    spool.store(buf.getvalue(), assoc_id=None)
+    asm.poll_once(_time.time() + 2)
+    job = queue.claim()
+    assert job is not None
+    handler(job)
+    assert queue.get(job.id).state == "done"  # type: ignore[union-attr]
+    [side] = list((tmp_path / "arch" / "studies").glob("*/*/series.json"))
+    meta = json.loads(side.read_text())
+    assert meta["task"] == "test_task" and meta["route"] == "wrist" and meta["study_uid"] != study
+    assert len(list(side.parent.glob("*.dcm"))) == 1
+    rows = (tmp_path / "keys" / UID_MAP).read_text()
+    assert study in rows  # the mapping back lives only in the key folder

@@ -80,6 +80,14 @@ def test_better_promoted_worse_kept_with_reason(site: dict) -> None:
     assert "Decision: kept" in (worse.run_dir / "report.md").read_text()
     assert [r["status"] for r in last_runs(reg.root, TASK)] == ["promoted", "kept"]
     assert json.loads((reg.task_dir(TASK) / "promotions.jsonl").read_text().splitlines()[0])["previous"] == "bad"
+    # the node's status shows the promoted version and when it was promoted
+    from dicomnode.config import Config
+    from dicomnode.status import status_text
+
+    text = status_text(Config.model_validate({"node": {"storage_dir": str(site["tmp"] / "var")},
+                                              "models_dir": str(reg.root)}))
+    line = next(x for x in text.splitlines() if x.strip().startswith(TASK))
+    assert "version=nightly-run1" in line and "promoted=20" in line
 
 
 def test_fine_tune_from_current(site: dict) -> None:

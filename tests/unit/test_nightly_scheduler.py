@@ -116,3 +116,15 @@ def test_config_validation(tmp_path: Path) -> None:
         (tmp_path / "b.yaml").write_text("registry_dir: m\narchive_dir: a\nkey_dir: k\nincoming_labels_dir: i\n" + bad)
         with pytest.raises(NightlyConfigError):
             load_nightly_config(tmp_path / "b.yaml")
+
+
+def test_schedule_cli_list_and_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from training.cli import main
+
+    (tmp_path / "n.yaml").write_text("registry_dir: m\narchive_dir: a\nkey_dir: k\nincoming_labels_dir: i\n"
+                                     "tasks:\n  toy_square: {cron: '30 3 * * *'}\n")
+    assert main(["schedule", "--config", str(tmp_path / "n.yaml"), "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "toy_square: next run" in out and "03:30:00" in out
+    (tmp_path / "bad.yaml").write_text("registry_dir: m\n")
+    assert main(["schedule", "--config", str(tmp_path / "bad.yaml")]) == 2

@@ -18,7 +18,8 @@ for a binary finding (true/false, 0/1) the opposite value.
 
 Nothing is lost: a file that was read goes to ``incoming_labels/processed/``; its
 rejected rows (malformed, unknown UID, invalid field) are copied verbatim with
-the reason to ``incoming_labels/rejected/<file>.<stamp>.jsonl``; a file that
+the reason to ``incoming_labels/rejected/<file>.<stamp>.jsonl``; mask files a row
+names (relative to the label file) are copied into ``<labels_dir>/masks/``; a file that
 cannot be read at all stays where it is, and the report says why.
 """
 
@@ -252,6 +253,21 @@ def _map_row(row: dict[str, Any], uid_map: dict[tuple[str, str], str], index: Ar
     return row, str(task)
 
 
+def _copy_mask(incoming: Path, masks: Path, row: dict[str, Any]) -> str:
+    """Copy a mask named relative to the label file into the label store; return its absolute path."""
+    src = Path(str(row["mask"]))
+    src = src if src.is_absolute() else incoming / src
+    if not src.is_file():
+        raise _RowError(f"mask file {row['mask']} not found next to the label file")
+    name = src.name
+    suffix = ".nii.gz" if name.lower().endswith(".nii.gz") else src.suffix
+    key = str(row.get("sop_instance_uid") or row["study_uid"])
+    masks.mkdir(parents=True, exist_ok=True)
+    dest = masks / f"{key}{suffix}"
+    shutil.copy2(src, dest)
+    return str(dest.resolve())
+
+
 def run_intake(incoming_dir: str | os.PathLike[str], archive_dir: str | os.PathLike[str],
                key_dir: str | os.PathLike[str], labels_dir: str | os.PathLike[str]) -> IntakeReport:
     """Process every label file in ``incoming_dir``; see the module docstring. Never raises for bad rows."""
@@ -286,6 +302,8 @@ def run_intake(incoming_dir: str | os.PathLike[str], archive_dir: str | os.PathL
                     raise _RowError(f"unknown row kind {row.get('kind')!r}")
                 row.pop("kind", None)
                 mapped, task = _map_row(row, uid_map, index)
+                if mapped.get("mask"):
+                    mapped["mask"] = _copy_mask(incoming, Path(labels_dir) / "masks", mapped)
                 try:
                     clean = validate_row(mapped, f"{path.name} line {line}")
                 except ManifestError as exc:
