@@ -35,12 +35,10 @@ from inference.errors import TaskError
 from inference.findings import (
     ABSENT,
     PRESENT,
-    PROBABILITY_UNIT,
     Box,
     Classification,
     Findings,
     ImageRef,
-    Measurement,
     Overlay,
     Panel,
 )
@@ -193,23 +191,21 @@ def run_physis_fracture(datasets: Sequence[Dataset], context: TaskContext) -> Fi
             x0, y0, x1, y1 = c.box
             if x1 - x0 <= 0 or y1 - y0 <= 0:
                 continue
-            meas = [Measurement(codes.GROWTH_PLATE_FRACTURE, round(c.score, 4), PROBABILITY_UNIT)]
+            # the writer renders ``score`` as the region's probability
             boxes.append(Box(ref, x0, y0, x1, y1, label=codes.GROWTH_PLATE_FRACTURE, score=round(c.score, 4),
-                             finding_site=codes.GROWTH_PLATE, measurements=meas,
+                             finding_site=codes.GROWTH_PLATE,
                              tracking_id=f"physis fracture region {ref.sop_instance_uid[-12:]}.{k}"))
         all_boxes.extend(boxes)
         prob = round(float(np.clip(result.score, 0.0, 1.0)), 4)
         classifications.append(Classification(
             codes.GROWTH_PLATE_FRACTURE, PRESENT if prob >= post.threshold else ABSENT, probability=prob,
             finding_site=codes.GROWTH_PLATE, laterality=laterality, images=(ref,),
-            measurements=[Measurement(codes.GROWTH_PLATE_FRACTURE, prob, PROBABILITY_UNIT)],
         ))
         overlays.append(_overlay(ref, boxes, result, post.threshold))
         study_score = max(study_score, prob)
     classifications.insert(0, Classification(
         codes.GROWTH_PLATE_FRACTURE, PRESENT if study_score >= post.threshold else ABSENT, probability=study_score,
-        finding_site=codes.GROWTH_PLATE, measurements=[Measurement(codes.GROWTH_PLATE_FRACTURE, study_score,
-                                                                   PROBABILITY_UNIT)],
+        finding_site=codes.GROWTH_PLATE,
     ))
     n_pos = sum(1 for c in classifications[1:] if c.value == PRESENT)
     summary = (f"physis fracture ({model.method}): study probability {study_score:.2f}; {n_pos}/{len(images)} "

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from dicomnode.results import ResultContext
+from dicomnode.results import codes as rc
 from dicomnode.results.builder import build_results
 from inference import codes
 from inference.findings import PRESENT
@@ -218,7 +219,9 @@ def test_task_findings_and_result_objects(scripted_model, monkeypatch, tmp_path,
     (roi,) = report.get_planar_roi_measurement_groups(referenced_sop_instance_uid=uid0)
     assert roi.roi.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
     np.testing.assert_allclose(roi.roi.value[0], [51.5625, 51.5625], atol=1e-3)  # SCOORD: pixel-corner origin
-    assert len(report.get_image_measurement_groups(referenced_sop_instance_uid=uid0)) == 1
+    (group,) = report.get_image_measurement_groups(referenced_sop_instance_uid=uid0)
+    (prob,) = group.get_measurements(name=rc.to_hd(codes.GROWTH_PLATE_FRACTURE))
+    assert prob.value == pytest.approx(math.sqrt(0.9 * 0.8), abs=1e-3)  # the two-stage score, not the fallback
 
 
 # --------------------------------------------------------------------------- tiny trained bundle
