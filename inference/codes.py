@@ -71,6 +71,7 @@ YES = Code("373066001", SCT, "Yes")
 NO = Code("373067005", SCT, "No")
 PATIENT_MOTION = Code("128553", DCM, "Patient motion")
 MOTION_ARTIFACT_GRADE = Code("MOTION-GRADE", LOCAL, "Motion artifact grade")
+MOTION_ARTIFACT_SCORE = Code("MOTION-SCORE", LOCAL, "Motion artifact score")  # the grade as a number 1-5
 EXPECTED_MOTION_ARTIFACT_GRADE = Code("MOTION-GRADE-EXP", LOCAL, "Expected motion artifact grade")
 RESCAN_RECOMMENDED = Code("RESCAN", LOCAL, "Rescan recommended")
 GRADE_UNIT = Code("{grade}", "UCUM", "grade")

@@ -180,7 +180,7 @@ def scan_findings(scan: ScanGrade, refs: Sequence[ImageRef], site: Code | None, 
         finding=codes.MOTION_ARTIFACT_GRADE, value=codes.MOTION_GRADES[scan.grade],
         probability=scan.grade_probability, finding_site=site, images=tuple(refs),
         measurements=[
-            Measurement(codes.MOTION_ARTIFACT_GRADE, float(scan.grade), codes.GRADE_UNIT, finding_site=site),
+            Measurement(codes.MOTION_ARTIFACT_SCORE, float(scan.grade), codes.GRADE_UNIT, finding_site=site),
             Measurement(codes.EXPECTED_MOTION_ARTIFACT_GRADE, round(scan.expected_grade, 4), codes.GRADE_UNIT,
                         finding_site=site),
         ],
@@ -190,7 +190,7 @@ def scan_findings(scan: ScanGrade, refs: Sequence[ImageRef], site: Code | None, 
         out.append(Classification(
             finding=codes.MOTION_ARTIFACT_GRADE, value=codes.MOTION_GRADES[g],
             probability=float(scan.slice_probs[i - 1, g - 1]), finding_site=site, images=(ref,),
-            measurements=[Measurement(codes.MOTION_ARTIFACT_GRADE, float(g), codes.GRADE_UNIT, finding_site=site)],
+            measurements=[Measurement(codes.MOTION_ARTIFACT_SCORE, float(g), codes.GRADE_UNIT, finding_site=site)],
             tracking_id=f"{label} slice {i} motion grade",
         ))
     out.append(Classification(

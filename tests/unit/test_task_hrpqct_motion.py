@@ -314,7 +314,10 @@ def _group_info(group: pydicom.Dataset) -> dict[str, Any]:
         elif it.ValueType == "IMAGE":
             info["images"].append(it.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
         elif it.ValueType == "NUM":
-            info["num"][name] = float(it.MeasuredValueSequence[0].NumericValue)
+            mv = it.MeasuredValueSequence[0]
+            key = (name, mv.MeasurementUnitsCodeSequence[0].CodeValue)
+            assert key not in info["num"], f"duplicate measurement {key}"
+            info["num"][key] = float(mv.NumericValue)
         elif it.ValueType == "CODE" and name != "Finding Site" and name != "Finding":
             info["qual"] = (name, it.ConceptCodeSequence[0].CodeValue)
     return info
@@ -343,13 +346,15 @@ def test_analyze_writes_sr_and_montage_for_both_geometries(tiny, tmp_path, geome
     scan, slices, rescan = groups[0], groups[1:9], groups[9]
     assert scan["qual"][0] == "Motion artifact grade" and scan["qual"][1].startswith("MOTION-GRADE-")
     grade = int(scan["qual"][1][-1])
-    assert scan["num"]["Motion artifact grade"] == grade
-    assert 1.0 <= scan["num"]["Expected motion artifact grade"] <= 5.0
+    assert scan["num"][("Motion artifact score", "{grade}")] == grade
+    assert 1.0 <= scan["num"][("Expected motion artifact grade", "{grade}")] <= 5.0
+    assert 0.0 < scan["num"][("Motion artifact grade", "{probability}")] <= 1.0
     assert sorted(scan["images"]) == sorted(uids)
     assert [s["images"] for s in slices] == [[u] for u in uids]
-    assert all(1 <= s["num"]["Motion artifact grade"] <= 5 for s in slices)
+    assert all(1 <= s["num"][("Motion artifact score", "{grade}")] <= 5 for s in slices)
+    assert all(0 < s["num"][("Motion artifact grade", "{probability}")] <= 1 for s in slices)
     assert rescan["qual"] == ("Rescan recommended", codes.YES.value if grade >= 4 else codes.NO.value)
-    assert 0.0 <= rescan["num"]["Rescan recommended"] <= 1.0
+    assert 0.0 <= rescan["num"][("Rescan recommended", "{probability}")] <= 1.0
     sc = pydicom.dcmread(by_mod["OT"])
     assert sc.BurnedInAnnotation == "YES" and sc.StudyInstanceUID == row["study_uid"]
     assert [s.ReferencedSOPInstanceUID for s in sc.SourceImageSequence] == uids
