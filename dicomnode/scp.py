@@ -40,6 +40,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from dicomnode.config import Config, NodeConfig
 from dicomnode.errors import ConfigError, DicomNodeError, InvalidDatasetError, OutOfResourcesError
+from dicomnode.metrics import record
 from dicomnode.spool import Spool, StoreOutcome
 
 log = logging.getLogger(__name__)
@@ -246,18 +247,23 @@ def _handlers(spool: Spool, policy: _Policy) -> list[tuple[Any, Callable[..., An
             outcome = spool.store(data, assoc_id=aid)
         except OutOfResourcesError as exc:
             log.error("C-STORE %s on association %s: out of resources: %s", sop, aid, exc)
+            record("instance_rejected", "out_of_resources")
             return STATUS_OUT_OF_RESOURCES
         except InvalidDatasetError as exc:
             log.error("C-STORE %s on association %s: cannot understand the data set: %s", sop, aid, exc)
+            record("instance_rejected", "invalid_dataset")
             return STATUS_CANNOT_UNDERSTAND
         except DicomNodeError as exc:
             log.error("C-STORE %s on association %s failed: %s", sop, aid, exc)
+            record("instance_rejected", "processing_failure")
             return STATUS_PROCESSING_FAILURE
         except Exception:  # noqa: BLE001 - never let a bad instance take the node down
             log.exception("C-STORE %s on association %s: unexpected error", sop, aid)
+            record("instance_rejected", "unexpected_error")
             return STATUS_OUT_OF_RESOURCES
         if outcome is StoreOutcome.DUPLICATE:
             log.debug("C-STORE %s: duplicate, already stored", sop)
+        record("instance_stored", outcome is StoreOutcome.DUPLICATE)
         return STATUS_SUCCESS
 
     return [

@@ -11,6 +11,7 @@ not supported" (0x0122, or no accepted presentation context) and other
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,13 +22,14 @@ from pynetdicom import AE
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 
-from dicomnode.config import Config, Destination
+from dicomnode.config import Config, Destination, TLSConfig
 from dicomnode.errors import DeliveryError
+from dicomnode.metrics import record
 from dicomnode.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Sender", "classify_status", "send_files"]
+__all__ = ["Sender", "classify_status", "client_ssl_context", "send_files"]
 
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
@@ -49,6 +51,19 @@ def _reject_reason(assoc: object) -> tuple[str, bool]:
     transient = result == 0x02
     kind = "transient" if transient else "permanent"
     return f"association rejected ({kind}; source {source}, reason {diag})", transient
+
+
+def client_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
+    """TLS context for the SCU: our client certificate, and the peer verified against ``ca_file``.
+
+    Without ``ca_file`` the system's trusted CAs are used. Host names are not checked (DICOM peers are
+    usually configured by IP address); the chain must still verify.
+    """
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_file) if tls.ca_file else None)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    return ctx
 
 
 def send_files(paths: Sequence[Path], dest: Destination, calling_ae: str) -> list[DeliveryError | None]:
@@ -73,7 +88,11 @@ def send_files(paths: Sequence[Path], dest: Destination, calling_ae: str) -> lis
     uniq = {(c.abstract_syntax, tuple(c.transfer_syntax)): c for c in contexts}
     ae.requested_contexts = list(uniq.values())[:128]
     try:
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+        tls_args = (client_ssl_context(dest.tls), None) if dest.tls is not None else None
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
+    except ssl.SSLError as exc:
+        raise DeliveryError(f"TLS setup for {dest.ae_title}@{dest.host}:{dest.port} failed: {exc}",
+                            transient=False) from exc
     except OSError as exc:
         raise DeliveryError(f"cannot connect to {dest.ae_title}@{dest.host}:{dest.port}: {exc}",
                             transient=True) from exc
@@ -177,11 +196,13 @@ class Sender:
         for d, err in zip(existing, results, strict=True):
             if err is None:
                 self.outbox.mark_sent(d.id)
+                record("delivery_sent", self.outbox.conn, dest_name, d.job_id)
                 log.info("sent %s to %s", d.sop_instance_uid, dest_name)
             else:
                 state = self.outbox.mark_failed(d.id, str(err), transient=err.transient, max_retries=dest.max_retries,
                                                 backoff_initial_s=dest.backoff_initial_s,
                                                 backoff_max_s=dest.backoff_max_s)
+                record("delivery_failed", dest_name, state)
                 log.warning("delivery %d to %s failed: %s -> %s", d.id, dest_name, err, state)
 
     def _run(self) -> None:

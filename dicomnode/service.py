@@ -74,12 +74,19 @@ def serve(cfg: Config, *, stop_event: threading.Event | None = None) -> int:
     receivers = start_receivers(cfg)
     log.info("node %s listening on %s:%d; %d route(s), %d worker(s)", cfg.node.ae_title, cfg.node.host,
              receivers.port, len(cfg.routes), cfg.node.workers)
+    status_http = None
+    if cfg.node.status_http_port is not None:
+        from dicomnode.http import StatusServer
+
+        status_http = StatusServer(cfg, receivers.is_alive).start()
     try:
         while not stop.wait(1.0):
             if not receivers.is_alive():
                 log.error("receivers stopped unexpectedly; shutting down")
                 return 1
     finally:
+        if status_http is not None:
+            status_http.stop()
         receivers.stop()
         node.stop()
         log.info("node stopped")

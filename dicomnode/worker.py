@@ -16,6 +16,7 @@ from dicomnode.assembler import load_result_context, mark_processed_if_done, sav
 from dicomnode.config import Config
 from dicomnode.errors import TaskError
 from dicomnode.jobs import Job, JobQueue
+from dicomnode.metrics import record
 from dicomnode.outbox import Outbox
 from dicomnode.processing import process_study
 from dicomnode.results import ResultContext
@@ -48,6 +49,13 @@ class JobHandler:
 
     def __call__(self, job: Job) -> None:
         """Process ``job`` and commit its results; raises on failure (the pool records it)."""
+        try:
+            self._run(job)
+        except Exception:
+            record("job_failed", job.task)
+            raise
+
+    def _run(self, job: Job) -> None:
         route = next((r for r in self.cfg.routes if r.name == job.route), None)
         if route is None:
             raise PermanentJobError(f"route {job.route!r} is no longer configured")
@@ -74,6 +82,7 @@ class JobHandler:
             self.queue.mark_done(job.id, timings=dict(findings.timings_s),
                                  model_version=f"{findings.algorithm_name} {findings.algorithm_version}", conn=conn)
             mark_processed_if_done(conn, job.study_uid, job.generation)
+        record("job_done", conn, job.id)
         if route.archive_for_training:
             _archive_for_training(paths, route, self.cfg)
         if callable(self.on_results):

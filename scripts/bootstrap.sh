@@ -5,12 +5,12 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
 need_apt=0
-for bin in /usr/sbin/Orthanc /usr/bin/storescu /usr/bin/dciodvfy; do
+for bin in /usr/sbin/Orthanc /usr/bin/storescu /usr/bin/dciodvfy /usr/bin/chromium /usr/bin/openssl; do
   [ -x "$bin" ] || need_apt=1
 done
 if [ "$need_apt" = 1 ]; then
   $SUDO apt-get update -qq
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc dcmtk dicom3tools >/dev/null
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc dcmtk dicom3tools chromium openssl >/dev/null
 fi
 # Debian's postinst may start a system Orthanc on 4242/8042; the tests and the demo use their own instances.
 if [ ! -x .venv/bin/python ]; then

@@ -1,0 +1,300 @@
+"""A small read-only HTTP server: ``/metrics``, ``/healthz``, ``/readyz`` and a status page.
+
+Enabled when ``node.status_http_port`` is set; it binds ``node.status_http_host``
+(loopback by default). It runs stdlib :mod:`http.server` in a daemon thread and
+only reads the node database and the outbox. The status page ``/`` lists recent
+studies with their route, job state, latency and model version, and links to
+``/overlay/<delivery id>.png`` (secondary captures and SEGs rendered on demand
+with :mod:`dicomnode.results.render`). It shows UIDs only, never patient names
+or IDs, and HTML-escapes every value.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import logging
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from PIL import Image
+
+from dicomnode import db
+from dicomnode.config import Config
+from dicomnode.errors import DicomNodeError
+from dicomnode.metrics import NodeMetrics, default_metrics
+from dicomnode.spool import Spool
+
+log = logging.getLogger(__name__)
+
+__all__ = ["StatusServer", "readiness", "render_status_page"]
+
+RENDERABLE_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.7": "SC",
+    "1.2.840.10008.5.1.4.1.1.7.4": "SC",  # multi-frame true colour SC
+    "1.2.840.10008.5.1.4.1.1.66.4": "SEG",
+}
+_OVERLAY_RE = re.compile(r"^/overlay/(\d+)\.png$")
+_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _e(value: object) -> str:
+    return html.escape("-" if value is None else str(value), quote=True)
+
+
+def _ts(value: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value)) if value else "-"
+
+
+def _dur(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} s"
+
+
+def readiness(cfg: Config, receivers_alive: Callable[[], bool] | None = None) -> tuple[bool, dict[str, Any]]:
+    """Check the database, the receivers and the free disk space; returns ``(ready, details)``."""
+    checks: dict[str, Any] = {}
+    try:
+        conn = db.connect(db.db_path(cfg.node.storage_dir), timeout_s=5.0)
+        try:
+            conn.execute("SELECT 1").fetchone()
+        finally:
+            conn.close()
+        checks["database"] = "ok"
+    except (sqlite3.Error, OSError) as exc:
+        checks["database"] = f"error: {exc}"
+    alive = receivers_alive() if receivers_alive is not None else True
+    checks["receivers"] = "ok" if alive else "stopped"
+    try:
+        free = Spool(cfg.node.storage_dir, cfg.node.disk_min_free_gb).free_gb()
+        checks["disk_free_gb"] = round(free, 2)
+        checks["disk"] = "ok" if free >= cfg.node.disk_min_free_gb else "low"
+    except (OSError, DicomNodeError, sqlite3.Error) as exc:
+        checks["disk"] = f"error: {exc}"
+    ready = checks["database"] == "ok" and checks["receivers"] == "ok" and checks["disk"] == "ok"
+    return ready, checks
+
+
+def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone() is not None
+
+
+def _result_kind(path: Path) -> str | None:
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    except Exception:  # noqa: BLE001 - a missing or unreadable file has no link
+        return None
+    return RENDERABLE_SOP_CLASSES.get(str(ds.get("SOPClassUID", "")))
+
+
+def render_status_page(cfg: Config, limit: int = 50) -> str:
+    """HTML of the status page (recent studies, one row per job; UIDs only)."""
+    path = db.db_path(cfg.node.storage_dir)
+    rows_html: list[str] = []
+    counts: dict[str, int] = {}
+    if path.exists():
+        conn = db.connect(path, timeout_s=5.0)
+        try:
+            if _has_table(conn, "studies") and _has_table(conn, "jobs"):
+                counts = {r["state"]: r["n"] for r in conn.execute(
+                    "SELECT state, COUNT(*) AS n FROM studies GROUP BY state")}
+                rows_html = _study_rows(conn, cfg.node.storage_dir, limit)
+        finally:
+            conn.close()
+    summary = ", ".join(f"{_e(k)}: {v}" for k, v in sorted(counts.items())) or "no studies yet"
+    head = ("<tr><th>Study Instance UID</th><th>Study state</th><th>Route</th><th>Task</th><th>Job state</th>"
+            "<th>Model version</th><th>Received</th><th>Receive&rarr;complete</th><th>Inference</th>"
+            "<th>Delivered</th><th>Overlays</th></tr>")
+    body = "\n".join(rows_html) or '<tr><td colspan="11">no studies received yet</td></tr>'
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{_e(cfg.node.ae_title)} status</title>
+<style>body{{font-family:sans-serif;margin:1em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #999;padding:3px 6px;font-size:90%}}th{{background:#eee}}</style></head>
+<body><h1>Node {_e(cfg.node.ae_title)}</h1>
+<p id="summary">Studies: {summary}. Page generated {_e(_ts(time.time()))}.
+Results are AI outputs, not for diagnostic use alone.</p>
+<table id="studies">{head}
+{body}
+</table>
+<p><a href="/metrics">metrics</a> &middot; <a href="/healthz">healthz</a> &middot; <a href="/readyz">readyz</a></p>
+</body></html>
+"""
+
+
+def _study_rows(conn: sqlite3.Connection, storage_dir: Path, limit: int) -> list[str]:
+    studies = conn.execute(
+        "SELECT st.study_uid, st.state, st.completed_at, (SELECT MIN(first_received) FROM series s"
+        " WHERE s.study_uid = st.study_uid) AS first FROM studies st"
+        " ORDER BY COALESCE(st.completed_at, st.last_instance_at, 0) DESC LIMIT ?", (limit,)).fetchall()
+    out: list[str] = []
+    has_deliveries = _has_table(conn, "deliveries")
+    for st in studies:
+        jobs = conn.execute("SELECT * FROM jobs WHERE study_uid=? ORDER BY generation DESC, id", (st["study_uid"],))
+        jobs = jobs.fetchall() or [None]
+        for job in jobs:
+            rtc = (st["completed_at"] - st["first"]) if st["completed_at"] and st["first"] else None
+            cells = [f'<td class="study">{_e(st["study_uid"])}</td>', f'<td class="study-state">{_e(st["state"])}</td>']
+            if job is None:
+                cells += ["<td>-</td>", "<td>-</td>", '<td class="job-state">-</td>', "<td>-</td>",
+                          f"<td>{_e(_ts(st['first']))}</td>", f"<td>{_e(_dur(rtc))}</td>", "<td>-</td>",
+                          "<td>-</td>", "<td>-</td>"]
+            else:
+                inference = (job["updated_at"] - st["completed_at"]) if job["state"] == "done" and \
+                    st["completed_at"] else None
+                delivered, links = "-", []
+                if has_deliveries:
+                    dels = conn.execute("SELECT id, path, state, sent_at FROM deliveries WHERE job_id=? ORDER BY id",
+                                        (job["id"],)).fetchall()
+                    if dels:
+                        n_sent = sum(d["state"] == "sent" for d in dels)
+                        last = max((d["sent_at"] or 0) for d in dels)
+                        delivered = f"{n_sent}/{len(dels)}"
+                        if n_sent == len(dels) and st["first"]:
+                            delivered += f" ({_dur(last - st['first'])} after receipt)"
+                    seen: set[str] = set()
+                    for d in dels:
+                        kind = _result_kind(storage_dir / d["path"])
+                        if kind and d["path"] not in seen:
+                            seen.add(d["path"])
+                            links.append(f'<a class="overlay" href="/overlay/{int(d["id"])}.png">{_e(kind)}</a>')
+                err = f' title="{_e(job["last_error"])}"' if job["last_error"] else ""
+                cells += [f'<td class="route">{_e(job["route"])}</td>', f'<td class="task">{_e(job["task"])}</td>',
+                          f'<td class="job-state"{err}>{_e(job["state"])}</td>',
+                          f'<td class="model">{_e(job["model_version"])}</td>', f"<td>{_e(_ts(st['first']))}</td>",
+                          f"<td>{_e(_dur(rtc))}</td>", f"<td>{_e(_dur(inference))}</td>",
+                          f'<td class="delivered">{_e(delivered)}</td>', f"<td>{' '.join(links) or '-'}</td>"]
+            out.append("<tr>" + "".join(cells) + "</tr>")
+    return out
+
+
+def render_overlay_png(cfg: Config, delivery_id: int) -> bytes:
+    """PNG bytes of the SC or SEG result behind ``delivery_id``.
+
+    Raises
+    ------
+    KeyError
+        Unknown delivery, or a result kind that is not rendered (SR).
+    """
+    from dicomnode.results.render import render_dataset
+
+    conn = db.connect(db.db_path(cfg.node.storage_dir), timeout_s=5.0)
+    try:
+        row = conn.execute("SELECT path FROM deliveries WHERE id=?", (delivery_id,)).fetchone()
+    finally:
+        conn.close()
+    if row is None:
+        raise KeyError(delivery_id)
+    root = cfg.node.storage_dir.resolve()
+    path = (root / row["path"]).resolve()
+    if root not in path.parents or _result_kind(path) is None:
+        raise KeyError(delivery_id)
+    rgb = render_dataset(pydicom.dcmread(path))
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        log.debug("http %s: " + format, self.address_string(), *args)
+
+    def _send(self, code: int, body: bytes, content_type: str) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib name
+        owner = self.server.owner
+        path = self.path.split("?", 1)[0]
+        try:
+            if path == "/metrics":
+                self._send(200, owner.metrics.exposition(), _CONTENT_TYPE)
+            elif path == "/healthz":
+                self._send(200, b"ok\n", "text/plain; charset=utf-8")
+            elif path == "/readyz":
+                ready, checks = readiness(owner.cfg, owner.receivers_alive)
+                self._send(200 if ready else 503, json.dumps({"ready": ready, **checks}).encode(),
+                           "application/json")
+            elif path in ("/", "/index.html"):
+                self._send(200, render_status_page(owner.cfg).encode("utf-8"), "text/html; charset=utf-8")
+            elif (m := _OVERLAY_RE.match(path)) is not None:
+                try:
+                    png = render_overlay_png(owner.cfg, int(m.group(1)))
+                except KeyError:
+                    self._send(404, b"no such overlay\n", "text/plain; charset=utf-8")
+                else:
+                    self._send(200, png, "image/png")
+            else:
+                self._send(404, b"not found\n", "text/plain; charset=utf-8")
+        except Exception:  # noqa: BLE001 - one bad request must not stop the server
+            log.exception("status page request %s failed", path)
+            self._send(500, b"internal error\n", "text/plain; charset=utf-8")
+
+    def do_HEAD(self) -> None:  # noqa: N802 - stdlib name
+        self._send(405, b"", "text/plain")
+
+    do_POST = do_PUT = do_DELETE = do_HEAD  # noqa: N815 - read-only server
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    owner: StatusServer
+
+
+class StatusServer:
+    """The status HTTP server of one node.
+
+    Parameters
+    ----------
+    cfg:
+        Node configuration (``node.status_http_host`` / ``status_http_port``; port 0 picks a free one).
+    receivers_alive:
+        Callable telling ``/readyz`` whether the DICOM receivers run.
+    metrics:
+        Registry to export; default :func:`dicomnode.metrics.default_metrics`.
+    """
+
+    def __init__(self, cfg: Config, receivers_alive: Callable[[], bool] | None = None,
+                 metrics: NodeMetrics | None = None) -> None:
+        self.cfg = cfg
+        self.receivers_alive = receivers_alive
+        self.metrics = metrics or default_metrics()
+        self.metrics.attach_database(cfg.node.storage_dir)
+        self._httpd: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port."""
+        assert self._httpd is not None
+        return int(self._httpd.server_address[1])
+
+    def start(self) -> StatusServer:
+        """Bind and serve in a daemon thread."""
+        port = self.cfg.node.status_http_port or 0
+        self._httpd = _Server((self.cfg.node.status_http_host, port), _Handler)
+        self._httpd.owner = self
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="status-http", daemon=True)
+        self._thread.start()
+        log.info("status page on http://%s:%d/", self.cfg.node.status_http_host, self.port)
+        return self
+
+    def stop(self) -> None:
+        """Stop serving."""
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None

@@ -1,0 +1,208 @@
+"""Prometheus metrics of a running node (``/metrics`` on the status HTTP server).
+
+Two kinds of series:
+
+* Event counters and latency histograms, updated in-process by the pipeline
+  stages (``scp`` for instances, ``worker`` for jobs, ``sender`` for
+  deliveries). With ``receive_processes > 1`` the receivers run in child
+  processes and the instance counters stay at zero; use the database gauges.
+* Gauges read from the node database at scrape time (:class:`DatabaseCollector`):
+  studies by state, jobs by task and state, deliveries by destination and state.
+  They survive restarts because the database does.
+
+Stage latencies (seconds) are observed once per job, labelled by task and model
+version: ``receive_to_complete`` (first instance received -> study complete),
+``complete_to_inference`` (study complete -> results committed),
+``inference_to_delivered`` (results committed -> last delivery confirmed) and
+``receive_to_delivered`` (the whole path).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from dicomnode import db
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LATENCY_BUCKETS", "DatabaseCollector", "NodeMetrics", "default_metrics", "record"]
+
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+STAGES = ("receive_to_complete", "complete_to_inference", "inference_to_delivered", "receive_to_delivered")
+
+
+class DatabaseCollector(Collector):
+    """Gauges computed from the node database on every scrape."""
+
+    def __init__(self, storage_dir: Path) -> None:
+        self.path = db.db_path(storage_dir)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """Yield studies, jobs and deliveries gauges (nothing while the database does not exist)."""
+        studies = GaugeMetricFamily("dicomnode_studies", "Studies in the node database by state", labels=["state"])
+        jobs = GaugeMetricFamily("dicomnode_jobs", "Jobs by task and state", labels=["task", "state"])
+        deliveries = GaugeMetricFamily("dicomnode_deliveries", "Result deliveries by destination and state",
+                                       labels=["destination", "state"])
+        instances = GaugeMetricFamily("dicomnode_spooled_instances", "Instances currently held in the spool")
+        if self.path.exists():
+            conn = db.connect(self.path, timeout_s=5.0)
+            try:
+                for table, family, sql in (
+                        ("studies", studies, "SELECT state, COUNT(*) FROM studies GROUP BY state"),
+                        ("jobs", jobs, "SELECT task, state, COUNT(*) FROM jobs GROUP BY task, state"),
+                        ("deliveries", deliveries,
+                         "SELECT destination, state, COUNT(*) FROM deliveries GROUP BY destination, state"),
+                        ("instances", instances, "SELECT COUNT(*) FROM instances")):
+                    if _has_table(conn, table):
+                        for row in conn.execute(sql):
+                            values = tuple(row)
+                            family.add_metric([str(v) for v in values[:-1]], float(values[-1]))
+            except sqlite3.Error as exc:
+                log.warning("metrics: cannot read the node database: %s", exc)
+            finally:
+                conn.close()
+        yield from (studies, jobs, deliveries, instances)
+
+
+def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone() is not None
+
+
+class NodeMetrics:
+    """The node's metric objects in their own registry (never the process-global default one)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.instances_received = Counter("dicomnode_instances_received", "Instances accepted by C-STORE",
+                                          ["outcome"], registry=r)
+        self.instances_rejected = Counter("dicomnode_instances_rejected", "Instances refused by C-STORE",
+                                          ["reason"], registry=r)
+        self.studies_completed = Counter("dicomnode_studies_completed", "Studies whose jobs finished (per job)",
+                                         ["task"], registry=r)
+        self.jobs_finished = Counter("dicomnode_jobs_finished", "Job attempts by task and outcome",
+                                     ["task", "outcome"], registry=r)
+        self.deliveries = Counter("dicomnode_deliveries_attempted", "Delivery attempts by destination and outcome",
+                                  ["destination", "outcome"], registry=r)
+        self.delivery_retries = Counter("dicomnode_delivery_retries", "Failed delivery attempts that will be retried",
+                                        ["destination"], registry=r)
+        self.stage_latency = Histogram("dicomnode_stage_latency_seconds", "Latency of each pipeline stage",
+                                       ["stage", "task", "model_version"], buckets=LATENCY_BUCKETS, registry=r)
+        self._collector: DatabaseCollector | None = None
+        self._lock = threading.Lock()
+
+    def attach_database(self, storage_dir: Path) -> None:
+        """Export the database gauges of ``storage_dir`` (once; later calls replace the folder)."""
+        with self._lock:
+            if self._collector is not None:
+                self.registry.unregister(self._collector)
+            self._collector = DatabaseCollector(storage_dir)
+            self.registry.register(self._collector)
+
+    def exposition(self) -> bytes:
+        """The registry in the Prometheus text format."""
+        return generate_latest(self.registry)
+
+    # ------------------------------------------------------------------ hooks called by the stages
+
+    def instance_stored(self, duplicate: bool) -> None:
+        """C-STORE accepted an instance (``duplicate``: it was already stored)."""
+        self.instances_received.labels("duplicate" if duplicate else "stored").inc()
+
+    def instance_rejected(self, reason: str) -> None:
+        """C-STORE refused an instance; ``reason`` is a short fixed word (never a tag value)."""
+        self.instances_rejected.labels(reason).inc()
+
+    def job_failed(self, task: str) -> None:
+        """A job attempt raised."""
+        self.jobs_finished.labels(task, "failed").inc()
+
+    def job_done(self, conn: sqlite3.Connection, job_id: int) -> None:
+        """A job committed its results: observe receive->complete and complete->inference."""
+        row = conn.execute(
+            "SELECT j.task, j.model_version, j.updated_at, j.series_uids, st.completed_at FROM jobs j"
+            " LEFT JOIN studies st ON st.study_uid = j.study_uid WHERE j.id=?", (job_id,)).fetchone()
+        if row is None:
+            return
+        task, version = row["task"], row["model_version"] or "unknown"
+        self.jobs_finished.labels(task, "done").inc()
+        self.studies_completed.labels(task).inc()
+        first = _first_received(conn, job_id)
+        if first is not None and row["completed_at"] is not None:
+            self.stage_latency.labels("receive_to_complete", task, version).observe(
+                max(row["completed_at"] - first, 0.0))
+        if row["completed_at"] is not None:
+            self.stage_latency.labels("complete_to_inference", task, version).observe(
+                max(row["updated_at"] - row["completed_at"], 0.0))
+
+    def delivery_sent(self, conn: sqlite3.Connection, destination: str, job_id: int | None) -> None:
+        """A delivery was confirmed; once every delivery of the job is sent, observe the delivery latencies."""
+        self.deliveries.labels(destination, "sent").inc()
+        if job_id is None:
+            return
+        left = conn.execute("SELECT COUNT(*) AS n FROM deliveries WHERE job_id=? AND state!='sent'",
+                            (job_id,)).fetchone()["n"]
+        if left:
+            return
+        row = conn.execute("SELECT task, model_version, updated_at FROM jobs WHERE id=? AND state='done'",
+                           (job_id,)).fetchone()
+        if row is None:
+            return
+        now = time.time()
+        version = row["model_version"] or "unknown"
+        self.stage_latency.labels("inference_to_delivered", row["task"], version).observe(
+            max(now - row["updated_at"], 0.0))
+        first = _first_received(conn, job_id)
+        if first is not None:
+            self.stage_latency.labels("receive_to_delivered", row["task"], version).observe(max(now - first, 0.0))
+
+    def delivery_failed(self, destination: str, state: str) -> None:
+        """A delivery attempt failed; ``state`` is the new outbox state (``pending`` means it will be retried)."""
+        self.deliveries.labels(destination, "failed").inc()
+        if state == "pending":
+            self.delivery_retries.labels(destination).inc()
+
+
+def _first_received(conn: sqlite3.Connection, job_id: int) -> float | None:
+    """First receive time of the series the job processed."""
+    row = conn.execute("SELECT study_uid, series_uids FROM jobs WHERE id=?", (job_id,)).fetchone()
+    if row is None:
+        return None
+    series = json.loads(row["series_uids"] or "[]")
+    if not series:
+        return None
+    marks = ",".join("?" * len(series))
+    got = conn.execute(f"SELECT MIN(first_received) AS t FROM series WHERE series_uid IN ({marks})",  # noqa: S608
+                       series).fetchone()
+    return got["t"] if got else None
+
+
+_DEFAULT: NodeMetrics | None = None
+_DEFAULT_LOCK = threading.Lock()
+
+
+def default_metrics() -> NodeMetrics:
+    """The process's node metrics (created on first use)."""
+    global _DEFAULT
+    with _DEFAULT_LOCK:
+        if _DEFAULT is None:
+            _DEFAULT = NodeMetrics()
+        return _DEFAULT
+
+
+def record(hook: str, *args: object) -> None:
+    """Call ``default_metrics().<hook>(*args)``; a metrics failure is logged and never breaks the pipeline."""
+    try:
+        getattr(default_metrics(), hook)(*args)
+    except Exception:  # noqa: BLE001 - metrics are best effort
+        log.debug("metrics hook %s failed", hook, exc_info=True)
