@@ -315,3 +315,30 @@ def test_baseline_bundles_hold_only_their_network(method, present):
     for name in ("detector", "crop_classifier", "image_classifier"):
         assert (getattr(model, name) is not None) == (name in present)
     assert model.methods == [method]
+
+
+@pytest.mark.parametrize("box", [(20, 30, 50, 60), (0, 0, 10, 40), (60, 70, 79, 99)])
+def test_mined_crops_match_the_serving_crops(box):
+    from scipy import ndimage
+
+    from inference.radiograph import crop_with_margin
+    from training.tasks.physis_fracture import letterbox_crops
+
+    img = ndimage.gaussian_filter(np.random.default_rng(0).random((100, 80)), 4).astype(np.float32)
+    img = (img - img.min()) / (img.max() - img.min())
+    ref = crop_with_margin(img, box, margin=0.25, min_side=32, out_size=32).tensor[0].numpy()
+    got = letterbox_crops(torch.from_numpy(img)[None, None], [torch.tensor([box], dtype=torch.float32)],
+                          margin=0.25, min_side=32, size=32)[0, 0].numpy()
+    assert got.shape == ref.shape
+    assert np.abs(ref - got).mean() < 0.15  # same region, aspect and padding; interpolation differs slightly
+
+
+def test_mining_labels_proposals_by_iou():
+    from training.tasks.physis_fracture import mine_proposals
+
+    det = ScriptedDetector([[10, 10, 30, 30], [50, 50, 60, 60], [10, 10, 30, 30]], [FX, FX, METAL], [0.9, 0.8, 0.7])
+    gt = torch.tensor([[[12, 12, 30, 30], [0, 0, 0, 0]]], dtype=torch.float32)
+    boxes, labels = mine_proposals(det, [torch.zeros(1, 64, 64)], gt, torch.tensor([[FX, 0]]), per_image=4,
+                                   iou_thr=0.3)
+    assert boxes[0].shape == (2, 4) and labels.tolist() == [1.0, 0.0]  # the metal proposal is never mined
+    assert det.training  # the detector's mode is restored

@@ -102,6 +102,10 @@ class PhysisFractureConfig(TaskConfig):
     crop_loss_weight: float = Field(1.0, ge=0)
     image_loss_weight: float = Field(1.0, ge=0)
     hflip_p: float = Field(0.5, ge=0, le=1)
+    mine_crops: bool = Field(True, description="also train the crop classifier on the detector's own fracture "
+                                               "proposals (hard negatives, labelled by IoU with the truth)")
+    mined_per_image: int = Field(2, ge=1, le=16)
+    mine_iou: float = Field(0.3, gt=0, lt=1, description="IoU with a true fracture box for a positive proposal")
     post: dict[str, Any] = Field(default_factory=dict, description="PostConfig overrides (thresholds, top_k, ...)")
     n_boot: int = Field(1000, ge=0, description="bootstrap resamples for AUC confidence intervals")
 
@@ -254,11 +258,74 @@ def flip_sample(sample: Sample, *, p: float = 0.5) -> Sample:
     return out
 
 
-def collate_with_weights(batch: list[Sample], *, weights: tuple[float, float, float]) -> dict[str, Any]:
-    """Default collate of the samples, plus ``loss_weights`` (detector, crop, image)."""
+def collate_with_weights(batch: list[Sample], *, weights: tuple[float, float, float],
+                         mining: tuple[float, ...] = (0.0, 2, 0.3, 0.25, 32, 224)) -> dict[str, Any]:
+    """Default collate of the samples, plus ``loss_weights`` (detector, crop, image) and the ``mining`` parameters.
+
+    ``mining`` = (enabled, proposals per image, positive IoU, crop margin, crop min side, crop size).
+    """
     out = torch.utils.data.default_collate(batch)
     out["loss_weights"] = torch.tensor(weights, dtype=torch.float32)
+    out["mining"] = torch.tensor(mining, dtype=torch.float32)
     return out
+
+
+def letterbox_crops(images: torch.Tensor, boxes: list[torch.Tensor], *, margin: float, min_side: float,
+                    size: int) -> torch.Tensor:
+    """Crops of (N, 1, H, W) images in [0, 1] around boxes, as :func:`inference.radiograph.crop_with_margin` makes them.
+
+    Each box grows by ``margin`` (at least ``min_side``), is clipped to the image, resampled with its aspect kept
+    (RoIAlign) and centred on a black ``size`` square; the result is normalised with (MEAN, STD).
+    """
+    from torchvision.ops import roi_align
+
+    h, w = images.shape[-2:]
+    crops = []
+    for n, bb in enumerate(boxes):
+        for x0, y0, x1, y1 in bb.tolist():
+            bw, bh = x1 - x0, y1 - y0
+            gx, gy = max(bw * margin, (min_side - bw) / 2, 0.0), max(bh * margin, (min_side - bh) / 2, 0.0)
+            cx0, cy0 = max(0.0, x0 - gx), max(0.0, y0 - gy)
+            cx1, cy1 = min(float(w), x1 + gx), min(float(h), y1 + gy)
+            cw, ch = max(cx1 - cx0, 1.0), max(cy1 - cy0, 1.0)
+            s = size / max(cw, ch)
+            ow, oh = max(1, round(cw * s)), max(1, round(ch * s))
+            roi = torch.tensor([[0.0, cx0, cy0, cx0 + cw, cy0 + ch]], dtype=images.dtype, device=images.device)
+            patch = roi_align(images[n:n + 1], roi, output_size=(oh, ow), spatial_scale=1.0, sampling_ratio=2,
+                              aligned=True)[0]
+            canvas = images.new_zeros((1, size, size))
+            py, px = (size - oh) // 2, (size - ow) // 2
+            canvas[:, py:py + oh, px:px + ow] = patch
+            crops.append(canvas)
+    if not crops:
+        return images.new_zeros((0, 1, size, size))
+    return (torch.stack(crops) - MEAN) / STD
+
+
+def mine_proposals(detector: torch.nn.Module, images: list[torch.Tensor], gt_boxes: torch.Tensor,
+                   gt_labels: torch.Tensor, *, per_image: int, iou_thr: float) -> tuple[list[torch.Tensor],
+                                                                                        torch.Tensor]:
+    """The detector's top fracture proposals per image (eval mode, no gradient) and their IoU labels."""
+    from torchvision.ops import box_iou
+
+    was = detector.training
+    detector.eval()
+    try:
+        with torch.no_grad():
+            dets = detector(images)
+    finally:
+        detector.train(was)
+    boxes, labels = [], []
+    for d, gb, gl in zip(dets, gt_boxes, gt_labels, strict=True):
+        frac = d["boxes"][d["labels"] == 1][:per_image].float()
+        truth = gb[gl == 1].float()
+        if len(frac) and len(truth):
+            lab = (box_iou(frac, truth).max(dim=1).values >= iou_thr).float()
+        else:
+            lab = torch.zeros(len(frac), device=frac.device)
+        boxes.append(frac)
+        labels.append(lab)
+    return boxes, torch.cat(labels) if labels else torch.zeros(0)
 
 
 def method_metrics(y: np.ndarray, scores: np.ndarray, *, threshold: float, n_boot: int) -> dict[str, Any]:
@@ -332,12 +399,24 @@ class PhysisFractureAdapter(BaseAdapter):
             out["image"] = net.image_classifier(batch["image"].float())
         if net.crop_classifier is not None:
             out["crop"] = net.crop_classifier(batch["crops"].flatten(0, 1).float())
+            mining = batch.get("mining")
+            if net.detector is not None and mining is not None and float(mining[0]) > 0:
+                enabled, per_image, iou_thr, margin, min_side, size = mining.tolist()
+                boxes, labels = mine_proposals(net.detector, images, batch["det_boxes"], batch["det_labels"],
+                                               per_image=int(per_image), iou_thr=iou_thr)
+                crops = letterbox_crops(torch.stack(images), boxes, margin=margin, min_side=min_side, size=int(size))
+                if len(crops):
+                    out["mined"] = net.crop_classifier(crops)
+                    out["mined_labels"] = labels
         return out
 
     def collate(self, cfg: PhysisFractureConfig) -> Any:  # type: ignore[override]
         """torch's default collate plus the loss weights (det, crop, image) as ``loss_weights``."""
+        post = cfg.post_config()
+        mining = (float(cfg.mine_crops), cfg.mined_per_image, cfg.mine_iou, post.crop_margin, post.crop_min_side,
+                  cfg.crop_size)
         return functools.partial(collate_with_weights, weights=(cfg.det_loss_weight, cfg.crop_loss_weight,
-                                                                cfg.image_loss_weight))
+                                                                cfg.image_loss_weight), mining=mining)
 
     def loss(self, outputs: dict[str, Any], batch: Any) -> torch.Tensor:
         """Weighted sum: detector losses + crop BCE + whole-image BCE (weights from ``batch["loss_weights"]``)."""
@@ -349,8 +428,11 @@ class PhysisFractureAdapter(BaseAdapter):
             total = total + w_img * F.binary_cross_entropy_with_logits(outputs["image"][:, 0].float(),
                                                                        batch["label"].float())
         if "crop" in outputs:
-            total = total + w_crop * F.binary_cross_entropy_with_logits(outputs["crop"][:, 0].float(),
-                                                                        batch["crop_labels"].flatten().float())
+            logits, target = outputs["crop"][:, 0].float(), batch["crop_labels"].flatten().float()
+            if "mined" in outputs:
+                logits = torch.cat([logits, outputs["mined"][:, 0].float()])
+                target = torch.cat([target, outputs["mined_labels"].to(target)])
+            total = total + w_crop * F.binary_cross_entropy_with_logits(logits, target)
         return total
 
     def evaluate(self, model: torch.nn.Module, loader: torch.utils.data.DataLoader, device: torch.device,
