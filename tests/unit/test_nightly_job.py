@@ -136,3 +136,37 @@ def test_gate_secondary_tolerance() -> None:
     assert not decide({"accuracy": 0.80}, {"accuracy": 0.80}, "accuracy", True, 0.0, {}).promote  # a tie is no gain
     assert decide({"loss": 0.1}, {"loss": 0.3}, "loss", False, 0.1, {}).promote
     assert decide({"accuracy": 0.5}, None, "accuracy", True, 0.1, {}).promote
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_one_decision(site: dict) -> None:
+    """``torchrun ... schedule --once TASK``: both ranks train under DDP, rank 0 alone gates and promotes."""
+    import os
+    import subprocess
+    import sys
+
+    t = site["tmp"]
+    (t / "n.yaml").write_text(
+        f"registry_dir: {t}/models\narchive_dir: {t}/archive\nkey_dir: {t}/keys\nincoming_labels_dir: {t}/incoming\n"
+        "device: cpu\ntasks:\n  toy_square: {mode: scratch, epochs: 4, lr: 0.05, batch_size: 2, margin: 0.1,"
+        " train: {amp: false, seed: 3}}\n")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "tests.unit.test_nightly_job", str(t / "n.yaml")],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("promoted") == 1 and "trained as rank 1 of 2" in proc.stdout, proc.stdout
+    reg: ModelRegistry = site["registry"]
+    assert reg.current(TASK).startswith("nightly-")
+    [run] = [p for p in (reg.task_dir(TASK) / "runs").iterdir() if p.is_dir()]
+    assert json.loads((run / "report.json").read_text())["status"] == "promoted"
+
+
+if __name__ == "__main__":  # entry point of the torchrun test
+    import sys
+
+    from training.cli import main
+
+    sys.exit(main(["schedule", "--config", sys.argv[1], "--once", TASK]))

@@ -14,6 +14,7 @@ import fcntl
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -108,6 +109,64 @@ class _FromBundle:
         return self._bundle.load_into(self._inner.build_model(cfg))
 
 
+@dataclass
+class _Dist:
+    """torchrun rank info: rank 0 leads the run (intake, evaluation, promotion); the others only train."""
+
+    rank: int = 0
+    world: int = 1
+    sent: bool = False
+
+    @classmethod
+    def start(cls, device: str) -> _Dist:
+        """Read RANK/WORLD_SIZE and join the process group when launched by torchrun."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        import torch
+        import torch.distributed as tdist
+
+        if not tdist.is_initialized():
+            tdist.init_process_group(backend="nccl" if torch.cuda.is_available() and device != "cpu" else "gloo")
+        return cls(rank=int(os.environ["RANK"]), world=world)
+
+    def send(self, plan: dict[str, Any] | None) -> None:
+        """Rank 0: hand the training plan (or None: nothing to train) to the other ranks, once."""
+        if self.world <= 1 or self.sent:
+            return
+        import torch.distributed as tdist
+
+        self.sent = True
+        tdist.broadcast_object_list([plan], src=0)
+
+    def receive(self) -> dict[str, Any] | None:
+        """Ranks > 0: wait for rank 0's plan."""
+        import torch.distributed as tdist
+
+        box: list[Any] = [None]
+        tdist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def _follow(dist: _Dist, cfg: NightlyConfig, task: str, adapter: Any, registry: ModelRegistry) -> RunOutcome:
+    """A non-zero torchrun rank: train the same split as rank 0 under DDP, then stop."""
+    from training.data import SplitConfig, records_from_rows, split_records
+    from training.tasks import get_adapter
+    from training.trainer import TrainConfig, train
+
+    plan = dist.receive()
+    out = RunOutcome(task, "worker", "rank 0 ran no training", registry.task_dir(task) / "runs")
+    if plan is None:
+        return out
+    adapter = adapter or get_adapter(task)
+    split = split_records(records_from_rows(plan["rows"], plan["root"]), SplitConfig.model_validate(plan["split"]))
+    model_adapter = _FromBundle(adapter, Path(plan["init"])) if plan["init"] else adapter
+    train(model_adapter, split, Path(plan["out"]), TrainConfig.model_validate(plan["train"]),
+          adapter.config_model.model_validate(plan["task"]), work_dir=Path(plan["work"]), resume=False)
+    out.reason = f"trained as rank {dist.rank} of {dist.world}"
+    return out
+
+
 @contextmanager
 def _task_lock(path: Path) -> Iterator[bool]:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -151,6 +210,17 @@ def run_task(cfg: NightlyConfig, task: str, *, adapter: Any = None,
     sched = cfg.tasks.get(task) or TaskSchedule()
     registry = ModelRegistry(cfg.registry_dir)
     stamp = stamp or time.strftime("%Y%m%dT%H%M%S")
+    dist = _Dist.start(cfg.device)
+    if dist.rank > 0:
+        return _follow(dist, cfg, task, adapter, registry)
+    try:
+        return _lead(cfg, task, sched, registry, stamp, adapter, callbacks, dist)
+    finally:
+        dist.send(None)  # no-op if the plan was already sent; releases waiting ranks after an early exit
+
+
+def _lead(cfg: NightlyConfig, task: str, sched: TaskSchedule, registry: ModelRegistry, stamp: str, adapter: Any,
+          callbacks: Sequence[Callable[[int, dict[str, Any]], None]], dist: _Dist) -> RunOutcome:
     run_dir = registry.task_dir(task) / "runs" / stamp
     n = 1
     while run_dir.exists():
@@ -167,7 +237,7 @@ def run_task(cfg: NightlyConfig, task: str, *, adapter: Any = None,
             _write_report(run_dir, report, outcome)
             return outcome
         try:
-            _run(cfg, task, sched, registry, run_dir, work, adapter, callbacks, outcome, report)
+            _run(cfg, task, sched, registry, run_dir, work, adapter, callbacks, outcome, report, dist)
         except (KeyboardInterrupt, SystemExit):
             outcome.status, outcome.reason = "interrupted", "run interrupted; the registry is unchanged"
             _write_report(run_dir, report, outcome)
@@ -185,7 +255,7 @@ def run_task(cfg: NightlyConfig, task: str, *, adapter: Any = None,
 
 def _run(cfg: NightlyConfig, task: str, sched: TaskSchedule, registry: ModelRegistry, run_dir: Path, work: Path,
          adapter: Any, callbacks: Sequence[Callable[[int, dict[str, Any]], None]], outcome: RunOutcome,
-         report: dict[str, Any]) -> None:
+         report: dict[str, Any], dist: _Dist) -> None:
     from training.data import SplitConfig, records_from_rows, split_records
     from training.evaluate import evaluate_bundle
     from training.tasks import get_adapter
@@ -226,6 +296,10 @@ def _run(cfg: NightlyConfig, task: str, sched: TaskSchedule, registry: ModelRegi
     train_cfg = _train_config(adapter, sched, cur_meta if fine_tune else None, cfg.device, version)
     report["mode"] = "fine_tune" if fine_tune else "scratch"
     model_adapter = _FromBundle(adapter, cur_dir) if fine_tune and cur_dir is not None else adapter
+    dist.send({"rows": usable, "root": str(cfg.archive_dir / "studies"), "split": split_cfg.model_dump(),
+               "train": train_cfg.model_dump(mode="json"), "task": tcfg.model_dump(mode="json"),
+               "init": str(cur_dir) if fine_tune else None, "out": str(run_dir / "candidate"),
+               "work": str(run_dir / "work")})
     result = train(model_adapter, split, run_dir / "candidate", train_cfg, tcfg, work_dir=run_dir / "work",
                    resume=False, callbacks=callbacks)
     report["history"] = result.history

@@ -182,6 +182,9 @@ def run(args: argparse.Namespace) -> int:
         if args.once not in cfg.tasks:
             log.warning("task %s has no schedule in %s; using the defaults", args.once, args.config)
         outcome = run_task(cfg, args.once)
+        if outcome.status == "worker":  # a non-zero torchrun rank; rank 0 prints the decision
+            print(f"{args.once}: {outcome.reason}")
+            return 0
         print(f"{args.once}: {outcome.status} ({outcome.reason}); report: {outcome.run_dir / 'report.md'}")
         return 1 if outcome.status in ("failed", "interrupted") else 0
     ns = NightlyScheduler(cfg, blocking=True)
