@@ -87,12 +87,18 @@ def send_files(paths: Sequence[Path], dest: Destination, calling_ae: str) -> lis
         contexts.append(build_context(sop_class, list(_UNCOMPRESSED)))
     uniq = {(c.abstract_syntax, tuple(c.transfer_syntax)): c for c in contexts}
     ae.requested_contexts = list(uniq.values())[:128]
+    tls_args = None
+    if dest.tls is not None:
+        try:
+            tls_args = (client_ssl_context(dest.tls), None)
+        except (OSError, ssl.SSLError) as exc:
+            raise DeliveryError(f"TLS set-up for {dest.ae_title} failed (certificate, key or CA file): {exc}",
+                                transient=False) from exc
     try:
-        tls_args = (client_ssl_context(dest.tls), None) if dest.tls is not None else None
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
     except ssl.SSLError as exc:
-        raise DeliveryError(f"TLS setup for {dest.ae_title}@{dest.host}:{dest.port} failed: {exc}",
-                            transient=False) from exc
+        raise DeliveryError(f"TLS handshake with {dest.ae_title}@{dest.host}:{dest.port} failed: {exc}",
+                            transient=True) from exc
     except OSError as exc:
         raise DeliveryError(f"cannot connect to {dest.ae_title}@{dest.host}:{dest.port}: {exc}",
                             transient=True) from exc
