@@ -142,8 +142,8 @@ def eligible_series(datasets: Sequence[Dataset]) -> list[Series]:
     InvalidDatasetError
         If there is none.
     """
-    series = [s for s in group_by_series(datasets).values()
-              if s.modality.upper() == "CT" and len(s) >= N_SLICES]
+    ct = [ds for ds in datasets if str(ds.get("Modality", "")).upper() == "CT" and "PixelData" in ds]
+    series = [s for s in group_by_series(ct).values() if len(s) >= N_SLICES]
     if not series:
         raise InvalidDatasetError(f"no CT series with at least {N_SLICES} slices to grade for motion")
     return series

@@ -253,13 +253,13 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hrpqct")
     data = root / "data"
     rows = []
-    for i in range(10):
+    for i in range(8):
         geometry = "XtremeCT" if i % 2 == 0 else "XtremeCT II"
         rows.append(write_scan(data, geometry=geometry, grade=i % 5 + 1, seed=100 + i, patient_id=f"PT{i:02d}",
                                body_part="RADIUS" if i % 3 else "TIBIA"))
     (data / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     bundle = root / "bundle"
-    rc = main(["train", "hrpqct_motion", "--data", str(data), "--out", str(bundle), "--epochs", "2", "--device",
+    rc = main(["train", "hrpqct_motion", "--data", str(data), "--out", str(bundle), "--epochs", "1", "--device",
                "cpu", "--version", "tiny1", "--set", f"task.channels={TINY['channels']}", "--set",
                f"task.hidden={TINY['hidden']}", "--set", "train.batch_size=8", "--set",
                "train.max_steps_per_epoch=3"])
@@ -280,6 +280,23 @@ def test_tiny_bundle_records_preprocessing_and_task_config(tiny):
     assert meta["synthetic_only"] is True
     assert [lab["code"]["value"] for lab in meta["labels"]] == [f"MOTION-GRADE-{g}" for g in range(1, 6)]
     assert "kappa_quadratic" in meta["metrics"]
+
+
+def test_split_is_by_scan_and_patient_never_by_slice(tiny):
+    from training.data import RecordDataset, load_records, split_records
+
+    records = load_records(tiny["data"])
+    split = split_records(records)
+    parts = [split.train, split.val, split.holdout]
+    assert all(parts) and sum(map(len, parts)) == len(records) == 8
+    patients = [{r.patient_id for r in part} for part in parts]
+    assert not (patients[0] & patients[1] or patients[0] & patients[2] or patients[1] & patients[2])
+    cfg = MotionConfig()
+    ds = RecordDataset(split.train, ADAPTER.preprocessor(cfg), ADAPTER.preprocess_signature(cfg))
+    assert len(ds) == 8 * len(split.train)
+    for ri, rec in enumerate(split.train):  # the 8 slices of one scan are 8 samples of one record, one label
+        items = [ds[i] for i, (r, _) in enumerate(ds.index) if r == ri]
+        assert len(items) == 8 and {int(it["label"]) for it in items} == {grade_of(rec.row) - 1}
 
 
 def test_evaluate_writes_motion_metrics_plot_and_reference(tiny):
