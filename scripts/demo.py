@@ -37,22 +37,23 @@ TASKS = {  # task -> number of synthetic studies in the demo
 BIN = Path(sys.executable).parent
 
 
-def _synth(out: Path, seed: int) -> dict[str, list[Path]]:
-    """Generate the demo studies; return task -> study folders."""
+def _synth(out: Path, seed: int, per_task: int | None = None) -> dict[str, list[Path]]:
+    """Generate the demo studies (at most ``per_task`` per task when given); return task -> study folders."""
     studies: dict[str, list[Path]] = {}
     for i, (task, n) in enumerate(TASKS.items()):
+        n = min(n, per_task) if per_task else n
         dest = out / task
         if not dest.exists():
             print(f"  generating {n} synthetic {task} studies ...", flush=True)
             subprocess.run([str(BIN / "dicomnode-train"), "synth", task, "--out", str(dest), "--n", str(n),
                             "--seed", str(seed + i)], check=True)
-        studies[task] = sorted(p for p in dest.iterdir() if p.is_dir() and any(p.rglob("*.dcm")))
+        studies[task] = sorted(p for p in dest.iterdir() if p.is_dir() and any(p.rglob("*.dcm")))[:n]
     return studies
 
 
-def _node_config(base: Path, out: Path, port: int, pacs: OrthancServer) -> Path:
+def _node_config(base: Path, out: Path, port: int, pacs: OrthancServer, http_port: int) -> Path:
     cfg = yaml.safe_load(base.read_text(encoding="utf-8"))
-    cfg["node"].update(port=port, storage_dir=str(out / "var"), disk_min_free_gb=0.5)
+    cfg["node"].update(port=port, storage_dir=str(out / "var"), disk_min_free_gb=0.5, status_http_port=http_port)
     cfg["node"]["allowed_callers"] = [{"ae_title": pacs.aet, "host": "127.0.0.1"}]
     cfg["destinations"]["pacs"].update(port=pacs.dicom_port, ae_title=pacs.aet)
     cfg["models_dir"] = str(REPO / "models")
@@ -92,6 +93,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=2026)
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for all results")
     ap.add_argument("--no-wait", action="store_true", help="stop everything after the table instead of waiting")
+    ap.add_argument("--per-task", type=int, default=None, help="at most this many studies per task (CI: 1)")
     args = ap.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -100,7 +102,7 @@ def main() -> int:
         print(f"warning: no demo bundle for {', '.join(missing)}; those studies will end as failed jobs")
 
     print("1/5 synthetic studies")
-    studies = _synth(out / "studies", args.seed)
+    studies = _synth(out / "studies", args.seed, args.per_task)
     node_port = free_port()
     print("2/5 starting Orthanc")
     pacs = OrthancServer(out / "orthanc", {"bonenode": ("BONENODE", "127.0.0.1", node_port)}, name="bone-demo")
@@ -109,7 +111,8 @@ def main() -> int:
     try:
         print(f"    Orthanc web UI: {pacs.url}/app/explorer.html   (DICOM port {pacs.dicom_port})")
         print("3/5 starting the node")
-        cfg = _node_config(REPO / "config" / "node.yaml", out, node_port, pacs)
+        http_port = free_port()
+        cfg = _node_config(REPO / "config" / "node.yaml", out, node_port, pacs, http_port)
         log = open(out / "node.log", "ab")  # noqa: SIM115 - closed at exit
         node = subprocess.Popen([str(BIN / "dicomnode"), "serve", "--config", str(cfg)], stdout=log,
                                 stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -119,6 +122,7 @@ def main() -> int:
                 print(f"error: the node did not start; see {out / 'node.log'}")
                 return 1
             time.sleep(0.5)
+        print(f"    node status page: http://127.0.0.1:{http_port}/   (metrics: /metrics)")
         print("4/5 Orthanc sends each study to the node")
         sent: dict[str, tuple[str, float]] = {}
         for task, folders in studies.items():
