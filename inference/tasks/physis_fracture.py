@@ -23,7 +23,7 @@ boxes drawn. Metal and text detections are never reported.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,7 +98,7 @@ def _sigmoid(logits: torch.Tensor) -> np.ndarray:
 
 
 @torch.inference_mode()
-def score_image(model: torch.nn.Module, image: np.ndarray, device: torch.device | str = "cpu",
+def score_image(model: torch.nn.Module, image: np.ndarray | Callable[[], np.ndarray], device: torch.device | str = "cpu",
                 post: PostConfig | None = None, timer: StageTimer | None = None,
                 inputs: ImageInputs | None = None) -> ImageScore:
     """All method scores of one [0, 1] radiograph (source resolution) under ``model``'s method.
@@ -109,14 +109,18 @@ def score_image(model: torch.nn.Module, image: np.ndarray, device: torch.device 
         A :class:`~inference.nets.physis_two_stage.PhysisTwoStage` in eval mode.
     post:
         Post-processing rules; default: the bundle's (``model.post``).
+    image:
+        The source radiograph, or a callable returning it (read only if crops are needed).
     inputs:
-        Pre-computed :func:`image_inputs` (evaluation re-uses them).
+        Pre-computed :func:`image_inputs` (evaluation re-uses the cached ones).
     """
     device = torch.device(device)
     post = post or PostConfig.from_dict(getattr(model, "post", {}))
     timer = timer or StageTimer()
     dtype = next(model.parameters()).dtype
     with timer.stage("preprocess"):
+        if callable(image) and inputs is None:
+            image = image()
         if inputs is None:
             inputs = image_inputs(image, model.det_long_side, model.image_size)
     image_prob = None
@@ -131,6 +135,8 @@ def score_image(model: torch.nn.Module, image: np.ndarray, device: torch.device 
             candidates = select_fracture_boxes(boxes, labels, scores, post)
     if model.crop_classifier is not None and candidates:
         with timer.stage("preprocess"):
+            if callable(image):
+                image = image()
             crops = torch.stack([crop_with_margin(image, c.box, margin=post.crop_margin, min_side=post.crop_min_side,
                                                   out_size=model.crop_size).tensor for c in candidates])
         with timer.stage("forward"):

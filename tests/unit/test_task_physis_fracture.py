@@ -342,3 +342,25 @@ def test_mining_labels_proposals_by_iou():
                                    iou_thr=0.3)
     assert boxes[0].shape == (2, 4) and labels.tolist() == [1.0, 0.0]  # the metal proposal is never mined
     assert det.training  # the detector's mode is restored
+
+
+def test_evaluation_inputs_score_like_the_serving_path(tiny_bundle):
+    from inference.bundle import load_bundle
+    from inference.radiograph import to_float
+    from training.data import load_records
+    from training.tasks import get_adapter
+
+    bundle_dir, data = tiny_bundle
+    bundle = load_bundle(bundle_dir)
+    adapter = get_adapter("physis_fracture")
+    tcfg = adapter.config_model.model_validate(bundle.meta.task_config)
+    model = bundle.build_model()
+    record = load_records(data)[0]
+    (sample,) = adapter.preprocessor(tcfg)(record)
+    image = to_float(pydicom.dcmread(record.files[0]))
+    served = task_mod.score_image(model, image, "cpu")
+    inputs = task_mod.ImageInputs(torch.from_numpy(sample["det"]).float(), sample["det_to_source"],
+                                  torch.from_numpy(sample["image"]).float())
+    cached = task_mod.score_image(model, lambda: image, "cpu", inputs=inputs)
+    for name, value in served.by_method().items():
+        assert cached.by_method()[name] == pytest.approx(value, abs=0.02)  # float16 cache only

@@ -36,7 +36,7 @@ from inference.bundle import CodedConcept, InputSpec, LabelSpec
 from inference.codes import GROWTH_PLATE_FRACTURE
 from inference.nets import build_network
 from inference.radiograph import MEAN, STD, crop_with_margin, detector_input, to_float
-from inference.tasks.physis_fracture import score_image
+from inference.tasks.physis_fracture import ImageInputs, score_image
 from inference.tasks.physis_fracture_post import LABEL_NAMES, PostConfig
 from training.adapter import BaseAdapter, EvalResult, TaskConfig
 from training.data import Record, Sample
@@ -235,6 +235,7 @@ def prepare_record(record: Record, *, det_long_side: int, image_size: int, crop_
             "det": det_pixels.astype(np.float16), "det_boxes": det_boxes, "det_labels": det_labels,
             "src_boxes": src_boxes, "image": cls.tensor.numpy().astype(np.float16),
             "crops": crops.astype(np.float16), "crop_labels": np.asarray(crop_labels, np.float32),
+            "det_to_source": np.linalg.inv(det.source_to_model),
             "label": np.int64(image_label(record.row, sop)), "image_index": np.int64(index),
         })
     return samples
@@ -340,6 +341,10 @@ def method_metrics(y: np.ndarray, scores: np.ndarray, *, threshold: float, n_boo
             "auc_ci95": [lo, hi], "confusion_matrix": confusion_matrix(y, pred, 2).tolist()}
 
 
+def _read_source(path: Any) -> np.ndarray:
+    return to_float(pydicom.dcmread(path))
+
+
 class PhysisFractureAdapter(BaseAdapter):
     """Two-stage growth-plate fracture model (and its baselines) for paediatric radiographs."""
 
@@ -377,7 +382,7 @@ class PhysisFractureAdapter(BaseAdapter):
         """Changes with every field that alters the cached samples."""
         post = cfg.post_config()
         keys = ("det_long_side", "image_size", "crop_size", "crops_per_image", "crop_jitter")
-        return "physis_fracture/v1:" + repr({k: getattr(cfg, k) for k in keys}) + repr(
+        return "physis_fracture/v2:" + repr({k: getattr(cfg, k) for k in keys}) + repr(
             (post.crop_margin, post.crop_min_side))
 
     def train_transform(self, cfg: PhysisFractureConfig) -> Any:  # type: ignore[override]
@@ -439,7 +444,8 @@ class PhysisFractureAdapter(BaseAdapter):
                  cfg: PhysisFractureConfig) -> EvalResult:  # type: ignore[override]
         """Image-level metrics of every method the model scores, detector mAP@0.5 and FROC.
 
-        Each image is scored by the serving code from its source pixels.
+        Each image is scored by the serving code (:func:`score_image`) on the cached letterboxed inputs; the
+        crops come from the full-resolution source image, read when the detector proposes a fracture.
         """
         records = loader.dataset.records
         post = PostConfig.from_dict(getattr(model, "post", None) or cfg.post)
@@ -450,8 +456,10 @@ class PhysisFractureAdapter(BaseAdapter):
             for i in range(len(batch["label"])):
                 ri, ii = int(batch["record_index"][i]), int(batch["image_index"][i])
                 key = f"{ri}:{ii}"
-                ds = pydicom.dcmread(sorted(records[ri].files)[ii])
-                result = score_image(model, to_float(ds), device, post)
+                inputs = ImageInputs(batch["det"][i].float(), batch["det_to_source"][i].double().numpy(),
+                                     batch["image"][i].float())
+                path = sorted(records[ri].files)[ii]
+                result = score_image(model, functools.partial(_read_source, path), device, post, inputs=inputs)
                 for name, value in result.by_method().items():
                     per_method.setdefault(name, []).append(value)
                 labels.append(int(batch["label"][i]))
