@@ -115,13 +115,13 @@ _REMOVE = frozenset({
     "ScheduledStationName", "ScheduledStationNameCodeSequence", "ServiceEpisodeDescription", "ServiceEpisodeID",
     "SmokingStatus", "SourceApplicationEntityTitle", "SpecialNeeds", "StationName", "StudyComments", "TextComments",
     "TextString", "TopicAuthor", "TopicKeywords", "TopicSubject", "TopicTitle", "VerifyingObserverIdentificationCodeSequence",
-    "VerifyingObserverName", "VerifyingOrganization", "VisitComments",
+    "VerifyingObserverName", "VerifyingOrganization", "VisitComments", "RequestedProcedureDescription",
+    "ScheduledProcedureStepDescription", "ReferencedPerformedProcedureStepSequence",
 })
 _EMPTY = frozenset({
     "PatientBirthDate", "ReferringPhysicianName", "StudyID", "ContentCreatorName", "VerifyingObserverSequence",
     "ContrastBolusAgent", "AcquisitionContextSequence",
 })
-_DESCRIPTORS = frozenset({"StudyDescription", "SeriesDescription", "ProtocolName", "BodyPartExamined"})
 _FREE_TEXT_VRS = frozenset({"LO", "LT", "SH", "ST", "UT", "UC"})
 _SKIP_UID_KEYWORDS = frozenset({"TransferSyntaxUID", "ImplementationClassUID"})
 _DEID_METHOD = "PS3.15 E.1 Basic Profile; options 113107 113108 113105"  # LO: at most 64 chars
@@ -204,7 +204,7 @@ class Deidentifier:
         orig_pid = str(ds.get("PatientID", "") or "") or f"study:{ds.get('StudyInstanceUID', '')}"
         name = str(ds.get("PatientName", "") or "")
         secrets_text = [s for s in {orig_pid, str(ds.get("PatientID", "") or ""), name, *name.split("^"),
-                                    str(ds.get("PatientBirthDate", "") or "")} if len(s) >= 3]
+                                    str(ds.get("PatientBirthDate", "") or ""), *_uids(ds)} if len(s) >= 3]
         shift = _dt.timedelta(days=-self.date_shift_days(orig_pid))
         age = str(ds.get("PatientAge", "") or "") or _age(ds)
         for kind in MAPPED_KINDS:
@@ -234,7 +234,7 @@ class Deidentifier:
     def _clean(self, ds: Dataset, shift: _dt.timedelta, secrets_text: list[str], meta: bool = False) -> None:
         for elem in list(ds):
             tag = elem.tag
-            if tag.is_private or 0x5000 <= tag.group <= 0x50FF or 0x6000 <= tag.group <= 0x60FF:
+            if tag.is_private or 0x5000 <= tag.group <= 0x50FF or 0x6000 <= tag.group <= 0x60FF or elem.VR == "UN":
                 del ds[tag]
                 continue
             kw = elem.keyword
@@ -242,7 +242,7 @@ class Deidentifier:
                 del ds[tag]
                 continue
             if kw in _EMPTY:
-                ds[tag].value = None if elem.VR == "SQ" else ""
+                ds[tag].value = DicomSequence([]) if elem.VR == "SQ" else ""
                 continue
             if elem.VR == "SQ":
                 for item in elem.value or []:
@@ -265,6 +265,16 @@ class Deidentifier:
 
     def _map_uid(self, value: str) -> str:
         return value if value.startswith(DICOM_UID_ROOT) else self.uid(value)
+
+
+def _uids(ds: Dataset) -> set[str]:
+    """Every non-DICOM UID value in ``ds`` (free text quoting one of them is dropped too)."""
+    found: set[str] = set()
+    for elem in ds.iterall():
+        if elem.VR == "UI" and elem.value:
+            values = elem.value if isinstance(elem.value, (list, pydicom.multival.MultiValue)) else [elem.value]
+            found.update(str(v) for v in values if not str(v).startswith(DICOM_UID_ROOT))
+    return found
 
 
 def _map_multi(value: Any, fn: Any) -> Any:
@@ -499,8 +509,11 @@ def archive_series(datasets_or_paths: Sequence[Dataset | str | PathLike[str]], r
     """Archive a processed series for ``route`` if it opted in (``archive_for_training``); else do nothing."""
     if not route.archive_for_training:
         return []
+    ta = cfg.training_archive
+    key = (str(ta.dir or cfg.node.storage_dir / "training-archive"),
+           str(ta.key_dir or cfg.node.storage_dir / "training-archive-keys"))
     with _ARCHIVES_LOCK:
-        arch = training_archive_for(cfg)
-        key = (str(arch.root), str(arch.key_dir))
-        arch = _ARCHIVES.setdefault(key, arch)
+        arch = _ARCHIVES.get(key)
+        if arch is None:
+            arch = _ARCHIVES[key] = training_archive_for(cfg)
     return arch.archive_series(datasets_or_paths, route)

@@ -40,6 +40,8 @@ def _study(root: Path, *, pid: str = PID, name: str = NAME, n: int = 2, study_da
         ds.SeriesDescription = f"wrist {pid}"
         ds.BodyPartExamined = "WRIST"
         ds.FrameOfReferenceUID = generate_uid()
+        # free text quoting a UID (Comments on the Performed Procedure Step, ST: in no removal list)
+        ds.add_new(0x00400280, "ST", f"see {ds.SOPInstanceUID}")
         ref = Dataset()
         ref.ReferencedSOPClassUID = ds.SOPClassUID
         ref.ReferencedSOPInstanceUID = generate_uid()
@@ -117,6 +119,7 @@ def test_no_identifier_survives_anywhere(tmp_path: Path, archive: TrainingArchiv
         assert ds.SOPClassUID == pydicom.dcmread(src[0]).SOPClassUID  # standard UIDs kept
         assert ds.BodyPartExamined == "WRIST" and "SeriesDescription" not in ds  # descriptor naming the patient dropped
         assert ds.pixel_array.shape == (8, 8)
+        assert (0x0040, 0x0280) not in ds
     # nothing under the archive folder holds an original identifier, sidecars included
     for f in archive.root.rglob("*"):
         if f.is_file():
