@@ -3,10 +3,11 @@
 Pipeline (``tasks/knee_bone_seg.md``; pre-processing in :mod:`inference.mr`):
 
 1. choose the series: MR, at least ``min_slices`` (20) planes, coronal or sagittal;
-2. N4 bias correction (SimpleITK, shrink 4), then a per-volume intensity scale
-   (the median of the Otsu foreground becomes 1: MR has no absolute units),
-   a square ``crop_mm`` window at the femur/tibia junction, in-plane resize to
-   224x224 with native slices, and the population z-score stored in the bundle;
+2. a square ``crop_mm`` window at the femur/tibia junction (intensity profile),
+   in-plane resize to 224x224 with native slices, N4 bias correction on that
+   stack (SimpleITK, shrink 4), a per-volume intensity scale (the median of the
+   Otsu foreground becomes 1: MR has no absolute units) and the population
+   z-score stored in the bundle (see :func:`prepare_knee` for the order);
 3. the 2D U-Net on every slice, one sigmoid channel per bone;
 4. post-processing on the model grid: threshold, largest 3-D connected
    component and 2-D hole filling per bone;
@@ -43,8 +44,8 @@ from inference.mr import (
     CropResize,
     PreparedMR,
     ZScore,
+    joint_centre,
     n4_correct,
-    prepare_volume,
 )
 from inference.radiograph import otsu_threshold
 from inference.runtime import StageTimer, run_batched
@@ -147,18 +148,27 @@ def intensity_scale(volume: np.ndarray) -> float:
 
 def prepare_knee(volume: np.ndarray, spacing: tuple[float, float, float], params: KneeParams,
                  norm: ZScore | None = None) -> PreparedMR:
-    """N4 -> intensity scale -> joint centre -> crop + resize -> z-score (``norm``, if given).
+    """Joint centre -> crop + resize -> N4 -> intensity scale -> z-score (``norm``, if given).
 
-    Returns a :class:`~inference.mr.PreparedMR` whose ``array`` is (slices, size, size) float32.
+    The order follows the thesis (section 3.3): the square window is cut and
+    resized first and N4 runs on the 224x224 stack ("a single 24x224x224
+    image"), so its cost no longer depends on the acquisition matrix. The
+    joint centre comes from the intensity profile of the raw volume (a smooth
+    bias field barely moves the dark joint band). Returns a
+    :class:`~inference.mr.PreparedMR` whose ``array`` is (slices, size, size) float32.
     """
     vol = np.asarray(volume, dtype=np.float32)
+    centre = joint_centre(vol)
+    crop = CropResize.around(centre, vol.shape[1:], (spacing[1], spacing[2]), crop_mm=params.crop_mm, out=params.size)
+    arr = crop.image_to_model(vol)
     bias = None
     if params.n4:
-        vol, bias = n4_correct(vol, spacing, shrink=params.n4_shrink)
-    vol = vol / intensity_scale(vol)
-    prepared = prepare_volume(vol, spacing, norm=norm, n4=False, crop_mm=params.crop_mm, out=params.size)
-    prepared.bias_field = bias
-    return prepared
+        cell = (float(spacing[0]), crop.size_r * spacing[1] / params.size, crop.size_c * spacing[2] / params.size)
+        arr, bias = n4_correct(arr, cell, shrink=params.n4_shrink)
+    arr = arr / intensity_scale(arr)
+    if norm is not None:
+        arr = norm.apply(arr)
+    return PreparedMR(arr.astype(np.float32), crop, centre, bias)
 
 
 # --------------------------------------------------------------------------- post-processing

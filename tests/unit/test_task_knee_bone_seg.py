@@ -254,7 +254,8 @@ def test_tiny_bundle_meta_evaluate_and_report(tiny_bundle: Path, knee_data: Path
     assert meta["task"] == "knee_bone_seg" and meta["architecture"] == "unet2d" and meta["init_args"] == {}
     assert meta["input"]["normalisation"] == "zscore" and meta["input"]["extra"]["n4_shrink"] == 4
     assert meta["synthetic_only"] is True
-    assert {"dice_femur", "dice_tibia", "dice_fibula", "hd95_femur", "dice_merged", "dice_mean"} <= set(meta["metrics"])
+    assert {"dice_femur", "dice_tibia", "dice_fibula", "hd95_femur", "hd95_fibula", "dice_merged", "iou_merged",
+            "dice_mean", "dice_femur_full_image"} <= set(meta["metrics"])
     from training.evaluate import evaluate_bundle
 
     ev = evaluate_bundle(tiny_bundle, knee_data, tmp_path / "eval", device="cpu")
@@ -320,3 +321,20 @@ def test_task_is_deterministic_and_times_its_stages(tiny_bundle: Path, knee_data
     assert {"load", "preprocess", "forward", "postprocess"} <= set(a.timings_s)
     assert a.algorithm_version == "tiny-1" and a.synthetic_model
     assert a.overlays and 1 <= len(a.overlays[0].panels) <= 6
+
+
+def test_generator_label_maps_load_on_the_series_grid(tmp_path: Path) -> None:
+    """The synthetic generator's .mha label maps line up with its DICOM series (both orientations)."""
+    from training.synth.knee_bone_seg import generate
+
+    for orientation in ("coronal", "sagittal"):
+        root = tmp_path / orientation
+        generate(root, 1, 3, workers=1, params={"orientation": orientation, "n": 96, "n_slices": 20,
+                                                  "pixel_spacing": 1.2})
+        (record,) = load_records(root)
+        series = choose_series(read_datasets(record.files), KneeParams())
+        assert plane_of(series) == orientation
+        labels = load_label_map(record, series)
+        assert labels.shape == (20, 96, 96)
+        voxels = record.row["voxels"]
+        assert [int((labels == b + 1).sum()) for b in range(3)] == [voxels[b] for b in BONES]
