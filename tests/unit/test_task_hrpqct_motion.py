@@ -215,7 +215,7 @@ def test_preprocess_record_takes_8_slices_of_both_geometries(tmp_path, geometry)
     assert all(np.isfinite(s["motion_ssd"]) for s in samples)
     # density normalised: soft tissue/bone contrast survives, values are z-scores
     img = samples[3]["image"]
-    assert -2.0 < float(img.min()) < 0.0 < float(img.max()) < 4.0
+    assert -2.0 < float(img.min()) < 0.0 < 2.0 < float(img.max()) < 6.0
 
 
 def test_routing_sends_hrpqct_here_and_lumbar_ct_elsewhere(tmp_path):
@@ -275,7 +275,7 @@ def test_tiny_bundle_records_preprocessing_and_task_config(tiny):
     assert meta["init_args"]["num_classes"] == 5 and meta["init_args"]["channels"] == TINY["channels"]
     assert meta["input"]["size"] == [256, 256]
     assert meta["input"]["extra"]["slices"] == 8
-    assert meta["input"]["extra"]["normalisation"]["mean"] == 400.0
+    assert meta["input"]["extra"]["normalisation"] == {"low": -500.0, "high": 2500.0, "mean": 0.0, "std": 300.0}
     assert meta["task_config"]["aggregation"] == "argmax" and meta["task_config"]["rescan_min_grade"] == 4
     assert meta["synthetic_only"] is True
     assert [lab["code"]["value"] for lab in meta["labels"]] == [f"MOTION-GRADE-{g}" for g in range(1, 6)]

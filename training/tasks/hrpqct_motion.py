@@ -68,8 +68,8 @@ class MotionConfig(TaskConfig):
     dropout: float = Field(0.0, ge=0, lt=1)
     density_low: float = -500.0
     density_high: float = 2500.0
-    density_mean: float = 400.0
-    density_std: float = Field(600.0, gt=0)
+    density_mean: float = 0.0  # about the mean and std of clipped mg HA/cm3 over whole HR-pQCT slices
+    density_std: float = Field(300.0, gt=0)  # (air/soft tissue around a bone cross-section)
     loss: Literal["ordinal", "cross_entropy"] = "ordinal"
     ordinal_weight: float = Field(0.5, ge=0)
     class_counts: tuple[int, ...] | None = tuple(t + r for t, r in zip(THESIS_TIBIA, THESIS_RADIUS, strict=True))
