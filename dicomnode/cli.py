@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -16,10 +17,12 @@ from dicomnode.errors import DicomNodeError
 
 
 def _setup_logging(level: str = "INFO") -> None:
+    # under systemd (JOURNAL_STREAM set) journald adds the time stamp; log lines stay one line each
+    stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
     logging.basicConfig(
         level=getattr(logging, level),
         stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=stamp + "%(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("pynetdicom").setLevel(logging.WARNING if level != "DEBUG" else logging.INFO)
 
