@@ -91,10 +91,19 @@ def test_better_promoted_worse_kept_with_reason(site: dict) -> None:
 
 
 def test_fine_tune_from_current(site: dict) -> None:
-    out = run_task(_cfg(site, mode="fine_tune", epochs=3, lr=5e-2, margin=0.0), TASK, adapter=ADAPTER, stamp="ft")
+    """Fine-tuning starts from the current bundle's weights: with a negligible step the candidate equals it."""
+    from inference.bundle import load_bundle
+
+    reg: ModelRegistry = site["registry"]
+    out = run_task(_cfg(site, mode="fine_tune", epochs=1, lr=1e-12, max_steps_per_epoch=1, margin=0.0), TASK,
+                   adapter=ADAPTER, stamp="ft")
     report = json.loads((out.run_dir / "report.json").read_text())
-    assert report["mode"] == "fine_tune"
-    assert out.status in ("promoted", "kept") and out.metrics["current"]
+    assert report["mode"] == "fine_tune" and report["current_version"] == "bad"
+    cand, cur = load_bundle(out.run_dir / "candidate"), load_bundle(reg.current_dir(TASK))
+    for k, v in cur.state_dict.items():
+        assert torch.allclose(cand.state_dict[k].float(), v.float(), atol=1e-6), k
+    assert out.status == "kept" and "does not improve" in out.reason  # same model: no gain, no promotion
+    assert reg.current(TASK) == "bad"
 
 
 def test_crash_mid_training_leaves_registry_unchanged(site: dict) -> None:
