@@ -38,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp16", action="store_true", help="store weights in float16 (demo bundles)")
     p.add_argument("--workers", type=int, help="data loading / pre-processing processes")
     p.add_argument("--method", help="shortcut for --set task.method=... (tasks whose config has a 'method' field)")
+    p.add_argument("--backbone", help="shortcut for --set task.backbone=... (tasks whose config has a 'backbone' field)")
     p.add_argument("--synthetic", action="store_true",
                    help="mark the bundle as trained on synthetic data only (also automatic when every manifest "
                         "row has \"synthetic\": true)")
@@ -95,6 +96,10 @@ def build_configs(adapter: Any, args: argparse.Namespace) -> tuple[Any, Any]:
         if "method" not in adapter.config_model.model_fields:
             raise DicomNodeError(f"--method: task {adapter.name} has no 'method' option")
         task_raw["method"] = args.method
+    if getattr(args, "backbone", None) is not None:
+        if "backbone" not in adapter.config_model.model_fields:
+            raise DicomNodeError(f"--backbone: task {adapter.name} has no 'backbone' option")
+        task_raw["backbone"] = args.backbone
     if getattr(args, "fp16", False):
         train_raw["fp16_weights"] = True
     if getattr(args, "synthetic", False):

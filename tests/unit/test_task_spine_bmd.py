@@ -325,3 +325,23 @@ def test_analyze_writes_valid_sr_and_sc(tiny_bundle, tmp_path, dciodvfy) -> None
     assert values & {"Normal", "Osteopenia", "Osteoporosis"}
     sc = [pydicom.dcmread(f) for f in scs if f not in srs]
     assert any(ds.Modality == "OT" or "SecondaryCapture" in str(ds.SOPClassUID.name).replace(" ", "") for ds in sc)
+
+
+def test_backbone_shortcut_and_faithful_defaults() -> None:
+    """`train spine_bmd --backbone X` picks the variant; the paper's SGD/lr/batch/epochs are the defaults."""
+    import argparse
+
+    from dicomnode.errors import DicomNodeError
+    from training.tasks.spine_bmd import SpineBmdAdapter
+    from training.train_cli import add_arguments, build_configs
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    adapter = SpineBmdAdapter()
+    cfg, tcfg = build_configs(adapter, p.parse_args(["spine_bmd", "--data", "d", "--out", "o", "--backbone",
+                                                     "resnet50_sk"]))
+    assert tcfg.backbone == "resnet50_sk" and tcfg.variant == "faithful"
+    assert (cfg.optimizer, cfg.lr, cfg.batch_size, cfg.epochs) == ("sgd", 0.01, 9, 100)
+    assert adapter.architecture(tcfg)[1]["backbone"] == "resnet50_sk"
+    with pytest.raises(DicomNodeError):
+        build_configs(adapter, p.parse_args(["spine_bmd", "--data", "d", "--out", "o", "--backbone", "vgg"]))
