@@ -71,6 +71,7 @@ class ImageInputs:
     det: torch.Tensor  # (1, L, L) in [0, 1] (torchvision normalises inside the detector)
     det_to_source: np.ndarray  # 3x3
     image: torch.Tensor  # (1, S, S) normalised for the whole-image classifier
+    source_shape: tuple[int, int] | None = None  # (rows, cols): detections are clipped to the source image
 
 
 def image_inputs(image: np.ndarray, det_long_side: int, image_size: int) -> ImageInputs:
@@ -78,19 +79,29 @@ def image_inputs(image: np.ndarray, det_long_side: int, image_size: int) -> Imag
     det = detector_input(image, long_side=det_long_side)
     cls = detector_input(image, long_side=image_size)
     det_pixels = (det.tensor * det.std + det.mean).clamp_(0.0, 1.0)
-    return ImageInputs(det_pixels, np.linalg.inv(det.source_to_model), cls.tensor)
+    return ImageInputs(det_pixels, np.linalg.inv(det.source_to_model), cls.tensor, tuple(image.shape[:2]))
 
 
-def detect(model: torch.nn.Module, det: torch.Tensor, det_to_source: np.ndarray,
-           device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Run the detector on one letterboxed image; boxes come back in source pixels."""
+def detect(model: torch.nn.Module, det: torch.Tensor, det_to_source: np.ndarray, device: torch.device,
+           source_shape: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run the detector on one letterboxed image; boxes come back in source pixels (clipped to the image).
+
+    A box that lies entirely in the letterbox padding is dropped.
+    """
     out = model.detector([det.to(device)])[0]
     boxes = out["boxes"].float().cpu().numpy().reshape(-1, 4)
     if len(boxes):
         corners = apply_affine(det_to_source, boxes.reshape(-1, 2)).reshape(-1, 4)
         boxes = np.concatenate([np.minimum(corners[:, :2], corners[:, 2:]), np.maximum(corners[:, :2], corners[:, 2:])],
                                axis=1)
-    return boxes, out["labels"].cpu().numpy(), out["scores"].float().cpu().numpy()
+    labels, scores = out["labels"].cpu().numpy(), out["scores"].float().cpu().numpy()
+    if source_shape is not None and len(boxes):
+        rows, cols = source_shape
+        boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], -0.5, cols - 0.5)
+        boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], -0.5, rows - 0.5)
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        boxes, labels, scores = boxes[keep], labels[keep], scores[keep]
+    return boxes, labels, scores
 
 
 def _sigmoid(logits: torch.Tensor) -> np.ndarray:
@@ -129,7 +140,8 @@ def score_image(model: torch.nn.Module, image: np.ndarray | Callable[[], np.ndar
         if model.image_classifier is not None:
             image_prob = float(_sigmoid(model.image_classifier(inputs.image[None].to(device, dtype)))[0])
         if model.detector is not None:
-            boxes, labels, scores = detect(model, inputs.det.to(dtype), inputs.det_to_source, device)
+            boxes, labels, scores = detect(model, inputs.det.to(dtype), inputs.det_to_source, device,
+                                           inputs.source_shape)
     with timer.stage("postprocess"):
         if model.detector is not None:
             candidates = select_fracture_boxes(boxes, labels, scores, post)

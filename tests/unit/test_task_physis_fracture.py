@@ -167,8 +167,9 @@ def scripted_model() -> nn.Module:
     model = build_network("physis_two_stage", **args).eval()
     # source 200 x 160 -> detector square 64: scale 0.32, x padded by (64 - 51.2) / 2 = 6.4
     model.detector = ScriptedDetector(
-        [[22.4, 16.0, 38.4, 32.0], [22.4, 16.0, 38.4, 32.0], [6.4, 0.0, 16.0, 6.4], [40.0, 40.0, 48.0, 48.0]],
-        [FX, METAL, TEXT, FX], [0.9, 0.6, 0.99, 0.3])
+        [[22.4, 16.0, 38.4, 32.0], [22.4, 16.0, 38.4, 32.0], [6.4, 0.0, 16.0, 6.4], [40.0, 40.0, 48.0, 48.0],
+         [0.0, 10.0, 5.0, 20.0], [54.0, 50.0, 64.0, 70.0]],
+        [FX, METAL, TEXT, FX, FX, FX], [0.9, 0.6, 0.99, 0.3, 0.95, 0.25])
     model.crop_classifier = FixedLogit(0.8)
     model.image_classifier = FixedLogit(0.1)
     return model
@@ -177,7 +178,10 @@ def scripted_model() -> nn.Module:
 def test_scripted_detector_boxes_map_to_source_and_distractors_are_dropped(scripted_model):
     image = np.random.default_rng(0).random((200, 160)).astype(np.float32)
     res = task_mod.score_image(scripted_model, image, "cpu")
-    assert len(res.boxes) == 2  # two fracture boxes; the metal and the text box never are
+    # three fracture boxes; the metal and the text box never are, nor the one lying in the letterbox padding
+    assert sorted(c.det_score for c in res.boxes) == pytest.approx([0.25, 0.3, 0.9])
+    clipped = [c for c in res.boxes if c.det_score == 0.25]
+    assert clipped and clipped[0].box[2] == pytest.approx(159.5) and clipped[0].box[3] == pytest.approx(199.5)
     top = res.boxes[0]
     # inverse letterbox: x = (x_det + 0.5 - pad_x) / 0.32 - 0.5, y = (y_det + 0.5) / 0.32 - 0.5
     np.testing.assert_allclose(top.box, (51.0625, 51.0625, 101.0625, 101.0625), atol=1e-5)
@@ -360,7 +364,7 @@ def test_evaluation_inputs_score_like_the_serving_path(tiny_bundle):
     image = to_float(pydicom.dcmread(record.files[0]))
     served = task_mod.score_image(model, image, "cpu")
     inputs = task_mod.ImageInputs(torch.from_numpy(sample["det"]).float(), sample["det_to_source"],
-                                  torch.from_numpy(sample["image"]).float())
+                                  torch.from_numpy(sample["image"]).float(), tuple(sample["source_shape"]))
     cached = task_mod.score_image(model, lambda: image, "cpu", inputs=inputs)
     for name, value in served.by_method().items():
         assert cached.by_method()[name] == pytest.approx(value, abs=0.02)  # float16 cache only

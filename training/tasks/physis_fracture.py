@@ -235,7 +235,7 @@ def prepare_record(record: Record, *, det_long_side: int, image_size: int, crop_
             "det": det_pixels.astype(np.float16), "det_boxes": det_boxes, "det_labels": det_labels,
             "src_boxes": src_boxes, "image": cls.tensor.numpy().astype(np.float16),
             "crops": crops.astype(np.float16), "crop_labels": np.asarray(crop_labels, np.float32),
-            "det_to_source": np.linalg.inv(det.source_to_model),
+            "det_to_source": np.linalg.inv(det.source_to_model), "source_shape": np.asarray(image.shape, np.int64),
             "label": np.int64(image_label(record.row, sop)), "image_index": np.int64(index),
         })
     return samples
@@ -382,7 +382,7 @@ class PhysisFractureAdapter(BaseAdapter):
         """Changes with every field that alters the cached samples."""
         post = cfg.post_config()
         keys = ("det_long_side", "image_size", "crop_size", "crops_per_image", "crop_jitter")
-        return "physis_fracture/v2:" + repr({k: getattr(cfg, k) for k in keys}) + repr(
+        return "physis_fracture/v3:" + repr({k: getattr(cfg, k) for k in keys}) + repr(
             (post.crop_margin, post.crop_min_side))
 
     def train_transform(self, cfg: PhysisFractureConfig) -> Any:  # type: ignore[override]
@@ -457,7 +457,7 @@ class PhysisFractureAdapter(BaseAdapter):
                 ri, ii = int(batch["record_index"][i]), int(batch["image_index"][i])
                 key = f"{ri}:{ii}"
                 inputs = ImageInputs(batch["det"][i].float(), batch["det_to_source"][i].double().numpy(),
-                                     batch["image"][i].float())
+                                     batch["image"][i].float(), tuple(int(v) for v in batch["source_shape"][i]))
                 path = sorted(records[ri].files)[ii]
                 result = score_image(model, functools.partial(_read_source, path), device, post, inputs=inputs)
                 for name, value in result.by_method().items():
