@@ -183,7 +183,14 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 def _fill_holes_2d(mask: np.ndarray) -> np.ndarray:
-    return np.stack([ndimage.binary_fill_holes(p) for p in mask]) if mask.size else mask
+    """Fill holes slice by slice (on each slice's bounding box: everything outside it is background)."""
+    out = mask.copy()
+    for k, plane in enumerate(mask):
+        rows, cols = np.nonzero(plane.any(axis=1))[0], np.nonzero(plane.any(axis=0))[0]
+        if rows.size:
+            box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+            out[k][box] = ndimage.binary_fill_holes(plane[box])
+    return out
 
 
 def postprocess(probs: np.ndarray, params: KneeParams) -> np.ndarray:

@@ -326,11 +326,18 @@ class KneeAdapter(BaseAdapter):
         crop = CropResize(g[0], g[1], g[2], g[3], (g[4], g[5]), params.size)
         pred = crop.mask_to_source(postprocess(probs, params))
         spacing = [float(s) for s in entry["spacing"]]
-        inside = np.zeros(labels.shape[1:], dtype=bool)
-        inside[crop.r0:crop.r0 + crop.size_r, crop.c0:crop.c0 + crop.size_c] = True
-        scores = score_volume(pred, np.where(inside, labels, 0), spacing, with_hd95=with_hd95)
-        full = score_volume(pred, labels, spacing, with_hd95=False)
-        scores.update({f"{k}_full_image": v for k, v in full.items()})
+        win = (slice(None), slice(crop.r0, crop.r0 + crop.size_r), slice(crop.c0, crop.c0 + crop.size_c))
+        pred_w, lab_w = pred[(slice(None), *win)], labels[win]  # the prediction is empty outside the window
+        scores = score_volume(pred_w, lab_w, spacing, with_hd95=with_hd95)
+        totals = np.bincount(labels.ravel(), minlength=len(BONES) + 1)
+        for b, bone in enumerate(BONES):
+            inter = float(np.logical_and(pred_w[b], lab_w == b + 1).sum())
+            denom = float(pred_w[b].sum()) + float(totals[b + 1])
+            scores[f"dice_{bone}_full_image"] = 2.0 * inter / denom if denom else 1.0
+        pm = pred_w.any(axis=0)
+        inter = float(np.logical_and(pm, lab_w > 0).sum())
+        denom = float(pm.sum()) + float(totals[1:].sum())
+        scores["dice_merged_full_image"] = 2.0 * inter / denom if denom else 1.0
         return scores
 
     def input_spec(self, cfg: TaskConfig) -> InputSpec:
@@ -378,15 +385,25 @@ class KneeAdapter(BaseAdapter):
         )
 
 
-def fit_norm(records: Sequence[Record], cfg: KneeConfig, max_records: int = 16) -> ZScore:
+def _prepared_crops(args: tuple[Record, KneeConfig]) -> np.ndarray:
+    record, cfg = args
+    series = _mask_series(record, cfg.min_slices)
+    return prepare_knee(series.volume(), series.spacing, cfg.params(), norm=None).array
+
+
+def fit_norm(records: Sequence[Record], cfg: KneeConfig, max_records: int = 16, workers: int = 0) -> ZScore:
     """Population z-score over the pre-processed (un-normalised) crops of up to ``max_records`` records."""
     chosen = list(records)[:max_records]
     if not chosen:
         raise DataError("no records to fit the z-score on")
-    arrays = []
-    for r in chosen:
-        series = _mask_series(r, cfg.min_slices)
-        arrays.append(prepare_knee(series.volume(), series.spacing, cfg.params(), norm=None).array)
+    jobs = [(r, cfg) for r in chosen]
+    if workers > 0 and len(jobs) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            arrays = list(pool.map(_prepared_crops, jobs))
+    else:
+        arrays = [_prepared_crops(j) for j in jobs]
     return ZScore.fit(arrays)
 
 
@@ -400,12 +417,13 @@ def main(argv: list[str] | None = None) -> int:
     n = sub.add_parser("norm", help="fit the population z-score on the training split of a data folder")
     n.add_argument("--data", required=True, type=Path)
     n.add_argument("--max-records", type=int, default=16)
+    n.add_argument("--workers", type=int, default=0, help="pre-processing processes")
     args = p.parse_args(argv)
     from training.data import load_records, split_records
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     split = split_records(load_records(args.data))
-    z = fit_norm(split.train or split.val, KneeConfig(), args.max_records)
+    z = fit_norm(split.train or split.val, KneeConfig(), args.max_records, args.workers)
     print(f"--set task.norm_mean={z.mean:.6g} --set task.norm_std={z.std:.6g}")
     return 0
 
