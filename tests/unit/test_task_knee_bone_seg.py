@@ -338,3 +338,13 @@ def test_generator_label_maps_load_on_the_series_grid(tmp_path: Path) -> None:
         assert labels.shape == (20, 96, 96)
         voxels = record.row["voxels"]
         assert [int((labels == b + 1).sum()) for b in range(3)] == [voxels[b] for b in BONES]
+
+
+def test_norm_command_prints_the_fitted_zscore(knee_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from training.tasks.knee_bone_seg import main
+
+    assert main(["norm", "--data", str(knee_data), "--max-records", "2"]) == 0
+    text = capsys.readouterr().out.split()
+    assert text[0] == "--set" and text[1].startswith("task.norm_mean=") and text[3].startswith("task.norm_std=")
+    mean, std = float(text[1].split("=")[1]), float(text[3].split("=")[1])
+    assert 0.1 < mean < 2.0 and 0.05 < std < 2.0
