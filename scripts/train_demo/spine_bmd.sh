@@ -9,8 +9,10 @@
 #    (SGD lr 0.01, momentum 0.9, batch 9) for EPOCHS epochs instead of 100, weights stored in fp16,
 # 3. evaluate on every study of the fresh-seed hold-out (--subset all): OUT_DIR/eval/metrics.json, report.md.
 #
-# Sizes: N_TRAIN, N_HOLDOUT, EPOCHS, DEVICE (auto|cpu|cuda), WORKERS, IMAGE_SIZE, BACKBONE.
-# Tiny CPU check:   N_TRAIN=12 N_HOLDOUT=6 EPOCHS=1 DEVICE=cpu scripts/train_demo/spine_bmd.sh /tmp/spine_demo
+# Sizes: N_TRAIN, N_HOLDOUT, EPOCHS, DEVICE (auto|cpu|cuda), WORKERS, IMAGE_SIZE, BACKBONE, MAX_STEPS (cap of
+# steps per epoch, for smoke runs only; empty by default).
+# Tiny CPU check:   N_TRAIN=12 N_HOLDOUT=6 EPOCHS=1 DEVICE=cpu IMAGE_SIZE=160 MAX_STEPS=3 WORKERS=2 \
+#                   scripts/train_demo/spine_bmd.sh /tmp/spine_demo
 # GPU (H100):       PYTHON=python3 PYTHONPATH=. N_TRAIN=240 N_HOLDOUT=40 EPOCHS=12 scripts/train_demo/spine_bmd.sh out
 set -euo pipefail
 
@@ -23,6 +25,7 @@ DEVICE=${DEVICE:-auto}
 WORKERS=${WORKERS:-12}
 IMAGE_SIZE=${IMAGE_SIZE:-384}
 BACKBONE=${BACKBONE:-resnet50_ds}
+MAX_STEPS=${MAX_STEPS:-}
 VERSION=${VERSION:-demo-$(date -u +%Y%m%d)}
 
 mkdir -p "$OUT"
@@ -34,8 +37,8 @@ rm -rf "$OUT/train_data" "$OUT/holdout_data" "$OUT/bundle" "$OUT/bundle.work" "$
 "$PY" -m training.cli train spine_bmd --data "$OUT/train_data" --out "$OUT/bundle" \
     --epochs "$EPOCHS" --device "$DEVICE" --fp16 --synthetic --version "$VERSION" \
     --workers "$([ "$DEVICE" = cpu ] && echo 0 || echo 4)" \
-    --set variant=light --set backbone="$BACKBONE" --set image_size="$IMAGE_SIZE" \
-    --set schedule=cosine --set min_lr=0.0005
+    --set variant=light --backbone "$BACKBONE" --set image_size="$IMAGE_SIZE" \
+    --set schedule=cosine --set min_lr=0.0005 ${MAX_STEPS:+--set max_steps_per_epoch=$MAX_STEPS}
 
 "$PY" -m training.cli evaluate "$OUT/bundle" --data "$OUT/holdout_data" --subset all --device "$DEVICE" \
     --out "$OUT/eval"

@@ -23,9 +23,22 @@ profile pass, level labels, detector on the mid-body slices), giving the
 per-vertebra macro-F1, Cohen's kappa, per-class sensitivity and the
 level-labelling accuracy.
 
-Backbones: ``--set backbone=resnet50|resnet50_se|resnet50_sk|resnet50_ds``.
-``--set variant=light`` selects the demo bundle's lighter trunk of the same
-design (:data:`inference.nets.spine_detector.SPINE_LIGHT_ARGS`).
+Backbones: ``--backbone resnet50|resnet50_se|resnet50_sk|resnet50_ds`` (or
+``--set backbone=...``). ``--set variant=light`` selects the demo bundle's
+lighter trunk of the same design (:data:`inference.nets.spine_detector.SPINE_LIGHT_ARGS`).
+Parameters (``python -m inference.nets.spine_detector --param-table --light``):
+
+==============  ==========  ===============  ===========  ===============  ==========
+backbone        attention   Faster R-CNN     fp16 MB      light: params    light: MB
+==============  ==========  ===============  ===========  ===============  ==========
+resnet50        0           41,362,531       82.7         5,109,603        10.2
+resnet50_se     527,044     41,889,575       83.8         5,118,647        10.2
+resnet50_sk     3,167,008   44,529,539       89.1         5,181,475        10.4
+resnet50_ds     6,708,360   48,070,891       96.1         5,223,179        10.4
+==============  ==========  ===============  ===========  ===============  ==========
+
+The faithful networks exceed the 25 MB fp16 cap of demo bundles; the demo
+bundle is the light DS variant (declared in ``bundle.json`` init args and the card).
 """
 
 from __future__ import annotations
