@@ -105,7 +105,10 @@ def render_panel(
         rgb = _heat_blend(rgb, panel.heatmap)
     for label, mask in panel.contours.items():
         m = _resize_float(np.asarray(mask, np.float32), out_shape, nearest=True) > 0.5
-        edge = ndimage.binary_dilation(_contour(m), iterations=max(0, int(scale) // 2))
+        edge = _contour(m)
+        grow = int(scale) // 2
+        if grow > 0:  # iterations=0 would make scipy dilate until nothing changes (the whole panel)
+            edge = ndimage.binary_dilation(edge, iterations=grow)
         rgb[edge] = np.array(_colour(label, colours), np.float32) / 255.0
     img = Image.fromarray((np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8))
     draw = ImageDraw.Draw(img)

@@ -348,3 +348,19 @@ def test_norm_command_prints_the_fitted_zscore(knee_data: Path, capsys: pytest.C
     assert text[0] == "--set" and text[1].startswith("task.norm_mean=") and text[3].startswith("task.norm_std=")
     mean, std = float(text[1].split("=")[1]), float(text[3].split("=")[1])
     assert 0.1 < mean < 2.0 and 0.05 < std < 2.0
+
+
+def test_montage_draws_contours_not_filled_panels(tmp_path: Path) -> None:
+    """A large source (panel shrunk below 2x) gets thin contours: colour covers a small part of each panel."""
+    row = write_knee_study(tmp_path, 0, 14, n_slices=20, rows=384, cols=384, pixel_mm=0.4)
+    (record,) = load_records_from_row(tmp_path, row)
+    datasets = read_datasets(record.files)
+    series = choose_series(datasets, KneeParams())
+    labels = load_label_map(record, series)
+    findings = make_findings(np.stack([labels == b + 1 for b in range(3)]), series, algorithm_name="a",
+                             algorithm_version="1", synthetic_model=True)
+    assert len(findings.overlays[0].panels) == 6
+    sc = build_results(findings, datasets, ResultContext())[-1]
+    rgb = sc.pixel_array.astype(int)
+    coloured = (np.abs(rgb[..., 0] - rgb[..., 1]) > 40) | (np.abs(rgb[..., 1] - rgb[..., 2]) > 40)
+    assert 0.0005 < coloured.mean() < 0.05
