@@ -13,14 +13,14 @@
 # steps per epoch, for smoke runs only; empty by default).
 # Tiny CPU check:   N_TRAIN=12 N_HOLDOUT=6 EPOCHS=1 DEVICE=cpu IMAGE_SIZE=160 MAX_STEPS=3 WORKERS=2 \
 #                   scripts/train_demo/spine_bmd.sh /tmp/spine_demo
-# GPU (H100):       PYTHON=python3 PYTHONPATH=. N_TRAIN=240 N_HOLDOUT=40 EPOCHS=12 scripts/train_demo/spine_bmd.sh out
+# GPU (H100):       PYTHON=python3 PYTHONPATH=. N_TRAIN=200 N_HOLDOUT=40 EPOCHS=8 scripts/train_demo/spine_bmd.sh out
 set -euo pipefail
 
 OUT=${1:?usage: $0 OUT_DIR}
 PY=${PYTHON:-.venv/bin/python}
-N_TRAIN=${N_TRAIN:-240}
+N_TRAIN=${N_TRAIN:-200}
 N_HOLDOUT=${N_HOLDOUT:-40}
-EPOCHS=${EPOCHS:-12}
+EPOCHS=${EPOCHS:-8}
 DEVICE=${DEVICE:-auto}
 WORKERS=${WORKERS:-12}
 IMAGE_SIZE=${IMAGE_SIZE:-384}
