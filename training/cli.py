@@ -23,12 +23,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Build the parser; modules that are not installed yet are listed but fail clearly."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Build the parser; with ``only``, import just that sub-command's module (the others stay listed)."""
     p = argparse.ArgumentParser(prog="dicomnode-train", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text)
+        if only is not None and name != only:
+            continue
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
@@ -51,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     check_packages("inference", "training")
     level = logging.INFO
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    only = argv[0] if argv and argv[0] in COMMANDS else None
+    args = build_parser(only).parse_args(argv)
     return int(args.func(args) or 0)
 
 
