@@ -364,3 +364,18 @@ def test_montage_draws_contours_not_filled_panels(tmp_path: Path) -> None:
     rgb = sc.pixel_array.astype(int)
     coloured = (np.abs(rgb[..., 0] - rgb[..., 1]) > 40) | (np.abs(rgb[..., 1] - rgb[..., 2]) > 40)
     assert 0.0005 < coloured.mean() < 0.05
+
+
+def test_batch_dice_does_not_reward_empty_predictions() -> None:
+    adapter = get_adapter("knee_bone_seg")
+    target = torch.zeros(2, 3, 16, 16)
+    target[0, 0, 4:12, 4:12] = 1  # femur on one slice only; no tibia/fibula anywhere
+    empty = torch.full((2, 3, 16, 16), -20.0)
+    perfect = torch.where(target > 0, 20.0, -20.0)
+    for flag in (True, False):
+        batch = {"target": target, "dice_over_batch": torch.tensor([flag])}
+        assert float(adapter.loss(perfect, batch)) < 1e-3
+    by_slice = float(adapter.loss(empty, {"target": target, "dice_over_batch": torch.tensor([False])}))
+    by_batch = float(adapter.loss(empty, {"target": target, "dice_over_batch": torch.tensor([True])}))
+    assert by_slice == pytest.approx(1 - (5 + 1 / 65) / 6, abs=1e-3)  # 5 of 6 slice-channels are empty-on-empty
+    assert by_batch == pytest.approx(1 - (2 + 1 / 65) / 3, abs=1e-3) and by_batch > by_slice

@@ -27,7 +27,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -81,6 +81,8 @@ class KneeConfig(TaskConfig):
     fill_holes: bool = True
     min_slices: int = Field(20, ge=1)
     augment: bool = True
+    dice_over: Literal["batch", "slice"] = Field(
+        "batch", description="soft Dice per bone over the whole batch (Keras-style flattened F1) or per slice")
     hd95: bool = True
 
     def params(self) -> KneeParams:
@@ -160,7 +162,7 @@ def prepare_record(record: Record, cfg: KneeConfig) -> list[Sample]:
     } for k in range(n)]
 
 
-def collate_knee(samples: list[Sample], *, mean: float, std: float) -> dict[str, Any]:
+def collate_knee(samples: list[Sample], *, mean: float, std: float, dice_over_batch: bool = True) -> dict[str, Any]:
     """Stack fixed-size fields, keep per-record ones (``source_label``) as lists; z-score the images."""
     out: dict[str, Any] = {}
     for key in samples[0]:
@@ -171,6 +173,7 @@ def collate_knee(samples: list[Sample], *, mean: float, std: float) -> dict[str,
         else:
             out[key] = tensors
     out["image"] = (out["image"].float() - mean) / std
+    out["dice_over_batch"] = torch.tensor([dice_over_batch])
     return out
 
 
@@ -269,11 +272,20 @@ class KneeAdapter(BaseAdapter):
     def collate(self, cfg: TaskConfig) -> Callable[[list[Sample]], Any]:
         """:func:`collate_knee` with the population z-score."""
         assert isinstance(cfg, KneeConfig)
-        return functools.partial(collate_knee, mean=cfg.norm_mean, std=cfg.norm_std)
+        return functools.partial(collate_knee, mean=cfg.norm_mean, std=cfg.norm_std,
+                                 dice_over_batch=cfg.dice_over == "batch")
 
     def loss(self, outputs: Any, batch: Any) -> torch.Tensor:
-        """Soft Dice over the three sigmoid channels (empty-on-empty scores 1)."""
-        return _DICE(outputs.float(), batch["target"].float())
+        """Soft Dice (F1) loss over the three sigmoid channels (empty-on-empty scores 1).
+
+        With ``dice_over="batch"`` (set by :meth:`collate`) each bone's Dice is taken over every
+        pixel of the batch, as the flattened Keras F1 loss does; per slice, the many slices
+        without a fibula reward an empty prediction and training collapses to it first.
+        """
+        pred, target = outputs.float(), batch["target"].float()
+        if bool(batch.get("dice_over_batch", torch.ones(1))[0]):
+            pred, target = pred.transpose(0, 1).unsqueeze(0), target.transpose(0, 1).unsqueeze(0)
+        return _DICE(pred, target)
 
     def forward(self, model: torch.nn.Module, batch: Any, device: torch.device) -> Any:
         """``model(image)`` (the images are already z-scored by the collate)."""
