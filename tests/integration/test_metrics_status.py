@@ -41,6 +41,14 @@ def _get(url: str) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
+def _answers(url: str) -> bool:
+    """True once the status server answers 200 (it starts a moment after the node process)."""
+    try:
+        return _get(url)[0] == 200
+    except urllib.error.URLError:
+        return False
+
+
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     out = {}
     for family in text_string_to_metric_families(text):
@@ -77,7 +85,7 @@ def test_metrics_health_and_status_page(tmp_path: Path,
     http_port = _enable_http(node)
     node.start()
     base = f"http://127.0.0.1:{http_port}"
-    wait_for(lambda: _get(f"{base}/healthz")[0] == 200, 30, "/healthz")
+    wait_for(lambda: _answers(f"{base}/healthz"), 30, "/healthz")
     status, body = _get(f"{base}/readyz")
     assert status == 200, body
     ready = json.loads(body)

@@ -44,7 +44,8 @@ def test_detectors_in_registry(arch: str, args: dict) -> None:
 
 def test_registry_keys_and_errors() -> None:
     assert set(NETWORKS) == {
-        "resnet_classifier", "mobilenet_v2_classifier", "physis_detector", "spine_detector", "motion_cnn", "unet2d",
+        "resnet_classifier", "mobilenet_v2_classifier", "physis_detector", "physis_two_stage", "spine_detector",
+        "motion_cnn", "unet2d",
     }
     with pytest.raises(BundleError, match="unknown network"):
         build_network("vgg16")
