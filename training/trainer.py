@@ -77,6 +77,9 @@ class TrainConfig(BaseModel):
     checkpoint_every: int = Field(1, ge=1)
     grad_clip: float | None = Field(None, gt=0)
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap for quick runs and tests")
+    time_budget_s: float | None = Field(
+        None, gt=0, description="stop after the epoch in which this many seconds of training have passed "
+        "(the best epoch so far is kept; for fixed-length leases such as a borrowed GPU)")
     eval_batch_size: int | None = Field(None, ge=1)
     split: SplitConfig = Field(default_factory=SplitConfig)
     cache_dir: Path | None = None
@@ -387,6 +390,7 @@ def train(
         log.info("resumed %s training from epoch %d", adapter.name, start_epoch)
 
     collate = adapter.collate(tcfg)
+    t_start = time.perf_counter()
     stopped_early = start_epoch > 0 and cfg.early_stopping_patience is not None and bad_epochs >= cfg.early_stopping_patience
     for epoch in range(start_epoch, cfg.epochs):
         if stopped_early:
@@ -436,6 +440,9 @@ def train(
         log.info("%s epoch %d/%d train_loss %.4f %s %.4f lr %.2e", adapter.name, epoch + 1, cfg.epochs, train_loss,
                  adapter.primary_metric, metric, entry["lr"])
         stopped_early = cfg.early_stopping_patience is not None and bad_epochs >= cfg.early_stopping_patience
+        if cfg.time_budget_s is not None and time.perf_counter() - t_start >= cfg.time_budget_s:
+            entry["stopped_by_time_budget"] = True
+            stopped_early = True
         if dist_info.main:
             (work / TRAIN_LOG).write_text("".join(json.dumps(h) + "\n" for h in history), encoding="utf-8")
             if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs or stopped_early:
@@ -448,7 +455,8 @@ def train(
         for cb in callbacks:
             cb(epoch, entry)
         if stopped_early:
-            log.info("%s: early stop after epoch %d (best epoch %d)", adapter.name, epoch + 1, best_epoch)
+            why = "time budget" if entry.get("stopped_by_time_budget") else "early stop"
+            log.info("%s: %s after epoch %d (best epoch %d)", adapter.name, why, epoch + 1, best_epoch)
 
     final_model = adapter.build_model(tcfg)
     final_model.load_state_dict(best_state)

@@ -27,6 +27,8 @@ WORKERS=${WORKERS:-12}
 BATCH=${BATCH:-32}
 VERSION=${VERSION:-demo-$(date -u +%Y%m%d)}
 
+# shellcheck source=scripts/train_demo/_budget.sh
+source "$(dirname "$0")/_budget.sh"
 mkdir -p "$OUT"
 rm -rf "$OUT/train_data" "$OUT/holdout_data" "$OUT/bundle" "$OUT/bundle.work" "$OUT/eval"
 
@@ -36,7 +38,7 @@ rm -rf "$OUT/train_data" "$OUT/holdout_data" "$OUT/bundle" "$OUT/bundle.work" "$
 "$PY" -m training.cli train hrpqct_motion --data "$OUT/train_data" --out "$OUT/bundle" \
     --epochs "$EPOCHS" --device "$DEVICE" --fp16 --synthetic --version "$VERSION" \
     --workers "$([ "$DEVICE" = cpu ] && echo 0 || echo 8)" \
-    --set batch_size="$BATCH" --set schedule=cosine --set min_lr=0.00001
+    --set batch_size="$BATCH" --set schedule=cosine --set min_lr=0.00001 ${TRAIN_ARGS:-} $(budget_args)
 
 "$PY" -m training.cli evaluate "$OUT/bundle" --data "$OUT/holdout_data" --subset all --device "$DEVICE" \
     --out "$OUT/eval" --workers "$([ "$DEVICE" = cpu ] && echo 0 || echo 8)"

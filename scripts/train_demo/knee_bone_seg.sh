@@ -36,6 +36,8 @@ VERSION=${VERSION:-demo-$(date -u +%Y%m%d)}
 LOADERS=$([ "$DEVICE" = cpu ] && echo 0 || echo "$WORKERS")
 export ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=${ITK_THREADS:-2}
 
+# shellcheck source=scripts/train_demo/_budget.sh
+source "$(dirname "$0")/_budget.sh"
 mkdir -p "$OUT"
 rm -rf "$OUT/train_data" "$OUT/holdout_data" "$OUT/bundle" "$OUT/bundle.work" "$OUT/eval"
 
@@ -49,7 +51,7 @@ echo "z-score: $NORM"
 # shellcheck disable=SC2086  # NORM is a list of options
 "$PY" -m training.cli train knee_bone_seg --data "$OUT/train_data" --out "$OUT/bundle" \
     --epochs "$EPOCHS" --device "$DEVICE" --fp16 --synthetic --version "$VERSION" --workers "$LOADERS" $NORM \
-    ${TRAIN_ARGS:-}
+    ${TRAIN_ARGS:-} $(budget_args)
 
 "$PY" -m training.cli evaluate "$OUT/bundle" --data "$OUT/holdout_data" --subset all --device "$DEVICE" \
     --out "$OUT/eval" --workers "$LOADERS"

@@ -32,6 +32,8 @@ CROP_SIZE=${CROP_SIZE:-224}
 BATCH=${BATCH:-8}
 VERSION=${VERSION:-demo-$(date -u +%Y%m%d)}
 
+# shellcheck source=scripts/train_demo/_budget.sh
+source "$(dirname "$0")/_budget.sh"
 mkdir -p "$OUT"
 rm -rf "$OUT/train_data" "$OUT/holdout_data" "$OUT/bundle" "$OUT/bundle.work" "$OUT/eval"
 
@@ -42,7 +44,7 @@ rm -rf "$OUT/train_data" "$OUT/holdout_data" "$OUT/bundle" "$OUT/bundle.work" "$
     --method two_stage --epochs "$EPOCHS" --device "$DEVICE" --fp16 --synthetic --version "$VERSION" \
     --workers "$([ "$DEVICE" = cpu ] && echo 0 || echo "$WORKERS")" \
     --set task.variant=light --set task.det_long_side="$DET_SIDE" --set task.image_size="$IMAGE_SIZE" \
-    --set task.crop_size="$CROP_SIZE" --set train.batch_size="$BATCH"
+    --set task.crop_size="$CROP_SIZE" --set train.batch_size="$BATCH" ${TRAIN_ARGS:-} $(budget_args)
 
 "$PY" -m training.cli evaluate "$OUT/bundle" --data "$OUT/holdout_data" --subset all --device "$DEVICE" \
     --out "$OUT/eval"

@@ -28,6 +28,8 @@ BACKBONE=${BACKBONE:-resnet50_ds}
 MAX_STEPS=${MAX_STEPS:-}
 VERSION=${VERSION:-demo-$(date -u +%Y%m%d)}
 
+# shellcheck source=scripts/train_demo/_budget.sh
+source "$(dirname "$0")/_budget.sh"
 mkdir -p "$OUT"
 rm -rf "$OUT/train_data" "$OUT/holdout_data" "$OUT/bundle" "$OUT/bundle.work" "$OUT/eval"
 
@@ -38,7 +40,7 @@ rm -rf "$OUT/train_data" "$OUT/holdout_data" "$OUT/bundle" "$OUT/bundle.work" "$
     --epochs "$EPOCHS" --device "$DEVICE" --fp16 --synthetic --version "$VERSION" \
     --workers "$([ "$DEVICE" = cpu ] && echo 0 || echo 4)" \
     --set variant=light --backbone "$BACKBONE" --set image_size="$IMAGE_SIZE" \
-    --set schedule=cosine --set min_lr=0.0005 ${MAX_STEPS:+--set max_steps_per_epoch=$MAX_STEPS}
+    --set schedule=cosine --set min_lr=0.0005 ${MAX_STEPS:+--set max_steps_per_epoch=$MAX_STEPS} ${TRAIN_ARGS:-} $(budget_args)
 
 "$PY" -m training.cli evaluate "$OUT/bundle" --data "$OUT/holdout_data" --subset all --device "$DEVICE" \
     --out "$OUT/eval"

@@ -32,6 +32,8 @@ DIFFICULTY=${DIFFICULTY:-0.5}
 VERSION=${VERSION:-demo-$(date -u +%Y%m%d)}
 LOADERS=$([ "$DEVICE" = cpu ] && echo 0 || echo "$WORKERS")
 
+# shellcheck source=scripts/train_demo/_budget.sh
+source "$(dirname "$0")/_budget.sh"
 mkdir -p "$OUT"
 rm -rf "$OUT/train_data" "$OUT/holdout_data" "$OUT/bundle" "$OUT/bundle.work" "$OUT/eval"
 
@@ -40,7 +42,7 @@ rm -rf "$OUT/train_data" "$OUT/holdout_data" "$OUT/bundle" "$OUT/bundle.work" "$
 
 "$PY" -m training.cli train wrist_fracture --data "$OUT/train_data" --out "$OUT/bundle" \
     --epochs "$EPOCHS" --device "$DEVICE" --fp16 --synthetic --version "$VERSION" --workers "$LOADERS" \
-    --set schedule=cosine --set min_lr=0.00001
+    --set schedule=cosine --set min_lr=0.00001 ${TRAIN_ARGS:-} $(budget_args)
 
 "$PY" -m training.cli evaluate "$OUT/bundle" --data "$OUT/holdout_data" --subset all --device "$DEVICE" \
     --out "$OUT/eval" --workers "$LOADERS"

@@ -90,6 +90,14 @@ def test_early_stopping_stops(toy_split, tmp_path: Path) -> None:
     assert res.epochs_run < 30
 
 
+def test_time_budget_stops_after_the_epoch_that_crosses_it(toy_split, tmp_path: Path) -> None:
+    cfg = _cfg(epochs=30, time_budget_s=1e-6, version="tb")
+    res = train(ADAPTER, toy_split, tmp_path / "tb", cfg, ToyConfig())
+    assert res.epochs_run == 1
+    assert res.history[-1]["stopped_by_time_budget"] is True
+    assert (tmp_path / "tb" / "bundle.json").exists()
+
+
 def test_balanced_indices_without_replacement() -> None:
     labels = [0] * 10 + [1] * 3
     idx = balanced_indices(labels, np.random.default_rng(0))

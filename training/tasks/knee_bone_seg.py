@@ -61,6 +61,9 @@ __all__ = ["KneeAdapter", "KneeConfig", "TRAIN_DEFAULTS", "collate_knee", "fit_n
 TRAIN_DEFAULTS: dict[str, Any] = {
     "optimizer": "adam", "lr": 1e-3, "schedule": "plateau", "gamma": 0.1, "plateau_patience": 3, "min_lr": 1e-4,
     "early_stopping_patience": 10, "epochs": 100, "batch_size": 16,
+    # fp32 training: the U-Net has no normalisation layers and its ELU activations left the fp16 range
+    # (loss NaN in epoch 1 under CUDA autocast); the network is small enough that fp32 costs little
+    "amp": False,
 }
 
 
