@@ -12,7 +12,7 @@
 #    classifier, detector alone) in one table beside the thesis's accuracies, with AUC CI, mAP@0.5 and FROC:
 #    OUT_DIR/eval/metrics.json and report.md.
 #
-# Sizes: N_TRAIN, N_HOLDOUT, EPOCHS, DEVICE (auto|cpu|cuda), WORKERS, DET_SIDE, IMAGE_SIZE, CROP_SIZE, BATCH.
+# Sizes: N_TRAIN, N_HOLDOUT, EPOCHS, DEVICE (auto|cpu|cuda), WORKERS, DET_SIDE, IMAGE_SIZE, CROP_SIZE, BATCH, DIFFICULTY (synthesis, 0 obvious .. 1 subtle).
 # Tiny CPU check:  N_TRAIN=12 N_HOLDOUT=6 EPOCHS=1 DEVICE=cpu DET_SIDE=256 IMAGE_SIZE=128 CROP_SIZE=64 \
 #                  scripts/train_demo/physis_fracture.sh /tmp/physis_demo
 # GPU (H100):      PYTHON=python3 PYTHONPATH=. N_TRAIN=800 N_HOLDOUT=200 EPOCHS=12 \
@@ -30,6 +30,7 @@ DET_SIDE=${DET_SIDE:-1024}
 IMAGE_SIZE=${IMAGE_SIZE:-512}
 CROP_SIZE=${CROP_SIZE:-224}
 BATCH=${BATCH:-8}
+DIFFICULTY=${DIFFICULTY:-0.5}
 VERSION=${VERSION:-demo-$(date -u +%Y%m%d)}
 
 # shellcheck source=scripts/train_demo/_budget.sh
@@ -37,8 +38,8 @@ source "$(dirname "$0")/_budget.sh"
 mkdir -p "$OUT"
 rm -rf "$OUT/train_data" "$OUT/holdout_data" "$OUT/bundle" "$OUT/bundle.work" "$OUT/eval"
 
-"$PY" -m training.cli synth physis_fracture --out "$OUT/train_data" --n "$N_TRAIN" --seed 1 --workers "$WORKERS"
-"$PY" -m training.cli synth physis_fracture --out "$OUT/holdout_data" --n "$N_HOLDOUT" --seed 2 --workers "$WORKERS"
+"$PY" -m training.cli synth physis_fracture --out "$OUT/train_data" --n "$N_TRAIN" --seed 1 --workers "$WORKERS" --difficulty "$DIFFICULTY"
+"$PY" -m training.cli synth physis_fracture --out "$OUT/holdout_data" --n "$N_HOLDOUT" --seed 2 --workers "$WORKERS" --difficulty "$DIFFICULTY"
 
 "$PY" -m training.cli train physis_fracture --data "$OUT/train_data" --out "$OUT/bundle" \
     --method two_stage --epochs "$EPOCHS" --device "$DEVICE" --fp16 --synthetic --version "$VERSION" \
