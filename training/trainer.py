@@ -255,7 +255,8 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def _fingerprint(adapter: TaskAdapter, tcfg: TaskConfig, cfg: TrainConfig, split: Split) -> str:
-    ignore = {"num_workers", "device", "cache_dir", "version", "log_every_steps", "checkpoint_every"}
+    ignore = {"num_workers", "device", "cache_dir", "version", "log_every_steps", "checkpoint_every",
+              "time_budget_s"}  # a lease-bound run resumes under a new budget
     payload = {"task": adapter.name, "task_cfg": tcfg.model_dump(mode="json"),
                "train": cfg.model_dump(mode="json", exclude=ignore),
                "train_keys": sorted(r.key for r in split.train), "val_keys": sorted(r.key for r in split.val)}

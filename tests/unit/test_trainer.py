@@ -91,11 +91,14 @@ def test_early_stopping_stops(toy_split, tmp_path: Path) -> None:
 
 
 def test_time_budget_stops_after_the_epoch_that_crosses_it(toy_split, tmp_path: Path) -> None:
-    cfg = _cfg(epochs=30, time_budget_s=1e-6, version="tb")
+    cfg = _cfg(epochs=4, time_budget_s=1e-6, version="tb")
     res = train(ADAPTER, toy_split, tmp_path / "tb", cfg, ToyConfig())
     assert res.epochs_run == 1
     assert res.history[-1]["stopped_by_time_budget"] is True
     assert (tmp_path / "tb" / "bundle.json").exists()
+    # the next lease resumes from the checkpoint under a new budget and trains the remaining epochs
+    more = train(ADAPTER, toy_split, tmp_path / "tb", _cfg(epochs=4, version="tb"), ToyConfig())
+    assert more.epochs_run == 4 and not more.history[-1].get("stopped_by_time_budget")
 
 
 def test_balanced_indices_without_replacement() -> None:
