@@ -5,7 +5,8 @@ Two kinds of series:
 * Event counters and latency histograms, updated in-process by the pipeline
   stages (``scp`` for instances, ``worker`` for jobs, ``sender`` for
   deliveries). With ``receive_processes > 1`` the receivers run in child
-  processes and the instance counters stay at zero; use the database gauges.
+  processes; their instance counters live in shared memory
+  (:class:`SharedReceiveCounts`) and the parent exports them.
 * Gauges read from the node database at scrape time (:class:`DatabaseCollector`):
   studies by state, jobs by task and state, deliveries by destination and state.
   They survive restarts because the database does.
@@ -26,19 +27,66 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from dicomnode import db
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LATENCY_BUCKETS", "DatabaseCollector", "NodeMetrics", "default_metrics", "record"]
+__all__ = ["LATENCY_BUCKETS", "DatabaseCollector", "NodeMetrics", "SharedReceiveCounts", "default_metrics", "record"]
 
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 STAGES = ("receive_to_complete", "complete_to_inference", "inference_to_delivered", "receive_to_delivered")
+
+
+RECEIVED_OUTCOMES = ("stored", "duplicate")
+REJECT_REASONS = ("out_of_resources", "invalid_dataset", "processing_failure", "unexpected_error", "other")
+
+
+class SharedReceiveCounts:
+    """Instance counters in shared memory: receiver processes add, the parent process exports.
+
+    Parameters
+    ----------
+    ctx:
+        The ``multiprocessing`` context the receiver processes are started with; the object is
+        handed to them as a process argument (inheritance), never through a queue.
+    """
+
+    def __init__(self, ctx: Any) -> None:
+        self._slots = [("received", o) for o in RECEIVED_OUTCOMES] + [("rejected", r) for r in REJECT_REASONS]
+        self._array = ctx.Array("q", len(self._slots))
+
+    def add(self, kind: str, label: str) -> None:
+        """Count one instance (``kind`` "received" or "rejected"; unknown reasons count as "other")."""
+        key = (kind, label) if (kind, label) in self._slots else (kind, "other")
+        i = self._slots.index(key)
+        with self._array.get_lock():
+            self._array[i] += 1
+
+    def snapshot(self) -> dict[tuple[str, str], int]:
+        """Current totals by (kind, label)."""
+        with self._array.get_lock():
+            return {slot: int(v) for slot, v in zip(self._slots, self._array[:], strict=True)}
+
+
+class _SharedReceiveCollector(Collector):
+    def __init__(self, shared: SharedReceiveCounts) -> None:
+        self.shared = shared
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        received = CounterMetricFamily("dicomnode_instances_received", "Instances accepted by C-STORE",
+                                       labels=["outcome"])
+        rejected = CounterMetricFamily("dicomnode_instances_rejected", "Instances refused by C-STORE",
+                                       labels=["reason"])
+        for (kind, label), value in self.shared.snapshot().items():
+            if value:
+                (received if kind == "received" else rejected).add_metric([label], float(value))
+        yield from (received, rejected)
 
 
 class DatabaseCollector(Collector):
@@ -99,7 +147,19 @@ class NodeMetrics:
         self.stage_latency = Histogram("dicomnode_stage_latency_seconds", "Latency of each pipeline stage",
                                        ["stage", "task", "model_version"], buckets=LATENCY_BUCKETS, registry=r)
         self._collector: DatabaseCollector | None = None
+        self._shared: SharedReceiveCounts | None = None
         self._lock = threading.Lock()
+
+    def count_into(self, shared: SharedReceiveCounts) -> None:
+        """In a receiver process: also add every received/rejected instance to ``shared``."""
+        self._shared = shared
+
+    def export_shared(self, shared: SharedReceiveCounts) -> None:
+        """In the parent process: export the receiver processes' counts instead of the local counters."""
+        with self._lock:
+            self.registry.unregister(self.instances_received)
+            self.registry.unregister(self.instances_rejected)
+            self.registry.register(_SharedReceiveCollector(shared))
 
     def attach_database(self, storage_dir: Path) -> None:
         """Export the database gauges of ``storage_dir`` (once; later calls replace the folder)."""
@@ -117,11 +177,16 @@ class NodeMetrics:
 
     def instance_stored(self, duplicate: bool) -> None:
         """C-STORE accepted an instance (``duplicate``: it was already stored)."""
-        self.instances_received.labels("duplicate" if duplicate else "stored").inc()
+        outcome = "duplicate" if duplicate else "stored"
+        self.instances_received.labels(outcome).inc()
+        if self._shared is not None:
+            self._shared.add("received", outcome)
 
     def instance_rejected(self, reason: str) -> None:
         """C-STORE refused an instance; ``reason`` is a short fixed word (never a tag value)."""
         self.instances_rejected.labels(reason).inc()
+        if self._shared is not None:
+            self._shared.add("rejected", reason)
 
     def job_failed(self, task: str) -> None:
         """A job attempt raised."""

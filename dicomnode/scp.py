@@ -40,7 +40,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from dicomnode.config import Config, NodeConfig
 from dicomnode.errors import ConfigError, DicomNodeError, InvalidDatasetError, OutOfResourcesError
-from dicomnode.metrics import record
+from dicomnode.metrics import SharedReceiveCounts, default_metrics, record
 from dicomnode.spool import Spool, StoreOutcome
 
 log = logging.getLogger(__name__)
@@ -317,12 +317,15 @@ def serve_ae(ae: AE, cfg: Config, *, reuse_port: bool = False) -> ThreadedAssoci
 # --------------------------------------------------------------------------------------------- processes
 
 
-def _receiver_main(cfg: Config, port: int, stop: Any, counter_value: Any, ready: Any, parent_pid: int) -> None:
+def _receiver_main(cfg: Config, port: int, stop: Any, counter_value: Any, ready: Any, parent_pid: int,
+                   receive_counts: SharedReceiveCounts | None = None) -> None:
     """Body of one receiver process."""
     logging.basicConfig(level=getattr(logging, cfg.log_level), stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s %(name)s[{os.getpid()}]: %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     cfg = cfg.model_copy(update={"node": cfg.node.model_copy(update={"port": port})})
+    if receive_counts is not None:
+        default_metrics().count_into(receive_counts)
     spool = Spool(cfg.node.storage_dir, cfg.node.disk_min_free_gb)
     tempfile.tempdir = str(spool.tmp_dir)  # pynetdicom's chunked temp files land on the spool's file system
     ae = build_ae(cfg, spool, _counter=_SharedCounter(counter_value))
@@ -344,8 +347,11 @@ class ReceiverGroup:
     """The running SCP: one in-process server, or N processes sharing the port."""
 
     def __init__(self, *, port: int, stop: Any, processes: list[Any] | None = None,
-                 ae: AE | None = None, server: ThreadedAssociationServer | None = None) -> None:
+                 ae: AE | None = None, server: ThreadedAssociationServer | None = None,
+                 receive_counts: SharedReceiveCounts | None = None) -> None:
         self.port = port
+        #: instance counters of the receiver processes (None for the in-process server)
+        self.receive_counts = receive_counts
         self._stop = stop
         self._processes = processes or []
         self._ae = ae
@@ -427,12 +433,13 @@ def start_receivers(cfg: Config, stop: Any | None = None) -> ReceiverGroup:
     ctx = mp.get_context("spawn")
     stop_evt = stop if stop is not None else ctx.Event()
     counter = ctx.Value("i", 0)
+    counts = SharedReceiveCounts(ctx)
     ready = ctx.Queue()
     procs = [ctx.Process(target=_receiver_main, name=f"dicomnode-receiver-{i}", daemon=True,
-                         args=(cfg, cfg.node.port, stop_evt, counter, ready, os.getpid())) for i in range(n)]
+                         args=(cfg, cfg.node.port, stop_evt, counter, ready, os.getpid(), counts)) for i in range(n)]
     for p in procs:
         p.start()
-    group = ReceiverGroup(port=cfg.node.port, stop=stop_evt, processes=procs)
+    group = ReceiverGroup(port=cfg.node.port, stop=stop_evt, processes=procs, receive_counts=counts)
     errors = []
     for _ in procs:
         try:

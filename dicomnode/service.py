@@ -72,6 +72,10 @@ def serve(cfg: Config, *, stop_event: threading.Event | None = None) -> int:
         signal.signal(signal.SIGINT, on_signal)
     node = Node(cfg).start()
     receivers = start_receivers(cfg)
+    if receivers.receive_counts is not None:  # receiver processes count in shared memory; /metrics exports it
+        from dicomnode.metrics import default_metrics
+
+        default_metrics().export_shared(receivers.receive_counts)
     log.info("node %s listening on %s:%d; %d route(s), %d worker(s)", cfg.node.ae_title, cfg.node.host,
              receivers.port, len(cfg.routes), cfg.node.workers)
     status_http = None

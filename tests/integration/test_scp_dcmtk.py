@@ -24,6 +24,7 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from dicomnode.config import Config
+from dicomnode.metrics import NodeMetrics
 from dicomnode.scp import ReceiverGroup, start_receivers
 from dicomnode.spool import Spool
 from tests.conftest import free_port
@@ -342,6 +343,12 @@ def test_receive_processes_share_the_port_and_the_limit(make_node, tmp_path: Pat
     assert len(node.spool.instances(study)) == 8
     for f in files:
         assert dataset_bytes(stored_path(node.spool, f)) == dataset_bytes(f)
+    # the receiver processes' instance counters reach the parent's /metrics
+    assert node.group.receive_counts.snapshot()[("received", "stored")] == 8
+    parent = NodeMetrics()
+    parent.export_shared(node.group.receive_counts)
+    text = parent.exposition().decode()
+    assert 'dicomnode_instances_received_total{outcome="stored"} 8.0' in text
     node.group.stop()
     assert not node.group.is_alive()
     assert echo(node.port).returncode != 0
