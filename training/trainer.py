@@ -78,8 +78,8 @@ class TrainConfig(BaseModel):
     grad_clip: float | None = Field(None, gt=0)
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap for quick runs and tests")
     time_budget_s: float | None = Field(
-        None, gt=0, description="stop after the epoch in which this many seconds of training have passed "
-        "(the best epoch so far is kept; for fixed-length leases such as a borrowed GPU)")
+        None, gt=0, description="stop after an epoch when one more epoch of the same length would pass this many "
+        "seconds of training (the best epoch so far is kept; for fixed-length leases such as a borrowed GPU)")
     eval_batch_size: int | None = Field(None, ge=1)
     split: SplitConfig = Field(default_factory=SplitConfig)
     cache_dir: Path | None = None
@@ -441,7 +441,9 @@ def train(
         log.info("%s epoch %d/%d train_loss %.4f %s %.4f lr %.2e", adapter.name, epoch + 1, cfg.epochs, train_loss,
                  adapter.primary_metric, metric, entry["lr"])
         stopped_early = cfg.early_stopping_patience is not None and bad_epochs >= cfg.early_stopping_patience
-        if cfg.time_budget_s is not None and time.perf_counter() - t_start >= cfg.time_budget_s:
+        # stop when another epoch like this one would overrun the budget (evaluation must still fit after it)
+        if cfg.time_budget_s is not None and (time.perf_counter() - t_start) + (time.perf_counter() - t0) \
+                >= cfg.time_budget_s:
             entry["stopped_by_time_budget"] = True
             stopped_early = True
         if dist_info.main:
