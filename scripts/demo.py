@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
@@ -69,22 +70,45 @@ def _study_uid(folder: Path) -> str:
     return str(pydicom.dcmread(first, stop_before_pixels=True).StudyInstanceUID)
 
 
+def _group_text(children: pydicom.Sequence, name: Callable[[pydicom.Dataset], str]) -> str:
+    """"<site> <finding>: <qualitative value> (p=...)", "<finding> <volume> mL" or "<site>: <finding>"."""
+    codes: dict[str, str] = {}
+    nums: dict[str, float] = {}
+    for child in children:
+        if child.get("ValueType") == "CODE" and "ConceptCodeSequence" in child:
+            codes.setdefault(name(child), str(child.ConceptCodeSequence[0].CodeMeaning))
+        elif child.get("ValueType") == "NUM" and child.get("MeasuredValueSequence"):
+            nums.setdefault(name(child), float(child.MeasuredValueSequence[0].NumericValue))
+    finding, site = codes.get("Finding", ""), codes.get("Finding Site", "")
+    if not finding:
+        return ""
+    if finding in codes:  # qualitative evaluation named after the finding, e.g. "Fracture = Absent"
+        p = nums.get(finding)
+        prob = f" (p={p:.2f})" if p is not None and 0.0 <= p <= 1.0 else ""
+        return f"{site} {finding.lower()}: {codes[finding]}{prob}".strip()
+    if "Volume" in nums:
+        return f"{finding} {nums['Volume'] / 1000.0:.0f} mL"
+    return f"{site}: {finding}" if site else finding
+
+
 def _finding_text(sr: pydicom.Dataset) -> str:
-    """A one-line summary of the first qualitative evaluations in an SR."""
+    """A one-line summary of the SR's findings: "<finding site>: <finding>" per measurement group (TID 1500)."""
     parts: list[str] = []
+
+    def name(item: pydicom.Dataset) -> str:
+        seq = item.get("ConceptNameCodeSequence")
+        return str(seq[0].CodeMeaning) if seq else ""
 
     def walk(items: pydicom.Sequence) -> None:
         for item in items:
-            if item.get("ValueType") == "CODE" and "ConceptCodeSequence" in item:
-                name = item.ConceptNameCodeSequence[0].CodeMeaning
-                value = item.ConceptCodeSequence[0].CodeMeaning
-                if name not in ("Finding category", "Procedure reported", "Algorithm Family"):
-                    parts.append(f"{name}: {value}")
-            if "ContentSequence" in item:
+            if item.get("ValueType") == "CONTAINER" and name(item) == "Measurement Group":
+                parts.append(_group_text(item.get("ContentSequence", []), name))
+            elif "ContentSequence" in item:
                 walk(item.ContentSequence)
 
     walk(sr.get("ContentSequence", []))
-    return "; ".join(dict.fromkeys(parts))[:90] or "(see SR)"
+    text = "; ".join(dict.fromkeys(p for p in parts if p))
+    return (text[:87] + "...") if len(text) > 90 else (text or "(see SR)")
 
 
 def main() -> int:

@@ -7,6 +7,7 @@ Skipped only when a demo bundle ``models/<task>/current`` is missing.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,12 @@ def test_demo_reduced(tmp_path: Path) -> None:
     log = (out / "node.log").read_text(errors="replace")[-6000:] if (out / "node.log").exists() else ""
     assert proc.returncode == 0, f"{proc.stdout[-6000:]}\n{proc.stderr[-3000:]}\n--- node log ---\n{log}"
     assert "stopped" in proc.stdout and "timeout" not in proc.stdout
+    # the table shows each task's finding read back from its SR
+    for pattern in (r"wrist_fracture .*Wrist fracture: (Present|Absent) \(p=0\.\d\d\)",
+                    r"physis_fracture .*fracture of growth plate: (Present|Absent)",
+                    r"spine_bmd .*L1 vertebra: \w+", r"hrpqct_motion .*motion artifact grade: Motion grade [1-5]",
+                    r"knee_bone_seg .*Femur \d+ mL"):
+        assert re.search(pattern, proc.stdout), (pattern, proc.stdout[-3000:])
 
     sent: dict[str, str] = {}  # study UID -> task
     for task in TASKS:
