@@ -43,6 +43,9 @@ LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
 STAGES = ("receive_to_complete", "complete_to_inference", "inference_to_delivered", "receive_to_delivered")
 
 
+#: (name, help) of the instance counters, shared by the in-process counters and the multi-process collector
+RECEIVED_METRIC = ("dicomnode_instances_received", "Instances accepted by C-STORE")
+REJECTED_METRIC = ("dicomnode_instances_rejected", "Instances refused by C-STORE")
 RECEIVED_OUTCOMES = ("stored", "duplicate")
 REJECT_REASONS = ("out_of_resources", "invalid_dataset", "processing_failure", "unexpected_error", "other")
 
@@ -79,10 +82,8 @@ class _SharedReceiveCollector(Collector):
         self.shared = shared
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        received = CounterMetricFamily("dicomnode_instances_received", "Instances accepted by C-STORE",
-                                       labels=["outcome"])
-        rejected = CounterMetricFamily("dicomnode_instances_rejected", "Instances refused by C-STORE",
-                                       labels=["reason"])
+        received = CounterMetricFamily(*RECEIVED_METRIC, labels=["outcome"])
+        rejected = CounterMetricFamily(*REJECTED_METRIC, labels=["reason"])
         for (kind, label), value in self.shared.snapshot().items():
             if value:
                 (received if kind == "received" else rejected).add_metric([label], float(value))
@@ -132,10 +133,8 @@ class NodeMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.instances_received = Counter("dicomnode_instances_received", "Instances accepted by C-STORE",
-                                          ["outcome"], registry=r)
-        self.instances_rejected = Counter("dicomnode_instances_rejected", "Instances refused by C-STORE",
-                                          ["reason"], registry=r)
+        self.instances_received = Counter(*RECEIVED_METRIC, ["outcome"], registry=r)
+        self.instances_rejected = Counter(*REJECTED_METRIC, ["reason"], registry=r)
         self.studies_completed = Counter("dicomnode_studies_completed", "Studies whose jobs finished (per job)",
                                          ["task"], registry=r)
         self.jobs_finished = Counter("dicomnode_jobs_finished", "Job attempts by task and outcome",

@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
@@ -70,15 +69,20 @@ def _study_uid(folder: Path) -> str:
     return str(pydicom.dcmread(first, stop_before_pixels=True).StudyInstanceUID)
 
 
-def _group_text(children: pydicom.Sequence, name: Callable[[pydicom.Dataset], str]) -> str:
+def _concept_name(item: pydicom.Dataset) -> str:
+    seq = item.get("ConceptNameCodeSequence")
+    return str(seq[0].CodeMeaning) if seq else ""
+
+
+def _group_text(children: pydicom.Sequence) -> str:
     """"<site> <finding>: <qualitative value> (p=...)", "<finding> <volume> mL" or "<site>: <finding>"."""
     codes: dict[str, str] = {}
     nums: dict[str, float] = {}
     for child in children:
         if child.get("ValueType") == "CODE" and "ConceptCodeSequence" in child:
-            codes.setdefault(name(child), str(child.ConceptCodeSequence[0].CodeMeaning))
+            codes.setdefault(_concept_name(child), str(child.ConceptCodeSequence[0].CodeMeaning))
         elif child.get("ValueType") == "NUM" and child.get("MeasuredValueSequence"):
-            nums.setdefault(name(child), float(child.MeasuredValueSequence[0].NumericValue))
+            nums.setdefault(_concept_name(child), float(child.MeasuredValueSequence[0].NumericValue))
     finding, site = codes.get("Finding", ""), codes.get("Finding Site", "")
     if not finding:
         return ""
@@ -95,14 +99,10 @@ def _finding_text(sr: pydicom.Dataset) -> str:
     """A one-line summary of the SR's findings: "<finding site>: <finding>" per measurement group (TID 1500)."""
     parts: list[str] = []
 
-    def name(item: pydicom.Dataset) -> str:
-        seq = item.get("ConceptNameCodeSequence")
-        return str(seq[0].CodeMeaning) if seq else ""
-
     def walk(items: pydicom.Sequence) -> None:
         for item in items:
-            if item.get("ValueType") == "CONTAINER" and name(item) == "Measurement Group":
-                parts.append(_group_text(item.get("ContentSequence", []), name))
+            if item.get("ValueType") == "CONTAINER" and _concept_name(item) == "Measurement Group":
+                parts.append(_group_text(item.get("ContentSequence", [])))
             elif "ContentSequence" in item:
                 walk(item.ContentSequence)
 

@@ -442,8 +442,8 @@ def train(
                  adapter.primary_metric, metric, entry["lr"])
         stopped_early = cfg.early_stopping_patience is not None and bad_epochs >= cfg.early_stopping_patience
         # stop when another epoch like this one would overrun the budget (evaluation must still fit after it)
-        if cfg.time_budget_s is not None and (time.perf_counter() - t_start) + (time.perf_counter() - t0) \
-                >= cfg.time_budget_s:
+        now = time.perf_counter()
+        if cfg.time_budget_s is not None and (now - t_start) + (now - t0) >= cfg.time_budget_s:
             entry["stopped_by_time_budget"] = True
             stopped_early = True
         if dist_info.main:
