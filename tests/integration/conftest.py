@@ -106,6 +106,16 @@ class NodeProcess:
         }
         self.config_path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
 
+    def use_example_route(self, task: str, bundle: Path, *, complete_after_s: float = 1.0) -> None:
+        """Route only with config/node.yaml's rule for ``task`` (quiet period shortened), the model pinned."""
+        example = yaml.safe_load((REPO_ROOT / "config" / "node.yaml").read_text(encoding="utf-8"))
+        route = next(r for r in example["routes"] if r["task"] == task)
+        route.update({"complete_after_s": complete_after_s, "model": str(bundle), "send_to": ["pacs"]})
+        cfg = yaml.safe_load(self.config_path.read_text(encoding="utf-8"))
+        cfg["routes"] = [route]
+        cfg["plugins"] = []
+        self.config_path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+
     def start(self, timeout_s: float = 60.0, env: dict[str, str] | None = None) -> NodeProcess:
         """Start the node and wait until its port accepts connections."""
         full_env = {**os.environ, **self.env, **(env or {}),

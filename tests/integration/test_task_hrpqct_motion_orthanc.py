@@ -14,14 +14,13 @@ import highdicom as hd
 import pydicom
 import pytest
 import torch
-import yaml
 from pydicom.uid import generate_uid
 
 from dicomnode.results import codes as rc
 from inference import codes
 from inference.hrpqct import select_slices
 from tests.conftest import run_dciodvfy
-from tests.integration.conftest import REPO_ROOT, NodeProcess, wait_for
+from tests.integration.conftest import NodeProcess, wait_for
 from tests.orthanc import OrthancServer
 from training.cli import main as train_main
 from training.synth.hrpqct_motion import generate
@@ -68,17 +67,6 @@ def _lumbar_copy(study: Path, out: Path) -> tuple[str, set[str]]:
         ds.save_as(out / f"{i}.dcm", enforce_file_format=True)
         sops.add(str(ds.SOPInstanceUID))
     return study_uid, sops
-
-
-def _configure(node: NodeProcess, bundle: Path) -> None:
-    """The example config's hrpqct-motion route (quiet period shortened), the model pinned."""
-    example = yaml.safe_load((REPO_ROOT / "config" / "node.yaml").read_text(encoding="utf-8"))
-    route = next(r for r in example["routes"] if r["task"] == "hrpqct_motion")
-    route.update({"complete_after_s": 1.0, "model": str(bundle), "send_to": ["pacs"]})
-    cfg = yaml.safe_load(node.config_path.read_text(encoding="utf-8"))
-    cfg["routes"] = [route]
-    cfg["plugins"] = []
-    node.config_path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
 
 
 def _check_scan(pacs: OrthancServer, study: Path, tmp_path: Path) -> None:
@@ -134,7 +122,7 @@ def _check_scan(pacs: OrthancServer, study: Path, tmp_path: Path) -> None:
 def test_both_hrpqct_geometries_return_sr_and_montage_lumbar_ct_not_routed(
         tiny: dict[str, Path], tmp_path: Path, node_with_orthanc: tuple[NodeProcess, OrthancServer]) -> None:
     node, pacs = node_with_orthanc
-    _configure(node, tiny["bundle"])
+    node.use_example_route("hrpqct_motion", tiny["bundle"])
     node.start()
     xct, xct2 = tmp_path / "xct", tmp_path / "xct2"
     shutil.copytree(tiny["XtremeCT"], xct)

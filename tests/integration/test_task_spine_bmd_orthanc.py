@@ -13,12 +13,11 @@ import highdicom as hd
 import pydicom
 import pytest
 import torch
-import yaml
 from pydicom.uid import generate_uid
 
 from inference.codes import LUMBAR_SPINE, LUMBAR_VERTEBRAE
 from tests.conftest import run_dciodvfy
-from tests.integration.conftest import REPO_ROOT, NodeProcess, wait_for
+from tests.integration.conftest import NodeProcess, wait_for
 from tests.orthanc import OrthancServer
 from training.cli import main as train_main
 from training.synth import spine_bmd as synth
@@ -59,21 +58,10 @@ def _copy_as_new_study(src: list[Path], out: Path, *, body_part: str | None = No
     return study_uid, sops
 
 
-def _configure(node: NodeProcess, bundle: Path) -> None:
-    """The example config's lumbar-CT rule (quiet period shortened), the model pinned to the tiny bundle."""
-    example = yaml.safe_load((REPO_ROOT / "config" / "node.yaml").read_text(encoding="utf-8"))
-    route = next(r for r in example["routes"] if r["task"] == "spine_bmd")
-    route.update({"complete_after_s": 2.0, "model": str(bundle), "send_to": ["pacs"]})
-    cfg = yaml.safe_load(node.config_path.read_text(encoding="utf-8"))
-    cfg["routes"] = [route]
-    cfg["plugins"] = []
-    node.config_path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-
-
 def test_lumbar_ct_returns_sr_and_sc_short_and_knee_ct_not_routed(
         tiny: dict[str, Path], tmp_path: Path, node_with_orthanc: tuple[NodeProcess, OrthancServer]) -> None:
     node, pacs = node_with_orthanc
-    _configure(node, tiny["bundle"])
+    node.use_example_route("spine_bmd", tiny["bundle"], complete_after_s=2.0)
     node.start()
     row = json.loads((tiny["data"] / "labels.jsonl").read_text().splitlines()[0])
     study_dir = tmp_path / "lumbar"

@@ -13,13 +13,12 @@ import highdicom as hd
 import pydicom
 import pytest
 import torch
-import yaml
 from pydicom.uid import generate_uid
 
 from dicomnode.results import codes as rc
 from inference.findings import FRACTURE
 from tests.conftest import run_dciodvfy
-from tests.integration.conftest import REPO_ROOT, NodeProcess, wait_for
+from tests.integration.conftest import NodeProcess, wait_for
 from tests.orthanc import OrthancServer
 from training.cli import main as train_main
 
@@ -70,21 +69,10 @@ def _paediatric_copy(study: Path, out: Path) -> tuple[str, set[str]]:
     return study_uid, sops
 
 
-def _configure(node: NodeProcess, bundle: Path) -> None:
-    """Route with the example config's adult-wrist rule (quiet period shortened), the model pinned."""
-    example = yaml.safe_load((REPO_ROOT / "config" / "node.yaml").read_text(encoding="utf-8"))
-    route = next(r for r in example["routes"] if r["task"] == "wrist_fracture")
-    route.update({"complete_after_s": 1.0, "model": str(bundle), "send_to": ["pacs"]})
-    cfg = yaml.safe_load(node.config_path.read_text(encoding="utf-8"))
-    cfg["routes"] = [route]
-    cfg["plugins"] = []
-    node.config_path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-
-
 def test_adult_two_view_study_returns_sr_and_scs_paediatric_not_routed(
         tiny: dict[str, Path], tmp_path: Path, node_with_orthanc: tuple[NodeProcess, OrthancServer]) -> None:
     node, pacs = node_with_orthanc
-    _configure(node, tiny["bundle"])
+    node.use_example_route("wrist_fracture", tiny["bundle"])
     node.start()
     adult = tmp_path / "adult"
     shutil.copytree(_two_view_study(tiny["data"]), adult)
