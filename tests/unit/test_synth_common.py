@@ -142,3 +142,38 @@ def test_generate_studies_same_rows_for_any_worker_count(tmp_path: Path) -> None
     assert a.read_text() == b.read_text() and len(read_manifest(a)) == 9
     with pytest.raises(common.SynthError):
         common.generate_studies(tmp_path / "c", 1, 3, _toy_study, difficulty=2.0)
+
+
+def test_slice_series_writer_equals_pydicom_and_varies_per_slice(tmp_path: Path) -> None:
+    """The shared-header writer gives the bytes pydicom's save_as gives, with each slice's own values."""
+    import io
+
+    from pydicom.uid import CTImageStorage
+
+    from training.synth.volume import VolumeGeometry, write_slice_series
+
+    rng = np.random.default_rng(3)
+    uids = common.UidSource("test:series")
+    patient = common.new_patient(rng, (18, 90))
+    study = common.new_study(rng, uids, patient, "CT TEST")
+    series = common.new_series(uids, 2, "CT", "LSPINE")
+    eq = common.Equipment(manufacturer="ACME", model="CT1")
+    values = rng.normal(40, 300, (4, 12, 10)).round()
+    geom = VolumeGeometry("axial", (0.7, 0.8), 1.5, 1.25, (-4.0, -5.0, 12.0))
+    sops = write_slice_series(tmp_path, values, geom, modality="CT", patient=patient, study=study, series=series,
+                              equipment=eq, uids=uids, intercept=-1024.0, rescale_type="HU",
+                              window=(40.0, 400.0), extra={"KVP": "120"})
+    files = {pydicom.dcmread(f).SOPInstanceUID: f for f in (tmp_path / study.study_uid / series.series_uid).glob("*")}
+    assert sorted(files) == sorted(sops) and len(set(sops)) == 4
+    for k, sop in enumerate(sops):
+        raw = files[sop].read_bytes()
+        ds = pydicom.dcmread(io.BytesIO(raw))
+        again = io.BytesIO()
+        ds.save_as(again, enforce_file_format=True)
+        assert again.getvalue() == raw
+        assert ds.SOPClassUID == CTImageStorage and ds.file_meta.MediaStorageSOPInstanceUID == sop
+        assert int(ds.InstanceNumber) == k + 1
+        assert np.allclose([float(v) for v in ds.ImagePositionPatient], geom.position(k), atol=1e-4)
+        assert float(ds.SliceLocation) == pytest.approx(float(geom.position(k) @ geom.normal), abs=1e-4)
+        assert np.array_equal(ds.pixel_array.astype(float) - 1024.0, values[k])
+        assert ds.KVP == "120" and ds.RescaleType == "HU"

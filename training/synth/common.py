@@ -328,14 +328,18 @@ def to_stored(values: np.ndarray, bits_stored: int, *, invert: bool = False, lo:
     ``invert=True`` writes the MONOCHROME1 convention (high signal -> low value).
     Returns ``uint16``.
     """
-    v = np.asarray(values, dtype=np.float64)
+    v = np.asarray(values, dtype=np.float32)  # exact for every 16-bit level, half the memory traffic
     lo = float(v.min()) if lo is None else float(lo)
     hi = float(v.max()) if hi is None else float(hi)
     top = (1 << int(bits_stored)) - 1
-    scaled = (v - lo) / max(hi - lo, 1e-12)
+    gain = top / max(hi - lo, 1e-12)
+    scaled = v - np.float32(lo)
+    scaled *= np.float32(-gain if invert else gain)
     if invert:
-        scaled = 1.0 - scaled
-    return np.clip(np.rint(scaled * top), 0, top).astype(np.uint16)
+        scaled += np.float32(top)
+    np.rint(scaled, out=scaled)
+    np.clip(scaled, 0, top, out=scaled)
+    return scaled.astype(np.uint16)
 
 
 def set_pixel_data(ds: Dataset, pixels: np.ndarray, *, bits_stored: int, photometric: str = "MONOCHROME2",

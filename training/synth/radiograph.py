@@ -170,14 +170,22 @@ def chord(p: Part, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     a = a_mat[2][2]
     if a < 1e-12:
         raise ValueError("a cylinder part lies along the view axis")
-    b = a_mat[2][0] * dx + a_mat[2][1] * dy + a_mat[2][2] * dz
-    c = (a_mat[0][0] * dx * dx + a_mat[1][1] * dy * dy + a_mat[2][2] * dz * dz
-         + 2 * (a_mat[0][1] * dx * dy + a_mat[0][2] * dx * dz + a_mat[1][2] * dy * dz) - 1.0)
-    disc = b * b - a * c
-    inside = disc > 0
-    root = np.sqrt(np.where(inside, disc, 0.0))
-    t0 = (-b - root) / a
-    t1 = (-b + root) / a
+    # separable terms are evaluated on the row/column vectors before broadcasting to the grid
+    b = (a_mat[2][0] * dx) + (a_mat[2][1] * dy + a_mat[2][2] * dz)
+    c = ((a_mat[0][0] * dx + 2 * a_mat[0][2] * dz) * dx
+         + ((a_mat[1][1] * dy + 2 * a_mat[1][2] * dz) * dy + (a_mat[2][2] * dz * dz - 1.0))
+         + (2 * a_mat[0][1] * dx) * dy)
+    disc = b * b
+    disc -= a * c
+    np.maximum(disc, 0.0, out=disc)  # rays that miss get a zero-length chord
+    half = np.sqrt(disc, out=disc)
+    half *= 1.0 / a
+    if not p.clips:
+        half *= 2.0
+        return half
+    mid = b * (-1.0 / a)
+    t0, t1 = mid - half, mid + half
+    keep = None
     for n_arr, h in p.clips:
         n = [float(v) for v in n_arr]
         rhs = h - (n[0] * x + n[1] * y)
@@ -186,8 +194,10 @@ def chord(p: Part, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         elif n[2] < -1e-9:
             t0 = np.maximum(t0, rhs / n[2])
         else:
-            inside = inside & (rhs >= 0)
-    return np.where(inside, np.maximum(t1 - t0, 0.0), 0.0)
+            keep = (rhs >= 0) if keep is None else keep & (rhs >= 0)
+    t1 -= t0
+    np.maximum(t1, 0.0, out=t1)
+    return t1 if keep is None else t1 * keep
 
 
 def _project_into(out: np.ndarray, parts: list[Part], view: np.ndarray, det: Detector) -> None:
@@ -268,18 +278,25 @@ def _edge_profile(n: int, a: int, b: int, leakage: float, soft: float = 1.5) -> 
 
 
 def _up_axis0(a: np.ndarray, n: int, f: int) -> np.ndarray:
+    """Linear interpolation along axis 0 to ``n`` rows (row ``k f + j`` lies ``j/f`` from ``k`` to ``k + 1``)."""
     t = (np.arange(f, dtype=np.float32) / np.float32(f))[None, :, None]
     ext = np.concatenate([a, a[-1:]], axis=0)
-    lo, hi = ext[:-1, None, :], ext[1:, None, :]
-    return (lo + (hi - lo) * t).reshape(a.shape[0] * f, a.shape[1])[:n]
+    out = np.empty((a.shape[0], f, a.shape[1]), np.float32)
+    np.multiply((ext[1:] - ext[:-1])[:, None, :], t, out=out)
+    out += ext[:-1, None, :]
+    return out.reshape(a.shape[0] * f, a.shape[1])[:n]
 
 
 def upsample(small: np.ndarray, shape: tuple[int, int], f: int) -> np.ndarray:
     """Bilinear upsampling of a grid sampled at every ``f``-th pixel (fine pixel ``k f + j`` lies ``j/f``
-    of the way from coarse sample ``k`` to ``k + 1``; constant beyond the last sample)."""
-    s32 = np.ascontiguousarray(small, dtype=np.float32)
-    rows = _up_axis0(s32, shape[0], f)
-    return np.ascontiguousarray(_up_axis0(np.ascontiguousarray(rows.T), shape[1], f).T)
+    of the way from coarse sample ``k`` to ``k + 1``; constant beyond the last sample).
+
+    The columns are interpolated first while the grid is still small (transposes are cheap there), so
+    the full-size result is written once, row-contiguously.
+    """
+    s32 = np.ascontiguousarray(np.asarray(small, dtype=np.float32).T)
+    wide = np.ascontiguousarray(_up_axis0(s32, shape[1], f).T)
+    return _up_axis0(wide, shape[0], f)
 
 
 def _coarse_blur(img: np.ndarray, sigma_px: float, f: int) -> np.ndarray:
@@ -312,20 +329,32 @@ def form_image(line_integral: np.ndarray, exp: Exposure, rng: np.random.Generato
     detector blur, quantum noise (Gaussian approximation of Poisson counts,
     accurate above ~10 quanta) and the log transform with unsharp masking.
     """
-    primary = np.exp(-line_integral.astype(np.float32))
+    # in place throughout: these full-size passes are most of a radiograph's simulation time
+    primary = np.negative(line_integral, dtype=np.float32)
+    np.exp(primary, out=primary)
     rows, cols = primary.shape
     if exp.collimation is not None:
         r0, r1, c0, c1 = exp.collimation
         primary *= _edge_profile(rows, r0, r1, np.sqrt(exp.leakage))[:, None]
         primary *= _edge_profile(cols, c0, c1, np.sqrt(exp.leakage))[None, :]
-    scat = _coarse_blur(primary, exp.scatter_sigma_mm / pixel_mm, 8)
-    signal = primary + np.float32(exp.scatter_fraction) * scat * (primary > exp.leakage * 2)
-    signal = _blur3(signal, exp.blur_px)
-    lam = signal * np.float32(exp.photons)
-    counts = lam + np.sqrt(lam) * rng.standard_normal(lam.shape, dtype=np.float32)
-    img = -np.log(np.maximum(counts, 0.5) / np.float32(exp.photons))
+    signal = _coarse_blur(primary, exp.scatter_sigma_mm / pixel_mm, 8)  # scatter inside the exposed field
+    signal *= np.float32(exp.scatter_fraction)
+    signal *= primary > exp.leakage * 2
+    signal += primary
+    lam = _blur3(signal, exp.blur_px)
+    lam *= np.float32(exp.photons)
+    img = rng.standard_normal(lam.shape, dtype=np.float32)
+    img *= np.sqrt(lam)
+    img += lam  # counts
+    np.maximum(img, 0.5, out=img)
+    img *= np.float32(1.0 / exp.photons)
+    np.log(img, out=img)
+    np.negative(img, out=img)
     if exp.unsharp > 0:
-        img += np.float32(exp.unsharp) * (img - _coarse_blur(img, 6.0, 4))
+        detail = _coarse_blur(img, 6.0, 4)
+        np.subtract(img, detail, out=detail)
+        detail *= np.float32(exp.unsharp)
+        img += detail
     return img
 
 

@@ -146,8 +146,8 @@ def render(rng: np.random.Generator, n: int, px: float, thick: float, t_scores: 
     cy0 = rng.uniform(5.0, 20.0)
     cx0 = rng.normal(0.0, 4.0)
     c = (np.arange(n) - n // 2) * px
-    x, y = np.meshgrid(c + cx0, c + cy0)
-    origin = (float(x[0, 0]), float(y[0, 0]), float(z[0]))
+    x, y = (g.astype(np.float32) for g in np.meshgrid(c + cx0, c + cy0))  # float32: half the memory traffic
+    origin = (float(c[0] + cx0), float(c[0] + cy0), float(z[0]))
     # soft tissue background, constant along z
     body_a, body_b = rng.uniform(140.0, 190.0), rng.uniform(110.0, 150.0)
     body_cy = 95.0 - body_b

@@ -4,15 +4,19 @@ Both directions work in Fourier space (Fourier slice theorem) so that a whole
 stack of slices that shares one acquisition trajectory is projected and
 reconstructed with a few FFTs and one interpolation pattern:
 
-* projection: 2-D FFT of each (zero-padded) slice, bilinear sampling of the
-  spectrum along the radial line of every view, 1-D inverse FFT. The image is
-  pre-divided by the Fourier transform of the bilinear kernel (sinc^2), the
-  usual gridding "deapodisation", so the projections match line integrals.
-* reconstruction (FBP): 1-D FFT of every projection, ramp filter with a
-  Shepp-Logan (or plain ramp) window, bilinear "splatting" of the filtered
-  radial lines back onto the Cartesian spectrum, 2-D inverse FFT and
-  deapodisation. This is exactly the adjoint of the projector applied to
-  ramp-filtered data, i.e. filtered back-projection evaluated in Fourier space.
+* projection: real 2-D FFT of each (zero-padded) slice, keeping the half
+  spectrum ``ky >= 0``; bilinear sampling of it along the half radial line
+  (``rho >= 0``) of every view, and a real inverse FFT (the ``rho < 0`` half is
+  the complex conjugate; a view whose angle leaves ``[0, pi]`` after the object's
+  rotation is the conjugate of the view ``pi`` away). The image is pre-divided by
+  the Fourier transform of the bilinear kernel (sinc^2), the usual gridding
+  "deapodisation", so the projections match line integrals.
+* reconstruction (FBP): real FFT of every projection, ramp filter with a
+  Shepp-Logan (or plain ramp) window, bilinear "splatting" of the filtered half
+  radial lines onto the half spectrum, a real inverse 2-D FFT and
+  deapodisation. This is the adjoint of the projector applied to ramp-filtered
+  data, i.e. filtered back-projection evaluated in Fourier space. The detector's
+  Nyquist bin is not used.
 
 Rigid in-plane motion during the scan is modelled per view: an object rotated
 by ``phi`` and translated by ``T`` projects at nominal angle ``theta`` like the
@@ -101,18 +105,33 @@ class ParallelBeam:
                 out[:, ir, ic] = grid[:, gr, gc]
         return out
 
-    def radial_samples(self, angles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Bilinear interpolation pattern of the radial lines at ``angles``.
+    @property
+    def half(self) -> int:
+        """Rows of the half spectrum (``m // 2 + 1``) and one more than the radial samples per view."""
+        return self.m // 2 + 1
+
+    def radial_samples(self, angles: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Bilinear interpolation pattern of the half radial lines (``rho = 0 .. m/2 - 1``) at ``angles``.
+
+        The spectrum of a real slice is Hermitian, so only the half with ``ky >= 0`` is stored
+        (``rfft`` along y) and only ``rho >= 0`` is sampled: a line at an angle outside ``[0, pi]``
+        is the complex conjugate of the line at the angle ``pi`` away.
 
         Returns
         -------
-        idx, w:
-            Arrays of shape ``(4, len(angles) * m)``: flat indices into the
-            ``m x m`` spectrum and their weights.
+        idx, w, conj:
+            ``idx`` and ``w`` of shape ``(4, len(angles) * m // 2)``: flat indices into the
+            ``(m // 2 + 1) x m`` half spectrum and their weights; ``conj`` ``(len(angles),)``
+            marks the views whose samples must be conjugated.
         """
-        rho = sfft.fftfreq(self.m) * self.m  # grid units, integer valued
-        ky = np.sin(angles)[:, None] * rho[None, :]
-        kx = np.cos(angles)[:, None] * rho[None, :]
+        theta = np.asarray(angles, dtype=np.float64)
+        if np.any(np.abs(theta - np.pi / 2) > 1.5 * np.pi):
+            raise ValueError("view angles must lie within 180 degrees of [0, pi]")
+        conj = (theta < 0) | (theta > np.pi)
+        theta = np.where(theta < 0, theta + np.pi, np.where(theta > np.pi, theta - np.pi, theta))
+        rho = np.arange(self.m // 2, dtype=np.float64)
+        ky = np.maximum(np.sin(theta)[:, None] * rho[None, :], 0.0)
+        kx = np.cos(theta)[:, None] * rho[None, :]
         y0 = np.floor(ky)
         x0 = np.floor(kx)
         wy = (ky - y0).ravel()
@@ -120,25 +139,30 @@ class ParallelBeam:
         y0 = y0.astype(np.int64).ravel()
         x0 = x0.astype(np.int64).ravel()
         m = self.m
-        y1 = (y0 + 1) % m
+        y1 = y0 + 1  # <= m // 2: ky < m / 2
         x1 = (x0 + 1) % m
-        y0 %= m
         x0 %= m
         idx = np.stack([y0 * m + x0, y0 * m + x1, y1 * m + x0, y1 * m + x1])
         w = np.stack([(1 - wy) * (1 - wx), (1 - wy) * wx, wy * (1 - wx), wy * wx]).astype(np.float32)
-        return idx, w
+        return idx, w, conj
 
-    def interp_matrix(self, angles: np.ndarray) -> sp.csr_matrix:
-        """Sparse ``(views * m, m * m)`` bilinear interpolation of the spectrum on radial lines."""
-        idx, w = self.radial_samples(angles)
+    def interp_matrix(self, angles: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray]:
+        """Sparse ``(views * m / 2, half * m)`` sampling of the half spectrum, plus the views to conjugate."""
+        idx, w, conj = self.radial_samples(angles)
         rows = np.broadcast_to(np.arange(idx.shape[1]), idx.shape)
-        return sp.csr_matrix((w.ravel(), (rows.ravel(), idx.ravel())), shape=(idx.shape[1], self.m * self.m))
+        mat = sp.csr_matrix((w.ravel(), (rows.ravel(), idx.ravel())), shape=(idx.shape[1], self.half * self.m))
+        return mat, conj
 
     def splat_matrix(self) -> sp.csr_matrix:
-        """Transpose-usable interpolation matrix at the nominal angles (cached)."""
+        """Adjoint of the sampling at the nominal angles, ``(half * m, views * m / 2)`` (cached)."""
         if self._splat is None:
-            self._splat = self.interp_matrix(self.angles)
+            mat, _ = self.interp_matrix(self.angles)
+            self._splat = mat.T.tocsr()
         return self._splat
+
+
+#: slices transformed together (bounds the size of the complex intermediates)
+_CHUNK = 16
 
 
 def forward_project(
@@ -170,16 +194,29 @@ def forward_project(
     stack = np.asarray(images, dtype=np.float32)[None] if single else np.asarray(images, dtype=np.float32)
     if stack.shape[1:] != (geom.n, geom.n):
         raise ValueError(f"images must be {geom.n}x{geom.n}, got {stack.shape[1:]}")
-    angles = geom.angles if angle_offsets is None else geom.angles - np.asarray(angle_offsets)
-    spec = sfft.fft2(geom._embed(stack), axes=(1, 2), workers=1).reshape(stack.shape[0], -1)
-    interp = geom.splat_matrix() if angle_offsets is None else geom.interp_matrix(angles)
-    lines = np.ascontiguousarray((interp @ spec.T).T).reshape(stack.shape[0], geom.n_views, geom.m)
+    m, r = geom.m, geom.m // 2
+    if angle_offsets is None:
+        interp, conj = geom.splat_matrix().T, np.zeros(geom.n_views, bool)
+    else:
+        interp, conj = geom.interp_matrix(geom.angles - np.asarray(angle_offsets))
+    ramp = None
     if shifts is not None:
         shifts = np.asarray(shifts, dtype=np.float64)
         d = shifts[:, 0] * np.cos(geom.angles) + shifts[:, 1] * np.sin(geom.angles)
-        rho = sfft.fftfreq(geom.m)
-        lines *= np.exp(-2j * np.pi * d[:, None] * rho[None, :]).astype(np.complex64)[None]
-    sino = sfft.fftshift(sfft.ifft(lines, axis=2, workers=1).real, axes=2).astype(np.float32)
+        ramp = np.exp(-2j * np.pi * d[:, None] * (np.arange(r) / m)[None, :]).astype(np.complex64)
+    lines = np.zeros((_CHUNK, geom.n_views, r + 1), np.complex64)  # Nyquist bin stays 0
+    sino = np.empty((stack.shape[0], geom.n_views, m), np.float32)
+    for s0 in range(0, stack.shape[0], _CHUNK):
+        chunk = stack[s0:s0 + _CHUNK]
+        k = chunk.shape[0]
+        spec = sfft.rfftn(geom._embed(chunk), axes=(2, 1), workers=1)  # (k, half, m): ky >= 0 rows
+        for i in range(k):
+            lines[i, :, :r] = (interp @ spec[i].ravel()).reshape(geom.n_views, r)
+        part = lines[:k]
+        part[:, conj] = np.conj(part[:, conj])
+        if ramp is not None:
+            part[:, :, :r] *= ramp[None]
+        sino[s0:s0 + k] = sfft.fftshift(sfft.irfft(part, n=m, axis=2, workers=1), axes=2)
     return sino[0] if single else sino
 
 
@@ -199,8 +236,8 @@ def fbp(
     sino = np.asarray(sinogram, dtype=np.float32)[None] if single else np.asarray(sinogram, dtype=np.float32)
     if sino.shape[1:] != (geom.n_views, geom.m):
         raise ValueError(f"sinogram must be (S, {geom.n_views}, {geom.m}), got {sino.shape}")
-    s = sino.shape[0]
-    rho = sfft.fftfreq(geom.m)
+    m, r = geom.m, geom.m // 2
+    rho = np.arange(r) / m
     filt = np.abs(rho)
     if window == "shepp-logan":
         filt = filt * np.sinc(rho)
@@ -209,11 +246,23 @@ def fbp(
     # trapezoid weights over [0, pi]: the two end views share one angular step
     dtheta = np.full(geom.n_views, np.pi / (geom.n_views - 1))
     dtheta[[0, -1]] *= 0.5
-    lines = sfft.fft(sfft.ifftshift(sino, axes=2), axis=2, workers=1)
-    lines *= (filt[None, :] * dtheta[:, None] * geom.m).astype(np.float32)[None]
-    grid = (lines.reshape(s, -1) @ geom.splat_matrix()).reshape(s, geom.m, geom.m)
-    img = sfft.ifft2(grid, axes=(1, 2), workers=1).real
-    out = (geom._extract(img) / geom._apod).astype(np.float32)
+    weight = (filt[None, :] * dtheta[:, None] * m).astype(np.float32)
+    weight[:, 0] *= 0.5  # rho = 0 is its own mirror image
+    splat = geom.splat_matrix()
+    out = np.empty((sino.shape[0], geom.n, geom.n), np.float32)
+    for s0 in range(0, sino.shape[0], _CHUNK):
+        part = sino[s0:s0 + _CHUNK]
+        k = part.shape[0]
+        lines = sfft.rfft(sfft.ifftshift(part, axes=2), axis=2, workers=1)[:, :, :r] * weight[None]
+        grid = np.empty((k, r + 1, m), np.complex64)
+        for i in range(k):
+            grid[i] = (splat @ lines[i].ravel()).reshape(r + 1, m)
+        # rows ky = 0 and ky = m/2 are their own mirror: the c2r transform keeps their Hermitian
+        # part, which is half of what the omitted rho < 0 samples would have added
+        grid[:, 0] *= 2.0
+        grid[:, r] *= 2.0
+        img = sfft.irfftn(grid, s=(m, m), axes=(2, 1), workers=1)
+        out[s0:s0 + k] = geom._extract(img) / geom._apod
     return out[0] if single else out
 
 

@@ -19,12 +19,19 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset as encode_dataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.tag import Tag
 from pydicom.uid import CTImageStorage, MRImageStorage
 
 from training.synth.common import (
@@ -38,12 +45,11 @@ from training.synth.common import (
     set_pixel_data,
     set_rescale,
     set_window,
-    write_dataset,
 )
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ORIENTATIONS", "VolumeGeometry", "write_slice_series"]
+__all__ = ["ORIENTATIONS", "SliceSeriesWriter", "VolumeGeometry", "write_slice_series"]
 
 #: row direction, column direction (LPS) per orientation
 ORIENTATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
@@ -100,6 +106,76 @@ def _ds_str(v: float) -> str:
     return s if len(s) <= 16 else f"{v:.8f}"[:16]
 
 
+#: per-slice attributes of a slice series; everything else is shared by its slices
+_PER_SLICE = (Tag("SOPInstanceUID"), Tag("InstanceNumber"), Tag("ImagePositionPatient"), Tag("SliceLocation"),
+              Tag("PixelData"))
+
+
+class SliceSeriesWriter:
+    """Writes the slices of one series, encoding the header elements they share only once.
+
+    pydicom spends a few milliseconds per file encoding ~80 elements; a 170-slice
+    series repeats that work for values that never change. The template's shared
+    elements are encoded once into byte runs, and each slice only encodes its
+    :data:`_PER_SLICE` elements and file meta between them. The bytes equal those
+    of ``save_as(..., enforce_file_format=True)`` (tested).
+    """
+
+    def __init__(self, template: FileDataset) -> None:
+        self._meta = template.file_meta
+        self._encoding = template._character_set
+        tags = sorted(template.keys())
+        self._runs: list[bytes] = []
+        run = Dataset()
+        for tag in tags:
+            if tag in _PER_SLICE:
+                self._runs.append(self._encode(run))
+                run = Dataset()
+            else:
+                run[tag] = template[tag]
+        self._runs.append(self._encode(run))
+        self._varying = [t for t in tags if t in _PER_SLICE]
+        if len(self._varying) != len(_PER_SLICE):
+            raise SynthError("slice template lacks a per-slice attribute")
+
+    def _encode(self, ds: Dataset) -> bytes:
+        fp = DicomBytesIO()
+        fp.is_little_endian, fp.is_implicit_VR = True, False
+        encode_dataset(fp, ds, parent_encoding=self._encoding)
+        return fp.getvalue()
+
+    def write(self, out_root: Path, slice_ds: Dataset) -> Path:
+        """Write one slice whose per-slice values are taken from ``slice_ds``; return its path."""
+        meta = FileMetaDataset(self._meta)
+        meta.MediaStorageSOPInstanceUID = slice_ds.SOPInstanceUID
+        fp = DicomBytesIO()
+        fp.is_little_endian, fp.is_implicit_VR = True, False
+        fp.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(fp, meta, enforce_standard=True)
+        for run, tag in zip(self._runs, self._varying, strict=False):
+            fp.write(run)
+            elem = slice_ds[tag]
+            vr = elem.VR
+            if vr == "OB or OW":  # pixel data: resolved from BitsAllocated as save_as does
+                vr = "OW" if int(slice_ds.BitsAllocated) > 8 else "OB"
+            single = Dataset()
+            single.add_new(tag, vr, elem.value)
+            encode_dataset(fp, single, parent_encoding=self._encoding)
+        fp.write(self._runs[-1])
+        folder = Path(out_root) / str(slice_ds.StudyInstanceUID) / str(slice_ds.SeriesInstanceUID)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{slice_ds.SOPInstanceUID}.dcm"
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(fp.getvalue())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+
 def write_slice_series(
     out: Path,
     values: np.ndarray,
@@ -144,31 +220,38 @@ def write_slice_series(
     t0 = dt.datetime.combine(study.date, study.time)
     iop = [*(float(v) for v in geom.row_dir), *(float(v) for v in geom.col_dir)]
     sop_uids: list[str] = []
+    ds: FileDataset | None = None
+    writer: SliceSeriesWriter | None = None
     for k in range(values.shape[0]):
         sop = uids.make("sop", series.number, k + 1)
-        ds = base_dataset(sop_class, patient, study, series, equipment, sop_instance_uid=sop,
-                          instance_number=k + 1, content_time=(t0 + dt.timedelta(seconds=60)).time())
-        ds.ImageType = list(image_type)
-        ds.FrameOfReferenceUID = frame_uid
-        ds.PositionReferenceIndicator = ""
-        ds.ImageOrientationPatient = [_ds_str(v) for v in iop]
+        if ds is None:  # the header is built once; each slice then changes only what differs per slice
+            ds = base_dataset(sop_class, patient, study, series, equipment, sop_instance_uid=sop,
+                              instance_number=1, content_time=(t0 + dt.timedelta(seconds=60)).time())
+            ds.ImageType = list(image_type)
+            ds.FrameOfReferenceUID = frame_uid
+            ds.PositionReferenceIndicator = ""
+            ds.ImageOrientationPatient = [_ds_str(v) for v in iop]
+            ds.PixelSpacing = [_ds_str(geom.pixel_spacing[0]), _ds_str(geom.pixel_spacing[1])]
+            ds.SliceThickness = _ds_str(geom.slice_thickness)
+            ds.SpacingBetweenSlices = _ds_str(geom.slice_spacing)
+            ds.AcquisitionNumber = 1
+            if modality == "MR":
+                ds.PatientPosition = "FFS"
+            else:
+                ds.PatientPosition = "FFS" if "XtremeCT" in equipment.model else "HFS"
+            if modality == "CT":
+                set_rescale(ds, slope, intercept, rescale_type)
+            if window is not None:
+                set_window(ds, window[0], window[1], window_explanation)
+            for key, val in (extra or {}).items():
+                setattr(ds, key, val)
+        ds.SOPInstanceUID = sop
+        ds.file_meta.MediaStorageSOPInstanceUID = sop
+        ds.InstanceNumber = k + 1
         ds.ImagePositionPatient = [_ds_str(float(v)) for v in geom.position(k)]
         ds.SliceLocation = _ds_str(float(geom.position(k) @ geom.normal))
-        ds.PixelSpacing = [_ds_str(geom.pixel_spacing[0]), _ds_str(geom.pixel_spacing[1])]
-        ds.SliceThickness = _ds_str(geom.slice_thickness)
-        ds.SpacingBetweenSlices = _ds_str(geom.slice_spacing)
-        ds.AcquisitionNumber = 1
-        if modality == "MR":
-            ds.PatientPosition = "FFS"
-        else:
-            ds.PatientPosition = "FFS" if "XtremeCT" in equipment.model else "HFS"
         set_pixel_data(ds, stored[k], bits_stored=bits_stored, photometric="MONOCHROME2", signed=signed)
-        if modality == "CT":
-            set_rescale(ds, slope, intercept, rescale_type)
-        if window is not None:
-            set_window(ds, window[0], window[1], window_explanation)
-        for key, val in (extra or {}).items():
-            setattr(ds, key, val)
-        write_dataset(ds, out)
+        writer = writer or SliceSeriesWriter(ds)
+        writer.write(out, ds)
         sop_uids.append(sop)
     return sop_uids
