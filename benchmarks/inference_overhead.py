@@ -247,6 +247,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             if pool is not None:
                 list(pool.map(_warm, range(workers * 2)))
+            prep_radiograph(dx[-1])  # warm-up: lazy imports and first-call set-up are not per-image costs
             t0 = time.perf_counter()
             for p in dx[:4]:
                 prep_radiograph(p)
@@ -315,7 +316,7 @@ def update_readme(readme: Path, results: list[dict[str, Any]]) -> None:
     if SECTION in text:
         start = text.index(SECTION)
         nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + (text[nxt + 1:] if nxt != -1 else "")
+        text = text[:start] + section + ("\n" + text[nxt + 1:] if nxt != -1 else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section
     readme.write_text(text, encoding="utf-8")

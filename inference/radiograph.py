@@ -33,6 +33,16 @@ import torch
 from pydicom import Dataset
 from scipy import ndimage
 
+from inference.imgops import (  # noqa: F401  (re-exported: the radiograph API has always offered them)
+    apply_affine,
+    disk_morphology,
+    grid_to_source,
+    letterbox_matrix,
+    rotation_about,
+    scaling,
+    translation,
+    warp,
+)
 from inference.pixels import display_array
 
 log = logging.getLogger(__name__)
@@ -47,64 +57,6 @@ ANALYSIS_MAX_SIDE = 512  # Otsu / components / PCA run on a copy downscaled to t
 
 _MONOCHROME = {"MONOCHROME1", "MONOCHROME2"}
 _SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
-
-
-# --------------------------------------------------------------------------- affine helpers
-
-
-def translation(tx: float, ty: float) -> np.ndarray:
-    """3x3 matrix translating (x, y) by (tx, ty)."""
-    return np.array([[1.0, 0.0, tx], [0.0, 1.0, ty], [0.0, 0.0, 1.0]])
-
-
-def rotation_about(angle_deg: float, cx: float, cy: float) -> np.ndarray:
-    """3x3 matrix rotating (x, y) by ``angle_deg`` about (cx, cy); positive is clockwise on screen (y down)."""
-    a = np.deg2rad(angle_deg)
-    c, s = np.cos(a), np.sin(a)
-    rot = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
-    return translation(cx, cy) @ rot @ translation(-cx, -cy)
-
-
-def scaling(sx: float, sy: float) -> np.ndarray:
-    """3x3 pixel-centre-aligned resampling: pixel edges (-0.5) map onto pixel edges."""
-    return translation(-0.5, -0.5) @ np.diag([sx, sy, 1.0]) @ translation(0.5, 0.5)
-
-
-def apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Map an (N, 2) array of (x, y) points through a 3x3 matrix."""
-    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-    homo = np.hstack([pts, np.ones((len(pts), 1))]) @ np.asarray(matrix, dtype=np.float64).T
-    return homo[:, :2]
-
-
-def warp(image: np.ndarray, src_to_dst: np.ndarray, out_hw: tuple[int, int], *, order: int = 1,
-         cval: float = 0.0) -> np.ndarray:
-    """Resample ``image`` onto an ``out_hw`` grid given the source->destination (x, y) matrix.
-
-    Destination pixels that fall outside the source get ``cval``. When the
-    transform shrinks the image, the source is Gaussian-smoothed first
-    (sigma = (1/scale - 1) / 2) so thin structures do not alias.
-    """
-    inv = np.linalg.inv(src_to_dst)
-    swap = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
-    rc = swap @ inv @ swap  # destination (row, col) -> source (row, col)
-    src = np.asarray(image, dtype=np.float32)
-    if order > 0:
-        scale = np.sqrt(abs(np.linalg.det(src_to_dst[:2, :2])))
-        if scale < 0.95:
-            src = ndimage.gaussian_filter(src, sigma=(1.0 / scale - 1.0) / 2.0, mode="nearest")
-    return ndimage.affine_transform(src, rc[:2, :2], offset=rc[:2, 2], output_shape=tuple(out_hw), order=order,
-                                    mode="constant", cval=cval, prefilter=False).astype(np.float32)
-
-
-def letterbox_matrix(src_hw: tuple[float, float], out_hw: tuple[int, int]) -> np.ndarray:
-    """Scale ``src_hw`` uniformly to fit ``out_hw`` and centre it (padding, never cropping)."""
-    h, w = src_hw
-    oh, ow = out_hw
-    s = min(oh / h, ow / w)
-    pad_x = (ow - w * s) / 2.0
-    pad_y = (oh - h * s) / 2.0
-    return translation(pad_x, pad_y) @ scaling(s, s)
 
 
 # --------------------------------------------------------------------------- step 1: float + polarity
@@ -216,12 +168,6 @@ def _analysis_copy(image: np.ndarray, max_side: int = ANALYSIS_MAX_SIDE) -> tupl
     return warp(image, scaling(sx, sy), out_hw), float(np.sqrt(sx * sy))
 
 
-def _disk(radius: int) -> np.ndarray:
-    r = max(1, int(radius))
-    yy, xx = np.mgrid[-r: r + 1, -r: r + 1]
-    return xx * xx + yy * yy <= r * r
-
-
 def collimation_interior(image: np.ndarray, *, full: float = 0.9, max_depth: float = 0.25) -> tuple[int, int, int, int]:
     """(r0, r1, c0, c1) inside a bright collimation frame (unexposed border bars).
 
@@ -259,9 +205,10 @@ def foreground_mask(image: np.ndarray, *, close_frac: float = 0.02, open_frac: f
     if close_frac > 0:
         r = max(1, round(side * close_frac))
         padded = np.pad(mask, r)  # pad so closing does not erode at the border
-        mask = ndimage.binary_closing(padded, structure=_disk(r))[r:-r, r:-r]
+        mask = disk_morphology(disk_morphology(padded, r), r, erode=True)[r:-r, r:-r]
     if open_frac > 0:
-        mask = ndimage.binary_opening(mask, structure=_disk(max(1, round(side * open_frac))))
+        r = max(1, round(side * open_frac))
+        mask = disk_morphology(disk_morphology(mask, r, erode=True), r)
     return mask
 
 
@@ -370,7 +317,7 @@ def find_alignment(image: np.ndarray, *, end_fraction: float = 0.3) -> Alignment
     vx, vy = evecs[:, int(np.argmax(evals))]
     elongation = float(np.sqrt(max(evals.max(), 1e-12) / max(evals.min(), 1e-12)))
     angle = float(np.degrees(np.arctan2(vx, vy)))  # rotating by this maps (vx, vy) onto (0, 1)
-    rotated = apply_affine(rotation_about(angle, 0.0, 0.0), centred)
+    rotated = centred @ rotation_about(angle, 0.0, 0.0)[:2, :2].T
     flipped = _wide_end_is_bottom(rotated, end_fraction)
     if flipped:
         angle += 180.0
@@ -555,11 +502,9 @@ def _mask_outside_crop(pixels: np.ndarray, m: np.ndarray, bbox: tuple[int, int, 
                        out_hw: tuple[int, int]) -> np.ndarray:
     """Black out model pixels whose source position lies outside the part box (other parts, markers)."""
     x0, y0, x1, y1 = bbox
-    oh, ow = out_hw
-    yy, xx = np.mgrid[0:oh, 0:ow]
-    src = apply_affine(np.linalg.inv(m), np.stack([xx.ravel(), yy.ravel()], axis=1))
-    inside = ((src[:, 0] >= x0 - 0.5) & (src[:, 0] <= x1 - 0.5) & (src[:, 1] >= y0 - 0.5) & (src[:, 1] <= y1 - 0.5))
-    return np.where(inside.reshape(oh, ow), pixels, 0.0).astype(np.float32)
+    xs, ys = grid_to_source(np.linalg.inv(m), out_hw)
+    inside = (xs >= x0 - 0.5) & (xs <= x1 - 0.5) & (ys >= y0 - 0.5) & (ys <= y1 - 0.5)
+    return np.where(inside, pixels, np.float32(0.0)).astype(np.float32, copy=False)
 
 
 def prepare_dataset(ds: Dataset, *, frame: int | None = None, split: bool = True, align: bool = True,

@@ -101,6 +101,20 @@ def test_percentile_range_without_voi() -> None:
     assert out[10, 10] == pytest.approx(1.0) and out[80, 80] == pytest.approx(0.0)
 
 
+def test_percentile_window_of_a_large_image_is_estimated_from_a_subsample() -> None:
+    """Beyond PERCENTILE_SAMPLE values the window comes from a regular subsample and stays within a grey level."""
+    from inference import pixels
+
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[:2400, :1800]
+    arr = np.clip(800 + 1.2 * xx + 0.4 * yy + rng.normal(0, 60, xx.shape), 0, 4095).astype(np.uint16)
+    assert arr.size > 4 * pixels.PERCENTILE_SAMPLE
+    out = display_array(make_ds(arr))
+    lo, hi = np.percentile(arr.astype(np.float64), (0.5, 99.5))
+    exact = np.clip((arr - lo) / (hi - lo), 0, 1)
+    assert np.abs(out - exact).max() < 1.0 / 255
+
+
 def test_monochrome1_inverted_from_header() -> None:
     arr = ramp()
     mono2 = display_array(make_ds(arr, photometric="MONOCHROME2"))

@@ -7,7 +7,9 @@ import pytest
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from scipy import ndimage
 
+from inference import imgops
 from inference import radiograph as rg
 
 # --------------------------------------------------------------------------- synthetic images
@@ -281,6 +283,70 @@ def test_prepare_dataset_splits_and_aligns() -> None:
     assert len(out) == 2
     assert angle_diff(out[0].angle_deg, -25.0) <= 5 and angle_diff(out[1].angle_deg, 150.0) <= 5
     assert out[1].bbox[0] >= 290
+
+
+def _reference_warp(image: np.ndarray, src_to_dst: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+    """The plain definition of :func:`inference.imgops.warp`: full-resolution Gaussian, then scipy's bilinear affine_transform."""
+    scale = np.sqrt(abs(np.linalg.det(src_to_dst[:2, :2])))
+    src = np.asarray(image, dtype=np.float32)
+    if scale < 0.95:
+        src = ndimage.gaussian_filter(src, (1.0 / scale - 1.0) / 2.0, mode="nearest")
+    inv = np.linalg.inv(src_to_dst)
+    return ndimage.affine_transform(src, inv[[1, 0]][:, [1, 0]], offset=inv[[1, 0], 2], output_shape=out_hw,
+                                    order=1, mode="constant", cval=0.0, prefilter=False)
+
+
+@pytest.mark.parametrize("scale", [0.6, 1.0, 1.7])
+def test_warp_matches_scipy_reference(scale: float) -> None:
+    img = np.random.default_rng(2).random((90, 70)).astype(np.float32)
+    m = rg.translation(-6.0, 4.0) @ rg.rotation_about(33.0, 35.0, 45.0) @ rg.scaling(scale, scale)
+    out = imgops.warp(img, m, (80, 100))
+    ref = _reference_warp(img, m, (80, 100))
+    np.testing.assert_allclose(out, ref, atol=1e-4)
+    assert np.array_equal(out == 0.0, ref == 0.0)  # same pixels outside the source
+
+
+@pytest.mark.parametrize("scale", [0.23, 0.12])
+def test_strong_downscale_matches_reference_within_interpolation_error(scale: float) -> None:
+    """Below a scale of 1/4 warp block-averages before smoothing: same image up to interpolation error."""
+    img, _ = hand_image(20.0, size=800, seed=1)
+    n = int(800 * scale)
+    m = rg.rotation_about(10.0, n / 2, n / 2) @ rg.letterbox_matrix((800.0, 800.0), (n, n))
+    out = imgops.warp(img, m, (n, n))
+    ref = _reference_warp(img, m, (n, n))
+    diff = np.abs(out - ref)
+    assert diff.mean() < 2e-3 and diff.max() < 0.06, (diff.mean(), diff.max())
+    assert np.array_equal(out == 0.0, ref == 0.0)
+
+
+@pytest.mark.parametrize("angle", [35.0, -120.0])
+def test_prepare_large_image_matches_full_resolution_reference(angle: float) -> None:
+    """A 2400x2400 image (scale ~0.1, block-averaged path) gives the reference model image and mapping."""
+    small, tip = hand_image(angle, size=400, seed=3)
+    big = ndimage.zoom(small, 6, order=1)  # the same hand, 6x larger
+    p = rg.prepare(big)
+    assert angle_diff(p.angle_deg, rg.prepare(small).angle_deg) <= 1.0
+    assert angle_diff(p.angle_deg, -angle) <= 5.0
+    diff = np.abs(p.display() - _reference_warp(big, p.source_to_model, p.model_shape))
+    assert diff.mean() < 1e-3 and diff.max() < 0.05, (diff.mean(), diff.max())
+    # the fingertip maps to the same model position as in the small image
+    tip_big = rg.apply_affine(p.source_to_model, (tip[None] + 0.5) * 6 - 0.5)[0]
+    tip_small = rg.apply_affine(rg.prepare(small).source_to_model, tip[None])[0]
+    assert np.linalg.norm(tip_big - tip_small) < 3.0
+
+
+def test_disk_morphology_matches_scipy() -> None:
+    rng = np.random.default_rng(0)
+    for trial in range(12):
+        shape = tuple(int(v) for v in rng.integers(3, 70, 2))
+        mask = rng.random(shape) > rng.uniform(0.2, 0.9)
+        if trial % 2:
+            mask = ndimage.binary_opening(mask)
+        for r in (1, 2, 5, 9):
+            yy, xx = np.mgrid[-r: r + 1, -r: r + 1]
+            disk = xx * xx + yy * yy <= r * r
+            np.testing.assert_array_equal(imgops.disk_morphology(mask, r), ndimage.binary_dilation(mask, disk))
+            np.testing.assert_array_equal(imgops.disk_morphology(mask, r, erode=True), ndimage.binary_erosion(mask, disk))
 
 
 # --------------------------------------------------------------------------- physis helpers
