@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,15 @@ class Motion:
     rotation: np.ndarray  # (views,) radians
     dz_slices: np.ndarray  # (views,) axial shift in slices
 
+    def about_bone(self, radius_mm: float) -> Motion:
+        """The same motion with the rotation rescaled from a 1 mm radius to ``radius_mm``."""
+        return replace(self, rotation=self.rotation / radius_mm)
+
+    @property
+    def margin_slices(self) -> int:
+        """Extra slices the phantom needs at each end so that axially shifted views stay inside it."""
+        return int(np.ceil(float(np.abs(self.dz_slices).max(initial=0.0)))) + 2
+
 
 def draw_grade(rng: np.random.Generator, site: str, difficulty: float) -> tuple[int, float, int]:
     """Draw (true grade, severity, rater grade); the rater sees severity with noise."""
@@ -102,8 +111,12 @@ def _ramp(n: int, start: int, width: int) -> np.ndarray:
 
 
 def draw_motion(rng: np.random.Generator, severity: float, n_views: int, px_mm: float, slice_mm: float,
-                bone_radius_mm: float) -> Motion:
-    """A drift plus a twitch whose amplitude scales with ``severity`` (0..1)."""
+                bone_radius_mm: float = 1.0) -> Motion:
+    """A drift plus a twitch whose amplitude scales with ``severity`` (0..1).
+
+    The rotation is an arc of the twitch's size at ``bone_radius_mm`` (it can be set later with
+    :meth:`Motion.about_bone`, since the axial extent the phantom needs depends on the motion).
+    """
     amp = MAX_MOTION_MM * severity
     k = np.arange(n_views)
     direction = rng.normal(size=2)
@@ -284,9 +297,10 @@ def make_study(job: StudyJob) -> list[dict[str, Any]]:
     if rng_l.random() < job.label_noise:
         label = int(np.clip(grade + rng_l.choice([-1, 1]), 1, 5))
     geom = ParallelBeam(n, n_views)
-    margin = int(np.ceil(0.6 * MAX_MOTION_MM / slice_mm)) + 2
+    motion = draw_motion(rng_m, sev, n_views, px, slice_mm)
+    margin = motion.margin_slices  # only as many extra slices as this scan's axial motion needs
     dens, bone_r = phantom(rng_a, site, n, n_slices + 2 * margin, px, slice_mm, patient.age_years, sex)
-    motion = draw_motion(rng_m, sev, n_views, px, slice_mm, bone_r)
+    motion = motion.about_bone(bone_r)
     photons = float(rng_n.uniform(1.5e5, 4e5))
     rec, ssd = acquire(rng_n, dens, motion, geom, px, margin, photons)
 
