@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydicom.charset import convert_encodings
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset as encode_dataset
@@ -123,7 +124,7 @@ class SliceSeriesWriter:
 
     def __init__(self, template: FileDataset) -> None:
         self._meta = template.file_meta
-        self._encoding = template._character_set
+        self._encoding = convert_encodings(template.get("SpecificCharacterSet") or "ISO_IR 6")
         tags = sorted(template.keys())
         self._runs: list[bytes] = []
         run = Dataset()
