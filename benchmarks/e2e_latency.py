@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", type=Path, help="bundle to pin (default: a faithful-size one-step bundle)")
     ap.add_argument("--write-readme", action="store_true")
     args = ap.parse_args(argv)
-    res = run(args.studies, args.quiet_s, args.device, args.model)
+    res = run(args.studies, args.quiet_s, args.device, args.model.resolve() if args.model else None)  # the node resolves paths from its config dir
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(res, indent=2))
     row = render_row(res)

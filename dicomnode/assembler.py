@@ -20,6 +20,7 @@ import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from dicomnode import db
@@ -109,8 +110,9 @@ class Assembler:
     """Polls the spool index and turns quiet or complete studies into jobs."""
 
     def __init__(self, cfg: Config, spool: Spool, queue: JobQueue, *, poll_s: float = 0.5,
-                 outbox: Outbox | None = None) -> None:
+                 outbox: Outbox | None = None, on_enqueue: Callable[[], None] | None = None) -> None:
         self.cfg = cfg
+        self.on_enqueue = on_enqueue  # told after jobs were committed (wakes the workers)
         self.outbox = outbox
         self.spool = spool
         self.queue = queue
@@ -217,6 +219,8 @@ class Assembler:
                                                 study_uid))
         log.info("study %s complete (generation %d): %d job(s), %d series without a route", study_uid, gen,
                  len(by_route), len(no_route))
+        if by_route and self.on_enqueue is not None:
+            self.on_enqueue()
         return True
 
     def purge_expired(self, now: float | None = None) -> int:

@@ -213,6 +213,8 @@ class WorkerPool:
                          for i in range(n_workers)]
         self._current: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._idle = threading.Condition()
+        self._wakes = 0  # counts wake() calls, so a wake between a failed claim and the wait is not lost
 
     def start(self) -> WorkerPool:
         """Start the threads."""
@@ -220,9 +222,21 @@ class WorkerPool:
             t.start()
         return self
 
+    def wake(self) -> None:
+        """A job was enqueued: idle workers claim now instead of at their next poll."""
+        with self._idle:
+            self._wakes += 1
+            self._idle.notify_all()
+
+    def _wait(self, seen: int) -> None:
+        with self._idle:
+            if self._wakes == seen and not self._stop.is_set():
+                self._idle.wait(self.poll_s)
+
     def _run(self) -> None:
         name = threading.current_thread().name
         while not self._stop.is_set():
+            seen = self._wakes
             try:
                 job = self.queue.claim()
             except sqlite3.Error as exc:
@@ -230,7 +244,7 @@ class WorkerPool:
                 self._stop.wait(self.poll_s)
                 continue
             if job is None:
-                self._stop.wait(self.poll_s)
+                self._wait(seen)
                 continue
             with self._lock:
                 self._current[name] = job.id
@@ -249,6 +263,7 @@ class WorkerPool:
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop claiming, wait for in-flight jobs, and return any still running to pending."""
         self._stop.set()
+        self.wake()
         deadline = time.monotonic() + timeout_s
         for t in self._threads:
             if t.is_alive():

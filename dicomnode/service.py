@@ -38,10 +38,11 @@ class Node:
         self.spool = Spool(storage, cfg.node.disk_min_free_gb)
         self.queue = JobQueue(db.db_path(storage))
         self.outbox = Outbox(storage)
-        self.assembler = Assembler(cfg, self.spool, self.queue, poll_s=poll_s, outbox=self.outbox)
         self.sender = Sender(cfg, self.outbox, poll_s=poll_s)
         handler = JobHandler(cfg, self.spool, self.queue, self.outbox, on_results=self.sender.wake)
         self.workers = WorkerPool(self.queue, handler, n_workers=cfg.node.workers, poll_s=poll_s)
+        self.assembler = Assembler(cfg, self.spool, self.queue, poll_s=poll_s, outbox=self.outbox,
+                                   on_enqueue=self.workers.wake)
 
     def start(self) -> Node:
         """Recover interrupted jobs and start assembler, workers and sender."""

@@ -57,6 +57,20 @@ def test_quiet_period_uses_smallest_matching_route(tmp_path: Path) -> None:
     assert len(queue.list()) == 2
 
 
+def test_completing_a_study_tells_the_workers(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path)
+    spool = Spool(cfg.node.storage_dir, 0)
+    queue = JobQueue(spool.db_path)
+    calls: list[int] = []
+    asm = Assembler(cfg, spool, queue, poll_s=0.1, on_enqueue=lambda: calls.append(len(queue.list())))
+    study = generate_uid()
+    _store(spool, study, generate_uid(), 0)
+    now = time.time()
+    assert asm.poll_once(now) == [] and calls == []
+    assert asm.poll_once(now + 1.5) == [study]
+    assert calls == [2]  # called once, after both routes' jobs were committed
+
+
 def test_release_with_expected_counts_completes_early(tmp_path: Path) -> None:
     spool, queue, asm = _setup(tmp_path, quiet=60.0)
     study, s1 = generate_uid(), generate_uid()

@@ -119,3 +119,26 @@ def test_stop_returns_in_flight_job_to_pending(tmp_path: Path) -> None:
     j = q.get(jid)
     assert j is not None and j.state == "pending" and j.attempts == 0
     release.set()
+
+
+def test_wake_starts_an_idle_worker_before_its_next_poll(tmp_path: Path) -> None:
+    """With a 30 s poll, a job enqueued after the workers went idle runs as soon as wake() is called."""
+    q = _queue(tmp_path)
+    done = threading.Event()
+
+    def handler(job: Job) -> None:
+        q.mark_done(job.id, timings={})
+        done.set()
+
+    pool = WorkerPool(q, handler, n_workers=2, poll_s=30.0).start()
+    try:
+        time.sleep(0.3)  # both workers found nothing and are waiting
+        q.enqueue("1.2.9", "r", "t", ["4"])
+        assert not done.wait(0.5)  # no wake: the job waits for the next poll
+        t0 = time.monotonic()
+        pool.wake()
+        assert done.wait(5) and time.monotonic() - t0 < 2.0
+    finally:
+        t0 = time.monotonic()
+        pool.stop()
+        assert time.monotonic() - t0 < 5.0  # stop wakes idle workers too
