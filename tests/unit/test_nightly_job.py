@@ -166,8 +166,12 @@ def test_torchrun_two_ranks_one_decision(site: dict) -> None:
          "-m", "tests.unit.test_nightly_job", str(t / "n.yaml")],
         cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("promoted") == 1 and "trained as rank 1 of 2" in proc.stdout, proc.stdout
     reg: ModelRegistry = site["registry"]
+    reports = [p.read_text() for p in (reg.task_dir(TASK) / "runs").glob("*/report.json")]
+    # on failure show the run's report (split, per-epoch history, hold-out metrics) and rank 0's log: this
+    # assertion failed once in CI (candidate accuracy 0 on the hold-out) and never in 20 local runs
+    assert proc.stdout.count("promoted") == 1 and "trained as rank 1 of 2" in proc.stdout, (
+        proc.stdout + "\n".join(reports) + proc.stderr[-4000:])
     assert reg.current(TASK).startswith("nightly-")
     [run] = [p for p in (reg.task_dir(TASK) / "runs").iterdir() if p.is_dir()]
     assert json.loads((run / "report.json").read_text())["status"] == "promoted"
