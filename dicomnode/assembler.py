@@ -124,6 +124,7 @@ class Assembler:
         finally:
             conn.close()
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_purge = 0.0
 
@@ -254,11 +255,17 @@ class Assembler:
                 self.poll_once()
             except Exception:  # noqa: BLE001 - keep polling after a database hiccup
                 log.exception("assembler pass failed")
-            self._stop.wait(self.poll_s)
+            self._wake.wait(self.poll_s)
+            self._wake.clear()
+
+    def wake(self) -> None:
+        """Run the next pass now (an association was released: a study may be complete)."""
+        self._wake.set()
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the thread."""
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
 

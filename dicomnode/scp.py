@@ -193,7 +193,8 @@ def _ssl_context(node: NodeConfig) -> ssl.SSLContext | None:
     return ctx
 
 
-def _handlers(spool: Spool, policy: _Policy) -> list[tuple[Any, Callable[..., Any]]]:
+def _handlers(spool: Spool, policy: _Policy,
+              on_release: Callable[[], None] | None = None) -> list[tuple[Any, Callable[..., Any]]]:
     def assoc_id(event: evt.Event) -> str | None:
         return getattr(event.assoc, "_dicomnode_id", None)
 
@@ -216,6 +217,8 @@ def _handlers(spool: Spool, policy: _Policy) -> list[tuple[Any, Callable[..., An
             except Exception:  # noqa: BLE001
                 log.exception("cannot record release of association %s", aid)
             log.info("association %s released", aid)
+            if on_release is not None:  # a study may now be complete: let the assembler look at once
+                on_release()
 
     def on_aborted(event: evt.Event) -> None:
         aid = assoc_id(event)
@@ -272,7 +275,8 @@ def _handlers(spool: Spool, policy: _Policy) -> list[tuple[Any, Callable[..., An
     ]
 
 
-def build_ae(cfg: Config, spool: Spool, *, _counter: _Counter | None = None) -> AE:
+def build_ae(cfg: Config, spool: Spool, *, _counter: _Counter | None = None,
+             on_release: Callable[[], None] | None = None) -> AE:
     """Build the node's AE (contexts, timeouts, association policy) without starting it.
 
     Start it with :func:`serve_ae` (or ``ae.start_server`` using ``ae.dicomnode_server_kwargs``).
@@ -292,7 +296,7 @@ def build_ae(cfg: Config, spool: Spool, *, _counter: _Counter | None = None) -> 
         ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
     policy = _Policy(node, spool, _counter or _LocalCounter())
     ae.dicomnode_policy = policy  # type: ignore[attr-defined]
-    ae.dicomnode_handlers = _handlers(spool, policy)  # type: ignore[attr-defined]
+    ae.dicomnode_handlers = _handlers(spool, policy, on_release)  # type: ignore[attr-defined]
     return ae
 
 
@@ -397,7 +401,8 @@ class ReceiverGroup:
             self._stop.wait()
 
 
-def start_receivers(cfg: Config, stop: Any | None = None) -> ReceiverGroup:
+def start_receivers(cfg: Config, stop: Any | None = None, *,
+                    on_release: Callable[[], None] | None = None) -> ReceiverGroup:
     """Start the SCP as configured: in-process for ``receive_processes == 1``, else N processes.
 
     Parameters
@@ -406,6 +411,9 @@ def start_receivers(cfg: Config, stop: Any | None = None) -> ReceiverGroup:
         The node configuration.
     stop:
         Optional ``multiprocessing.Event``; setting it stops the receivers.
+    on_release:
+        Called after an association is released, in-process receivers only (receiver
+        processes leave it to the assembler's poll).
 
     Raises
     ------
@@ -420,7 +428,7 @@ def start_receivers(cfg: Config, stop: Any | None = None) -> ReceiverGroup:
     spool.clean_tmp()
     if n == 1:
         stop_evt = stop if stop is not None else threading.Event()
-        ae = build_ae(cfg, spool)
+        ae = build_ae(cfg, spool, on_release=on_release)
         try:
             server = serve_ae(ae, cfg)
         except OSError as exc:

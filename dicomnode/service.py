@@ -72,7 +72,7 @@ def serve(cfg: Config, *, stop_event: threading.Event | None = None) -> int:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
     node = Node(cfg).start()
-    receivers = start_receivers(cfg)
+    receivers = start_receivers(cfg, on_release=node.assembler.wake)
     if receivers.receive_counts is not None:  # receiver processes count in shared memory; /metrics exports it
         from dicomnode.metrics import default_metrics
 

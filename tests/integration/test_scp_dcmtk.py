@@ -396,3 +396,25 @@ def test_tls_echo_and_store(make_node, tmp_path: Path) -> None:
     again = ae.associate("127.0.0.1", node.port, tls_args=(client, None))  # and the node keeps serving
     assert again.is_established
     again.release()
+
+
+def test_release_calls_on_release_after_the_release_is_recorded(tmp_path: Path) -> None:
+    """In-process receivers tell the caller (the node wires the assembler's wake) when a sender releases."""
+    cfg = _node_config(tmp_path)
+    spool = Spool(cfg.node.storage_dir, cfg.node.disk_min_free_gb)
+    study = generate_uid()
+    released: list[float | None] = []
+
+    def on_release() -> None:  # the association's release is already in the index when this runs
+        released.append(spool.last_association_release(study))
+
+    group = start_receivers(cfg, on_release=on_release)
+    try:
+        f = ct_file(tmp_path / "a.dcm", study=study)
+        assert storescu(group.port, str(f)).returncode == 0
+        deadline = time.monotonic() + 10
+        while not released and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(released) == 1 and released[0] is not None
+    finally:
+        group.stop()

@@ -83,6 +83,32 @@ def test_release_with_expected_counts_completes_early(tmp_path: Path) -> None:
     assert len(queue.list()) == 2
 
 
+def test_wake_runs_a_pass_before_the_next_poll(tmp_path: Path) -> None:
+    """The in-process SCP wakes the assembler on release: with a 30 s poll the study still completes at once."""
+    cfg = _cfg(tmp_path, quiet=60.0)
+    spool = Spool(cfg.node.storage_dir, 0)
+    queue = JobQueue(spool.db_path)
+    asm = Assembler(cfg, spool, queue, poll_s=30.0).start()
+    try:
+        time.sleep(0.5)  # the thread's first pass (empty spool) is done; it now waits for its 30 s poll
+        study, s1 = generate_uid(), generate_uid()
+        spool.open_association("a1", "ORTHANC", "127.0.0.1")
+        _store(spool, study, s1, 0, assoc="a1")
+        _store(spool, study, s1, 1, assoc="a1")
+        spool.release_association("a1")
+        time.sleep(0.3)
+        assert not queue.list()  # nobody looked yet
+        asm.wake()
+        deadline = time.monotonic() + 5
+        while not queue.list() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(queue.list()) == 2
+    finally:
+        t0 = time.monotonic()
+        asm.stop()
+        assert time.monotonic() - t0 < 5  # stop does not wait for the poll either
+
+
 def test_aborted_association_waits_for_quiet_period(tmp_path: Path) -> None:
     spool, queue, asm = _setup(tmp_path, quiet=60.0)
     study = generate_uid()
