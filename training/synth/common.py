@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
@@ -395,26 +395,35 @@ def set_window(ds: Dataset, center: float | Sequence[float], width: float | Sequ
 # --- writing ---------------------------------------------------------------------------------------------
 
 
+def instance_path(out_root: Path, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
+    """``<out_root>/<study_uid>/<series_uid>/<sop_instance_uid>.dcm``, its folder created."""
+    folder = Path(out_root) / study_uid / series_uid
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{sop_instance_uid}.dcm"
+
+
+def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Have ``write`` fill a temporary file beside ``path``, then rename it into place; returns ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def write_dataset(ds: FileDataset, out_root: Path, study_uid: str | None = None,
                   series_uid: str | None = None) -> Path:
     """Write ``ds`` to ``<out_root>/<study_uid>/<series_uid>/<SOPInstanceUID>.dcm`` atomically.
 
     The UIDs default to the dataset's own. Returns the file path.
     """
-    study_uid = study_uid or str(ds.StudyInstanceUID)
-    series_uid = series_uid or str(ds.SeriesInstanceUID)
-    folder = Path(out_root) / study_uid / series_uid
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{ds.SOPInstanceUID}.dcm"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=folder)
-    os.close(fd)
-    try:
-        ds.save_as(tmp, enforce_file_format=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    path = instance_path(out_root, study_uid or str(ds.StudyInstanceUID), series_uid or str(ds.SeriesInstanceUID),
+                         str(ds.SOPInstanceUID))
+    return write_atomic(path, lambda fh: ds.save_as(fh, enforce_file_format=True))
 
 
 # --- parallel driver -------------------------------------------------------------------------------------

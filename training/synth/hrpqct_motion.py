@@ -110,12 +110,11 @@ def _ramp(n: int, start: int, width: int) -> np.ndarray:
     return np.clip(t, 0.0, 1.0)
 
 
-def draw_motion(rng: np.random.Generator, severity: float, n_views: int, px_mm: float, slice_mm: float,
-                bone_radius_mm: float = 1.0) -> Motion:
+def draw_motion(rng: np.random.Generator, severity: float, n_views: int, px_mm: float, slice_mm: float) -> Motion:
     """A drift plus a twitch whose amplitude scales with ``severity`` (0..1).
 
-    The rotation is an arc of the twitch's size at ``bone_radius_mm`` (it can be set later with
-    :meth:`Motion.about_bone`, since the axial extent the phantom needs depends on the motion).
+    The rotation is an arc of the twitch's size at a 1 mm radius; :meth:`Motion.about_bone` sets the
+    bone's radius once the phantom exists (its axial extent depends on this motion).
     """
     amp = MAX_MOTION_MM * severity
     k = np.arange(n_views)
@@ -132,7 +131,7 @@ def draw_motion(rng: np.random.Generator, severity: float, n_views: int, px_mm: 
     tdir /= np.linalg.norm(tdir) + 1e-9
     twitch = np.outer(step, tdir * amp * rng.uniform(0.5, 1.0))
     shifts = (drift + twitch) / px_mm
-    rot = step * (amp * rng.uniform(-0.5, 0.5) / bone_radius_mm)
+    rot = step * (amp * rng.uniform(-0.5, 0.5))
     dz = (step * rng.uniform(-0.6, 0.6) + k / (n_views - 1) * rng.uniform(-0.2, 0.2)) * amp / slice_mm
     return Motion(shifts_px=shifts, rotation=rot, dz_slices=dz)
 

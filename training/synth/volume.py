@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,9 +41,11 @@ from training.synth.common import (
     SynthError,
     UidSource,
     base_dataset,
+    instance_path,
     set_pixel_data,
     set_rescale,
     set_window,
+    write_atomic,
 )
 
 log = logging.getLogger(__name__)
@@ -163,18 +163,9 @@ class SliceSeriesWriter:
             single.add_new(tag, vr, elem.value)
             encode_dataset(fp, single, parent_encoding=self._encoding)
         fp.write(self._runs[-1])
-        folder = Path(out_root) / str(slice_ds.StudyInstanceUID) / str(slice_ds.SeriesInstanceUID)
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{slice_ds.SOPInstanceUID}.dcm"
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(fp.getvalue())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        path = instance_path(out_root, str(slice_ds.StudyInstanceUID), str(slice_ds.SeriesInstanceUID),
+                             str(slice_ds.SOPInstanceUID))
+        return write_atomic(path, lambda fh: fh.write(fp.getvalue()))
 
 
 def write_slice_series(
@@ -220,39 +211,38 @@ def write_slice_series(
     frame_uid = uids.make("frame-of-reference", series.number)
     t0 = dt.datetime.combine(study.date, study.time)
     iop = [*(float(v) for v in geom.row_dir), *(float(v) for v in geom.col_dir)]
-    sop_uids: list[str] = []
-    ds: FileDataset | None = None
+    if values.shape[0] == 0:
+        return []
+    sop_uids = [uids.make("sop", series.number, k + 1) for k in range(values.shape[0])]
+    # the header is built once; each slice then changes only what differs per slice
+    ds = base_dataset(sop_class, patient, study, series, equipment, sop_instance_uid=sop_uids[0],
+                      instance_number=1, content_time=(t0 + dt.timedelta(seconds=60)).time())
+    ds.ImageType = list(image_type)
+    ds.FrameOfReferenceUID = frame_uid
+    ds.PositionReferenceIndicator = ""
+    ds.ImageOrientationPatient = [_ds_str(v) for v in iop]
+    ds.PixelSpacing = [_ds_str(geom.pixel_spacing[0]), _ds_str(geom.pixel_spacing[1])]
+    ds.SliceThickness = _ds_str(geom.slice_thickness)
+    ds.SpacingBetweenSlices = _ds_str(geom.slice_spacing)
+    ds.AcquisitionNumber = 1
+    if modality == "MR":
+        ds.PatientPosition = "FFS"
+    else:
+        ds.PatientPosition = "FFS" if "XtremeCT" in equipment.model else "HFS"
+    if modality == "CT":
+        set_rescale(ds, slope, intercept, rescale_type)
+    if window is not None:
+        set_window(ds, window[0], window[1], window_explanation)
+    for key, val in (extra or {}).items():
+        setattr(ds, key, val)
     writer: SliceSeriesWriter | None = None
-    for k in range(values.shape[0]):
-        sop = uids.make("sop", series.number, k + 1)
-        if ds is None:  # the header is built once; each slice then changes only what differs per slice
-            ds = base_dataset(sop_class, patient, study, series, equipment, sop_instance_uid=sop,
-                              instance_number=1, content_time=(t0 + dt.timedelta(seconds=60)).time())
-            ds.ImageType = list(image_type)
-            ds.FrameOfReferenceUID = frame_uid
-            ds.PositionReferenceIndicator = ""
-            ds.ImageOrientationPatient = [_ds_str(v) for v in iop]
-            ds.PixelSpacing = [_ds_str(geom.pixel_spacing[0]), _ds_str(geom.pixel_spacing[1])]
-            ds.SliceThickness = _ds_str(geom.slice_thickness)
-            ds.SpacingBetweenSlices = _ds_str(geom.slice_spacing)
-            ds.AcquisitionNumber = 1
-            if modality == "MR":
-                ds.PatientPosition = "FFS"
-            else:
-                ds.PatientPosition = "FFS" if "XtremeCT" in equipment.model else "HFS"
-            if modality == "CT":
-                set_rescale(ds, slope, intercept, rescale_type)
-            if window is not None:
-                set_window(ds, window[0], window[1], window_explanation)
-            for key, val in (extra or {}).items():
-                setattr(ds, key, val)
+    for k, sop in enumerate(sop_uids):
         ds.SOPInstanceUID = sop
         ds.file_meta.MediaStorageSOPInstanceUID = sop
         ds.InstanceNumber = k + 1
         ds.ImagePositionPatient = [_ds_str(float(v)) for v in geom.position(k)]
         ds.SliceLocation = _ds_str(float(geom.position(k) @ geom.normal))
         set_pixel_data(ds, stored[k], bits_stored=bits_stored, photometric="MONOCHROME2", signed=signed)
-        writer = writer or SliceSeriesWriter(ds)
+        writer = writer or SliceSeriesWriter(ds)  # after the first slice: the template has every element
         writer.write(out, ds)
-        sop_uids.append(sop)
     return sop_uids
