@@ -30,6 +30,7 @@ from dicomnode.outbox import Outbox
 from dicomnode.results import PriorDocument, ResultContext
 from dicomnode.router import route_series
 from dicomnode.spool import SeriesRecord, Spool
+from dicomnode.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ class Assembler:
         finally:
             conn.close()
         self._stop = threading.Event()
-        self._wake = threading.Event()
+        self._wakeup = Wakeup()
         self._thread: threading.Thread | None = None
         self._last_purge = 0.0
 
@@ -251,21 +252,21 @@ class Assembler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            token = self._wakeup.token()
             try:
                 self.poll_once()
             except Exception:  # noqa: BLE001 - keep polling after a database hiccup
                 log.exception("assembler pass failed")
-            self._wake.wait(self.poll_s)
-            self._wake.clear()
+            self._wakeup.wait(token, self.poll_s)
 
     def wake(self) -> None:
         """Run the next pass now (an association was released: a study may be complete)."""
-        self._wake.set()
+        self._wakeup.wake()
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop the thread."""
         self._stop.set()
-        self._wake.set()
+        self._wakeup.wake()
         if self._thread is not None:
             self._thread.join(timeout_s)
 

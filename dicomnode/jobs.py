@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from dicomnode import db
+from dicomnode.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
 
@@ -213,8 +214,7 @@ class WorkerPool:
                          for i in range(n_workers)]
         self._current: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._idle = threading.Condition()
-        self._wakes = 0  # counts wake() calls, so a wake between a failed claim and the wait is not lost
+        self._wakeup = Wakeup()
 
     def start(self) -> WorkerPool:
         """Start the threads."""
@@ -224,19 +224,12 @@ class WorkerPool:
 
     def wake(self) -> None:
         """A job was enqueued: idle workers claim now instead of at their next poll."""
-        with self._idle:
-            self._wakes += 1
-            self._idle.notify_all()
-
-    def _wait(self, seen: int) -> None:
-        with self._idle:
-            if self._wakes == seen and not self._stop.is_set():
-                self._idle.wait(self.poll_s)
+        self._wakeup.wake()
 
     def _run(self) -> None:
         name = threading.current_thread().name
         while not self._stop.is_set():
-            seen = self._wakes
+            token = self._wakeup.token()
             try:
                 job = self.queue.claim()
             except sqlite3.Error as exc:
@@ -244,7 +237,7 @@ class WorkerPool:
                 self._stop.wait(self.poll_s)
                 continue
             if job is None:
-                self._wait(seen)
+                self._wakeup.wait(token, self.poll_s)
                 continue
             with self._lock:
                 self._current[name] = job.id

@@ -26,6 +26,7 @@ from dicomnode.config import Config, Destination, TLSConfig
 from dicomnode.errors import DeliveryError
 from dicomnode.metrics import record
 from dicomnode.outbox import Outbox
+from dicomnode.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ class Sender:
         self.outbox = outbox
         self.poll_s = poll_s
         self._stop = threading.Event()
-        self._wake = threading.Event()
+        self._wakeup = Wakeup()
         self._thread = threading.Thread(target=self._run, name="sender", daemon=True)
 
     def start(self) -> Sender:
@@ -161,12 +162,12 @@ class Sender:
 
     def wake(self) -> None:
         """Look for due deliveries now."""
-        self._wake.set()
+        self._wakeup.wake()
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop after the current batch."""
         self._stop.set()
-        self._wake.set()
+        self._wakeup.wake()
         self._thread.join(timeout_s)
 
     def run_once(self) -> int:
@@ -213,9 +214,9 @@ class Sender:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            token = self._wakeup.token()
             try:
                 self.run_once()
             except Exception:  # noqa: BLE001 - the sender thread must survive database hiccups
                 log.exception("sender loop error")
-            self._wake.wait(self.poll_s)
-            self._wake.clear()
+            self._wakeup.wait(token, self.poll_s)
