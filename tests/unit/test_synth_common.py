@@ -177,3 +177,59 @@ def test_slice_series_writer_equals_pydicom_and_varies_per_slice(tmp_path: Path)
         assert float(ds.SliceLocation) == pytest.approx(float(geom.position(k) @ geom.normal), abs=1e-4)
         assert np.array_equal(ds.pixel_array.astype(float) - 1024.0, values[k])
         assert ds.KVP == "120" and ds.RescaleType == "HU"
+
+
+def test_unlateral_series_with_a_synonym_body_part_passes_dciodvfy(tmp_path: Path, dciodvfy) -> None:
+    """A non-English term may name a paired part: Laterality (Type 2C) is then present and empty."""
+    rng = np.random.default_rng(3)
+    uids = common.UidSource("test:laterality")
+    patient = common.new_patient(rng, (40, 80))
+    study = common.new_study(rng, uids, patient, "CT")
+    canonical = "LSPINE"
+    for k, part in enumerate([canonical, "COLUMNA LUMBAR", "RODILLA"]):
+        series = common.new_series(uids, k + 1, "OT", part)
+        ds = common.base_dataset(SecondaryCaptureImageStorage, patient, study, series,
+                                 common.Equipment(manufacturer="ACME", model="X1"),
+                                 sop_instance_uid=uids.make("sop", k + 1))
+        ds.ConversionType = "WSD"
+        ds.PatientOrientation = ""
+        common.set_pixel_data(ds, common.to_stored(rng.random((8, 8)), 12), bits_stored=12)
+        path = common.write_dataset(ds, tmp_path)
+        back = pydicom.dcmread(path)
+        if part == canonical:
+            assert "Laterality" not in back
+        else:
+            assert back.Laterality == ""
+        dciodvfy(path)
+
+
+def test_standard_normal32_is_deterministic_and_standard_normal() -> None:
+    a = common.standard_normal32(np.random.default_rng(5), (601, 333))
+    b = common.standard_normal32(np.random.default_rng(5), (601, 333))
+    assert a.dtype == np.float32 and a.shape == (601, 333) and np.array_equal(a, b)
+    assert common.standard_normal32(np.random.default_rng(5), 7).shape == (7,)  # odd sizes, scalar shape
+    x = a.ravel().astype(np.float64)
+    assert abs(x.mean()) < 0.01 and abs(x.std() - 1.0) < 0.01
+    assert abs((x**3).mean()) < 0.03 and abs((x**4).mean() - 3.0) < 0.06  # skew 0, kurtosis 3
+    # quantiles of N(0, 1), i.e. not uniform or truncated noise with matching moments
+    q = np.quantile(x, [0.001, 0.0228, 0.1587, 0.5, 0.8413, 0.9772, 0.999])
+    assert np.allclose(q, [-3.09, -2.0, -1.0, 0.0, 1.0, 2.0, 3.09], atol=0.06)
+    # cos and sin halves are independent of each other
+    half = x.size // 2
+    assert abs(np.corrcoef(x[:half], x[half:2 * half])[0, 1]) < 0.01
+
+
+def test_freed_memory_kept_restores_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(common, "_mallopt", lambda trim, mmap: calls.append((trim, mmap)) or True)
+    with common.freed_memory_kept() as applied:
+        assert applied and calls == [(4 * common._KEEP_BYTES, common._KEEP_BYTES)]
+    assert calls[-1] == (common._GLIBC_DEFAULT_THRESHOLD, common._GLIBC_DEFAULT_THRESHOLD)
+
+
+def test_mallopt_takes_effect_on_glibc() -> None:
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert common._mallopt(common._GLIBC_DEFAULT_THRESHOLD, common._GLIBC_DEFAULT_THRESHOLD)

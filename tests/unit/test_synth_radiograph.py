@@ -43,6 +43,32 @@ def test_chord_of_ellipsoid_is_exact() -> None:
     assert got[:, x > 0].max() == 0 and got[20, 19] == pytest.approx(expected[20, 19])
 
 
+def _marched_chord(part: rg.Part, x: float, y: float, t_max: float = 80.0, n: int = 64001) -> float:
+    t = np.linspace(-t_max, t_max, n)
+    pts = np.stack([np.full(n, x), np.full(n, y), t], axis=1)
+    return float(rg.inside(part, pts).sum() * (t[1] - t[0]))
+
+
+@pytest.mark.parametrize("infinite", [-1, 1])
+def test_chord_of_rotated_clipped_part_matches_ray_marching(infinite: int) -> None:
+    """Oblique clip planes (cutting the rays), one parallel to the rays, a rotated ellipsoid or cylinder."""
+    axes = rg.rot("x", 35.0) @ rg.rot("z", 25.0) @ rg.rot("y", 15.0)
+    part = rg.Part(np.array([1.5, -2.0, 3.0]), axes, (6.0, 9.0, 4.0), 1.0, infinite)
+    n1 = rg.rot("x", 40.0) @ np.array([0.0, 1.0, 0.0])
+    n2 = rg.rot("y", 50.0) @ np.array([-1.0, 0.0, 0.0])
+    part = part.clipped(n1, float(n1 @ part.center) + 2.0).clipped(n2, 3.0).clipped(np.array([1.0, 0.3, 0.0]), 4.0)
+    if infinite >= 0:  # the bounding box ends an unclipped cylinder: clip it on the other side too
+        part = part.clipped(-n1, -(float(n1 @ part.center) - 12.0))
+    rng = np.random.default_rng(2)
+    xs = rng.uniform(-10, 10, 40).astype(np.float32)
+    ys = rng.uniform(-14, 10, 40).astype(np.float32)
+    got = rg.chord(part, xs[None, :], ys[:, None])
+    for i in range(0, 40, 7):
+        for j in range(0, 40, 3):
+            assert got[i, j] == pytest.approx(_marched_chord(part, float(xs[j]), float(ys[i])), abs=0.02)
+    assert (got > 0).mean() > 0.2 and (got == 0).mean() > 0.1  # both hits and misses were checked
+
+
 def test_headers_conform_and_dciodvfy_is_clean(wrist_small: Path, dciodvfy: Callable[[Path], None]) -> None:
     files = _files(wrist_small)
     assert len(files) >= 6

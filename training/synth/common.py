@@ -27,12 +27,14 @@ The generator interface (every ``training/synth/<task>.py``)::
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import datetime as dt
 import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -292,6 +294,10 @@ def base_dataset(sop_class_uid: str, patient: Patient, study: Study, series: Ser
     ds.BodyPartExamined = series.body_part
     if series.laterality:
         ds.Laterality = series.laterality
+    elif series.body_part not in BODY_PART_SYNONYMS:
+        # Type 2C, required for paired parts: whether a non-English term is paired is unknown to a reader,
+        # so the attribute is present and empty (as scanners send it) rather than absent
+        ds.Laterality = ""
     # General Equipment
     ds.Manufacturer = equipment.manufacturer
     ds.ManufacturerModelName = equipment.model
@@ -309,6 +315,36 @@ def base_dataset(sop_class_uid: str, patient: Patient, study: Study, series: Ser
 
 
 # --- pixels ----------------------------------------------------------------------------------------------
+
+
+def standard_normal32(rng: np.random.Generator, shape: int | tuple[int, ...]) -> np.ndarray:
+    """Standard normal float32 samples by the Box-Muller transform, deterministic from ``rng``.
+
+    About 1.6x faster than ``Generator.standard_normal(dtype=float32)`` for
+    image-sized arrays (the ziggurat's per-sample branches dominate there).
+    Each pair of 24-bit uniforms ``u1`` in (0, 1) and ``u2`` gives
+    ``sqrt(-2 ln u1) * (cos 2 pi u2, sin 2 pi u2)``; the smallest ``u1``,
+    2**-25, bounds the samples at about 5.9 standard deviations.
+    """
+    dims = (int(shape),) if np.isscalar(shape) else tuple(int(d) for d in shape)  # type: ignore[arg-type]
+    n = int(np.prod(dims, dtype=np.int64))
+    half = (n + 1) // 2
+    words = rng.bit_generator.random_raw(half).view(np.uint32)  # 2 * half independent 32-bit words
+    np.right_shift(words, 8, out=words)
+    u = words.astype(np.float32)  # exact: 24-bit integers
+    u *= np.float32(2.0**-24)
+    u += np.float32(2.0**-25)  # midpoints of the 2**24 bins: never 0 or 1
+    radius, angle = u[:half], u[half:]
+    np.log(radius, out=radius)
+    radius *= np.float32(-2.0)
+    np.sqrt(radius, out=radius)
+    angle *= np.float32(2.0 * np.pi)
+    out = np.empty(2 * half, np.float32)
+    np.cos(angle, out=out[:half])
+    np.sin(angle, out=out[half:])
+    out[:half] *= radius
+    out[half:] *= radius
+    return out[:n].reshape(dims)
 
 
 def choose_photometric(rng: np.random.Generator, p_monochrome1: float = 0.3) -> str:
@@ -449,6 +485,49 @@ class StudyJob:
 StudyFn = Callable[[StudyJob], list[dict[str, Any]]]
 
 
+#: glibc ``mallopt`` parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+#: glibc's documented defaults, restored after an in-process run
+_GLIBC_DEFAULT_THRESHOLD = 128 * 1024
+#: image-sized temporaries (a 1024 x 768 float32 frame is 3 MiB; a 256 x 256 x 168 volume slab ~40 MiB)
+_KEEP_BYTES = 64 * 1024 * 1024
+
+
+def _mallopt(trim: int, mmap: int) -> bool:
+    """Set glibc's trim and mmap thresholds; False where the C library has no ``mallopt`` (musl, macOS)."""
+    try:
+        libc = ctypes.CDLL(None)
+        fn = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(fn(_M_MMAP_THRESHOLD, mmap)) and bool(fn(_M_TRIM_THRESHOLD, trim))
+
+
+def keep_freed_memory() -> bool:
+    """Let this process reuse freed image-sized buffers instead of returning them to the kernel.
+
+    The generators allocate many frame-sized numpy temporaries. With glibc's
+    defaults each one above the mmap threshold is a fresh mapping whose pages
+    are faulted in and zeroed on first touch, which was about a third of a
+    radiograph's simulation time. Raising the mmap and trim thresholds keeps
+    such buffers in the heap. Returns whether the setting took effect.
+    """
+    return _mallopt(4 * _KEEP_BYTES, _KEEP_BYTES)
+
+
+@contextlib.contextmanager
+def freed_memory_kept() -> Iterator[bool]:
+    """:func:`keep_freed_memory` for the duration of a block, then glibc's defaults and a heap trim."""
+    applied = keep_freed_memory()
+    try:
+        yield applied
+    finally:
+        if applied:
+            _mallopt(_GLIBC_DEFAULT_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
+            with contextlib.suppress(OSError, AttributeError):
+                ctypes.CDLL(None).malloc_trim(0)
+
+
 def _run_chunk(fn: StudyFn, jobs: list[StudyJob]) -> list[list[dict[str, Any]]]:
     return [fn(job) for job in jobs]
 
@@ -486,12 +565,13 @@ def generate_studies(out: Path, n: int, seed: int, make_study: StudyFn, *, worke
     writer = ManifestWriter(out, manifest_name)
     try:
         if workers == 1 or len(chunks) <= 1:
-            results: Iterable[list[list[dict[str, Any]]]] = (_run_chunk(make_study, c) for c in chunks)
-            for chunk_rows in results:
-                for rows in chunk_rows:
-                    writer.extend(rows)
+            with freed_memory_kept():
+                results: Iterable[list[list[dict[str, Any]]]] = (_run_chunk(make_study, c) for c in chunks)
+                for chunk_rows in results:
+                    for rows in chunk_rows:
+                        writer.extend(rows)
         else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
+            with ProcessPoolExecutor(max_workers=workers, initializer=keep_freed_memory) as pool:
                 for chunk_rows in pool.map(_run_chunk, [make_study] * len(chunks), chunks):
                     for rows in chunk_rows:
                         writer.extend(rows)

@@ -51,6 +51,7 @@ from training.synth.common import (
     new_patient,
     new_series,
     new_study,
+    standard_normal32,
 )
 from training.synth.tomo import ParallelBeam, fbp, forward_project, opposed_projection_ssd
 from training.synth.volume import VolumeGeometry, write_slice_series
@@ -169,7 +170,7 @@ def _box(cx: float, cy: float, r_mm: float, px: float, n: int) -> tuple[slice, s
 def _trabecular_fraction(rng: np.random.Generator, shape: tuple[int, int, int], px: float, dz: float,
                          bvtv: float) -> np.ndarray:
     """Trabecular tissue fraction per voxel from band-pass noise kept near its zero crossings."""
-    noise = rng.standard_normal(shape).astype(np.float32)
+    noise = standard_normal32(rng, shape)
     spec = sfft.rfftn(noise, workers=1)
     fz = sfft.fftfreq(shape[0], dz)[:, None, None]
     fy = sfft.fftfreq(shape[1], px)[None, :, None]
@@ -258,7 +259,7 @@ def acquire(rng: np.random.Generator, density: np.ndarray, motion: Motion, geom:
     np.negative(lam, out=lam)
     np.exp(lam, out=lam)
     lam *= np.float32(photons)
-    noise = rng.standard_normal(lam.shape, dtype=np.float32)
+    noise = standard_normal32(rng, lam.shape)
     noise *= np.sqrt(lam)
     lam += noise
     np.maximum(lam, 1.0, out=lam)

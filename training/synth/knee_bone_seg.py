@@ -39,6 +39,7 @@ from training.synth.common import (
     new_patient,
     new_series,
     new_study,
+    standard_normal32,
 )
 from training.synth.volume import VolumeGeometry, write_slice_series
 
@@ -180,8 +181,8 @@ def make_study(job: StudyJob) -> list[dict[str, Any]]:
     bias = np.exp(coef[0] * xx + coef[1] * yy + coef[2] * zz + coef[3] * xx * yy + coef[4] * yy**2
                   + coef[5] * xx**2).astype(np.float32)
     sigma = float(rng_n.uniform(0.015, 0.03 + 0.03 * job.difficulty))
-    re = signal * bias + rng_n.normal(0.0, sigma, signal.shape).astype(np.float32)
-    im = rng_n.normal(0.0, sigma, signal.shape).astype(np.float32)
+    re = signal * bias + np.float32(sigma) * standard_normal32(rng_n, signal.shape)
+    im = np.float32(sigma) * standard_normal32(rng_n, signal.shape)
     mag = np.sqrt(re * re + im * im)
     scale = float(rng_n.uniform(1200.0, 2600.0))
     values = np.clip(mag * scale, 0, 4095)

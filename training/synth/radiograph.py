@@ -38,6 +38,7 @@ from training.synth.common import (
     set_pixel_data,
     set_rescale,
     set_window,
+    standard_normal32,
     to_stored,
 )
 
@@ -146,55 +147,69 @@ class Detector:
 
 
 def _part_bbox(p: Part, det: Detector) -> tuple[int, int, int, int] | None:
-    semi = np.asarray(p.semi, float)
+    # plain float arithmetic: this runs once per part and view (~65 per radiograph)
+    semi = [float(v) for v in p.semi]
+    ax = p.axes[:2].tolist()
     if p.infinite >= 0:
-        ext = np.abs(p.axes[:2, p.infinite]) * semi[p.infinite] + np.delete(semi, p.infinite).max()
-    else:
-        m = p.axes @ np.diag(semi**2) @ p.axes.T
-        ext = np.sqrt(np.diag(m)[:2])
-    lo = det.to_pixel(p.center[:2] - ext)[0]
-    hi = det.to_pixel(p.center[:2] + ext)[0]
-    c0, r0 = max(int(np.floor(lo[0])) - 1, 0), max(int(np.floor(lo[1])) - 1, 0)
-    c1, r1 = min(int(np.ceil(hi[0])) + 2, det.cols), min(int(np.ceil(hi[1])) + 2, det.rows)
+        k = p.infinite
+        rest = max(v for i, v in enumerate(semi) if i != k)
+        ex, ey = abs(ax[0][k]) * semi[k] + rest, abs(ax[1][k]) * semi[k] + rest
+    else:  # half-extent of the ellipsoid along x and y: sqrt of the diagonal of A diag(semi^2) A^T
+        ex = sum((a * v) ** 2 for a, v in zip(ax[0], semi, strict=True)) ** 0.5
+        ey = sum((a * v) ** 2 for a, v in zip(ax[1], semi, strict=True)) ** 0.5
+    cx, cy = float(p.center[0]), float(p.center[1])
+    col0, col1 = det.cols / 2.0 - 0.5, det.rows / 2.0 - 0.5
+    c0 = max(int(np.floor((cx - ex - det.cx) / det.pixel_mm + col0)) - 1, 0)
+    r0 = max(int(np.floor((cy - ey - det.cy) / det.pixel_mm + col1)) - 1, 0)
+    c1 = min(int(np.ceil((cx + ex - det.cx) / det.pixel_mm + col0)) + 2, det.cols)
+    r1 = min(int(np.ceil((cy + ey - det.cy) / det.pixel_mm + col1)) + 2, det.rows)
     if c0 >= c1 or r0 >= r1:
         return None
     return r0, r1, c0, c1
 
 
 def chord(p: Part, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Exact path length (mm) of rays ``(x, y, t)``, t in R, inside part ``p`` (already in view frame)."""
+    """Exact path length (mm) of rays ``(x, y, t)``, t in R, inside part ``p`` (already in view frame).
+
+    ``x`` is a row vector and ``y`` a column vector; the result has their broadcast shape. The ray meets
+    the quadric ``(r - c)^T A (r - c) = 1`` where ``t = mid +- half`` with ``mid`` linear and ``half**2``
+    a quadratic form without linear terms in ``(x - cx, y - cy)``, so every coefficient is folded into
+    row and column vectors and the full grid sees only a few passes.
+    """
     inv2 = np.array([0.0 if i == p.infinite else 1.0 / s**2 for i, s in enumerate(p.semi)])
-    a_mat = (p.axes @ np.diag(inv2) @ p.axes.T).tolist()  # Python floats keep float32 grids float32
-    cx, cy, cz = (float(v) for v in p.center)
-    dx, dy, dz = x - cx, y - cy, -cz
-    a = a_mat[2][2]
+    am = (p.axes @ np.diag(inv2) @ p.axes.T).tolist()  # Python floats keep float32 grids float32
+    a = am[2][2]
     if a < 1e-12:
         raise ValueError("a cylinder part lies along the view axis")
-    # separable terms are evaluated on the row/column vectors before broadcasting to the grid
-    b = (a_mat[2][0] * dx) + (a_mat[2][1] * dy + a_mat[2][2] * dz)
-    c = ((a_mat[0][0] * dx + 2 * a_mat[0][2] * dz) * dx
-         + ((a_mat[1][1] * dy + 2 * a_mat[1][2] * dz) * dy + (a_mat[2][2] * dz * dz - 1.0))
-         + (2 * a_mat[0][1] * dx) * dy)
-    disc = b * b
-    disc -= a * c
-    np.maximum(disc, 0.0, out=disc)  # rays that miss get a zero-length chord
-    half = np.sqrt(disc, out=disc)
-    half *= 1.0 / a
+    cx, cy, cz = (float(v) for v in p.center)
+    dx, dy = x - cx, y - cy
+    ia = 1.0 / a
+    kx, ky = am[2][0] * ia, am[2][1] * ia  # mid = cz - kx dx - ky dy
+    # half^2 = alpha dx^2 + beta dy^2 + gamma dx dy + 1/a; without clips the chord is 2 half = sqrt(4 half^2)
+    s = 1.0 if p.clips else 4.0
+    alpha, beta, gamma = s * (kx * kx - am[0][0] * ia), s * (ky * ky - am[1][1] * ia), s * 2.0 * (kx * ky - am[0][1] * ia)
+    q = (gamma * dx) * dy
+    q += (alpha * dx) * dx + s * ia
+    q += (beta * dy) * dy
+    np.maximum(q, 0.0, out=q)  # rays that miss get a zero-length chord
+    half = np.sqrt(q, out=q)
     if not p.clips:
-        half *= 2.0
         return half
-    mid = b * (-1.0 / a)
-    t0, t1 = mid - half, mid + half
+    t1 = np.add(cz - kx * dx, -ky * dy)
+    t0 = t1 - half
+    t1 += half
     keep = None
     for n_arr, h in p.clips:
-        n = [float(v) for v in n_arr]
-        rhs = h - (n[0] * x + n[1] * y)
-        if n[2] > 1e-9:
-            t1 = np.minimum(t1, rhs / n[2])
-        elif n[2] < -1e-9:
-            t0 = np.maximum(t0, rhs / n[2])
-        else:
-            keep = (rhs >= 0) if keep is None else keep & (rhs >= 0)
+        n0, n1, n2 = (float(v) for v in n_arr)
+        if abs(n2) > 1e-9:  # the plane cuts the ray at t = (h - n0 x - n1 y) / n2
+            bound = np.add(h / n2 - (n0 / n2) * x, -(n1 / n2) * y)
+            if n2 > 0:
+                np.minimum(t1, bound, out=t1)
+            else:
+                np.maximum(t0, bound, out=t0)
+        else:  # parallel to the rays: keeps or removes whole rays
+            inside = np.add(h - n0 * x, -n1 * y) >= 0
+            keep = inside if keep is None else keep & inside
     t1 -= t0
     np.maximum(t1, 0.0, out=t1)
     return t1 if keep is None else t1 * keep
@@ -209,7 +224,9 @@ def _project_into(out: np.ndarray, parts: list[Part], view: np.ndarray, det: Det
         r0, r1, c0, c1 = bb
         xs = ((np.arange(c0, c1) + 0.5 - det.cols / 2.0) * det.pixel_mm + det.cx).astype(np.float32)
         ys = ((np.arange(r0, r1) + 0.5 - det.rows / 2.0) * det.pixel_mm + det.cy).astype(np.float32)
-        out[r0:r1, c0:c1] += p.mu * chord(p, xs[None, :], ys[:, None])
+        length = chord(p, xs[None, :], ys[:, None])
+        length *= np.float32(p.mu)
+        out[r0:r1, c0:c1] += length
 
 
 def project(parts: list[Part], view: np.ndarray, det: Detector, *, smooth: list[Part] | None = None,
@@ -343,7 +360,7 @@ def form_image(line_integral: np.ndarray, exp: Exposure, rng: np.random.Generato
     signal += primary
     lam = _blur3(signal, exp.blur_px)
     lam *= np.float32(exp.photons)
-    img = rng.standard_normal(lam.shape, dtype=np.float32)
+    img = standard_normal32(rng, lam.shape)
     img *= np.sqrt(lam)
     img += lam  # counts
     np.maximum(img, 0.5, out=img)

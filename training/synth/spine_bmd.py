@@ -39,6 +39,7 @@ from training.synth.common import (
     new_patient,
     new_series,
     new_study,
+    standard_normal32,
 )
 from training.synth.volume import VolumeGeometry, write_slice_series
 
@@ -168,7 +169,7 @@ def render(rng: np.random.Generator, n: int, px: float, thick: float, t_scores: 
         for side in (-1, 1):
             _mix(vol[k], _ellipse(x, y, side * (30.0 + 12 * grow), 2.0, 8 + 14 * grow, 8 + 10 * grow, px), 50.0)
     # trabecular texture (band-pass noise)
-    tex = rng.standard_normal(vol.shape).astype(np.float32)
+    tex = standard_normal32(rng, vol.shape)
     spec = sfft.rfftn(tex, workers=1)
     f = np.sqrt(sfft.fftfreq(n_sl, thick)[:, None, None] ** 2 + sfft.fftfreq(n, px)[None, :, None] ** 2
                 + sfft.rfftfreq(n, px)[None, None, :] ** 2)
@@ -225,7 +226,7 @@ def make_study(job: StudyJob) -> list[dict[str, Any]]:
     hu, z, levels, origin = render(rng_a, n, px, thick, t_scores, job.difficulty)
     hu = gaussian_filter(hu, sigma=(0.0, 0.6 / px, 0.6 / px))  # in-plane PSF
     sigma = float(rng_n.uniform(10.0, 25.0))
-    noise = gaussian_filter(rng_n.standard_normal(hu.shape).astype(np.float32), sigma=(0.0, 0.8, 0.8))
+    noise = gaussian_filter(standard_normal32(rng_n, hu.shape), sigma=(0.0, 0.8, 0.8))
     hu += noise * (sigma / (noise.std() + 1e-9))
 
     eq = EQUIPMENT[int(rng_a.integers(len(EQUIPMENT)))]
