@@ -177,6 +177,22 @@ def test_slice_series_writer_equals_pydicom_and_varies_per_slice(tmp_path: Path)
         assert float(ds.SliceLocation) == pytest.approx(float(geom.position(k) @ geom.normal), abs=1e-4)
         assert np.array_equal(ds.pixel_array.astype(float) - 1024.0, values[k])
         assert ds.KVP == "120" and ds.RescaleType == "HU"
+    # odd- and even-length values of every hand-encoded VR (UI pads with NUL, IS/DS with a space)
+    from training.synth.volume import SliceSeriesWriter
+
+    writer = SliceSeriesWriter(pydicom.dcmread(files[sops[0]]))
+    for uid, number, pos, loc in (("1.2.345", 7, ["1", "2", "3.25"], "-3.5"), ("1.2.34", 12, ["1.5", "-2", "3"], "4")):
+        path = writer.write_slice(tmp_path / "odd", study_uid="1.2.9", series_uid="1.2.8", sop_instance_uid=uid,
+                                  instance_number=number, position=pos, slice_location=loc,
+                                  pixels=np.full((12, 10), -5, np.int32))
+        raw = path.read_bytes()
+        ds = pydicom.dcmread(io.BytesIO(raw))
+        again = io.BytesIO()
+        ds.save_as(again, enforce_file_format=True)
+        assert again.getvalue() == raw
+        assert ds.SOPInstanceUID == uid == ds.file_meta.MediaStorageSOPInstanceUID and ds.InstanceNumber == number
+        assert [str(v) for v in ds.ImagePositionPatient] == pos and str(ds.SliceLocation) == loc
+        assert (ds.pixel_array == -5).all()
 
 
 def test_unlateral_series_with_a_synonym_body_part_passes_dciodvfy(tmp_path: Path, dciodvfy) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +27,9 @@ from typing import Any
 
 import numpy as np
 from pydicom.charset import convert_encodings
-from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset, validate_file_meta
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset as encode_dataset
-from pydicom.filewriter import write_file_meta_info
 from pydicom.tag import Tag
 from pydicom.uid import CTImageStorage, MRImageStorage
 
@@ -110,6 +110,17 @@ def _ds_str(v: float) -> str:
 #: per-slice attributes of a slice series; everything else is shared by its slices
 _PER_SLICE = (Tag("SOPInstanceUID"), Tag("InstanceNumber"), Tag("ImagePositionPatient"), Tag("SliceLocation"),
               Tag("PixelData"))
+_MEDIA_SOP = Tag("MediaStorageSOPInstanceUID")
+
+
+def _short_element(tag: int, vr: bytes, value: bytes) -> bytes:
+    """One explicit-VR little-endian element with a 2-byte length (UI, IS, DS, UL, ...)."""
+    return struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr + struct.pack("<H", len(value)) + value
+
+
+def _text(value: str, pad: bytes) -> bytes:
+    raw = value.encode("ascii")
+    return raw + pad if len(raw) % 2 else raw
 
 
 class SliceSeriesWriter:
@@ -117,14 +128,18 @@ class SliceSeriesWriter:
 
     pydicom spends a few milliseconds per file encoding ~80 elements; a 170-slice
     series repeats that work for values that never change. The template's shared
-    elements are encoded once into byte runs, and each slice only encodes its
-    :data:`_PER_SLICE` elements and file meta between them. The bytes equal those
-    of ``save_as(..., enforce_file_format=True)`` (tested).
+    elements (and its file meta) are encoded once by pydicom into byte runs; each
+    slice then adds only its :data:`_PER_SLICE` values, encoded here as explicit-VR
+    little endian (UI padded with NUL, IS/DS with a space, pixels as OW), and the
+    group length of its file meta. The bytes equal those of
+    ``save_as(..., enforce_file_format=True)`` (tested).
     """
 
     def __init__(self, template: FileDataset) -> None:
-        self._meta = template.file_meta
         self._encoding = convert_encodings(template.get("SpecificCharacterSet") or "ISO_IR 6")
+        if template.get("BitsAllocated") != 16:
+            raise SynthError("slice series are written with BitsAllocated 16")
+        self._pixel_dtype = "<i2" if int(template.PixelRepresentation) else "<u2"
         tags = sorted(template.keys())
         self._runs: list[bytes] = []
         run = Dataset()
@@ -135,9 +150,18 @@ class SliceSeriesWriter:
             else:
                 run[tag] = template[tag]
         self._runs.append(self._encode(run))
-        self._varying = [t for t in tags if t in _PER_SLICE]
-        if len(self._varying) != len(_PER_SLICE):
+        if [t for t in tags if t in _PER_SLICE] != list(_PER_SLICE):
             raise SynthError("slice template lacks a per-slice attribute")
+        # file meta around MediaStorageSOPInstanceUID, without the group length that depends on it
+        full_meta = FileMetaDataset(template.file_meta)
+        validate_file_meta(full_meta, enforce_standard=True)  # adds what save_as adds (implementation UID, ...)
+        meta_before, meta_after = FileMetaDataset(), FileMetaDataset()
+        for tag in sorted(full_meta.keys()):
+            if tag > _MEDIA_SOP:
+                meta_after[tag] = full_meta[tag]
+            elif tag != _MEDIA_SOP and tag.element != 0:
+                meta_before[tag] = full_meta[tag]
+        self._meta_runs = (self._encode(meta_before), self._encode(meta_after))
 
     def _encode(self, ds: Dataset) -> bytes:
         fp = DicomBytesIO()
@@ -145,27 +169,26 @@ class SliceSeriesWriter:
         encode_dataset(fp, ds, parent_encoding=self._encoding)
         return fp.getvalue()
 
-    def write(self, out_root: Path, slice_ds: Dataset) -> Path:
-        """Write one slice whose per-slice values are taken from ``slice_ds``; return its path."""
-        meta = FileMetaDataset(self._meta)
-        meta.MediaStorageSOPInstanceUID = slice_ds.SOPInstanceUID
-        fp = DicomBytesIO()
-        fp.is_little_endian, fp.is_implicit_VR = True, False
-        fp.write(b"\x00" * 128 + b"DICM")
-        write_file_meta_info(fp, meta, enforce_standard=True)
-        for run, tag in zip(self._runs, self._varying, strict=False):
-            fp.write(run)
-            elem = slice_ds[tag]
-            vr = elem.VR
-            if vr == "OB or OW":  # pixel data: resolved from BitsAllocated as save_as does
-                vr = "OW" if int(slice_ds.BitsAllocated) > 8 else "OB"
-            single = Dataset()
-            single.add_new(tag, vr, elem.value)
-            encode_dataset(fp, single, parent_encoding=self._encoding)
-        fp.write(self._runs[-1])
-        path = instance_path(out_root, str(slice_ds.StudyInstanceUID), str(slice_ds.SeriesInstanceUID),
-                             str(slice_ds.SOPInstanceUID))
-        return write_atomic(path, lambda fh: fh.write(fp.getvalue()))
+    def write_slice(self, out_root: Path, *, study_uid: str, series_uid: str, sop_instance_uid: str,
+                    instance_number: int, position: Sequence[str], slice_location: str,
+                    pixels: np.ndarray) -> Path:
+        """Write one slice: its UID, number, position and location (DS strings) and its stored pixels."""
+        uid = _text(sop_instance_uid, b"\x00")
+        meta = self._meta_runs[0] + _short_element(_MEDIA_SOP, b"UI", uid) + self._meta_runs[1]
+        pixel_bytes = np.ascontiguousarray(pixels, dtype=self._pixel_dtype).tobytes()
+        varying = (
+            _short_element(0x00080018, b"UI", uid),
+            _short_element(0x00200013, b"IS", _text(str(int(instance_number)), b" ")),
+            _short_element(0x00200032, b"DS", _text("\\".join(position), b" ")),
+            _short_element(0x00201041, b"DS", _text(slice_location, b" ")),
+            struct.pack("<HH", 0x7FE0, 0x0010) + b"OW\x00\x00" + struct.pack("<I", len(pixel_bytes)) + pixel_bytes,
+        )
+        parts = [b"\x00" * 128, b"DICM", _short_element(0x00020000, b"UL", struct.pack("<I", len(meta))), meta]
+        for run, elem in zip(self._runs, varying, strict=False):
+            parts += [run, elem]
+        parts.append(self._runs[-1])
+        path = instance_path(out_root, study_uid, series_uid, sop_instance_uid)
+        return write_atomic(path, lambda fh: fh.write(b"".join(parts)))
 
 
 def write_slice_series(
@@ -235,14 +258,14 @@ def write_slice_series(
         set_window(ds, window[0], window[1], window_explanation)
     for key, val in (extra or {}).items():
         setattr(ds, key, val)
-    writer: SliceSeriesWriter | None = None
+    # the first slice completes the template; the writer then encodes only what differs per slice
+    ds.ImagePositionPatient = [_ds_str(float(v)) for v in geom.position(0)]
+    ds.SliceLocation = _ds_str(float(geom.position(0) @ geom.normal))
+    set_pixel_data(ds, stored[0], bits_stored=bits_stored, photometric="MONOCHROME2", signed=signed)
+    writer = SliceSeriesWriter(ds)
     for k, sop in enumerate(sop_uids):
-        ds.SOPInstanceUID = sop
-        ds.file_meta.MediaStorageSOPInstanceUID = sop
-        ds.InstanceNumber = k + 1
-        ds.ImagePositionPatient = [_ds_str(float(v)) for v in geom.position(k)]
-        ds.SliceLocation = _ds_str(float(geom.position(k) @ geom.normal))
-        set_pixel_data(ds, stored[k], bits_stored=bits_stored, photometric="MONOCHROME2", signed=signed)
-        writer = writer or SliceSeriesWriter(ds)  # after the first slice: the template has every element
-        writer.write(out, ds)
+        pos = geom.position(k)
+        writer.write_slice(out, study_uid=study.study_uid, series_uid=series.series_uid, sop_instance_uid=sop,
+                           instance_number=k + 1, position=[_ds_str(float(v)) for v in pos],
+                           slice_location=_ds_str(float(pos @ geom.normal)), pixels=stored[k])
     return sop_uids
