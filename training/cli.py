@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("training.synth.cli", "write synthetic DICOM studies plus a labels manifest"),
     "train": ("training.train_cli", "train a task and write a model bundle"),
     "evaluate": ("training.evaluate_cli", "evaluate a bundle on a labelled data folder"),
+    "baseline": ("training.baseline", "cross-validated histogram baseline on a labelled folder"),
     "promote": ("training.promote", "promote a bundle into a registry if it beats the current one"),
     "schedule": ("training.nightly.scheduler", "run the nightly retraining scheduler"),
 }

@@ -1,0 +1,201 @@
+"""Non-deep baseline: logistic regression on intensity histograms, cross-validated by patient.
+
+The synthetic studies must not be solvable by a simple baseline (issue "Synthetic
+studies"): if a histogram of the pixel values separated the classes, a CNN's figure
+would say nothing about whether it learnt the fracture, the motion streaks or the
+bone. ``dicomnode-train baseline TASK --data DIR`` measures it on a labelled folder:
+
+* ``wrist_fracture``: one histogram per study (mean over its images of the 8-bit
+  display image, window applied), study label, ROC-AUC;
+* ``physis_fracture``: one histogram per image, image label, ROC-AUC;
+* ``hrpqct_motion``: the 8 slices the network sees (:func:`inference.hrpqct.select_slices`)
+  in density units over -500..2500 mg HA/cm3, grade 1-5, quadratic-weighted kappa;
+* ``spine_bmd``: the whole CT in HU over -200..1200, the patient-level class,
+  macro-F1 and quadratic-weighted kappa.
+
+Folds group studies by patient (:class:`sklearn.model_selection.GroupKFold`), so
+no patient is in both the fitted and the scored part. ``knee_bone_seg`` is a
+segmentation task without a per-study label and has no histogram baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+
+from inference.errors import DicomNodeError
+from training import metrics
+from training.synth.manifest import ManifestError, read_manifest
+
+log = logging.getLogger(__name__)
+
+TASKS = ("wrist_fracture", "physis_fracture", "hrpqct_motion", "spine_bmd")
+
+
+class BaselineError(DicomNodeError):
+    """The folder cannot be scored (no manifest, unsupported task, too few studies per class)."""
+
+
+def display_histogram(ds: pydicom.Dataset, bins: int) -> np.ndarray:
+    """Normalised histogram of the 8-bit display image of a radiograph (window and polarity applied)."""
+    from training.synth.preview import display_image
+
+    h = np.histogram(display_image(ds), bins=bins, range=(0, 255))[0].astype(np.float64)
+    return h / max(h.sum(), 1.0)
+
+
+def value_histogram(values: np.ndarray, bins: int, value_range: tuple[float, float]) -> np.ndarray:
+    """Normalised histogram of modality values (values outside the range count in the end bins)."""
+    h = np.histogram(np.clip(values, *value_range), bins=bins, range=value_range)[0].astype(np.float64)
+    return h / max(h.sum(), 1.0)
+
+
+def _files_by_study(root: Path) -> dict[str, list[Path]]:
+    out: dict[str, list[Path]] = defaultdict(list)
+    for f in sorted(root.rglob("*.dcm")):
+        ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+        out[str(ds.StudyInstanceUID)].append(f)
+    return out
+
+
+def _series_values(files: list[Path]) -> np.ndarray:
+    """Modality values (HU, density) of the study's largest series, slices in order."""
+    from inference.series import load_series
+
+    by_series: dict[str, list[Path]] = defaultdict(list)
+    for f in files:
+        by_series[str(pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID)].append(f)
+    largest = max(by_series.values(), key=len)
+    return load_series(largest).volume()
+
+
+def features(task: str, root: Path, bins: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Histogram features, labels and patient groups of every labelled unit in ``root``.
+
+    Returns
+    -------
+    x, y, groups:
+        ``x`` (units, bins), integer labels ``y`` (0-based) and patient IDs ``groups``.
+    """
+    if task not in TASKS:
+        raise BaselineError(f"no histogram baseline for task {task!r} (one of {', '.join(TASKS)})")
+    try:
+        rows = [r for r in read_manifest(root) if r.get("task", task) == task]
+    except ManifestError as exc:
+        raise BaselineError(str(exc)) from exc
+    if not rows:
+        raise BaselineError(f"{root} has no manifest rows for {task}")
+    files = _files_by_study(root)
+    xs: list[np.ndarray] = []
+    ys: list[int] = []
+    groups: list[str] = []
+    if task == "physis_fracture":
+        by_sop = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): f
+                  for fs in files.values() for f in fs}
+        for r in rows:
+            xs.append(display_histogram(pydicom.dcmread(by_sop[r["sop_instance_uid"]]), bins))
+            ys.append(int(r["label"]))
+            groups.append(str(r["patient_id"]))
+    else:
+        per_study: Callable[[list[Path]], np.ndarray]
+        if task == "wrist_fracture":
+            def per_study(fs: list[Path]) -> np.ndarray:
+                return np.mean([display_histogram(pydicom.dcmread(f), bins) for f in fs], axis=0)
+        elif task == "hrpqct_motion":
+            from inference.hrpqct import select_slices
+
+            def per_study(fs: list[Path]) -> np.ndarray:
+                vol = _series_values(fs)
+                return value_histogram(vol[select_slices(vol.shape[0])], bins, (-500.0, 2500.0))
+        else:
+            def per_study(fs: list[Path]) -> np.ndarray:
+                return value_histogram(_series_values(fs), bins, (-200.0, 1200.0))
+        for r in rows:
+            xs.append(per_study(files[r["study_uid"]]))
+            ys.append(_label_index(task, r["label"]))
+            groups.append(str(r["patient_id"]))
+    return np.array(xs), np.array(ys), np.array(groups)
+
+
+def _label_index(task: str, label: Any) -> int:
+    if task == "hrpqct_motion":
+        return int(label) - 1  # grades 1-5
+    if task == "spine_bmd":
+        from training.synth.spine_bmd import CLASSES
+
+        return CLASSES.index(str(label))
+    return int(label)
+
+
+def cross_validated_probabilities(x: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int = 5,
+                                  c: float = 1.0) -> np.ndarray:
+    """Out-of-fold class probabilities of a standardised logistic regression, folds grouped by patient."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GroupKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    n_groups = len(set(groups.tolist()))
+    if n_groups < folds:
+        raise BaselineError(f"{folds}-fold cross-validation needs at least {folds} patients, got {n_groups}")
+    classes = np.unique(y)
+    if len(classes) < 2:
+        raise BaselineError("every study has the same label: nothing to separate")
+    prob = np.zeros((len(y), int(y.max()) + 1))
+    for fit, score in GroupKFold(n_splits=folds).split(x, y, groups):
+        if len(np.unique(y[fit])) < 2:  # a fold with one class: predict its prior
+            prob[score, int(y[fit][0])] = 1.0
+            continue
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000))
+        model.fit(x[fit], y[fit])
+        prob[np.ix_(score, model.classes_)] = model.predict_proba(x[score])
+    return prob
+
+
+def run_baseline(task: str, root: Path, *, bins: int = 32, folds: int = 5, c: float = 1.0) -> dict[str, Any]:
+    """The baseline's cross-validated figures on the labelled folder ``root``."""
+    x, y, groups = features(task, Path(root), bins)
+    prob = cross_validated_probabilities(x, y, groups, folds, c)
+    out: dict[str, Any] = {"task": task, "n": int(len(y)), "bins": bins, "folds": folds,
+                           "patients": int(len(set(groups.tolist()))),
+                           "class_counts": np.bincount(y).tolist()}
+    if task in ("wrist_fracture", "physis_fracture"):
+        out["auc"] = metrics.roc_auc(y, prob[:, 1])
+        out["accuracy"] = metrics.accuracy(y, (prob[:, 1] >= 0.5).astype(int))
+    else:
+        pred = prob.argmax(axis=1)
+        out["kappa_quadratic"] = metrics.cohen_kappa(y, pred, weights="quadratic")
+        out["macro_f1"] = metrics.macro_f1(y, pred, n_classes=prob.shape[1])
+        out["accuracy"] = metrics.accuracy(y, pred)
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``dicomnode-train baseline``."""
+    p.add_argument("task", choices=TASKS)
+    p.add_argument("--data", type=Path, required=True, help="labelled folder (DICOM studies + labels manifest)")
+    p.add_argument("--bins", type=int, default=32)
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the baseline's figures as JSON; exit 2 with a message when the folder cannot be scored."""
+    try:
+        result = run_baseline(args.task, args.data, bins=args.bins, folds=args.folds)
+    except BaselineError as exc:
+        log.error("%s", exc)
+        return 2
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json is not None:
+        args.json.write_text(text + "\n", encoding="utf-8")
+    return 0
