@@ -135,46 +135,92 @@ def _label_index(task: str, label: Any) -> int:
     return int(label)
 
 
+def _fit_predict(x: np.ndarray, y: np.ndarray, fit: np.ndarray, score: np.ndarray, n_classes: int,
+                 c: float) -> np.ndarray:
+    """Class probabilities of the ``score`` units from a standardised logistic regression fitted on ``fit``."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    prob = np.zeros((int(np.sum(score)) if score.dtype == bool else len(score), n_classes))
+    classes = np.unique(y[fit])
+    if len(classes) < 2:  # the fitted part holds one class: predict it
+        prob[:, int(classes[0])] = 1.0
+        return prob
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000))
+    model.fit(x[fit], y[fit])
+    prob[:, model.classes_] = model.predict_proba(x[score])
+    return prob
+
+
 def cross_validated_probabilities(x: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int = 5,
                                   c: float = 1.0) -> np.ndarray:
     """Out-of-fold class probabilities of a standardised logistic regression, folds grouped by patient."""
-    from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GroupKFold
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
     n_groups = len(set(groups.tolist()))
     if n_groups < folds:
         raise BaselineError(f"{folds}-fold cross-validation needs at least {folds} patients, got {n_groups}")
-    classes = np.unique(y)
-    if len(classes) < 2:
+    if len(np.unique(y)) < 2:
         raise BaselineError("every study has the same label: nothing to separate")
     prob = np.zeros((len(y), int(y.max()) + 1))
     for fit, score in GroupKFold(n_splits=folds).split(x, y, groups):
-        if len(np.unique(y[fit])) < 2:  # a fold with one class: predict its prior
-            prob[score, int(y[fit][0])] = 1.0
-            continue
-        model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000))
-        model.fit(x[fit], y[fit])
-        prob[np.ix_(score, model.classes_)] = model.predict_proba(x[score])
+        prob[score] = _fit_predict(x, y, fit, score, prob.shape[1], c)
     return prob
 
 
-def run_baseline(task: str, root: Path, *, bins: int = 32, folds: int = 5, c: float = 1.0) -> dict[str, Any]:
-    """The baseline's cross-validated figures on the labelled folder ``root``."""
-    x, y, groups = features(task, Path(root), bins)
-    prob = cross_validated_probabilities(x, y, groups, folds, c)
-    out: dict[str, Any] = {"task": task, "n": int(len(y)), "bins": bins, "folds": folds,
-                           "patients": int(len(set(groups.tolist()))),
-                           "class_counts": np.bincount(y).tolist()}
+def _figures(task: str, y: np.ndarray, prob: np.ndarray) -> dict[str, Any]:
     if task in ("wrist_fracture", "physis_fracture"):
-        out["auc"] = metrics.roc_auc(y, prob[:, 1])
-        out["accuracy"] = metrics.accuracy(y, (prob[:, 1] >= 0.5).astype(int))
+        return {"auc": metrics.roc_auc(y, prob[:, 1]) if len(np.unique(y)) == 2 else float("nan"),
+                "accuracy": metrics.accuracy(y, (prob[:, 1] >= 0.5).astype(int))}
+    pred = prob.argmax(axis=1)
+    return {"kappa_quadratic": metrics.cohen_kappa(y, pred, weights="quadratic", n_classes=prob.shape[1]),
+            "macro_f1": metrics.macro_f1(y, pred, n_classes=prob.shape[1]), "accuracy": metrics.accuracy(y, pred)}
+
+
+def _n_classes(task: str, y: np.ndarray) -> int:
+    return {"hrpqct_motion": 5, "spine_bmd": 3}.get(task, max(2, int(y.max()) + 1))
+
+
+def run_baseline(task: str, root: Path, *, bins: int = 32, folds: int = 5, c: float = 1.0,
+                 holdout_patients: set[str] | None = None, fit_root: Path | None = None) -> dict[str, Any]:
+    """The baseline's figures on the labelled folder ``root``.
+
+    By default: out-of-fold predictions of a ``folds``-fold cross-validation grouped
+    by patient, over every unit. With ``holdout_patients`` (an evaluation of a bundle
+    on its locked hold-out): fitted on every other patient's units and scored on the
+    hold-out patients' units, the protocol the network was held to. With ``fit_root``
+    (an external test set): fitted on that folder (e.g. the network's training data)
+    and scored on every unit of ``root``.
+    """
+    x, y, groups = features(task, Path(root), bins)
+    out: dict[str, Any] = {"task": task, "bins": bins}
+    if fit_root is not None:
+        fx, fy, _ = features(task, Path(fit_root), bins)
+        n_classes = max(_n_classes(task, y), _n_classes(task, fy))
+        xx, yy = np.concatenate([fx, x]), np.concatenate([fy, y])
+        fit = np.arange(len(xx)) < len(fx)
+        prob = _fit_predict(xx, yy, fit, ~fit, n_classes, c)
+        y_scored, scored_groups = y, groups
+        out.update(protocol=f"fitted on {len(fy)} units of {Path(fit_root).name}, scored on every unit",
+                   n_fitted=int(len(fy)))
+    elif holdout_patients:
+        score = np.isin(groups, sorted(holdout_patients))
+        if not score.any() or score.all():
+            raise BaselineError("the hold-out patients must be some, not all, of the folder's patients")
+        prob = _fit_predict(x, y, ~score, score, _n_classes(task, y), c)
+        y_scored, scored_groups = y[score], groups[score]
+        out.update(protocol="fitted on the patients outside the hold-out, scored on the hold-out",
+                   n_fitted=int(np.sum(~score)))
     else:
-        pred = prob.argmax(axis=1)
-        out["kappa_quadratic"] = metrics.cohen_kappa(y, pred, weights="quadratic")
-        out["macro_f1"] = metrics.macro_f1(y, pred, n_classes=prob.shape[1])
-        out["accuracy"] = metrics.accuracy(y, pred)
+        prob = cross_validated_probabilities(x, y, groups, folds, c)
+        if prob.shape[1] < _n_classes(task, y):
+            prob = np.pad(prob, ((0, 0), (0, _n_classes(task, y) - prob.shape[1])))
+        y_scored, scored_groups = y, groups
+        out.update(protocol=f"{folds}-fold cross-validation grouped by patient", folds=folds)
+    out.update(n=int(len(y_scored)), patients=int(len(set(scored_groups.tolist()))),
+               class_counts=np.bincount(y_scored, minlength=_n_classes(task, y)).tolist())
+    out.update(_figures(task, y_scored, prob))
     return out
 
 

@@ -41,6 +41,7 @@ class Evaluation:
     holdout_hash: str | None
     holdout_matches: bool | None
     files: list[Path]
+    baseline: dict[str, Any] | None = None
 
     @property
     def metrics(self) -> dict[str, Any]:
@@ -80,6 +81,8 @@ def evaluate_bundle(
     adapter: TaskAdapter | None = None,
     num_workers: int = 0,
     cache_dir: str | os.PathLike[str] | None = None,
+    baseline: bool = False,
+    baseline_fit_dir: str | os.PathLike[str] | None = None,
 ) -> Evaluation:
     """Evaluate a bundle on the hold-out split (or all records) of a labelled data folder.
 
@@ -94,6 +97,13 @@ def evaluate_bundle(
         Task adapter; by default the registered one for the bundle's task.
     out_dir:
         Where ``metrics.json``, plots and ``report.md`` go (nothing written if None).
+    baseline:
+        Also score the non-deep histogram baseline (:mod:`training.baseline`) on the same data:
+        fitted on the patients outside the hold-out and scored on it, or cross-validated by
+        patient with ``subset="all"``. Needs ``data_dir``; tasks without a baseline are skipped.
+    baseline_fit_dir:
+        With ``subset="all"``: fit the baseline on this folder (the network's training data)
+        instead of cross-validating on the evaluated one.
 
     Raises
     ------
@@ -127,6 +137,20 @@ def evaluate_bundle(
         result = evaluate_records(adapter, model, chosen, tcfg, train_cfg, dev, cache)
     ev = Evaluation(bundle=bundle, result=result, n_records=len(chosen),
                     holdout_hash=split.holdout_hash if subset == "holdout" else None, holdout_matches=matches, files=[])
+    if baseline and data_dir is not None:
+        from training import baseline as histogram_baseline
+
+        if meta.task in histogram_baseline.TASKS:
+            holdout = {r.patient_id for r in chosen} if subset == "holdout" else None
+            try:
+                fit_dir = Path(baseline_fit_dir) if baseline_fit_dir is not None and holdout is None else None
+                ev.baseline = histogram_baseline.run_baseline(meta.task, Path(data_dir), holdout_patients=holdout,
+                                                              fit_root=fit_dir)
+            except histogram_baseline.BaselineError as exc:  # the model's evaluation stands without it
+                log.warning("histogram baseline not scored: %s", exc)
+                ev.baseline = {"error": str(exc)}
+        else:
+            log.info("no histogram baseline for %s", meta.task)
     if out_dir is not None:
         ev.files = write_report(ev, Path(out_dir), adapter.reference_figures(),
                                 plotter=getattr(adapter, "report_plots", None))
@@ -223,7 +247,7 @@ def write_report(ev: Evaluation, out: Path, reference: dict[str, Any],
     payload = {"task": meta.task, "version": meta.version, "n_records": ev.n_records,
                "holdout_hash": ev.holdout_hash, "holdout_matches_bundle": ev.holdout_matches,
                "primary_metric": meta.primary_metric, "metrics": res.metrics, "tables": res.tables,
-               "reference": reference}
+               "reference": reference, "baseline": ev.baseline}
     (out / "metrics.json").write_text(json.dumps(_json_safe(payload), indent=2) + "\n", encoding="utf-8")
     files.append(out / "metrics.json")
     names = res.class_names or [str(i) for i in range(2)]
@@ -303,6 +327,16 @@ def _report_md(ev: Evaluation, reference: dict[str, Any], plots: list[str]) -> s
             lines += [f"| {r} | " + " | ".join(_fmt(v.get(c, "-")) for c in cols) + " |" for r, v in table.items()]
         else:
             lines.append(f"```\n{json.dumps(_json_safe(table), indent=2)}\n```")
+    if ev.baseline and "error" in ev.baseline:
+        lines += ["", "## Non-deep baseline", "", f"Not scored: {ev.baseline['error']}"]
+    elif ev.baseline:
+        b = ev.baseline
+        figures = [k for k in ("auc", "kappa_quadratic", "macro_f1", "accuracy") if k in b]
+        lines += ["", "## Non-deep baseline", "",
+                  f"Logistic regression on {b['bins']}-bin intensity histograms ({b['protocol']}; {b['n']} units). "
+                  "The network should stay well above it.", "",
+                  "| metric | baseline | this model (same name, if reported) |", "|---|---|---|"]
+        lines += [f"| {k} | {_fmt(b[k])} | {_fmt(m.get(k, '-'))} |" for k in figures]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     notes = reference.get("_notes") if isinstance(reference, dict) else None

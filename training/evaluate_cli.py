@@ -19,6 +19,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the bundle's locked hold-out split of DATA, or every record (external test set)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--workers", type=int, default=0, help="pre-processing worker processes")
+    p.add_argument("--baseline", action="store_true",
+                   help="also score the histogram + logistic-regression baseline on the same patients")
+    p.add_argument("--baseline-train", metavar="DIR", default=None,
+                   help="with --subset all: fit the baseline on this labelled folder (the training data)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,12 +32,17 @@ def run(args: argparse.Namespace) -> int:
     bundle = Path(args.bundle)
     out = Path(args.out) if args.out else bundle.parent / f"{bundle.name}-eval"
     try:
-        ev = evaluate_bundle(bundle, args.data, out, subset=args.subset, device=args.device, num_workers=args.workers)
+        ev = evaluate_bundle(bundle, args.data, out, subset=args.subset, device=args.device, num_workers=args.workers,
+                             baseline=args.baseline or args.baseline_train is not None,
+                             baseline_fit_dir=args.baseline_train)
     except DicomNodeError as exc:
         print(f"error: {exc}")
         return 2
     name = ev.bundle.meta.primary_metric
     print(f"{ev.bundle.meta.task} {ev.bundle.meta.version}: {name} = {ev.primary:.4g} on {ev.n_records} records")
+    if ev.baseline and "error" not in ev.baseline:
+        shown = {k: round(float(v), 4) for k, v in ev.baseline.items() if k in ("auc", "kappa_quadratic", "macro_f1")}
+        print(f"histogram baseline ({ev.baseline['protocol']}): {shown}")
     for f in ev.files:
         print(f)
     return 0

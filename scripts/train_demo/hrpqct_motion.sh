@@ -10,6 +10,7 @@
 #    best epoch by validation quadratic-weighted kappa,
 # 3. evaluate on every scan of the fresh-seed hold-out (--subset all): OUT_DIR/eval/metrics.json, report.md,
 #    confusion matrix and the projection-space motion estimate (Sode SSD) against the predicted grade.
+#    The report also scores the histogram baseline (training.baseline) fitted on the training set.
 #
 # Sizes: N_TRAIN, N_HOLDOUT, EPOCHS, DEVICE (auto|cpu|cuda), WORKERS (synthesis processes), BATCH.
 # Tiny CPU check:   N_TRAIN=12 N_HOLDOUT=6 EPOCHS=1 DEVICE=cpu scripts/train_demo/hrpqct_motion.sh /tmp/motion_demo
@@ -41,6 +42,7 @@ rm -rf "$OUT/train_data" "$OUT/holdout_data" "$OUT/bundle" "$OUT/bundle.work" "$
     --set batch_size="$BATCH" --set schedule=cosine --set min_lr=0.00001 ${TRAIN_ARGS:-} $(budget_args)
 
 "$PY" -m training.cli evaluate "$OUT/bundle" --data "$OUT/holdout_data" --subset all --device "$DEVICE" \
+    --baseline-train "$OUT/train_data" \
     --out "$OUT/eval" --workers "$([ "$DEVICE" = cpu ] && echo 0 || echo 8)"
 
 du -sh "$OUT/bundle"

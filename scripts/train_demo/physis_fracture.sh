@@ -11,6 +11,7 @@
 # 3. evaluate on every image of the fresh-seed hold-out (--subset all): all three methods (two-stage, whole-image
 #    classifier, detector alone) in one table beside the thesis's accuracies, with AUC CI, mAP@0.5 and FROC:
 #    OUT_DIR/eval/metrics.json and report.md.
+#    The report also scores the histogram baseline (training.baseline) fitted on the training set.
 #
 # Sizes: N_TRAIN, N_HOLDOUT, EPOCHS, DEVICE (auto|cpu|cuda), WORKERS, DET_SIDE, IMAGE_SIZE, CROP_SIZE, BATCH, DIFFICULTY (synthesis, 0 obvious .. 1 subtle).
 # Tiny CPU check:  N_TRAIN=12 N_HOLDOUT=6 EPOCHS=1 DEVICE=cpu DET_SIDE=256 IMAGE_SIZE=128 CROP_SIZE=64 \
@@ -48,6 +49,7 @@ rm -rf "$OUT/train_data" "$OUT/holdout_data" "$OUT/bundle" "$OUT/bundle.work" "$
     --set task.crop_size="$CROP_SIZE" --set train.batch_size="$BATCH" ${TRAIN_ARGS:-} $(budget_args)
 
 "$PY" -m training.cli evaluate "$OUT/bundle" --data "$OUT/holdout_data" --subset all --device "$DEVICE" \
+    --baseline-train "$OUT/train_data" \
     --out "$OUT/eval"
 
 du -sh "$OUT/bundle"

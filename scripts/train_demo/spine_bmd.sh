@@ -8,6 +8,7 @@
 #    kept stage, ResNet18 trunk without layer4: SPINE_LIGHT_ARGS, ~10.4 MB fp16) with the paper's optimiser
 #    (SGD lr 0.01, momentum 0.9, batch 9) for EPOCHS epochs instead of 100, weights stored in fp16,
 # 3. evaluate on every study of the fresh-seed hold-out (--subset all): OUT_DIR/eval/metrics.json, report.md.
+#    The report also scores the histogram baseline (training.baseline) fitted on the training set.
 #
 # Sizes: N_TRAIN, N_HOLDOUT, EPOCHS, DEVICE (auto|cpu|cuda), WORKERS, IMAGE_SIZE, BACKBONE, MAX_STEPS (cap of
 # steps per epoch, for smoke runs only; empty by default).
@@ -43,6 +44,7 @@ rm -rf "$OUT/train_data" "$OUT/holdout_data" "$OUT/bundle" "$OUT/bundle.work" "$
     --set schedule=cosine --set min_lr=0.0005 ${MAX_STEPS:+--set max_steps_per_epoch=$MAX_STEPS} ${TRAIN_ARGS:-} $(budget_args)
 
 "$PY" -m training.cli evaluate "$OUT/bundle" --data "$OUT/holdout_data" --subset all --device "$DEVICE" \
+    --baseline-train "$OUT/train_data" \
     --out "$OUT/eval"
 
 du -sh "$OUT/bundle"

@@ -13,6 +13,7 @@
 #    Weights stored in fp16.
 # 3. evaluate on every study of the fresh-seed hold-out (--subset all): OUT_DIR/eval/metrics.json, report.md with
 #    the thesis figures beside ours, ROC / calibration / confusion-matrix plots.
+#    The report also scores the histogram baseline (training.baseline) fitted on the training set.
 #
 # Sizes: N_TRAIN, N_HOLDOUT, EPOCHS, DEVICE (auto|cpu|cuda), WORKERS (synthesis + pre-processing processes),
 # DIFFICULTY (synthetic generator, 0 obvious .. 1 subtle; default 0.5 for both sets).
@@ -45,6 +46,7 @@ rm -rf "$OUT/train_data" "$OUT/holdout_data" "$OUT/bundle" "$OUT/bundle.work" "$
     --set schedule=cosine --set min_lr=0.00001 ${TRAIN_ARGS:-} $(budget_args)
 
 "$PY" -m training.cli evaluate "$OUT/bundle" --data "$OUT/holdout_data" --subset all --device "$DEVICE" \
+    --baseline-train "$OUT/train_data" \
     --out "$OUT/eval" --workers "$LOADERS"
 
 du -sh "$OUT/bundle"

@@ -173,13 +173,45 @@ def test_faithful_config_is_the_default() -> None:
 def test_evaluate_writes_report_with_reference_figures(trained: dict[str, Path]) -> None:
     out = trained["root"] / "eval"
     assert train_main(["evaluate", str(trained["bundle"]), "--data", str(trained["data"]), "--out", str(out),
-                       "--device", "cpu"]) == 0
+                       "--device", "cpu", "--baseline"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["reference"]["study_accuracy_alo"] == 0.85
+    # the histogram baseline, fitted outside the hold-out and scored on the same hold-out studies
+    base = metrics["baseline"]
+    assert base["protocol"].startswith("fitted on the patients outside the hold-out")
+    assert base["n"] == metrics["n_records"] and base["n_fitted"] == 10 - base["n"] and "auc" in base
+    assert "## Non-deep baseline" in (out / "report.md").read_text()
     assert len(metrics["metrics"]["study_auc_ci95"]) == 2
     report = (out / "report.md").read_text()
     assert "| study_accuracy_alo |" in report and "| 0.85 |" in report
     assert (out / "confusion_matrix.png").exists()
+
+
+def test_evaluate_all_records_cross_validates_the_baseline(trained: dict[str, Path],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from training import baseline
+    from training.evaluate import evaluate_bundle, write_report
+
+    ev = evaluate_bundle(trained["bundle"], trained["data"], None, subset="all", device="cpu", baseline=True)
+    assert ev.baseline is not None and ev.baseline["protocol"] == "5-fold cross-validation grouped by patient"
+    assert ev.baseline["n"] == ev.n_records == 10
+    # fitted on another folder (a recipe's training data), scored on every evaluated study
+    assert train_main(["synth", "wrist_fracture", "--out", str(trained["root"] / "fit"), "--n", "8", "--seed", "9",
+                       "--workers", "1"]) == 0
+    ev = evaluate_bundle(trained["bundle"], trained["data"], None, subset="all", device="cpu", baseline=True,
+                         baseline_fit_dir=trained["root"] / "fit")
+    assert ev.baseline is not None and ev.baseline["n_fitted"] == 8 and ev.baseline["n"] == 10
+    assert ev.baseline["protocol"] == "fitted on 8 units of fit, scored on every unit"
+    # a baseline that cannot be scored leaves the model's evaluation standing, with the reason in the report
+    def refuse(*_a: object, **_k: object) -> None:
+        raise baseline.BaselineError("every study has the same label: nothing to separate")
+
+    monkeypatch.setattr(baseline, "run_baseline", refuse)
+    ev = evaluate_bundle(trained["bundle"], trained["data"], None, subset="all", device="cpu", baseline=True)
+    assert ev.baseline == {"error": "every study has the same label: nothing to separate"} and ev.n_records == 10
+    out = trained["root"] / "eval-refused"
+    write_report(ev, out, {})
+    assert "Not scored: every study has the same label" in (out / "report.md").read_text()
 
 
 def _study_dir(data: Path, n_images: int = 2) -> Path:
