@@ -83,26 +83,43 @@ class ParallelBeam:
         """Detector bin (and padded-grid index) of ``t = 0``."""
         return self.m // 2
 
-    def _embed(self, images: np.ndarray) -> np.ndarray:
-        """Place ``(S, n, n)`` images in the padded grid with the rotation centre at index 0."""
-        grid = np.zeros((images.shape[0], self.m, self.m), dtype=np.float32)
-        img = images / self._apod
-        for (gr, ir) in self._blocks():
-            for (gc, ic) in self._blocks():
-                grid[:, gr, gc] = img[:, ir, ic]
-        return grid
-
     def _blocks(self) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
         """(grid slice, image slice) pairs mapping image index i to grid index (i - n // 2) mod m."""
         h, n, m = self.n // 2, self.n, self.m
         return ((slice(0, n - h), slice(h, n)), (slice(m - h, m), slice(0, h)))
 
-    def _extract(self, grid: np.ndarray) -> np.ndarray:
-        """Inverse of :meth:`_embed` without the deapodisation."""
-        out = np.empty((grid.shape[0], self.n, self.n), dtype=grid.dtype)
-        for (gr, ir) in self._blocks():
-            for (gc, ic) in self._blocks():
-                out[:, ir, ic] = grid[:, gr, gc]
+    def half_spectrum(self, images: np.ndarray) -> np.ndarray:
+        """``rfftn`` over (x, y) of ``(S, n, n)`` images deapodised and zero-padded to the ``m x m`` grid.
+
+        Equal to ``rfftn(embed(images), axes=(2, 1))`` with the rotation centre at grid index 0, but
+        the real transform along y runs only over the ``n`` non-zero columns (of ``m``), a quarter of
+        the two-dimensional transform's work. Returns ``(S, m // 2 + 1, m)`` complex64 (ky >= 0 rows).
+        """
+        k = images.shape[0]
+        rows = np.zeros((k, self.m, self.n), dtype=np.float32)  # y padded and centred, x still compact
+        img = images / self._apod
+        for gr, ir in self._blocks():
+            rows[:, gr, :] = img[:, ir, :]
+        cols = sfft.rfft(rows, axis=1, workers=1)  # (k, half, n)
+        spec = np.zeros((k, self.half, self.m), dtype=np.complex64)
+        for gc, ic in self._blocks():
+            spec[:, :, gc] = cols[:, :, ic]
+        return sfft.fft(spec, axis=2, overwrite_x=True, workers=1)
+
+    def image_from_half_spectrum(self, spec: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`half_spectrum` (``irfftn``, crop to ``n x n``, deapodise) for ``(S, half, m)``.
+
+        The real transform along y is computed only for the ``n`` columns the crop keeps.
+        """
+        lines = sfft.ifft(spec, axis=2, workers=1)  # (k, half, m): x back in space
+        cols = np.empty((spec.shape[0], self.half, self.n), dtype=lines.dtype)
+        for gc, ic in self._blocks():
+            cols[:, :, ic] = lines[:, :, gc]
+        grid = sfft.irfft(cols, n=self.m, axis=1, workers=1)  # (k, m, n)
+        out = np.empty((spec.shape[0], self.n, self.n), dtype=np.float32)
+        for gr, ir in self._blocks():
+            out[:, ir, :] = grid[:, gr, :]
+        out /= self._apod
         return out
 
     @property
@@ -209,7 +226,7 @@ def forward_project(
     for s0 in range(0, stack.shape[0], _CHUNK):
         chunk = stack[s0:s0 + _CHUNK]
         k = chunk.shape[0]
-        spec = sfft.rfftn(geom._embed(chunk), axes=(2, 1), workers=1)  # (k, half, m): ky >= 0 rows
+        spec = geom.half_spectrum(chunk)  # (k, half, m): ky >= 0 rows
         for i in range(k):
             lines[i, :, :r] = (interp @ spec[i].ravel()).reshape(geom.n_views, r)
         part = lines[:k]
@@ -261,8 +278,7 @@ def fbp(
         # part, which is half of what the omitted rho < 0 samples would have added
         grid[:, 0] *= 2.0
         grid[:, r] *= 2.0
-        img = sfft.irfftn(grid, s=(m, m), axes=(2, 1), workers=1)
-        out[s0:s0 + k] = geom._extract(img) / geom._apod
+        out[s0:s0 + k] = geom.image_from_half_spectrum(grid)
     return out[0] if single else out
 
 
