@@ -235,17 +235,9 @@ def test_standard_normal32_is_deterministic_and_standard_normal() -> None:
     assert abs(np.corrcoef(x[:half], x[half:2 * half])[0, 1]) < 0.01
 
 
-def test_freed_memory_kept_restores_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[tuple[int, int]] = []
-    monkeypatch.setattr(common, "_mallopt", lambda trim, mmap: calls.append((trim, mmap)) or True)
-    with common.freed_memory_kept() as applied:
-        assert applied and calls == [(4 * common._KEEP_BYTES, common._KEEP_BYTES)]
-    assert calls[-1] == (common._GLIBC_DEFAULT_THRESHOLD, common._GLIBC_DEFAULT_THRESHOLD)
-
-
 def test_mallopt_takes_effect_on_glibc() -> None:
     import platform
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's")
-    assert common._mallopt(common._GLIBC_DEFAULT_THRESHOLD, common._GLIBC_DEFAULT_THRESHOLD)
+    assert common.keep_freed_memory()

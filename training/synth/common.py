@@ -27,14 +27,13 @@ The generator interface (every ``training/synth/<task>.py``)::
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import datetime as dt
 import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -487,8 +486,6 @@ StudyFn = Callable[[StudyJob], list[dict[str, Any]]]
 
 #: glibc ``mallopt`` parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-#: glibc's documented defaults, restored after an in-process run
-_GLIBC_DEFAULT_THRESHOLD = 128 * 1024
 #: image-sized temporaries (a 1024 x 768 float32 frame is 3 MiB; a 256 x 256 x 168 volume slab ~40 MiB)
 _KEEP_BYTES = 64 * 1024 * 1024
 
@@ -510,22 +507,12 @@ def keep_freed_memory() -> bool:
     defaults each one above the mmap threshold is a fresh mapping whose pages
     are faulted in and zeroed on first touch, which was about a third of a
     radiograph's simulation time. Raising the mmap and trim thresholds keeps
-    such buffers in the heap. Returns whether the setting took effect.
+    such buffers in the heap. The setting is process-wide and stays: freed memory up
+    to the trim threshold (256 MiB) is kept for reuse rather than returned to the
+    system, and glibc stops adapting the mmap threshold (it would otherwise grow it
+    the same way, one freed block at a time). Returns whether the setting took effect.
     """
     return _mallopt(4 * _KEEP_BYTES, _KEEP_BYTES)
-
-
-@contextlib.contextmanager
-def freed_memory_kept() -> Iterator[bool]:
-    """:func:`keep_freed_memory` for the duration of a block, then glibc's defaults and a heap trim."""
-    applied = keep_freed_memory()
-    try:
-        yield applied
-    finally:
-        if applied:
-            _mallopt(_GLIBC_DEFAULT_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
-            with contextlib.suppress(OSError, AttributeError):
-                ctypes.CDLL(None).malloc_trim(0)
 
 
 def _run_chunk(fn: StudyFn, jobs: list[StudyJob]) -> list[list[dict[str, Any]]]:
@@ -538,7 +525,9 @@ def generate_studies(out: Path, n: int, seed: int, make_study: StudyFn, *, worke
     """Run ``make_study`` for study indices ``0..n-1`` over ``workers`` processes and write the manifest.
 
     ``make_study`` must be a module-level function (picklable) that writes its
-    files under ``job.out`` and returns its manifest rows. Rows are written in
+    files under ``job.out`` and returns its manifest rows. The generating
+    processes (this one when ``workers`` is 1) keep freed buffers for reuse
+    (:func:`keep_freed_memory`). Rows are written in
     index order, so the manifest is identical whatever ``workers`` is.
 
     Returns
@@ -565,11 +554,11 @@ def generate_studies(out: Path, n: int, seed: int, make_study: StudyFn, *, worke
     writer = ManifestWriter(out, manifest_name)
     try:
         if workers == 1 or len(chunks) <= 1:
-            with freed_memory_kept():
-                results: Iterable[list[list[dict[str, Any]]]] = (_run_chunk(make_study, c) for c in chunks)
-                for chunk_rows in results:
-                    for rows in chunk_rows:
-                        writer.extend(rows)
+            keep_freed_memory()  # process-wide; see its docstring
+            results: Iterable[list[list[dict[str, Any]]]] = (_run_chunk(make_study, c) for c in chunks)
+            for chunk_rows in results:
+                for rows in chunk_rows:
+                    writer.extend(rows)
         else:
             with ProcessPoolExecutor(max_workers=workers, initializer=keep_freed_memory) as pool:
                 for chunk_rows in pool.map(_run_chunk, [make_study] * len(chunks), chunks):
