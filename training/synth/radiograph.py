@@ -418,6 +418,8 @@ def xray_dataset(*, modality: str, patient: Patient, study: Study, series: Serie
     if modality == "DX":
         ds.PresentationIntentType = "FOR PRESENTATION"
         ds.ImageLaterality = laterality
+        if "Laterality" in ds:  # series Laterality is Type 2C: only where ImageLaterality is absent
+            del ds.Laterality
         ds.PixelIntensityRelationship = "LOG"
         ds.PixelIntensityRelationshipSign = 1 if mono1 else -1
         set_rescale(ds, 1.0, 0.0, "US")
