@@ -23,8 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from collections import defaultdict
-from collections.abc import Callable
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,8 @@ import pydicom
 
 from inference.errors import DicomNodeError
 from training import metrics
-from training.synth.manifest import ManifestError, read_manifest
+from training.data import DataError, Record, load_records
+from training.synth.manifest import ManifestError
 
 log = logging.getLogger(__name__)
 
@@ -58,27 +59,25 @@ def value_histogram(values: np.ndarray, bins: int, value_range: tuple[float, flo
     return h / max(h.sum(), 1.0)
 
 
-def _files_by_study(root: Path) -> dict[str, list[Path]]:
-    out: dict[str, list[Path]] = defaultdict(list)
-    for f in sorted(root.rglob("*.dcm")):
-        ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
-        out[str(ds.StudyInstanceUID)].append(f)
-    return out
+def _unit_histogram(task: str, files: Sequence[Path], bins: int) -> np.ndarray:
+    """Histogram feature of one labelled unit (a study's files, or one image)."""
+    if task in ("wrist_fracture", "physis_fracture"):
+        return np.mean([display_histogram(pydicom.dcmread(f), bins) for f in files], axis=0)
+    from inference.series import group_by_series, read_datasets
+
+    volume = max(group_by_series(read_datasets(files)).values(), key=len).volume()  # the study's largest series
+    if task == "hrpqct_motion":
+        from inference.hrpqct import select_slices
+
+        return value_histogram(volume[select_slices(volume.shape[0])], bins, (-500.0, 2500.0))
+    return value_histogram(volume, bins, (-200.0, 1200.0))
 
 
-def _series_values(files: list[Path]) -> np.ndarray:
-    """Modality values (HU, density) of the study's largest series, slices in order."""
-    from inference.series import load_series
+def features(task: str, data: str | os.PathLike[str] | Sequence[Record],
+             bins: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Histogram features, labels and patient groups of every labelled unit of ``task``.
 
-    by_series: dict[str, list[Path]] = defaultdict(list)
-    for f in files:
-        by_series[str(pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID)].append(f)
-    largest = max(by_series.values(), key=len)
-    return load_series(largest).volume()
-
-
-def features(task: str, root: Path, bins: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Histogram features, labels and patient groups of every labelled unit in ``root``.
+    ``data`` is a labelled folder or its records (:func:`training.data.load_records`).
 
     Returns
     -------
@@ -87,42 +86,17 @@ def features(task: str, root: Path, bins: int = 32) -> tuple[np.ndarray, np.ndar
     """
     if task not in TASKS:
         raise BaselineError(f"no histogram baseline for task {task!r} (one of {', '.join(TASKS)})")
-    try:
-        rows = [r for r in read_manifest(root) if r.get("task", task) == task]
-    except ManifestError as exc:
-        raise BaselineError(str(exc)) from exc
-    if not rows:
-        raise BaselineError(f"{root} has no manifest rows for {task}")
-    files = _files_by_study(root)
-    xs: list[np.ndarray] = []
-    ys: list[int] = []
-    groups: list[str] = []
-    if task == "physis_fracture":
-        by_sop = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): f
-                  for fs in files.values() for f in fs}
-        for r in rows:
-            xs.append(display_histogram(pydicom.dcmread(by_sop[r["sop_instance_uid"]]), bins))
-            ys.append(int(r["label"]))
-            groups.append(str(r["patient_id"]))
-    else:
-        per_study: Callable[[list[Path]], np.ndarray]
-        if task == "wrist_fracture":
-            def per_study(fs: list[Path]) -> np.ndarray:
-                return np.mean([display_histogram(pydicom.dcmread(f), bins) for f in fs], axis=0)
-        elif task == "hrpqct_motion":
-            from inference.hrpqct import select_slices
-
-            def per_study(fs: list[Path]) -> np.ndarray:
-                vol = _series_values(fs)
-                return value_histogram(vol[select_slices(vol.shape[0])], bins, (-500.0, 2500.0))
-        else:
-            def per_study(fs: list[Path]) -> np.ndarray:
-                return value_histogram(_series_values(fs), bins, (-200.0, 1200.0))
-        for r in rows:
-            xs.append(per_study(files[r["study_uid"]]))
-            ys.append(_label_index(task, r["label"]))
-            groups.append(str(r["patient_id"]))
-    return np.array(xs), np.array(ys), np.array(groups)
+    if isinstance(data, str | os.PathLike):
+        try:
+            data = load_records(data)
+        except (ManifestError, DataError) as exc:
+            raise BaselineError(str(exc)) from exc
+    records = [r for r in data if r.row.get("task", task) == task]
+    if not records:
+        raise BaselineError(f"no labelled {task} studies")
+    x = np.array([_unit_histogram(task, r.files, bins) for r in records])
+    y = np.array([_label_index(task, r.row["label"]) for r in records])
+    return x, y, np.array([r.patient_id for r in records])
 
 
 def _label_index(task: str, label: Any) -> int:
@@ -142,7 +116,7 @@ def _fit_predict(x: np.ndarray, y: np.ndarray, fit: np.ndarray, score: np.ndarra
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    prob = np.zeros((int(np.sum(score)) if score.dtype == bool else len(score), n_classes))
+    prob = np.zeros((len(x[score]), n_classes))
     classes = np.unique(y[fit])
     if len(classes) < 2:  # the fitted part holds one class: predict it
         prob[:, int(classes[0])] = 1.0
@@ -154,8 +128,11 @@ def _fit_predict(x: np.ndarray, y: np.ndarray, fit: np.ndarray, score: np.ndarra
 
 
 def cross_validated_probabilities(x: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int = 5,
-                                  c: float = 1.0) -> np.ndarray:
-    """Out-of-fold class probabilities of a standardised logistic regression, folds grouped by patient."""
+                                  c: float = 1.0, n_classes: int | None = None) -> np.ndarray:
+    """Out-of-fold class probabilities of a standardised logistic regression, folds grouped by patient.
+
+    One column per class ``0 .. n_classes - 1`` (default: up to the largest label).
+    """
     from sklearn.model_selection import GroupKFold
 
     n_groups = len(set(groups.tolist()))
@@ -163,7 +140,7 @@ def cross_validated_probabilities(x: np.ndarray, y: np.ndarray, groups: np.ndarr
         raise BaselineError(f"{folds}-fold cross-validation needs at least {folds} patients, got {n_groups}")
     if len(np.unique(y)) < 2:
         raise BaselineError("every study has the same label: nothing to separate")
-    prob = np.zeros((len(y), int(y.max()) + 1))
+    prob = np.zeros((len(y), n_classes or int(y.max()) + 1))
     for fit, score in GroupKFold(n_splits=folds).split(x, y, groups):
         prob[score] = _fit_predict(x, y, fit, score, prob.shape[1], c)
     return prob
@@ -182,18 +159,18 @@ def _n_classes(task: str, y: np.ndarray) -> int:
     return {"hrpqct_motion": 5, "spine_bmd": 3}.get(task, max(2, int(y.max()) + 1))
 
 
-def run_baseline(task: str, root: Path, *, bins: int = 32, folds: int = 5, c: float = 1.0,
-                 holdout_patients: set[str] | None = None, fit_root: Path | None = None) -> dict[str, Any]:
-    """The baseline's figures on the labelled folder ``root``.
+def run_baseline(task: str, data: str | os.PathLike[str] | Sequence[Record], *, bins: int = 32, folds: int = 5,
+                 c: float = 1.0, holdout_patients: set[str] | None = None, fit_root: Path | None = None) -> dict[str, Any]:
+    """The baseline's figures on a labelled folder (or its records).
 
     By default: out-of-fold predictions of a ``folds``-fold cross-validation grouped
     by patient, over every unit. With ``holdout_patients`` (an evaluation of a bundle
     on its locked hold-out): fitted on every other patient's units and scored on the
     hold-out patients' units, the protocol the network was held to. With ``fit_root``
     (an external test set): fitted on that folder (e.g. the network's training data)
-    and scored on every unit of ``root``.
+    and scored on every unit of ``data``.
     """
-    x, y, groups = features(task, Path(root), bins)
+    x, y, groups = features(task, data, bins)
     out: dict[str, Any] = {"task": task, "bins": bins}
     if fit_root is not None:
         fx, fy, _ = features(task, Path(fit_root), bins)
@@ -213,9 +190,7 @@ def run_baseline(task: str, root: Path, *, bins: int = 32, folds: int = 5, c: fl
         out.update(protocol="fitted on the patients outside the hold-out, scored on the hold-out",
                    n_fitted=int(np.sum(~score)))
     else:
-        prob = cross_validated_probabilities(x, y, groups, folds, c)
-        if prob.shape[1] < _n_classes(task, y):
-            prob = np.pad(prob, ((0, 0), (0, _n_classes(task, y) - prob.shape[1])))
+        prob = cross_validated_probabilities(x, y, groups, folds, c, n_classes=_n_classes(task, y))
         y_scored, scored_groups = y, groups
         out.update(protocol=f"{folds}-fold cross-validation grouped by patient", folds=folds)
     out.update(n=int(len(y_scored)), patients=int(len(set(scored_groups.tolist()))),

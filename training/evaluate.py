@@ -100,7 +100,7 @@ def evaluate_bundle(
     baseline:
         Also score the non-deep histogram baseline (:mod:`training.baseline`) on the same data:
         fitted on the patients outside the hold-out and scored on it, or cross-validated by
-        patient with ``subset="all"``. Needs ``data_dir``; tasks without a baseline are skipped.
+        patient with ``subset="all"``. Tasks without a baseline are skipped.
     baseline_fit_dir:
         With ``subset="all"``: fit the baseline on this folder (the network's training data)
         instead of cross-validating on the evaluated one.
@@ -137,14 +137,14 @@ def evaluate_bundle(
         result = evaluate_records(adapter, model, chosen, tcfg, train_cfg, dev, cache)
     ev = Evaluation(bundle=bundle, result=result, n_records=len(chosen),
                     holdout_hash=split.holdout_hash if subset == "holdout" else None, holdout_matches=matches, files=[])
-    if baseline and data_dir is not None:
+    if baseline:
         from training import baseline as histogram_baseline
 
         if meta.task in histogram_baseline.TASKS:
             holdout = {r.patient_id for r in chosen} if subset == "holdout" else None
             try:
                 fit_dir = Path(baseline_fit_dir) if baseline_fit_dir is not None and holdout is None else None
-                ev.baseline = histogram_baseline.run_baseline(meta.task, Path(data_dir), holdout_patients=holdout,
+                ev.baseline = histogram_baseline.run_baseline(meta.task, records, holdout_patients=holdout,
                                                               fit_root=fit_dir)
             except histogram_baseline.BaselineError as exc:  # the model's evaluation stands without it
                 log.warning("histogram baseline not scored: %s", exc)
