@@ -245,11 +245,12 @@ def _tm(t: dt.time) -> str:
 
 def base_dataset(sop_class_uid: str, patient: Patient, study: Study, series: Series, equipment: Equipment, *,
                  sop_instance_uid: str, instance_number: int = 1,
-                 content_time: dt.time | None = None) -> FileDataset:
+                 content_time: dt.time | None = None, image_laterality: bool = False) -> FileDataset:
     """A dataset with file meta and the Patient, General Study, Patient Study, General Series,
     General Equipment, General Image (numbering, dates) and SOP Common modules filled.
 
-    The caller adds the modality-specific modules and the pixel data.
+    The caller adds the modality-specific modules and the pixel data. ``image_laterality``:
+    the caller writes ImageLaterality (DX), so series Laterality (Type 2C) stays absent.
     """
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class_uid
@@ -291,9 +292,9 @@ def base_dataset(sop_class_uid: str, patient: Patient, study: Study, series: Ser
     if series.protocol:
         ds.ProtocolName = series.protocol
     ds.BodyPartExamined = series.body_part
-    if series.laterality:
+    if series.laterality and not image_laterality:
         ds.Laterality = series.laterality
-    elif series.body_part not in BODY_PART_SYNONYMS:
+    elif series.body_part not in BODY_PART_SYNONYMS and not image_laterality:
         # Type 2C, required for paired parts: whether a non-English term is paired is unknown to a reader,
         # so the attribute is present and empty (as scanners send it) rather than absent
         ds.Laterality = ""

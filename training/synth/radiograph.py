@@ -393,7 +393,8 @@ def xray_dataset(*, modality: str, patient: Patient, study: Study, series: Serie
         raise ValueError(f"modality must be DX or CR, got {modality!r}")
     sop_class = DigitalXRayImageStorageForPresentation if modality == "DX" else ComputedRadiographyImageStorage
     ds = base_dataset(sop_class, patient, study, series, equipment, sop_instance_uid=sop_instance_uid,
-                      instance_number=instance_number, content_time=content_time)
+                      instance_number=instance_number, content_time=content_time,
+                      image_laterality=modality == "DX")
     lo, hi = np.percentile(image[::3, ::3], [0.1, 99.9])
     mono1 = photometric == "MONOCHROME1"
     stored = to_stored(image, bits_stored, invert=mono1, lo=float(lo), hi=float(hi))
@@ -418,8 +419,6 @@ def xray_dataset(*, modality: str, patient: Patient, study: Study, series: Serie
     if modality == "DX":
         ds.PresentationIntentType = "FOR PRESENTATION"
         ds.ImageLaterality = laterality
-        if "Laterality" in ds:  # series Laterality is Type 2C: only where ImageLaterality is absent
-            del ds.Laterality
         ds.PixelIntensityRelationship = "LOG"
         ds.PixelIntensityRelationshipSign = 1 if mono1 else -1
         set_rescale(ds, 1.0, 0.0, "US")
