@@ -158,11 +158,11 @@ def _part_bbox(p: Part, det: Detector) -> tuple[int, int, int, int] | None:
         ex = sum((a * v) ** 2 for a, v in zip(ax[0], semi, strict=True)) ** 0.5
         ey = sum((a * v) ** 2 for a, v in zip(ax[1], semi, strict=True)) ** 0.5
     cx, cy = float(p.center[0]), float(p.center[1])
-    col0, col1 = det.cols / 2.0 - 0.5, det.rows / 2.0 - 0.5
-    c0 = max(int(np.floor((cx - ex - det.cx) / det.pixel_mm + col0)) - 1, 0)
-    r0 = max(int(np.floor((cy - ey - det.cy) / det.pixel_mm + col1)) - 1, 0)
-    c1 = min(int(np.ceil((cx + ex - det.cx) / det.pixel_mm + col0)) + 2, det.cols)
-    r1 = min(int(np.ceil((cy + ey - det.cy) / det.pixel_mm + col1)) + 2, det.rows)
+    col_off, row_off = det.cols / 2.0 - 0.5, det.rows / 2.0 - 0.5  # Detector.to_pixel's offsets
+    c0 = max(int(np.floor((cx - ex - det.cx) / det.pixel_mm + col_off)) - 1, 0)
+    r0 = max(int(np.floor((cy - ey - det.cy) / det.pixel_mm + row_off)) - 1, 0)
+    c1 = min(int(np.ceil((cx + ex - det.cx) / det.pixel_mm + col_off)) + 2, det.cols)
+    r1 = min(int(np.ceil((cy + ey - det.cy) / det.pixel_mm + row_off)) + 2, det.rows)
     if c0 >= c1 or r0 >= r1:
         return None
     return r0, r1, c0, c1
