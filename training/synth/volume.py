@@ -237,7 +237,6 @@ def write_slice_series(
     if values.shape[0] == 0:
         return []
     sop_uids = [uids.make("sop", series.number, k + 1) for k in range(values.shape[0])]
-    # the header is built once; each slice then changes only what differs per slice
     ds = base_dataset(sop_class, patient, study, series, equipment, sop_instance_uid=sop_uids[0],
                       instance_number=1, content_time=(t0 + dt.timedelta(seconds=60)).time())
     ds.ImageType = list(image_type)
