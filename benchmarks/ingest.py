@@ -1,8 +1,9 @@
 """Ingest benchmark: C-STORE throughput of the node against dcmtk storescp and Orthanc, plus peak RSS.
 
 The same N images (default 300 of 512x512 16-bit CT) are sent with dcmtk ``storescu`` over 1 and over 4
-parallel associations to (a) this node (``receive_processes`` >= 2, fsync before every success),
-(b) dcmtk ``storescp`` and (c) Orthanc, all with the same maximum PDU size, in one run. Every target gets
+parallel associations to (a) this node (``receive_processes`` >= 2, fsync before every success; also with
+its previous pynetdicom receiver), (b) dcmtk ``storescp``, (c) Orthanc and (d) a no-op pynetdicom SCP, all
+with the same maximum PDU size, in one run. Every target gets
 fresh storage for every measurement. Then, optionally, a ~2 GB study of large multi-frame instances is sent
 to the node while the peak RSS of its receiver processes is read from ``/proc/<pid>/status`` (VmHWM).
 
@@ -138,23 +139,24 @@ def send(port: int, files: list[Path], parallel: int, called: str) -> float:
 
 
 @contextmanager
-def node_target(work: Path, processes: int) -> Iterator[tuple[int, str, Callable[[], list[int]]]]:
+def node_target(work: Path, processes: int, receiver: str = "native"
+                ) -> Iterator[tuple[int, str, Callable[[], list[int]], Callable[[], bool]]]:
     port = free_port()
     callers = [{"ae_title": "STORESCU", "host": "127.0.0.1"}, {"ae_title": "ECHOSCU", "host": "127.0.0.1"}]
     cfg = Config.model_validate({"node": {
         "port": port, "storage_dir": str(work / "node"), "disk_min_free_gb": 1, "max_pdu": PDU,
-        "receive_processes": processes, "max_associations": 16, "allowed_callers": callers,
+        "receive_processes": processes, "max_associations": 16, "allowed_callers": callers, "receiver": receiver,
     }, "log_level": "WARNING"})
     group = start_receivers(cfg)
     try:
         wait_echo(port)
-        yield port, cfg.node.ae_title, lambda: group.pids
+        yield port, cfg.node.ae_title, lambda: group.pids, lambda: group.wait_indexed(600)
     finally:
         group.stop()
 
 
 @contextmanager
-def storescp_target(work: Path) -> Iterator[tuple[int, str, Callable[[], list[int]]]]:
+def storescp_target(work: Path) -> Iterator[tuple[int, str, Callable[[], list[int]], Callable[[], bool]]]:
     port = free_port()
     out = work / "storescp"
     out.mkdir(parents=True)
@@ -162,14 +164,14 @@ def storescp_target(work: Path) -> Iterator[tuple[int, str, Callable[[], list[in
                              str(port)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_echo(port)
-        yield port, "STORESCP", lambda: [proc.pid]
+        yield port, "STORESCP", lambda: [proc.pid], lambda: True
     finally:
         proc.terminate()
         proc.wait(10)
 
 
 @contextmanager
-def orthanc_target(work: Path) -> Iterator[tuple[int, str, Callable[[], list[int]]]]:
+def orthanc_target(work: Path) -> Iterator[tuple[int, str, Callable[[], list[int]], Callable[[], bool]]]:
     port, http = free_port(), free_port()
     root = work / "orthanc"
     root.mkdir(parents=True)
@@ -183,7 +185,7 @@ def orthanc_target(work: Path) -> Iterator[tuple[int, str, Callable[[], list[int
     proc = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=log, stderr=log)
     try:
         wait_echo(port)
-        yield port, "ORTHANC", lambda: [proc.pid]
+        yield port, "ORTHANC", lambda: [proc.pid], lambda: True
     finally:
         proc.terminate()
         proc.wait(30)
@@ -205,14 +207,14 @@ ae.start_server(("127.0.0.1", int(sys.argv[1])), evt_handlers=[(evt.EVT_C_STORE,
 
 
 @contextmanager
-def pynetdicom_noop_target(work: Path) -> Iterator[tuple[int, str, Callable[[], list[int]]]]:
+def pynetdicom_noop_target(work: Path) -> Iterator[tuple[int, str, Callable[[], list[int]], Callable[[], bool]]]:
     """Reference: a bare pynetdicom SCP (one process) whose C-STORE handler stores nothing."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", _NOOP_SCP, str(port), str(PDU)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
         wait_echo(port)
-        yield port, "NOOP", lambda: [proc.pid]
+        yield port, "NOOP", lambda: [proc.pid], lambda: True
     finally:
         proc.terminate()
         proc.wait(10)
@@ -239,24 +241,31 @@ def run(n: int, repeats: int, processes: int, big_gb: float) -> dict:
         size_mb = sum(f.stat().st_size for f in files) / 1e6
         results["size_mb"] = size_mb
         targets = {"node": lambda w: node_target(w, processes), "storescp": storescp_target,
-                   "orthanc": orthanc_target, "noop": pynetdicom_noop_target}
+                   "orthanc": orthanc_target, "node_pynetdicom": lambda w: node_target(w, processes, "pynetdicom"),
+                   "noop": pynetdicom_noop_target}
         for parallel in (1, 4):
             for name, target in targets.items():
-                times = []
+                times, indexed = [], []
                 for r in range(repeats):
                     work = tmp_path / f"{name}-{parallel}-{r}"
-                    with target(work) as (port, aet, _pids):
+                    with target(work) as (port, aet, _pids, drained):
+                        t0 = time.perf_counter()
                         times.append(send(port, files, parallel, aet))
+                        if not drained():
+                            raise RuntimeError(f"{name}: acknowledged instances were not indexed")
+                        indexed.append(time.perf_counter() - t0)
                     shutil.rmtree(work, ignore_errors=True)
                 rate = n / statistics.median(times)
                 results["rates"][f"{name}/{parallel}"] = rate
-                print(f"{name:9s} {parallel} assoc: {rate:8.1f} images/s  (median of {repeats}; "
+                results["rates"][f"{name}/{parallel}/indexed"] = n / statistics.median(indexed)
+                print(f"{name:15s} {parallel} assoc: {rate:8.1f} images/s acknowledged, "
+                      f"{n / statistics.median(indexed):8.1f} images/s until indexed (median of {repeats}; "
                       f"{', '.join(f'{t:.2f}s' for t in times)})", flush=True)
         if big_gb > 0:
             big = make_big_study(tmp_path / "big", big_gb)
             big_bytes = sum(f.stat().st_size for f in big)
             work = tmp_path / "node-big"
-            with node_target(work, processes) as (port, aet, pids):
+            with node_target(work, processes) as (port, aet, pids, _drained):
                 idle = peak_rss_mib(pids())
                 dt = send(port, big, 1, aet)
                 peak = peak_rss_mib(pids())
@@ -275,31 +284,37 @@ def render(res: dict) -> str:
         f"`benchmarks/ingest.py`: {res['n']} CT images of 512x512 16-bit ({res['size_mb']:.0f} MB) sent with dcmtk "
         f"`storescu` (TCP_NODELAY=1, max PDU {res['pdu']}) over 1 and 4 parallel associations, fresh storage per "
         f"run, median of {res['repeats']} run(s), all in one run on the same machine (2 shared CPU cores). The node "
-        f"runs {res['processes']} receiver processes (SO_REUSEPORT) and fsyncs every instance and its index row "
-        "before answering success; dcmtk storescp writes without fsync.",
+        f"runs {res['processes']} receiver processes (SO_REUSEPORT) with its own DICOM upper layer "
+        "(`dicomnode.native_scp`): every instance is appended to the receive journal and `fdatasync`ed before the "
+        "success status, then moved into the spool (file, directory and SQLite index, all fsynced) by a "
+        "materializer thread. dcmtk storescp writes without any fsync. \"acknowledged\" is images / time until "
+        "storescu finished; \"indexed\" is images / time until the last one was also in the spool index (for the "
+        "peers, which have no such stage, the same figure).",
         "",
-        "| associations | node (images/s) | dcmtk storescp (images/s) | Orthanc (images/s) | node / storescp "
-        "| node / Orthanc | reference: pynetdicom no-op SCP (images/s) | node / no-op |",
-        "|---|---|---|---|---|---|---|---|",
+        "| associations | node, acknowledged (images/s) | node, indexed (images/s) | dcmtk storescp (images/s) "
+        "| Orthanc (images/s) | node / storescp | node / Orthanc | node with the pynetdicom receiver (images/s) "
+        "| pynetdicom no-op SCP (images/s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for p in (1, 4):
         node, scp, orth, noop = r[f"node/{p}"], r[f"storescp/{p}"], r[f"orthanc/{p}"], r[f"noop/{p}"]
-        lines.append(f"| {p} | {node:.0f} | {scp:.0f} | {orth:.0f} | {node / scp:.2f} | {node / orth:.2f} "
-                     f"| {noop:.0f} | {node / noop:.2f} |")
-    best = max(r[f"node/{p}"] / r[f"storescp/{p}"] for p in (1, 4))
+        lines.append(f"| {p} | {node:.0f} | {r[f'node/{p}/indexed']:.0f} | {scp:.0f} | {orth:.0f} | {node / scp:.2f} "
+                     f"| {node / orth:.2f} | {r[f'node_pynetdicom/{p}']:.0f} | {noop:.0f} |")
+    ratios = [r[f"node/{p}"] / r[f"storescp/{p}"] for p in (1, 4)]
+    met = all(x >= 1.0 for x in ratios)
     lines += [
         "",
-        "The no-op row is a bare pynetdicom SCP in one process whose handler returns success without writing "
-        "anything: it is the ceiling of the library the node is built on, on this machine.",
+        "The pynetdicom columns are the node's previous receiver (`node.receiver: pynetdicom`, still available) "
+        "and a bare pynetdicom SCP whose handler returns success without writing anything, the ceiling of that "
+        "library on this machine.",
         "",
-        f"Reading: the goal of storescp parity is **not met** (best node/storescp ratio "
-        f"{best:.2f}). The node keeps the fsync-before-success guarantee "
-        "(file, directory and SQLite WAL are synced before the status is sent) and is faster than Orthanc, "
-        "which also syncs its storage by default (SyncStorageArea is true since Orthanc 1.7.4). The limit is pynetdicom itself: its DUL and association "
-        "reactors poll with 1 ms sleeps and decode PDUs in Python, so one process tops out near the no-op "
-        "figure whatever the handler does; the node's extra receiver processes (SO_REUSEPORT) are what lift "
-        "the 4-association figure to the no-op ceiling or above. On a 2-core machine shared with the senders "
-        "more processes did not help (4 processes measured slower than 2 in trial runs).",
+        f"Reading: storescp parity is **{'met' if met else 'not met'}** in this run (node/storescp "
+        f"{ratios[0]:.2f} on 1 association, {ratios[1]:.2f} on 4), with the fsync-before-success guarantee kept: "
+        "a journal record overwrites blocks that already exist, so its `fdatasync` is one data flush (about "
+        "0.3 ms for 512 KiB here) where the spool path costs a new file, three fsyncs and an SQLite commit "
+        "(about 3 ms). The spool catches up after a burst (the \"indexed\" column); under a sustained stream "
+        "longer than the journal (256 MiB per receiver process by default) the node slows to the indexed rate. "
+        "These figures move by +-30 % between runs on this shared 2-core machine; compare columns within a row.",
         "",
     ]
     big = res.get("big")
@@ -307,8 +322,9 @@ def render(res: dict) -> str:
         lines.append(f"Peak RSS while receiving a {big['gib']:.2f} GiB study ({big['instances']} multi-frame instances "
                      f"of 32 MiB, one association): {big['peak_rss_mib']:.0f} MiB summed over the "
                      f"{big['processes']} receiver processes ({big['idle_rss_mib']:.0f} MiB after start-up); "
-                     f"received in {big['seconds']:.1f} s. Data sets are streamed to disk "
-                     "(`STORE_RECV_CHUNKED_DATASET`), so memory does not grow with instance or study size.")
+                     f"received in {big['seconds']:.1f} s. Instances above 4 MiB bypass the journal and are "
+                     "streamed to a file in the spool as they arrive, so memory does not grow with instance or "
+                     "study size.")
     else:
         lines.append("Peak RSS for a 2 GB study: not measured in this run (`--big-gb 0`).")
     lines.append("")

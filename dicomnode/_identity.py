@@ -26,3 +26,9 @@ def check_packages(*names: str) -> None:
                 f"error: the package {name!r} at {where} is not part of bone-dicomnode "
                 f"(another distribution with that name is installed?). Uninstall it or use a clean venv."
             )
+
+
+#: DICOM Implementation Class UID of the node's own network code (a 2.25 UUID-derived UID, fixed forever)
+IMPLEMENTATION_CLASS_UID = "2.25.141769052427146504992507550177741938864"
+#: Implementation Version Name (SH, at most 16 characters)
+IMPLEMENTATION_VERSION = "BONENODE_010"

@@ -2,7 +2,8 @@
 
 It only reads the spool's tables, so it works with any number of receiver
 processes. A study is complete when every series has been quiet for the
-smallest ``complete_after_s`` of the routes it matches, or earlier once the
+smallest ``complete_after_s`` of the routes it matches (and no receiver's
+journal holds acknowledged instances not yet indexed), or earlier once the
 association that sent it was released and each series holds its expected
 instance count. On completion each series is routed (pure router) and one job
 per (study, route, generation) is enqueued in the same transaction that marks
@@ -154,7 +155,8 @@ class Assembler:
         """Quiet period elapsed for every series, or released with every expected count reached."""
         if not records:
             return False
-        if all(now - rec.last_received >= self._quiet_s(rec) for rec in records):
+        if (all(now - rec.last_received >= self._quiet_s(rec) for rec in records)
+                and not self.spool.journal_busy()):  # quiet only counts once acknowledged instances are indexed
             return True
         released = self.spool.last_association_release(study_uid)
         last = max(rec.last_received for rec in records)

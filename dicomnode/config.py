@@ -53,6 +53,10 @@ class NodeConfig(_Strict):
     dimse_timeout_s: float = Field(60.0, gt=0)
     network_timeout_s: float = Field(60.0, gt=0)
     receive_processes: int = Field(1, ge=1, le=32, description="SCP processes sharing the port (SO_REUSEPORT)")
+    receiver: Literal["native", "pynetdicom"] = Field(
+        "native", description="SCP implementation: the node's own upper layer with the journal, or pynetdicom's")
+    journal_mb: int = Field(256, ge=0, le=65536, description="write-ahead journal per receiver process (MiB); "
+                            "0 stores every instance synchronously (native receiver only)")
     workers: int = Field(1, ge=1, le=64, description="job worker threads")
     retention_days: float = Field(7.0, ge=0, description="keep spooled instances this long after processing")
     tls: TLSConfig | None = None

@@ -1,4 +1,11 @@
-"""The receiving edge: a pynetdicom SCP for C-ECHO and C-STORE that writes into the spool.
+"""The receiving edge: C-ECHO and C-STORE into the spool, with the node's own upper layer or pynetdicom.
+
+``node.receiver: native`` (the default) runs :mod:`dicomnode.native_scp`, which
+acknowledges an instance once it is durable in the receive journal
+(:mod:`dicomnode.journal`); journals left by a crash are replayed into the
+spool by :func:`start_receivers` before anything listens. ``pynetdicom`` runs
+the pynetdicom AE built here; the rest of this docstring describes it, and the
+policy and statuses hold for both.
 
 * The C-STORE handler only hands the received file to :meth:`Spool.store` and maps
   the outcome to a DIMSE status; nothing slow runs on the association thread.
@@ -29,6 +36,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 from pydicom import uid as tsuid
@@ -70,6 +78,8 @@ TRANSFER_SYNTAXES: list[str] = [
 _RJ_CALLING_AE = (0x01, 0x01, 0x03)  # rejected-permanent, service-user, calling AE title not recognised
 _RJ_LOCAL_LIMIT = (0x02, 0x03, 0x02)  # rejected-transient, service-provider (presentation), local limit exceeded
 _RJ_NO_REASON = (0x02, 0x01, 0x01)  # rejected-transient, service-user, no reason given (disk low)
+_RJ_APP_CONTEXT = (0x01, 0x01, 0x02)  # rejected-permanent, service-user, application context name not supported
+_RJ_PROTOCOL_VERSION = (0x01, 0x02, 0x02)  # rejected-permanent, service-provider (ACSE), protocol version
 
 
 class _Counter(Protocol):
@@ -321,8 +331,33 @@ def serve_ae(ae: AE, cfg: Config, *, reuse_port: bool = False) -> ThreadedAssoci
 # --------------------------------------------------------------------------------------------- processes
 
 
+def _journal_dir(cfg: Config) -> Path:
+    return Path(cfg.node.storage_dir) / "journal"
+
+
+def _start_native(cfg: Config, spool: Spool, counter: _Counter, index: int, *, reuse_port: bool,
+                  on_release: Callable[[], None] | None = None) -> Any:
+    """Bind and start a :class:`dicomnode.native_scp.NativeServer` (journal ``<index>.bin`` unless disabled)."""
+    from dicomnode.journal import Journal
+    from dicomnode.native_scp import NativeServer, supported_contexts
+
+    node = cfg.node
+    journal = (Journal(_journal_dir(cfg) / f"{index}.bin", node.journal_mb << 20, wait_s=node.dimse_timeout_s)
+               if node.journal_mb > 0 else None)
+    try:
+        server = NativeServer(node, spool, _Policy(node, spool, counter), supported_contexts(TRANSFER_SYNTAXES),
+                              journal=journal, on_release=on_release, reuse_port=reuse_port,
+                              ssl_context=_ssl_context(node))
+    except OSError:
+        if journal is not None:
+            journal.close()
+        raise
+    server.start()
+    return server
+
+
 def _receiver_main(cfg: Config, port: int, stop: Any, counter_value: Any, ready: Any, parent_pid: int,
-                   receive_counts: SharedReceiveCounts | None = None) -> None:
+                   receive_counts: SharedReceiveCounts | None = None, index: int = 0) -> None:
     """Body of one receiver process."""
     logging.basicConfig(level=getattr(logging, cfg.log_level), stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s %(name)s[{os.getpid()}]: %(message)s")
@@ -332,9 +367,13 @@ def _receiver_main(cfg: Config, port: int, stop: Any, counter_value: Any, ready:
         default_metrics().count_into(receive_counts)
     spool = Spool(cfg.node.storage_dir, cfg.node.disk_min_free_gb)
     tempfile.tempdir = str(spool.tmp_dir)  # pynetdicom's chunked temp files land on the spool's file system
-    ae = build_ae(cfg, spool, _counter=_SharedCounter(counter_value))
+    ae = None
     try:
-        server = serve_ae(ae, cfg, reuse_port=True)
+        if cfg.node.receiver == "native":
+            server = _start_native(cfg, spool, _SharedCounter(counter_value), index, reuse_port=True)
+        else:
+            ae = build_ae(cfg, spool, _counter=_SharedCounter(counter_value))
+            server = serve_ae(ae, cfg, reuse_port=True)
     except OSError as exc:
         ready.put(("error", f"{type(exc).__name__}: {exc}"))
         return
@@ -344,16 +383,18 @@ def _receiver_main(cfg: Config, port: int, stop: Any, counter_value: Any, ready:
             log.error("parent process %d is gone; receiver exiting", parent_pid)
             break
     server.shutdown()
-    ae.shutdown()
+    if ae is not None:
+        ae.shutdown()
 
 
 class ReceiverGroup:
     """The running SCP: one in-process server, or N processes sharing the port."""
 
     def __init__(self, *, port: int, stop: Any, processes: list[Any] | None = None,
-                 ae: AE | None = None, server: ThreadedAssociationServer | None = None,
-                 receive_counts: SharedReceiveCounts | None = None) -> None:
+                 ae: AE | None = None, server: Any = None,
+                 receive_counts: SharedReceiveCounts | None = None, storage_dir: Path | None = None) -> None:
         self.port = port
+        self._storage_dir = storage_dir
         #: instance counters of the receiver processes (None for the in-process server)
         self.receive_counts = receive_counts
         self._stop = stop
@@ -362,6 +403,15 @@ class ReceiverGroup:
         self._server = server
         self._stopped = False
         self._lock = threading.Lock()
+
+    @property
+    def spool(self) -> Spool | None:
+        """The in-process receiver's spool object (None for receiver processes)."""
+        if self._server is not None and hasattr(self._server, "spool"):
+            return self._server.spool  # type: ignore[no-any-return]
+        if self._ae is not None:
+            return self._ae.dicomnode_policy.spool  # type: ignore[attr-defined,no-any-return]
+        return None
 
     @property
     def pids(self) -> list[int]:
@@ -381,8 +431,9 @@ class ReceiverGroup:
                 return
             self._stopped = True
         self._stop.set()
-        if self._server is not None and self._ae is not None:
+        if self._server is not None:
             self._server.shutdown()
+        if self._ae is not None:
             self._ae.shutdown()
         deadline = time.monotonic() + timeout_s
         for p in self._processes:
@@ -392,6 +443,32 @@ class ReceiverGroup:
                 p.terminate()
                 p.join(2.0)
 
+    def wait_indexed(self, timeout_s: float = 30.0) -> bool:
+        """Block until instances acknowledged so far are in the spool index (the journal is drained).
+
+        Returns False on timeout. For receiver processes this relies on their backlog reports, so it
+        first waits one report interval.
+        """
+        deadline = time.monotonic() + timeout_s
+        journal = getattr(self._server, "journal", None)
+        if self._server is not None:
+            if journal is None:
+                return True
+            while not journal.idle():
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.01)
+            return True
+        if not self._processes:
+            return True
+        time.sleep(0.3)
+        spool = Spool(self._storage_dir, 0.0) if self._storage_dir is not None else None
+        while spool is not None and spool.journal_busy():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
     def wait(self) -> None:
         """Block until the group is stopped (or every receiver process has ended)."""
         if self._processes:
@@ -399,6 +476,25 @@ class ReceiverGroup:
                 p.join()
         else:
             self._stop.wait()
+
+
+def replay_journals(cfg: Config, spool: Spool) -> int:
+    """Move instances acknowledged before a crash from the journals into the spool (before receiving).
+
+    Raises
+    ------
+    OutOfResourcesError
+        An acknowledged instance cannot be stored; the node must not start without it.
+    """
+    from dicomnode.journal import replay
+    from dicomnode.native_scp import apply_record
+
+    try:
+        n = replay(_journal_dir(cfg), lambda payload, meta: apply_record(spool, payload, meta))
+        spool.clear_journal_backlog()
+        return n
+    except OSError as exc:
+        raise OutOfResourcesError(f"cannot replay the receive journal: {exc}") from exc
 
 
 def start_receivers(cfg: Config, stop: Any | None = None, *,
@@ -426,14 +522,21 @@ def start_receivers(cfg: Config, stop: Any | None = None, *,
     spool = Spool(cfg.node.storage_dir, cfg.node.disk_min_free_gb)  # schema once, before any child races
     spool.close_stale_associations()
     spool.clean_tmp()
+    replay_journals(cfg, spool)
     if n == 1:
         stop_evt = stop if stop is not None else threading.Event()
-        ae = build_ae(cfg, spool, on_release=on_release)
+        ae = None
         try:
-            server = serve_ae(ae, cfg)
+            if cfg.node.receiver == "native":
+                server = _start_native(cfg, spool, _LocalCounter(), 0, reuse_port=False, on_release=on_release)
+                port = server.port
+            else:
+                ae = build_ae(cfg, spool, on_release=on_release)
+                server = serve_ae(ae, cfg)
+                port = int(server.server_address[1])
         except OSError as exc:
             raise ConfigError(f"cannot listen on {cfg.node.host}:{cfg.node.port}: {exc}") from exc
-        group = ReceiverGroup(port=int(server.server_address[1]), stop=stop_evt, ae=ae, server=server)
+        group = ReceiverGroup(port=port, stop=stop_evt, ae=ae, server=server)
         if stop is not None:  # setting the caller's event stops the server, as it does the processes
             threading.Thread(target=lambda: (stop_evt.wait(), group.stop()), name="dicomnode-scp-stop",
                              daemon=True).start()
@@ -444,10 +547,12 @@ def start_receivers(cfg: Config, stop: Any | None = None, *,
     counts = SharedReceiveCounts(ctx)
     ready = ctx.Queue()
     procs = [ctx.Process(target=_receiver_main, name=f"dicomnode-receiver-{i}", daemon=True,
-                         args=(cfg, cfg.node.port, stop_evt, counter, ready, os.getpid(), counts)) for i in range(n)]
+                         args=(cfg, cfg.node.port, stop_evt, counter, ready, os.getpid(), counts, i))
+             for i in range(n)]
     for p in procs:
         p.start()
-    group = ReceiverGroup(port=cfg.node.port, stop=stop_evt, processes=procs, receive_counts=counts)
+    group = ReceiverGroup(port=cfg.node.port, stop=stop_evt, processes=procs, receive_counts=counts,
+                          storage_dir=Path(cfg.node.storage_dir))
     errors = []
     for _ in procs:
         try:

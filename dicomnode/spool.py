@@ -11,7 +11,8 @@ success status returned after it means the instance survives a crash or power
 loss. A crash between rename and commit leaves a file without a row; the same
 instance sent again is then stored normally.
 
-Tables owned here: ``instances``, ``series``, ``associations``.
+Tables owned here: ``instances``, ``series``, ``associations``, ``journal_backlog`` (acknowledged
+instances a receiver's journal still holds, reported by :mod:`dicomnode.native_scp`).
 """
 
 from __future__ import annotations
@@ -78,6 +79,11 @@ CREATE TABLE IF NOT EXISTS associations (
     n_stored INTEGER NOT NULL DEFAULT 0,
     aborted INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS journal_backlog (
+    journal TEXT PRIMARY KEY,
+    pending INTEGER NOT NULL,
+    updated_at REAL NOT NULL
+);
 """
 
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -94,8 +100,12 @@ class _Truncated(Exception):
     pass
 
 
-def _scan_elements(fp: BinaryIO, end: int, implicit: bool, little: bool, stop_tag: int | None) -> None:
-    """Walk data elements (tags and lengths only) up to ``end`` or ``stop_tag``; raise _Truncated if short."""
+def _scan_elements(fp: BinaryIO, end: int, implicit: bool, little: bool, stop_tag: int | None,
+                   capture: dict[int, bytes] | None = None) -> None:
+    """Walk data elements (tags and lengths only) up to ``end`` or ``stop_tag``; raise _Truncated if short.
+
+    ``capture`` (top level only) maps tags to fill with their raw values when present.
+    """
     order = "<" if little else ">"
     while True:
         head = fp.read(8)
@@ -128,6 +138,11 @@ def _scan_elements(fp: BinaryIO, end: int, implicit: bool, little: bool, stop_ta
                 # SQ (explicit or implicit) or UN of undefined length: implicit VR little endian inside for UN
                 _scan_items(fp, end, implicit=implicit or vr == b"UN", little=little if vr != b"UN" else True,
                             encapsulated=False)
+        elif capture is not None and tag in capture:
+            value = fp.read(length)
+            if len(value) < length:
+                raise _Truncated(f"value of ({group:04X},{elem:04X}) runs past the end of the data")
+            capture[tag] = value
         else:
             fp.seek(length, os.SEEK_CUR)
             if fp.tell() > end:
@@ -159,8 +174,11 @@ def _scan_items(fp: BinaryIO, end: int, *, implicit: bool, little: bool, encapsu
                 raise _Truncated("sequence item runs past the end of the data")
 
 
-def _check_complete(fp: BinaryIO, transfer_syntax: str) -> None:
-    """Verify the data set after the file meta is structurally complete (not cut off mid-element)."""
+def _check_complete(fp: BinaryIO, transfer_syntax: str, capture: dict[int, bytes] | None = None) -> None:
+    """Verify the data set after the file meta is structurally complete (not cut off mid-element).
+
+    ``capture``: see :func:`_scan_elements` (not filled for deflated data sets).
+    """
     start = fp.tell()
     size = fp.seek(0, os.SEEK_END)
     fp.seek(start)
@@ -177,7 +195,7 @@ def _check_complete(fp: BinaryIO, transfer_syntax: str) -> None:
         ts = UID(transfer_syntax) if transfer_syntax else ImplicitVRLittleEndian
         implicit, little = (ts.is_implicit_VR, ts.is_little_endian) if ts.is_transfer_syntax else (False, True)
         if start < size:
-            _scan_elements(fp, size, implicit, little, stop_tag=None)
+            _scan_elements(fp, size, implicit, little, stop_tag=None, capture=capture)
     except (_Truncated, struct.error, zlib.error) as exc:
         raise InvalidDatasetError(f"received data set is truncated or malformed: {exc}") from exc
 
@@ -480,6 +498,25 @@ class Spool:
         if n:
             log.warning("marked %d association(s) left open by a previous run as aborted", n)
         return n
+
+    def set_journal_backlog(self, journal: str, pending: int) -> None:
+        """Report how many acknowledged instances the journal ``journal`` has not moved into the spool yet."""
+        self._conn.execute("INSERT OR REPLACE INTO journal_backlog (journal, pending, updated_at) VALUES (?,?,?)",
+                           (journal, int(pending), time.time()))
+
+    def journal_busy(self, now: float | None = None, stale_s: float = 5.0) -> bool:
+        """True while a live receiver reports acknowledged instances that are not indexed yet.
+
+        Reports older than ``stale_s`` (a receiver that died; its journal is replayed at start-up) are ignored.
+        """
+        now = time.time() if now is None else now
+        row = self._conn.execute("SELECT 1 FROM journal_backlog WHERE pending > 0 AND updated_at >= ? LIMIT 1",
+                                 (now - stale_s,)).fetchone()
+        return row is not None
+
+    def clear_journal_backlog(self) -> None:
+        """Forget backlog reports (start-up, after the journals were replayed)."""
+        self._conn.execute("DELETE FROM journal_backlog")
 
     def abort_association(self, assoc_id: str) -> None:
         """Record that an association was aborted (no expected counts are derived from it)."""

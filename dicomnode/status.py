@@ -29,6 +29,11 @@ def status_text(cfg: Config, limit: int = 50) -> str:
     conn = db.connect(path)
     out: list[str] = [f"database: {path}"]
     try:
+        if _table(conn, "journal_backlog"):
+            rows = conn.execute("SELECT * FROM journal_backlog WHERE pending > 0 ORDER BY journal").fetchall()
+            if rows:
+                out.append("\nRECEIVE JOURNALS (acknowledged, not yet in the spool)")
+                out += [f"  {r['journal']}  pending={r['pending']} reported={_ts(r['updated_at'])}" for r in rows]
         if _table(conn, "studies"):
             out.append("\nSTUDIES (state, generation, routes, completed, processed)")
             for r in conn.execute("SELECT * FROM studies ORDER BY COALESCE(completed_at, 0) DESC LIMIT ?", (limit,)):

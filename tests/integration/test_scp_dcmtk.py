@@ -62,6 +62,7 @@ def make_node(tmp_path: Path) -> Iterator:
         cfg = _node_config(tmp_path, **node)
         group = start_receivers(cfg)
         groups.append(group)
+        _GROUPS[group.port] = group
         return Node(cfg, group, Spool(cfg.node.storage_dir, cfg.node.disk_min_free_gb))
 
     yield make
@@ -74,9 +75,16 @@ def echo(port: int, *args: str) -> subprocess.CompletedProcess[str]:
                           timeout=60)
 
 
+_GROUPS: dict[int, ReceiverGroup] = {}
+
+
 def storescu(port: int, *files: str, opts: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([STORESCU, "-aet", "STORESCU", *opts, "127.0.0.1", str(port), *files],
-                          capture_output=True, text=True, env=ENV, timeout=120)
+    """Send with dcmtk's storescu; then wait until the node has indexed what it acknowledged."""
+    res = subprocess.run([STORESCU, "-aet", "STORESCU", *opts, "127.0.0.1", str(port), *files],
+                         capture_output=True, text=True, env=ENV, timeout=120)
+    if port in _GROUPS:
+        assert _GROUPS[port].wait_indexed(30), "acknowledged instances were not indexed"
+    return res
 
 
 def ct_file(path: Path, *, bits: int = 16, rows: int = 64, study: str | None = None,
@@ -116,10 +124,17 @@ def dataset_bytes(path: Path) -> tuple[str, bytes]:
         return str(meta.TransferSyntaxUID), fp.read()
 
 
-def stored_path(spool: Spool, src: Path) -> Path:
+def stored_path(spool: Spool, src: Path, timeout_s: float = 15.0) -> Path:
+    """Where the spool keeps ``src`` (waits for the journal to index an acknowledged instance)."""
     ds = pydicom.dcmread(src, stop_before_pixels=True)
-    (inst,) = [i for i in spool.instances(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID))
-               if i.sop_instance_uid == ds.SOPInstanceUID]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = [i for i in spool.instances(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID))
+                 if i.sop_instance_uid == ds.SOPInstanceUID]
+        if found or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    (inst,) = found
     return inst.path
 
 
@@ -282,7 +297,8 @@ def test_out_of_resources_during_association(make_node, tmp_path: Path) -> None:
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", node.port)
     assert assoc.is_established
-    spool: Spool = node.group._ae.dicomnode_policy.spool  # type: ignore[union-attr]
+    spool = node.group.spool
+    assert spool is not None
     spool.disk_min_free_gb = 1e9  # the disk "fills up" after the association was accepted
     try:
         status = assoc.send_c_store(pydicom.dcmread(ct_file(tmp_path / "a.dcm")))

@@ -16,7 +16,7 @@ import pytest
 
 from dicomnode.config import Config, Destination, TLSConfig
 from dicomnode.errors import DeliveryError
-from dicomnode.scp import start_receivers
+from dicomnode.scp import ReceiverGroup, start_receivers
 from dicomnode.sender import send_files
 from dicomnode.spool import Spool
 from tests.conftest import free_port
@@ -108,16 +108,25 @@ def tls_node(tmp_path: Path, pki: dict[str, TLSConfig]) -> Iterator[tuple[Config
         "tls": {"cert_file": str(srv.cert_file), "key_file": str(srv.key_file), "ca_file": str(srv.ca_file),
                 "require_client_cert": True}}})
     group = start_receivers(cfg)
+    _GROUPS[group.port] = group
     try:
         yield cfg, Spool(cfg.node.storage_dir, 0)
     finally:
         group.stop()
+        _GROUPS.pop(group.port, None)
+
+
+_GROUPS: dict[int, ReceiverGroup] = {}
 
 
 def _storescu_tls(port: int, creds: TLSConfig, files: list[Path]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([STORESCU, "-aet", "STORESCU", "-aec", "BONENODE", "+tls", str(creds.key_file),
-                           str(creds.cert_file), "+cf", str(creds.ca_file), "127.0.0.1", str(port),
-                           *map(str, files)], capture_output=True, text=True, env=ENV, timeout=120)
+    """storescu over TLS; then wait until a node on ``port`` has indexed what it acknowledged."""
+    res = subprocess.run([STORESCU, "-aet", "STORESCU", "-aec", "BONENODE", "+tls", str(creds.key_file),
+                          str(creds.cert_file), "+cf", str(creds.ca_file), "127.0.0.1", str(port),
+                          *map(str, files)], capture_output=True, text=True, env=ENV, timeout=120)
+    if port in _GROUPS:
+        assert _GROUPS[port].wait_indexed(30)
+    return res
 
 
 def _uids(paths: list[Path]) -> set[str]:
