@@ -182,13 +182,15 @@ class Journal:
         self._applied = top
         self._durable_applied = top
         _write_applied(self._applied_path, top)
+        self._filled = os.fstat(self._fd).st_size  # bytes of the file that exist on disk
+        self._reserved_hi = 0  # end of the furthest reservation ever made
         self._w = 0
         self._live: deque[Record] = deque()  # appended, not yet applied, in order
         self._queue: deque[tuple[str, Any]] = deque()  # work for the materializer
         self._cond = threading.Condition()
         self._closed = False
         self.defer_s = defer_s
-        self._last_append = 0.0
+        self._last_append = time.monotonic()  # start-up counts as activity: pre-allocation waits for quiet
         self._live_bytes = 0
         self._busy = False  # the materializer is handling an item taken off the queue
 
@@ -229,6 +231,7 @@ class Journal:
                 self._persist_applied_locked()  # about to overwrite applied records: pointer first
             self._seq = seq
             self._w = at + size
+            self._reserved_hi = max(self._reserved_hi, self._w)
             rec = Record(seq, at, size, at + len(header), len(payload), dict(meta, t_append=time.monotonic()))
             self._live.append(rec)
             self._live_bytes += size
@@ -260,6 +263,48 @@ class Journal:
             return
         self._live_bytes -= rec.length
         self._cond.notify_all()
+
+    def prefilled(self) -> bool:
+        """True once the whole ring exists on disk (every later append overwrites in place)."""
+        with self._cond:
+            return max(self._filled, self._reserved_hi) >= self.max_bytes
+
+    def run_prefill(self, stop: threading.Event, *, idle_s: float = 10.0, chunk: int = 1 << 20,
+                    sync_every: int = 16 << 20) -> None:
+        """Write the rest of the ring as zeros once no instance arrived for ``idle_s``; fsyncs as it goes.
+
+        An append that extends the file costs twice the ``fdatasync`` of one that overwrites existing
+        blocks (0.66 against 0.32 ms for 512 KiB here), so a node that has been up and quiet for a while
+        takes its first burst at the faster rate. Returns when the ring is full size or on ``stop``.
+        """
+        zeros = bytes(chunk)
+        unsynced = 0
+        while not stop.is_set():
+            if time.monotonic() - self._last_append < idle_s:
+                stop.wait(0.2)
+                continue
+            with self._cond:
+                if self._closed:
+                    return
+                pos = max(self._filled, self._reserved_hi)
+                if pos >= self.max_bytes:
+                    break
+                n = min(chunk, self.max_bytes - pos)
+                try:
+                    os.pwrite(self._fd, zeros[:n], pos)  # under the lock: no reservation can start in between
+                except OSError as exc:
+                    log.warning("cannot pre-allocate the journal: %s", exc)
+                    return
+                self._filled = pos + n
+            unsynced += n
+            if unsynced >= sync_every:
+                os.fsync(self._fd)
+                unsynced = 0
+        if unsynced:
+            try:
+                os.fsync(self._fd)
+            except OSError:
+                pass
 
     # -------------------------------------------------------------- materializer side
 

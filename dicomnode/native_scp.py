@@ -462,6 +462,10 @@ class NativeServer:
             rep = threading.Thread(target=self._report_backlog, name="dicomnode-journal-backlog", daemon=True)
             rep.start()
             self._threads.append(rep)
+            fill = threading.Thread(target=journal.run_prefill, args=(self._stop,), name="dicomnode-journal-prefill",
+                                    daemon=True)
+            fill.start()
+            self._threads.append(fill)
         log.info("SCP %s listening on %s:%d (pid %d, native, journal %s)", self.node.ae_title, self.node.host,
                  self.port, os.getpid(), "on" if self.journal is not None else "off")
 

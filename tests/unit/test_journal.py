@@ -125,3 +125,21 @@ def test_oversized_record_is_refused_and_full_ring_times_out(tmp_path: Path) -> 
     with pytest.raises(OutOfResourcesError, match="journal full"):
         j.append(b"z" * (300 << 10), {})  # nothing drains the ring
     j.close()
+
+
+def test_prefill_allocates_the_ring_without_touching_records(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "0.bin", 4 << 20, defer_s=0.0)
+    data = _payloads(3, seed=4)
+    for p in data:
+        j.append(p, {})
+    stop = threading.Event()
+    j.run_prefill(stop, idle_s=0.0, sync_every=1 << 20)
+    assert j.prefilled() and (tmp_path / "0.bin").stat().st_size == 4 << 20
+    records, _ = pending_records(tmp_path / "0.bin")
+    assert [j.payload(r) for r in records] == data
+    got: list[bytes] = []
+    t, stop_m = _drain(j, got)
+    _wait_idle(j)
+    stop_m.set()
+    t.join(5)
+    assert got == data
