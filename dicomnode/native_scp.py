@@ -41,7 +41,8 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from dicomnode import ul
 from dicomnode._identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 from dicomnode.config import NodeConfig
-from dicomnode.errors import DicomNodeError, InvalidDatasetError, OutOfResourcesError
+from dicomnode.dimse_status import RJ_APP_CONTEXT, RJ_PROTOCOL_VERSION, STATUS_SUCCESS, store_status
+from dicomnode.errors import InvalidDatasetError, OutOfResourcesError
 from dicomnode.journal import Journal
 from dicomnode.metrics import record
 from dicomnode.spool import Spool, StoreOutcome, _check_complete, _valid_uid
@@ -57,10 +58,6 @@ _MAX_PDU_BODY = 256 << 20
 _FAST_SYNTAXES = frozenset({tsuid.ImplicitVRLittleEndian, tsuid.ExplicitVRLittleEndian} | {
     str(u) for u in tsuid.AllTransferSyntaxes if tsuid.UID(u).is_encapsulated})
 _UID_TAGS = (0x00080016, 0x00080018, 0x0020000D, 0x0020000E)
-
-STATUS_SUCCESS, STATUS_OUT_OF_RESOURCES, STATUS_CANNOT_UNDERSTAND, STATUS_PROCESSING_FAILURE = (
-    0x0000, 0xA700, 0xC210, 0xC211)
-
 
 def supported_contexts(transfer_syntaxes: list[str]) -> dict[str, list[str]]:
     """Abstract syntax -> acceptable transfer syntaxes (Verification and every storage SOP class)."""
@@ -87,31 +84,6 @@ def validate(payload: bytes | bytearray, meta_length: int, transfer_syntax: str)
     if missing:
         raise InvalidDatasetError(f"received dataset lacks valid {', '.join(missing)}")
     return uids[0] or "", uids[1] or "", uids[2] or "", uids[3] or ""
-
-
-def store_status(sop: str, aid: str, fn: Callable[[], Any]) -> int:
-    """Run a store step and map its outcome to a DIMSE status (the network edge)."""
-    try:
-        outcome = fn()
-    except OutOfResourcesError as exc:
-        log.error("C-STORE %s on association %s: out of resources: %s", sop, aid, exc)
-        record("instance_rejected", "out_of_resources")
-        return STATUS_OUT_OF_RESOURCES
-    except InvalidDatasetError as exc:
-        log.error("C-STORE %s on association %s: cannot understand the data set: %s", sop, aid, exc)
-        record("instance_rejected", "invalid_dataset")
-        return STATUS_CANNOT_UNDERSTAND
-    except DicomNodeError as exc:
-        log.error("C-STORE %s on association %s failed: %s", sop, aid, exc)
-        record("instance_rejected", "processing_failure")
-        return STATUS_PROCESSING_FAILURE
-    except Exception:  # noqa: BLE001 - never let a bad instance take the node down
-        log.exception("C-STORE %s on association %s: unexpected error", sop, aid)
-        record("instance_rejected", "unexpected_error")
-        return STATUS_OUT_OF_RESOURCES
-    if isinstance(outcome, StoreOutcome):
-        record("instance_stored", outcome is StoreOutcome.DUPLICATE)
-    return STATUS_SUCCESS
 
 
 def apply_record(spool: Spool, payload: bytes, meta: dict[str, Any]) -> None:
@@ -246,13 +218,11 @@ class _Association:
                 pass
 
     def _accept(self, rq: ul.AssociateRQ) -> bool:
-        from dicomnode.scp import _RJ_APP_CONTEXT, _RJ_PROTOCOL_VERSION
-
         self.calling = rq.calling_ae
         if not rq.protocol_version & 1:
-            reject, reason = _RJ_PROTOCOL_VERSION, f"protocol version {rq.protocol_version} not supported"
+            reject, reason = RJ_PROTOCOL_VERSION, f"protocol version {rq.protocol_version} not supported"
         elif rq.application_context != ul.APPLICATION_CONTEXT:
-            reject, reason = _RJ_APP_CONTEXT, f"application context {rq.application_context} not supported"
+            reject, reason = RJ_APP_CONTEXT, f"application context {rq.application_context} not supported"
         else:
             reject, reason = self.server.policy.decide(rq.calling_ae, self.peer_host)
         if reject is not None:

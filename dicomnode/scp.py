@@ -47,9 +47,19 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from dicomnode.config import Config, NodeConfig
-from dicomnode.errors import ConfigError, DicomNodeError, InvalidDatasetError, OutOfResourcesError
-from dicomnode.metrics import SharedReceiveCounts, default_metrics, record
-from dicomnode.spool import Spool, StoreOutcome
+from dicomnode.dimse_status import (
+    RJ_CALLING_AE,
+    RJ_LOCAL_LIMIT,
+    RJ_NO_REASON,
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_PROCESSING_FAILURE,
+    STATUS_SUCCESS,
+    store_status,
+)
+from dicomnode.errors import ConfigError, OutOfResourcesError
+from dicomnode.metrics import SharedReceiveCounts, default_metrics
+from dicomnode.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +67,6 @@ __all__ = [
     "STATUS_CANNOT_UNDERSTAND", "STATUS_OUT_OF_RESOURCES", "STATUS_PROCESSING_FAILURE", "STATUS_SUCCESS",
     "TRANSFER_SYNTAXES", "ReceiverGroup", "build_ae", "start_receivers",
 ]
-
-STATUS_SUCCESS = 0x0000
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_CANNOT_UNDERSTAND = 0xC210
-STATUS_PROCESSING_FAILURE = 0xC211
 
 #: Transfer syntaxes accepted for every storage SOP class, in order of preference (pynetdicom accepts the
 #: first one in this list that the requestor offers). Encapsulated syntaxes come first so that a file the
@@ -73,14 +78,6 @@ TRANSFER_SYNTAXES: list[str] = [
     tsuid.JPEGBaseline8Bit, tsuid.JPEGExtended12Bit, tsuid.JPEGLSNearLossless, tsuid.JPEG2000, tsuid.HTJ2K,
     tsuid.ExplicitVRLittleEndian, tsuid.ImplicitVRLittleEndian, tsuid.ExplicitVRBigEndian,
 ]
-
-# A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
-_RJ_CALLING_AE = (0x01, 0x01, 0x03)  # rejected-permanent, service-user, calling AE title not recognised
-_RJ_LOCAL_LIMIT = (0x02, 0x03, 0x02)  # rejected-transient, service-provider (presentation), local limit exceeded
-_RJ_NO_REASON = (0x02, 0x01, 0x01)  # rejected-transient, service-user, no reason given (disk low)
-_RJ_APP_CONTEXT = (0x01, 0x01, 0x02)  # rejected-permanent, service-user, application context name not supported
-_RJ_PROTOCOL_VERSION = (0x01, 0x02, 0x02)  # rejected-permanent, service-provider (ACSE), protocol version
-
 
 class _Counter(Protocol):
     def try_acquire(self, limit: int) -> bool: ...
@@ -139,11 +136,11 @@ class _Policy:
         if peer_host.lower().startswith("::ffff:"):  # IPv4 peer on a dual-stack socket
             peer_host = peer_host[7:]
         if (calling_ae.strip(), peer_host) not in self.allowed:
-            return _RJ_CALLING_AE, "calling AE title / host not in allowed_callers"
+            return RJ_CALLING_AE, "calling AE title / host not in allowed_callers"
         if not self.spool.disk_ok():
-            return _RJ_NO_REASON, "free disk space below disk_min_free_gb"
+            return RJ_NO_REASON, "free disk space below disk_min_free_gb"
         if not self.counter.try_acquire(self.max_associations):
-            return _RJ_LOCAL_LIMIT, f"max_associations ({self.max_associations}) reached"
+            return RJ_LOCAL_LIMIT, f"max_associations ({self.max_associations}) reached"
         return None, "accepted"
 
 
@@ -256,28 +253,7 @@ def _handlers(spool: Spool, policy: _Policy,
             data: Any = event.encoded_dataset(include_meta=True)
         else:
             data = path
-        try:
-            outcome = spool.store(data, assoc_id=aid)
-        except OutOfResourcesError as exc:
-            log.error("C-STORE %s on association %s: out of resources: %s", sop, aid, exc)
-            record("instance_rejected", "out_of_resources")
-            return STATUS_OUT_OF_RESOURCES
-        except InvalidDatasetError as exc:
-            log.error("C-STORE %s on association %s: cannot understand the data set: %s", sop, aid, exc)
-            record("instance_rejected", "invalid_dataset")
-            return STATUS_CANNOT_UNDERSTAND
-        except DicomNodeError as exc:
-            log.error("C-STORE %s on association %s failed: %s", sop, aid, exc)
-            record("instance_rejected", "processing_failure")
-            return STATUS_PROCESSING_FAILURE
-        except Exception:  # noqa: BLE001 - never let a bad instance take the node down
-            log.exception("C-STORE %s on association %s: unexpected error", sop, aid)
-            record("instance_rejected", "unexpected_error")
-            return STATUS_OUT_OF_RESOURCES
-        if outcome is StoreOutcome.DUPLICATE:
-            log.debug("C-STORE %s: duplicate, already stored", sop)
-        record("instance_stored", outcome is StoreOutcome.DUPLICATE)
-        return STATUS_SUCCESS
+        return store_status(sop, aid, lambda: spool.store(data, assoc_id=aid))
 
     return [
         (evt.EVT_ACCEPTED, on_accepted), (evt.EVT_RELEASED, on_released), (evt.EVT_ABORTED, on_aborted),

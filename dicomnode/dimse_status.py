@@ -1,0 +1,61 @@
+"""DIMSE statuses and association rejections of the receiving edge, shared by both receivers.
+
+Exceptions from :mod:`dicomnode.errors` become statuses here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from dicomnode.errors import DicomNodeError, InvalidDatasetError, OutOfResourcesError
+from dicomnode.metrics import record
+from dicomnode.spool import StoreOutcome
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "RJ_APP_CONTEXT", "RJ_CALLING_AE", "RJ_LOCAL_LIMIT", "RJ_NO_REASON", "RJ_PROTOCOL_VERSION",
+    "STATUS_CANNOT_UNDERSTAND", "STATUS_OUT_OF_RESOURCES", "STATUS_PROCESSING_FAILURE", "STATUS_SUCCESS",
+    "store_status",
+]
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_CANNOT_UNDERSTAND = 0xC210
+STATUS_PROCESSING_FAILURE = 0xC211
+
+# A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
+RJ_CALLING_AE = (0x01, 0x01, 0x03)  # rejected-permanent, service-user, calling AE title not recognised
+RJ_LOCAL_LIMIT = (0x02, 0x03, 0x02)  # rejected-transient, service-provider (presentation), local limit exceeded
+RJ_NO_REASON = (0x02, 0x01, 0x01)  # rejected-transient, service-user, no reason given (disk low)
+RJ_APP_CONTEXT = (0x01, 0x01, 0x02)  # rejected-permanent, service-user, application context name not supported
+RJ_PROTOCOL_VERSION = (0x01, 0x02, 0x02)  # rejected-permanent, service-provider (ACSE), protocol version
+
+
+def store_status(sop: str, aid: str | None, fn: Callable[[], Any]) -> int:
+    """Run a store step and map its outcome to a DIMSE status (the network edge)."""
+    try:
+        outcome = fn()
+    except OutOfResourcesError as exc:
+        log.error("C-STORE %s on association %s: out of resources: %s", sop, aid, exc)
+        record("instance_rejected", "out_of_resources")
+        return STATUS_OUT_OF_RESOURCES
+    except InvalidDatasetError as exc:
+        log.error("C-STORE %s on association %s: cannot understand the data set: %s", sop, aid, exc)
+        record("instance_rejected", "invalid_dataset")
+        return STATUS_CANNOT_UNDERSTAND
+    except DicomNodeError as exc:
+        log.error("C-STORE %s on association %s failed: %s", sop, aid, exc)
+        record("instance_rejected", "processing_failure")
+        return STATUS_PROCESSING_FAILURE
+    except Exception:  # noqa: BLE001 - never let a bad instance take the node down
+        log.exception("C-STORE %s on association %s: unexpected error", sop, aid)
+        record("instance_rejected", "unexpected_error")
+        return STATUS_OUT_OF_RESOURCES
+    if isinstance(outcome, StoreOutcome):
+        if outcome is StoreOutcome.DUPLICATE:
+            log.debug("C-STORE %s: duplicate, already stored", sop)
+        record("instance_stored", outcome is StoreOutcome.DUPLICATE)
+    return STATUS_SUCCESS
