@@ -334,7 +334,8 @@ class Journal:
             return False
         return now - float(self._live[0].meta.get("t_append", now)) < self.defer_s
 
-    def _next(self, stop: threading.Event) -> tuple[str, Any] | None:
+    def _next(self, stop: threading.Event, batch: int = 1) -> list[tuple[str, Any]] | None:
+        """The next event, or up to ``batch`` consecutive records; None when stopped and drained."""
         with self._cond:
             while not self._queue or self._deferring():
                 if not self._queue and (stop.is_set() or self._closed):
@@ -347,22 +348,25 @@ class Journal:
             if not self._queue:
                 return None
             self._busy = True
-            return self._queue.popleft()
+            items = [self._queue.popleft()]
+            while items[0][0] == "record" and len(items) < batch and self._queue and self._queue[0][0] == "record":
+                items.append(self._queue.popleft())
+            return items
 
     def _done(self, rec: Record) -> None:
         with self._cond:
             self._forget(rec)
             self._applied = self._live[0].seq - 1 if self._live else self._seq
 
-    def run_materializer(self, apply: Callable[[bytes, dict[str, Any]], None],
-                         on_event: Callable[[str, Any], None], stop: threading.Event) -> None:
-        """Apply records and events in order until ``stop`` is set and the queue is empty.
+    def run_materializer(self, apply: Callable[[list[tuple[bytes, dict[str, Any]]]], None],
+                         on_event: Callable[[str, Any], None], stop: threading.Event, *, batch: int = 32) -> None:
+        """Apply records (up to ``batch`` at a time) and events in order until ``stop`` is set and the queue is empty.
 
-        ``apply(payload, meta)`` must make the instance durable in the spool or raise; a record
-        whose apply fails is retried (a full disk) with a pause, never dropped while the node runs.
+        ``apply([(payload, meta), ...])`` must make the instances durable in the spool or raise; records
+        whose apply fails are retried (a full disk) with a pause, never dropped while the node runs.
         """
-        while (item := self._next(stop)) is not None:
-            kind, value = item
+        while (items := self._next(stop, batch)) is not None:
+            kind, value = items[0]
             if kind != "record":
                 try:
                     on_event(kind, value)
@@ -371,16 +375,18 @@ class Journal:
                 with self._cond:
                     self._busy = False
                 continue
-            rec: Record = value
+            recs: list[Record] = [v for _, v in items]
             while True:
                 try:
-                    apply(self.payload(rec), rec.meta)
+                    apply([(self.payload(r), r.meta) for r in recs])
                     break
-                except Exception as exc:  # noqa: BLE001 - keep the record; it is replayed later at worst
-                    log.error("cannot move journal record %d into the spool (%s); retrying", rec.seq, exc)
+                except Exception as exc:  # noqa: BLE001 - keep the records; they are replayed later at worst
+                    log.error("cannot move journal records %d-%d into the spool (%s); retrying", recs[0].seq,
+                              recs[-1].seq, exc)
                     if stop.wait(1.0):
                         return
-            self._done(rec)
+            for r in recs:
+                self._done(r)
             with self._cond:
                 self._busy = False
 
@@ -402,7 +408,7 @@ def journal_files(directory: Path) -> Iterator[Path]:
         yield from sorted(directory.glob("*.bin"))
 
 
-def replay(directory: Path, apply: Callable[[bytes, dict[str, Any]], None]) -> int:
+def replay(directory: Path, apply: Callable[[list[tuple[bytes, dict[str, Any]]]], None], *, batch: int = 32) -> int:
     """Apply every pending record of every journal file in ``directory``; returns how many were applied.
 
     Call before any receiver opens the journals. A record whose apply fails stays pending and
@@ -411,9 +417,10 @@ def replay(directory: Path, apply: Callable[[bytes, dict[str, Any]], None]) -> i
     n = 0
     for path in journal_files(directory):
         records, top = pending_records(path)
-        for rec in records:
-            apply(read_payload(path, rec), rec.meta)
-            n += 1
+        for k in range(0, len(records), batch):
+            chunk = records[k:k + batch]
+            apply([(read_payload(path, rec), rec.meta) for rec in chunk])
+            n += len(chunk)
         _write_applied(path.with_suffix(".applied"), top)
         if records:
             log.warning("replayed %d acknowledged instance(s) from journal %s", len(records), path.name)

@@ -41,15 +41,16 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from dicomnode import ul
 from dicomnode._identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 from dicomnode.config import NodeConfig
+from dicomnode.dicomscan import check_complete
 from dicomnode.dimse_status import RJ_APP_CONTEXT, RJ_PROTOCOL_VERSION, STATUS_SUCCESS, store_status
 from dicomnode.errors import InvalidDatasetError, OutOfResourcesError
 from dicomnode.journal import Journal
 from dicomnode.metrics import record
-from dicomnode.spool import Spool, StoreOutcome, _check_complete, _valid_uid
+from dicomnode.spool import Spool, StoreOutcome, _valid_uid
 
 log = logging.getLogger(__name__)
 
-__all__ = ["INLINE_MAX", "NativeServer", "apply_record", "supported_contexts", "validate"]
+__all__ = ["INLINE_MAX", "NativeServer", "apply_records", "supported_contexts", "validate"]
 
 #: instances up to this size are held in memory while they arrive and go through the journal
 INLINE_MAX = 4 << 20
@@ -77,7 +78,7 @@ def validate(payload: bytes | bytearray, meta_length: int, transfer_syntax: str)
     fp = io.BytesIO(payload)
     fp.seek(meta_length)
     capture = dict.fromkeys(_UID_TAGS, b"")
-    _check_complete(fp, transfer_syntax, capture)
+    check_complete(fp, transfer_syntax, capture)
     uids = [_valid_uid(capture[t].decode("ascii", "replace")) for t in _UID_TAGS]
     missing = [n for n, v in zip(("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"), uids,
                                  strict=True) if v is None]
@@ -86,15 +87,17 @@ def validate(payload: bytes | bytearray, meta_length: int, transfer_syntax: str)
     return uids[0] or "", uids[1] or "", uids[2] or "", uids[3] or ""
 
 
-def apply_record(spool: Spool, payload: bytes, meta: dict[str, Any]) -> None:
-    """Move one journal record into the spool; a data set the spool cannot parse goes to quarantine.
+def apply_records(spool: Spool, items: list[tuple[bytes, dict[str, Any]]]) -> None:
+    """Move journal records into the spool (one sync, one commit); unparseable ones go to quarantine.
 
-    The quick check before the success status passed it, so this is rare (a value pydicom
-    rejects); the bytes are kept under ``<storage_dir>/quarantine`` with an error log line.
+    The quick check before the success status passed them, so a data set the spool rejects is rare
+    (a value pydicom refuses); its bytes are kept under ``<storage_dir>/quarantine`` with an error line.
     """
-    try:
-        outcome = spool.store(payload, assoc_id=meta.get("assoc_id"))
-    except InvalidDatasetError as exc:
+    results = spool.store_batch([(payload, meta.get("assoc_id")) for payload, meta in items])
+    for (payload, _), result in zip(items, results, strict=True):
+        if isinstance(result, StoreOutcome):
+            record("instance_stored", result is StoreOutcome.DUPLICATE)
+            continue
         qdir = spool.storage_dir / "quarantine"
         qdir.mkdir(parents=True, exist_ok=True)
         target = qdir / f"{uuid.uuid4().hex}.dcm"
@@ -102,10 +105,8 @@ def apply_record(spool: Spool, payload: bytes, meta: dict[str, Any]) -> None:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
-        log.error("acknowledged instance cannot be indexed (%s); kept as %s", exc, target)
+        log.error("acknowledged instance cannot be indexed (%s); kept as %s", result, target)
         record("instance_rejected", "quarantined")
-        return
-    record("instance_stored", outcome is StoreOutcome.DUPLICATE)
 
 
 class _Closed(Exception):
@@ -395,8 +396,8 @@ class NativeServer:
         elif kind == "abort":
             self.spool.abort_association(aid)
 
-    def _apply(self, payload: bytes, meta: dict[str, Any]) -> None:
-        apply_record(self.spool, payload, meta)
+    def _apply(self, items: list[tuple[bytes, dict[str, Any]]]) -> None:
+        apply_records(self.spool, items)
 
     def _report_backlog(self) -> None:
         """Tell the assembler (through the index) while acknowledged instances wait in the journal."""

@@ -463,10 +463,10 @@ def replay_journals(cfg: Config, spool: Spool) -> int:
         An acknowledged instance cannot be stored; the node must not start without it.
     """
     from dicomnode.journal import replay
-    from dicomnode.native_scp import apply_record
+    from dicomnode.native_scp import apply_records
 
     try:
-        n = replay(_journal_dir(cfg), lambda payload, meta: apply_record(spool, payload, meta))
+        n = replay(_journal_dir(cfg), lambda items: apply_records(spool, items))
         spool.clear_journal_backlog()
         return n
     except OSError as exc:

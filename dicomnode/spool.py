@@ -17,6 +17,7 @@ instances a receiver's journal still holds, reported by :mod:`dicomnode.native_s
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import io
 import json
@@ -25,19 +26,17 @@ import os
 import re
 import shutil
 import sqlite3
-import struct
 import time
 import uuid
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import pydicom
 from pydicom.filereader import _read_file_meta_info, read_preamble
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicomnode import db
+from dicomnode.dicomscan import check_complete
 from dicomnode.errors import InvalidDatasetError, OutOfResourcesError
 from dicomnode.router import SeriesInfo, routing_meta
 
@@ -91,115 +90,6 @@ _GIB = 1024**3
 _COPY_CHUNK = 1 << 20
 
 
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
-_UNDEFINED = 0xFFFFFFFF
-_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
-
-
-class _Truncated(Exception):
-    pass
-
-
-def _scan_elements(fp: BinaryIO, end: int, implicit: bool, little: bool, stop_tag: int | None,
-                   capture: dict[int, bytes] | None = None) -> None:
-    """Walk data elements (tags and lengths only) up to ``end`` or ``stop_tag``; raise _Truncated if short.
-
-    ``capture`` (top level only) maps tags to fill with their raw values when present.
-    """
-    order = "<" if little else ">"
-    while True:
-        head = fp.read(8)
-        if not head and stop_tag is None:
-            return
-        if len(head) < 8:
-            raise _Truncated("data element header cut off")
-        group, elem = struct.unpack(order + "HH", head[:4])
-        tag = (group << 16) | elem
-        if tag in (_ITEM_END, _SEQ_END) or group == 0xFFFE:
-            length = struct.unpack(order + "L", head[4:])[0]
-            if tag == stop_tag:
-                return
-            raise _Truncated(f"unexpected delimiter ({group:04X},{elem:04X})")
-        if implicit:
-            vr, length = b"", struct.unpack(order + "L", head[4:])[0]
-        else:
-            vr = head[4:6]
-            if vr in _LONG_VRS:
-                more = fp.read(4)
-                if len(more) < 4:
-                    raise _Truncated("data element length cut off")
-                length = struct.unpack(order + "L", more)[0]
-            else:
-                length = struct.unpack(order + "H", head[6:])[0]
-        if length == _UNDEFINED:
-            if tag == 0x7FE00010:
-                _scan_items(fp, end, implicit=False, little=little, encapsulated=True)
-            else:
-                # SQ (explicit or implicit) or UN of undefined length: implicit VR little endian inside for UN
-                _scan_items(fp, end, implicit=implicit or vr == b"UN", little=little if vr != b"UN" else True,
-                            encapsulated=False)
-        elif capture is not None and tag in capture:
-            value = fp.read(length)
-            if len(value) < length:
-                raise _Truncated(f"value of ({group:04X},{elem:04X}) runs past the end of the data")
-            capture[tag] = value
-        else:
-            fp.seek(length, os.SEEK_CUR)
-            if fp.tell() > end:
-                raise _Truncated(f"value of ({group:04X},{elem:04X}) runs past the end of the data")
-        if stop_tag is None and fp.tell() == end:
-            return
-
-
-def _scan_items(fp: BinaryIO, end: int, *, implicit: bool, little: bool, encapsulated: bool) -> None:
-    order = "<" if little else ">"
-    while True:
-        head = fp.read(8)
-        if len(head) < 8:
-            raise _Truncated("sequence cut off before its delimiter")
-        group, elem = struct.unpack(order + "HH", head[:4])
-        tag = (group << 16) | elem
-        length = struct.unpack(order + "L", head[4:])[0]
-        if tag == _SEQ_END:
-            return
-        if tag != _ITEM:
-            raise _Truncated(f"unexpected tag ({group:04X},{elem:04X}) in a sequence")
-        if length == _UNDEFINED:
-            if encapsulated:
-                raise _Truncated("encapsulated fragment of undefined length")
-            _scan_elements(fp, end, implicit, little, stop_tag=_ITEM_END)
-        else:
-            fp.seek(length, os.SEEK_CUR)
-            if fp.tell() > end:
-                raise _Truncated("sequence item runs past the end of the data")
-
-
-def _check_complete(fp: BinaryIO, transfer_syntax: str, capture: dict[int, bytes] | None = None) -> None:
-    """Verify the data set after the file meta is structurally complete (not cut off mid-element).
-
-    ``capture``: see :func:`_scan_elements` (not filled for deflated data sets).
-    """
-    start = fp.tell()
-    size = fp.seek(0, os.SEEK_END)
-    fp.seek(start)
-    try:
-        if transfer_syntax == DeflatedExplicitVRLittleEndian:
-            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-            while chunk := fp.read(_COPY_CHUNK):
-                inflater.decompress(chunk, 0)
-                while inflater.unconsumed_tail:
-                    inflater.decompress(inflater.unconsumed_tail, 0)
-            if not inflater.eof:
-                raise _Truncated("deflated data set cut off")
-            return
-        ts = UID(transfer_syntax) if transfer_syntax else ImplicitVRLittleEndian
-        implicit, little = (ts.is_implicit_VR, ts.is_little_endian) if ts.is_transfer_syntax else (False, True)
-        if start < size:
-            _scan_elements(fp, size, implicit, little, stop_tag=None, capture=capture)
-    except (_Truncated, struct.error, zlib.error) as exc:
-        raise InvalidDatasetError(f"received data set is truncated or malformed: {exc}") from exc
-
-
 class StoreOutcome(enum.Enum):
     """Result of :meth:`Spool.store`."""
 
@@ -246,6 +136,52 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _sync_filesystem(root: Path, files: list[Path]) -> None:
+    """Make ``files`` and their directory entries durable: one ``syncfs`` of ``root``'s file system.
+
+    Falls back to fsyncing every file and directory where ``syncfs`` is not available.
+    """
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _LIBC is not None and _LIBC.syncfs(fd) == 0:
+            return
+    finally:
+        os.close(fd)
+    dirs: set[Path] = set()
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        dirs.update((f.parent, f.parent.parent))
+    for d in sorted(dirs) + [root]:
+        _fsync_dir(d)
+
+
+def _load_libc() -> Any:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc if hasattr(libc, "syncfs") else None
+    except OSError:  # pragma: no cover - not Linux
+        return None
+
+
+_LIBC = _load_libc()
+
+
+@dataclass(frozen=True)
+class _Identity:
+    """What the index needs from a parsed instance."""
+
+    sop: str
+    sop_class: str
+    study: str
+    series: str
+    transfer_syntax: str
+    meta: dict[str, Any] = field(hash=False)
 
 
 def _valid_uid(value: Any) -> str | None:
@@ -324,7 +260,7 @@ class Spool:
             _read_file_meta_info(fp)
         except Exception as exc:  # noqa: BLE001 - anything pydicom raises means "cannot parse"
             raise InvalidDatasetError(f"cannot parse received dataset: {type(exc).__name__}: {exc}") from exc
-        _check_complete(fp, ts)
+        check_complete(fp, ts)
         return ds, ts
 
     def _take_input(self, encoded: bytes | bytearray | memoryview | str | os.PathLike[str]) -> Path:
@@ -376,13 +312,94 @@ class Spool:
             raise OutOfResourcesError(
                 f"free disk space below {self.disk_min_free_gb:g} GiB on {self.root}")
         if isinstance(encoded, bytes | bytearray | memoryview):
-            ds, ts = self._parse(io.BytesIO(bytes(encoded)))
+            ident = self._identify(io.BytesIO(bytes(encoded)))
         else:
             try:
                 with open(encoded, "rb") as fp:
-                    ds, ts = self._parse(fp)
+                    ident = self._identify(fp)
             except OSError as exc:
                 raise OutOfResourcesError(f"cannot read received file {encoded}: {exc}") from exc
+        conn = self._conn
+        if conn.execute("SELECT 1 FROM instances WHERE sop_instance_uid=?", (ident.sop,)).fetchone():
+            log.info("duplicate instance %s ignored", ident.sop)
+            return StoreOutcome.DUPLICATE
+
+        tmp = self._take_input(encoded)
+        final = self._final_path(ident)
+        try:
+            created = not final.parent.exists()
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
+            if created:
+                _fsync_dir(final.parent.parent)
+                _fsync_dir(self.root)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise OutOfResourcesError(f"cannot move instance into spool: {exc}") from exc
+        try:
+            with db.transaction(conn):
+                outcome = self._index(conn, ident, final, assoc_id, time.time())
+        except sqlite3.Error as exc:
+            raise OutOfResourcesError(f"cannot index instance {ident.sop}: {exc}") from exc
+        log.debug("stored %s in series %s", ident.sop, ident.series)
+        return outcome
+
+    def store_batch(self, items: list[tuple[bytes, str | None]]) -> list[StoreOutcome | InvalidDatasetError]:
+        """Persist several instances (File Format bytes, association id) with one file-system sync and one commit.
+
+        Each file is written and renamed into place without its own fsync; one ``syncfs`` of the
+        spool's file system then makes all of them (and their directories) durable before a single
+        transaction indexes them. An item that cannot be parsed gets its InvalidDatasetError in the
+        result list and does not stop the others.
+
+        Raises
+        ------
+        OutOfResourcesError
+            Free disk below the minimum, or a write, the sync or the index update failed (nothing indexed).
+        """
+        if not self.disk_ok():
+            raise OutOfResourcesError(f"free disk space below {self.disk_min_free_gb:g} GiB on {self.root}")
+        conn = self._conn
+        results: list[StoreOutcome | InvalidDatasetError] = []
+        placed: list[tuple[int, _Identity, Path, str | None]] = []
+        seen: set[str] = set()
+        try:
+            for k, (data, assoc_id) in enumerate(items):
+                try:
+                    ident = self._identify(io.BytesIO(data))
+                except InvalidDatasetError as exc:
+                    results.append(exc)
+                    continue
+                if ident.sop in seen or conn.execute("SELECT 1 FROM instances WHERE sop_instance_uid=?",
+                                                     (ident.sop,)).fetchone():
+                    results.append(StoreOutcome.DUPLICATE)
+                    continue
+                seen.add(ident.sop)
+                final = self._final_path(ident)
+                final.parent.mkdir(parents=True, exist_ok=True)
+                tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, final)
+                placed.append((k, ident, final, assoc_id))
+                results.append(StoreOutcome.STORED)
+            if placed:
+                _sync_filesystem(self.root, [p for _, _, p, _ in placed])
+        except OSError as exc:
+            raise OutOfResourcesError(f"cannot write instances into the spool: {exc}") from exc
+        now = time.time()
+        try:
+            with db.transaction(conn):
+                for k, ident, final, assoc_id in placed:
+                    results[k] = self._index(conn, ident, final, assoc_id, now)
+        except sqlite3.Error as exc:
+            raise OutOfResourcesError(f"cannot index {len(placed)} instances: {exc}") from exc
+        return results
+
+    def _identify(self, fp: BinaryIO) -> _Identity:
+        """Parse and check a received file; its UIDs, transfer syntax and routing attributes."""
+        ds, ts = self._parse(fp)
         try:
             sop = _valid_uid(ds.get("SOPInstanceUID"))
             sop_class = _valid_uid(ds.get("SOPClassUID")) or _valid_uid(ds.file_meta.get("MediaStorageSOPClassUID"))
@@ -396,57 +413,40 @@ class Spool:
         if missing:
             raise InvalidDatasetError(f"received dataset lacks valid {', '.join(missing)}")
         assert sop and sop_class and study and series
-        conn = self._conn
-        if conn.execute("SELECT 1 FROM instances WHERE sop_instance_uid=?", (sop,)).fetchone():
-            log.info("duplicate instance %s ignored", sop)
+        return _Identity(sop, sop_class, study, series, ts, meta)
+
+    def _final_path(self, ident: _Identity) -> Path:
+        return self.root / ident.study / ident.series / f"{ident.sop}.dcm"
+
+    def _index(self, conn: sqlite3.Connection, ident: _Identity, final: Path, assoc_id: str | None,
+               now: float) -> StoreOutcome:
+        """Index rows of one placed instance (inside the caller's transaction)."""
+        cur = conn.execute(
+            "INSERT OR IGNORE INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid, path,"
+            " transfer_syntax, received_at, assoc_id) VALUES (?,?,?,?,?,?,?,?)",
+            (ident.sop, ident.sop_class, ident.study, ident.series, str(final.relative_to(self.storage_dir)),
+             ident.transfer_syntax, now, assoc_id))
+        if cur.rowcount == 0:
             return StoreOutcome.DUPLICATE
-
-        tmp = self._take_input(encoded)
-        final_dir = self.root / study / series
-        final = final_dir / f"{sop}.dcm"
-        try:
-            created = not final_dir.exists()
-            final_dir.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, final)
-            _fsync_dir(final_dir)
-            if created:
-                _fsync_dir(final_dir.parent)
-                _fsync_dir(self.root)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise OutOfResourcesError(f"cannot move instance into spool: {exc}") from exc
-
-        now = time.time()
-        try:
-            with db.transaction(conn):
-                cur = conn.execute(
-                    "INSERT OR IGNORE INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid, path,"
-                    " transfer_syntax, received_at, assoc_id) VALUES (?,?,?,?,?,?,?,?)",
-                    (sop, sop_class, study, series, str(final.relative_to(self.storage_dir)), ts, now, assoc_id))
-                if cur.rowcount == 0:
-                    return StoreOutcome.DUPLICATE
-                row = conn.execute("SELECT meta_json FROM series WHERE series_uid=?", (series,)).fetchone()
-                expected = _expected_from_header(meta)
-                if row is None:
-                    conn.execute(
-                        "INSERT INTO series (series_uid, study_uid, meta_json, n_instances, first_received,"
-                        " last_received, expected_count, expected_source) VALUES (?,?,?,?,?,?,?,?)",
-                        (series, study, json.dumps(meta), 1, now, now, expected,
-                         None if expected is None else "header"))
-                else:
-                    stored = json.loads(row["meta_json"])
-                    views = set(stored.get("view_positions") or ())
-                    if not set(meta["view_positions"]) <= views:
-                        stored["view_positions"] = sorted(views | set(meta["view_positions"]))
-                        conn.execute("UPDATE series SET meta_json=? WHERE series_uid=?", (json.dumps(stored), series))
-                    conn.execute(
-                        "UPDATE series SET n_instances=n_instances+1, last_received=? WHERE series_uid=?",
-                        (now, series))
-                if assoc_id is not None:
-                    conn.execute("UPDATE associations SET n_stored=n_stored+1 WHERE assoc_id=?", (assoc_id,))
-        except sqlite3.Error as exc:
-            raise OutOfResourcesError(f"cannot index instance {sop}: {exc}") from exc
-        log.debug("stored %s in series %s", sop, series)
+        meta, series = ident.meta, ident.series
+        row = conn.execute("SELECT meta_json FROM series WHERE series_uid=?", (series,)).fetchone()
+        expected = _expected_from_header(meta)
+        if row is None:
+            conn.execute(
+                "INSERT INTO series (series_uid, study_uid, meta_json, n_instances, first_received,"
+                " last_received, expected_count, expected_source) VALUES (?,?,?,?,?,?,?,?)",
+                (series, ident.study, json.dumps(meta), 1, now, now, expected,
+                 None if expected is None else "header"))
+        else:
+            stored = json.loads(row["meta_json"])
+            views = set(stored.get("view_positions") or ())
+            if not set(meta["view_positions"]) <= views:
+                stored["view_positions"] = sorted(views | set(meta["view_positions"]))
+                conn.execute("UPDATE series SET meta_json=? WHERE series_uid=?", (json.dumps(stored), series))
+            conn.execute("UPDATE series SET n_instances=n_instances+1, last_received=? WHERE series_uid=?",
+                         (now, series))
+        if assoc_id is not None:
+            conn.execute("UPDATE associations SET n_stored=n_stored+1 WHERE assoc_id=?", (assoc_id,))
         return StoreOutcome.STORED
 
     # ------------------------------------------------------------------ associations

@@ -23,9 +23,9 @@ def _drain(journal: Journal, got: list[bytes], events: list[tuple[str, object]] 
            delay_s: float = 0.0, apply_s: float = 0.0) -> tuple[threading.Thread, threading.Event]:
     stop = threading.Event()
 
-    def apply(payload: bytes, meta: dict) -> None:
+    def apply(items: list[tuple[bytes, dict]]) -> None:
         time.sleep(apply_s)  # a spool slower than the receivers
-        got.append(payload)
+        got.extend(payload for payload, _ in items)
 
     def run() -> None:
         time.sleep(delay_s)
@@ -93,9 +93,9 @@ def test_replay_after_crash_applies_each_acknowledged_record_once(tmp_path: Path
         j.append(p, {"i": i})
     # crash: no materializer ran, nothing was closed
     got: list[tuple[bytes, int]] = []
-    assert replay(tmp_path, lambda payload, meta: got.append((payload, meta["i"]))) == 8
+    assert replay(tmp_path, lambda items: got.extend((p, m["i"]) for p, m in items), batch=3) == 8
     assert got == [(p, i) for i, p in enumerate(data)]
-    assert replay(tmp_path, lambda payload, meta: got.append((payload, -1))) == 0
+    assert replay(tmp_path, lambda items: got.extend((p, -1) for p, _ in items)) == 0
     # a journal opened afterwards continues the numbering and does not replay the old records
     j2 = Journal(tmp_path / "0.bin", 8 << 20)
     rec = j2.append(b"new", {"i": 99})

@@ -238,3 +238,46 @@ def test_queries_and_retention_delete(spool: Spool) -> None:
     # a fresh Spool on the same directory sees the same index (schema is idempotent)
     again = Spool(spool.storage_dir, 0)
     assert [r.study_uid for r in again.series_records()] == [s1]
+
+
+def test_store_batch_syncs_once_and_indexes_all(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch: one file-system sync before one commit; duplicates (earlier or within) and garbage are reported."""
+    import dicomnode.spool as spool_mod
+
+    study, series = generate_uid(), generate_uid()
+    first = make_instance(study, series)
+    assert spool.store(first, assoc_id=None) is StoreOutcome.STORED
+    fresh = [make_instance(study, series) for _ in range(3)]
+    syncs: list[int] = []
+    real = spool_mod._sync_filesystem
+
+    def counting(root: Path, files: list[Path]) -> None:
+        assert len(spool.instances(study)) == 1  # nothing of the batch is indexed before the sync
+        syncs.append(len(files))
+        real(root, files)
+
+    monkeypatch.setattr(spool_mod, "_sync_filesystem", counting)
+    spool.open_association("a1", "PACS", "127.0.0.1")
+    out = spool.store_batch([(fresh[0], "a1"), (first, "a1"), (b"garbage", "a1"), (fresh[1], "a1"),
+                             (fresh[1], "a1"), (fresh[2], None)])
+    assert out[0] is StoreOutcome.STORED and out[1] is StoreOutcome.DUPLICATE
+    assert isinstance(out[2], InvalidDatasetError)
+    assert out[3:] == [StoreOutcome.STORED, StoreOutcome.DUPLICATE, StoreOutcome.STORED]
+    assert syncs == [3]
+    stored = {i.path.read_bytes() for i in spool.instances(study)}
+    assert stored == {first, *fresh}
+    assert spool.series_records()[0].n_instances == 4
+    assert list(spool.tmp_dir.iterdir()) == []
+
+
+def test_store_batch_sync_falls_back_to_fsync(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dicomnode.spool as spool_mod
+
+    monkeypatch.setattr(spool_mod, "_LIBC", None)  # no syncfs: every file and directory is fsynced
+    fsynced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(spool_mod.os, "fsync", lambda fd: (fsynced.append(fd), real_fsync(fd)))
+    study, series = generate_uid(), generate_uid()
+    out = spool.store_batch([(make_instance(study, series), None) for _ in range(2)])
+    assert out == [StoreOutcome.STORED, StoreOutcome.STORED]
+    assert len(fsynced) >= 2 + 2  # two files, their series and study directories, the spool root
