@@ -169,7 +169,9 @@ def storescp_target(work: Path) -> Iterator[tuple[int, str, Callable[[], list[in
     port = free_port()
     out = work / "storescp"
     out.mkdir(parents=True)
-    proc = subprocess.Popen([STORESCP, "--max-pdu", str(PDU), "-aet", "STORESCP", "--output-directory", str(out),
+    # --fork: one process per association, as a site runs it for concurrent senders (without it storescp
+    # serves parallel associations one after the other)
+    proc = subprocess.Popen([STORESCP, "--fork", "--max-pdu", str(PDU), "-aet", "STORESCP", "--output-directory", str(out),
                              str(port)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_echo(port)
@@ -302,7 +304,8 @@ def render(res: dict) -> str:
         f"runs {res['processes']} receiver processes (SO_REUSEPORT) with its own DICOM upper layer "
         "(`dicomnode.native_scp`): every instance is appended to the receive journal and `fdatasync`ed before the "
         "success status, then moved into the spool (file, directory and SQLite index, all fsynced) by a "
-        "materializer thread. dcmtk storescp writes without any fsync. \"acknowledged\" is images / time until "
+        "materializer thread. dcmtk storescp runs with `--fork` (a process per association) and writes without any "
+        "fsync. \"acknowledged\" is images / time until "
         "storescu finished; \"indexed\" is images / time until the last one was also in the spool index (for the "
         "peers, which have no such stage, the same figure). The node is measured as one that has been up for a "
         "while, its journals pre-allocated (a quiet node writes them once, in the background); \"fresh journal\" "
