@@ -147,3 +147,16 @@ def test_unrouted_study_is_recorded_and_purged_after_retention(tmp_path: Path) -
     assert asm.purge_expired(now + 3600) == 0  # retention is one day
     assert asm.purge_expired(now + 2 * 86400) == 1
     assert spool.series_records(study) == [] and not (spool.root / study).exists()
+
+
+def test_quiet_period_waits_while_a_journal_holds_acknowledged_instances(tmp_path: Path) -> None:
+    """Instances acknowledged but still in a receiver's journal keep a quiet study open."""
+    spool, queue, asm = _setup(tmp_path)
+    study, series = generate_uid(), generate_uid()
+    _store(spool, study, series, 0)
+    spool.set_journal_backlog("0.bin", 3)
+    later = time.time() + 2.0
+    assert asm.poll_once(later) == []
+    assert asm.study(study).state == "receiving"  # type: ignore[union-attr]
+    spool.set_journal_backlog("0.bin", 0)
+    assert asm.poll_once(later) == [study]

@@ -281,3 +281,21 @@ def test_store_batch_sync_falls_back_to_fsync(spool: Spool, monkeypatch: pytest.
     out = spool.store_batch([(make_instance(study, series), None) for _ in range(2)])
     assert out == [StoreOutcome.STORED, StoreOutcome.STORED]
     assert len(fsynced) >= 2 + 2  # two files, their series and study directories, the spool root
+
+
+def test_journal_backlog_reports_hold_quiet_completion_and_show_in_status(tmp_path: Path) -> None:
+    from dicomnode.config import Config
+    from dicomnode.status import status_text
+
+    spool = Spool(tmp_path / "var", disk_min_free_gb=0)
+    assert not spool.journal_busy()
+    spool.set_journal_backlog("0.bin", 5)
+    assert spool.journal_busy()
+    assert not spool.journal_busy(now=__import__("time").time() + 60)  # a receiver that stopped reporting
+    text = status_text(Config.model_validate({"node": {"storage_dir": str(tmp_path / "var")}}))
+    assert "RECEIVE JOURNALS" in text and "0.bin  pending=5" in text
+    spool.set_journal_backlog("0.bin", 0)
+    assert not spool.journal_busy()
+    spool.set_journal_backlog("1.bin", 2)
+    spool.clear_journal_backlog()
+    assert not spool.journal_busy()
