@@ -100,6 +100,14 @@ def _read_applied(path: Path) -> int:
         return 0
 
 
+def _fsync_path(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_applied(path: Path, seq: int) -> None:
     tmp = path.with_suffix(".applied.tmp")
     with open(tmp, "w") as f:
@@ -107,11 +115,7 @@ def _write_applied(path: Path, seq: int) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync_path(path.parent)
 
 
 def pending_records(path: Path) -> tuple[list[Record], int]:
@@ -172,7 +176,10 @@ class Journal:
 
     def __init__(self, path: Path, max_bytes: int, *, wait_s: float = 60.0, defer_s: float = 5.0) -> None:
         self.path = Path(path)
+        created = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if created:  # the journal directory's own entry must survive a crash too
+            _fsync_path(self.path.parent.parent)
         self.max_bytes = max(_align(max_bytes), 4 * _BLOCK)
         self.wait_s = wait_s
         self._applied_path = self.path.with_suffix(".applied")
