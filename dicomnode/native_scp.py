@@ -109,6 +109,10 @@ def apply_records(spool: Spool, items: list[tuple[bytes, dict[str, Any]]]) -> No
         record("instance_rejected", "quarantined")
 
 
+def _raise(exc: Exception) -> None:
+    raise exc
+
+
 class _Closed(Exception):
     """The peer closed the connection."""
 
@@ -122,27 +126,44 @@ class _Instance:
         self._tmp_dir = tmp_dir
         self.file: Any = None
         self.path: Path | None = None
+        self.error: OSError | None = None  # the spill file could not be written (disk full): answer 0xA700
 
     def add(self, fragment: memoryview) -> None:
-        if self.file is None and len(self.buf) + len(fragment) > INLINE_MAX:
-            self.path = self._tmp_dir / f"{uuid.uuid4().hex}.recv"
-            self.file = open(self.path, "wb")  # noqa: SIM115 - closed in finish/discard
-            self.file.write(self.buf)
-            self.buf = bytearray()
-        if self.file is not None:
-            self.file.write(fragment)
-        else:
-            self.buf += fragment
+        if self.error is not None:
+            return  # keep reading the peer's fragments, answer once the data set is complete
+        try:
+            if self.file is None and len(self.buf) + len(fragment) > INLINE_MAX:
+                self.path = self._tmp_dir / f"{uuid.uuid4().hex}.recv"
+                self.file = open(self.path, "wb")  # noqa: SIM115 - closed in finish/discard
+                self.file.write(self.buf)
+                self.buf = bytearray()
+            if self.file is not None:
+                self.file.write(fragment)
+            else:
+                self.buf += fragment
+        except OSError as exc:
+            self.error = exc
+            self.discard()
 
     def finish(self) -> None:
         if self.file is not None:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError as exc:
+                self.error = exc
 
     def discard(self) -> None:
         if self.file is not None:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError:
+                pass
+            self.file = None
         if self.path is not None:
-            self.path.unlink(missing_ok=True)
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError:
+                log.warning("cannot remove partial file %s", self.path)
 
 
 class _Association:
@@ -176,8 +197,9 @@ class _Association:
 
     def _read_pdu(self) -> tuple[int, memoryview]:
         pdu_type, _, length = _PDU_HEADER.unpack(bytes(self._read_exact(6)))
-        if length > _MAX_PDU_BODY:
-            raise ul.ProtocolError(f"PDU of {length} bytes")
+        limit = self.server.node.max_pdu or _MAX_PDU_BODY  # what we announced (0: unlimited, within reason)
+        if length > max(limit, 1 << 16):
+            raise ul.ProtocolError(f"PDU of {length} bytes (maximum {limit})")
         return pdu_type, self._read_exact(length)
 
     def _send(self, data: bytes) -> None:
@@ -302,6 +324,10 @@ class _Association:
     def _store(self, cmd: ul.Command, ts: str, instance: _Instance) -> int:
         sop = cmd.sop_instance_uid or "?"
         server = self.server
+        if instance.error is not None:
+            instance.discard()
+            err = instance.error
+            return store_status(sop, self.aid, lambda: _raise(OutOfResourcesError(f"cannot spool the data set: {err}")))
         if instance.path is not None or server.journal is None or ts not in _FAST_SYNTAXES:
             data: Any = instance.path if instance.path is not None else bytes(instance.buf)
             try:

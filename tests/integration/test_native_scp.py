@@ -96,3 +96,35 @@ def test_journal_can_be_switched_off(make_node, tmp_path: Path) -> None:  # noqa
     # stored synchronously: indexed before the success status went out, no journal file
     assert stored_path(node.spool, f, timeout_s=0).exists()
     assert not (Path(node.cfg.node.storage_dir) / "journal" / "0.bin").exists()
+
+
+def test_spill_file_failure_answers_out_of_resources(make_node, tmp_path: Path,  # noqa: F811
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A data set too large for memory whose spill file cannot be written gets 0xA700; the node goes on."""
+    import pydicom
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    import dicomnode.native_scp as native
+
+    node = make_node()
+    monkeypatch.setattr(native, "INLINE_MAX", 1024)  # every instance spills to a file
+    real_open = open
+
+    def full_disk(path: object, mode: str = "r", *args: object, **kw: object) -> object:
+        if str(path).endswith(".recv"):
+            raise OSError(28, "No space left on device")
+        return real_open(path, mode, *args, **kw)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(native, "open", full_disk, raising=False)
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", node.port)
+    assert assoc.is_established
+    src = ct_file(tmp_path / "a.dcm")
+    assert int(assoc.send_c_store(pydicom.dcmread(src)).Status) == 0xA700
+    monkeypatch.setattr(native, "open", real_open, raising=False)  # space again: the retry is stored
+    assert int(assoc.send_c_store(pydicom.dcmread(src)).Status) == 0
+    assoc.release()
+    assert stored_path(node.spool, src).exists()
+    assert list(node.spool.tmp_dir.iterdir()) == []
