@@ -67,10 +67,9 @@ class Record:
     meta: dict[str, Any]
 
 
-def _encode_header(seq: int, payload: bytes | memoryview, meta: dict[str, Any]) -> bytes:
-    meta_b = json.dumps(meta, separators=(",", ":")).encode()
-    adler = zlib.adler32(payload) & 0xFFFFFFFF
-    rest = struct.pack("<QQII", seq, len(payload), len(meta_b), adler) + meta_b
+def _encode_header(seq: int, payload_length: int, adler: int, meta_b: bytes) -> bytes:
+    """The record header; its length does not depend on ``seq``."""
+    rest = struct.pack("<QQII", seq, payload_length, len(meta_b), adler) + meta_b
     crc = zlib.crc32(rest) & 0xFFFFFFFF
     return MAGIC + struct.pack("<I", crc) + rest
 
@@ -222,12 +221,12 @@ class Journal:
         OutOfResourcesError
             The ring stayed full for ``wait_s`` or the write failed.
         """
+        meta_b = json.dumps(meta, separators=(",", ":")).encode()
+        adler = zlib.adler32(payload) & 0xFFFFFFFF  # outside the lock: other associations keep appending
+        size = _align(_HEAD.size + len(meta_b) + len(payload))
+        if size > self.max_bytes // 2:
+            return None
         with self._cond:
-            seq = self._seq + 1
-            header = _encode_header(seq, payload, meta)
-            size = _align(len(header) + len(payload))
-            if size > self.max_bytes // 2:
-                return None
             deadline = time.monotonic() + self.wait_s
             while (at := self._room_at(size)) is None:
                 left = deadline - time.monotonic()
@@ -236,6 +235,8 @@ class Journal:
                 self._cond.wait(min(left, 1.0))
             if at < self._w:
                 self._persist_applied_locked()  # about to overwrite applied records: pointer first
+            seq = self._seq + 1  # numbered only now: a writer that waited for room must not reuse a number
+            header = _encode_header(seq, len(payload), adler, meta_b)
             self._seq = seq
             self._w = at + size
             self._reserved_hi = max(self._reserved_hi, self._w)

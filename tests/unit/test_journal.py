@@ -143,3 +143,31 @@ def test_prefill_allocates_the_ring_without_touching_records(tmp_path: Path) -> 
     stop_m.set()
     t.join(5)
     assert got == data
+
+
+def test_concurrent_writers_waiting_for_room_get_distinct_sequence_numbers(tmp_path: Path) -> None:
+    """Several associations append into a full ring: each record keeps its own number and arrives once."""
+    j = Journal(tmp_path / "0.bin", 1 << 20, wait_s=30, defer_s=0.0)
+    got: list[bytes] = []
+    t, stop = _drain(j, got, delay_s=0.2, apply_s=0.005)
+    seqs: list[int] = []
+    lock = threading.Lock()
+    data = {w: [bytes([w]) * 100_000 + i.to_bytes(4, "big") for i in range(15)] for w in range(4)}
+
+    def writer(w: int) -> None:
+        for p in data[w]:
+            rec = j.append(p, {"w": w})
+            assert rec is not None
+            with lock:
+                seqs.append(rec.seq)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in data]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    _wait_idle(j)
+    stop.set()
+    t.join(5)
+    assert len(seqs) == len(set(seqs)) == 60
+    assert sorted(got) == sorted(p for ps in data.values() for p in ps)
