@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from dicomnode.errors import OutOfResourcesError
+from dicomnode.fsutil import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -99,14 +100,6 @@ def _read_applied(path: Path) -> int:
         return 0
 
 
-def _fsync_path(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_applied(path: Path, seq: int) -> None:
     tmp = path.with_suffix(".applied.tmp")
     with open(tmp, "w") as f:
@@ -114,7 +107,7 @@ def _write_applied(path: Path, seq: int) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_path(path.parent)
+    fsync_path(path.parent)
 
 
 def pending_records(path: Path) -> tuple[list[Record], int]:
@@ -178,7 +171,7 @@ class Journal:
         created = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if created:  # the journal directory's own entry must survive a crash too
-            _fsync_path(self.path.parent.parent)
+            fsync_path(self.path.parent.parent)
         self.max_bytes = max(_align(max_bytes), 4 * _BLOCK)
         self.wait_s = wait_s
         self._applied_path = self.path.with_suffix(".applied")

@@ -25,6 +25,7 @@ from pydicom import Dataset
 
 from dicomnode import db
 from dicomnode.errors import ResultWriteError
+from dicomnode.fsutil import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +67,6 @@ class Delivery:
     last_error: str | None
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Outbox:
     """Result files and the ``deliveries`` table in the node database."""
 
@@ -108,8 +101,8 @@ class Outbox:
                     os.fsync(f.fileno())
                 os.replace(tmp, final)
                 paths.append(final)
-            _fsync_dir(folder)
-            _fsync_dir(self.root)
+            fsync_path(folder)
+            fsync_path(self.root)
         except (OSError, ValueError, AttributeError) as exc:
             raise ResultWriteError(f"cannot write result objects of job {job_id}: {exc}") from exc
         return paths

@@ -38,6 +38,7 @@ from pydicom.filereader import _read_file_meta_info, read_preamble
 from dicomnode import db
 from dicomnode.dicomscan import check_complete
 from dicomnode.errors import InvalidDatasetError, OutOfResourcesError
+from dicomnode.fsutil import fsync_path
 from dicomnode.router import SeriesInfo, routing_meta
 
 log = logging.getLogger(__name__)
@@ -130,14 +131,6 @@ class SeriesRecord:
         return SeriesInfo.from_meta(self.meta, self.n_instances)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _sync_filesystem(root: Path, files: list[Path]) -> None:
     """Make ``files`` and their directory entries durable: one ``syncfs`` of ``root``'s file system.
 
@@ -151,14 +144,10 @@ def _sync_filesystem(root: Path, files: list[Path]) -> None:
         os.close(fd)
     dirs: set[Path] = set()
     for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(f)
         dirs.update((f.parent, f.parent.parent))
     for d in sorted(dirs) + [root]:
-        _fsync_dir(d)
+        fsync_path(d)
 
 
 def _load_libc() -> Any:
@@ -276,11 +265,7 @@ class Spool:
             src = Path(encoded)
             if os.stat(src).st_dev == self._tmp_dev:
                 # Same file system: fsync the received file and move it, no copy.
-                fd = os.open(src, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                fsync_path(src)
                 os.replace(src, tmp)
                 return tmp
             with open(src, "rb") as fin, open(tmp, "wb") as fout:
@@ -330,10 +315,10 @@ class Spool:
             created = not final.parent.exists()
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_path(final.parent)
             if created:
-                _fsync_dir(final.parent.parent)
-                _fsync_dir(self.root)
+                fsync_path(final.parent.parent)
+                fsync_path(self.root)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise OutOfResourcesError(f"cannot move instance into spool: {exc}") from exc
