@@ -67,8 +67,8 @@ def supported_contexts(transfer_syntaxes: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def validate(payload: bytes | bytearray, meta_length: int, transfer_syntax: str) -> tuple[str, str, str, str]:
-    """Structural check of a received data set; its (SOP class, SOP instance, study, series) UIDs.
+def validate(payload: bytes | bytearray, meta_length: int, transfer_syntax: str) -> None:
+    """Structural check of a received data set, and that it names its SOP class, instance, study and series.
 
     Raises
     ------
@@ -84,7 +84,6 @@ def validate(payload: bytes | bytearray, meta_length: int, transfer_syntax: str)
                                  strict=True) if v is None]
     if missing:
         raise InvalidDatasetError(f"received dataset lacks valid {', '.join(missing)}")
-    return uids[0] or "", uids[1] or "", uids[2] or "", uids[3] or ""
 
 
 def apply_records(spool: Spool, items: list[tuple[bytes, dict[str, Any]]]) -> None:
@@ -107,10 +106,6 @@ def apply_records(spool: Spool, items: list[tuple[bytes, dict[str, Any]]]) -> No
             os.fsync(f.fileno())
         log.error("acknowledged instance cannot be indexed (%s); kept as %s", result, target)
         record("instance_rejected", "quarantined")
-
-
-def _raise(exc: Exception) -> None:
-    raise exc
 
 
 class _Closed(Exception):
@@ -327,7 +322,11 @@ class _Association:
         if instance.error is not None:
             instance.discard()
             err = instance.error
-            return store_status(sop, self.aid, lambda: _raise(OutOfResourcesError(f"cannot spool the data set: {err}")))
+
+            def spill_failed() -> None:
+                raise OutOfResourcesError(f"cannot spool the data set: {err}")
+
+            return store_status(sop, self.aid, spill_failed)
         if instance.path is not None or server.journal is None or ts not in _FAST_SYNTAXES:
             data: Any = instance.path if instance.path is not None else bytes(instance.buf)
             try:
@@ -340,7 +339,7 @@ class _Association:
                 raise OutOfResourcesError(f"free disk space below {server.spool.disk_min_free_gb:g} GiB")
             validate(instance.buf, instance.meta_length, ts)
             assert server.journal is not None
-            if server.journal.append(instance.buf, {"assoc_id": self.aid, "t": time.time()}) is None:
+            if server.journal.append(instance.buf, {"assoc_id": self.aid}) is None:
                 return server.spool.store(bytes(instance.buf), assoc_id=self.aid)
             return None
 

@@ -426,23 +426,18 @@ class ReceiverGroup:
         first waits one report interval.
         """
         deadline = time.monotonic() + timeout_s
-        journal = getattr(self._server, "journal", None)
         if self._server is not None:
-            if journal is None:
-                return True
-            while not journal.idle():
-                if time.monotonic() > deadline:
-                    return False
-                time.sleep(0.01)
+            journal = getattr(self._server, "journal", None)
+            busy: Callable[[], bool] = (lambda: not journal.idle()) if journal is not None else (lambda: False)
+        elif self._processes and self._storage_dir is not None:
+            time.sleep(0.3)
+            busy = Spool(self._storage_dir, 0.0).journal_busy
+        else:
             return True
-        if not self._processes:
-            return True
-        time.sleep(0.3)
-        spool = Spool(self._storage_dir, 0.0) if self._storage_dir is not None else None
-        while spool is not None and spool.journal_busy():
+        while busy():
             if time.monotonic() > deadline:
                 return False
-            time.sleep(0.05)
+            time.sleep(0.01)
         return True
 
     def wait(self) -> None:
