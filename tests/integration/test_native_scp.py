@@ -6,9 +6,11 @@ import socket
 import struct
 from pathlib import Path
 
+import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from dicomnode._identity import IMPLEMENTATION_CLASS_UID
 from dicomnode.journal import Journal
 from dicomnode.scp import start_receivers
 from dicomnode.spool import Spool
@@ -101,7 +103,6 @@ def test_journal_can_be_switched_off(make_node, tmp_path: Path) -> None:  # noqa
 def test_spill_file_failure_answers_out_of_resources(make_node, tmp_path: Path,  # noqa: F811
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """A data set too large for memory whose spill file cannot be written gets 0xA700; the node goes on."""
-    import pydicom
     from pynetdicom import AE
     from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
@@ -128,3 +129,21 @@ def test_spill_file_failure_answers_out_of_resources(make_node, tmp_path: Path, 
     assoc.release()
     assert stored_path(node.spool, src).exists()
     assert list(node.spool.tmp_dir.iterdir()) == []
+
+
+def test_spooled_files_with_our_file_meta_pass_dciodvfy(make_node, tmp_path: Path) -> None:  # noqa: F811
+    """The receiver writes the Part 10 file meta itself: a spooled scanner image must still validate."""
+    from tests.conftest import run_dciodvfy
+    from training.synth import wrist_fracture
+
+    wrist_fracture.generate(tmp_path / "src", 1, seed=3, workers=1)
+    files = sorted((tmp_path / "src").rglob("*.dcm"))
+    node = make_node()
+    assert storescu(node.port, *map(str, files)).returncode == 0
+    for f in files:
+        stored = stored_path(node.spool, f)
+        errors, output = run_dciodvfy(stored)
+        assert errors == [], output
+        meta = pydicom.dcmread(stored, stop_before_pixels=True).file_meta
+        assert meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
+        assert meta.SourceApplicationEntityTitle.strip() == "STORESCU"
