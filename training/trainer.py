@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from inference.bundle import BundleMeta, save_bundle
 from inference.errors import DicomNodeError
-from inference.runtime import autocast_context, select_device
+from inference.runtime import autocast_context, select_device, to_channels_last
 from training.adapter import EvalResult, TaskAdapter, TaskConfig, move_to
 from training.data import RecordDataset, SampleCache, Split, SplitConfig, data_hash
 
@@ -87,6 +87,8 @@ class TrainConfig(BaseModel):
     fp16_weights: bool = False
     synthetic_only: bool | None = Field(None, description="None: true when every manifest row says synthetic")
     log_every_steps: int = Field(50, ge=1)
+    channels_last: bool = Field(True, description="train 2-D conv nets in channels-last memory (faster on CUDA and "
+                                "on the oneDNN CPU path; the saved weights are the same)")
 
 
 @dataclass
@@ -359,6 +361,8 @@ def train(
     sampler = EpochSampler(len(train_ds), seed=cfg.seed, labels=train_ds.labels() if cfg.balanced_sampling else None,
                            rank=dist_info.rank, world_size=dist_info.world_size)
     model: torch.nn.Module = adapter.build_model(tcfg).to(device)
+    if cfg.channels_last:
+        model = to_channels_last(model)
     if dist_info.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dist_info.local_rank] if device.type == "cuda" else None)
