@@ -61,3 +61,20 @@ def test_dropout_only_in_train_mode() -> None:
         assert torch.equal(m(x), m(x))
         m.train()
         assert not torch.equal(m(x), m(x))
+
+
+def test_default_init_is_keras_glorot_uniform_with_zero_biases() -> None:
+    torch.manual_seed(0)
+    m = UNet2D()
+    convs = [mod for mod in m.modules() if isinstance(mod, nn.Conv2d)]
+    for conv in convs:
+        rf = conv.kernel_size[0] * conv.kernel_size[1]
+        bound = (6.0 / (conv.in_channels * rf + conv.out_channels * rf)) ** 0.5
+        w = conv.weight.detach()
+        assert float(w.abs().max()) <= bound + 1e-7
+        assert abs(float(w.std()) - bound / 3**0.5) < 0.15 * bound  # uniform(-b, b) has std b / sqrt(3)
+        assert conv.bias is not None and not conv.bias.detach().any()
+    torch_init = UNet2D(init="torch")
+    assert any(mod.bias.detach().any() for mod in torch_init.modules() if isinstance(mod, nn.Conv2d))
+    with pytest.raises(ValueError, match="init"):
+        UNet2D(init="he")
