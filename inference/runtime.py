@@ -23,7 +23,7 @@ from inference.errors import TaskError
 log = logging.getLogger(__name__)
 
 __all__ = ["StageTimer", "autocast_context", "device_prefetch", "prefetch_map", "prepare_model", "run_batched", "select_device",
-           "to_channels_last", "uses_2d_convs"]
+           "to_channels_last"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -53,20 +53,18 @@ def select_device(preference: str | torch.device = "auto") -> torch.device:
     raise TaskError(f"unknown device {preference!r}; use auto, cpu or cuda")
 
 
-def uses_2d_convs(model: torch.nn.Module) -> bool:
-    """True when ``model`` has 2-D convolutions (and so runs faster in channels-last memory)."""
+def _uses_2d_convs(model: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
 
 
 def to_channels_last(model: torch.nn.Module) -> torch.nn.Module:
     """``model`` in channels-last memory when it has 2-D convolutions, on every device.
 
-    Channels-last is faster on CUDA and, measured on the project's 2-core CPU machine
-    (oneDNN), also on CPU: training steps 1.2-2x faster (U-Net 1.6x, motion CNN 1.5x,
-    ResNet50 1.4x), inference equal or faster (detectors 1.1-1.3x). Convolutions pick
-    the layout from their weights, so inputs need no conversion.
+    Channels-last is faster on CUDA and, on the oneDNN CPU path, also on CPU
+    (``benchmarks/channels_last.py``, figures in benchmarks/README.md). Convolutions
+    pick the layout from their weights, so inputs need no conversion.
     """
-    return model.to(memory_format=torch.channels_last) if uses_2d_convs(model) else model
+    return model.to(memory_format=torch.channels_last) if _uses_2d_convs(model) else model
 
 
 def prepare_model(model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:

@@ -31,18 +31,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["FAITHFUL_PARAMS", "UNet2D", "keras_init"]
+__all__ = ["FAITHFUL_PARAMS", "UNet2D"]
 
 FAITHFUL_PARAMS = 211_011
 
 
-def keras_init(module: nn.Module) -> None:
+def _keras_init(module: nn.Module) -> None:
     """Glorot-uniform weights and zero biases for every conv (Keras's defaults), in place."""
     for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+        if isinstance(m, nn.Conv2d):
             nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+            nn.init.zeros_(m.bias)
 
 
 def _double_conv(cin: int, cout: int) -> nn.Sequential:
@@ -123,7 +122,7 @@ class UNet2D(nn.Module):
             prev = w
         self.head = nn.Conv2d(prev, n_classes, 1)
         if init == "keras":
-            keras_init(self)
+            _keras_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return logits ``(N, n_classes, H, W)``; H and W must be divisible by ``2**depth``."""

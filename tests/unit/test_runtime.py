@@ -49,11 +49,10 @@ def test_run_batched_matches_full_batch_and_counts_calls() -> None:
 
 def test_prepare_model_uses_channels_last_for_2d_conv_nets_on_cpu() -> None:
     torch.manual_seed(0)
-    conv = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 3))
-    ref = torch.nn.Sequential(*[m for m in conv]).eval()
+    conv = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 3)).eval()
     x = torch.randn(3, 2, 12, 12)
     with torch.inference_mode():
-        expected = ref(x).clone()
+        expected = conv(x).clone()
     net = prepare_model(conv, "cpu")
     assert net[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert not net[0].weight.is_contiguous()
