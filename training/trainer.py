@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from inference.bundle import BundleMeta, save_bundle
+from inference.bundle import BundleError, BundleMeta, load_bundle, save_bundle
 from inference.errors import DicomNodeError
 from inference.runtime import autocast_context, select_device, to_channels_last
 from training.adapter import EvalResult, TaskAdapter, TaskConfig, move_to
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "EpochSampler", "TrainConfig", "TrainError", "TrainResult", "balanced_indices", "evaluate_records",
-    "make_loader", "seed_everything", "train",
+    "load_initial_weights", "make_loader", "seed_everything", "train",
 ]
 
 CHECKPOINT = "checkpoint.pt"
@@ -87,6 +87,9 @@ class TrainConfig(BaseModel):
     fp16_weights: bool = False
     synthetic_only: bool | None = Field(None, description="None: true when every manifest row says synthetic")
     log_every_steps: int = Field(50, ge=1)
+    init_from: Path | None = Field(
+        None, description="start from the weights of this bundle (same task and network; fine-tuning or a nightly "
+        "warm start); its version and weights SHA-256 are recorded in the new bundle's notes")
     channels_last: bool = Field(True, description="train 2-D conv nets in channels-last memory (faster on CUDA and "
                                 "on the oneDNN CPU path; the saved weights are the same)")
 
@@ -292,6 +295,34 @@ def evaluate_records(adapter: TaskAdapter, model: torch.nn.Module, records: Sequ
     return result
 
 
+def load_initial_weights(model: torch.nn.Module, bundle_dir: str | os.PathLike[str], adapter: TaskAdapter,
+                         tcfg: TaskConfig) -> str:
+    """Copy a bundle's weights into ``model`` (float32) and return a provenance note.
+
+    Raises
+    ------
+    TrainError
+        If the bundle cannot be read, belongs to another task or network, or its weights do not fit.
+    """
+    try:
+        src = load_bundle(bundle_dir)
+    except BundleError as exc:
+        raise TrainError(f"init_from: {exc}") from exc
+    arch, init_args = adapter.architecture(tcfg)
+    if src.meta.task != adapter.name:
+        raise TrainError(f"init_from: bundle {bundle_dir} is for task {src.meta.task!r}, not {adapter.name!r}")
+    if (src.meta.architecture, src.meta.init_args) != (arch, init_args):
+        raise TrainError(f"init_from: bundle {bundle_dir} holds {src.meta.architecture} {src.meta.init_args}, "
+                         f"this run builds {arch} {init_args}")
+    state = {k: v.float() if v.is_floating_point() else v for k, v in src.state_dict.items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise TrainError(f"init_from: weights of {bundle_dir} do not fit the network: {exc}") from exc
+    log.info("%s: starting from the weights of bundle version %s", adapter.name, src.meta.version)
+    return f"initialised from bundle {src.meta.task}/{src.meta.version} (weights sha256 {src.meta.weights_sha256})"
+
+
 def _better(a: float, b: float | None, greater: bool) -> bool:
     if b is None or (isinstance(b, float) and math.isnan(b)):
         return not math.isnan(a)
@@ -360,7 +391,11 @@ def train(
                              workers=cfg.num_workers)
     sampler = EpochSampler(len(train_ds), seed=cfg.seed, labels=train_ds.labels() if cfg.balanced_sampling else None,
                            rank=dist_info.rank, world_size=dist_info.world_size)
-    model: torch.nn.Module = adapter.build_model(tcfg).to(device)
+    model: torch.nn.Module = adapter.build_model(tcfg)
+    init_note = ""
+    if cfg.init_from is not None:
+        init_note = load_initial_weights(model, cfg.init_from, adapter, tcfg)
+    model = model.to(device)
     if cfg.channels_last:
         model = to_channels_last(model)
     if dist_info.world_size > 1:
@@ -482,7 +517,7 @@ def train(
         split=split.summary(), metrics=metrics, primary_metric=adapter.primary_metric,
         greater_is_better=adapter.greater_is_better, train_config=cfg.model_dump(mode="json"),
         task_config=tcfg.model_dump(mode="json"), synthetic_only=synthetic, training_log=history,
-        notes=f"best epoch {best_epoch} of {len(history)}",
+        notes=f"best epoch {best_epoch} of {len(history)}" + (f"; {init_note}" if init_note else ""),
     )
     bundle_dir = out
     if dist_info.main:

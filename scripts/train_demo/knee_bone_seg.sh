@@ -17,7 +17,8 @@
 #    Dice and HD95 per bone (fibula separately) on the source grid beside the published Dice 98 % / IoU 96 %.
 #
 # Sizes: N_TRAIN, N_HOLDOUT, EPOCHS, DEVICE (auto|cpu|cuda), WORKERS (synthesis + pre-processing processes),
-# BATCH (default 16), ITK_THREADS (SimpleITK threads per process, default 2), TRAIN_ARGS (extra `train` options, e.g. for a quick check
+# BATCH (default 16), INIT_FROM (a knee bundle to start from instead of the Glorot initialisation: continue a run cut
+# short by a time budget, or warm-start a retraining), ITK_THREADS (SimpleITK threads per process, default 2), TRAIN_ARGS (extra `train` options, e.g. for a quick check
 # "--set max_steps_per_epoch=2").
 # Tiny CPU check:   N_TRAIN=6 N_HOLDOUT=2 EPOCHS=1 DEVICE=cpu WORKERS=2 TRAIN_ARGS="--set max_steps_per_epoch=2" \
 #                   scripts/train_demo/knee_bone_seg.sh /tmp/knee_demo
@@ -52,7 +53,7 @@ echo "z-score: $NORM"
 # shellcheck disable=SC2086  # NORM is a list of options
 "$PY" -m training.cli train knee_bone_seg --data "$OUT/train_data" --out "$OUT/bundle" \
     --epochs "$EPOCHS" --device "$DEVICE" --fp16 --synthetic --version "$VERSION" --workers "$LOADERS" $NORM \
-    --set batch_size="$BATCH" \
+    --set batch_size="$BATCH" ${INIT_FROM:+--set init_from="$INIT_FROM"} \
     ${TRAIN_ARGS:-} $(budget_args)
 
 "$PY" -m training.cli evaluate "$OUT/bundle" --data "$OUT/holdout_data" --subset all --device "$DEVICE" \

@@ -93,6 +93,7 @@ def test_faithful_training_schedule_is_the_default() -> None:
     assert (cfg.optimizer, cfg.lr, cfg.schedule, cfg.min_lr, cfg.early_stopping_patience) == (
         "adam", 1e-3, "plateau", 1e-4, 10)
     assert cfg.lr * cfg.gamma == pytest.approx(1e-4)
+    assert cfg.balanced_sampling  # slices balanced on "shows fibula" (the addition that lets it be learned)
 
 
 def test_params_round_trip_through_bundle_extra() -> None:
@@ -229,6 +230,9 @@ def test_samples_and_collate(knee_data: Path) -> None:
     s = samples[10]
     assert s["image"].shape == (1, 224, 224) and s["target"].shape == (3, 224, 224)  # the faithful input size
     assert s["target"][0].any() and s["target"][1].any()
+    # the balanced-sampling label says whether the slice shows fibula, and some slices do and some do not
+    shows = [bool(x["target"][2].any()) for x in samples]
+    assert [x["label"] for x in samples] == [int(v) for v in shows] and 0 < sum(shows) < len(samples)
     batch = collate_knee([{k: torch.as_tensor(v) for k, v in x.items()} for x in samples[:3]], mean=1.0, std=2.0)
     assert batch["image"].shape == (3, 1, 224, 224) and batch["source_label"].shape == (3, 96, 96)
     np.testing.assert_allclose(batch["image"][0].numpy(), (samples[0]["image"] - 1.0) / 2.0, rtol=1e-6)

@@ -12,7 +12,14 @@ from inference.bundle import load_bundle
 from inference.registry import ModelCache, ModelRegistry
 from tests.unit.toy_adapter import ADAPTER, ToyConfig, build_from_bundle, make_toy_data, preprocess
 from training.data import SplitConfig, records_from_rows, split_records
-from training.trainer import EpochSampler, TrainConfig, balanced_indices, train
+from training.trainer import (
+    EpochSampler,
+    TrainConfig,
+    TrainError,
+    balanced_indices,
+    load_initial_weights,
+    train,
+)
 
 torch.set_num_threads(1)
 
@@ -57,6 +64,27 @@ def test_train_bundle_registry_deterministic(toy_split, tmp_path: Path) -> None:
         out1 = loaded.model(x)
         out2 = build_from_bundle(load_bundle(r2.bundle_dir))(x)
     assert torch.equal(out1, out2)
+
+
+def test_init_from_bundle_starts_from_its_weights(toy_split, tmp_path: Path) -> None:
+    first = train(ADAPTER, toy_split, tmp_path / "b1", _cfg(epochs=2, version="v1"), ToyConfig())
+    src = load_bundle(first.bundle_dir)
+    fresh = ADAPTER.build_model(ToyConfig())
+    assert any(not torch.equal(v, src.state_dict[k]) for k, v in fresh.state_dict().items())
+    note = load_initial_weights(fresh, first.bundle_dir, ADAPTER, ToyConfig())
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, src.state_dict[k].float()), k
+    assert "toy_square/v1" in note and src.meta.weights_sha256 in note
+    # a run warm-started from v1 records where it began, and its first epoch starts below a fresh run's loss
+    warm = train(ADAPTER, toy_split, tmp_path / "b2", _cfg(epochs=1, init_from=first.bundle_dir), ToyConfig())
+    cold = train(ADAPTER, toy_split, tmp_path / "b3", _cfg(epochs=1), ToyConfig())
+    assert "initialised from bundle toy_square/v1" in load_bundle(warm.bundle_dir).meta.notes
+    assert warm.history[0]["train_loss"] < cold.history[0]["train_loss"]
+    # another network's bundle is refused with a clear error, not loaded partially
+    with pytest.raises(TrainError, match="holds"):
+        load_initial_weights(fresh, first.bundle_dir, ADAPTER, ToyConfig(channels=6))
+    with pytest.raises(TrainError, match="init_from"):
+        load_initial_weights(fresh, tmp_path / "missing", ADAPTER, ToyConfig())
 
 
 def test_resume_equals_uninterrupted(toy_split, tmp_path: Path) -> None:
