@@ -87,6 +87,29 @@ def test_init_from_bundle_starts_from_its_weights(toy_split, tmp_path: Path) -> 
         load_initial_weights(fresh, tmp_path / "missing", ADAPTER, ToyConfig())
 
 
+class _LayoutSpy(type(ADAPTER)):  # type: ignore[misc]
+    """The toy adapter, recording the memory layout of the conv weights at every training step."""
+
+    def __init__(self) -> None:
+        self.layouts: list[bool] = []
+
+    def forward(self, model, batch, device):
+        convs = [p for p in model.parameters() if p.ndim == 4]
+        self.layouts.append(all(p.is_contiguous(memory_format=torch.channels_last) for p in convs))
+        return super().forward(model, batch, device)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_trainer_channels_last_switch(toy_split, tmp_path: Path, channels_last: bool) -> None:
+    spy = _LayoutSpy()
+    result = train(spy, toy_split, tmp_path / "b", _cfg(epochs=1, channels_last=channels_last), ToyConfig())
+    assert spy.layouts and all(v is channels_last for v in spy.layouts)
+    # the saved weights are an ordinary state dict either way (the bundle rebuilds and runs)
+    x = torch.from_numpy(preprocess(toy_split.holdout[0])[0]["image"][None])
+    with torch.inference_mode():
+        assert torch.isfinite(build_from_bundle(load_bundle(result.bundle_dir))(x)).all()
+
+
 def test_resume_equals_uninterrupted(toy_split, tmp_path: Path) -> None:
     cfg = _cfg(version="r", epochs=5, checkpoint_every=1, balanced_sampling=True)
     full = train(ADAPTER, toy_split, tmp_path / "full", cfg, ToyConfig(), work_dir=tmp_path / "w_full")
