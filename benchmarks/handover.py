@@ -23,13 +23,12 @@ from multiprocessing import get_context
 import numpy as np
 import torch
 
-_SHAPE: tuple[int, ...] = (32, 224, 224)
 _BASE: np.ndarray | None = None
 
 
 def _init(shape: tuple[int, ...]) -> None:
-    global _SHAPE, _BASE
-    _SHAPE, _BASE = shape, np.ones(shape, dtype=np.float32)
+    global _BASE
+    _BASE = np.ones(shape, dtype=np.float32)
     torch.set_num_threads(1)
 
 
@@ -50,9 +49,7 @@ def measure(fn, shape: tuple[int, ...], n: int) -> float:
     with ProcessPoolExecutor(1, mp_context=get_context("spawn"), initializer=_init, initargs=(shape,)) as pool:
         list(pool.map(fn, range(4)))  # start-up and first-call costs
         t0 = time.perf_counter()
-        received = 0
-        for item in pool.map(fn, range(n)):
-            received += int(item.shape[0] > 0)
+        received = sum(1 for _ in pool.map(fn, range(n)))  # each result is unpickled/mapped here
         return received / (time.perf_counter() - t0)
 
 

@@ -314,11 +314,10 @@ def load_initial_weights(model: torch.nn.Module, bundle_dir: str | os.PathLike[s
     if (src.meta.architecture, src.meta.init_args) != (arch, init_args):
         raise TrainError(f"init_from: bundle {bundle_dir} holds {src.meta.architecture} {src.meta.init_args}, "
                          f"this run builds {arch} {init_args}")
-    state = {k: v.float() if v.is_floating_point() else v for k, v in src.state_dict.items()}
     try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise TrainError(f"init_from: weights of {bundle_dir} do not fit the network: {exc}") from exc
+        src.load_into(model)  # float32; the training loop puts the model back in train mode
+    except BundleError as exc:
+        raise TrainError(f"init_from: {exc}") from exc
     log.info("%s: starting from the weights of bundle version %s", adapter.name, src.meta.version)
     return f"initialised from bundle {src.meta.task}/{src.meta.version} (weights sha256 {src.meta.weights_sha256})"
 
