@@ -298,22 +298,41 @@ class SampleCache:
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.npz"
 
-    def get(self, key: str) -> list[Sample] | None:
-        """The cached samples, or None (also for a damaged file, which is then removed)."""
+    def get(self, key: str, fields: Sequence[str] | None = None) -> list[Sample] | None:
+        """The cached samples (only ``fields`` when given), or None (also for a damaged file, which is removed).
+
+        ``fields=()`` gives empty samples: their count, without reading any array.
+        """
+        return self._read(key, None, fields)
+
+    def get_one(self, key: str, index: int, fields: Sequence[str] | None = None) -> Sample | None:
+        """Sample ``index`` of an entry (only ``fields`` when given), reading only its members; None if absent.
+
+        A shuffled loader reads one sample of a record at a time: reading the whole entry for it costs
+        as many image reads as the record has samples (a knee volume: ~35).
+        """
+        return self._read(key, index, fields)
+
+    def _read(self, key: str, index: int | None, fields: Sequence[str] | None) -> Any:
         p = self._path(key)
         if not p.exists():
             return None
         try:
             with np.load(p, allow_pickle=False) as z:
-                n = int(z["__n__"])
-                samples: list[Sample] = [{} for _ in range(n)]
-                for name in z.files:
-                    if name == "__n__":
-                        continue
-                    idx, field_name = name.split("__", 1)
-                    arr = z[name]
-                    samples[int(idx)][field_name] = arr.item() if arr.ndim == 0 else arr
-            return samples
+                if index is None:
+                    samples: list[Sample] = [{} for _ in range(int(z["__n__"]))]
+                    for name in z.files:
+                        if name != "__n__":
+                            idx, field_name = name.split("__", 1)
+                            if fields is None or field_name in fields:
+                                samples[int(idx)][field_name] = _unbox(z[name])
+                    return samples
+                prefix = f"{index}__"
+                names = [n for n in z.files if n.startswith(prefix)]
+                if not names:
+                    raise KeyError(f"no sample {index}")
+                return {n[len(prefix):]: _unbox(z[n]) for n in names
+                        if fields is None or n[len(prefix):] in fields}
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
             log.warning("dropping damaged cache entry %s: %s", p, exc)
             p.unlink(missing_ok=True)
@@ -335,18 +354,23 @@ class SampleCache:
             raise
 
 
-def _prep_one(args: tuple[Preprocess, Record, SampleCache | None, str]) -> tuple[int, list[Sample] | None]:
+def _unbox(arr: np.ndarray) -> Any:
+    return arr.item() if arr.ndim == 0 else arr
+
+
+def _prep_one(args: tuple[Preprocess, Record, SampleCache | None, str]) -> tuple[str, int, list[Sample] | None]:
+    """(cache key or "", sample count, the samples when there is no cache) of one record."""
     fn, record, cache, signature = args
-    if cache is not None:
-        key = cache.key(record, signature)
-        hit = cache.get(key)
-        if hit is not None:
-            return len(hit), None
+    if cache is None:
         samples = fn(record)
-        cache.put(key, samples)
-        return len(samples), None
+        return "", len(samples), samples
+    key = cache.key(record, signature)
+    hit = cache.get(key, fields=())  # the count only, without reading an array
+    if hit is not None:
+        return key, len(hit), None
     samples = fn(record)
-    return len(samples), samples
+    cache.put(key, samples)
+    return key, len(samples), None
 
 
 def _to_tensor(v: Any) -> Any:
@@ -393,12 +417,15 @@ class RecordDataset(torch.utils.data.Dataset):
                 results = list(pool.map(_prep_one, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
         else:
             results = [_prep_one(j) for j in jobs]
+        # keys are kept: a key hashes every file of the record (its digest is remembered per process only)
+        self._keys = [key for key, _, _ in results]
         self.index: list[tuple[int, int]] = []
-        for ri, (n, samples) in enumerate(results):
+        for ri, (_, n, samples) in enumerate(results):
             if samples is not None:
                 self._memory[ri] = samples
             self.index.extend((ri, j) for j in range(n))
         self._last: tuple[int, list[Sample]] | None = None
+        self._prev = (-1, -1)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -409,18 +436,27 @@ class RecordDataset(torch.utils.data.Dataset):
         if self._last is not None and self._last[0] == ri:
             return self._last[1]
         assert self.cache is not None
-        key = self.cache.key(self.records[ri], self.signature)
-        samples = self.cache.get(key)
+        samples = self.cache.get(self._keys[ri])
         if samples is None:
             samples = self.preprocess(self.records[ri])
-            self.cache.put(key, samples)
+            self.cache.put(self._keys[ri], samples)
         self._last = (ri, samples)
         return samples
 
     def raw(self, i: int) -> Sample:
-        """Sample ``i`` as stored (numpy), without transform."""
+        """Sample ``i`` as stored (numpy), without transform.
+
+        A record's samples requested one after the other (evaluation) are read as one entry; a sample
+        on its own (shuffled training) is read alone.
+        """
         ri, j = self.index[i]
-        return self._record_samples(ri)[j]
+        sequential, self._prev = self._prev == (ri, j - 1), (ri, j)
+        if not sequential and ri not in self._memory and (self._last is None or self._last[0] != ri):
+            assert self.cache is not None
+            hit = self.cache.get_one(self._keys[ri], j)
+            if hit is not None:
+                return hit
+        return self._record_samples(ri)[j]  # also an entry gone since start-up: pre-process again
 
     def __getitem__(self, i: int) -> Sample:
         ri, _ = self.index[i]
@@ -429,5 +465,12 @@ class RecordDataset(torch.utils.data.Dataset):
         return self.transform(sample) if self.transform is not None else sample
 
     def labels(self, field_name: str = "label") -> list[int]:
-        """Integer class of every sample (for balanced sampling)."""
-        return [int(np.asarray(self.raw(i)[field_name]).ravel()[0]) for i in range(len(self))]
+        """Integer class of every sample (for balanced sampling); reads only that field from the cache."""
+        out: list[int] = []
+        for ri in range(len(self.records)):
+            stored = None
+            if ri not in self._memory and self.cache is not None:
+                stored = self.cache.get(self._keys[ri], (field_name,))
+            samples = stored if stored is not None else self._record_samples(ri)
+            out.extend(int(np.asarray(s[field_name]).ravel()[0]) for s in samples)
+        return out

@@ -121,3 +121,62 @@ def test_damaged_cache_entry_is_recomputed(tmp_path: Path) -> None:
     assert cache.get(key) is None and not path.exists()
     ds = RecordDataset(recs, preprocess, "sig", cache=cache)
     assert ds[0]["image"].shape == (1, 16, 16) and path.exists()
+
+
+def _three_slices(rec: Record) -> list[dict[str, object]]:
+    base = preprocess(rec)[0]
+    return [{"image": base["image"] + k, "label": (int(base["label"]) + k) % 2, "slice": k} for k in range(3)]
+
+
+class CountingCache(SampleCache):
+    """Records which reads the dataset makes: (whole entry or sample index, fields)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.reads: list[tuple[int | None, tuple[str, ...] | None]] = []
+
+    def _read(self, key: str, index: int | None, fields: object) -> object:
+        self.reads.append((index, None if fields is None else tuple(fields)))  # type: ignore[arg-type]
+        return super()._read(key, index, fields)  # type: ignore[arg-type]
+
+
+def test_cache_reads_one_sample_or_one_field(tmp_path: Path) -> None:
+    recs = records_from_rows(make_toy_data(tmp_path / "data", n_patients=3), tmp_path / "data")
+    cache = CountingCache(tmp_path / "cache")
+    key = cache.key(recs[0], "s")
+    cache.put(key, _three_slices(recs[0]))
+    whole = cache.get(key)
+    assert whole is not None and len(whole) == 3
+    one = cache.get_one(key, 2)
+    assert one is not None and set(one) == {"image", "label", "slice"} and one["slice"] == 2
+    assert np.array_equal(one["image"], whole[2]["image"])
+    assert cache.get_one(key, 1, ("label",)) == {"label": whole[1]["label"]}
+    assert cache.get(key, fields=()) == [{}, {}, {}]
+    # a sample index the entry does not hold means the entry is not what the index expects: dropped
+    assert cache.get_one(key, 7) is None and cache.get(key) is None
+
+    ds = RecordDataset(recs, _three_slices, "s", cache=cache)
+    assert len(ds) == 9 and all(fields == () for _, fields in cache.reads[-3:])  # start-up reads counts only
+    cache.reads.clear()
+    assert ds.labels() == [s["label"] for r in recs for s in _three_slices(r)]
+    assert cache.reads == [(None, ("label",))] * 3  # one read per record, the label field only
+    cache.reads.clear()
+    shuffled = [4, 0, 8, 3, 7, 1]
+    items = [ds[i] for i in shuffled]
+    assert cache.reads == [(i % 3, None) for i in [1, 0, 2, 0, 1, 1]]  # one sample each, never a whole entry
+    assert [int(it["slice"]) for it in items] == [i % 3 for i in shuffled]
+    assert [int(it["record_index"]) for it in items] == [i // 3 for i in shuffled]
+    cache.reads.clear()
+    for i in range(len(ds)):  # evaluation order: each record's entry is read once, as a whole
+        assert int(ds[i]["slice"]) == i % 3
+    assert [index for index, _ in cache.reads] == [0, None, 0, None, 0, None]
+
+
+def test_cache_entry_removed_after_start_up_is_recomputed(tmp_path: Path) -> None:
+    recs = records_from_rows(make_toy_data(tmp_path / "data", n_patients=2), tmp_path / "data")
+    cache = SampleCache(tmp_path / "cache")
+    ds = RecordDataset(recs, _three_slices, "s", cache=cache)
+    for p in (tmp_path / "cache").rglob("*.npz"):
+        p.unlink()
+    assert int(ds[4]["slice"]) == 1 and ds.labels() == [s["label"] for r in recs for s in _three_slices(r)]
+    assert len(list((tmp_path / "cache").rglob("*.npz"))) == 2
