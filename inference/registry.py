@@ -15,6 +15,7 @@ hold the previous :class:`LoadedModel` keep using it until they finish.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -305,10 +306,14 @@ class ModelCache:
             return loaded
 
     def get_pinned(self, bundle_dir: str | os.PathLike[str]) -> LoadedModel:
-        """A model from an explicit bundle directory (a route's ``model:`` or ``analyze --model``), kept warm."""
+        """A model from an explicit bundle directory (a route's ``model:`` or ``analyze --model``), kept warm.
+
+        Kept per directory and metadata content: new weights or an edited ``bundle.json`` (an operating
+        point in ``task_config``) load afresh.
+        """
         d = Path(bundle_dir).resolve()
         meta = read_meta(d)
-        key = (str(d), meta.weights_sha256)
+        key = (str(d), hashlib.sha256(meta.model_dump_json().encode()).hexdigest())
         with self._lock:
             if key not in self._pinned:
                 self._pinned[key] = self._load(d)

@@ -50,9 +50,15 @@ __all__ = ["BaseAdapter", "EvalResult", "TaskAdapter", "TaskConfig", "move_to"]
 
 
 class TaskConfig(BaseModel):
-    """Base of every task's typed config (``extra="forbid"``); tasks subclass it once with their fields."""
+    """Base of every task's typed config (``extra="forbid"``); tasks subclass it once with their fields.
+
+    ``after_training`` names the fields read only once training is over (operating points chosen on the
+    validation split, see :meth:`BaseAdapter.tune`): they are left out of the trainer's resume fingerprint,
+    so a finished or interrupted run can be resumed with another operating-point setting.
+    """
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    after_training: ClassVar[frozenset[str]] = frozenset()
 
 
 @dataclass
@@ -187,3 +193,11 @@ class BaseAdapter:
     def card_notes(self, cfg: TaskConfig) -> str:
         """No extra notes."""
         return ""
+
+    def tune(self, result: EvalResult, cfg: TaskConfig) -> tuple[TaskConfig, str]:
+        """Operating points chosen from the trained model's validation ``result``: (config, note).
+
+        The trainer calls this once after training, before the hold-out evaluation; the returned
+        config is the one the bundle records. Default: the config unchanged, no note.
+        """
+        return cfg, ""

@@ -262,7 +262,7 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 def _fingerprint(adapter: TaskAdapter, tcfg: TaskConfig, cfg: TrainConfig, split: Split) -> str:
     ignore = {"num_workers", "device", "cache_dir", "version", "log_every_steps", "checkpoint_every",
               "time_budget_s"}  # a lease-bound run resumes under a new budget
-    payload = {"task": adapter.name, "task_cfg": tcfg.model_dump(mode="json"),
+    payload = {"task": adapter.name, "task_cfg": tcfg.model_dump(mode="json", exclude=set(tcfg.after_training)),
                "train": cfg.model_dump(mode="json", exclude=ignore),
                "train_keys": sorted(r.key for r in split.train), "val_keys": sorted(r.key for r in split.val)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
@@ -502,6 +502,13 @@ def train(
     final_model = adapter.build_model(tcfg)
     final_model.load_state_dict(best_state)
     final_model.to(device)
+    tune = getattr(adapter, "tune", None)
+    if tune is not None and split.val:
+        tcfg, tune_note = tune(evaluate_records(adapter, final_model, split.val, tcfg, cfg, device, cache), tcfg)
+        if tune_note:
+            log.info("%s: %s", adapter.name, tune_note)
+    else:
+        tune_note = ""
     metrics: dict[str, Any] = {}
     if split.holdout:
         metrics = evaluate_records(adapter, final_model, split.holdout, tcfg, cfg, device, cache).metrics
@@ -516,7 +523,7 @@ def train(
         split=split.summary(), metrics=metrics, primary_metric=adapter.primary_metric,
         greater_is_better=adapter.greater_is_better, train_config=cfg.model_dump(mode="json"),
         task_config=tcfg.model_dump(mode="json"), synthetic_only=synthetic, training_log=history,
-        notes=f"best epoch {best_epoch} of {len(history)}" + (f"; {init_note}" if init_note else ""),
+        notes="; ".join(n for n in (f"best epoch {best_epoch} of {len(history)}", init_note, tune_note) if n),
     )
     bundle_dir = out
     if dist_info.main:

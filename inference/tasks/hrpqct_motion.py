@@ -12,7 +12,10 @@ bundle's ``task_config.aggregation`` may select ``"expected"``: the expected
 grade sum_k k p_k rounded to the nearest grade). The expected grade is always
 reported as a measurement too. ``P(grade >= 4)`` is the sum of the mean
 probabilities of grades 4 and 5; a rescan is recommended when the scan grade is
-at least 4 (``task_config.rescan_min_grade``).
+at least 4 (``task_config.rescan_min_grade``) or, when the bundle sets an
+operating point ``task_config.rescan_threshold`` (chosen on the validation split
+for a target sensitivity, :meth:`training.tasks.hrpqct_motion.HrpqctMotionAdapter.tune`),
+when ``P(grade >= 4)`` reaches it.
 
 Findings per scan: a "motion artifact grade" classification (coded grade,
 probability of that grade, numeric grade and expected grade as measurements),
@@ -71,6 +74,7 @@ class ScanGrade:
     rescan: bool
     aggregation: Aggregation
     rescan_min_grade: int = RESCAN_MIN_GRADE
+    rescan_threshold: float | None = None
 
     @property
     def grade_probability(self) -> float:
@@ -79,7 +83,7 @@ class ScanGrade:
 
 
 def aggregate_scan(slice_probs: np.ndarray, *, aggregation: Aggregation = "argmax",
-                   rescan_min_grade: int = RESCAN_MIN_GRADE) -> ScanGrade:
+                   rescan_min_grade: int = RESCAN_MIN_GRADE, rescan_threshold: float | None = None) -> ScanGrade:
     """Scan grade from per-slice softmax probabilities ``(n_slices, 5)``.
 
     Parameters
@@ -92,11 +96,16 @@ def aggregate_scan(slice_probs: np.ndarray, *, aggregation: Aggregation = "argma
     rescan_min_grade:
         Grades at or above this recommend a rescan; ``p_rescan`` sums the mean
         probabilities of those grades.
+    rescan_threshold:
+        Operating point of the rescan decision: a rescan is also recommended when
+        ``p_rescan`` reaches it (the bundle's ``task_config``, chosen on the validation
+        split for a target sensitivity). None: the grade rule alone.
 
     Raises
     ------
     ValueError
-        If the array is not ``(n >= 1, 5)``, holds negative values or rows that do not sum to 1.
+        If the array is not ``(n >= 1, 5)``, holds negative values or rows that do not sum to 1,
+        or the threshold is outside (0, 1).
     """
     p = np.asarray(slice_probs, dtype=np.float64)
     if p.ndim != 2 or p.shape[0] < 1 or p.shape[1] != len(GRADES):
@@ -105,6 +114,8 @@ def aggregate_scan(slice_probs: np.ndarray, *, aggregation: Aggregation = "argma
         raise ValueError("each slice row must be a probability vector")
     if rescan_min_grade not in GRADES:
         raise ValueError(f"rescan_min_grade must be one of {GRADES}, got {rescan_min_grade}")
+    if rescan_threshold is not None and not 0.0 < rescan_threshold < 1.0:
+        raise ValueError(f"rescan_threshold must be in (0, 1), got {rescan_threshold}")
     mean = p.mean(0)
     mean = mean / mean.sum()
     grades = np.asarray(GRADES, dtype=np.float64)
@@ -115,11 +126,12 @@ def aggregate_scan(slice_probs: np.ndarray, *, aggregation: Aggregation = "argma
         grade = int(min(max(np.floor(expected + 0.5), 1), len(GRADES)))
     else:
         raise ValueError(f"unknown aggregation {aggregation!r}")
-    p_rescan = float(mean[rescan_min_grade - 1:].sum())
+    p_rescan = min(max(float(mean[rescan_min_grade - 1:].sum()), 0.0), 1.0)
+    rescan = grade >= rescan_min_grade or (rescan_threshold is not None and p_rescan >= rescan_threshold)
     return ScanGrade(
         grade=grade, expected_grade=expected, mean_probs=mean, slice_probs=p,
-        slice_grades=tuple(int(i) + 1 for i in p.argmax(1)), p_rescan=min(max(p_rescan, 0.0), 1.0),
-        rescan=grade >= rescan_min_grade, aggregation=aggregation, rescan_min_grade=rescan_min_grade,
+        slice_grades=tuple(int(i) + 1 for i in p.argmax(1)), p_rescan=p_rescan, rescan=rescan,
+        aggregation=aggregation, rescan_min_grade=rescan_min_grade, rescan_threshold=rescan_threshold,
     )
 
 
@@ -157,7 +169,8 @@ def _plane_ref(series: Series, index: int) -> ImageRef:
 
 def grade_series(series: Series, model: torch.nn.Module, device: torch.device, norm: DensityNorm, *,
                  aggregation: Aggregation = "argmax", rescan_min_grade: int = RESCAN_MIN_GRADE,
-                 timer: StageTimer | None = None) -> tuple[ScanGrade, list[int]]:
+                 rescan_threshold: float | None = None, timer: StageTimer | None = None
+                 ) -> tuple[ScanGrade, list[int]]:
     """Grade one scan; returns the :class:`ScanGrade` and the indices of the 8 graded planes."""
     timer = timer or StageTimer()
     with timer.stage("preprocess"):
@@ -167,7 +180,8 @@ def grade_series(series: Series, model: torch.nn.Module, device: torch.device, n
         logits = run_batched(model, x, N_SLICES, device)
     with timer.stage("postprocess"):
         probs = torch.softmax(torch.as_tensor(logits).float(), dim=1).numpy()
-        scan = aggregate_scan(probs, aggregation=aggregation, rescan_min_grade=rescan_min_grade)
+        scan = aggregate_scan(probs, aggregation=aggregation, rescan_min_grade=rescan_min_grade,
+                              rescan_threshold=rescan_threshold)
     return scan, idx
 
 
@@ -227,6 +241,7 @@ def hrpqct_motion_task(datasets: Sequence[Dataset], context: TaskContext) -> Fin
     tcfg = loaded.meta.task_config or {}
     aggregation: Aggregation = tcfg.get("aggregation", "argmax")
     rescan_min = int(tcfg.get("rescan_min_grade", RESCAN_MIN_GRADE))
+    threshold = tcfg.get("rescan_threshold")
     norm = _norm_of(loaded.meta)
     classifications: list[Classification] = []
     overlays: list[Overlay] = []
@@ -234,7 +249,8 @@ def hrpqct_motion_task(datasets: Sequence[Dataset], context: TaskContext) -> Fin
     summary: list[str] = []
     for k, series in enumerate(scans, start=1):
         scan, idx = grade_series(series, loaded.model, loaded.device, norm, aggregation=aggregation,
-                                 rescan_min_grade=rescan_min, timer=timer)
+                                 rescan_min_grade=rescan_min,
+                                 rescan_threshold=None if threshold is None else float(threshold), timer=timer)
         with timer.stage("postprocess"):
             site = finding_site(series.datasets[0])
             label = f"scan {k}" if len(scans) > 1 else "scan"

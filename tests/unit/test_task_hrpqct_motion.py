@@ -36,7 +36,14 @@ from training.synth.common import (
     set_rescale,
     write_dataset,
 )
-from training.tasks.hrpqct_motion import ADAPTER, MotionConfig, grade_of, scan_metrics
+from training.tasks.hrpqct_motion import (
+    ADAPTER,
+    MotionConfig,
+    MotionEvalResult,
+    choose_rescan_threshold,
+    grade_of,
+    scan_metrics,
+)
 
 GEOMETRIES: dict[str, dict[str, Any]] = {
     "XtremeCT": {"slices": 110, "spacing": 0.082},
@@ -180,6 +187,72 @@ def test_scan_metrics_rescan_decision_and_motion_correlation():
     perfect, _, _ = scan_metrics(y, np.eye(5)[y - 1], np.zeros(8, int), np.zeros(8, int), np.full(8, np.nan))
     assert perfect["kappa_quadratic"] == pytest.approx(1.0) and perfect["macro_f1"] == pytest.approx(1.0)
     assert np.isnan(perfect["motion_ssd_spearman_pred"])
+
+
+def test_rescan_operating_point_recommends_below_grade_4():
+    p = np.array([[0.2, 0.2, 0.3, 0.2, 0.1]] * 8)  # grade 3, P(grade >= 4) = 0.3
+    assert not aggregate_scan(p).rescan
+    at = aggregate_scan(p, rescan_threshold=0.3)
+    assert at.grade == 3 and at.rescan and at.rescan_threshold == 0.3
+    assert not aggregate_scan(p, rescan_threshold=0.31).rescan
+    assert aggregate_scan(np.eye(5)[[4] * 8], rescan_threshold=0.99).rescan  # grade >= 4 always recommends
+    for bad in (0.0, 1.0, -0.2):
+        with pytest.raises(ValueError):
+            aggregate_scan(p, rescan_threshold=bad)
+
+
+def test_choose_rescan_threshold_reaches_target_sensitivity():
+    true = np.array([4, 4, 5, 4, 3, 1, 2, 4])
+    pred = np.array([4, 3, 5, 3, 3, 1, 2, 2])  # the grade rule catches 2 of the 5 scans graded >= 4
+    p_rescan = np.array([0.9, 0.45, 0.95, 0.3, 0.5, 0.01, 0.1, 0.2])
+    assert choose_rescan_threshold(true, p_rescan, pred, target=0.4) is None  # 2/5 already
+    assert choose_rescan_threshold(true, p_rescan, pred, target=0.6) == pytest.approx(0.45)  # 3/5
+    assert choose_rescan_threshold(true, p_rescan, pred, target=0.8) == pytest.approx(0.3)  # 4/5
+    assert choose_rescan_threshold(true, p_rescan, pred, target=1.0) == pytest.approx(0.2)  # 5/5
+    assert choose_rescan_threshold(np.array([1, 2]), np.array([0.2, 0.3]), np.array([1, 2]), target=0.9) is None
+    # the chosen point reaches the target in scan_metrics, which applies it the way the node does
+    probs = np.stack([np.r_[(1 - r) / 3, (1 - r) / 3, (1 - r) / 3, r, 0.0] for r in p_rescan])
+    m, _, _ = scan_metrics(true, probs, np.zeros(8, int), np.zeros(8, int), np.full(8, np.nan),
+                           rescan_threshold=0.3)
+    assert m["rescan_sensitivity"] == pytest.approx(4 / 5) and m["rescan_threshold"] == 0.3
+
+
+def test_tune_chooses_the_rescan_threshold_on_validation():
+    true = np.array([4, 4, 5, 4, 3, 1])
+    probs = np.array([[0.0, 0.1, 0.5, 0.4, 0.0], [0.0, 0.2, 0.6, 0.2, 0.0], [0, 0, 0, 0, 1.0],
+                      [0.0, 0.0, 0.4, 0.6, 0.0], [0.0, 0.3, 0.6, 0.1, 0.0], [1.0, 0, 0, 0, 0]])
+    res = MotionEvalResult(metrics={}, y_true=true - 1, y_prob=probs, true_grade=true,
+                           pred_grade=probs.argmax(1) + 1, motion_ssd=np.full(6, np.nan))
+    cfg, note = ADAPTER.tune(res, MotionConfig(rescan_target_sensitivity=0.9))
+    assert cfg.rescan_threshold == pytest.approx(0.2) and "validation" in note  # 4 of 4 needs the 0.2 scan
+    cfg, note = ADAPTER.tune(res, MotionConfig(rescan_target_sensitivity=0.7))
+    assert cfg.rescan_threshold == pytest.approx(0.4)  # 3 of 4
+    same, note = ADAPTER.tune(res, MotionConfig(rescan_threshold=0.25))
+    assert same.rescan_threshold == 0.25 and note == ""  # no target: the configured point stays
+    none_pos = MotionEvalResult(metrics={}, y_true=np.zeros(2, int), y_prob=np.eye(5)[[0, 0]],
+                                true_grade=np.ones(2, int), pred_grade=np.ones(2, int))
+    kept, note = ADAPTER.tune(none_pos, MotionConfig(rescan_target_sensitivity=0.9))
+    assert kept.rescan_threshold is None and "not chosen" in note
+
+
+def test_scan_metrics_report_the_generating_grade_ceiling_and_rescan_auc():
+    y = np.array([1, 2, 3, 4, 4, 3])
+    generating = np.array([1, 2, 3, 3, 4, 3])  # the rater called one grade-3 motion a 4
+    probs = np.array([[0.9, 0.05, 0, 0.05, 0], [0, 0.9, 0, 0.1, 0], [0, 0, 0.8, 0.2, 0], [0, 0, 0.7, 0.3, 0],
+                      [0, 0, 0.1, 0.9, 0], [0, 0, 0.65, 0.35, 0]])  # P(grade >= 4) 0.05 0.1 0.2 0.3 0.9 0.35
+    m, _, tables = scan_metrics(y, probs, np.zeros(6, int), np.zeros(6, int), np.full(6, np.nan),
+                                generating_grade=generating)
+    assert m["generating_grade_accuracy"] == pytest.approx(5 / 6)
+    assert m["generating_grade_rescan_sensitivity"] == pytest.approx(1 / 2)
+    assert 0.5 < m["generating_grade_kappa_quadratic"] < 1.0
+    assert m["rescan_sensitivity"] == pytest.approx(1 / 2)  # the grade rule misses the 0.3 scan
+    assert m["rescan_auc"] == pytest.approx(7 / 8)  # 0.3 ranks below the negative at 0.35
+    points = tables["rescan operating points"]
+    assert points["P(grade >= 4) >= 0.10"] == {"sensitivity": 1.0, "specificity": 0.25}
+    assert points["P(grade >= 4) >= 0.30"] == {"sensitivity": 1.0, "specificity": 0.75}
+    assert points["P(grade >= 4) >= 0.40"] == {"sensitivity": 0.5, "specificity": 1.0}
+    plain, _, _ = scan_metrics(y, probs, np.zeros(6, int), np.zeros(6, int), np.full(6, np.nan))
+    assert "generating_grade_accuracy" not in plain
 
 
 def test_loss_weights_rare_grades_and_respects_config():
@@ -386,3 +459,32 @@ def test_too_short_series_is_refused_clearly(tiny, tmp_path):
     dss = [pydicom.dcmread(f) for f in sorted(study.rglob("*.dcm"))][:5]  # too few slices to grade
     with pytest.raises(DicomNodeError, match="at least 8 slices"):
         get_task("hrpqct_motion")(dss, TaskContext(model_dir=tiny["bundle"], device="cpu"))
+
+
+def test_node_applies_the_bundles_rescan_operating_point(tiny, tmp_path):
+    import shutil
+
+    from dicomnode.analyze import analyze
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny["bundle"], bundle)
+    meta = json.loads((bundle / "bundle.json").read_text())
+    study = tmp_path / "study"
+    write_scan(study, geometry="XtremeCT", grade=1, seed=5, patient_id="OP1", body_part="RADIUS")
+
+    def rescan_finding(threshold: float | None) -> tuple[str, int, float]:
+        meta["task_config"]["rescan_threshold"] = threshold
+        (bundle / "bundle.json").write_text(json.dumps(meta))
+        out = tmp_path / f"out{threshold}"
+        written = analyze(study, "hrpqct_motion", out, model_dir=bundle, device="cpu")
+        sr = next(pydicom.dcmread(p) for p in written if pydicom.dcmread(p).Modality == "SR")
+        groups = [_group_info(g) for g in _content_groups(sr)]
+        return (groups[-1]["qual"][1], int(groups[0]["qual"][1][-1]),
+                groups[-1]["num"][("Rescan recommended", "{probability}")])
+
+    answer, grade, p_rescan = rescan_finding(None)
+    assert answer == (codes.YES.value if grade >= 4 else codes.NO.value)
+    below = rescan_finding(max(p_rescan * 0.5, 1e-6))  # P(grade >= 4) reaches the operating point
+    assert below[0] == codes.YES.value and below[2] == pytest.approx(p_rescan)
+    if grade < 4 and p_rescan < 0.999:
+        assert rescan_finding(min(p_rescan * 1.01 + 1e-4, 0.9999))[0] == codes.NO.value

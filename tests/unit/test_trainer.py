@@ -331,3 +331,57 @@ def test_dicomnode_analyze_end_to_end(toy_split, tmp_path: Path) -> None:
     assert main([*args, "--out", str(tmp_path / "out3")]) == 0
     text3, _ = _sr_values(next((tmp_path / "out3").glob("SR_*.dcm")))
     assert "toyver-second" in text3 and "toyver-first" not in text3
+
+
+class _CutoffConfig(ToyConfig):
+    """The toy task with an operating point chosen after training."""
+
+    cutoff: float | None = None
+    after_training = frozenset({"cutoff"})
+
+
+class _CutoffAdapter(type(ADAPTER)):  # type: ignore[misc]
+    config_model = _CutoffConfig
+
+    def __init__(self) -> None:
+        self.tuned_on: list[int] = []
+
+    def evaluate(self, model, loader, device, cfg):
+        res = super().evaluate(model, loader, device, cfg)
+        res.metrics["cutoff_used"] = cfg.cutoff
+        return res
+
+    def tune(self, result, cfg):
+        self.tuned_on.append(int(result.y_true.size))
+        value = float(np.median(result.y_prob))
+        return cfg.model_copy(update={"cutoff": value}), f"cutoff {value:.4f} from validation"
+
+
+def test_tune_sets_operating_point_on_validation_before_holdout(toy_split, tmp_path: Path) -> None:
+    adapter = _CutoffAdapter()
+    res = train(adapter, toy_split, tmp_path / "b", _cfg(epochs=2, version="t"), _CutoffConfig())
+    bundle = load_bundle(res.bundle_dir)
+    assert adapter.tuned_on == [len(toy_split.val)]  # once, on the validation split
+    cutoff = bundle.meta.task_config["cutoff"]
+    assert cutoff is not None and res.metrics["cutoff_used"] == cutoff  # the hold-out figures use it
+    assert all(h.get("val_cutoff_used") is None for h in res.history)  # epochs were scored without it
+    assert f"cutoff {cutoff:.4f} from validation" in bundle.meta.notes
+
+
+def test_after_training_fields_do_not_block_resume(toy_split, tmp_path: Path) -> None:
+    class Interrupt(Exception):
+        pass
+
+    def stop(epoch: int, _entry: dict) -> None:
+        if epoch == 0:
+            raise Interrupt
+
+    cfg = _cfg(epochs=3, version="r")
+    with pytest.raises(Interrupt):
+        train(ADAPTER, toy_split, tmp_path / "p", cfg, _CutoffConfig(), work_dir=tmp_path / "w", callbacks=[stop])
+    seen: list[int] = []
+    train(ADAPTER, toy_split, tmp_path / "p", cfg, _CutoffConfig(cutoff=0.3), work_dir=tmp_path / "w",
+          callbacks=[lambda epoch, _e: seen.append(epoch)])
+    assert seen == [1, 2]  # another operating point: the run continued from its checkpoint
+    with pytest.raises(TrainError, match="different run"):  # a field that shapes training still counts
+        train(ADAPTER, toy_split, tmp_path / "p2", cfg, _CutoffConfig(channels=6), work_dir=tmp_path / "w")

@@ -13,9 +13,18 @@
   ``class_counts`` (default: the thesis' pooled label distribution). Adam, lr 1e-3
   (the trainer's defaults).
 * **Scan grade**: mean of the 8 slice probability vectors, then argmax
-  (:func:`inference.tasks.hrpqct_motion.aggregate_scan`); rescan when grade >= 4.
+  (:func:`inference.tasks.hrpqct_motion.aggregate_scan`); rescan when grade >= 4,
+  or when ``P(grade >= 4)`` reaches the operating point ``rescan_threshold``.
+* **Rescan operating point**: raters disagree on neighbouring grades, so even a
+  perfect reader of the motion misses rescan-labelled scans whose rater saw a
+  grade 4 in a grade-3 motion (synthetic data: ``generating_grade_*`` metrics).
+  With ``rescan_target_sensitivity`` set, :meth:`HrpqctMotionAdapter.tune`
+  chooses, after training, the highest ``rescan_threshold`` at which the
+  validation split reaches that sensitivity (:func:`choose_rescan_threshold`);
+  the bundle records it in ``task_config`` and the node applies it.
 * **Evaluation** (scan level): accuracy, macro-F1, quadratic-weighted kappa,
-  confusion matrix, rescan sensitivity/specificity (>= 4 vs <= 3), slice-level
+  confusion matrix, rescan sensitivity/specificity (>= 4 vs <= 3) and ROC AUC of
+  ``P(grade >= 4)``, sensitivity/specificity at fixed operating points, slice-level
   accuracy, and the Spearman correlation between the projection-space motion
   estimate of the generator (``motion_ssd``, Sode et al. 2011) and the
   predicted grade, with a box/scatter plot (``motion_ssd_vs_grade.png``).
@@ -31,7 +40,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -47,7 +56,14 @@ from inference.series import group_by_series, read_datasets
 from inference.tasks.hrpqct_motion import GRADES, aggregate_scan
 from training.adapter import BaseAdapter, EvalResult, TaskConfig
 from training.data import DataError, Record, Sample
-from training.metrics import accuracy, cohen_kappa, confusion_matrix, macro_f1, sensitivity_specificity
+from training.metrics import (
+    accuracy,
+    cohen_kappa,
+    confusion_matrix,
+    macro_f1,
+    roc_auc,
+    sensitivity_specificity,
+)
 from training.tasks import register_adapter
 
 __all__ = ["ADAPTER", "HrpqctMotionAdapter", "MotionConfig", "MotionEvalResult", "grade_of", "preprocess_record"]
@@ -77,6 +93,13 @@ class MotionConfig(TaskConfig):
     class_weight_beta: float = Field(0.99, gt=0, lt=1)
     aggregation: Literal["argmax", "expected"] = "argmax"
     rescan_min_grade: int = Field(4, ge=2, le=5)
+    rescan_threshold: float | None = Field(
+        None, gt=0, lt=1, description="also recommend a rescan when P(grade >= rescan_min_grade) reaches this")
+    rescan_target_sensitivity: float | None = Field(
+        None, gt=0, le=1, description="after training, set rescan_threshold on the validation split so that the "
+        "rescan decision reaches this sensitivity (None: keep rescan_threshold)")
+
+    after_training: ClassVar[frozenset[str]] = frozenset({"rescan_threshold", "rescan_target_sensitivity"})
     augment: bool = True
 
     @field_validator("class_counts")
@@ -124,6 +147,12 @@ def _motion_ssd(row: dict[str, Any]) -> float:
         return math.nan
 
 
+def _generating_grade(row: dict[str, Any]) -> int:
+    """Synthetic rows: the grade the motion was drawn for (``grade_true``, before rater noise); 0 if absent."""
+    v = row.get("grade_true")
+    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and int(v) in GRADES else 0
+
+
 def preprocess_record(record: Record, norm: DensityNorm) -> list[Sample]:
     """One scan -> its 8 slice samples ``{"image": (1, 256, 256), "label": grade - 1, "slice", "motion_ssd"}``.
 
@@ -165,30 +194,62 @@ class MotionEvalResult(EvalResult):
     true_grade: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
 
 
+def choose_rescan_threshold(true_grade: np.ndarray, p_rescan: np.ndarray, pred_grade: np.ndarray, *,
+                            target: float, min_grade: int = 4) -> float | None:
+    """The highest ``P(grade >= min_grade)`` threshold whose rescan decision reaches ``target`` sensitivity.
+
+    The decision is ``pred_grade >= min_grade or p_rescan >= threshold``. Returns None when the grade
+    rule alone reaches the target or there is no scan graded ``>= min_grade`` to choose from.
+    """
+    pos = np.asarray(true_grade) >= min_grade
+    n_pos = int(pos.sum())
+    if n_pos == 0:
+        return None
+    caught = pos & (np.asarray(pred_grade) >= min_grade)
+    need = math.ceil(target * n_pos - 1e-9) - int(caught.sum())
+    if need <= 0:
+        return None
+    missed = np.sort(np.asarray(p_rescan, dtype=np.float64)[pos & ~caught])[::-1]
+    return float(min(max(missed[need - 1], 1e-6), 1.0 - 1e-6))
+
+
 def scan_metrics(y_true: np.ndarray, mean_probs: np.ndarray, slice_true: np.ndarray, slice_pred: np.ndarray,
-                 motion_ssd: np.ndarray, *, aggregation: str = "argmax", rescan_min_grade: int = 4
+                 motion_ssd: np.ndarray, *, aggregation: str = "argmax", rescan_min_grade: int = 4,
+                 rescan_threshold: float | None = None, generating_grade: np.ndarray | None = None
                  ) -> tuple[dict[str, Any], np.ndarray, dict[str, Any]]:
     """Scan-level metrics from true grades (1-5) and mean probability vectors (N, 5).
 
+    ``generating_grade`` (synthetic data: the grade the generator's motion was drawn for, before rater
+    noise) adds how well that grade itself agrees with the labels: the ceiling of any model on this data.
+
     Returns (metrics, predicted grades 1-5, tables).
     """
-    pred = np.asarray([aggregate_scan(p[None], aggregation=aggregation, rescan_min_grade=rescan_min_grade).grade
-                       for p in mean_probs], dtype=int)
+    scans = [aggregate_scan(p[None], aggregation=aggregation, rescan_min_grade=rescan_min_grade,  # type: ignore[arg-type]
+                            rescan_threshold=rescan_threshold) for p in mean_probs]
+    pred = np.asarray([sg.grade for sg in scans], dtype=int)
+    p_rescan = np.asarray([sg.p_rescan for sg in scans], dtype=np.float64)
     t0, p0 = y_true - 1, pred - 1
     k = len(GRADES)
-    sens, spec = sensitivity_specificity((y_true >= rescan_min_grade).astype(int),
-                                         (pred >= rescan_min_grade).astype(int))
+    y_rescan = (y_true >= rescan_min_grade).astype(int)
+    sens, spec = sensitivity_specificity(y_rescan, np.asarray([sg.rescan for sg in scans], dtype=int))
     metrics: dict[str, Any] = {
         "n": int(y_true.size), "n_slices": int(slice_true.size), "class_names": CLASS_NAMES,
         "accuracy": accuracy(t0, p0), "macro_f1": macro_f1(t0, p0, k),
         "kappa": cohen_kappa(t0, p0, None, k), "kappa_quadratic": cohen_kappa(t0, p0, "quadratic", k),
         "kappa_linear": cohen_kappa(t0, p0, "linear", k),
         "within_one_grade": float(np.mean(np.abs(t0 - p0) <= 1)) if t0.size else math.nan,
-        "rescan_sensitivity": sens, "rescan_specificity": spec,
+        "rescan_sensitivity": sens, "rescan_specificity": spec, "rescan_threshold": rescan_threshold,
+        "rescan_auc": roc_auc(y_rescan, p_rescan) if 0 < y_rescan.sum() < y_rescan.size else math.nan,
         "slice_accuracy": accuracy(slice_true, slice_pred),
         "confusion_matrix": confusion_matrix(t0, p0, k).tolist(),
         "label_distribution": np.bincount(t0, minlength=k).tolist(),
     }
+    if generating_grade is not None and generating_grade.size == y_true.size and np.all(generating_grade > 0):
+        g0 = generating_grade.astype(int) - 1
+        g_sens, g_spec = sensitivity_specificity(y_rescan, (generating_grade >= rescan_min_grade).astype(int))
+        metrics.update(generating_grade_kappa_quadratic=cohen_kappa(t0, g0, "quadratic", k),
+                       generating_grade_accuracy=accuracy(t0, g0), generating_grade_rescan_sensitivity=g_sens,
+                       generating_grade_rescan_specificity=g_spec)
     ok = np.isfinite(motion_ssd)
     tables: dict[str, Any] = {}
     if ok.sum() >= 3 and len(np.unique(pred[ok])) > 1 and len(np.unique(motion_ssd[ok])) > 1:
@@ -200,6 +261,14 @@ def scan_metrics(y_true: np.ndarray, mean_probs: np.ndarray, slice_true: np.ndar
                        motion_ssd_spearman_true=float(rho_true))
     else:
         metrics.update(motion_ssd_spearman_pred=math.nan, motion_ssd_spearman_true=math.nan)
+    if 0 < y_rescan.sum() < y_rescan.size:
+        tables["rescan operating points"] = {
+            f"P(grade >= {rescan_min_grade}) >= {t:.2f}": dict(zip(
+                ("sensitivity", "specificity"),
+                sensitivity_specificity(y_rescan, ((pred >= rescan_min_grade) | (p_rescan >= t)).astype(int)),
+                strict=True))
+            for t in (0.1, 0.2, 0.3, 0.4, 0.5)
+        }
     if ok.any():
         tables["motion_ssd by predicted grade"] = {
             f"grade {g}": {"n": int(np.sum(pred[ok] == g)),
@@ -284,10 +353,35 @@ class HrpqctMotionAdapter(BaseAdapter):
         mean_probs = np.stack([p[r == i].mean(0) for i in ids])
         y_scan = np.asarray([y[r == i][0] for i in ids]) + 1
         ssd_scan = np.asarray([s[r == i][0] for i in ids])
+        records = getattr(loader.dataset, "records", None)
+        generating = None
+        if records is not None:
+            generating = np.asarray([_generating_grade(records[i].row) for i in ids], dtype=int)
         metrics, pred, tables = scan_metrics(y_scan, mean_probs, y, p.argmax(1), ssd_scan,
-                                             aggregation=cfg.aggregation, rescan_min_grade=cfg.rescan_min_grade)
+                                             aggregation=cfg.aggregation, rescan_min_grade=cfg.rescan_min_grade,
+                                             rescan_threshold=cfg.rescan_threshold, generating_grade=generating)
         return MotionEvalResult(metrics=metrics, y_true=y_scan - 1, y_prob=mean_probs, class_names=CLASS_NAMES,
                                 tables=tables, motion_ssd=ssd_scan, pred_grade=pred, true_grade=y_scan)
+
+    def tune(self, result: EvalResult, cfg: MotionConfig) -> tuple[MotionConfig, str]:  # type: ignore[override]
+        """With ``rescan_target_sensitivity``: the rescan operating point from the validation ``result``."""
+        target = cfg.rescan_target_sensitivity
+        if target is None or not isinstance(result, MotionEvalResult) or result.y_prob is None:
+            return cfg, ""
+        p_rescan = result.y_prob[:, cfg.rescan_min_grade - 1:].sum(1)
+        n_pos = int(np.sum(result.true_grade >= cfg.rescan_min_grade))
+        if n_pos == 0:
+            return cfg, (f"rescan operating point not chosen: no validation scan graded >= {cfg.rescan_min_grade}; "
+                         f"rescan_threshold stays {cfg.rescan_threshold}")
+        t = choose_rescan_threshold(result.true_grade, p_rescan, result.pred_grade, target=target,
+                                    min_grade=cfg.rescan_min_grade)
+        where = f"on the validation split ({n_pos} of {result.true_grade.size} scans graded >= {cfg.rescan_min_grade})"
+        if t is None:
+            return cfg.model_copy(update={"rescan_threshold": None}), (
+                f"rescan operating point: the grade rule alone reaches sensitivity >= {target} {where}")
+        return cfg.model_copy(update={"rescan_threshold": t}), (
+            f"rescan operating point P(grade >= {cfg.rescan_min_grade}) >= {t:.4f}, chosen {where} "
+            f"for sensitivity >= {target}")
 
     def report_plots(self, result: EvalResult, out: Path) -> list[Path]:
         """``motion_ssd_vs_grade.png``: projection-space motion estimate per predicted (and true) grade."""
@@ -351,7 +445,12 @@ class HrpqctMotionAdapter(BaseAdapter):
             f"{SLICE_SIZE}x{SLICE_SIZE}, density units clipped to [{cfg.density_low}, {cfg.density_high}] and "
             f"z-scored with mean {cfg.density_mean}, std {cfg.density_std}.\n"
             f"- Scan grade: mean of the slice probability vectors, then {cfg.aggregation}; rescan recommended when "
-            f"grade >= {cfg.rescan_min_grade}; P(grade >= {cfg.rescan_min_grade}) is reported.\n"
+            f"grade >= {cfg.rescan_min_grade}"
+            + (f" or P(grade >= {cfg.rescan_min_grade}) >= {cfg.rescan_threshold:.4f} ("
+               + (f"operating point chosen on the validation split for sensitivity >= {cfg.rescan_target_sensitivity}"
+                  if cfg.rescan_target_sensitivity is not None else "operating point set in the configuration") + ")"
+               if cfg.rescan_threshold is not None else "")
+            + f"; P(grade >= {cfg.rescan_min_grade}) is reported.\n"
             f"- Loss: {cfg.loss} (weight {cfg.ordinal_weight}), class weights {cfg.class_weight_scheme} from counts "
             f"{list(cfg.class_counts) if cfg.class_counts else None}.\n"
             "- Works on XtremeCT (110 slices, 82 um) and XtremeCT II (168 slices, 61 um) stacks. Grades are "
