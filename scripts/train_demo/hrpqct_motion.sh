@@ -7,12 +7,14 @@
 #    during a simulated parallel-beam acquisition and reconstructed by FBP, XtremeCT and XtremeCT II geometries,
 # 2. train the faithful network (motion_cnn: 5 blocks 32-64-128-256-256, ~2 MB fp16, so no lighter variant is
 #    needed) on 8 slices per scan with Adam lr 1e-3 and the ordinal class-weighted loss, weights stored in fp16,
-#    best epoch by validation quadratic-weighted kappa,
+#    best epoch by validation quadratic-weighted kappa; then the rescan operating point (P(grade >= 4) threshold)
+#    is chosen on the validation split for sensitivity >= RESCAN_SENS (default 0.9) and recorded in task_config,
 # 3. evaluate on every scan of the fresh-seed hold-out (--subset all): OUT_DIR/eval/metrics.json, report.md,
 #    confusion matrix and the projection-space motion estimate (Sode SSD) against the predicted grade.
 #    The report also scores the histogram baseline (training.baseline) fitted on the training set.
 #
-# Sizes: N_TRAIN, N_HOLDOUT, EPOCHS, DEVICE (auto|cpu|cuda), WORKERS (synthesis processes), BATCH.
+# Sizes: N_TRAIN, N_HOLDOUT, EPOCHS, DEVICE (auto|cpu|cuda), WORKERS (synthesis processes), BATCH; RESCAN_SENS;
+# INIT_FROM (a hrpqct_motion bundle to start from instead of a fresh initialisation).
 # Tiny CPU check:   N_TRAIN=12 N_HOLDOUT=6 EPOCHS=1 DEVICE=cpu scripts/train_demo/hrpqct_motion.sh /tmp/motion_demo
 # GPU (H100):       PYTHON=python3 PYTHONPATH=. N_TRAIN=400 N_HOLDOUT=100 EPOCHS=30 \
 #                   scripts/train_demo/hrpqct_motion.sh out
@@ -26,6 +28,7 @@ EPOCHS=${EPOCHS:-30}
 DEVICE=${DEVICE:-auto}
 WORKERS=${WORKERS:-12}
 BATCH=${BATCH:-32}
+RESCAN_SENS=${RESCAN_SENS:-0.9}
 VERSION=${VERSION:-demo-$(date -u +%Y%m%d)}
 
 # shellcheck source=scripts/train_demo/_budget.sh
@@ -39,7 +42,9 @@ rm -rf "$OUT/train_data" "$OUT/holdout_data" "$OUT/bundle" "$OUT/bundle.work" "$
 "$PY" -m training.cli train hrpqct_motion --data "$OUT/train_data" --out "$OUT/bundle" \
     --epochs "$EPOCHS" --device "$DEVICE" --fp16 --synthetic --version "$VERSION" \
     --workers "$([ "$DEVICE" = cpu ] && echo 0 || echo 8)" \
-    --set batch_size="$BATCH" --set schedule=cosine --set min_lr=0.00001 ${TRAIN_ARGS:-} $(budget_args)
+    --set batch_size="$BATCH" --set schedule=cosine --set min_lr=0.00001 \
+    --set task.rescan_target_sensitivity="$RESCAN_SENS" ${INIT_FROM:+--set init_from="$INIT_FROM"} \
+    ${TRAIN_ARGS:-} $(budget_args)
 
 "$PY" -m training.cli evaluate "$OUT/bundle" --data "$OUT/holdout_data" --subset all --device "$DEVICE" \
     --baseline-train "$OUT/train_data" \
