@@ -499,6 +499,11 @@ def train(
             why = "time budget" if entry.get("stopped_by_time_budget") else "early stop"
             log.info("%s: %s after epoch %d (best epoch %d)", adapter.name, why, epoch + 1, best_epoch)
 
+    selection_note = ""
+    if best_epoch == -1 and history:  # no epoch scored a finite metric: keep the trained weights, not the initial
+        best_state, best_epoch = copy.deepcopy(_unwrap(model).state_dict()), len(history)
+        selection_note = f"no epoch had a finite validation {adapter.primary_metric}; the last epoch's weights are kept"
+        log.warning("%s: %s", adapter.name, selection_note)
     final_model = adapter.build_model(tcfg)
     final_model.load_state_dict(best_state)
     final_model.to(device)
@@ -523,7 +528,8 @@ def train(
         split=split.summary(), metrics=metrics, primary_metric=adapter.primary_metric,
         greater_is_better=adapter.greater_is_better, train_config=cfg.model_dump(mode="json"),
         task_config=tcfg.model_dump(mode="json"), synthetic_only=synthetic, training_log=history,
-        notes="; ".join(n for n in (f"best epoch {best_epoch} of {len(history)}", init_note, tune_note) if n),
+        notes="; ".join(n for n in (f"best epoch {best_epoch} of {len(history)}", selection_note, init_note,
+                                    tune_note) if n),
     )
     bundle_dir = out
     if dist_info.main:

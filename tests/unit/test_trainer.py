@@ -385,3 +385,22 @@ def test_after_training_fields_do_not_block_resume(toy_split, tmp_path: Path) ->
     assert seen == [1, 2]  # another operating point: the run continued from its checkpoint
     with pytest.raises(TrainError, match="different run"):  # a field that shapes training still counts
         train(ADAPTER, toy_split, tmp_path / "p2", cfg, _CutoffConfig(channels=6), work_dir=tmp_path / "w")
+
+
+class _NanAdapter(type(ADAPTER)):  # type: ignore[misc]
+    def evaluate(self, model, loader, device, cfg):
+        res = super().evaluate(model, loader, device, cfg)
+        res.metrics["accuracy"] = float("nan")  # e.g. a kappa on a one-class validation split
+        return res
+
+
+def test_no_finite_validation_metric_keeps_the_trained_weights(toy_split, tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    initial = {k: v.clone() for k, v in ADAPTER.build_model(ToyConfig()).state_dict().items()}
+    res = train(_NanAdapter(), toy_split, tmp_path / "b", _cfg(epochs=2, version="nan"), ToyConfig())
+    bundle = load_bundle(res.bundle_dir)
+    assert res.best_epoch == 2 and "no epoch had a finite validation accuracy" in bundle.meta.notes
+    assert any(not torch.equal(bundle.state_dict[k], v) for k, v in initial.items())  # not the untrained weights
+    ckpt = torch.load(tmp_path / "b.work" / "checkpoint.pt", map_location="cpu", weights_only=False)
+    for k, v in ckpt["model"].items():
+        assert torch.equal(bundle.state_dict[k], v), k  # the last epoch's weights
