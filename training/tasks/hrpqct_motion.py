@@ -66,7 +66,8 @@ from training.metrics import (
 )
 from training.tasks import register_adapter
 
-__all__ = ["ADAPTER", "HrpqctMotionAdapter", "MotionConfig", "MotionEvalResult", "grade_of", "preprocess_record"]
+__all__ = ["ADAPTER", "HrpqctMotionAdapter", "MotionConfig", "MotionEvalResult", "choose_rescan_threshold", "grade_of",
+           "preprocess_record"]
 
 #: thesis label distribution (grades 1-5) per site
 THESIS_TIBIA = (334, 97, 42, 24, 2)
@@ -98,9 +99,9 @@ class MotionConfig(TaskConfig):
     rescan_target_sensitivity: float | None = Field(
         None, gt=0, le=1, description="after training, set rescan_threshold on the validation split so that the "
         "rescan decision reaches this sensitivity (None: keep rescan_threshold)")
+    augment: bool = True
 
     after_training: ClassVar[frozenset[str]] = frozenset({"rescan_threshold", "rescan_target_sensitivity"})
-    augment: bool = True
 
     @field_validator("class_counts")
     @classmethod
