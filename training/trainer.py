@@ -431,6 +431,8 @@ def train(
     collate = adapter.collate(tcfg)
     t_start = time.perf_counter()
     stopped_early = start_epoch > 0 and cfg.early_stopping_patience is not None and bad_epochs >= cfg.early_stopping_patience
+    best_val: EvalResult | None = None  # the best epoch's validation result, when this process scored it
+    last_val: EvalResult | None = None
     for epoch in range(start_epoch, cfg.epochs):
         if stopped_early:
             break
@@ -462,14 +464,14 @@ def train(
         train_loss = total / max(steps, 1)
         entry: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss, "lr": opt.param_groups[0]["lr"]}
         if split.val:
-            res = evaluate_records(adapter, model, split.val, tcfg, cfg, device, cache)
+            res = last_val = evaluate_records(adapter, model, split.val, tcfg, cfg, device, cache)
             metric = float(res.metrics[adapter.primary_metric])
             entry.update({f"val_{k}": v for k, v in res.metrics.items() if isinstance(v, (int, float))})
         else:
             metric = -train_loss if adapter.greater_is_better else train_loss
         if _better(metric, best_metric, adapter.greater_is_better):
             best_metric, best_epoch, bad_epochs = metric, epoch + 1, 0
-            best_state = copy.deepcopy(_unwrap(model).state_dict())
+            best_state, best_val = copy.deepcopy(_unwrap(model).state_dict()), last_val
         else:
             bad_epochs += 1
         if sched is not None:
@@ -501,7 +503,7 @@ def train(
 
     selection_note = ""
     if best_epoch == -1 and history:  # no epoch scored a finite metric: keep the trained weights, not the initial
-        best_state, best_epoch = copy.deepcopy(_unwrap(model).state_dict()), len(history)
+        best_state, best_epoch, best_val = copy.deepcopy(_unwrap(model).state_dict()), len(history), last_val
         selection_note = f"no epoch had a finite validation {adapter.primary_metric}; the last epoch's weights are kept"
         log.warning("%s: %s", adapter.name, selection_note)
     final_model = adapter.build_model(tcfg)
@@ -509,7 +511,9 @@ def train(
     final_model.to(device)
     tune = getattr(adapter, "tune", None)
     if tune is not None and split.val:
-        tcfg, tune_note = tune(evaluate_records(adapter, final_model, split.val, tcfg, cfg, device, cache), tcfg)
+        # the kept weights' validation result: from the epoch loop, or scored again after a resume
+        val_res = best_val or evaluate_records(adapter, final_model, split.val, tcfg, cfg, device, cache)
+        tcfg, tune_note = tune(val_res, tcfg)
         if tune_note:
             log.info("%s: %s", adapter.name, tune_note)
     else:

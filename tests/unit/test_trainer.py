@@ -345,9 +345,11 @@ class _CutoffAdapter(type(ADAPTER)):  # type: ignore[misc]
 
     def __init__(self) -> None:
         self.tuned_on: list[int] = []
+        self.evaluated: list[int] = []
 
     def evaluate(self, model, loader, device, cfg):
         res = super().evaluate(model, loader, device, cfg)
+        self.evaluated.append(int(res.y_true.size))
         res.metrics["cutoff_used"] = cfg.cutoff
         return res
 
@@ -362,6 +364,8 @@ def test_tune_sets_operating_point_on_validation_before_holdout(toy_split, tmp_p
     res = train(adapter, toy_split, tmp_path / "b", _cfg(epochs=2, version="t"), _CutoffConfig())
     bundle = load_bundle(res.bundle_dir)
     assert adapter.tuned_on == [len(toy_split.val)]  # once, on the validation split
+    # tuning reuses the best epoch's validation result: validation once per epoch, then the hold-out
+    assert adapter.evaluated == [len(toy_split.val)] * 2 + [len(toy_split.holdout)]
     cutoff = bundle.meta.task_config["cutoff"]
     assert cutoff is not None and res.metrics["cutoff_used"] == cutoff  # the hold-out figures use it
     assert all(h.get("val_cutoff_used") is None for h in res.history)  # epochs were scored without it
