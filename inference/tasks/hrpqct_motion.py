@@ -33,6 +33,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 from pydicom import Dataset
 
 from inference import codes
@@ -53,7 +54,7 @@ Aggregation = Literal["argmax", "expected"]
 
 __all__ = [
     "GRADES", "NAME", "RESCAN_MIN_GRADE", "ScanGrade", "aggregate_scan", "eligible_series", "finding_site",
-    "grade_series", "hrpqct_motion_task", "scan_findings",
+    "grade_series", "hrpqct_motion_task", "recommends_rescan", "scan_findings",
 ]
 
 _RADIUS_TERMS = ("RADIUS", "FOREARM", "WRIST", "SPEICHE", "UNTERARM", "HANDGELENK", "MUNECA", "ANTEBRAZO",
@@ -80,6 +81,13 @@ class ScanGrade:
     def grade_probability(self) -> float:
         """Mean probability of the reported grade."""
         return float(self.mean_probs[self.grade - 1])
+
+
+def recommends_rescan(grade: ArrayLike, p_rescan: ArrayLike, *, rescan_min_grade: int = RESCAN_MIN_GRADE,
+                      rescan_threshold: float | None = None) -> np.ndarray:
+    """The rescan decision (element-wise): grade ``>= rescan_min_grade``, or ``p_rescan`` reaching the threshold."""
+    decision = np.asarray(grade) >= rescan_min_grade
+    return decision if rescan_threshold is None else decision | (np.asarray(p_rescan) >= rescan_threshold)
 
 
 def aggregate_scan(slice_probs: np.ndarray, *, aggregation: Aggregation = "argmax",
@@ -127,7 +135,8 @@ def aggregate_scan(slice_probs: np.ndarray, *, aggregation: Aggregation = "argma
     else:
         raise ValueError(f"unknown aggregation {aggregation!r}")
     p_rescan = min(max(float(mean[rescan_min_grade - 1:].sum()), 0.0), 1.0)
-    rescan = grade >= rescan_min_grade or (rescan_threshold is not None and p_rescan >= rescan_threshold)
+    rescan = bool(recommends_rescan(grade, p_rescan, rescan_min_grade=rescan_min_grade,
+                                    rescan_threshold=rescan_threshold))
     return ScanGrade(
         grade=grade, expected_grade=expected, mean_probs=mean, slice_probs=p,
         slice_grades=tuple(int(i) + 1 for i in p.argmax(1)), p_rescan=p_rescan, rescan=rescan,
@@ -241,7 +250,7 @@ def hrpqct_motion_task(datasets: Sequence[Dataset], context: TaskContext) -> Fin
     tcfg = loaded.meta.task_config or {}
     aggregation: Aggregation = tcfg.get("aggregation", "argmax")
     rescan_min = int(tcfg.get("rescan_min_grade", RESCAN_MIN_GRADE))
-    threshold = tcfg.get("rescan_threshold")
+    threshold = None if tcfg.get("rescan_threshold") is None else float(tcfg["rescan_threshold"])
     norm = _norm_of(loaded.meta)
     classifications: list[Classification] = []
     overlays: list[Overlay] = []
@@ -249,8 +258,7 @@ def hrpqct_motion_task(datasets: Sequence[Dataset], context: TaskContext) -> Fin
     summary: list[str] = []
     for k, series in enumerate(scans, start=1):
         scan, idx = grade_series(series, loaded.model, loaded.device, norm, aggregation=aggregation,
-                                 rescan_min_grade=rescan_min,
-                                 rescan_threshold=None if threshold is None else float(threshold), timer=timer)
+                                 rescan_min_grade=rescan_min, rescan_threshold=threshold, timer=timer)
         with timer.stage("postprocess"):
             site = finding_site(series.datasets[0])
             label = f"scan {k}" if len(scans) > 1 else "scan"

@@ -53,7 +53,7 @@ from inference.hrpqct import input_spec as hrpqct_input_spec
 from inference.nets import build_network
 from inference.nets.losses import OrdinalGradeLoss, class_weights
 from inference.series import group_by_series, read_datasets
-from inference.tasks.hrpqct_motion import GRADES, aggregate_scan
+from inference.tasks.hrpqct_motion import GRADES, aggregate_scan, recommends_rescan
 from training.adapter import BaseAdapter, EvalResult, TaskConfig
 from training.data import DataError, Record, Sample
 from training.metrics import (
@@ -206,7 +206,7 @@ def choose_rescan_threshold(true_grade: np.ndarray, p_rescan: np.ndarray, pred_g
     n_pos = int(pos.sum())
     if n_pos == 0:
         return None
-    caught = pos & (np.asarray(pred_grade) >= min_grade)
+    caught = pos & recommends_rescan(pred_grade, p_rescan, rescan_min_grade=min_grade)
     need = math.ceil(target * n_pos - 1e-9) - int(caught.sum())
     if need <= 0:
         return None
@@ -232,7 +232,8 @@ def scan_metrics(y_true: np.ndarray, mean_probs: np.ndarray, slice_true: np.ndar
     t0, p0 = y_true - 1, pred - 1
     k = len(GRADES)
     y_rescan = (y_true >= rescan_min_grade).astype(int)
-    sens, spec = sensitivity_specificity(y_rescan, np.asarray([sg.rescan for sg in scans], dtype=int))
+    sens, spec = sensitivity_specificity(y_rescan, recommends_rescan(pred, p_rescan, rescan_min_grade=rescan_min_grade,
+                                                                     rescan_threshold=rescan_threshold).astype(int))
     metrics: dict[str, Any] = {
         "n": int(y_true.size), "n_slices": int(slice_true.size), "class_names": CLASS_NAMES,
         "accuracy": accuracy(t0, p0), "macro_f1": macro_f1(t0, p0, k),
@@ -266,7 +267,8 @@ def scan_metrics(y_true: np.ndarray, mean_probs: np.ndarray, slice_true: np.ndar
         tables["rescan operating points"] = {
             f"P(grade >= {rescan_min_grade}) >= {t:.2f}": dict(zip(
                 ("sensitivity", "specificity"),
-                sensitivity_specificity(y_rescan, ((pred >= rescan_min_grade) | (p_rescan >= t)).astype(int)),
+                sensitivity_specificity(y_rescan, recommends_rescan(pred, p_rescan, rescan_min_grade=rescan_min_grade,
+                                                                    rescan_threshold=t).astype(int)),
                 strict=True))
             for t in (0.1, 0.2, 0.3, 0.4, 0.5)
         }
