@@ -9,8 +9,11 @@ density-normalised with the bundle's constants and graded one by one by the
 Scan grade (:func:`aggregate_scan`): the 8 slice probability vectors are
 averaged; the grade is the **argmax of the mean probabilities** by default (the
 bundle's ``task_config.aggregation`` may select ``"expected"``: the expected
-grade sum_k k p_k rounded to the nearest grade). The expected grade is always
-reported as a measurement too. ``P(grade >= 4)`` is the sum of the mean
+grade E = sum_k k p_k, graded by cut points, by default 1.5/2.5/3.5/4.5, i.e.
+rounded to the nearest grade; ``task_config.grade_cutpoints`` holds cut points
+chosen on the validation split to maximise the quadratic-weighted kappa,
+:func:`training.tasks.hrpqct_motion.choose_grade_cutpoints`). The expected grade
+is always reported as a measurement too. ``P(grade >= 4)`` is the sum of the mean
 probabilities of grades 4 and 5; a rescan is recommended when the scan grade is
 at least 4 (``task_config.rescan_min_grade``) or, when the bundle sets an
 operating point ``task_config.rescan_threshold`` (chosen on the validation split
@@ -37,7 +40,7 @@ from numpy.typing import ArrayLike
 from pydicom import Dataset
 
 from inference import codes
-from inference.errors import InvalidDatasetError
+from inference.errors import BundleError, InvalidDatasetError
 from inference.findings import Classification, Code, Findings, ImageRef, Measurement, Overlay, Panel
 from inference.hrpqct import N_SLICES, DensityNorm, prepare_stack
 from inference.runtime import StageTimer, run_batched
@@ -50,11 +53,13 @@ log = logging.getLogger(__name__)
 NAME = "hrpqct_motion"
 GRADES: tuple[int, ...] = (1, 2, 3, 4, 5)
 RESCAN_MIN_GRADE = 4
+#: cut points of the expected grade that round it to the nearest grade (half up)
+ROUNDING_CUTPOINTS: tuple[float, ...] = (1.5, 2.5, 3.5, 4.5)
 Aggregation = Literal["argmax", "expected"]
 
 __all__ = [
-    "GRADES", "NAME", "RESCAN_MIN_GRADE", "ScanGrade", "aggregate_scan", "eligible_series", "finding_site",
-    "grade_series", "hrpqct_motion_task", "recommends_rescan", "scan_findings",
+    "GRADES", "NAME", "RESCAN_MIN_GRADE", "ROUNDING_CUTPOINTS", "ScanGrade", "aggregate_scan", "check_cutpoints",
+    "eligible_series", "finding_site", "grade_from_expected", "grade_series", "hrpqct_motion_task", "recommends_rescan", "scan_findings",
 ]
 
 _RADIUS_TERMS = ("RADIUS", "FOREARM", "WRIST", "SPEICHE", "UNTERARM", "HANDGELENK", "MUNECA", "ANTEBRAZO",
@@ -90,8 +95,31 @@ def recommends_rescan(grade: ArrayLike, p_rescan: ArrayLike, *, rescan_min_grade
     return decision if rescan_threshold is None else decision | (np.asarray(p_rescan) >= rescan_threshold)
 
 
+def check_cutpoints(cutpoints: Sequence[float]) -> tuple[float, ...]:
+    """The cut points as a tuple, checked: 4 strictly increasing values inside (1, 5).
+
+    Raises
+    ------
+    ValueError
+        If they are not.
+    """
+    c = tuple(float(v) for v in cutpoints)
+    if (len(c) != len(GRADES) - 1 or not all(np.isfinite(c)) or any(b <= a for a, b in zip(c, c[1:], strict=False))
+            or c[0] <= GRADES[0] or c[-1] >= GRADES[-1]):
+        raise ValueError(f"grade cut points must be {len(GRADES) - 1} strictly increasing values in "
+                         f"({GRADES[0]}, {GRADES[-1]}), got {cutpoints!r}")
+    return c
+
+
+def grade_from_expected(expected: ArrayLike, cutpoints: Sequence[float] = ROUNDING_CUTPOINTS) -> np.ndarray:
+    """Grades 1-5 (element-wise) of expected grades: 1 + the number of cut points at or below each."""
+    c = np.asarray(check_cutpoints(cutpoints))
+    return 1 + np.searchsorted(c, np.asarray(expected, dtype=np.float64), side="right")
+
+
 def aggregate_scan(slice_probs: np.ndarray, *, aggregation: Aggregation = "argmax",
-                   rescan_min_grade: int = RESCAN_MIN_GRADE, rescan_threshold: float | None = None) -> ScanGrade:
+                   rescan_min_grade: int = RESCAN_MIN_GRADE, rescan_threshold: float | None = None,
+                   cutpoints: Sequence[float] | None = None) -> ScanGrade:
     """Scan grade from per-slice softmax probabilities ``(n_slices, 5)``.
 
     Parameters
@@ -100,7 +128,8 @@ def aggregate_scan(slice_probs: np.ndarray, *, aggregation: Aggregation = "argma
         Rows are probability vectors over grades 1-5.
     aggregation:
         ``"argmax"``: argmax of the mean probability vector (ties go to the lower
-        grade); ``"expected"``: the expected grade of the mean vector rounded half up.
+        grade); ``"expected"``: the expected grade of the mean vector graded by
+        ``cutpoints`` (:func:`grade_from_expected`).
     rescan_min_grade:
         Grades at or above this recommend a rescan; ``p_rescan`` sums the mean
         probabilities of those grades.
@@ -108,12 +137,15 @@ def aggregate_scan(slice_probs: np.ndarray, *, aggregation: Aggregation = "argma
         Operating point of the rescan decision: a rescan is also recommended when
         ``p_rescan`` reaches it (the bundle's ``task_config``, chosen on the validation
         split for a target sensitivity). None: the grade rule alone.
+    cutpoints:
+        With ``"expected"``: 4 increasing cut points; None rounds half up
+        (:data:`ROUNDING_CUTPOINTS`). Ignored by ``"argmax"``.
 
     Raises
     ------
     ValueError
         If the array is not ``(n >= 1, 5)``, holds negative values or rows that do not sum to 1,
-        or the threshold is outside (0, 1).
+        the threshold is outside (0, 1), or the cut points are invalid.
     """
     p = np.asarray(slice_probs, dtype=np.float64)
     if p.ndim != 2 or p.shape[0] < 1 or p.shape[1] != len(GRADES):
@@ -131,7 +163,7 @@ def aggregate_scan(slice_probs: np.ndarray, *, aggregation: Aggregation = "argma
     if aggregation == "argmax":
         grade = int(np.argmax(mean)) + 1
     elif aggregation == "expected":
-        grade = int(min(max(np.floor(expected + 0.5), 1), len(GRADES)))
+        grade = int(grade_from_expected(expected, ROUNDING_CUTPOINTS if cutpoints is None else cutpoints))
     else:
         raise ValueError(f"unknown aggregation {aggregation!r}")
     p_rescan = min(max(float(mean[rescan_min_grade - 1:].sum()), 0.0), 1.0)
@@ -178,8 +210,8 @@ def _plane_ref(series: Series, index: int) -> ImageRef:
 
 def grade_series(series: Series, model: torch.nn.Module, device: torch.device, norm: DensityNorm, *,
                  aggregation: Aggregation = "argmax", rescan_min_grade: int = RESCAN_MIN_GRADE,
-                 rescan_threshold: float | None = None, timer: StageTimer | None = None
-                 ) -> tuple[ScanGrade, list[int]]:
+                 rescan_threshold: float | None = None, cutpoints: Sequence[float] | None = None,
+                 timer: StageTimer | None = None) -> tuple[ScanGrade, list[int]]:
     """Grade one scan; returns the :class:`ScanGrade` and the indices of the 8 graded planes."""
     timer = timer or StageTimer()
     with timer.stage("preprocess"):
@@ -190,7 +222,7 @@ def grade_series(series: Series, model: torch.nn.Module, device: torch.device, n
     with timer.stage("postprocess"):
         probs = torch.softmax(torch.as_tensor(logits).float(), dim=1).numpy()
         scan = aggregate_scan(probs, aggregation=aggregation, rescan_min_grade=rescan_min_grade,
-                              rescan_threshold=rescan_threshold)
+                              rescan_threshold=rescan_threshold, cutpoints=cutpoints)
     return scan, idx
 
 
@@ -242,6 +274,8 @@ def hrpqct_motion_task(datasets: Sequence[Dataset], context: TaskContext) -> Fin
         If the study has no CT series with at least 8 slices.
     ModelNotFoundError
         If no bundle is pinned or promoted for the task.
+    BundleError
+        If the bundle's grade cut points are invalid.
     """
     timer = StageTimer()
     with timer.stage("load"):
@@ -251,6 +285,10 @@ def hrpqct_motion_task(datasets: Sequence[Dataset], context: TaskContext) -> Fin
     aggregation: Aggregation = tcfg.get("aggregation", "argmax")
     rescan_min = int(tcfg.get("rescan_min_grade", RESCAN_MIN_GRADE))
     threshold = None if tcfg.get("rescan_threshold") is None else float(tcfg["rescan_threshold"])
+    try:
+        cutpoints = None if tcfg.get("grade_cutpoints") is None else check_cutpoints(tcfg["grade_cutpoints"])
+    except (TypeError, ValueError) as exc:
+        raise BundleError(f"{NAME} bundle {loaded.version}: task_config.grade_cutpoints: {exc}") from exc
     norm = _norm_of(loaded.meta)
     classifications: list[Classification] = []
     overlays: list[Overlay] = []
@@ -258,7 +296,8 @@ def hrpqct_motion_task(datasets: Sequence[Dataset], context: TaskContext) -> Fin
     summary: list[str] = []
     for k, series in enumerate(scans, start=1):
         scan, idx = grade_series(series, loaded.model, loaded.device, norm, aggregation=aggregation,
-                                 rescan_min_grade=rescan_min, rescan_threshold=threshold, timer=timer)
+                                 rescan_min_grade=rescan_min, rescan_threshold=threshold, cutpoints=cutpoints,
+                                 timer=timer)
         with timer.stage("postprocess"):
             site = finding_site(series.datasets[0])
             label = f"scan {k}" if len(scans) > 1 else "scan"

@@ -21,8 +21,14 @@ import torch
 from pydicom.uid import CTImageStorage
 
 from inference import codes
+from inference.errors import BundleError
 from inference.hrpqct import select_slices
-from inference.tasks.hrpqct_motion import aggregate_scan, finding_site
+from inference.tasks.hrpqct_motion import (
+    ROUNDING_CUTPOINTS,
+    aggregate_scan,
+    finding_site,
+    grade_from_expected,
+)
 from training.data import DataError
 from training.synth import tomo
 from training.synth.common import (
@@ -40,6 +46,7 @@ from training.tasks.hrpqct_motion import (
     ADAPTER,
     MotionConfig,
     MotionEvalResult,
+    choose_grade_cutpoints,
     choose_rescan_threshold,
     grade_of,
     scan_metrics,
@@ -253,6 +260,60 @@ def test_scan_metrics_report_the_generating_grade_ceiling_and_rescan_auc():
     assert points["P(grade >= 4) >= 0.40"] == {"sensitivity": 0.5, "specificity": 1.0}
     plain, _, _ = scan_metrics(y, probs, np.zeros(6, int), np.zeros(6, int), np.full(6, np.nan))
     assert "generating_grade_accuracy" not in plain
+
+
+def test_grade_cutpoints_grade_the_expected_grade():
+    e = np.array([1.0, 1.49, 1.5, 2.2, 3.5, 4.49, 4.5, 5.0])
+    assert grade_from_expected(e).tolist() == [1, 1, 2, 2, 4, 4, 5, 5]  # rounding half up
+    assert grade_from_expected(e, (1.2, 2.0, 3.0, 4.4)).tolist() == [1, 2, 2, 3, 4, 5, 5, 5]
+    p = np.array([[0.0, 0.5, 0.0, 0.0, 0.5]] * 8)  # expected 3.5
+    assert aggregate_scan(p, aggregation="expected").grade == 4
+    assert aggregate_scan(p, aggregation="expected", cutpoints=(1.5, 2.5, 3.6, 4.5)).grade == 3
+    assert aggregate_scan(p, cutpoints=(1.5, 2.5, 3.6, 4.5)).grade == 2  # argmax ignores cut points
+    for bad in ((1.5, 2.5, 3.5), (1.5, 3.5, 2.5, 4.5), (1.0, 2.5, 3.5, 4.5), (1.5, 2.5, 3.5, 5.0),
+                (1.5, 2.5, float("nan"), 4.5)):
+        with pytest.raises(ValueError):
+            aggregate_scan(p, aggregation="expected", cutpoints=bad)
+    with pytest.raises(ValueError, match="aggregation 'expected'"):
+        MotionConfig(tune_grade_cutpoints=True)
+    with pytest.raises(ValueError):
+        MotionConfig(aggregation="expected", grade_cutpoints=(2.0, 1.0, 3.0, 4.0))
+
+
+def test_choose_grade_cutpoints_corrects_a_biased_reader_and_keeps_rounding_otherwise():
+    rng = np.random.default_rng(0)
+    true = rng.integers(1, 6, 200)
+    low = true - 0.6 + rng.uniform(-0.05, 0.05, true.size)  # reads every grade 0.6 too low
+    k = lambda pred: scan_metrics(true, np.eye(5)[pred - 1], np.zeros(1, int), np.zeros(1, int),  # noqa: E731
+                                  np.full(true.size, np.nan))[0]["kappa_quadratic"]
+    assert k(grade_from_expected(low)) < 0.95
+    cuts = choose_grade_cutpoints(true, low)
+    assert k(grade_from_expected(low, cuts)) == pytest.approx(1.0)
+    assert all(g - 1 - 0.65 < c < g - 0.55 for g, c in zip((2, 3, 4, 5), cuts, strict=True))
+    assert choose_grade_cutpoints(true, true.astype(float)) == ROUNDING_CUTPOINTS  # nothing to gain: rounding
+    with pytest.raises(ValueError):
+        choose_grade_cutpoints(true, low[:-1])
+
+
+def test_tune_chooses_cutpoints_before_the_rescan_threshold():
+    true = np.array([1, 2, 3, 4, 4, 5, 2, 3])
+    expected = np.array([1.1, 1.6, 2.6, 3.4, 3.45, 4.3, 1.7, 2.7])  # reads 0.5 low: rounding misses grade 4s
+    probs = np.zeros((true.size, 5))
+    for i, e in enumerate(expected):  # a two-point distribution with this expected grade
+        lo = int(np.floor(e))
+        probs[i, lo - 1], probs[i, min(lo, 4)] = (lo + 1 - e, e - lo) if lo < 5 else (1.0, 0.0)
+    assert np.allclose(probs @ np.arange(1, 6), expected)
+    res = MotionEvalResult(metrics={}, y_true=true - 1, y_prob=probs, true_grade=true,
+                           pred_grade=grade_from_expected(expected), motion_ssd=np.full(true.size, np.nan))
+    cfg = MotionConfig(aggregation="expected", tune_grade_cutpoints=True, rescan_target_sensitivity=1.0)
+    tuned, note = ADAPTER.tune(res, cfg)
+    assert tuned.grade_cutpoints is not None and tuned.grade_cutpoints != ROUNDING_CUTPOINTS
+    assert (grade_from_expected(expected, tuned.grade_cutpoints) == true).all()
+    assert "cut points" in note and "-> 1.000" in note
+    # the tuned grades already catch every grade >= 4, so no P(grade >= 4) operating point is needed
+    assert tuned.rescan_threshold is None and "grade rule alone" in note
+    untuned, _ = ADAPTER.tune(res, cfg.model_copy(update={"tune_grade_cutpoints": False}))
+    assert untuned.grade_cutpoints is None and untuned.rescan_threshold is not None
 
 
 def test_loss_weights_rare_grades_and_respects_config():
@@ -488,3 +549,30 @@ def test_node_applies_the_bundles_rescan_operating_point(tiny, tmp_path):
     assert below[0] == codes.YES.value and below[2] == pytest.approx(p_rescan)
     if grade < 4 and p_rescan < 0.999:
         assert rescan_finding(min(p_rescan * 1.01 + 1e-4, 0.9999))[0] == codes.NO.value
+
+
+def test_node_applies_the_bundles_grade_cutpoints(tiny, tmp_path):
+    import shutil
+
+    from dicomnode.analyze import analyze
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny["bundle"], bundle)
+    meta = json.loads((bundle / "bundle.json").read_text())
+    study = tmp_path / "study"
+    write_scan(study, geometry="XtremeCT", grade=2, seed=6, patient_id="CP1", body_part="TIBIA")
+
+    def scan_grade(cutpoints: tuple[float, ...] | None) -> int:
+        meta["task_config"].update(aggregation="expected", grade_cutpoints=cutpoints)
+        (bundle / "bundle.json").write_text(json.dumps(meta))
+        out = tmp_path / f"out{cutpoints}"
+        written = analyze(study, "hrpqct_motion", out, model_dir=bundle, device="cpu")
+        sr = next(pydicom.dcmread(p) for p in written if pydicom.dcmread(p).Modality == "SR")
+        return int(_group_info(_content_groups(sr)[0])["qual"][1][-1])
+
+    assert scan_grade((1.001, 1.002, 1.003, 1.004)) == 5  # every expected grade above 1.004
+    assert scan_grade((4.996, 4.997, 4.998, 4.999)) == 1  # no expected grade of a softmax mix reaches 4.996
+    meta["task_config"]["grade_cutpoints"] = [3.0, 2.0, 4.0, 4.5]
+    (bundle / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="cut points"):
+        analyze(study, "hrpqct_motion", tmp_path / "bad", model_dir=bundle, device="cpu")

@@ -44,7 +44,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from inference import codes
 from inference.bundle import CodedConcept, InputSpec, LabelSpec
@@ -53,7 +53,14 @@ from inference.hrpqct import input_spec as hrpqct_input_spec
 from inference.nets import build_network
 from inference.nets.losses import OrdinalGradeLoss, class_weights
 from inference.series import group_by_series, read_datasets
-from inference.tasks.hrpqct_motion import GRADES, aggregate_scan, recommends_rescan
+from inference.tasks.hrpqct_motion import (
+    GRADES,
+    ROUNDING_CUTPOINTS,
+    aggregate_scan,
+    check_cutpoints,
+    grade_from_expected,
+    recommends_rescan,
+)
 from training.adapter import BaseAdapter, EvalResult, TaskConfig
 from training.data import DataError, Record, Sample
 from training.metrics import (
@@ -66,8 +73,8 @@ from training.metrics import (
 )
 from training.tasks import register_adapter
 
-__all__ = ["ADAPTER", "HrpqctMotionAdapter", "MotionConfig", "MotionEvalResult", "choose_rescan_threshold", "grade_of",
-           "preprocess_record"]
+__all__ = ["ADAPTER", "HrpqctMotionAdapter", "MotionConfig", "MotionEvalResult", "choose_grade_cutpoints",
+           "choose_rescan_threshold", "grade_of", "preprocess_record"]
 
 #: thesis label distribution (grades 1-5) per site
 THESIS_TIBIA = (334, 97, 42, 24, 2)
@@ -93,6 +100,11 @@ class MotionConfig(TaskConfig):
     class_weight_scheme: Literal["effective", "inverse", "none"] = "effective"
     class_weight_beta: float = Field(0.99, gt=0, lt=1)
     aggregation: Literal["argmax", "expected"] = "argmax"
+    grade_cutpoints: tuple[float, ...] | None = Field(
+        None, description="with aggregation 'expected': 4 cut points of the expected grade (None: round it)")
+    tune_grade_cutpoints: bool = Field(
+        False, description="after training, choose grade_cutpoints on the validation split for the highest "
+        "quadratic-weighted kappa (needs aggregation 'expected')")
     rescan_min_grade: int = Field(4, ge=2, le=5)
     rescan_threshold: float | None = Field(
         None, gt=0, lt=1, description="also recommend a rescan when P(grade >= rescan_min_grade) reaches this")
@@ -101,7 +113,19 @@ class MotionConfig(TaskConfig):
         "rescan decision reaches this sensitivity (None: keep rescan_threshold)")
     augment: bool = True
 
-    after_training: ClassVar[frozenset[str]] = frozenset({"rescan_threshold", "rescan_target_sensitivity"})
+    after_training: ClassVar[frozenset[str]] = frozenset({"rescan_threshold", "rescan_target_sensitivity",
+                                                          "grade_cutpoints", "tune_grade_cutpoints"})
+
+    @field_validator("grade_cutpoints")
+    @classmethod
+    def _cutpoints(cls, v: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        return None if v is None else check_cutpoints(v)
+
+    @model_validator(mode="after")
+    def _cutpoints_need_expected(self) -> MotionConfig:
+        if (self.grade_cutpoints is not None or self.tune_grade_cutpoints) and self.aggregation != "expected":
+            raise ValueError("grade_cutpoints and tune_grade_cutpoints need aggregation 'expected'")
+        return self
 
     @field_validator("class_counts")
     @classmethod
@@ -214,9 +238,48 @@ def choose_rescan_threshold(true_grade: np.ndarray, p_rescan: np.ndarray, pred_g
     return float(min(max(missed[need - 1], 1e-6), 1.0 - 1e-6))
 
 
+def choose_grade_cutpoints(true_grade: np.ndarray, expected: np.ndarray, *, max_passes: int = 20
+                           ) -> tuple[float, ...]:
+    """Cut points of the expected grade that maximise the quadratic-weighted kappa on ``(true_grade, expected)``.
+
+    Coordinate ascent from rounding (:data:`ROUNDING_CUTPOINTS`): each cut point in turn moves to the midpoint
+    between neighbouring expected grades (inside its neighbours' interval) with the highest kappa, and only
+    when that is strictly higher, until a pass changes nothing. Ties keep the current value, so cut points
+    that the data cannot inform stay at rounding.
+    """
+    y0 = np.asarray(true_grade, dtype=int) - 1
+    e = np.asarray(expected, dtype=np.float64)
+    if y0.size != e.size:
+        raise ValueError(f"{y0.size} grades for {e.size} expected grades")
+    k = len(GRADES)
+
+    def score(c: list[float]) -> float:
+        q = cohen_kappa(y0, grade_from_expected(e, c) - 1, "quadratic", k)
+        return -math.inf if not np.isfinite(q) else q
+
+    u = np.unique(np.clip(e, GRADES[0], GRADES[-1]))
+    mids = (u[1:] + u[:-1]) / 2 if u.size > 1 else np.zeros(0)
+    cuts = list(ROUNDING_CUTPOINTS)
+    best = score(cuts)
+    for _ in range(max_passes):
+        changed = False
+        for i in range(len(cuts)):
+            lo = cuts[i - 1] if i > 0 else float(GRADES[0])
+            hi = cuts[i + 1] if i + 1 < len(cuts) else float(GRADES[-1])
+            for m in mids[(mids > lo) & (mids < hi)]:
+                trial = cuts[:i] + [float(m)] + cuts[i + 1:]
+                q = score(trial)
+                if q > best + 1e-12:
+                    best, cuts, changed = q, trial, True
+        if not changed:
+            break
+    return check_cutpoints(cuts)
+
+
 def scan_metrics(y_true: np.ndarray, mean_probs: np.ndarray, slice_true: np.ndarray, slice_pred: np.ndarray,
                  motion_ssd: np.ndarray, *, aggregation: str = "argmax", rescan_min_grade: int = 4,
-                 rescan_threshold: float | None = None, generating_grade: np.ndarray | None = None
+                 rescan_threshold: float | None = None, generating_grade: np.ndarray | None = None,
+                 cutpoints: tuple[float, ...] | None = None
                  ) -> tuple[dict[str, Any], np.ndarray, dict[str, Any]]:
     """Scan-level metrics from true grades (1-5) and mean probability vectors (N, 5).
 
@@ -226,7 +289,7 @@ def scan_metrics(y_true: np.ndarray, mean_probs: np.ndarray, slice_true: np.ndar
     Returns (metrics, predicted grades 1-5, tables).
     """
     scans = [aggregate_scan(p[None], aggregation=aggregation, rescan_min_grade=rescan_min_grade,  # type: ignore[arg-type]
-                            rescan_threshold=rescan_threshold) for p in mean_probs]
+                            rescan_threshold=rescan_threshold, cutpoints=cutpoints) for p in mean_probs]
     pred = np.asarray([sg.grade for sg in scans], dtype=int)
     p_rescan = np.asarray([sg.p_rescan for sg in scans], dtype=np.float64)
     t0, p0 = y_true - 1, pred - 1
@@ -362,21 +425,45 @@ class HrpqctMotionAdapter(BaseAdapter):
             generating = np.asarray([_generating_grade(records[i].row) for i in ids], dtype=int)
         metrics, pred, tables = scan_metrics(y_scan, mean_probs, y, p.argmax(1), ssd_scan,
                                              aggregation=cfg.aggregation, rescan_min_grade=cfg.rescan_min_grade,
-                                             rescan_threshold=cfg.rescan_threshold, generating_grade=generating)
+                                             rescan_threshold=cfg.rescan_threshold, generating_grade=generating,
+                                             cutpoints=cfg.grade_cutpoints)
         return MotionEvalResult(metrics=metrics, y_true=y_scan - 1, y_prob=mean_probs, class_names=CLASS_NAMES,
                                 tables=tables, motion_ssd=ssd_scan, pred_grade=pred, true_grade=y_scan)
 
     def tune(self, result: EvalResult, cfg: MotionConfig) -> tuple[MotionConfig, str]:  # type: ignore[override]
-        """With ``rescan_target_sensitivity``: the rescan operating point from the validation ``result``."""
+        """Operating points from the validation ``result``: grade cut points, then the rescan threshold.
+
+        With ``tune_grade_cutpoints``: the expected-grade cut points of the highest validation kappa
+        (:func:`choose_grade_cutpoints`); the rescan threshold is then chosen on the grades they give.
+        """
+        if not isinstance(result, MotionEvalResult) or result.y_prob is None:
+            return cfg, ""
+        notes = []
+        pred = result.pred_grade
+        if cfg.tune_grade_cutpoints and result.true_grade.size:
+            expected = result.y_prob @ np.asarray(GRADES, dtype=np.float64)
+            cuts = choose_grade_cutpoints(result.true_grade, expected)
+            pred = grade_from_expected(expected, cuts)
+            k = len(GRADES)
+            before = cohen_kappa(result.true_grade - 1, result.pred_grade - 1, "quadratic", k)
+            after = cohen_kappa(result.true_grade - 1, pred - 1, "quadratic", k)
+            cfg = cfg.model_copy(update={"grade_cutpoints": cuts})
+            notes.append(f"expected-grade cut points {', '.join(f'{c:.3f}' for c in cuts)} chosen on the validation "
+                         f"split ({result.true_grade.size} scans; quadratic kappa {before:.3f} -> {after:.3f})")
+        cfg, note = self._tune_rescan(result, cfg, pred)
+        return cfg, "; ".join(n for n in [*notes, note] if n)
+
+    def _tune_rescan(self, result: MotionEvalResult, cfg: MotionConfig, pred: np.ndarray
+                     ) -> tuple[MotionConfig, str]:
         target = cfg.rescan_target_sensitivity
-        if target is None or not isinstance(result, MotionEvalResult) or result.y_prob is None:
+        if target is None or result.y_prob is None:
             return cfg, ""
         p_rescan = result.y_prob[:, cfg.rescan_min_grade - 1:].sum(1)
         n_pos = int(np.sum(result.true_grade >= cfg.rescan_min_grade))
         if n_pos == 0:
             return cfg, (f"rescan operating point not chosen: no validation scan graded >= {cfg.rescan_min_grade}; "
                          f"rescan_threshold stays {cfg.rescan_threshold}")
-        t = choose_rescan_threshold(result.true_grade, p_rescan, result.pred_grade, target=target,
+        t = choose_rescan_threshold(result.true_grade, p_rescan, pred, target=target,
                                     min_grade=cfg.rescan_min_grade)
         where = f"on the validation split ({n_pos} of {result.true_grade.size} scans graded >= {cfg.rescan_min_grade})"
         if t is None:
@@ -447,7 +534,13 @@ class HrpqctMotionAdapter(BaseAdapter):
             f"- Input: {N_SLICES} equally spaced axial slices (centre of each of 8 equal segments), each resized to "
             f"{SLICE_SIZE}x{SLICE_SIZE}, density units clipped to [{cfg.density_low}, {cfg.density_high}] and "
             f"z-scored with mean {cfg.density_mean}, std {cfg.density_std}.\n"
-            f"- Scan grade: mean of the slice probability vectors, then {cfg.aggregation}; rescan recommended when "
+            f"- Scan grade: mean of the slice probability vectors, then {cfg.aggregation}"
+            + ("" if cfg.aggregation != "expected" else (
+                " grade rounded to the nearest grade" if cfg.grade_cutpoints is None else
+                f" grade cut at {', '.join(f'{c:.3f}' for c in cfg.grade_cutpoints)}"
+                + (" (chosen on the validation split for the highest quadratic kappa)"
+                   if cfg.tune_grade_cutpoints else "")))
+            + "; rescan recommended when "
             f"grade >= {cfg.rescan_min_grade}"
             + (f" or P(grade >= {cfg.rescan_min_grade}) >= {cfg.rescan_threshold:.4f} ("
                + (f"operating point chosen on the validation split for sensitivity >= {cfg.rescan_target_sensitivity}"
