@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from inference.bundle import hash_strings
 from inference.errors import DicomNodeError
+from training.digests import DigestIndex, file_digest
 
 log = logging.getLogger(__name__)
 
@@ -248,40 +249,27 @@ def split_records(records: Sequence[Record], cfg: SplitConfig | None = None) -> 
 # --- hashing and cache ---------------------------------------------------------------------------------
 
 
-def _file_digest(path: Path) -> str:
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    hit = _DIGESTS.get(key)
-    if hit is None:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        hit = _DIGESTS[key] = h.hexdigest()
-    return hit
+def record_hash(record: Record, index: DigestIndex | None = None) -> str:
+    """Content hash of a record: its DICOM file bytes, its manifest row and referenced mask files.
 
-
-_DIGESTS: dict[tuple[str, int, int], str] = {}
-
-
-def record_hash(record: Record) -> str:
-    """Content hash of a record: its DICOM file bytes, its manifest row and referenced mask files."""
+    ``index`` remembers the file digests across processes (:mod:`training.digests`).
+    """
     h = hashlib.sha256()
     for f in record.files:
-        h.update(_file_digest(f).encode())
+        h.update(file_digest(f, index).encode())
     h.update(json.dumps(record.row, sort_keys=True, default=str).encode())
     for k in ("mask", "masks", "seg"):
         v = record.row.get(k)
         for rel in (v.values() if isinstance(v, dict) else [v] if isinstance(v, str) else []):
             p = record.resolve(rel)
             if p.is_file():
-                h.update(_file_digest(p).encode())
+                h.update(file_digest(p, index).encode())
     return h.hexdigest()
 
 
-def data_hash(records: Iterable[Record]) -> str:
+def data_hash(records: Iterable[Record], index: DigestIndex | None = None) -> str:
     """Hash of the content of a set of records (training-data hash in the bundle)."""
-    return hash_strings(record_hash(r) for r in records)
+    return hash_strings(record_hash(r, index) for r in records)
 
 
 class SampleCache:
@@ -290,10 +278,12 @@ class SampleCache:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        #: digests of the data files, so that a later process need not read them again to find its entries
+        self.digests = DigestIndex(self.root / "file_digests.sqlite")
 
     def key(self, record: Record, signature: str) -> str:
         """Cache key of ``record`` under a pre-processing ``signature``."""
-        return hashlib.sha256(f"{record_hash(record)}\x00{signature}".encode()).hexdigest()
+        return hashlib.sha256(f"{record_hash(record, self.digests)}\x00{signature}".encode()).hexdigest()
 
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.npz"

@@ -528,7 +528,7 @@ def train(
     meta = BundleMeta(
         task=adapter.name, version=cfg.version or _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ"),
         architecture=arch, init_args=init_args, input=adapter.input_spec(tcfg), labels=adapter.labels(tcfg),
-        training_data_hash=data_hash(split.train + split.val), holdout_hash=split.holdout_hash,
+        training_data_hash=data_hash(split.train + split.val, cache.digests), holdout_hash=split.holdout_hash,
         split=split.summary(), metrics=metrics, primary_metric=adapter.primary_metric,
         greater_is_better=adapter.greater_is_better, train_config=cfg.model_dump(mode="json"),
         task_config=tcfg.model_dump(mode="json"), synthetic_only=synthetic, training_log=history,
