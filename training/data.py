@@ -27,13 +27,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import pydicom
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from inference.bundle import hash_strings
 from inference.errors import DicomNodeError
-from training.digests import DigestIndex, file_digest
+from training.file_index import FILE_INDEX_NAME, DicomUids, FileIndex, dicom_uids, file_digest
 
 log = logging.getLogger(__name__)
 
@@ -69,25 +68,32 @@ class Record:
         return p if p.is_absolute() or self.root is None else self.root / p
 
 
-def index_dicom(root: str | os.PathLike[str]) -> dict[str, list[tuple[Path, pydicom.Dataset]]]:
-    """Map StudyInstanceUID and SOPInstanceUID -> [(file, header)] for every DICOM file under ``root``."""
-    index: dict[str, list[tuple[Path, pydicom.Dataset]]] = {}
+def index_dicom(root: str | os.PathLike[str], index: FileIndex | None = None
+                ) -> dict[str, list[tuple[Path, DicomUids]]]:
+    """Map StudyInstanceUID and SOPInstanceUID -> [(file, its identifiers)] for every DICOM file under ``root``.
+
+    ``index`` remembers each file's identifiers across processes (:mod:`training.file_index`).
+    """
+    found: dict[str, list[tuple[Path, DicomUids]]] = {}
     for f in sorted(Path(root).rglob("*")):
         if not f.is_file() or f.name.startswith(".") or f.suffix.lower() in {".json", ".jsonl", ".csv", ".md",
                                                                                 ".nii", ".gz", ".mha", ".png"}:
             continue
         try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True)
-        except (pydicom.errors.InvalidDicomError, OSError, ValueError, AttributeError):
+            uids = dicom_uids(f, index)
+        except OSError:
             continue
-        for uid in (ds.get("StudyInstanceUID"), ds.get("SOPInstanceUID")):
+        if uids is None:
+            continue
+        for uid in (uids.study_uid, uids.sop_uid):
             if uid:
-                index.setdefault(str(uid), []).append((f, ds))
-    return index
+                found.setdefault(uid, []).append((f, uids))
+    return found
 
 
-def records_from_rows(rows: Iterable[dict[str, Any]], root: str | os.PathLike[str]) -> list[Record]:
-    """Join manifest rows with the DICOM files under ``root``.
+def records_from_rows(rows: Iterable[dict[str, Any]], root: str | os.PathLike[str],
+                      index: FileIndex | None = None) -> list[Record]:
+    """Join manifest rows with the DICOM files under ``root`` (their identifiers via ``index`` when given).
 
     A row keyed by ``sop_instance_uid`` becomes an instance record (one file);
     one keyed by ``study_uid`` takes every file of that study. The patient comes
@@ -99,7 +105,7 @@ def records_from_rows(rows: Iterable[dict[str, Any]], root: str | os.PathLike[st
         If a row has no key, or no DICOM file matches it.
     """
     root = Path(root)
-    index = index_dicom(root)
+    by_uid = index_dicom(root, index)
     records: list[Record] = []
     for i, row in enumerate(rows):
         sop = row.get("sop_instance_uid")
@@ -107,16 +113,16 @@ def records_from_rows(rows: Iterable[dict[str, Any]], root: str | os.PathLike[st
         key = str(sop or study or "")
         if not key:
             raise DataError(f"manifest row {i} has neither sop_instance_uid nor study_uid")
-        hits = index.get(key)
+        hits = by_uid.get(key)
         if not hits:
             raise DataError(f"manifest row {i}: no DICOM file under {root} has UID {key}")
         files = tuple(sorted({f for f, _ in hits}))
         header = hits[0][1]
-        patient = str(row.get("patient_id") or header.get("PatientID", "") or "")
+        patient = str(row.get("patient_id") or header.patient_id)
         if not patient:
             raise DataError(f"manifest row {i}: no patient ID (row or PatientID)")
         records.append(Record(
-            key=key, patient_id=patient, study_uid=str(study or header.get("StudyInstanceUID", "")), files=files,
+            key=key, patient_id=patient, study_uid=str(study or header.study_uid), files=files,
             row=dict(row), level="instance" if sop else "study", root=root,
         ))
     keys = [r.key for r in records]
@@ -125,11 +131,11 @@ def records_from_rows(rows: Iterable[dict[str, Any]], root: str | os.PathLike[st
     return records
 
 
-def load_records(root: str | os.PathLike[str]) -> list[Record]:
+def load_records(root: str | os.PathLike[str], index: FileIndex | None = None) -> list[Record]:
     """Read ``labels.jsonl``/``labels.csv`` under ``root`` and join it with the DICOM files there."""
     from training.synth.manifest import read_manifest
 
-    return records_from_rows(read_manifest(Path(root)), root)
+    return records_from_rows(read_manifest(Path(root)), root, index)
 
 
 # --- splits --------------------------------------------------------------------------------------------
@@ -249,10 +255,10 @@ def split_records(records: Sequence[Record], cfg: SplitConfig | None = None) -> 
 # --- hashing and cache ---------------------------------------------------------------------------------
 
 
-def record_hash(record: Record, index: DigestIndex | None = None) -> str:
+def record_hash(record: Record, index: FileIndex | None = None) -> str:
     """Content hash of a record: its DICOM file bytes, its manifest row and referenced mask files.
 
-    ``index`` remembers the file digests across processes (:mod:`training.digests`).
+    ``index`` remembers the file digests across processes (:mod:`training.file_index`).
     """
     h = hashlib.sha256()
     for f in record.files:
@@ -267,7 +273,7 @@ def record_hash(record: Record, index: DigestIndex | None = None) -> str:
     return h.hexdigest()
 
 
-def data_hash(records: Iterable[Record], index: DigestIndex | None = None) -> str:
+def data_hash(records: Iterable[Record], index: FileIndex | None = None) -> str:
     """Hash of the content of a set of records (training-data hash in the bundle)."""
     return hash_strings(record_hash(r, index) for r in records)
 
@@ -278,12 +284,12 @@ class SampleCache:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        #: digests of the data files, so that a later process need not read them again to find its entries
-        self.digests = DigestIndex(self.root / "file_digests.sqlite")
+        #: digests and identifiers of the data files, so that a later process need not read every file again
+        self.file_index = FileIndex(self.root / FILE_INDEX_NAME)
 
     def key(self, record: Record, signature: str) -> str:
         """Cache key of ``record`` under a pre-processing ``signature``."""
-        return hashlib.sha256(f"{record_hash(record, self.digests)}\x00{signature}".encode()).hexdigest()
+        return hashlib.sha256(f"{record_hash(record, self.file_index)}\x00{signature}".encode()).hexdigest()
 
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.npz"

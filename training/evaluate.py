@@ -23,6 +23,7 @@ from inference.bundle import Bundle, load_bundle
 from inference.runtime import select_device
 from training.adapter import EvalResult, TaskAdapter
 from training.data import Record, SampleCache, SplitConfig, load_records, split_records
+from training.file_index import FILE_INDEX_NAME, FileIndex
 from training.metrics import roc_curve
 from training.trainer import TrainConfig, TrainError, evaluate_records
 
@@ -121,7 +122,7 @@ def evaluate_bundle(
     if records is None:
         if data_dir is None:
             raise TrainError("evaluate needs a data folder or records")
-        records = load_records(data_dir)
+        records = load_records(data_dir, FileIndex(Path(cache_dir) / FILE_INDEX_NAME) if cache_dir else None)
     split_cfg = SplitConfig.model_validate(meta.split.get("config", {})) if meta.split else train_cfg.split
     split = split_records(records, split_cfg)
     chosen = split.holdout if subset == "holdout" else list(records)

@@ -113,8 +113,9 @@ def build_configs(adapter: Any, args: argparse.Namespace) -> tuple[Any, Any]:
 def run(args: argparse.Namespace) -> int:
     """Train and write the bundle; print its path."""
     from training.data import load_records, split_records
+    from training.file_index import FILE_INDEX_NAME, FileIndex
     from training.tasks import get_adapter
-    from training.trainer import train
+    from training.trainer import cache_dir_of, train, work_dir_of
 
     try:
         adapter = get_adapter(args.task)
@@ -123,12 +124,14 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         cfg, tcfg = build_configs(adapter, args)
-        records = load_records(Path(args.data))
+        work = work_dir_of(args.out, args.work_dir)
+        # the sample cache's file index: a resumed or repeated run reads no DICOM header again
+        records = load_records(Path(args.data), FileIndex(cache_dir_of(cfg, work) / FILE_INDEX_NAME))
         split = split_records(records, cfg.split)
         log.info("%s: %d train / %d val / %d hold-out records", args.task, len(split.train), len(split.val),
                  len(split.holdout))
         result = train(adapter, split, Path(args.out), cfg, tcfg,
-                       work_dir=Path(args.work_dir) if args.work_dir else None, resume=not args.no_resume)
+                       work_dir=work, resume=not args.no_resume)
     except DicomNodeError as exc:
         print(f"error: {exc}")
         return 2

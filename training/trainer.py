@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "EpochSampler", "TrainConfig", "TrainError", "TrainResult", "balanced_indices", "evaluate_records",
-    "load_initial_weights", "make_loader", "seed_everything", "train",
+    "cache_dir_of", "load_initial_weights", "make_loader", "seed_everything", "train", "work_dir_of",
 ]
 
 CHECKPOINT = "checkpoint.pt"
@@ -347,6 +347,17 @@ def _card(adapter: TaskAdapter, tcfg: TaskConfig, meta: BundleMeta, split: Split
     )
 
 
+def work_dir_of(out_dir: str | os.PathLike[str], work_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The working directory of a run writing ``out_dir``: ``work_dir``, else ``OUT.work`` beside it."""
+    out = Path(out_dir)
+    return Path(work_dir) if work_dir is not None else out.with_name(out.name + ".work")
+
+
+def cache_dir_of(cfg: TrainConfig, work: Path) -> Path:
+    """The sample cache directory of a run: ``cfg.cache_dir``, else ``WORK/cache``."""
+    return Path(cfg.cache_dir) if cfg.cache_dir else work / "cache"
+
+
 def train(
     adapter: TaskAdapter,
     split: Split,
@@ -377,14 +388,14 @@ def train(
     """
     tcfg = task_cfg if task_cfg is not None else adapter.config_model()
     out = Path(out_dir)
-    work = Path(work_dir) if work_dir is not None else out.with_name(out.name + ".work")
+    work = work_dir_of(out, work_dir)
     work.mkdir(parents=True, exist_ok=True)
     if not split.train:
         raise TrainError("training split is empty")
     dist_info, device = _init_distributed(cfg.device)
     seed_everything(cfg.seed + dist_info.rank)
     amp = cfg.amp and device.type == "cuda"
-    cache = SampleCache(cfg.cache_dir or work / "cache")
+    cache = SampleCache(cache_dir_of(cfg, work))
     preprocess, signature = adapter.preprocessor(tcfg), adapter.preprocess_signature(tcfg)
     train_ds = RecordDataset(split.train, preprocess, signature, cache=cache, transform=adapter.train_transform(tcfg),
                              workers=cfg.num_workers)
@@ -528,7 +539,7 @@ def train(
     meta = BundleMeta(
         task=adapter.name, version=cfg.version or _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ"),
         architecture=arch, init_args=init_args, input=adapter.input_spec(tcfg), labels=adapter.labels(tcfg),
-        training_data_hash=data_hash(split.train + split.val, cache.digests), holdout_hash=split.holdout_hash,
+        training_data_hash=data_hash(split.train + split.val, cache.file_index), holdout_hash=split.holdout_hash,
         split=split.summary(), metrics=metrics, primary_metric=adapter.primary_metric,
         greater_is_better=adapter.greater_is_better, train_config=cfg.model_dump(mode="json"),
         task_config=tcfg.model_dump(mode="json"), synthetic_only=synthetic, training_log=history,

@@ -1,4 +1,4 @@
-"""The persistent file-digest index: reused across processes, never stale, and harmless when damaged."""
+"""The persistent file index (digests, DICOM identifiers): reused across processes, never stale, harmless when damaged."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from training import digests
-from training.digests import DigestIndex, file_digest
+from training import file_index as digests
+from training.file_index import FileIndex, dicom_uids, file_digest
 
 
 @pytest.fixture()
@@ -34,13 +34,13 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
 def test_digest_is_sha256_and_the_index_answers_a_new_process(tmp_path, counted):
     f = tmp_path / "a.dcm"
     f.write_bytes(b"DICM" * 1000)
-    index = DigestIndex(tmp_path / "cache" / "d.sqlite")
+    index = FileIndex(tmp_path / "cache" / "d.sqlite")
     assert file_digest(f, index) == hashlib.sha256(b"DICM" * 1000).hexdigest()
-    assert counted == [f] and len(index) == 1
+    assert counted == [f] and index.count() == 1
     # another process with its own memory reads the digest from the index, not the file
-    code = ("import sys; from training import digests\n"
+    code = ("import sys; from training import file_index as digests\n"
             "digests._hash_file = lambda p: sys.exit('read the file')\n"
-            f"print(digests.file_digest({str(f)!r}, digests.DigestIndex({str(index.path)!r})))")
+            f"print(digests.file_digest({str(f)!r}, digests.FileIndex({str(index.path)!r})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).parents[2])
     assert out.stdout.strip() == hashlib.sha256(b"DICM" * 1000).hexdigest()
@@ -49,7 +49,7 @@ def test_digest_is_sha256_and_the_index_answers_a_new_process(tmp_path, counted)
 def test_rewritten_file_gets_a_new_digest_even_with_the_old_size_and_mtime(tmp_path, counted):
     f = tmp_path / "a.dcm"
     f.write_bytes(b"A" * 64)
-    index = DigestIndex(tmp_path / "d.sqlite")
+    index = FileIndex(tmp_path / "d.sqlite")
     old = file_digest(f, index)
     st = f.stat()
     f.write_bytes(b"B" * 64)  # same size
@@ -57,7 +57,7 @@ def test_rewritten_file_gets_a_new_digest_even_with_the_old_size_and_mtime(tmp_p
     digests._MEMORY.clear()
     new = file_digest(f, index)
     assert new == hashlib.sha256(b"B" * 64).hexdigest() != old
-    assert len(index) == 1  # the stale entry of that path was replaced
+    assert index.count() == 1  # the stale entry of that path was replaced
 
 
 def test_damaged_index_falls_back_to_reading_files(tmp_path, counted, caplog):
@@ -65,8 +65,8 @@ def test_damaged_index_falls_back_to_reading_files(tmp_path, counted, caplog):
     f.write_bytes(b"x" * 10)
     bad = tmp_path / "d.sqlite"
     bad.write_bytes(b"this is not an sqlite database" * 100)
-    index = DigestIndex(bad)
-    with caplog.at_level(logging.WARNING, logger="training.digests"):
+    index = FileIndex(bad)
+    with caplog.at_level(logging.WARNING, logger="training.file_index"):
         assert file_digest(f, index) == hashlib.sha256(b"x" * 10).hexdigest()
     assert "unusable" in caplog.text and counted == [f]
     assert bad.read_bytes().startswith(b"this is not")  # nothing overwritten
@@ -75,7 +75,7 @@ def test_damaged_index_falls_back_to_reading_files(tmp_path, counted, caplog):
 def test_index_pickles_without_its_connection(tmp_path, counted):
     f = tmp_path / "a.dcm"
     f.write_bytes(b"y")
-    index = DigestIndex(tmp_path / "d.sqlite")
+    index = FileIndex(tmp_path / "d.sqlite")
     file_digest(f, index)
     clone = pickle.loads(pickle.dumps(index))
     digests._MEMORY.clear()
@@ -94,4 +94,27 @@ def test_sample_cache_keys_record_their_file_digests(tmp_path, counted):
     assert len(counted) == 3
     digests._MEMORY.clear()
     again = SampleCache(tmp_path / "cache")  # a later run over the same cache: no file is read again
-    assert again.key(rec, "sig") == key and len(counted) == 3 and len(again.digests) == 3
+    assert again.key(rec, "sig") == key and len(counted) == 3 and again.file_index.count() == 3
+
+
+def test_load_records_reads_no_header_twice_with_an_index(tmp_path, monkeypatch):
+    """The second start-up over the same folder and index takes every file's identifiers from the index."""
+    from training.data import load_records
+    from training.synth.wrist_fracture import generate
+
+    data = tmp_path / "data"
+    generate(data, 3, 4, workers=1)
+    (data / "notes.txt").write_text("not DICOM")
+    reads: list[Path] = []
+    real = digests._read_uids
+    monkeypatch.setattr(digests, "_read_uids", lambda p: reads.append(p) or real(p))
+    index = FileIndex(tmp_path / "cache" / "file_index.sqlite")
+    first = load_records(data, index)
+    n_files = len(reads)
+    assert n_files >= 7 and index.count("uids") == n_files  # every DICOM file and the text file
+    second = load_records(data, FileIndex(index.path))
+    assert len(reads) == n_files  # nothing read again
+    assert [(r.key, r.patient_id, r.study_uid, r.files) for r in second] == \
+        [(r.key, r.patient_id, r.study_uid, r.files) for r in first]
+    assert [(r.key, r.files) for r in load_records(data)] == [(r.key, r.files) for r in first]  # same without
+    assert dicom_uids(data / "notes.txt", index) is None
