@@ -426,11 +426,18 @@ class RecordDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def _record_samples(self, ri: int) -> list[Sample]:
+    def _held(self, ri: int) -> list[Sample] | None:
+        """Record ``ri``'s samples when already in memory (kept in RAM, or the last record read), else None."""
         if ri in self._memory:
             return self._memory[ri]
         if self._last is not None and self._last[0] == ri:
             return self._last[1]
+        return None
+
+    def _record_samples(self, ri: int) -> list[Sample]:
+        held = self._held(ri)
+        if held is not None:
+            return held
         assert self.cache is not None
         samples = self.cache.get(self._keys[ri])
         if samples is None:
@@ -447,7 +454,7 @@ class RecordDataset(torch.utils.data.Dataset):
         """
         ri, j = self.index[i]
         sequential, self._prev = self._prev == (ri, j - 1), (ri, j)
-        if not sequential and ri not in self._memory and (self._last is None or self._last[0] != ri):
+        if not sequential and self._held(ri) is None:
             assert self.cache is not None
             hit = self.cache.get_one(self._keys[ri], j)
             if hit is not None:
@@ -465,7 +472,7 @@ class RecordDataset(torch.utils.data.Dataset):
         out: list[int] = []
         for ri in range(len(self.records)):
             stored = None
-            if ri not in self._memory and self.cache is not None:
+            if self._held(ri) is None and self.cache is not None:
                 stored = self.cache.get(self._keys[ri], (field_name,))
             samples = stored if stored is not None else self._record_samples(ri)
             out.extend(int(np.asarray(s[field_name]).ravel()[0]) for s in samples)
