@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("training.train_cli", "train a task and write a model bundle"),
     "evaluate": ("training.evaluate_cli", "evaluate a bundle on a labelled data folder"),
     "baseline": ("training.baseline", "cross-validated histogram baseline on a labelled folder"),
+    "retune": ("training.retune", "choose a bundle's operating points again on its validation split (same weights)"),
     "promote": ("training.promote", "promote a bundle into a registry if it beats the current one"),
     "schedule": ("training.nightly.scheduler", "run the nightly retraining scheduler"),
 }

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "EpochSampler", "TrainConfig", "TrainError", "TrainResult", "balanced_indices", "evaluate_records",
-    "cache_dir_of", "load_initial_weights", "make_loader", "seed_everything", "train", "work_dir_of",
+    "cache_dir_of", "load_initial_weights", "make_loader", "model_card", "seed_everything", "train", "work_dir_of",
 ]
 
 CHECKPOINT = "checkpoint.pt"
@@ -328,7 +328,8 @@ def _better(a: float, b: float | None, greater: bool) -> bool:
     return a > b if greater else a < b
 
 
-def _card(adapter: TaskAdapter, tcfg: TaskConfig, meta: BundleMeta, split: Split) -> str:
+def model_card(adapter: TaskAdapter, tcfg: TaskConfig, meta: BundleMeta, split: Split) -> str:
+    """The model card (Markdown) of a bundle with ``meta`` trained on ``split``."""
     synth = ("**Trained on synthetic studies only.** It demonstrates the pipeline; it has not been validated on "
              "patient data and must not be used for diagnosis.\n\n" if meta.synthetic_only else "")
     metrics = "\n".join(f"- {k}: {v:.4g}" for k, v in meta.metrics.items() if isinstance(v, (int, float)))
@@ -548,7 +549,7 @@ def train(
     )
     bundle_dir = out
     if dist_info.main:
-        bundle_dir = save_bundle(out, meta, best_state, _card(adapter, tcfg, meta, split), fp16=cfg.fp16_weights,
+        bundle_dir = save_bundle(out, meta, best_state, model_card(adapter, tcfg, meta, split), fp16=cfg.fp16_weights,
                                  overwrite=True)
     if dist_info.world_size > 1:
         import torch.distributed as dist

@@ -7,14 +7,17 @@
 #    during a simulated parallel-beam acquisition and reconstructed by FBP, XtremeCT and XtremeCT II geometries,
 # 2. train the faithful network (motion_cnn: 5 blocks 32-64-128-256-256, ~2 MB fp16, so no lighter variant is
 #    needed) on 8 slices per scan with Adam lr 1e-3 and the ordinal class-weighted loss, weights stored in fp16,
-#    best epoch by validation quadratic-weighted kappa; then the rescan operating point (P(grade >= 4) threshold)
-#    is chosen on the validation split for sensitivity >= RESCAN_SENS (default 0.9) and recorded in task_config,
+#    best epoch by validation quadratic-weighted kappa of the rounded expected grade; then, on the validation
+#    split, the expected-grade cut points of the highest kappa (CUTPOINTS=1, the default; 0 keeps rounding) and
+#    the rescan operating point (P(grade >= 4) threshold) for sensitivity >= RESCAN_SENS (default 0.95) are
+#    chosen and recorded in task_config; the split is 70 / 25 / 5 % (the fresh-seed set below is the real
+#    hold-out, so the validation split that chooses epoch and operating points gets the patients),
 # 3. evaluate on every scan of the fresh-seed hold-out (--subset all): OUT_DIR/eval/metrics.json, report.md,
 #    confusion matrix and the projection-space motion estimate (Sode SSD) against the predicted grade.
 #    The report also scores the histogram baseline (training.baseline) fitted on the training set.
 #
 # Sizes: N_TRAIN, N_HOLDOUT, EPOCHS, DEVICE (auto|cpu|cuda), WORKERS (synthesis processes), BATCH; RESCAN_SENS;
-# INIT_FROM (a hrpqct_motion bundle to start from instead of a fresh initialisation).
+# CUTPOINTS; INIT_FROM (a hrpqct_motion bundle to start from instead of a fresh initialisation).
 # Tiny CPU check:   N_TRAIN=12 N_HOLDOUT=6 EPOCHS=1 DEVICE=cpu scripts/train_demo/hrpqct_motion.sh /tmp/motion_demo
 # GPU (H100):       PYTHON=python3 PYTHONPATH=. N_TRAIN=400 N_HOLDOUT=100 EPOCHS=30 \
 #                   scripts/train_demo/hrpqct_motion.sh out
@@ -28,7 +31,8 @@ EPOCHS=${EPOCHS:-30}
 DEVICE=${DEVICE:-auto}
 WORKERS=${WORKERS:-12}
 BATCH=${BATCH:-32}
-RESCAN_SENS=${RESCAN_SENS:-0.9}
+RESCAN_SENS=${RESCAN_SENS:-0.95}
+CUTPOINTS=${CUTPOINTS:-1}
 VERSION=${VERSION:-demo-$(date -u +%Y%m%d)}
 
 # shellcheck source=scripts/train_demo/_budget.sh
@@ -43,6 +47,8 @@ rm -rf "$OUT/train_data" "$OUT/holdout_data" "$OUT/bundle" "$OUT/bundle.work" "$
     --epochs "$EPOCHS" --device "$DEVICE" --fp16 --synthetic --version "$VERSION" \
     --workers "$([ "$DEVICE" = cpu ] && echo 0 || echo 8)" \
     --set batch_size="$BATCH" --set schedule=cosine --set min_lr=0.00001 \
+    --set split.val=0.25 --set split.holdout=0.05 \
+    --set task.aggregation=expected --set task.tune_grade_cutpoints="$([ "$CUTPOINTS" = 1 ] && echo true || echo false)" \
     --set task.rescan_target_sensitivity="$RESCAN_SENS" ${INIT_FROM:+--set init_from="$INIT_FROM"} \
     ${TRAIN_ARGS:-} $(budget_args)
 

@@ -576,3 +576,34 @@ def test_node_applies_the_bundles_grade_cutpoints(tiny, tmp_path):
     (bundle / "bundle.json").write_text(json.dumps(meta))
     with pytest.raises(BundleError, match="cut points"):
         analyze(study, "hrpqct_motion", tmp_path / "bad", model_dir=bundle, device="cpu")
+
+
+def test_retune_writes_new_operating_points_with_the_same_weights(tiny, tmp_path):
+    import shutil
+
+    from inference.bundle import load_bundle
+    from training.cli import main
+    from training.retune import retune_bundle
+    from training.trainer import TrainError
+
+    out = tmp_path / "retuned"
+    assert main(["retune", str(tiny["bundle"]), "--data", str(tiny["data"]), "--out", str(out), "--set",
+                 "task.rescan_target_sensitivity=1.0", "--device", "cpu"]) == 0
+    src, new = load_bundle(tiny["bundle"]), load_bundle(out)
+    assert new.meta.version == "tiny1-retuned" and new.meta.task_config["rescan_target_sensitivity"] == 1.0
+    assert src.meta.task_config["rescan_target_sensitivity"] is None
+    assert f"re-tuned from bundle tiny1 (weights sha256 {src.meta.weights_sha256})" in new.meta.notes
+    assert "rescan_target_sensitivity=1.0" in new.meta.notes
+    assert new.state_dict.keys() == src.state_dict.keys()
+    assert all(torch.equal(new.state_dict[k], src.state_dict[k]) for k in src.state_dict)
+    assert new.meta.training_data_hash == src.meta.training_data_hash and "kappa_quadratic" in new.meta.metrics
+    # only operating points may change, and only on the bundle's own training data
+    with pytest.raises(TrainError, match="operating points"):
+        retune_bundle(tiny["bundle"], tiny["data"], tmp_path / "x", {"hidden": 4}, device="cpu")
+    other = tmp_path / "other"
+    shutil.copytree(tiny["data"], other)
+    rows = (other / "labels.jsonl").read_text().splitlines()
+    (other / "labels.jsonl").write_text("\n".join(rows[:-1]) + "\n")
+    with pytest.raises(TrainError, match="not the training data"):
+        retune_bundle(tiny["bundle"], other, tmp_path / "y", {"rescan_target_sensitivity": 0.9}, device="cpu")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
