@@ -15,7 +15,7 @@ lower bound of the real first start-up.
 
 Usage::
 
-    python benchmarks/digest_index.py DATA_DIR
+    python benchmarks/file_index.py DATA_DIR
 """
 
 from __future__ import annotations

@@ -19,17 +19,17 @@ from typing import Any, Literal
 
 import numpy as np
 
-from inference.bundle import Bundle, load_bundle
+from inference.bundle import Bundle, BundleMeta, load_bundle
 from inference.runtime import select_device
 from training.adapter import EvalResult, TaskAdapter
-from training.data import Record, SampleCache, SplitConfig, load_records, split_records
+from training.data import Record, SampleCache, Split, SplitConfig, load_records, split_records
 from training.file_index import FILE_INDEX_NAME, FileIndex
 from training.metrics import roc_curve
 from training.trainer import TrainConfig, TrainError, evaluate_records
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Evaluation", "evaluate_bundle", "write_report"]
+__all__ = ["Evaluation", "as_trained", "evaluate_bundle", "write_report"]
 
 
 @dataclass
@@ -69,6 +69,16 @@ def _json_safe(v: Any) -> Any:
     if isinstance(v, np.integer):
         return int(v)
     return v
+
+
+def as_trained(meta: BundleMeta, records: list[Record], *, device: str = "auto", num_workers: int = 0
+               ) -> tuple[TrainConfig, Split]:
+    """A bundle's training config for use on this machine (``device``, ``num_workers``, no cache dir) and
+    ``records`` split the way the bundle's training split them (its recorded split config)."""
+    train_cfg = TrainConfig.model_validate({**meta.train_config, "device": device, "num_workers": num_workers,
+                                            "cache_dir": None})
+    split_cfg = SplitConfig.model_validate(meta.split.get("config", {})) if meta.split else train_cfg.split
+    return train_cfg, split_records(records, split_cfg)
 
 
 def evaluate_bundle(
@@ -117,14 +127,11 @@ def evaluate_bundle(
     meta = bundle.meta
     adapter = adapter or get_adapter(meta.task)
     tcfg = adapter.config_model.model_validate(meta.task_config)
-    train_cfg = TrainConfig.model_validate({**meta.train_config, "device": device, "num_workers": num_workers,
-                                            "cache_dir": None})
     if records is None:
         if data_dir is None:
             raise TrainError("evaluate needs a data folder or records")
         records = load_records(data_dir, FileIndex(Path(cache_dir) / FILE_INDEX_NAME) if cache_dir else None)
-    split_cfg = SplitConfig.model_validate(meta.split.get("config", {})) if meta.split else train_cfg.split
-    split = split_records(records, split_cfg)
+    train_cfg, split = as_trained(meta, records, device=device, num_workers=num_workers)
     chosen = split.holdout if subset == "holdout" else list(records)
     matches = None if subset == "all" or meta.holdout_hash is None else split.holdout_hash == meta.holdout_hash
     if matches is False:

@@ -184,12 +184,12 @@ def dicom_uids(path: str | os.PathLike[str], index: FileIndex | None = None) -> 
         If the file cannot be read (nothing is remembered then).
     """
     p = Path(path)
-    key = _key(p) if index is not None else None
-    if index is not None and key is not None:
-        hit = index.lookup("uids", key)
-        if hit is not None:
-            return None if hit == _NOT_DICOM else DicomUids(*hit.split("\x00"))
+    if index is None:
+        return _read_uids(p)
+    key = _key(p)
+    hit = index.lookup("uids", key)
+    if hit is not None:
+        return None if hit == _NOT_DICOM else DicomUids(*hit.split("\x00"))
     uids = _read_uids(p)
-    if index is not None and key is not None:
-        index.store("uids", key, _NOT_DICOM if uids is None else "\x00".join(uids))
+    index.store("uids", key, _NOT_DICOM if uids is None else "\x00".join(uids))
     return uids

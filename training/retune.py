@@ -34,10 +34,10 @@ from pydantic import ValidationError
 from inference.bundle import load_bundle, save_bundle
 from inference.errors import DicomNodeError
 from inference.runtime import select_device
-from training.data import SampleCache, SplitConfig, data_hash, load_records, split_records
-from training.file_index import FILE_INDEX_NAME, FileIndex
+from training.data import SampleCache, data_hash, load_records
+from training.evaluate import as_trained
 from training.tasks import get_adapter
-from training.trainer import TrainConfig, TrainError, evaluate_records, model_card
+from training.trainer import TrainError, evaluate_records, model_card, work_dir_of
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +70,8 @@ def retune_bundle(bundle_dir: str | os.PathLike[str], data_dir: str | os.PathLik
         tcfg = cfg_model.model_validate({**meta.task_config, **overrides})
     except ValidationError as exc:
         raise TrainError(f"invalid task config:\n{exc}") from exc
-    train_cfg = TrainConfig.model_validate({**meta.train_config, "device": device, "num_workers": 0,
-                                            "cache_dir": None})
-    cache = SampleCache(cache_dir or Path(out_dir).with_name(Path(out_dir).name + ".work") / "cache")
-    records = load_records(data_dir, FileIndex(cache.root / FILE_INDEX_NAME))
-    split_cfg = SplitConfig.model_validate(meta.split.get("config", {})) if meta.split else train_cfg.split
-    split = split_records(records, split_cfg)
+    cache = SampleCache(cache_dir or work_dir_of(out_dir) / "cache")
+    train_cfg, split = as_trained(meta, load_records(data_dir, cache.file_index), device=device)
     if data_hash(split.train + split.val, cache.file_index) != meta.training_data_hash or (
             meta.holdout_hash is not None and split.holdout_hash != meta.holdout_hash):
         raise TrainError(f"{data_dir} is not the training data of bundle {meta.version} (its train/validation or "

@@ -11,26 +11,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
-from inference.errors import ModelNotFoundError
-from inference.registry import ModelRegistry
-from training.evaluate import evaluate_bundle
+from tests.unit._shipped import shipped_metrics
 from training.synth import hrpqct_motion as synth
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 FRESH_SEED = 11
 N_SCANS = 30
 
 
 def test_shipped_hrpqct_bundle_grades_motion_and_recommends_rescans(tmp_path: Path) -> None:
-    try:
-        bundle_dir = ModelRegistry(REPO_ROOT / "models").current_dir("hrpqct_motion")
-    except ModelNotFoundError as exc:
-        pytest.skip(f"no shipped hrpqct bundle: {exc}")
-    synth.generate(tmp_path / "data", N_SCANS, FRESH_SEED, workers=2)
-    ev = evaluate_bundle(bundle_dir, tmp_path / "data", subset="all", device="cpu")
-    m = ev.result.metrics
+    m = shipped_metrics("hrpqct_motion", synth, N_SCANS, FRESH_SEED, tmp_path, workers=2)
     assert m["n"] == N_SCANS
     assert sum(m["label_distribution"][3:]) >= 3  # scans labelled for a rescan are in the sample
     assert m["kappa_quadratic"] >= 0.70, m  # measured 0.750 on this sample (ceiling: generating grade 0.91)

@@ -9,26 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
-from inference.errors import ModelNotFoundError
-from inference.registry import ModelRegistry
-from training.evaluate import evaluate_bundle
+from tests.unit._shipped import shipped_metrics
 from training.synth import knee_bone_seg as synth
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 FRESH_SEED = 11
 N_VOLUMES = 4
 
 
 def test_shipped_knee_bundle_segments_all_three_bones(tmp_path: Path) -> None:
-    try:
-        bundle_dir = ModelRegistry(REPO_ROOT / "models").current_dir("knee_bone_seg")
-    except ModelNotFoundError as exc:
-        pytest.skip(f"no shipped knee bundle: {exc}")
-    synth.generate(tmp_path / "data", N_VOLUMES, FRESH_SEED, workers=1)
-    ev = evaluate_bundle(bundle_dir, tmp_path / "data", subset="all", device="cpu")
-    m = ev.result.metrics
+    m = shipped_metrics("knee_bone_seg", synth, N_VOLUMES, FRESH_SEED, tmp_path)
     assert m["n_volumes"] == N_VOLUMES
     assert m["dice_femur"] >= 0.95 and m["dice_tibia"] >= 0.95, m
     assert m["dice_fibula"] >= 0.85, m  # the bone the thesis's softmax network missed

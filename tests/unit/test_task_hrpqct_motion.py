@@ -522,24 +522,38 @@ def test_too_short_series_is_refused_clearly(tiny, tmp_path):
         get_task("hrpqct_motion")(dss, TaskContext(model_dir=tiny["bundle"], device="cpu"))
 
 
+class _EditedBundle:
+    """A copy of the tiny bundle whose ``task_config`` a test edits, and one scan analysed with it by the node."""
+
+    def __init__(self, tiny: dict[str, Path], tmp_path: Path, **scan: Any) -> None:
+        import shutil
+
+        self.root, self.bundle, self.study = tmp_path, tmp_path / "bundle", tmp_path / "study"
+        shutil.copytree(tiny["bundle"], self.bundle)
+        self.meta = json.loads((self.bundle / "bundle.json").read_text())
+        write_scan(self.study, geometry="XtremeCT", **scan)
+        self.runs = 0
+
+    def analyze(self, **task_config: Any) -> list[Path]:
+        """The node's output files with ``task_config`` updated (written into bundle.json first)."""
+        from dicomnode.analyze import analyze
+
+        self.meta["task_config"].update(task_config)
+        (self.bundle / "bundle.json").write_text(json.dumps(self.meta))
+        self.runs += 1
+        return analyze(self.study, "hrpqct_motion", self.root / f"out{self.runs}", model_dir=self.bundle, device="cpu")
+
+    def sr_groups(self, **task_config: Any) -> list[dict[str, Any]]:
+        """The content groups of the SR written with ``task_config``."""
+        sr = next(pydicom.dcmread(p) for p in self.analyze(**task_config) if pydicom.dcmread(p).Modality == "SR")
+        return [_group_info(g) for g in _content_groups(sr)]
+
+
 def test_node_applies_the_bundles_rescan_operating_point(tiny, tmp_path):
-    import shutil
-
-    from dicomnode.analyze import analyze
-
-    bundle = tmp_path / "bundle"
-    shutil.copytree(tiny["bundle"], bundle)
-    meta = json.loads((bundle / "bundle.json").read_text())
-    study = tmp_path / "study"
-    write_scan(study, geometry="XtremeCT", grade=1, seed=5, patient_id="OP1", body_part="RADIUS")
+    edited = _EditedBundle(tiny, tmp_path, grade=1, seed=5, patient_id="OP1", body_part="RADIUS")
 
     def rescan_finding(threshold: float | None) -> tuple[str, int, float]:
-        meta["task_config"]["rescan_threshold"] = threshold
-        (bundle / "bundle.json").write_text(json.dumps(meta))
-        out = tmp_path / f"out{threshold}"
-        written = analyze(study, "hrpqct_motion", out, model_dir=bundle, device="cpu")
-        sr = next(pydicom.dcmread(p) for p in written if pydicom.dcmread(p).Modality == "SR")
-        groups = [_group_info(g) for g in _content_groups(sr)]
+        groups = edited.sr_groups(rescan_threshold=threshold)
         return (groups[-1]["qual"][1], int(groups[0]["qual"][1][-1]),
                 groups[-1]["num"][("Rescan recommended", "{probability}")])
 
@@ -552,30 +566,15 @@ def test_node_applies_the_bundles_rescan_operating_point(tiny, tmp_path):
 
 
 def test_node_applies_the_bundles_grade_cutpoints(tiny, tmp_path):
-    import shutil
-
-    from dicomnode.analyze import analyze
-
-    bundle = tmp_path / "bundle"
-    shutil.copytree(tiny["bundle"], bundle)
-    meta = json.loads((bundle / "bundle.json").read_text())
-    study = tmp_path / "study"
-    write_scan(study, geometry="XtremeCT", grade=2, seed=6, patient_id="CP1", body_part="TIBIA")
+    edited = _EditedBundle(tiny, tmp_path, grade=2, seed=6, patient_id="CP1", body_part="TIBIA")
 
     def scan_grade(cutpoints: tuple[float, ...] | None) -> int:
-        meta["task_config"].update(aggregation="expected", grade_cutpoints=cutpoints)
-        (bundle / "bundle.json").write_text(json.dumps(meta))
-        out = tmp_path / f"out{cutpoints}"
-        written = analyze(study, "hrpqct_motion", out, model_dir=bundle, device="cpu")
-        sr = next(pydicom.dcmread(p) for p in written if pydicom.dcmread(p).Modality == "SR")
-        return int(_group_info(_content_groups(sr)[0])["qual"][1][-1])
+        return int(edited.sr_groups(aggregation="expected", grade_cutpoints=cutpoints)[0]["qual"][1][-1])
 
     assert scan_grade((1.001, 1.002, 1.003, 1.004)) == 5  # every expected grade above 1.004
     assert scan_grade((4.996, 4.997, 4.998, 4.999)) == 1  # no expected grade of a softmax mix reaches 4.996
-    meta["task_config"]["grade_cutpoints"] = [3.0, 2.0, 4.0, 4.5]
-    (bundle / "bundle.json").write_text(json.dumps(meta))
     with pytest.raises(BundleError, match="cut points"):
-        analyze(study, "hrpqct_motion", tmp_path / "bad", model_dir=bundle, device="cpu")
+        edited.analyze(grade_cutpoints=[3.0, 2.0, 4.0, 4.5])
 
 
 def test_retune_writes_new_operating_points_with_the_same_weights(tiny, tmp_path):
