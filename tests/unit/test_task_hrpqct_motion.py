@@ -596,6 +596,7 @@ def test_retune_writes_new_operating_points_with_the_same_weights(tiny, tmp_path
     assert new.state_dict.keys() == src.state_dict.keys()
     assert all(torch.equal(new.state_dict[k], src.state_dict[k]) for k in src.state_dict)
     assert new.meta.training_data_hash == src.meta.training_data_hash and "kappa_quadratic" in new.meta.metrics
+    assert new.meta.created_at >= src.meta.created_at and new.meta.code == src.meta.code  # new bundle, same training
     # only operating points may change, and only on the bundle's own training data
     with pytest.raises(TrainError, match="operating points"):
         retune_bundle(tiny["bundle"], tiny["data"], tmp_path / "x", {"hidden": 4}, device="cpu")
