@@ -194,6 +194,18 @@ class BaseAdapter:
         """No extra notes."""
         return ""
 
+    def variant_of(self, task_config: dict[str, Any]) -> str:
+        """What tells this task's bundles apart in ``dicomnode-train compare`` (default: nothing, the version does)."""
+        return ""
+
+    def comparison_columns(self) -> list[str]:
+        """Metrics (dotted paths into an evaluation's metrics) of a comparison table (default: the primary one)."""
+        return [self.primary_metric]
+
+    def reference_rows(self) -> dict[str, dict[str, Any]]:
+        """The source document's rows of a comparison table, by name (column -> value); default: none."""
+        return {}
+
     def tune(self, result: EvalResult, cfg: TaskConfig) -> tuple[TaskConfig, str]:
         """Operating points chosen from the trained model's validation ``result``: (config, note).
 

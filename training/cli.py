@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("training.evaluate_cli", "evaluate a bundle on a labelled data folder"),
     "baseline": ("training.baseline", "cross-validated histogram baseline on a labelled folder"),
     "retune": ("training.retune", "choose a bundle's operating points again on its validation split (same weights)"),
+    "compare": ("training.compare", "one table from several evaluations of a task (e.g. backbones) on the same data"),
     "promote": ("training.promote", "promote a bundle into a registry if it beats the current one"),
     "schedule": ("training.nightly.scheduler", "run the nightly retraining scheduler"),
 }

@@ -254,7 +254,8 @@ def write_report(ev: Evaluation, out: Path, reference: dict[str, Any],
     files: list[Path] = []
     payload = {"task": meta.task, "version": meta.version, "n_records": ev.n_records,
                "holdout_hash": ev.holdout_hash, "holdout_matches_bundle": ev.holdout_matches,
-               "primary_metric": meta.primary_metric, "metrics": res.metrics, "tables": res.tables,
+               "primary_metric": meta.primary_metric, "architecture": meta.architecture,
+               "task_config": meta.task_config, "metrics": res.metrics, "tables": res.tables,
                "reference": reference, "baseline": ev.baseline}
     (out / "metrics.json").write_text(json.dumps(_json_safe(payload), indent=2) + "\n", encoding="utf-8")
     files.append(out / "metrics.json")

@@ -87,7 +87,11 @@ class SpineBmdConfig(TaskConfig):
     box_score_thresh: float = Field(0.05, ge=0, lt=1, description="detector output threshold (torchvision default)")
     negatives_per_study: int = Field(2, ge=0, description="slices without a body (discs) per training study")
     hflip: bool = True
-    intensity_jitter: float = Field(0.05, ge=0, le=0.5)
+    intensity_jitter: float = Field(
+        0.0, ge=0, le=0.5,
+        description="training brightness/contrast change on the [0, 1] window scale (1 = 2000 HU). Off by default: "
+                    "the class is the trabecular HU itself, and 0.05 already shifts it by up to 100 HU, twice the "
+                    "width of the osteopenia band")
     slices_per_vertebra: int = Field(3, ge=1, le=9, description="mid-body slices per vertebra at inference")
     central_fraction: float = Field(0.4, gt=0, le=1)
     cortex_hu: float = 300.0
@@ -359,6 +363,21 @@ class SpineBmdAdapter(BaseAdapter):
                        "+DS 83.4/90.0/75.9. The column 'source document' above shows the DS row. The paper "
                        "reports no standard mAP, macro-F1, kappa or level-labelling accuracy."),
         }
+
+    def variant_of(self, task_config: dict[str, Any]) -> str:
+        """Backbone and variant (``resnet50_ds (light)``)."""
+        return f"{task_config.get('backbone', '?')} ({task_config.get('variant', '?')})"
+
+    def comparison_columns(self) -> list[str]:
+        """Standard metrics, then the paper's own (Table 1)."""
+        return ["map50", "sensitivity_per_class.normal", "sensitivity_per_class.osteopenia",
+                "sensitivity_per_class.osteoporosis", "vertebra_macro_f1", "vertebra_kappa", "level_accuracy",
+                "paper_map", "paper_recall", "paper_acc"]
+
+    def reference_rows(self) -> dict[str, dict[str, Any]]:
+        """Xue et al. 2022, Table 1: the paper's "Map" / Recall / "Acc" (%) of the four backbones."""
+        return {f"paper {k}": {"paper_map": v[0], "paper_recall": v[1], "paper_acc": v[2]}
+                for k, v in REFERENCE_TABLE1.items()}
 
     def card_notes(self, cfg: SpineBmdConfig) -> str:
         variant = ("Light demo variant of the same design: "
