@@ -29,7 +29,9 @@ Level finding (the cheap pass that decides which slices go through the detector)
    * otherwise the most superior complete body is L1 (lumbar CT framed from
      the thoracolumbar junction, as the synthetic studies are).
 
-   A body cut by the top of the stack is never named (its level is unknown).
+   A body cut by the top of the stack is never named (its level is unknown). A body that
+   reaches the edge with at least 0.8 times the median height of the others is whole, not cut
+   (an L1 touching the first slice is still L1).
 
 Classification rules
 --------------------
@@ -221,6 +223,19 @@ def lateral_extent_mm(volume_hu: np.ndarray, run: BodyRun, geom: SpineGeometry, 
     return float(np.abs(cols - geom.column).max() * col_spacing) if cols.size else 0.0
 
 
+def _cut_short(run: BodyRun, runs: Sequence[BodyRun], ratio: float = 0.8) -> bool:
+    """Is ``run`` (touching the end of the stack) cut short, not a whole body that merely reaches the edge?
+
+    A body counts as whole when it is at least ``ratio`` times the median height of the bodies inside
+    the stack (without such bodies, a run at the edge counts as cut). A whole L1 touching the top of
+    the scan must stay L1: skipping it as "cut" renamed every level one too low.
+    """
+    if not run.partial:
+        return False
+    whole = [r.height_mm for r in runs if not r.partial]
+    return not whole or run.height_mm < ratio * float(np.median(whole))
+
+
 def label_runs(runs: Sequence[BodyRun], widths: Sequence[float] | None = None, *, rib_mm: float = 65.0,
                sacrum_width_ratio: float = 1.5) -> tuple[list[BodyRun], BodyRun | None, str]:
     """Name the runs L1..L5 (step 5 above).
@@ -252,10 +267,10 @@ def label_runs(runs: Sequence[BodyRun], widths: Sequence[float] | None = None, *
         anchor = "sacrum"
         names = {i: LEVEL_NAMES[-1 - k] for k, i in enumerate(reversed(range(max(0, len(runs) - 5), len(runs))))}
     else:
-        start = 1 if runs[0].partial and len(runs) > 1 else 0
+        start = 1 if _cut_short(runs[0], runs) and len(runs) > 1 else 0
         anchor = "top"
         names = {i: LEVEL_NAMES[k] for k, i in enumerate(range(start, min(len(runs), start + 5)))}
-    top_cut = runs[0].partial and runs[0].i1 >= max(r.i1 for r in runs)
+    top_cut = _cut_short(runs[0], runs) and runs[0].i1 >= max(r.i1 for r in runs)
     named = [runs[i].named(nm) for i, nm in names.items() if not (i == 0 and top_cut)]
     return sorted(named, key=lambda r: -r.center_mm), sacrum, anchor
 

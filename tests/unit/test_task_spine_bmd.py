@@ -126,6 +126,10 @@ def test_label_runs_anchors_ribs_then_sacrum_then_top() -> None:
     cut = [BodyRun(150, 159, 150, 160, partial=True)] + runs  # a body cut by the top of the stack is skipped
     named, _, anchor = label_runs(cut, widths=[40, 40, 40, 40, 40])
     assert anchor == "top" and [r.name for r in named] == ["L1", "L2", "L3", "L4"] and named[0].i0 == 120
+    # a whole body (full height) that merely touches the top of the stack is L1, not a cut T12
+    whole = [BodyRun(150, 170, 150, 170, partial=True)] + runs
+    named, _, anchor = label_runs(whole, widths=[40, 40, 40, 40, 40])
+    assert anchor == "top" and [r.name for r in named] == ["L1", "L2", "L3", "L4", "L5"] and named[0].i0 == 150
 
 
 def test_select_slices_spreads_within_the_central_part() -> None:
