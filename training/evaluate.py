@@ -71,14 +71,24 @@ def _json_safe(v: Any) -> Any:
     return v
 
 
+def split_config_of(meta: BundleMeta) -> SplitConfig:
+    """How a bundle's training split its records: the recorded split config, else the one in its training
+    config, else the default. Evaluation, re-tuning, promotion and the nightly job all split this way, so
+    they agree on which patients are the locked hold-out."""
+    if meta.split.get("config"):
+        return SplitConfig.model_validate(meta.split["config"])
+    if isinstance(meta.train_config.get("split"), dict):
+        return SplitConfig.model_validate(meta.train_config["split"])
+    return SplitConfig()
+
+
 def as_trained(meta: BundleMeta, records: list[Record], *, device: str = "auto", num_workers: int = 0
                ) -> tuple[TrainConfig, Split]:
     """A bundle's training config for use on this machine (``device``, ``num_workers``, no cache dir) and
     ``records`` split the way the bundle's training split them (its recorded split config)."""
     train_cfg = TrainConfig.model_validate({**meta.train_config, "device": device, "num_workers": num_workers,
                                             "cache_dir": None})
-    split_cfg = SplitConfig.model_validate(meta.split.get("config", {})) if meta.split else train_cfg.split
-    return train_cfg, split_records(records, split_cfg)
+    return train_cfg, split_records(records, split_config_of(meta))
 
 
 def evaluate_bundle(

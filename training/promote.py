@@ -102,11 +102,11 @@ def promote_if_better(
 
 
 def _holdout_records(meta: BundleMeta, data_dir: str | os.PathLike[str] | None, records: list | None) -> list:
-    from training.data import SplitConfig, load_records, split_records
+    from training.data import load_records, split_records
+    from training.evaluate import split_config_of
 
     recs = records if records is not None else load_records(Path(data_dir))  # type: ignore[arg-type]
-    cfg = SplitConfig.model_validate(meta.split.get("config", {})) if meta.split else SplitConfig()
-    return split_records(recs, cfg).holdout
+    return split_records(recs, split_config_of(meta)).holdout
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

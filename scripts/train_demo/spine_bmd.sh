@@ -11,7 +11,8 @@
 #    The report also scores the histogram baseline (training.baseline) fitted on the training set.
 #
 # Sizes: N_TRAIN, N_HOLDOUT, EPOCHS, DEVICE (auto|cpu|cuda), WORKERS, IMAGE_SIZE, BACKBONE, MAX_STEPS (cap of
-# steps per epoch, for smoke runs only; empty by default).
+# steps per epoch; empty by default), INIT_FROM (a spine_bmd bundle of the same architecture to start from),
+# TRAIN_ARGS (more `train` options, e.g. "--set split.val=0.12").
 # Tiny CPU check:   N_TRAIN=12 N_HOLDOUT=6 EPOCHS=1 DEVICE=cpu IMAGE_SIZE=160 MAX_STEPS=3 WORKERS=2 \
 #                   scripts/train_demo/spine_bmd.sh /tmp/spine_demo
 # GPU (H100):       PYTHON=python3 PYTHONPATH=. N_TRAIN=200 N_HOLDOUT=40 EPOCHS=8 scripts/train_demo/spine_bmd.sh out
@@ -41,7 +42,8 @@ rm -rf "$OUT/train_data" "$OUT/holdout_data" "$OUT/bundle" "$OUT/bundle.work" "$
     --epochs "$EPOCHS" --device "$DEVICE" --fp16 --synthetic --version "$VERSION" \
     --workers "$([ "$DEVICE" = cpu ] && echo 0 || echo 4)" \
     --set variant=light --backbone "$BACKBONE" --set image_size="$IMAGE_SIZE" \
-    --set schedule=cosine --set min_lr=0.0005 ${MAX_STEPS:+--set max_steps_per_epoch=$MAX_STEPS} ${TRAIN_ARGS:-} $(budget_args)
+    --set schedule=cosine --set min_lr=0.0005 ${MAX_STEPS:+--set max_steps_per_epoch=$MAX_STEPS} \
+    ${INIT_FROM:+--set init_from="$INIT_FROM"} ${TRAIN_ARGS:-} $(budget_args)
 
 "$PY" -m training.cli evaluate "$OUT/bundle" --data "$OUT/holdout_data" --subset all --device "$DEVICE" \
     --baseline-train "$OUT/train_data" \

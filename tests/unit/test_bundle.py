@@ -101,3 +101,17 @@ def test_build_model_through_nets(tmp_path: Path) -> None:
     rebuilt = b.build_model()
     for k, v in model.state_dict().items():
         assert torch.equal(rebuilt.state_dict()[k], v)
+
+
+def test_split_config_of_prefers_the_recorded_split() -> None:
+    """Evaluation, retune, promotion and the nightly job take a bundle's split from one place, in this order."""
+    from training.data import SplitConfig
+    from training.evaluate import split_config_of
+
+    recorded = {"train": 0.7, "val": 0.25, "holdout": 0.05, "salt": "s1"}
+    trained = {"train": 0.6, "val": 0.2, "holdout": 0.2, "salt": "s2"}
+    meta = BundleMeta(task="t", version="v", architecture="a", split={"config": recorded},
+                      train_config={"split": trained})
+    assert split_config_of(meta) == SplitConfig(**recorded)
+    assert split_config_of(meta.model_copy(update={"split": {}})) == SplitConfig(**trained)
+    assert split_config_of(meta.model_copy(update={"split": {}, "train_config": {}})) == SplitConfig()

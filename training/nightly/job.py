@@ -257,7 +257,7 @@ def _run(cfg: NightlyConfig, task: str, sched: TaskSchedule, registry: ModelRegi
          adapter: Any, callbacks: Sequence[Callable[[int, dict[str, Any]], None]], outcome: RunOutcome,
          report: dict[str, Any], dist: _Dist) -> None:
     from training.data import SplitConfig, records_from_rows, split_records
-    from training.evaluate import evaluate_bundle
+    from training.evaluate import evaluate_bundle, split_config_of
     from training.tasks import get_adapter
     from training.trainer import train
 
@@ -283,8 +283,7 @@ def _run(cfg: NightlyConfig, task: str, sched: TaskSchedule, registry: ModelRegi
     except ModelNotFoundError:
         cur_dir = None
     cur_meta = read_meta(cur_dir) if cur_dir is not None else None
-    split_cfg = (SplitConfig.model_validate(cur_meta.split["config"]) if cur_meta and cur_meta.split.get("config")
-                 else SplitConfig())
+    split_cfg = split_config_of(cur_meta) if cur_meta is not None else SplitConfig()
     split = split_records(records, split_cfg)
     report["data"]["split"] = split.summary()
     if not split.holdout:
