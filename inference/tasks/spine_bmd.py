@@ -25,6 +25,7 @@ axial slices with their boxes.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +37,7 @@ from scipy import ndimage
 
 from inference import codes
 from inference.ct import BONE_WINDOW_CENTER, BONE_WINDOW_WIDTH, bone_window, sagittal_reformat, trabecular_roi
-from inference.errors import InvalidDatasetError, TaskError
+from inference.errors import BundleError, InvalidDatasetError, TaskError
 from inference.findings import (
     HU_UNIT,
     Box,
@@ -90,20 +91,41 @@ class SpineParams:
     cortex_hu: float = 300.0
     roi_fraction: float = 0.5
     batch_size: int = 4
+    class_log_offsets: tuple[float, float, float] | None = None
 
     @classmethod
     def from_meta(cls, meta: Any) -> SpineParams:
-        """Parameters of a bundle (unknown keys in ``input.extra`` are ignored)."""
+        """Parameters of a bundle (unknown keys in ``input.extra`` are ignored).
+
+        The class offsets are an operating point: they come from ``task_config.class_log_offsets``
+        (which ``dicomnode-train retune`` may change), not from ``input.extra``.
+
+        Raises
+        ------
+        BundleError
+            If the bundle's class offsets are not three finite numbers.
+        """
         extra = dict(getattr(meta.input, "extra", {}) or {})
-        values: dict[str, Any] = {k: extra[k] for k in cls.__dataclass_fields__ if k in extra}
+        values: dict[str, Any] = {k: extra[k] for k in cls.__dataclass_fields__ if k in extra and k != "class_log_offsets"}
         if meta.input.window is not None:
             values["window_center"], values["window_width"] = meta.input.window
         values.setdefault("in_channels", meta.input.channels)
+        offsets = (getattr(meta, "task_config", None) or {}).get("class_log_offsets")
+        if offsets is not None:
+            try:
+                values["class_log_offsets"] = tuple(float(x) for x in offsets)
+            except (TypeError, ValueError) as exc:
+                raise BundleError(f"spine_bmd bundle: task_config.class_log_offsets {offsets!r}: {exc}") from exc
+            if len(values["class_log_offsets"]) != len(CLASS_NAMES) or not all(
+                    math.isfinite(x) for x in values["class_log_offsets"]):
+                raise BundleError(f"spine_bmd bundle: task_config.class_log_offsets must be {len(CLASS_NAMES)} "
+                                  f"finite numbers, not {offsets!r}")
         return cls(**values)
 
     def extra(self) -> dict[str, Any]:
-        """What goes into a bundle's ``input.extra``."""
-        return {k: getattr(self, k) for k in self.__dataclass_fields__ if not k.startswith("window")}
+        """What goes into a bundle's ``input.extra`` (the class offsets live in ``task_config``)."""
+        return {k: getattr(self, k) for k in self.__dataclass_fields__
+                if not k.startswith("window") and k != "class_log_offsets"}
 
 
 def prepare_slice(hu_slice: np.ndarray, params: SpineParams) -> tuple[np.ndarray, float]:
@@ -213,7 +235,8 @@ def analyze_volume(
     vertebrae: list[VertebraResult] = []
     with timer.stage("postprocess"):
         for run in wanted:
-            res = aggregate_vertebra(run, [detections[i] for i in picks[run.name] if detections.get(i) is not None])
+            res = aggregate_vertebra(run, [detections[i] for i in picks[run.name] if detections.get(i) is not None],
+                                     params.class_log_offsets)
             if res is None:
                 log.warning("no vertebral body detected at %s", run.name)
                 continue

@@ -377,11 +377,12 @@ class VertebraResult:
     slices: list[int]
     run: BodyRun
     mean_hu: float | None = None
+    log_offsets: tuple[float, ...] | None = None
 
     @property
     def class_index(self) -> int:
-        """Index into :data:`CLASS_NAMES`."""
-        return int(np.argmax(self.probs))
+        """Index into :data:`CLASS_NAMES`: the argmax of the log-probabilities plus the bundle's class offsets."""
+        return decide_class(self.probs, self.log_offsets)
 
     @property
     def class_name(self) -> str:
@@ -394,14 +395,29 @@ class VertebraResult:
         return float(self.probs[self.class_index])
 
 
-def aggregate_vertebra(run: BodyRun, detections: Sequence[SliceDetection]) -> VertebraResult | None:
+def decide_class(probs: np.ndarray, log_offsets: Sequence[float] | None = None) -> int:
+    """Class of a distribution (or of each row of a 2-D array): argmax of ``log p + offsets``.
+
+    The offsets are an operating point chosen on the validation split (a shift of the class priors,
+    ``training.tasks.spine_bmd.choose_class_offsets``); without them this is the plain argmax.
+    """
+    p = np.asarray(probs, dtype=float)
+    if log_offsets is None:
+        return np.argmax(p, axis=-1) if p.ndim > 1 else int(np.argmax(p))  # type: ignore[return-value]
+    score = np.log(np.clip(p, 1e-12, None)) + np.asarray(log_offsets, dtype=float)
+    return np.argmax(score, axis=-1) if p.ndim > 1 else int(np.argmax(score))  # type: ignore[return-value]
+
+
+def aggregate_vertebra(run: BodyRun, detections: Sequence[SliceDetection],
+                       log_offsets: Sequence[float] | None = None) -> VertebraResult | None:
     """Mean class distribution over a vertebra's mid-body slices; box and slice of the best detection."""
     dets = [d for d in detections if d is not None]
     if not dets:
         return None
     probs = np.mean([d.probs for d in dets], axis=0)
     best = max(dets, key=lambda d: d.score)
-    return VertebraResult(run.name, probs / probs.sum(), best.slice_index, best.box, [d.slice_index for d in dets], run)
+    return VertebraResult(run.name, probs / probs.sum(), best.slice_index, best.box, [d.slice_index for d in dets], run,
+                          log_offsets=None if log_offsets is None else tuple(float(x) for x in log_offsets))
 
 
 def patient_class(vertebrae: Sequence[VertebraResult]) -> tuple[int, float]:

@@ -384,3 +384,68 @@ def test_compare_table_from_a_real_evaluation(tiny_bundle, spine_data, tmp_path)
     assert ours[0]["values"]["vertebra_macro_f1"] == pytest.approx(ev.result.metrics["vertebra_macro_f1"])
     assert ours[0]["values"]["level_accuracy"] == 1.0
     assert len(table["rows"]) == 1 + 4 and "paper resnet50_se (source document)" in table_md(table)
+
+
+def test_choose_class_offsets_corrects_an_under_called_class() -> None:
+    """A reader that under-calls osteopenia gets a positive osteopenia offset and a higher macro-F1."""
+    from inference.tasks.spine_bmd_levels import decide_class
+    from training.metrics import macro_f1
+    from training.tasks.spine_bmd import choose_class_offsets
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], [40, 30, 15])
+    p = np.full((y.size, 3), 0.1)
+    p[np.arange(y.size), y] = rng.uniform(0.45, 0.8, y.size)
+    p[y == 1, 0] += 0.5  # osteopenia looks "normal" to this reader
+    p /= p.sum(1, keepdims=True)
+    before = macro_f1(y, decide_class(p), 3)
+    off = choose_class_offsets(y, p)
+    assert off[0] == 0.0 and off[1] > 0.0
+    assert macro_f1(y, decide_class(p, off), 3) > before + 0.2
+    clean = np.eye(3)[y] * 0.8 + 0.2 / 3
+    assert choose_class_offsets(y, clean) == (0.0, 0.0, 0.0)  # nothing to correct: no shift
+    # the adapter's tune step (after training, and `dicomnode-train retune`) records them only when asked
+    from training.adapter import EvalResult
+    from training.tasks.spine_bmd import SpineBmdAdapter, SpineBmdConfig
+
+    val = EvalResult(metrics={}, y_true=y, y_prob=p)
+    assert SpineBmdAdapter().tune(val, SpineBmdConfig()) == (SpineBmdConfig(), "")
+    tuned, note = SpineBmdAdapter().tune(val, SpineBmdConfig(tune_class_offsets=True))
+    assert tuned.class_log_offsets == off and "macro-F1" in note and "85 vertebrae" in note
+    assert {"class_log_offsets", "tune_class_offsets"} <= SpineBmdConfig.after_training
+
+
+def test_bundle_class_offsets_reach_the_decision(spine_data) -> None:
+    """task_config.class_log_offsets -> SpineParams -> every vertebra's class; bad offsets are a BundleError."""
+    from inference.bundle import BundleMeta, InputSpec
+    from inference.errors import BundleError
+    from inference.tasks.spine_bmd import SpineParams, analyze_volume, anterior_is_up, prepare_slice
+    from training.tasks.spine_bmd import _load, study_truth
+
+    meta = BundleMeta(task="spine_bmd", version="v", architecture="spine_detector",
+                      input=InputSpec(window=(500.0, 2000.0), extra={"image_size": 192}),
+                      task_config={"class_log_offsets": [0.0, 0.0, 60.0]})
+    params = SpineParams.from_meta(meta)
+    assert params.class_log_offsets == (0.0, 0.0, 60.0) and params.image_size == 192
+    assert "class_log_offsets" not in params.extra()
+    for bad in ([0.0, 1.0], [0.0, "x", 1.0], [0.0, float("nan"), 0.0]):
+        with pytest.raises(BundleError, match="class_log_offsets"):
+            SpineParams.from_meta(meta.model_copy(update={"task_config": {"class_log_offsets": bad}}))
+    _, records = spine_data
+    rec = records[0]
+    series, vol, pos, sop = _load(rec)
+    truth = study_truth(rec.row, sop, pos)
+    table = []
+    for lv, info in rec.row["levels"].items():
+        a, b = info["slices"]
+        box = next((x["x0"], x["y0"], x["x1"], x["y1"]) for x in rec.row["boxes"] if x["level"] == lv)
+        for i in range(a, b + 1):
+            img, scale = prepare_slice(vol[i], params)
+            table.append((img, tuple(v * scale for v in box), truth["classes"][lv]))
+    spacing = (series.spacing[1], series.spacing[2])
+    plain = analyze_volume(OracleDetector(table), "cpu", vol, pos, spacing, SpineParams(image_size=192),
+                           anterior_up=anterior_is_up(series))
+    shifted = analyze_volume(OracleDetector(table), "cpu", vol, pos, spacing, params, anterior_up=anterior_is_up(series))
+    assert [v.class_index for v in plain.vertebrae] == [truth["classes"][v.level] for v in plain.vertebrae]
+    assert shifted.vertebrae and all(v.class_name == "osteoporosis" for v in shifted.vertebrae)
+    assert shifted.patient is not None and shifted.patient[0] == 2

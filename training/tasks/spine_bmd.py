@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -64,7 +64,7 @@ from inference.tasks.spine_bmd import (
     prepare_slice,
     slice_positions,
 )
-from inference.tasks.spine_bmd_levels import CLASS_NAMES, LEVEL_NAMES, REPORTED_LEVELS
+from inference.tasks.spine_bmd_levels import CLASS_NAMES, LEVEL_NAMES, REPORTED_LEVELS, decide_class
 from training.adapter import BaseAdapter, EvalResult, TaskConfig, move_to
 from training.data import DataError, Record, Sample
 from training.metrics import cohen_kappa, confusion_matrix, macro_f1, sensitivity_specificity
@@ -73,7 +73,7 @@ from training.tasks.spine_bmd_eval import REFERENCE_TABLE1, SliceEval, detection
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SpineBmdAdapter", "SpineBmdConfig", "prepare_record", "study_truth"]
+__all__ = ["SpineBmdAdapter", "SpineBmdConfig", "choose_class_offsets", "prepare_record", "study_truth"]
 
 
 class SpineBmdConfig(TaskConfig):
@@ -96,12 +96,45 @@ class SpineBmdConfig(TaskConfig):
     central_fraction: float = Field(0.4, gt=0, le=1)
     cortex_hu: float = 300.0
     roi_fraction: float = Field(0.5, gt=0, le=1)
+    class_log_offsets: tuple[float, float, float] | None = Field(
+        None, description="operating point: added to the log class probabilities of a vertebra before the argmax "
+                          "(normal, osteopenia, osteoporosis); None is the plain argmax")
+    tune_class_offsets: bool = Field(
+        False, description="after training, choose class_log_offsets on the validation split for the highest "
+                           "vertebra macro-F1 (choose_class_offsets)")
+
+    after_training: ClassVar[frozenset[str]] = frozenset({"class_log_offsets", "tune_class_offsets"})
 
     def params(self) -> SpineParams:
-        """The serving parameters (recorded in the bundle)."""
+        """The serving parameters (recorded in the bundle; the class offsets through ``task_config``)."""
         return SpineParams(image_size=self.image_size, in_channels=self.in_channels,
                            slices_per_vertebra=self.slices_per_vertebra, central_fraction=self.central_fraction,
-                           cortex_hu=self.cortex_hu, roi_fraction=self.roi_fraction)
+                           cortex_hu=self.cortex_hu, roi_fraction=self.roi_fraction,
+                           class_log_offsets=self.class_log_offsets)
+
+
+def choose_class_offsets(y_true: np.ndarray, probs: np.ndarray, *, span: float = 3.0, step: float = 0.05,
+                         tolerance: float = 1e-9) -> tuple[float, float, float]:
+    """Class log-offsets (normal fixed at 0) with the highest macro-F1 of ``argmax(log p + offsets)``.
+
+    A grid over ``[-span, span]`` for the osteopenia and osteoporosis offsets; among the offsets within
+    ``tolerance`` of the best macro-F1, the smallest shift (Euclidean norm) wins, so a split that the plain
+    argmax already classifies best keeps offsets of zero. Deterministic.
+    """
+    y = np.asarray(y_true, dtype=int)
+    logp = np.log(np.clip(np.asarray(probs, dtype=float), 1e-12, None))
+    k = logp.shape[1]
+    grid = np.round(np.arange(-span, span + step / 2, step), 6)
+    best: tuple[float, float, tuple[float, ...]] | None = None
+    for a in grid:
+        for b in grid:
+            off = (0.0, float(a), float(b))
+            f1 = macro_f1(y, np.argmax(logp + np.asarray(off), axis=1), k)
+            key = (round(f1 - tolerance, 12), -float(np.hypot(a, b)))
+            if best is None or key > best[:2]:
+                best = (key[0], key[1], off)
+    assert best is not None
+    return best[2]  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------- ground truth
@@ -305,6 +338,7 @@ class SpineBmdAdapter(BaseAdapter):
         params = cfg.params()
         y_true: list[int] = []
         probs: list[np.ndarray] = []
+        preds: list[int] = []
         pred_mid: list[dict[str, float]] = []
         true_mid: list[dict[str, float]] = []
         missed = 0
@@ -326,9 +360,10 @@ class SpineBmdAdapter(BaseAdapter):
                     continue
                 y_true.append(truth["classes"][lv])
                 probs.append(v.probs)
+                preds.append(v.class_index)  # with the bundle's class offsets, as the node decides
         t = np.asarray(y_true, dtype=int)
         p = np.asarray(probs, dtype=float).reshape(-1, len(CLASS_NAMES))
-        pred = p.argmax(1) if len(p) else np.zeros(0, dtype=int)
+        pred = np.asarray(preds, dtype=int)
         k = len(CLASS_NAMES)
         metrics: dict[str, Any] = {
             "vertebra_macro_f1": macro_f1(t, pred, k) if t.size else float("nan"),
@@ -343,6 +378,19 @@ class SpineBmdAdapter(BaseAdapter):
             "studies": len(records),
         }
         return {"metrics": metrics, "y_true": t, "y_prob": p}
+
+    def tune(self, result: EvalResult, cfg: SpineBmdConfig) -> tuple[SpineBmdConfig, str]:  # type: ignore[override]
+        """With ``tune_class_offsets``: class offsets of the highest validation macro-F1 (vertebra level)."""
+        if not cfg.tune_class_offsets or result.y_true is None or result.y_prob is None or not len(result.y_true):
+            return cfg, ""
+        y, p = np.asarray(result.y_true, dtype=int), np.asarray(result.y_prob, dtype=float)
+        k = len(CLASS_NAMES)
+        before = macro_f1(y, decide_class(p, cfg.class_log_offsets), k)
+        offsets = choose_class_offsets(y, p)
+        after = macro_f1(y, decide_class(p, offsets), k)
+        note = (f"class log-offsets {', '.join(f'{o:+.2f}' for o in offsets)} chosen on the validation split "
+                f"({y.size} vertebrae; macro-F1 {before:.3f} -> {after:.3f})")
+        return cfg.model_copy(update={"class_log_offsets": offsets}), note
 
     def input_spec(self, cfg: SpineBmdConfig) -> InputSpec:  # type: ignore[override]
         return InputSpec(modality=["CT"], size=[cfg.image_size, cfg.image_size], channels=cfg.in_channels,
