@@ -440,6 +440,10 @@ class SpineBmdAdapter(BaseAdapter):
             "detector does not output.\n"
             "- Levels L1-L5 come from a cortical-bone profile along the stack, anchored at the sacrum; only the "
             f"{cfg.slices_per_vertebra} mid-body slices of each of L1-L4 go through the detector.\n"
+            "- Vertebra class: argmax of the mean class distribution over its mid-body slices"
+            + (f" plus the class log-offsets {', '.join(f'{o:+.2f}' for o in cfg.class_log_offsets)} "
+               "(normal, osteopenia, osteoporosis; an operating point chosen on the validation split)"
+               if cfg.class_log_offsets is not None else "") + ".\n"
             "- Patient-level class: the lowest of L1-L4 (DXA convention).\n"
         )
 
