@@ -34,8 +34,10 @@ def load_evaluation(path: str | Path) -> dict[str, Any]:
         payload = json.loads(f.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise CompareError(f"{f}: not a readable evaluation ({exc})") from exc
+    if not isinstance(payload, dict):
+        raise CompareError(f"{f}: not an evaluation's metrics.json (a JSON {type(payload).__name__})")
     missing = [k for k in ("task", "version", "metrics", "holdout_hash") if k not in payload]
-    if not isinstance(payload, dict) or missing:
+    if missing:
         raise CompareError(f"{f}: not an evaluation's metrics.json (missing {missing})")
     payload["_source"] = str(f)
     return payload

@@ -29,7 +29,7 @@ from training.trainer import TrainConfig, TrainError, evaluate_records
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Evaluation", "as_trained", "evaluate_bundle", "write_report"]
+__all__ = ["Evaluation", "as_trained", "evaluate_bundle", "split_config_of", "write_report"]
 
 
 @dataclass

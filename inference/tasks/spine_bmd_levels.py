@@ -259,6 +259,7 @@ def label_runs(runs: Sequence[BodyRun], widths: Sequence[float] | None = None, *
     sacrum: BodyRun | None = None
     if len(runs) > 1 and w[-1] > sacrum_width_ratio * max(w[-2], 1e-6):
         sacrum = runs.pop()
+    first_cut = _cut_short(runs[0], runs)
     thoracic = [i for i, wi in enumerate(w[:len(runs)]) if wi > rib_mm]
     if thoracic:
         start, anchor = thoracic[-1] + 1, "ribs"
@@ -267,10 +268,10 @@ def label_runs(runs: Sequence[BodyRun], widths: Sequence[float] | None = None, *
         anchor = "sacrum"
         names = {i: LEVEL_NAMES[-1 - k] for k, i in enumerate(reversed(range(max(0, len(runs) - 5), len(runs))))}
     else:
-        start = 1 if _cut_short(runs[0], runs) and len(runs) > 1 else 0
+        start = 1 if first_cut and len(runs) > 1 else 0
         anchor = "top"
         names = {i: LEVEL_NAMES[k] for k, i in enumerate(range(start, min(len(runs), start + 5)))}
-    top_cut = _cut_short(runs[0], runs) and runs[0].i1 >= max(r.i1 for r in runs)
+    top_cut = first_cut and runs[0].i1 >= max(r.i1 for r in runs)
     named = [runs[i].named(nm) for i, nm in names.items() if not (i == 0 and top_cut)]
     return sorted(named, key=lambda r: -r.center_mm), sacrum, anchor
 
@@ -402,10 +403,9 @@ def decide_class(probs: np.ndarray, log_offsets: Sequence[float] | None = None) 
     ``training.tasks.spine_bmd.choose_class_offsets``); without them this is the plain argmax.
     """
     p = np.asarray(probs, dtype=float)
-    if log_offsets is None:
-        return np.argmax(p, axis=-1) if p.ndim > 1 else int(np.argmax(p))  # type: ignore[return-value]
-    score = np.log(np.clip(p, 1e-12, None)) + np.asarray(log_offsets, dtype=float)
-    return np.argmax(score, axis=-1) if p.ndim > 1 else int(np.argmax(score))  # type: ignore[return-value]
+    score = p if log_offsets is None else np.log(np.clip(p, 1e-12, None)) + np.asarray(log_offsets, dtype=float)
+    idx = np.argmax(score, axis=-1)
+    return idx if p.ndim > 1 else int(idx)  # type: ignore[return-value]
 
 
 def aggregate_vertebra(run: BodyRun, detections: Sequence[SliceDetection],

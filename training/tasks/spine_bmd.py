@@ -125,16 +125,11 @@ def choose_class_offsets(y_true: np.ndarray, probs: np.ndarray, *, span: float =
     logp = np.log(np.clip(np.asarray(probs, dtype=float), 1e-12, None))
     k = logp.shape[1]
     grid = np.round(np.arange(-span, span + step / 2, step), 6)
-    best: tuple[float, float, tuple[float, ...]] | None = None
-    for a in grid:
-        for b in grid:
-            off = (0.0, float(a), float(b))
-            f1 = macro_f1(y, np.argmax(logp + np.asarray(off), axis=1), k)
-            key = (round(f1 - tolerance, 12), -float(np.hypot(a, b)))
-            if best is None or key > best[:2]:
-                best = (key[0], key[1], off)
-    assert best is not None
-    return best[2]  # type: ignore[return-value]
+    offsets = [(0.0, float(a), float(b)) for a in grid for b in grid]
+    f1 = np.asarray([macro_f1(y, np.argmax(logp + np.asarray(off), axis=1), k) for off in offsets])
+    norm = np.asarray([np.hypot(off[1], off[2]) for off in offsets])
+    near_best = np.nonzero(f1 >= f1.max() - tolerance)[0]
+    return offsets[int(near_best[np.argmin(norm[near_best])])]  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------- ground truth
