@@ -29,13 +29,14 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from inference.bundle import BundleError, BundleMeta, load_bundle, save_bundle
-from inference.errors import DicomNodeError
+from inference.bundle import BundleMeta, save_bundle
 from inference.runtime import autocast_context, select_device, to_channels_last
 from training.adapter import EvalResult, TaskAdapter, TaskConfig, move_to
 from training.data import RecordDataset, SampleCache, Split, SplitConfig, data_hash
+from training.errors import TrainError
+from training.warm_start import load_initial_weights
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +47,6 @@ __all__ = [
 
 CHECKPOINT = "checkpoint.pt"
 TRAIN_LOG = "train_log.jsonl"
-
-
-class TrainError(DicomNodeError):
-    """Training cannot start or continue (bad config, empty split, corrupt checkpoint)."""
 
 
 class TrainConfig(BaseModel):
@@ -90,8 +87,21 @@ class TrainConfig(BaseModel):
     init_from: Path | None = Field(
         None, description="start from the weights of this bundle (same task and network; fine-tuning or a nightly "
         "warm start); its version and weights SHA-256 are recorded in the new bundle's notes")
+    init_mode: Literal["exact", "matching"] = Field(
+        "exact", description="exact: init_from must hold the same network and every weight is copied; matching: "
+        "copy only the tensors whose name and shape agree (e.g. a shared trunk into another backbone variant of the "
+        "same task), the rest keep their fresh initialisation")
+    init_skip: list[str] = Field(
+        default_factory=list, description="fnmatch patterns of weight names that are never copied from init_from "
+        "(start those modules fresh, e.g. 'backbone.body.attn_*'); only with init_mode=matching")
     channels_last: bool = Field(True, description="train 2-D conv nets in channels-last memory (faster on CUDA and "
                                 "on the oneDNN CPU path; the saved weights are the same)")
+
+    @model_validator(mode="after")
+    def _skip_needs_matching(self) -> TrainConfig:
+        if self.init_skip and self.init_mode != "matching":
+            raise ValueError("init_skip needs init_mode=matching")
+        return self
 
 
 @dataclass
@@ -295,33 +305,6 @@ def evaluate_records(adapter: TaskAdapter, model: torch.nn.Module, records: Sequ
     return result
 
 
-def load_initial_weights(model: torch.nn.Module, bundle_dir: str | os.PathLike[str], adapter: TaskAdapter,
-                         tcfg: TaskConfig) -> str:
-    """Copy a bundle's weights into ``model`` (float32) and return a provenance note.
-
-    Raises
-    ------
-    TrainError
-        If the bundle cannot be read, belongs to another task or network, or its weights do not fit.
-    """
-    try:
-        src = load_bundle(bundle_dir)
-    except BundleError as exc:
-        raise TrainError(f"init_from: {exc}") from exc
-    arch, init_args = adapter.architecture(tcfg)
-    if src.meta.task != adapter.name:
-        raise TrainError(f"init_from: bundle {bundle_dir} is for task {src.meta.task!r}, not {adapter.name!r}")
-    if (src.meta.architecture, src.meta.init_args) != (arch, init_args):
-        raise TrainError(f"init_from: bundle {bundle_dir} holds {src.meta.architecture} {src.meta.init_args}, "
-                         f"this run builds {arch} {init_args}")
-    try:
-        src.load_into(model)  # float32; the training loop puts the model back in train mode
-    except BundleError as exc:
-        raise TrainError(f"init_from: {exc}") from exc
-    log.info("%s: starting from the weights of bundle version %s", adapter.name, src.meta.version)
-    return f"initialised from bundle {src.meta.task}/{src.meta.version} (weights sha256 {src.meta.weights_sha256})"
-
-
 def _better(a: float, b: float | None, greater: bool) -> bool:
     if b is None or (isinstance(b, float) and math.isnan(b)):
         return not math.isnan(a)
@@ -405,7 +388,7 @@ def train(
     model: torch.nn.Module = adapter.build_model(tcfg)
     init_note = ""
     if cfg.init_from is not None:
-        init_note = load_initial_weights(model, cfg.init_from, adapter, tcfg)
+        init_note = load_initial_weights(model, cfg.init_from, adapter, tcfg, mode=cfg.init_mode, skip=cfg.init_skip)
     model = model.to(device)
     if cfg.channels_last:
         model = to_channels_last(model)

@@ -449,3 +449,21 @@ def test_bundle_class_offsets_reach_the_decision(spine_data) -> None:
     assert [v.class_index for v in plain.vertebrae] == [truth["classes"][v.level] for v in plain.vertebrae]
     assert shifted.vertebrae and all(v.class_name == "osteoporosis" for v in shifted.vertebrae)
     assert shifted.patient is not None and shifted.patient[0] == 2
+
+
+def test_the_backbone_comparison_shares_every_weight_but_the_attention() -> None:
+    """The recipe's ``init_skip=[backbone.body.attn_*]`` names exactly the weights the four variants do not share."""
+    import fnmatch
+
+    from training.tasks import get_adapter
+
+    adapter = get_adapter("spine_bmd")
+    keys = {bb: set(adapter.build_model(adapter.config_model(variant="light", backbone=bb, image_size=128))
+                    .state_dict())
+            for bb in ("resnet50", "resnet50_se", "resnet50_sk", "resnet50_ds")}
+    plain = keys.pop("resnet50")
+    assert not any(fnmatch.fnmatchcase(k, "backbone.body.attn_*") for k in plain)
+    for bb, names in keys.items():
+        extra = names - plain
+        assert extra and plain <= names, bb
+        assert all(fnmatch.fnmatchcase(k, "backbone.body.attn_*") for k in extra), bb

@@ -87,6 +87,39 @@ def test_init_from_bundle_starts_from_its_weights(toy_split, tmp_path: Path) -> 
         load_initial_weights(fresh, tmp_path / "missing", ADAPTER, ToyConfig())
 
 
+def test_init_matching_copies_the_shared_tensors_and_starts_the_rest_fresh(toy_split, tmp_path: Path) -> None:
+    first = train(ADAPTER, toy_split, tmp_path / "b1", _cfg(epochs=1, version="v1"), ToyConfig())
+    src = load_bundle(first.bundle_dir).state_dict
+    torch.manual_seed(0)
+    wider = ADAPTER.build_model(ToyConfig(channels=6))  # another variant of the task: only the head's tail fits
+    before = {k: v.clone() for k, v in wider.state_dict().items()}
+    note = load_initial_weights(wider, first.bundle_dir, ADAPTER, ToyConfig(channels=6), mode="matching",
+                                skip=["head.4.*"])
+    after = wider.state_dict()
+    assert torch.equal(after["head.1.bias"], src["head.1.bias"].float())  # same name and shape: copied
+    for k in ("features.0.weight", "head.1.weight", "head.4.weight", "head.4.bias"):  # other shape or skipped
+        assert torch.equal(after[k], before[k]), k
+    assert "initialised 1 of 8 tensors from bundle toy_square/v1" in note and "7 started fresh" in note
+    assert "head.4.*" in note
+    # the same network with a pattern: the named module starts fresh, everything else is the bundle's
+    same = ADAPTER.build_model(ToyConfig())
+    fresh_head = same.state_dict()["head.4.weight"].clone()
+    load_initial_weights(same, first.bundle_dir, ADAPTER, ToyConfig(), mode="matching", skip=["head.4.*"])
+    assert torch.equal(same.state_dict()["head.4.weight"], fresh_head)
+    assert torch.equal(same.state_dict()["features.0.weight"], src["features.0.weight"].float())
+    # nothing to copy, a pattern in exact mode, and a config asking for that, are refused
+    with pytest.raises(TrainError, match="no weight"):
+        load_initial_weights(same, first.bundle_dir, ADAPTER, ToyConfig(), mode="matching", skip=["*"])
+    with pytest.raises(TrainError, match="init_skip"):
+        load_initial_weights(same, first.bundle_dir, ADAPTER, ToyConfig(), skip=["head.*"])
+    with pytest.raises(ValueError, match="init_skip needs init_mode=matching"):
+        TrainConfig(init_from=first.bundle_dir, init_skip=["head.*"])
+    # a matching-mode run records the partial start in its bundle
+    run = train(ADAPTER, toy_split, tmp_path / "b2", _cfg(epochs=1, init_from=first.bundle_dir, init_mode="matching",
+                                                           init_skip=["head.4.*"]), ToyConfig(channels=6))
+    assert "initialised 1 of 8 tensors" in load_bundle(run.bundle_dir).meta.notes
+
+
 class _LayoutSpy(type(ADAPTER)):  # type: ignore[misc]
     """The toy adapter, recording the memory layout of the conv weights at every training step."""
 
