@@ -287,7 +287,8 @@ def test_tiny_bundle_metrics_and_card(tiny_bundle) -> None:
     result, _ = tiny_bundle
     m = result.metrics
     for key in ("map50", "paper_map", "paper_recall", "paper_acc", "vertebra_macro_f1", "vertebra_kappa",
-                "sensitivity_per_class", "level_accuracy", "confusion_matrix"):
+                "sensitivity_per_class", "level_accuracy", "confusion_matrix", "patient_macro_f1",
+                "patient_kappa_quadratic"):
         assert key in m, key
     assert m["level_accuracy"] == 1.0  # levels come from the profile pass, not from the barely trained detector
     meta = __import__("inference.bundle", fromlist=["read_meta"]).read_meta(result.bundle_dir)
@@ -467,3 +468,17 @@ def test_the_backbone_comparison_shares_every_weight_but_the_attention() -> None
         extra = names - plain
         assert extra and plain <= names, bb
         assert all(fnmatch.fnmatchcase(k, "backbone.body.attn_*") for k in extra), bb
+
+
+def test_patient_metrics_score_the_lowest_class_against_the_manifest() -> None:
+    from training.tasks.spine_bmd import _patient_metrics
+
+    # normal, osteopenia, osteoporosis = 0, 1, 2; one osteopenia patient called osteoporotic
+    m = _patient_metrics([0, 0, 1, 1, 2, 2], [0, 0, 1, 2, 2, 2], 3)
+    # F1: normal 1.0, osteopenia 2/3 (1 TP, 1 FN), osteoporosis 0.8 (2 TP, 1 FP)
+    assert m["patient_macro_f1"] == pytest.approx((1.0 + 2 / 3 + 0.8) / 3)
+    # quadratic weights (i-j)^2/4: observed 1 x 1/4, expected (marginals 2,2,2 x 2,1,3 / 6) 2.25 -> 1 - 0.25/2.25
+    assert m["patient_kappa_quadratic"] == pytest.approx(1 - 1 / 9)
+    perfect = _patient_metrics([0, 1, 2], [0, 1, 2], 3)
+    assert perfect == {"patient_macro_f1": 1.0, "patient_kappa_quadratic": 1.0}
+    assert all(np.isnan(v) for v in _patient_metrics([], [], 3).values())
