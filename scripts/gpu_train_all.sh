@@ -12,7 +12,8 @@
 # sizes per task come from the variables below. Python: $PYTHON (default python3) with the repo on PYTHONPATH,
 # which is how it runs on a machine without the project's venv. The wrist recipe gets difficulty 0.2 (WRIST_D): the
 # first H100 run at the default 0.5 stayed at chance although the fracture signal is in the pixels (ideal-observer
-# d' 41-199, benchmarks/README.md "Fracture detectability per difficulty").
+# d' 41-199, benchmarks/README.md "Fracture detectability per difficulty"). spine_backbones (issue 8's four-backbone
+# comparison, scripts/train_demo/spine_backbones.sh, from scratch) runs only when TASKS names it.
 set -uo pipefail
 cmd=${1:?usage: $0 start|wait|pack WORK ARG}
 work=${2:?usage: $0 start|wait|pack WORK ARG}
@@ -44,6 +45,7 @@ case $cmd in
       run spine_bmd       ${SPINE_N:-120}   ${SPINE_H:-30}   ${SPINE_E:-12}  ${SPINE_W:-3}
       run hrpqct_motion   ${HRP_N:-200}     ${HRP_H:-50}     ${HRP_E:-40}    ${HRP_W:-3}
       run knee_bone_seg   ${KNEE_N:-60}     ${KNEE_H:-12}    ${KNEE_E:-40}   ${KNEE_W:-3}
+      run spine_backbones ${SPINEBB_N:-120} ${SPINEBB_H:-40} ${SPINEBB_E:-8}  ${SPINEBB_W:-3}
       wait" </dev/null >"$work/driver.log" 2>&1 &
     echo "started $TASKS; deadline $(date -u -d "@$DEADLINE" +%H:%M:%S) UTC"
     ;;
@@ -60,7 +62,7 @@ case $cmd in
   pack)
     mkdir -p "$arg"
     tar -C "$work" -czf "$arg/demo_bundles.tgz" \
-      $(cd "$work" && ls -d */bundle */eval 2>/dev/null) $(cd "$work" && ls ./*.log status.txt 2>/dev/null)
+      $(cd "$work" && ls -d */bundle */eval */eval_* */compare 2>/dev/null) $(cd "$work" && ls ./*.log status.txt 2>/dev/null)
     split -b 15m "$arg/demo_bundles.tgz" "$arg/demo_bundles.tgz.part-" && rm "$arg/demo_bundles.tgz"
     ls -la "$arg"
     ;;

@@ -12,6 +12,8 @@
 #   longer budget).
 # EPOCHS, MAX_STEPS (cap of steps per epoch), DEVICE, VARIANT (light|faithful), IMAGE_SIZE, BACKBONES, CACHE_DIR
 #   (a sample cache shared by the runs; the pre-processing does not depend on the backbone), TRAIN_ARGS.
+# DEADLINE (unix seconds, e.g. a borrowed GPU's lease end): the time left is shared out equally among the backbones
+#   still to train, each keeping EVAL_RESERVE_S (default 300) for its hold-out evaluation.
 # CPU (2 cores, about 30 min per backbone):
 #   TRAIN_DATA=/tmp/sp/train140 HOLDOUT_DATA=/tmp/sp/holdout40 SHARED_START=models/spine_bmd/demo-20261203b \
 #   EPOCHS=1 MAX_STEPS=150 DEVICE=cpu scripts/train_demo/spine_backbones.sh /tmp/spine_backbones
@@ -45,7 +47,14 @@ if [ -n "$SHARED_START" ]; then
     init_args=(--set init_from="$SHARED_START" --set init_mode=matching --set 'init_skip=[backbone.body.attn_*]')
 fi
 evals=()
+todo=$(wc -w <<<"$BACKBONES")
 for bb in $BACKBONES; do
+    budget=()
+    if [ -n "${DEADLINE:-}" ]; then
+        left=$(( (DEADLINE - $(date +%s)) / todo - ${EVAL_RESERVE_S:-300} ))
+        budget=(--set time_budget_s=$(( left > 30 ? left : 30 )))
+    fi
+    todo=$(( todo - 1 ))
     rm -rf "$OUT/bundle_$bb" "$OUT/bundle_$bb.work" "$OUT/eval_$bb"
     "$PY" -m training.cli train spine_bmd --data "$TRAIN_DATA" --out "$OUT/bundle_$bb" \
         --epochs "$EPOCHS" --device "$DEVICE" --fp16 --synthetic --version "ablation-$bb" \
@@ -54,7 +63,7 @@ for bb in $BACKBONES; do
         --set schedule=cosine --set min_lr=0.0005 --set cache_dir="$CACHE_DIR" \
         --set task.tune_class_offsets=true \
         ${MAX_STEPS:+--set max_steps_per_epoch=$MAX_STEPS} \
-        "${init_args[@]}" ${TRAIN_ARGS:-}
+        "${init_args[@]}" "${budget[@]}" ${TRAIN_ARGS:-}
     "$PY" -m training.cli evaluate "$OUT/bundle_$bb" --data "$HOLDOUT_DATA" --subset all --device "$DEVICE" \
         --out "$OUT/eval_$bb"
     evals+=("$OUT/eval_$bb")
