@@ -62,7 +62,7 @@ case $cmd in
   pack)
     mkdir -p "$arg"
     tar -C "$work" -czf "$arg/demo_bundles.tgz" \
-      $(cd "$work" && ls -d */bundle */eval */eval_* */compare 2>/dev/null) $(cd "$work" && ls ./*.log status.txt 2>/dev/null)
+      $(cd "$work" && ls -d */bundle */eval */*/eval */compare 2>/dev/null) $(cd "$work" && ls ./*.log status.txt 2>/dev/null)
     split -b 15m "$arg/demo_bundles.tgz" "$arg/demo_bundles.tgz.part-" && rm "$arg/demo_bundles.tgz"
     ls -la "$arg"
     ;;

@@ -12,7 +12,11 @@
 #
 # Sizes: N_TRAIN, N_HOLDOUT, EPOCHS, DEVICE (auto|cpu|cuda), WORKERS, IMAGE_SIZE, BACKBONE, MAX_STEPS (cap of
 # steps per epoch; empty by default), INIT_FROM (a spine_bmd bundle of the same architecture to start from),
-# TRAIN_ARGS (more `train` options, e.g. "--set split.val=0.12").
+# TRAIN_ARGS (more `train` options, e.g. "--set split.val=0.12"), INIT_MODE and INIT_SKIP (`init_mode`, `init_skip`
+# of INIT_FROM, e.g. matching and [backbone.body.attn_*]), VARIANT (light|faithful), CACHE_DIR (a sample cache shared
+# between runs), BASELINE (1: also score the histogram baseline; 0: skip it), TRAIN_DATA and HOLDOUT_DATA (data
+# folders to use, synthesised there with seeds 1 and 2 only when missing; default OUT_DIR/train_data and
+# OUT_DIR/holdout_data, always synthesised afresh).
 # Tiny CPU check:   N_TRAIN=12 N_HOLDOUT=6 EPOCHS=1 DEVICE=cpu IMAGE_SIZE=160 MAX_STEPS=3 WORKERS=2 \
 #                   scripts/train_demo/spine_bmd.sh /tmp/spine_demo
 # GPU (H100):       PYTHON=python3 PYTHONPATH=. N_TRAIN=200 N_HOLDOUT=40 EPOCHS=8 scripts/train_demo/spine_bmd.sh out
@@ -27,27 +31,38 @@ DEVICE=${DEVICE:-auto}
 WORKERS=${WORKERS:-12}
 IMAGE_SIZE=${IMAGE_SIZE:-384}
 BACKBONE=${BACKBONE:-resnet50_ds}
+VARIANT=${VARIANT:-light}
+BASELINE=${BASELINE:-1}
 MAX_STEPS=${MAX_STEPS:-}
 VERSION=${VERSION:-demo-$(date -u +%Y%m%d)}
 
 # shellcheck source=scripts/train_demo/_budget.sh
 source "$(dirname "$0")/_budget.sh"
 mkdir -p "$OUT"
-rm -rf "$OUT/train_data" "$OUT/holdout_data" "$OUT/bundle" "$OUT/bundle.work" "$OUT/eval"
+rm -rf "$OUT/bundle" "$OUT/bundle.work" "$OUT/eval"
+[ -n "${TRAIN_DATA:-}" ] || rm -rf "$OUT/train_data"
+[ -n "${HOLDOUT_DATA:-}" ] || rm -rf "$OUT/holdout_data"
+TRAIN_DATA=${TRAIN_DATA:-$OUT/train_data}
+HOLDOUT_DATA=${HOLDOUT_DATA:-$OUT/holdout_data}
 
-"$PY" -m training.cli synth spine_bmd --out "$OUT/train_data" --n "$N_TRAIN" --seed 1 --workers "$WORKERS"
-"$PY" -m training.cli synth spine_bmd --out "$OUT/holdout_data" --n "$N_HOLDOUT" --seed 2 --workers "$WORKERS"
+[ -d "$TRAIN_DATA" ] || "$PY" -m training.cli synth spine_bmd --out "$TRAIN_DATA" --n "$N_TRAIN" --seed 1 \
+    --workers "$WORKERS"
+[ -d "$HOLDOUT_DATA" ] || "$PY" -m training.cli synth spine_bmd --out "$HOLDOUT_DATA" --n "$N_HOLDOUT" --seed 2 \
+    --workers "$WORKERS"
 
-"$PY" -m training.cli train spine_bmd --data "$OUT/train_data" --out "$OUT/bundle" \
+"$PY" -m training.cli train spine_bmd --data "$TRAIN_DATA" --out "$OUT/bundle" \
     --epochs "$EPOCHS" --device "$DEVICE" --fp16 --synthetic --version "$VERSION" \
     --workers "$([ "$DEVICE" = cpu ] && echo 0 || echo 4)" \
-    --set variant=light --backbone "$BACKBONE" --set image_size="$IMAGE_SIZE" \
+    --set variant="$VARIANT" --backbone "$BACKBONE" --set image_size="$IMAGE_SIZE" \
     --set schedule=cosine --set min_lr=0.0005 ${MAX_STEPS:+--set max_steps_per_epoch=$MAX_STEPS} \
-    ${INIT_FROM:+--set init_from="$INIT_FROM"} ${TRAIN_ARGS:-} $(budget_args)
+    ${CACHE_DIR:+--set cache_dir="$CACHE_DIR"} ${INIT_FROM:+--set init_from="$INIT_FROM"} \
+    ${INIT_MODE:+--set init_mode="$INIT_MODE"} ${INIT_SKIP:+--set "init_skip=$INIT_SKIP"} \
+    ${TRAIN_ARGS:-} $(budget_args)
 
-"$PY" -m training.cli evaluate "$OUT/bundle" --data "$OUT/holdout_data" --subset all --device "$DEVICE" \
-    --baseline-train "$OUT/train_data" \
-    --out "$OUT/eval"
+baseline=()
+if [ "$BASELINE" = 1 ]; then baseline=(--baseline-train "$TRAIN_DATA"); fi
+"$PY" -m training.cli evaluate "$OUT/bundle" --data "$HOLDOUT_DATA" --subset all --device "$DEVICE" \
+    "${baseline[@]}" --out "$OUT/eval"
 
 du -sh "$OUT/bundle"
 echo "bundle: $OUT/bundle  evaluation: $OUT/eval/report.md"

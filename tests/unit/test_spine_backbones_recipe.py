@@ -32,8 +32,8 @@ def test_recipe_trains_each_backbone_from_the_shared_start_and_compares_them(tmp
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     shared = load_bundle(SHARED).meta
-    plain = load_bundle(tmp_path / "bundle_resnet50").meta
-    ds = load_bundle(tmp_path / "bundle_resnet50_ds").meta
+    plain = load_bundle(tmp_path / "resnet50" / "bundle").meta
+    ds = load_bundle(tmp_path / "resnet50_ds" / "bundle").meta
     # every tensor of the plain network comes from the shared start; the DS network's attention starts fresh
     assert "initialised 116 of 116 tensors" in plain.notes and shared.version in plain.notes
     assert "initialised 116 of 168 tensors" in ds.notes and "52 started fresh" in ds.notes
