@@ -105,6 +105,8 @@ class BundleMeta(_Strict):
     weights_dtype: Literal["float32", "float16"] = "float32"
     weights_sha256: str | None = None
     notes: str = ""
+    purpose: Literal["inference", "pretraining"] = Field(
+        "inference", description="pretraining: starting weights for `train --set init_from=...`, never served")
 
     @property
     def algorithm_name(self) -> str:

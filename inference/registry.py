@@ -125,11 +125,14 @@ class ModelRegistry:
         Raises
         ------
         BundleError
-            If the bundle is invalid, or a different bundle already has that version.
+            If the bundle is invalid or holds pretraining weights, or a different bundle already has that version.
         """
         src = Path(bundle_dir)
         load_bundle(src)  # validates metadata and weights hash
         meta = read_meta(src)
+        if meta.purpose != "inference":
+            raise BundleError(f"bundle {bundle_dir} holds {meta.purpose} weights (a starting point for training), "
+                              "not a model to serve")
         dest = self.task_dir(meta.task) / meta.version
         if dest.exists():
             if read_meta(dest).weights_sha256 != meta.weights_sha256:

@@ -16,6 +16,7 @@ from dicomnode._identity import check_packages
 # sub-command -> module implementing add_arguments(parser) and run(args) -> int
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("training.synth.cli", "write synthetic DICOM studies plus a labels manifest"),
+    "pretrain-patches": ("training.patch_pretrain", "pretrain a task's network on lesion-box patches (init_from)"),
     "train": ("training.train_cli", "train a task and write a model bundle"),
     "evaluate": ("training.evaluate_cli", "evaluate a bundle on a labelled data folder"),
     "baseline": ("training.baseline", "cross-validated histogram baseline on a labelled folder"),

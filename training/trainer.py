@@ -388,7 +388,8 @@ def train(
     model: torch.nn.Module = adapter.build_model(tcfg)
     init_note = ""
     if cfg.init_from is not None:
-        init_note = load_initial_weights(model, cfg.init_from, adapter, tcfg, mode=cfg.init_mode, skip=cfg.init_skip)
+        init_note = load_initial_weights(model, cfg.init_from, adapter, tcfg, mode=cfg.init_mode, skip=cfg.init_skip,
+                                         holdout_hash=split.holdout_hash)
     model = model.to(device)
     if cfg.channels_last:
         model = to_channels_last(model)

@@ -19,17 +19,21 @@ __all__ = ["load_initial_weights"]
 
 
 def load_initial_weights(model: torch.nn.Module, bundle_dir: str | os.PathLike[str], adapter: TaskAdapter,
-                         tcfg: TaskConfig, *, mode: str = "exact", skip: Sequence[str] = ()) -> str:
+                         tcfg: TaskConfig, *, mode: str = "exact", skip: Sequence[str] = (),
+                         holdout_hash: str | None = None) -> str:
     """Copy a bundle's weights into ``model`` (float32) and return a provenance note.
 
     ``mode="exact"`` needs the same network and copies every weight. ``mode="matching"`` copies the tensors whose
     name and shape agree and whose name matches none of the ``skip`` patterns; the others keep their fresh values.
+    A pretraining bundle (:mod:`training.patch_pretrain`) made on another split than this run's (``holdout_hash``)
+    is refused: it may have trained on this run's hold-out.
 
     Raises
     ------
     TrainError
-        If the bundle cannot be read or belongs to another task; in exact mode if it holds another network or its
-        weights do not fit; in matching mode if no tensor can be copied.
+        If the bundle cannot be read or belongs to another task; if it holds pretraining weights made on another
+        split; in exact mode if it holds another network or its weights do not fit; in matching mode if no tensor
+        can be copied.
     """
     try:
         src = load_bundle(bundle_dir)
@@ -38,6 +42,9 @@ def load_initial_weights(model: torch.nn.Module, bundle_dir: str | os.PathLike[s
     arch, init_args = adapter.architecture(tcfg)
     if src.meta.task != adapter.name:
         raise TrainError(f"init_from: bundle {bundle_dir} is for task {src.meta.task!r}, not {adapter.name!r}")
+    if src.meta.purpose == "pretraining" and holdout_hash is not None and src.meta.holdout_hash != holdout_hash:
+        raise TrainError(f"init_from: pretraining bundle {bundle_dir} was made on another split (its hold-out "
+                         "differs from this run's, so it may have trained on it); pretrain again on this split")
     if mode == "matching":
         return _load_matching_weights(model, src, skip)
     if skip:

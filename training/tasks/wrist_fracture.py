@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -35,8 +36,19 @@ from pydantic import Field
 
 from inference.bundle import CodedConcept, InputSpec, LabelSpec
 from inference.findings import FRACTURE
+from inference.imgops import apply_affine
 from inference.nets import build_network
-from inference.radiograph import MEAN, MODEL_HEIGHT, MODEL_WIDTH, STD, Part, prepare, split_parts, to_float
+from inference.radiograph import (
+    MEAN,
+    MODEL_HEIGHT,
+    MODEL_WIDTH,
+    STD,
+    Part,
+    PreparedImage,
+    prepare,
+    split_parts,
+    to_float,
+)
 from training.adapter import BaseAdapter, EvalResult, TaskConfig, move_to
 from training.data import Record, Sample
 from training.metrics import (
@@ -47,12 +59,13 @@ from training.metrics import (
     roc_auc,
     sensitivity_specificity,
 )
+from training.patch_pretrain import PatchSource
 from training.tasks import register_adapter
 
 log = logging.getLogger(__name__)
 
-__all__ = ["WristFractureAdapter", "WristFractureConfig", "augment_tensor", "image_label", "prepare_record",
-           "study_metrics"]
+__all__ = ["WristFractureAdapter", "WristFractureConfig", "augment_tensor", "image_label", "patch_sources",
+           "prepare_record", "study_metrics"]
 
 #: thesis figures (private Asepeyo data, validation split; the thesis had no test set)
 REFERENCE = {
@@ -95,24 +108,60 @@ def image_label(row: dict[str, Any], sop_uid: str, mode: str) -> int:
     return int(study == 1 and any(str(b.get("sop_instance_uid")) == sop_uid for b in boxes))
 
 
-def prepare_record(record: Record, *, input_hw: tuple[int, int], mean: float, std: float, split: bool,
-                   min_share: float, align: bool, image_labels: str) -> list[Sample]:
-    """One sample per anatomic part of every image of a study record (float16 image, label, image index)."""
-    samples: list[Sample] = []
-    files = sorted(record.files)
-    for index, path in enumerate(files):
+def _prepared_parts(record: Record, *, input_hw: tuple[int, int], mean: float, std: float, split: bool,
+                    min_share: float, align: bool, image_labels: str
+                    ) -> Iterator[tuple[PreparedImage, int, int, list[dict[str, Any]]]]:
+    """(prepared part, image label, image index, the manifest's boxes on that image) for every part of a study."""
+    for index, path in enumerate(sorted(record.files)):
         ds = pydicom.dcmread(path)
         if "PixelData" not in ds:
             continue
         image = to_float(ds)
         rows, cols = image.shape
         parts = split_parts(image, min_share=min_share) if split else [Part((0, 0, cols, rows), 1.0)]
-        label = image_label(record.row, str(ds.SOPInstanceUID), image_labels)
+        sop = str(ds.SOPInstanceUID)
+        label = image_label(record.row, sop, image_labels)
+        boxes = [b for b in record.row.get("boxes") or [] if str(b.get("sop_instance_uid")) == sop]
         for part in parts:
             prep = prepare(image, bbox=part.bbox, align=align, out_hw=tuple(input_hw), mean=mean, std=std)
-            samples.append({"image": prep.tensor.numpy().astype(np.float16), "label": np.int64(label),
-                            "image_index": np.int64(index)})
-    return samples
+            yield prep, label, index, boxes
+
+
+def prepare_record(record: Record, *, input_hw: tuple[int, int], mean: float, std: float, split: bool,
+                   min_share: float, align: bool, image_labels: str) -> list[Sample]:
+    """One sample per anatomic part of every image of a study record (float16 image, label, image index)."""
+    return [{"image": prep.tensor.numpy().astype(np.float16), "label": np.int64(label), "image_index": np.int64(index)}
+            for prep, label, index, _ in _prepared_parts(record, input_hw=input_hw, mean=mean, std=std, split=split,
+                                                         min_share=min_share, align=align,
+                                                         image_labels=image_labels)]
+
+
+def patch_sources(record: Record, *, input_hw: tuple[int, int], mean: float, std: float, split: bool,
+                  min_share: float, align: bool) -> list[PatchSource]:
+    """Model inputs of a study for box-patch pretraining (:mod:`training.patch_pretrain`).
+
+    A part of a fracture-labelled study with a fracture box on its image is a positive source centred on the box
+    (mapped through the exact pre-processing transform; a box outside the part leaves the part out). Parts of a
+    study labelled negative are negative sources. Other parts (a positive study's image without a box) are left
+    out: the manifest does not say where, or whether, they show the fracture.
+    """
+    study_positive = bool(int(record.row.get("label", 0) or 0))
+    out: list[PatchSource] = []
+    for prep, label, _, boxes in _prepared_parts(record, input_hw=input_hw, mean=mean, std=std, split=split,
+                                                 min_share=min_share, align=align, image_labels="boxes"):
+        image = prep.tensor[0].numpy().astype(np.float16)
+        if not study_positive:
+            out.append(PatchSource(image, 0, (), record.key))
+            continue
+        if not label:
+            continue
+        h, w = image.shape
+        centres = apply_affine(prep.source_to_model, np.array(
+            [[(float(b["x0"]) + float(b["x1"])) / 2, (float(b["y0"]) + float(b["y1"])) / 2] for b in boxes]))
+        inside = tuple((float(x), float(y)) for x, y in centres if 0 <= x < w and 0 <= y < h)
+        if inside:
+            out.append(PatchSource(image, 1, inside, record.key))
+    return out
 
 
 def augment_tensor(sample: Sample, *, crop_area: tuple[float, float] = (0.9, 1.0), hflip_p: float = 0.5) -> Sample:
@@ -227,6 +276,11 @@ class WristFractureAdapter(BaseAdapter):
         return functools.partial(prepare_record, input_hw=tuple(cfg.input_hw), mean=cfg.mean, std=cfg.std,
                                  split=cfg.split_parts, min_share=cfg.min_part_share, align=cfg.align,
                                  image_labels=cfg.image_labels)
+
+    def patch_preprocessor(self, cfg: WristFractureConfig) -> Any:
+        """Picklable ``record -> patch sources`` for box-patch pretraining (:mod:`training.patch_pretrain`)."""
+        return functools.partial(patch_sources, input_hw=tuple(cfg.input_hw), mean=cfg.mean, std=cfg.std,
+                                 split=cfg.split_parts, min_share=cfg.min_part_share, align=cfg.align)
 
     def preprocess_signature(self, cfg: WristFractureConfig) -> str:  # type: ignore[override]
         """Changes with every field that alters the cached samples."""
