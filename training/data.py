@@ -42,7 +42,7 @@ Preprocess = Callable[["Record"], list[Sample]]
 
 __all__ = [
     "DataError", "Record", "RecordDataset", "SampleCache", "Split", "SplitConfig", "assign_split", "index_dicom",
-    "load_records", "record_hash", "records_from_rows", "split_records",
+    "load_records", "process_pool", "record_hash", "records_from_rows", "split_records",
 ]
 
 
@@ -354,6 +354,21 @@ def _unbox(arr: np.ndarray) -> Any:
     return arr.item() if arr.ndim == 0 else arr
 
 
+def _single_threaded_torch() -> None:
+    torch.set_num_threads(1)
+
+
+def process_pool(workers: int) -> ProcessPoolExecutor:
+    """Forked pre-processing processes that are safe after torch has run in this process.
+
+    A forked child inherits the parent's OpenMP thread-pool state; its first parallel torch kernel (e.g. the
+    ``grid_sample`` of the radiograph warp) then waits forever for threads that do not exist. That hung a wrist
+    run at its first validation, after one epoch of training. One torch thread per child never enters a parallel
+    region (as torch's own DataLoader workers do); the pool runs ``workers`` children in parallel anyway.
+    """
+    return ProcessPoolExecutor(max_workers=workers, initializer=_single_threaded_torch)
+
+
 def _prep_one(args: tuple[Preprocess, Record, SampleCache | None, str]) -> tuple[str, int, list[Sample] | None]:
     """(cache key or "", sample count, the samples when there is no cache) of one record."""
     fn, record, cache, signature = args
@@ -409,7 +424,7 @@ class RecordDataset(torch.utils.data.Dataset):
         self._memory: dict[int, list[Sample]] = {}
         jobs = [(preprocess, r, cache, signature) for r in self.records]
         if workers > 0 and len(jobs) > 1:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
+            with process_pool(workers) as pool:
                 results = list(pool.map(_prep_one, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
         else:
             results = [_prep_one(j) for j in jobs]

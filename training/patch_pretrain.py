@@ -25,7 +25,6 @@ import copy
 import logging
 import time
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from inference.bundle import BundleMeta, save_bundle
 from inference.errors import DicomNodeError
 from inference.runtime import select_device, to_channels_last
-from training.data import Record, SplitConfig, data_hash, load_records, split_records
+from training.data import Record, SplitConfig, data_hash, load_records, process_pool, split_records
 from training.errors import TrainError
 from training.metrics import roc_auc
 
@@ -126,8 +125,8 @@ class PatchSampler:
 def _sources(records: list[Record], fn: Any, workers: int) -> list[PatchSource]:
     if workers <= 1 or len(records) < 2:
         return [s for r in records for s in fn(r)]
-    with get_context("spawn").Pool(workers) as pool:
-        return [s for chunk in pool.imap(fn, records, chunksize=4) for s in chunk]
+    with process_pool(workers) as pool:
+        return [s for chunk in pool.map(fn, records, chunksize=4) for s in chunk]
 
 
 def _val_auc(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> float:
@@ -160,7 +159,13 @@ def pretrain_patches(adapter: Any, records: list[Record], out_dir: str | Path, c
              len(split.val), time.monotonic() - t0)
     rng = np.random.default_rng(cfg.seed)
     sampler = PatchSampler(train_src, cfg, rng)
-    val_x, val_y = PatchSampler(val_src, cfg, np.random.default_rng(cfg.seed + 1)).batch(cfg.val_patches)
+    try:
+        val: tuple[torch.Tensor, torch.Tensor] | None = PatchSampler(
+            val_src, cfg, np.random.default_rng(cfg.seed + 1)).batch(cfg.val_patches)
+    except TrainError:
+        log.warning("%s: the validation split has no boxed lesion or no negative image; keeping the last step's "
+                    "weights", adapter.name)
+        val = None
     torch.manual_seed(cfg.seed)
     device = select_device(cfg.device)
     model = to_channels_last(adapter.build_model(tcfg).to(device))
@@ -184,15 +189,17 @@ def pretrain_patches(adapter: Any, records: list[Record], out_dir: str | Path, c
         losses.append(float(loss.detach()))
         over = cfg.time_budget_s is not None and time.monotonic() - start > cfg.time_budget_s
         if step % cfg.eval_every == 0 or step == cfg.steps or over:
-            auc = _val_auc(model, val_x, val_y, device)
+            auc = _val_auc(model, *val, device) if val is not None else float("nan")
             row = {"step": step, "train_loss": float(np.mean(losses[-cfg.eval_every:])), "val_patch_auc": auc,
                    "seconds": round(time.monotonic() - start, 1)}
             history.append(row)
             log.info("%s: patch step %d loss %.4f val patch AUC %.4f", adapter.name, step, row["train_loss"], auc)
-            if auc > best_auc:
+            if val is not None and auc > best_auc:
                 best_auc, best_step, best_state = auc, step, copy.deepcopy(model.state_dict())
         if over:
             break
+    if val is None:
+        best_auc, best_step, best_state = float("nan"), step, copy.deepcopy(model.state_dict())
     arch, init_args = adapter.architecture(tcfg)
     meta = BundleMeta(
         task=adapter.name, version=cfg.version or time.strftime("pretrain-%Y%m%d-%H%M%S", time.gmtime()),

@@ -4,20 +4,31 @@
 #   scripts/train_demo/wrist_fracture.sh OUT_DIR
 #
 # 1. synthesise a training set (seed 1) and a fresh-seed hold-out (seed 2): adult PA + lateral wrist radiographs
-#    (training.synth.wrist_fracture, difficulty 0.5, 2 % label noise, ~31 % with a distal radius fracture),
-# 2. train the faithful network (resnet_classifier, ResNet18, 1 channel, one logit; 22.4 MB in fp16, under the 25 MB
-#    cap, so no lighter variant) with the faithful task config: radiograph pre-processing (header inversion,
-#    part splitter, fingers-up alignment, 2:3 letterbox to 341x512, mean 0.34587 / std 0.22898), random crop
-#    90-100 % + horizontal flip, Adam lr 1e-3, batch 32, class-balanced sampling (2 x minority per epoch, no
-#    replacement), best epoch by validation study accuracy (ALO). Demo-only addition: a cosine LR schedule.
-#    Weights stored in fp16.
-# 3. evaluate on every study of the fresh-seed hold-out (--subset all): OUT_DIR/eval/metrics.json, report.md with
+#    (training.synth.wrist_fracture, DIFFICULTY, 2 % label noise, ~31 % with a distal radius fracture),
+# 2. box-patch pretraining (training.patch_pretrain, PRETRAIN_S seconds; 0 skips it): the same ResNet18 learns
+#    PATCH x PATCH patches of its own inputs, fracture boxes against negative studies at the same positions, on
+#    the training split only. The thesis started from ImageNet weights, which are never downloaded here; from
+#    random weights the whole-image network stays at chance for hundreds of steps (models/README.md).
+#    PRETRAIN_HW (e.g. [256,171] with PATCH=64) pretrains at a smaller input size, 4x cheaper on a CPU; WARMUP_S
+#    then trains the whole-image classifier at that size before the full-size run.
+# 3. train the faithful network (resnet_classifier, ResNet18, 1 channel, one logit; 22.4 MB in fp16, under the 25 MB
+#    cap, so no lighter variant) with the faithful task config, starting from step 2's weights: radiograph
+#    pre-processing (header inversion, part splitter, fingers-up alignment, 2:3 letterbox to 341x512, mean 0.34587 /
+#    std 0.22898), random crop 90-100 % + horizontal flip, Adam lr 1e-3, batch 32, class-balanced sampling
+#    (2 x minority per epoch, no replacement), best epoch by validation study accuracy (ALO). Image labels from the
+#    fracture boxes (IMAGE_LABELS=boxes; "study" gives every image its study's label, as the thesis had to).
+#    Demo-only addition: a cosine LR schedule. Weights stored in fp16.
+# 4. evaluate on every study of the fresh-seed hold-out (--subset all): OUT_DIR/eval/metrics.json, report.md with
 #    the thesis figures beside ours, ROC / calibration / confusion-matrix plots.
 #    The report also scores the histogram baseline (training.baseline) fitted on the training set.
 #
 # Sizes: N_TRAIN, N_HOLDOUT, EPOCHS, DEVICE (auto|cpu|cuda), WORKERS (synthesis + pre-processing processes),
-# DIFFICULTY (synthetic generator, 0 obvious .. 1 subtle; default 0.5 for both sets).
-# Tiny CPU check:   N_TRAIN=12 N_HOLDOUT=6 EPOCHS=1 DEVICE=cpu scripts/train_demo/wrist_fracture.sh /tmp/wrist_demo
+# DIFFICULTY (synthetic generator, 0 obvious .. 1 subtle), TRAIN_DATA / HOLDOUT_DATA (existing folders to reuse),
+# TRAIN_ARGS (extra `train` options), LOADERS (data-loading processes; default 0 on a CPU). With DEADLINE the
+# pretraining stages keep their seconds and the final run gets the rest (scripts/train_demo/_budget.sh).
+# Tiny CPU check:   N_TRAIN=12 N_HOLDOUT=6 EPOCHS=1 PRETRAIN_S=5 DEVICE=cpu scripts/train_demo/wrist_fracture.sh /tmp/w
+# CPU (2 cores, ~2 h): DEVICE=cpu WORKERS=2 DIFFICULTY=0.2 PRETRAIN_HW=[256,171] PATCH=64 PRETRAIN_S=900 \
+#                   EPOCHS=6 scripts/train_demo/wrist_fracture.sh out
 # GPU (H100):       PYTHON=python3 PYTHONPATH=. N_TRAIN=2000 N_HOLDOUT=400 EPOCHS=30 \
 #                   scripts/train_demo/wrist_fracture.sh out
 set -euo pipefail
@@ -30,23 +41,51 @@ EPOCHS=${EPOCHS:-30}
 DEVICE=${DEVICE:-auto}
 WORKERS=${WORKERS:-12}
 DIFFICULTY=${DIFFICULTY:-0.5}
+IMAGE_LABELS=${IMAGE_LABELS:-boxes}
+PRETRAIN_S=${PRETRAIN_S:-300}
+PRETRAIN_HW=${PRETRAIN_HW:-}
+PATCH=${PATCH:-128}
+WARMUP_S=${WARMUP_S:-0}
 VERSION=${VERSION:-demo-$(date -u +%Y%m%d)}
-LOADERS=$([ "$DEVICE" = cpu ] && echo 0 || echo "$WORKERS")
+LOADERS=${LOADERS:-$([ "$DEVICE" = cpu ] && echo 0 || echo "$WORKERS")}
 
 # shellcheck source=scripts/train_demo/_budget.sh
 source "$(dirname "$0")/_budget.sh"
 mkdir -p "$OUT"
-rm -rf "$OUT/train_data" "$OUT/holdout_data" "$OUT/bundle" "$OUT/bundle.work" "$OUT/eval"
+rm -rf "$OUT/pretrain" "$OUT/warmup" "$OUT/warmup.work" "$OUT/bundle" "$OUT/bundle.work" "$OUT/eval"
+[ -n "${TRAIN_DATA:-}" ] || rm -rf "$OUT/train_data"
+[ -n "${HOLDOUT_DATA:-}" ] || rm -rf "$OUT/holdout_data"
+TRAIN_DATA=${TRAIN_DATA:-$OUT/train_data}
+HOLDOUT_DATA=${HOLDOUT_DATA:-$OUT/holdout_data}
 
-"$PY" -m training.cli synth wrist_fracture --out "$OUT/train_data" --n "$N_TRAIN" --seed 1 --workers "$WORKERS" --difficulty "$DIFFICULTY"
-"$PY" -m training.cli synth wrist_fracture --out "$OUT/holdout_data" --n "$N_HOLDOUT" --seed 2 --workers "$WORKERS" --difficulty "$DIFFICULTY"
+[ -d "$TRAIN_DATA" ] || "$PY" -m training.cli synth wrist_fracture --out "$TRAIN_DATA" --n "$N_TRAIN" --seed 1 \
+    --workers "$WORKERS" --difficulty "$DIFFICULTY"
+[ -d "$HOLDOUT_DATA" ] || "$PY" -m training.cli synth wrist_fracture --out "$HOLDOUT_DATA" --n "$N_HOLDOUT" --seed 2 \
+    --workers "$WORKERS" --difficulty "$DIFFICULTY"
 
-"$PY" -m training.cli train wrist_fracture --data "$OUT/train_data" --out "$OUT/bundle" \
+INIT=()
+if [ "$PRETRAIN_S" != 0 ]; then
+  "$PY" -m training.cli pretrain-patches wrist_fracture --data "$TRAIN_DATA" --out "$OUT/pretrain" \
+      --device "$DEVICE" --workers "$WORKERS" --synthetic --version "$VERSION-pretrain" \
+      --set steps=1000000 --set time_budget_s="$PRETRAIN_S" --set patch="$PATCH" \
+      ${PRETRAIN_HW:+--set input_hw="$PRETRAIN_HW"}
+  INIT=(--set init_from="$OUT/pretrain")
+fi
+if [ "$WARMUP_S" != 0 ]; then
+  "$PY" -m training.cli train wrist_fracture --data "$TRAIN_DATA" --out "$OUT/warmup" \
+      --epochs 1000 --device "$DEVICE" --synthetic --version "$VERSION-warmup" --workers "$LOADERS" \
+      --set image_labels="$IMAGE_LABELS" --set time_budget_s="$WARMUP_S" \
+      ${PRETRAIN_HW:+--set input_hw="$PRETRAIN_HW"} "${INIT[@]}"
+  INIT=(--set init_from="$OUT/warmup")
+fi
+
+"$PY" -m training.cli train wrist_fracture --data "$TRAIN_DATA" --out "$OUT/bundle" \
     --epochs "$EPOCHS" --device "$DEVICE" --fp16 --synthetic --version "$VERSION" --workers "$LOADERS" \
-    --set schedule=cosine --set min_lr=0.00001 ${TRAIN_ARGS:-} $(budget_args)
+    --set schedule=cosine --set min_lr=0.00001 --set image_labels="$IMAGE_LABELS" "${INIT[@]}" \
+    ${TRAIN_ARGS:-} $(budget_args)
 
-"$PY" -m training.cli evaluate "$OUT/bundle" --data "$OUT/holdout_data" --subset all --device "$DEVICE" \
-    --baseline-train "$OUT/train_data" \
+"$PY" -m training.cli evaluate "$OUT/bundle" --data "$HOLDOUT_DATA" --subset all --device "$DEVICE" \
+    --baseline-train "$TRAIN_DATA" \
     --out "$OUT/eval" --workers "$LOADERS"
 
 du -sh "$OUT/bundle"

@@ -180,3 +180,34 @@ def test_cache_entry_removed_after_start_up_is_recomputed(tmp_path: Path) -> Non
         p.unlink()
     assert int(ds[4]["slice"]) == 1 and ds.labels() == [s["label"] for r in recs for s in _three_slices(r)]
     assert len(list((tmp_path / "cache").rglob("*.npz"))) == 2
+
+
+_AFTER_TORCH = """
+import torch, torch.nn.functional as F
+from training.data import Record, RecordDataset
+
+def warp(record):  # a pre-processing step with a parallel torch kernel, like the radiograph warp
+    x = torch.rand(1, 1, 384, 384)
+    g = torch.rand(1, 384, 384, 2) * 2 - 1
+    return [{"image": F.grid_sample(x, g, align_corners=False).numpy(), "label": 0}]
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    warp(None)  # the parent has run a parallel region (one training epoch, in the hung run)
+    recs = [Record(key=str(i), patient_id=str(i), study_uid=str(i), files=()) for i in range(6)]
+    ds = RecordDataset(recs, warp, "sig", workers=2)
+    print("prepared", len(ds))
+"""
+
+
+def test_preprocessing_processes_do_not_hang_after_torch_ran_in_the_parent(tmp_path: Path) -> None:
+    """Forked children inherit OpenMP state; without the single-thread initializer this deadlocks."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "after_torch.py"
+    script.write_text(_AFTER_TORCH)
+    root = Path(__file__).resolve().parents[2]
+    run = subprocess.run([sys.executable, str(script)], cwd=root, capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert run.returncode == 0 and "prepared 6" in run.stdout, run.stderr[-2000:]

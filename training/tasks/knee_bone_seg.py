@@ -48,7 +48,7 @@ from inference.tasks.knee_bone_seg import (
     prepare_knee,
 )
 from training.adapter import BaseAdapter, EvalResult, TaskConfig
-from training.data import DataError, Record, Sample
+from training.data import DataError, Record, Sample, process_pool
 from training.metrics import dice, hd95
 from training.tasks import register_adapter
 
@@ -425,9 +425,7 @@ def fit_norm(records: Sequence[Record], cfg: KneeConfig, max_records: int = 16, 
         raise DataError("no records to fit the z-score on")
     jobs = [(r, cfg) for r in chosen]
     if workers > 0 and len(jobs) > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with process_pool(workers) as pool:
             arrays = list(pool.map(_prepared_crops, jobs))
     else:
         arrays = [_prepared_crops(j) for j in jobs]
