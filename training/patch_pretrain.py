@@ -31,7 +31,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from inference.bundle import BundleMeta, save_bundle
@@ -40,6 +39,7 @@ from inference.runtime import select_device, to_channels_last
 from training.data import Record, SplitConfig, data_hash, load_records, process_pool, split_records
 from training.errors import TrainError
 from training.metrics import roc_auc
+from training.train_cli import apply_set_items
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_configs(adapter: Any, args: argparse.Namespace) -> tuple[PatchPretrainConfig, Any]:
-    """(patch-stage config, task config) from ``--set`` and the options.
+    """(patch-stage config, task config) from ``--set`` (as ``train``'s; ``train.KEY`` names a patch-stage key)
+    and the options.
 
     Raises
     ------
@@ -246,19 +247,7 @@ def build_configs(adapter: Any, args: argparse.Namespace) -> tuple[PatchPretrain
     """
     stage: dict[str, Any] = {}
     task: dict[str, Any] = {}
-    for item in args.set:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise DicomNodeError(f"--set expects KEY=VALUE, got {item!r}")
-        key = key.removeprefix("train.")
-        if key.startswith("task."):
-            task[key[5:]] = yaml.safe_load(text)
-        elif key in PatchPretrainConfig.model_fields:
-            stage[key] = yaml.safe_load(text)
-        elif key in adapter.config_model.model_fields:
-            task[key] = yaml.safe_load(text)
-        else:
-            raise DicomNodeError(f"--set: unknown key {key!r}")
+    apply_set_items(args.set, stage, task, PatchPretrainConfig.model_fields, adapter.config_model.model_fields)
     for opt, field in (("device", "device"), ("version", "version"), ("workers", "workers")):
         if getattr(args, opt, None) is not None:
             stage[field] = getattr(args, opt)

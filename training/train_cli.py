@@ -20,7 +20,7 @@ from inference.errors import DicomNodeError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["add_arguments", "build_configs", "run"]
+__all__ = ["add_arguments", "apply_set_items", "build_configs", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,6 +52,35 @@ def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def apply_set_items(items: list[str], stage: dict[str, Any], task: dict[str, Any], stage_fields: Any,
+                    task_fields: Any) -> None:
+    """Apply ``--set KEY=VALUE`` items (values parsed as YAML) to a stage's and a task's raw config.
+
+    ``train.KEY`` and ``task.KEY`` name the section; a bare key is looked up in ``stage_fields`` first, then in
+    ``task_fields``. Dotted keys (``split.salt``) set nested values.
+
+    Raises
+    ------
+    DicomNodeError
+        If an item has no ``=`` or its key is in neither config.
+    """
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise DicomNodeError(f"--set expects KEY=VALUE, got {item!r}")
+        value = yaml.safe_load(text)
+        if key.startswith("train."):
+            _set(stage, key[6:], value)
+        elif key.startswith("task."):
+            _set(task, key[5:], value)
+        elif key.split(".")[0] in stage_fields:
+            _set(stage, key, value)
+        elif key.split(".")[0] in task_fields:
+            _set(task, key, value)
+        else:
+            raise DicomNodeError(f"--set: unknown key {key!r}")
+
+
 def build_configs(adapter: Any, args: argparse.Namespace) -> tuple[Any, Any]:
     """(TrainConfig, task config) from ``--config``, ``--set`` and the shortcut options.
 
@@ -74,21 +103,7 @@ def build_configs(adapter: Any, args: argparse.Namespace) -> tuple[Any, Any]:
     train_raw: dict[str, Any] = {**dict(getattr(adapter, "train_config_defaults", None) or {}),
                                  **dict(raw.get("train") or {})}
     task_raw: dict[str, Any] = dict(raw.get("task") or {})
-    for item in args.set:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise DicomNodeError(f"--set expects KEY=VALUE, got {item!r}")
-        value = yaml.safe_load(text)
-        if key.startswith("train."):
-            _set(train_raw, key[6:], value)
-        elif key.startswith("task."):
-            _set(task_raw, key[5:], value)
-        elif key.split(".")[0] in TrainConfig.model_fields:
-            _set(train_raw, key, value)
-        elif key.split(".")[0] in adapter.config_model.model_fields:
-            _set(task_raw, key, value)
-        else:
-            raise DicomNodeError(f"--set: unknown key {key!r}")
+    apply_set_items(args.set, train_raw, task_raw, TrainConfig.model_fields, adapter.config_model.model_fields)
     for opt, field in (("epochs", "epochs"), ("device", "device"), ("version", "version"), ("workers", "num_workers")):
         if getattr(args, opt, None) is not None:
             train_raw[field] = getattr(args, opt)

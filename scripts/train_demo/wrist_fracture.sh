@@ -27,8 +27,9 @@
 # TRAIN_ARGS (extra `train` options), LOADERS (data-loading processes; default 0 on a CPU). With DEADLINE the
 # pretraining stages keep their seconds and the final run gets the rest (scripts/train_demo/_budget.sh).
 # Tiny CPU check:   N_TRAIN=12 N_HOLDOUT=6 EPOCHS=1 PRETRAIN_S=5 DEVICE=cpu scripts/train_demo/wrist_fracture.sh /tmp/w
-# CPU (2 cores, ~2 h): DEVICE=cpu WORKERS=2 DIFFICULTY=0.2 PRETRAIN_HW=[256,171] PATCH=64 PRETRAIN_S=900 \
-#                   EPOCHS=6 scripts/train_demo/wrist_fracture.sh out
+# CPU (2 cores, ~60 min; the shipped demo-20261203w): DEVICE=cpu WORKERS=2 LOADERS=2 DIFFICULTY=0.2 \
+#                   PRETRAIN_HW=[256,171] PATCH=64 PRETRAIN_S=900 WARMUP_S=480 EPOCHS=3 \
+#                   scripts/train_demo/wrist_fracture.sh out
 # GPU (H100):       PYTHON=python3 PYTHONPATH=. N_TRAIN=2000 N_HOLDOUT=400 EPOCHS=30 \
 #                   scripts/train_demo/wrist_fracture.sh out
 set -euo pipefail
