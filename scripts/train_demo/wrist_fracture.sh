@@ -9,7 +9,7 @@
 #    PATCH x PATCH patches of its own inputs, fracture boxes against negative studies at the same positions, on
 #    the training split only. The thesis started from ImageNet weights, which are never downloaded here; from
 #    random weights the whole-image network stays at chance for hundreds of steps (models/README.md).
-#    PRETRAIN_HW (e.g. [256,171] with PATCH=64) pretrains at a smaller input size, 4x cheaper on a CPU; WARMUP_S
+#    PRETRAIN_HW (e.g. [256,171] with PATCH=64) pretrains at a smaller input size (a quarter of the pixels); WARMUP_S
 #    then trains the whole-image classifier at that size before the full-size run.
 # 3. train the faithful network (resnet_classifier, ResNet18, 1 channel, one logit; 22.4 MB in fp16, under the 25 MB
 #    cap, so no lighter variant) with the faithful task config, starting from step 2's weights: radiograph
