@@ -16,6 +16,10 @@ Only the training split is read for training and the validation split for the lo
 records the hold-out hash, and a warm start from it is refused by a run whose hold-out differs
 (:func:`training.warm_start.load_initial_weights`). Tasks opt in with an adapter method
 ``patch_preprocessor(cfg)`` returning a picklable ``record -> list[PatchSource]``.
+
+A task whose model has several networks (physis: detector trunk, crop classifier, whole-image classifier) names a
+*view* per source and gives ``patch_views(model, cfg) -> {view: PatchView}``: each view's network learns patches
+of its own input, all in the same steps (summed losses); the kept step is the best mean validation patch AUC.
 """
 
 from __future__ import annotations
@@ -48,12 +52,33 @@ __all__ = ["PatchPretrainConfig", "PatchSampler", "PatchSource", "add_arguments"
 
 @dataclass(frozen=True)
 class PatchSource:
-    """One model input (H, W; normalised, float16) of a study: label 1 with lesion centres (x, y), or label 0."""
+    """One model input (H, W; normalised, float16) of a study: label 1 with lesion centres (x, y), or label 0.
+
+    ``view`` names the network that reads it (:class:`PatchView`); single-network tasks leave the default.
+    """
 
     image: np.ndarray
     label: int
     centres: tuple[tuple[float, float], ...]
     group: str
+    view: str = "default"
+
+
+@dataclass(frozen=True)
+class PatchView:
+    """A network that learns one view's patches: (N, 1, P, P) -> logits (N, >= 1), the first column scored.
+
+    ``patch`` is the view's patch side (None: the stage's ``patch`` times ``scale``, for a view whose input has
+    another pixel size than the first view's).
+    """
+
+    network: torch.nn.Module
+    patch: int | None = None
+    scale: float = 1.0
+
+    def side(self, stage_patch: int) -> int:
+        """The patch side in this view's pixels."""
+        return int(self.patch) if self.patch is not None else max(16, round(stage_patch * self.scale))
 
 
 class PatchPretrainConfig(BaseModel):
@@ -83,7 +108,8 @@ class PatchPretrainConfig(BaseModel):
 class PatchSampler:
     """Balanced batches of patches: half around lesion centres, half from negative images at lesion positions."""
 
-    def __init__(self, sources: list[PatchSource], cfg: PatchPretrainConfig, rng: np.random.Generator) -> None:
+    def __init__(self, sources: list[PatchSource], cfg: PatchPretrainConfig, rng: np.random.Generator,
+                 patch: int | None = None) -> None:
         self.pos = [(s.image, c) for s in sources if s.label == 1 for c in s.centres]
         self.neg = [s.image for s in sources if s.label == 0]
         if not self.pos or not self.neg:
@@ -91,10 +117,11 @@ class PatchSampler:
                              f"boxed lesions and {len(self.neg)} negative images")
         self.centres = np.array([c for _, c in self.pos], dtype=float)
         self.cfg, self.rng = cfg, rng
+        self.patch = int(patch or cfg.patch)
 
     def crop(self, image: np.ndarray, centre: tuple[float, float] | np.ndarray) -> np.ndarray:
         """A ``patch`` x ``patch`` window around ``centre`` plus jitter; outside the image reads as its minimum."""
-        p = self.cfg.patch
+        p = self.patch
         h, w = image.shape
         dx, dy = self.rng.uniform(-self.cfg.jitter * p, self.cfg.jitter * p, 2)
         x0 = int(round(float(centre[0]) + dx - p / 2))
@@ -137,9 +164,31 @@ def _val_auc(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: t
     return roc_auc(y.numpy().astype(int), logits.numpy())
 
 
+def _views(adapter: Any, model: torch.nn.Module, tcfg: Any, device: torch.device) -> dict[str, PatchView]:
+    views = adapter.patch_views(model, tcfg) if hasattr(adapter, "patch_views") else {"default": PatchView(model)}
+    for view in views.values():
+        view.network.to(device)  # a view's own head (not part of the model) is created on the CPU
+    return views
+
+
+def _samplers(views: dict[str, PatchView], sources: list[PatchSource], cfg: PatchPretrainConfig, seed: int,
+              what: str) -> dict[str, PatchSampler]:
+    unknown = sorted({s.view for s in sources} - set(views))
+    if unknown:
+        raise TrainError(f"patch sources name views {unknown} that the network has not ({sorted(views)})")
+    out = {}
+    for k, (name, view) in enumerate(sorted(views.items())):
+        try:
+            out[name] = PatchSampler([s for s in sources if s.view == name], cfg, np.random.default_rng(seed + k),
+                                     patch=view.side(cfg.patch))
+        except TrainError as exc:
+            raise TrainError(f"{what} split, view {name!r}: {exc}") from exc
+    return out
+
+
 def pretrain_patches(adapter: Any, records: list[Record], out_dir: str | Path, cfg: PatchPretrainConfig,
                      task_cfg: Any | None = None) -> Path:
-    """Train ``adapter``'s network on lesion patches of the training split and write a pretraining bundle.
+    """Train ``adapter``'s network(s) on lesion patches of the training split and write a pretraining bundle.
 
     Raises
     ------
@@ -157,41 +206,51 @@ def pretrain_patches(adapter: Any, records: list[Record], out_dir: str | Path, c
     train_src, val_src = _sources(split.train, fn, cfg.workers), _sources(split.val, fn, cfg.workers)
     log.info("%s: patch sources from %d train / %d val studies in %.0f s", adapter.name, len(split.train),
              len(split.val), time.monotonic() - t0)
-    rng = np.random.default_rng(cfg.seed)
-    sampler = PatchSampler(train_src, cfg, rng)
-    try:
-        val: tuple[torch.Tensor, torch.Tensor] | None = PatchSampler(
-            val_src, cfg, np.random.default_rng(cfg.seed + 1)).batch(cfg.val_patches)
-    except TrainError:
-        log.warning("%s: the validation split has no boxed lesion or no negative image; keeping the last step's "
-                    "weights", adapter.name)
-        val = None
     torch.manual_seed(cfg.seed)
     device = select_device(cfg.device)
     model = to_channels_last(adapter.build_model(tcfg).to(device))
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    views = _views(adapter, model, tcfg, device)
+    samplers = _samplers(views, train_src, cfg, cfg.seed, "training")
+    try:
+        val: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = {
+            name: s.batch(cfg.val_patches) for name, s in _samplers(views, val_src, cfg, cfg.seed + 100,
+                                                                   "validation").items()}
+    except TrainError as exc:
+        log.warning("%s: %s; keeping the last step's weights", adapter.name, exc)
+        val = None
+    params = list({id(p): p for v in views.values() for p in v.network.parameters() if p.requires_grad}.values())
+    opt = torch.optim.Adam(params, lr=cfg.lr)
     amp = device.type == "cuda"
     history: list[dict[str, Any]] = []
     best_auc, best_step, best_state = -1.0, 0, copy.deepcopy(model.state_dict())
     losses: list[float] = []
     start = time.monotonic()
-    model.train()
+    for view in views.values():
+        view.network.train()
     step = 0
     for step in range(1, cfg.steps + 1):
-        x, y = sampler.batch(cfg.batch_size)
-        x = x.to(device).contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(x)[:, 0].float()
-        loss = F.binary_cross_entropy_with_logits(logits, y.to(device))
+        loss = torch.zeros((), device=device)
+        for name, sampler in samplers.items():
+            x, y = sampler.batch(cfg.batch_size)
+            x = x.to(device).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = views[name].network(x)[:, 0].float()
+            loss = loss + F.binary_cross_entropy_with_logits(logits, y.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
         over = cfg.time_budget_s is not None and time.monotonic() - start > cfg.time_budget_s
         if step % cfg.eval_every == 0 or step == cfg.steps or over:
-            auc = _val_auc(model, *val, device) if val is not None else float("nan")
-            row = {"step": step, "train_loss": float(np.mean(losses[-cfg.eval_every:])), "val_patch_auc": auc,
-                   "seconds": round(time.monotonic() - start, 1)}
+            row: dict[str, Any] = {"step": step, "train_loss": float(np.mean(losses[-cfg.eval_every:]))}
+            if val is not None:
+                aucs = {name: _val_auc(views[name].network, *val[name], device) for name in samplers}
+                if len(aucs) > 1:
+                    row.update({f"val_patch_auc_{name}": a for name, a in aucs.items()})
+                auc = float(np.mean(list(aucs.values())))
+            else:
+                auc = float("nan")
+            row.update(val_patch_auc=auc, seconds=round(time.monotonic() - start, 1))
             history.append(row)
             log.info("%s: patch step %d loss %.4f val patch AUC %.4f", adapter.name, step, row["train_loss"], auc)
             if val is not None and auc > best_auc:
@@ -200,21 +259,25 @@ def pretrain_patches(adapter: Any, records: list[Record], out_dir: str | Path, c
             break
     if val is None:
         best_auc, best_step, best_state = float("nan"), step, copy.deepcopy(model.state_dict())
+    best_row = next((r for r in history if r["step"] == best_step), {})
+    metrics = {k: v for k, v in best_row.items() if k.startswith("val_patch_auc")} or {"val_patch_auc": best_auc}
+    patches = ", ".join(f"{name} {s.patch}x{s.patch}" for name, s in samplers.items())
+    n_pos, n_neg = sum(len(s.pos) for s in samplers.values()), sum(len(s.neg) for s in samplers.values())
     arch, init_args = adapter.architecture(tcfg)
     meta = BundleMeta(
         task=adapter.name, version=cfg.version or time.strftime("pretrain-%Y%m%d-%H%M%S", time.gmtime()),
         architecture=arch, init_args=init_args, input=adapter.input_spec(tcfg), labels=adapter.labels(tcfg),
         training_data_hash=data_hash(split.train), holdout_hash=split.holdout_hash, split=split.summary(),
-        metrics={"val_patch_auc": best_auc}, primary_metric=None,
+        metrics=metrics, primary_metric=None,
         train_config={"stage": "patch_pretrain", **cfg.model_dump(mode="json")},
         task_config=tcfg.model_dump(mode="json"), training_log=history, synthetic_only=cfg.synthetic_only,
         purpose="pretraining",
         notes=(f"box-patch pretraining, best validation patch AUC {best_auc:.3f} at step {best_step} of {step} "
-               f"({len(sampler.pos)} lesion centres, {len(sampler.neg)} negative images); not a study classifier"),
+               f"({n_pos} lesion centres, {n_neg} negative images; patches {patches}); not a study classifier"),
     )
     card = (f"# {adapter.name} {meta.version}: pretraining weights, not a model\n\n"
-            f"The task's network ({arch} {init_args}) trained for {step} steps on {cfg.patch}x{cfg.patch} patches "
-            "of its own model inputs: lesion boxes against negative studies at the same positions. Start a "
+            f"The task's network ({arch} {init_args}) trained for {step} steps on patches of its own model inputs "
+            f"({patches}): lesion boxes against negative studies at the same positions. Start a "
             "`dicomnode-train train` run from it with `--set init_from=<this directory>`; the registry refuses to "
             f"serve it. Best validation patch AUC {best_auc:.3f}."
             + (" Trained on synthetic data only." if cfg.synthetic_only else "") + "\n")

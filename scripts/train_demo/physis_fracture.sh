@@ -4,16 +4,23 @@
 #   scripts/train_demo/physis_fracture.sh OUT_DIR
 #
 # 1. synthesise a training set (seed 1) and a fresh-seed hold-out (seed 2),
-# 2. train the two-stage method (detector + crop classifier + whole-image classifier in one bundle) in the light
+# 2. box-patch pretraining (training.patch_pretrain, PRETRAIN_S seconds; 0 skips it): each of the three networks
+#    learns PATCH-pixel patches of its own input (detector trunk, crop classifier, whole-image classifier; see
+#    training/tasks/physis_patches.py), fracture boxes against negative images at the same positions, on the
+#    training split only. The thesis started from ImageNet weights, which are never downloaded here.
+# 3. train the two-stage method (detector + crop classifier + whole-image classifier in one bundle) in the light
 #    variant of the same design (Faster R-CNN FPN on a ResNet18 trunk without layer4, PHYSIS_LIGHT_ARGS; ResNet18
 #    3-stage crop and whole-image classifiers; ~21.4 MB fp16 in all, under the 25 MB cap; the faithful ResNet50
 #    configuration is ~135 MB) with the detector input at 1024 px, weights stored in fp16,
-# 3. evaluate on every image of the fresh-seed hold-out (--subset all): all three methods (two-stage, whole-image
+#    starting from step 2's weights,
+# 4. evaluate on every image of the fresh-seed hold-out (--subset all): all three methods (two-stage, whole-image
 #    classifier, detector alone) in one table beside the thesis's accuracies, with AUC CI, mAP@0.5 and FROC:
 #    OUT_DIR/eval/metrics.json and report.md.
 #    The report also scores the histogram baseline (training.baseline) fitted on the training set.
 #
-# Sizes: N_TRAIN, N_HOLDOUT, EPOCHS, DEVICE (auto|cpu|cuda), WORKERS, DET_SIDE, IMAGE_SIZE, CROP_SIZE, BATCH, DIFFICULTY (synthesis, 0 obvious .. 1 subtle).
+# Sizes: N_TRAIN, N_HOLDOUT, EPOCHS, DEVICE (auto|cpu|cuda), WORKERS, DET_SIDE, IMAGE_SIZE, CROP_SIZE, BATCH,
+# DIFFICULTY (synthesis, 0 obvious .. 1 subtle), PRETRAIN_S, PATCH, TRAIN_DATA / HOLDOUT_DATA (existing folders to
+# reuse), TRAIN_ARGS (extra `train` options), LOADERS (data-loading processes; default 0 on a CPU).
 # Tiny CPU check:  N_TRAIN=12 N_HOLDOUT=6 EPOCHS=1 DEVICE=cpu DET_SIDE=256 IMAGE_SIZE=128 CROP_SIZE=64 \
 #                  scripts/train_demo/physis_fracture.sh /tmp/physis_demo
 # GPU (H100):      PYTHON=python3 PYTHONPATH=. N_TRAIN=800 N_HOLDOUT=200 EPOCHS=12 \
@@ -32,24 +39,42 @@ IMAGE_SIZE=${IMAGE_SIZE:-512}
 CROP_SIZE=${CROP_SIZE:-224}
 BATCH=${BATCH:-8}
 DIFFICULTY=${DIFFICULTY:-0.5}
+PRETRAIN_S=${PRETRAIN_S:-300}
+PATCH=${PATCH:-64}
 VERSION=${VERSION:-demo-$(date -u +%Y%m%d)}
+LOADERS=${LOADERS:-$([ "$DEVICE" = cpu ] && echo 0 || echo "$WORKERS")}
 
 # shellcheck source=scripts/train_demo/_budget.sh
 source "$(dirname "$0")/_budget.sh"
 mkdir -p "$OUT"
-rm -rf "$OUT/train_data" "$OUT/holdout_data" "$OUT/bundle" "$OUT/bundle.work" "$OUT/eval"
+rm -rf "$OUT/pretrain" "$OUT/bundle" "$OUT/bundle.work" "$OUT/eval"
+[ -n "${TRAIN_DATA:-}" ] || rm -rf "$OUT/train_data"
+[ -n "${HOLDOUT_DATA:-}" ] || rm -rf "$OUT/holdout_data"
+TRAIN_DATA=${TRAIN_DATA:-$OUT/train_data}
+HOLDOUT_DATA=${HOLDOUT_DATA:-$OUT/holdout_data}
 
-"$PY" -m training.cli synth physis_fracture --out "$OUT/train_data" --n "$N_TRAIN" --seed 1 --workers "$WORKERS" --difficulty "$DIFFICULTY"
-"$PY" -m training.cli synth physis_fracture --out "$OUT/holdout_data" --n "$N_HOLDOUT" --seed 2 --workers "$WORKERS" --difficulty "$DIFFICULTY"
+[ -d "$TRAIN_DATA" ] || "$PY" -m training.cli synth physis_fracture --out "$TRAIN_DATA" --n "$N_TRAIN" --seed 1 \
+    --workers "$WORKERS" --difficulty "$DIFFICULTY"
+[ -d "$HOLDOUT_DATA" ] || "$PY" -m training.cli synth physis_fracture --out "$HOLDOUT_DATA" --n "$N_HOLDOUT" --seed 2 \
+    --workers "$WORKERS" --difficulty "$DIFFICULTY"
 
-"$PY" -m training.cli train physis_fracture --data "$OUT/train_data" --out "$OUT/bundle" \
+TASK_ARGS=(--set task.variant=light --set task.det_long_side="$DET_SIDE" --set task.image_size="$IMAGE_SIZE"
+           --set task.crop_size="$CROP_SIZE")
+INIT=()
+if [ "$PRETRAIN_S" != 0 ]; then
+  "$PY" -m training.cli pretrain-patches physis_fracture --data "$TRAIN_DATA" --out "$OUT/pretrain" \
+      --device "$DEVICE" --workers "$WORKERS" --synthetic --version "$VERSION-pretrain" \
+      --set steps=1000000 --set time_budget_s="$PRETRAIN_S" --set patch="$PATCH" "${TASK_ARGS[@]}"
+  INIT=(--set init_from="$OUT/pretrain")
+fi
+
+"$PY" -m training.cli train physis_fracture --data "$TRAIN_DATA" --out "$OUT/bundle" \
     --method two_stage --epochs "$EPOCHS" --device "$DEVICE" --fp16 --synthetic --version "$VERSION" \
-    --workers "$([ "$DEVICE" = cpu ] && echo 0 || echo "$WORKERS")" \
-    --set task.variant=light --set task.det_long_side="$DET_SIDE" --set task.image_size="$IMAGE_SIZE" \
-    --set task.crop_size="$CROP_SIZE" --set train.batch_size="$BATCH" ${TRAIN_ARGS:-} $(budget_args)
+    --workers "$LOADERS" "${TASK_ARGS[@]}" --set train.batch_size="$BATCH" "${INIT[@]}" ${TRAIN_ARGS:-} \
+    $(budget_args)
 
-"$PY" -m training.cli evaluate "$OUT/bundle" --data "$OUT/holdout_data" --subset all --device "$DEVICE" \
-    --baseline-train "$OUT/train_data" \
+"$PY" -m training.cli evaluate "$OUT/bundle" --data "$HOLDOUT_DATA" --subset all --device "$DEVICE" \
+    --baseline-train "$TRAIN_DATA" \
     --out "$OUT/eval"
 
 du -sh "$OUT/bundle"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -56,7 +57,7 @@ from training.tasks import register_adapter
 log = logging.getLogger(__name__)
 
 __all__ = ["PhysisFractureAdapter", "PhysisFractureConfig", "image_boxes", "image_label", "method_metrics",
-           "prepare_record"]
+           "prepare_record", "source_images"]
 
 MAX_BOXES = 16
 _LABEL_IDS = {name: idx for idx, name in LABEL_NAMES.items()}
@@ -98,6 +99,8 @@ class PhysisFractureConfig(TaskConfig):
     crop_size: int = Field(224, ge=32, description="crop classifier input square side")
     crops_per_image: int = Field(4, ge=1, le=16)
     crop_jitter: float = Field(0.15, ge=0, le=0.5, description="random shift/scale of positive crops (box fraction)")
+    patch_crop_extent: float = Field(160.0, gt=0, description="box-patch pretraining: source pixels one crop "
+                                     "classifier patch covers (a typical fracture box with its margin)")
     det_loss_weight: float = Field(1.0, ge=0)
     crop_loss_weight: float = Field(1.0, ge=0)
     image_loss_weight: float = Field(1.0, ge=0)
@@ -179,6 +182,17 @@ def _random_box(image: np.ndarray, rng: np.random.Generator, avoid: list[tuple[f
     return box
 
 
+def source_images(record: Record) -> Iterator[tuple[int, str, np.ndarray]]:
+    """(index among the record's sorted files, SOP Instance UID, [0, 1] source image) of each image it covers."""
+    for index, path in enumerate(sorted(record.files)):
+        ds = pydicom.dcmread(path)
+        if "PixelData" not in ds:
+            continue
+        if record.level == "instance" and str(ds.SOPInstanceUID) != record.key:
+            continue
+        yield index, str(ds.SOPInstanceUID), to_float(ds)
+
+
 def prepare_record(record: Record, *, det_long_side: int, image_size: int, crop_size: int, crops_per_image: int,
                    crop_jitter: float, crop_margin: float, crop_min_side: int) -> list[Sample]:
     """One sample per image of a record: detector input + boxes, whole-image input, training crops, label.
@@ -189,14 +203,7 @@ def prepare_record(record: Record, *, det_long_side: int, image_size: int, crop_
     boxes on the anatomy (label 0).
     """
     samples: list[Sample] = []
-    for index, path in enumerate(sorted(record.files)):
-        ds = pydicom.dcmread(path)
-        if "PixelData" not in ds:
-            continue
-        if record.level == "instance" and str(ds.SOPInstanceUID) != record.key:
-            continue
-        sop = str(ds.SOPInstanceUID)
-        image = to_float(ds)
+    for index, sop, image in source_images(record):
         gt = image_boxes(record.row, sop)
         det = detector_input(image, long_side=det_long_side)
         cls = detector_input(image, long_side=image_size)
@@ -377,6 +384,21 @@ class PhysisFractureAdapter(BaseAdapter):
                                  crop_size=cfg.crop_size, crops_per_image=cfg.crops_per_image,
                                  crop_jitter=cfg.crop_jitter, crop_margin=post.crop_margin,
                                  crop_min_side=post.crop_min_side)
+
+    def patch_preprocessor(self, cfg: PhysisFractureConfig) -> Any:
+        """Picklable ``record -> patch sources`` of the method's networks (:mod:`training.tasks.physis_patches`)."""
+        from training.tasks.physis_patches import patch_sources, views_of
+
+        return functools.partial(patch_sources, views=views_of(cfg.method), det_long_side=cfg.det_long_side,
+                                 image_size=cfg.image_size, crop_size=cfg.crop_size,
+                                 crop_extent=cfg.patch_crop_extent)
+
+    def patch_views(self, model: torch.nn.Module, cfg: PhysisFractureConfig) -> dict[str, Any]:
+        """Each sub-network with its patch side, for box-patch pretraining."""
+        from training.tasks.physis_patches import patch_views
+
+        return patch_views(model, det_long_side=cfg.det_long_side, image_size=cfg.image_size,
+                           crop_size=cfg.crop_size)
 
     def preprocess_signature(self, cfg: PhysisFractureConfig) -> str:  # type: ignore[override]
         """Changes with every field that alters the cached samples."""
