@@ -17,7 +17,7 @@ from scipy.stats import rankdata
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "BoxPrediction", "accuracy", "aggregate_by_group", "average_precision", "bootstrap_ci", "box_iou", "classification_report",
+    "BoxPrediction", "accuracy", "accuracy_threshold", "aggregate_by_group", "average_precision", "bootstrap_ci", "box_iou", "classification_report",
     "cohen_kappa", "confusion_matrix", "dice", "froc", "hd95", "macro_f1", "mean_average_precision",
     "roc_auc", "roc_curve", "segmentation_report", "sensitivity_specificity",
 ]
@@ -31,6 +31,24 @@ def accuracy(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
     """Fraction of exact matches."""
     t, p = _ints(y_true), _ints(y_pred)
     return float(np.mean(t == p)) if t.size else float("nan")
+
+
+def accuracy_threshold(y_true: Sequence[int], scores: Sequence[float]) -> tuple[float, float]:
+    """(threshold, accuracy): the cut ``score >= threshold`` of the highest accuracy on these scores.
+
+    Candidates are the midpoints between neighbouring distinct scores (and just outside both ends); among equally
+    accurate cuts the median one is taken, so the threshold sits in the middle of a flat stretch.
+    """
+    t = _ints(y_true)
+    s = np.asarray(scores, dtype=float).ravel()
+    if not t.size:
+        raise ValueError("accuracy_threshold needs at least one score")
+    u = np.unique(s)
+    cuts = np.concatenate([[u[0] - 1e-6], (u[:-1] + u[1:]) / 2, [u[-1] + 1e-6]])
+    acc = np.array([np.mean((s >= c).astype(int) == t) for c in cuts])
+    best = np.flatnonzero(acc == acc.max())
+    k = int(best[len(best) // 2])
+    return float(cuts[k]), float(acc[k])
 
 
 def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int | None = None) -> np.ndarray:

@@ -134,3 +134,33 @@ def test_pretrain_all_views_then_train_the_two_stage_model_from_it(data: Path, t
                        "--set", "split={train: 0.5, val: 0.25, holdout: 0.25}", *TASK]) == 0
     trained = json.loads((out / "bundle.json").read_text())
     assert trained["purpose"] != "pretraining" and "initialised from bundle physis_fracture/" in trained["notes"]
+
+
+def test_accuracy_threshold_takes_the_middle_of_the_best_flat_stretch() -> None:
+    from training.metrics import accuracy_threshold
+
+    y = [0, 0, 0, 1, 0, 1, 1, 1]
+    s = [0.1, 0.2, 0.3, 0.55, 0.6, 0.7, 0.8, 0.9]
+    thr, acc = accuracy_threshold(y, s)
+    assert acc == pytest.approx(7 / 8) and thr in (pytest.approx(0.425), pytest.approx(0.65))
+    thr, acc = accuracy_threshold([0, 0, 1, 1], [0.6, 0.7, 0.8, 0.9])  # all scores high: the cut moves up
+    assert acc == 1.0 and thr == pytest.approx(0.75)
+    with pytest.raises(ValueError):
+        accuracy_threshold([], [])
+
+
+def test_tune_sets_the_served_threshold_of_the_highest_validation_accuracy() -> None:
+    from training.adapter import EvalResult
+
+    adapter = get_adapter("physis_fracture")
+    cfg = adapter.config_model.model_validate({"variant": "light", **SIZES})
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    s = np.array([0.55, 0.6, 0.62, 0.65, 0.8, 0.85, 0.9, 0.95])  # geometric means sit high: 0.5 calls all positive
+    tuned, note = adapter.tune(EvalResult(metrics={}, y_true=y, y_prob=s), cfg)
+    assert tuned.operating_threshold == pytest.approx(0.725) and "accuracy 0.500 at 0.50 -> 1.000" in note
+    assert tuned.post_config().threshold == pytest.approx(0.725)
+    _, args = adapter.architecture(tuned)  # what the bundle (and so the node) serves
+    assert args["post"]["threshold"] == pytest.approx(0.725)
+    assert "operating_threshold" in adapter.config_model.after_training  # retune may change it, resume ignores it
+    off = cfg.model_copy(update={"tune_threshold": False})
+    assert adapter.tune(EvalResult(metrics={}, y_true=y, y_prob=s), off) == (off, "")

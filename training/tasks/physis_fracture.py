@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pydicom
@@ -44,6 +44,7 @@ from training.data import Record, Sample
 from training.metrics import (
     BoxPrediction,
     accuracy,
+    accuracy_threshold,
     aggregate_by_group,
     bootstrap_ci,
     confusion_matrix,
@@ -111,10 +112,19 @@ class PhysisFractureConfig(TaskConfig):
     mine_iou: float = Field(0.3, gt=0, lt=1, description="IoU with a true fracture box for a positive proposal")
     post: dict[str, Any] = Field(default_factory=dict, description="PostConfig overrides (thresholds, top_k, ...)")
     n_boot: int = Field(1000, ge=0, description="bootstrap resamples for AUC confidence intervals")
+    tune_threshold: bool = Field(True, description="after training, choose the image threshold of the highest "
+                                                   "validation accuracy (the thesis's metric) for the served method")
+    operating_threshold: float | None = Field(None, ge=0, le=1, description="image threshold chosen after "
+                                              "training; replaces post.threshold when set")
+
+    after_training: ClassVar[frozenset[str]] = frozenset({"tune_threshold", "operating_threshold"})
 
     def post_config(self) -> PostConfig:
-        """The validated post-processing rules."""
-        return PostConfig.from_dict(self.post)
+        """The validated post-processing rules (with the tuned ``operating_threshold``, if any)."""
+        post = PostConfig.from_dict(self.post)
+        if self.operating_threshold is not None:
+            post = PostConfig.from_dict({**post.to_dict(), "threshold": self.operating_threshold})
+        return post
 
 
 def _positive(value: Any) -> int:
@@ -470,7 +480,7 @@ class PhysisFractureAdapter(BaseAdapter):
         crops come from the full-resolution source image, read when the detector proposes a fracture.
         """
         records = loader.dataset.records
-        post = PostConfig.from_dict(getattr(model, "post", None) or cfg.post)
+        post = cfg.post_config()  # the task config rules (the model's copy predates a tuned threshold)
         labels, rec_ids, per_method = [], [], {}
         preds: list[BoxPrediction] = []
         gts: dict[str, list[tuple[tuple[float, ...], int]]] = {}
@@ -530,6 +540,18 @@ class PhysisFractureAdapter(BaseAdapter):
                 table[f"thesis only: {name}"] = {"thesis_accuracy": acc}
         return EvalResult(metrics=metrics, y_true=y, y_prob=scores, class_names=["no fracture", "fracture"],
                           tables={"methods (image level, ours vs thesis accuracy)": table})
+
+    def tune(self, result: EvalResult, cfg: PhysisFractureConfig) -> tuple[PhysisFractureConfig, str]:  # type: ignore[override]
+        """With ``tune_threshold``: the image threshold of the highest validation accuracy (served method)."""
+        if not cfg.tune_threshold or result.y_prob is None or len(np.unique(result.y_true)) < 2:
+            return cfg, ""
+        before = cfg.post_config().threshold
+        thr, acc = accuracy_threshold(result.y_true, result.y_prob)
+        thr = float(np.clip(thr, 0.0, 1.0))
+        was = accuracy(result.y_true, (np.asarray(result.y_prob) >= before).astype(int))
+        return cfg.model_copy(update={"operating_threshold": thr}), (
+            f"image threshold {thr:.3f} chosen on the validation split ({len(result.y_true)} images; accuracy "
+            f"{was:.3f} at {before:.2f} -> {acc:.3f})")
 
     def input_spec(self, cfg: PhysisFractureConfig) -> InputSpec:  # type: ignore[override]
         """DX/CR radiographs, letterboxed squares for detector and classifier."""
