@@ -13,7 +13,8 @@
 # which is how it runs on a machine without the project's venv. The wrist recipe gets difficulty 0.2 (WRIST_D): the
 # first H100 run at the default 0.5 stayed at chance although the fracture signal is in the pixels (ideal-observer
 # d' 41-199, benchmarks/README.md "Fracture detectability per difficulty") and starts from WRIST_P seconds
-# (default 120) of box-patch pretraining, without which it had not left chance on a CPU. spine_backbones (issue
+# (default 120) of box-patch pretraining, without which it had not left chance on a CPU; the physis recipe reads the
+# same PRETRAIN_S (all three of its networks; PHYSIS_D sets its difficulty, default 0.2). spine_backbones (issue
 # 8's four-backbone comparison, scripts/train_demo/spine_backbones.sh, from scratch) runs only when TASKS names it.
 set -uo pipefail
 cmd=${1:?usage: $0 start|wait|pack WORK ARG}
@@ -42,7 +43,7 @@ case $cmd in
     # a new process session, so that the recipes outlive the command that started them
     setsid bash -c "$(declare -f run); export DEADLINE=$DEADLINE TASKS='$TASKS' work='$work' PRETRAIN_S=${WRIST_P:-120};
       run wrist_fracture  ${WRIST_N:-1500}  ${WRIST_H:-300}  ${WRIST_E:-20}  ${WRIST_W:-4}  ${WRIST_D:-0.2}
-      run physis_fracture ${PHYSIS_N:-800}  ${PHYSIS_H:-200} ${PHYSIS_E:-20} ${PHYSIS_W:-4}
+      run physis_fracture ${PHYSIS_N:-800}  ${PHYSIS_H:-200} ${PHYSIS_E:-20} ${PHYSIS_W:-4}  ${PHYSIS_D:-0.2}
       run spine_bmd       ${SPINE_N:-120}   ${SPINE_H:-30}   ${SPINE_E:-12}  ${SPINE_W:-3}
       run hrpqct_motion   ${HRP_N:-200}     ${HRP_H:-50}     ${HRP_E:-40}    ${HRP_W:-3}
       run knee_bone_seg   ${KNEE_N:-60}     ${KNEE_H:-12}    ${KNEE_E:-40}   ${KNEE_W:-3}

@@ -19,10 +19,16 @@
 #    The report also scores the histogram baseline (training.baseline) fitted on the training set.
 #
 # Sizes: N_TRAIN, N_HOLDOUT, EPOCHS, DEVICE (auto|cpu|cuda), WORKERS, DET_SIDE, IMAGE_SIZE, CROP_SIZE, BATCH,
-# DIFFICULTY (synthesis, 0 obvious .. 1 subtle), PRETRAIN_S, PATCH, TRAIN_DATA / HOLDOUT_DATA (existing folders to
-# reuse), TRAIN_ARGS (extra `train` options), LOADERS (data-loading processes; default 0 on a CPU).
+# DIFFICULTY (synthesis, 0 obvious .. 1 subtle), PRETRAIN_S, PATCH, PATCH_BATCH, TRAIN_DATA / HOLDOUT_DATA
+# (existing folders to reuse), TRAIN_ARGS (extra `train` options), LOADERS (data-loading processes; 0 on a CPU).
 # Tiny CPU check:  N_TRAIN=12 N_HOLDOUT=6 EPOCHS=1 DEVICE=cpu DET_SIDE=256 IMAGE_SIZE=128 CROP_SIZE=64 \
 #                  scripts/train_demo/physis_fracture.sh /tmp/physis_demo
+# CPU (2 cores; the shipped demo-20261203p, ~100 min): DEVICE=cpu WORKERS=2 LOADERS=2 N_TRAIN=400 N_HOLDOUT=150 \
+#                  DIFFICULTY=0.2 DET_SIDE=512 IMAGE_SIZE=384 CROP_SIZE=128 PRETRAIN_S=900 EPOCHS=100 \
+#                  PATCH_BATCH=32 TRAIN_ARGS="--set time_budget_s=3000" scripts/train_demo/physis_fracture.sh out
+#                  then continued for 45 min on the same data:
+#                  ... PRETRAIN_S=0 EPOCHS=4 TRAIN_DATA=out/train_data HOLDOUT_DATA=out/holdout_data \
+#                  TRAIN_ARGS="--set init_from=out/bundle --set time_budget_s=2700" scripts/train_demo/physis_fracture.sh out2
 # GPU (H100):      PYTHON=python3 PYTHONPATH=. N_TRAIN=800 N_HOLDOUT=200 EPOCHS=12 \
 #                  scripts/train_demo/physis_fracture.sh out
 set -euo pipefail
@@ -41,6 +47,7 @@ BATCH=${BATCH:-8}
 DIFFICULTY=${DIFFICULTY:-0.5}
 PRETRAIN_S=${PRETRAIN_S:-300}
 PATCH=${PATCH:-64}
+PATCH_BATCH=${PATCH_BATCH:-64}
 VERSION=${VERSION:-demo-$(date -u +%Y%m%d)}
 LOADERS=${LOADERS:-$([ "$DEVICE" = cpu ] && echo 0 || echo "$WORKERS")}
 
@@ -64,7 +71,8 @@ INIT=()
 if [ "$PRETRAIN_S" != 0 ]; then
   "$PY" -m training.cli pretrain-patches physis_fracture --data "$TRAIN_DATA" --out "$OUT/pretrain" \
       --device "$DEVICE" --workers "$WORKERS" --synthetic --version "$VERSION-pretrain" \
-      --set steps=1000000 --set time_budget_s="$PRETRAIN_S" --set patch="$PATCH" "${TASK_ARGS[@]}"
+      --set steps=1000000 --set time_budget_s="$PRETRAIN_S" --set patch="$PATCH" \
+      --set batch_size="$PATCH_BATCH" "${TASK_ARGS[@]}"
   INIT=(--set init_from="$OUT/pretrain")
 fi
 

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.shipped import shipped_bundle
 from training import baseline
 from training.evaluate import evaluate_bundle
 from training.synth import wrist_fracture
 
-ROOT = Path(__file__).resolve().parents[2]
-_CURRENT = ROOT / "models" / "wrist_fracture" / "current"
-SHIPPED = ROOT / "models" / "wrist_fracture" / (_CURRENT.read_text().strip() if _CURRENT.exists() else "missing")
+SHIPPED = shipped_bundle("wrist_fracture")
 
 
 @pytest.mark.slow

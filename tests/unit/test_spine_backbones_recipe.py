@@ -16,10 +16,9 @@ from pathlib import Path
 import pytest
 
 from inference.bundle import load_bundle
+from tests.shipped import ROOT, shipped_bundle
 
-ROOT = Path(__file__).resolve().parents[2]
-_CURRENT = ROOT / "models" / "spine_bmd" / "current"
-SHARED = ROOT / "models" / "spine_bmd" / (_CURRENT.read_text().strip() if _CURRENT.exists() else "missing")
+SHARED = shipped_bundle("spine_bmd")
 
 
 @pytest.mark.slow
