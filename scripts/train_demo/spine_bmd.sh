@@ -38,17 +38,11 @@ VERSION=${VERSION:-demo-$(date -u +%Y%m%d)}
 
 # shellcheck source=scripts/train_demo/_budget.sh
 source "$(dirname "$0")/_budget.sh"
+# shellcheck source=scripts/train_demo/_data.sh
+source "$(dirname "$0")/_data.sh"
 mkdir -p "$OUT"
 rm -rf "$OUT/bundle" "$OUT/bundle.work" "$OUT/eval"
-[ -n "${TRAIN_DATA:-}" ] || rm -rf "$OUT/train_data"
-[ -n "${HOLDOUT_DATA:-}" ] || rm -rf "$OUT/holdout_data"
-TRAIN_DATA=${TRAIN_DATA:-$OUT/train_data}
-HOLDOUT_DATA=${HOLDOUT_DATA:-$OUT/holdout_data}
-
-[ -d "$TRAIN_DATA" ] || "$PY" -m training.cli synth spine_bmd --out "$TRAIN_DATA" --n "$N_TRAIN" --seed 1 \
-    --workers "$WORKERS"
-[ -d "$HOLDOUT_DATA" ] || "$PY" -m training.cli synth spine_bmd --out "$HOLDOUT_DATA" --n "$N_HOLDOUT" --seed 2 \
-    --workers "$WORKERS"
+synth_sets spine_bmd
 
 "$PY" -m training.cli train spine_bmd --data "$TRAIN_DATA" --out "$OUT/bundle" \
     --epochs "$EPOCHS" --device "$DEVICE" --fp16 --synthetic --version "$VERSION" \

@@ -52,17 +52,11 @@ LOADERS=${LOADERS:-$([ "$DEVICE" = cpu ] && echo 0 || echo "$WORKERS")}
 
 # shellcheck source=scripts/train_demo/_budget.sh
 source "$(dirname "$0")/_budget.sh"
+# shellcheck source=scripts/train_demo/_data.sh
+source "$(dirname "$0")/_data.sh"
 mkdir -p "$OUT"
 rm -rf "$OUT/pretrain" "$OUT/warmup" "$OUT/warmup.work" "$OUT/bundle" "$OUT/bundle.work" "$OUT/eval"
-[ -n "${TRAIN_DATA:-}" ] || rm -rf "$OUT/train_data"
-[ -n "${HOLDOUT_DATA:-}" ] || rm -rf "$OUT/holdout_data"
-TRAIN_DATA=${TRAIN_DATA:-$OUT/train_data}
-HOLDOUT_DATA=${HOLDOUT_DATA:-$OUT/holdout_data}
-
-[ -d "$TRAIN_DATA" ] || "$PY" -m training.cli synth wrist_fracture --out "$TRAIN_DATA" --n "$N_TRAIN" --seed 1 \
-    --workers "$WORKERS" --difficulty "$DIFFICULTY"
-[ -d "$HOLDOUT_DATA" ] || "$PY" -m training.cli synth wrist_fracture --out "$HOLDOUT_DATA" --n "$N_HOLDOUT" --seed 2 \
-    --workers "$WORKERS" --difficulty "$DIFFICULTY"
+synth_sets wrist_fracture --difficulty "$DIFFICULTY"
 
 INIT=()
 if [ "$PRETRAIN_S" != 0 ]; then
