@@ -26,7 +26,9 @@ def load_initial_weights(model: torch.nn.Module, bundle_dir: str | os.PathLike[s
     ``mode="exact"`` needs the same network and copies every weight. ``mode="matching"`` copies the tensors whose
     name and shape agree and whose name matches none of the ``skip`` patterns; the others keep their fresh values.
     A pretraining bundle (:mod:`training.patch_pretrain`) made on another split than this run's (``holdout_hash``)
-    is refused: it may have trained on this run's hold-out.
+    is refused: it may have trained on this run's hold-out. The task config's ``after_training`` fields (operating
+    points tuned after training, such as a threshold that the architecture's post-processing rules carry) do not
+    make another network: the comparison takes the bundle's values of them.
 
     Raises
     ------
@@ -39,7 +41,6 @@ def load_initial_weights(model: torch.nn.Module, bundle_dir: str | os.PathLike[s
         src = load_bundle(bundle_dir)
     except BundleError as exc:
         raise TrainError(f"init_from: {exc}") from exc
-    arch, init_args = adapter.architecture(tcfg)
     if src.meta.task != adapter.name:
         raise TrainError(f"init_from: bundle {bundle_dir} is for task {src.meta.task!r}, not {adapter.name!r}")
     if src.meta.purpose == "pretraining" and holdout_hash is not None and src.meta.holdout_hash != holdout_hash:
@@ -49,6 +50,7 @@ def load_initial_weights(model: torch.nn.Module, bundle_dir: str | os.PathLike[s
         return _load_matching_weights(model, src, skip)
     if skip:
         raise TrainError("init_skip needs init_mode=matching")
+    arch, init_args = adapter.architecture(_with_tuned_fields(tcfg, src))
     if (src.meta.architecture, src.meta.init_args) != (arch, init_args):
         raise TrainError(f"init_from: bundle {bundle_dir} holds {src.meta.architecture} {src.meta.init_args}, "
                          f"this run builds {arch} {init_args}")
@@ -58,6 +60,12 @@ def load_initial_weights(model: torch.nn.Module, bundle_dir: str | os.PathLike[s
         raise TrainError(f"init_from: {exc}") from exc
     log.info("%s: starting from the weights of bundle version %s", adapter.name, src.meta.version)
     return f"initialised from bundle {src.meta.task}/{src.meta.version} (weights sha256 {src.meta.weights_sha256})"
+
+
+def _with_tuned_fields(tcfg: TaskConfig, src: Bundle) -> TaskConfig:
+    """``tcfg`` with the source bundle's values of the ``after_training`` fields it recorded."""
+    tuned = {k: v for k, v in src.meta.task_config.items() if k in tcfg.after_training}
+    return tcfg.model_validate({**tcfg.model_dump(), **tuned}) if tuned else tcfg
 
 
 def _load_matching_weights(model: torch.nn.Module, src: Bundle, skip: Sequence[str]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -85,6 +86,19 @@ def test_init_from_bundle_starts_from_its_weights(toy_split, tmp_path: Path) -> 
         load_initial_weights(fresh, first.bundle_dir, ADAPTER, ToyConfig(channels=6))
     with pytest.raises(TrainError, match="init_from"):
         load_initial_weights(fresh, tmp_path / "missing", ADAPTER, ToyConfig())
+    # a setting tuned after training that the architecture's init args carry (as physis carries its threshold in
+    # its post-processing rules) is no other network: the bundle's own value is compared, and the weights load
+    with pytest.raises(TrainError, match="holds"):
+        load_initial_weights(fresh, first.bundle_dir, ADAPTER, ToyConfig(dropout=0.3))
+    load_initial_weights(fresh, first.bundle_dir, ADAPTER, _TunedToyConfig(dropout=0.3))
+    with pytest.raises(TrainError, match="holds"):
+        load_initial_weights(fresh, first.bundle_dir, ADAPTER, _TunedToyConfig(dropout=0.3, channels=6))
+
+
+class _TunedToyConfig(ToyConfig):
+    """The toy config with its dropout declared an after-training setting."""
+
+    after_training: ClassVar[frozenset[str]] = frozenset({"dropout"})
 
 
 def test_init_matching_copies_the_shared_tensors_and_starts_the_rest_fresh(toy_split, tmp_path: Path) -> None:
