@@ -8,7 +8,7 @@ import logging
 import time
 from pathlib import Path
 
-from training.synth.common import SynthError
+from training.synth.common import DEFAULT_DIFFICULTY, SynthError
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder (study/series/instance.dcm)")
     parser.add_argument("--n", type=int, required=True, help="number of studies")
     parser.add_argument("--seed", type=int, default=0, help="seed; the same seed gives identical output")
-    parser.add_argument("--difficulty", type=float, default=0.5, help="0 (obvious) .. 1 (subtle), default 0.5")
+    parser.add_argument("--difficulty", type=float, default=None,
+                        help="0 (obvious) .. 1 (subtle); default the task's (wrist_fracture 0.7, the others 0.5)")
     parser.add_argument("--label-noise", type=float, default=0.02, help="fraction of flipped labels")
     parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--preview", type=Path, default=None, help="also write a PNG contact sheet here")
@@ -46,13 +47,19 @@ def load_generator(task: str) -> object:
         raise
 
 
+def default_difficulty(mod: object) -> float:
+    """The generator module's own ``DEFAULT_DIFFICULTY``, else the common default."""
+    return float(getattr(mod, "DEFAULT_DIFFICULTY", DEFAULT_DIFFICULTY))
+
+
 def run(args: argparse.Namespace) -> int:
     """Generate the studies (and the preview); return the exit status."""
     try:
         mod = load_generator(args.task)
+        difficulty = args.difficulty if args.difficulty is not None else default_difficulty(mod)
         t0 = time.perf_counter()
         manifest = mod.generate(args.out, args.n, args.seed, workers=args.workers,  # type: ignore[attr-defined]
-                                difficulty=args.difficulty, label_noise=args.label_noise)
+                                difficulty=difficulty, label_noise=args.label_noise)
         dt = time.perf_counter() - t0
         log.info("%s: %d studies in %.1f s (%.1f studies/s); manifest %s", args.task, args.n, dt,
                  args.n / max(dt, 1e-9), manifest)

@@ -20,9 +20,12 @@ What each generator needs, in one place:
 
 The generator interface (every ``training/synth/<task>.py``)::
 
-    generate(out: Path, n: int, seed: int, *, workers: int = 2, difficulty: float = 0.5,
+    generate(out: Path, n: int, seed: int, *, workers: int = 2, difficulty: float = DEFAULT_DIFFICULTY,
              label_noise: float = 0.02) -> Path      # returns the manifest path
     preview(out_png: Path, n: int, seed: int) -> Path
+
+A generator whose realistic difficulty was measured against a trained model sets its own module-level
+``DEFAULT_DIFFICULTY`` (wrist_fracture); the others use this module's.
 """
 
 from __future__ import annotations
@@ -45,10 +48,13 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, gene
 
 from inference.errors import DicomNodeError
 
+#: difficulty of a generator that sets none of its own (0 obvious .. 1 subtle)
+DEFAULT_DIFFICULTY = 0.5
+
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "BODY_PART_SYNONYMS", "Equipment", "Patient", "Series", "Study", "StudyJob", "SynthError", "UidSource",
+    "BODY_PART_SYNONYMS", "DEFAULT_DIFFICULTY", "Equipment", "Patient", "Series", "Study", "StudyJob", "SynthError", "UidSource",
     "base_dataset", "body_part_string", "choose_bits_stored", "choose_photometric", "generate_studies",
     "new_patient", "new_series", "new_study", "set_pixel_data", "set_rescale", "set_window", "study_seed",
     "to_stored", "write_dataset",
@@ -472,7 +478,7 @@ class StudyJob:
     out: Path
     index: int
     seed: int
-    difficulty: float = 0.5
+    difficulty: float = DEFAULT_DIFFICULTY
     label_noise: float = 0.02
     params: dict[str, Any] = field(default_factory=dict)
 
@@ -521,7 +527,7 @@ def _run_chunk(fn: StudyFn, jobs: list[StudyJob]) -> list[list[dict[str, Any]]]:
 
 
 def generate_studies(out: Path, n: int, seed: int, make_study: StudyFn, *, workers: int = 2,
-                     difficulty: float = 0.5, label_noise: float = 0.02, params: dict[str, Any] | None = None,
+                     difficulty: float = DEFAULT_DIFFICULTY, label_noise: float = 0.02, params: dict[str, Any] | None = None,
                      manifest_name: str = "labels.jsonl", chunk_size: int | None = None) -> Path:
     """Run ``make_study`` for study indices ``0..n-1`` over ``workers`` processes and write the manifest.
 
