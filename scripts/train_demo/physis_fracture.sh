@@ -23,12 +23,15 @@
 # (existing folders to reuse), TRAIN_ARGS (extra `train` options), LOADERS (data-loading processes; 0 on a CPU).
 # Tiny CPU check:  N_TRAIN=12 N_HOLDOUT=6 EPOCHS=1 DEVICE=cpu DET_SIDE=256 IMAGE_SIZE=128 CROP_SIZE=64 \
 #                  scripts/train_demo/physis_fracture.sh /tmp/physis_demo
-# CPU (2 cores; the shipped demo-20261203p, ~100 min): DEVICE=cpu WORKERS=2 LOADERS=2 N_TRAIN=400 N_HOLDOUT=150 \
+# CPU (2 cores; the shipped demo-20261206p, ~3.2 h in three runs): DEVICE=cpu WORKERS=2 LOADERS=2 N_TRAIN=400 N_HOLDOUT=150 \
 #                  DIFFICULTY=0.2 DET_SIDE=512 IMAGE_SIZE=384 CROP_SIZE=128 PRETRAIN_S=900 EPOCHS=100 \
 #                  PATCH_BATCH=32 TRAIN_ARGS="--set time_budget_s=3000" scripts/train_demo/physis_fracture.sh out
 #                  then continued for 45 min on the same data:
 #                  ... PRETRAIN_S=0 EPOCHS=4 TRAIN_DATA=out/train_data HOLDOUT_DATA=out/holdout_data \
 #                  TRAIN_ARGS="--set init_from=out/bundle --set time_budget_s=2700" scripts/train_demo/physis_fracture.sh out2
+#                  (that was demo-20261203p), then 6 more epochs from it (cosine, 80 min):
+#                  ... PRETRAIN_S=0 EPOCHS=6 TRAIN_DATA=out/train_data HOLDOUT_DATA=out/holdout_data \
+#                  TRAIN_ARGS="--set init_from=out2/bundle --set time_budget_s=6000" scripts/train_demo/physis_fracture.sh out3
 # GPU (H100):      PYTHON=python3 PYTHONPATH=. N_TRAIN=800 N_HOLDOUT=200 EPOCHS=12 \
 #                  scripts/train_demo/physis_fracture.sh out
 set -euo pipefail

@@ -12,9 +12,10 @@ from training.evaluate import evaluate_bundle
 from training.synth import physis_fracture
 
 SHIPPED = shipped_bundle("physis_fracture")
-# demo-20261203p scores two-stage AUC 0.784, classifier 0.505, two-stage accuracy 0.72 on these 76 images; the
-# issue's target (AUC >= 0.85) is not met yet (models/README.md), so these guard what the shipped bundle does reach.
-MIN_AUC, MIN_MARGIN, MIN_ACCURACY = 0.70, 0.15, 0.65
+# demo-20261206p scores two-stage AUC 0.882, classifier 0.579, two-stage accuracy 0.776 on these 76 images (its
+# predecessor demo-20261203p: 0.784, 0.505, 0.72); on the 282-image fresh-seed hold-out it scores 0.737, below the
+# issue's 0.85 (models/README.md), so these guard what the shipped bundle does reach.
+MIN_AUC, MIN_MARGIN, MIN_ACCURACY = 0.80, 0.20, 0.74
 
 
 @pytest.mark.slow
