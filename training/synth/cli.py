@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import logging
 import time
 from pathlib import Path
 
-from training.synth.common import DEFAULT_DIFFICULTY, SynthError
+from training.synth.common import SynthError
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, required=True, help="number of studies")
     parser.add_argument("--seed", type=int, default=0, help="seed; the same seed gives identical output")
     parser.add_argument("--difficulty", type=float, default=None,
-                        help="0 (obvious) .. 1 (subtle); default the task's (wrist_fracture 0.7, the others 0.5)")
+                        help="0 (obvious) .. 1 (subtle); default the task generator's own (training/README.md)")
     parser.add_argument("--label-noise", type=float, default=0.02, help="fraction of flipped labels")
     parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--preview", type=Path, default=None, help="also write a PNG contact sheet here")
@@ -48,8 +49,8 @@ def load_generator(task: str) -> object:
 
 
 def default_difficulty(mod: object) -> float:
-    """The generator module's own ``DEFAULT_DIFFICULTY``, else the common default."""
-    return float(getattr(mod, "DEFAULT_DIFFICULTY", DEFAULT_DIFFICULTY))
+    """The default of the ``difficulty`` argument of the generator module's ``generate``."""
+    return float(inspect.signature(mod.generate).parameters["difficulty"].default)  # type: ignore[attr-defined]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -24,8 +24,9 @@ The generator interface (every ``training/synth/<task>.py``)::
              label_noise: float = 0.02) -> Path      # returns the manifest path
     preview(out_png: Path, n: int, seed: int) -> Path
 
-A generator whose realistic difficulty was measured against a trained model sets its own module-level
-``DEFAULT_DIFFICULTY`` (wrist_fracture); the others use this module's.
+A generator whose realistic difficulty was measured against a trained model gives ``generate`` its own default
+(wrist_fracture); the others use this module's ``DEFAULT_DIFFICULTY``. ``synth`` without ``--difficulty`` takes
+the default of the task's ``generate``.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ DEFAULT_DIFFICULTY = 0.5
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "BODY_PART_SYNONYMS", "DEFAULT_DIFFICULTY", "Equipment", "Patient", "Series", "Study", "StudyJob", "SynthError", "UidSource",
+    "BODY_PART_SYNONYMS", "DEFAULT_DIFFICULTY", "Equipment", "Patient", "Series", "Study", "StudyJob", "SynthError",
+    "UidSource",
     "base_dataset", "body_part_string", "choose_bits_stored", "choose_photometric", "generate_studies",
     "new_patient", "new_series", "new_study", "set_pixel_data", "set_rescale", "set_window", "study_seed",
     "to_stored", "write_dataset",

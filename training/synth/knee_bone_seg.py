@@ -31,6 +31,7 @@ import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter
 
 from training.synth.common import (
+    DEFAULT_DIFFICULTY,
     Equipment,
     StudyJob,
     UidSource,
@@ -225,7 +226,7 @@ def write_label_map(path: Path, labels: np.ndarray, geom: VolumeGeometry) -> Pat
     return path
 
 
-def generate(out: Path, n: int, seed: int, *, workers: int = 2, difficulty: float = 0.5,
+def generate(out: Path, n: int, seed: int, *, workers: int = 2, difficulty: float = DEFAULT_DIFFICULTY,
              label_noise: float = 0.02, params: dict[str, Any] | None = None) -> Path:
     """Write ``n`` synthetic knee MR studies with label maps under ``out``; return the manifest path.
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from training.synth import radiograph as rg
 from training.synth.common import (
+    DEFAULT_DIFFICULTY,
     StudyJob,
     UidSource,
     body_part_string,
@@ -204,7 +205,7 @@ def make_study(job: StudyJob) -> list[dict[str, Any]]:
     return rows_out
 
 
-def generate(out: Path, n: int, seed: int, *, workers: int = 2, difficulty: float = 0.5,
+def generate(out: Path, n: int, seed: int, *, workers: int = 2, difficulty: float = DEFAULT_DIFFICULTY,
              label_noise: float = 0.02, params: dict[str, Any] | None = None) -> Path:
     """Write ``n`` synthetic paediatric studies under ``out``; return the manifest path."""
     return generate_studies(Path(out), n, seed, make_study, workers=workers, difficulty=difficulty,

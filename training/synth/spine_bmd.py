@@ -31,6 +31,7 @@ import scipy.fft as sfft
 from scipy.ndimage import gaussian_filter
 
 from training.synth.common import (
+    DEFAULT_DIFFICULTY,
     Equipment,
     StudyJob,
     UidSource,
@@ -277,7 +278,7 @@ def make_study(job: StudyJob) -> list[dict[str, Any]]:
              "series_uid": series.series_uid, "n_slices": len(sops)}]
 
 
-def generate(out: Path, n: int, seed: int, *, workers: int = 2, difficulty: float = 0.5,
+def generate(out: Path, n: int, seed: int, *, workers: int = 2, difficulty: float = DEFAULT_DIFFICULTY,
              label_noise: float = 0.02, params: dict[str, Any] | None = None) -> Path:
     """Write ``n`` synthetic lumbar CT studies under ``out``; return the manifest path.
 
