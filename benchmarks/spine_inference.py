@@ -41,7 +41,7 @@ def make_ct(out: Path, n_slices: int = 300, n: int = 512, px: float = 0.75) -> N
     """Write a synthetic 300-slice lumbar CT under ``out``."""
     rng = np.random.default_rng(7)
     t = synth.draw_t_scores(rng, 70.0, "F")
-    hu, z, _, origin = synth.render(rng, n, px, 3.0, t, 0.5)
+    hu, z, _, origin, _ = synth.render(rng, n, px, 3.0, t, 0.5)
     hu = ndimage.zoom(hu, (n_slices / hu.shape[0], 1, 1), order=1)
     thick = (z[-1] - z[0]) / (n_slices - 1)
     hu += rng.normal(0, 15, hu.shape).astype(np.float32)

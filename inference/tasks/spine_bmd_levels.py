@@ -2,12 +2,20 @@
 
 Level finding (the cheap pass that decides which slices go through the detector)
 ----------------------------------------------------------------------------------
-1. The spine's midline column is the central axial column with the most bone
-   (:func:`inference.ct.spine_midline_column`). A thin sagittal slab around it
-   (10 mm) is collapsed by a maximum over the columns: ``slab[slice, row]`` (HU).
-2. On every slice the first cortical row from the front (> ``cortex_hu``) is
-   the bodies' anterior cortex; it is interpolated over slices without bone
-   (discs) and median-filtered along the stack (lordosis moves it smoothly).
+1. On every slice, bone (> ``cortex_hu``) is split into connected components
+   (bridging one-pixel breaks in a thin cortex); *vertebral* components are
+   at least ``vertebra_width_mm`` wide (a lumbar body is 40-50 mm) or
+   ``vertebra_depth_mm`` deep front to back (body, canal ring and spinous
+   process). Contrast-filled vessels (an arterial-phase aorta passes 300 HU),
+   calcified plaque, oral contrast in a bowel loop and noise specks in an
+   enhancing kidney are bone-bright too, but smaller, and a fat plane
+   separates them from the spine (:func:`vertebra_mask`).
+   The spine's midline column is the central axial column with the most
+   vertebra voxels (:func:`inference.ct.spine_midline_column`).
+2. On every slice the first row of the vertebra in a thin sagittal slab (10 mm)
+   around that column is the body's anterior cortex; it is interpolated over
+   slices without a vertebra (discs) and median-filtered along the stack
+   (lordosis moves it smoothly).
 3. The *bone profile* of a slice counts the cortical rows in a 12 mm band
    behind that anterior cortex. Vertebral bodies have a cortical shell
    (anterior wall, endplates) on every slice whatever their trabecular
@@ -23,7 +31,8 @@ Level finding (the cheap pass that decides which slices go through the detector)
    of preference (:func:`label_runs`):
 
    * ribs: a body whose slices show bone more than ``rib_mm`` lateral to the
-     midline is thoracic; the first body below the last such one is L1;
+     midline is thoracic (bone specks under ``min_bone_mm2`` do not count);
+     the first body below the last such one is L1;
    * the sacrum: the most inferior run when it is much wider than the body
      above it (ilia) is S1; the body above is L5;
    * otherwise the most superior complete body is L1 (lumbar CT framed from
@@ -63,7 +72,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "CLASS_NAMES", "LEVEL_NAMES", "REPORTED_LEVELS", "BodyRun", "SliceDetection", "SpineGeometry",
     "VertebraResult", "aggregate_vertebra", "body_runs", "find_levels", "label_runs", "lateral_extent_mm",
-    "patient_class", "select_slices", "slice_class_scores", "spine_geometry",
+    "patient_class", "select_slices", "slice_class_scores", "spine_geometry", "vertebra_mask",
 ]
 
 CLASS_NAMES: tuple[str, ...] = ("normal", "osteopenia", "osteoporosis")
@@ -119,6 +128,30 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(np.nonzero(d == 1)[0].tolist(), (np.nonzero(d == -1)[0] - 1).tolist(), strict=True))
 
 
+_CONNECT_8 = np.ones((3, 3), dtype=bool)
+
+
+def vertebra_mask(bone: np.ndarray, spacing: tuple[float, float], *, vertebra_width_mm: float = 34.0,
+                  vertebra_depth_mm: float = 40.0) -> np.ndarray:
+    """The bone of one axial slice that belongs to a vertebra (step 1 above).
+
+    ``bone`` is the slice's (rows, cols) bone mask, ``spacing`` its (row, column) pixel spacing. Components
+    are found after a one-pixel dilation, so a cortex broken by noise stays whole while a fat plane of two
+    pixels or more still separates; a component is kept when it spans at least ``vertebra_width_mm``
+    across or ``vertebra_depth_mm`` from front to back.
+    """
+    labels, n = ndimage.label(ndimage.binary_dilation(bone, structure=_CONNECT_8), structure=_CONNECT_8)
+    if n == 0:
+        return np.zeros_like(bone, dtype=bool)
+    keep = np.zeros(n + 1, dtype=bool)
+    for i, sl in enumerate(ndimage.find_objects(labels), start=1):
+        if sl is not None:
+            depth = (sl[0].stop - sl[0].start) * float(spacing[0])
+            width = (sl[1].stop - sl[1].start) * float(spacing[1])
+            keep[i] = depth >= vertebra_depth_mm or width >= vertebra_width_mm
+    return keep[labels] & bone
+
+
 def spine_geometry(
     volume_hu: np.ndarray,
     positions: Sequence[float] | np.ndarray,
@@ -128,6 +161,8 @@ def spine_geometry(
     slab_mm: float = 10.0,
     anterior_band_mm: float = 12.0,
     body_depth_mm: float = 45.0,
+    vertebra_width_mm: float = 34.0,
+    vertebra_depth_mm: float = 40.0,
 ) -> SpineGeometry:
     """Midline column, anterior cortex row per slice and the cortical-bone profile (steps 1-3 above).
 
@@ -141,13 +176,17 @@ def spine_geometry(
     if vol.ndim != 3 or len(pos) != vol.shape[0]:
         raise ValueError(f"need a (slices, rows, cols) volume and one position per slice, got {vol.shape}")
     n, rows = vol.shape[0], vol.shape[1]
-    col = spine_midline_column(vol, threshold=cortex_hu)
+    spine = np.stack([vertebra_mask(sl > cortex_hu, pixel_spacing, vertebra_width_mm=vertebra_width_mm,
+                                    vertebra_depth_mm=vertebra_depth_mm) for sl in vol])
+    col = spine_midline_column(spine, threshold=0.5)
     half = max(1, int(round(slab_mm / 2.0 / float(pixel_spacing[1]))))
-    bone = vol[:, :, max(0, col - half):col + half + 1].max(axis=2) > cortex_hu  # (slices, rows)
-    has = bone.any(axis=1)
+    cols = slice(max(0, col - half), col + half + 1)
+    bone = vol[:, :, cols].max(axis=2) > cortex_hu  # (slices, rows)
+    in_spine = spine[:, :, cols].any(axis=2)
+    has = in_spine.any(axis=1)
     if not has.any():
         return SpineGeometry(col, (0, 0), np.zeros(n), np.zeros(n))
-    first = np.where(has, bone.argmax(axis=1), -1).astype(float)
+    first = np.where(has, in_spine.argmax(axis=1), -1).astype(float)
     idx = np.arange(n)
     ant = np.interp(idx, idx[has], first[has])
     step = float(np.median(np.abs(np.diff(pos)))) if n > 1 else 1.0
@@ -214,12 +253,23 @@ def body_runs(
 
 
 def lateral_extent_mm(volume_hu: np.ndarray, run: BodyRun, geom: SpineGeometry, col_spacing: float,
-                      cortex_hu: float) -> float:
-    """Largest distance (mm) from the midline of bone in the spine's AP rows over the run's central slices."""
+                      cortex_hu: float, *, row_spacing: float | None = None, min_bone_mm2: float = 5.0) -> float:
+    """Largest distance (mm) from the midline of bone in the spine's AP rows over the run's central slices.
+
+    Bone components smaller than ``min_bone_mm2`` (noise in an enhancing kidney cortex, which reaches
+    230 HU in the arterial phase) are left out; a rib or an ilium is far larger.
+    """
     a, b = sorted((run.i0, run.i1))
     mid = (a + b) // 2
     sl = volume_hu[max(a, mid - 1):min(b, mid + 1) + 1, geom.ap_rows[0]:geom.ap_rows[1] + 1, :]
-    cols = np.nonzero((sl > cortex_hu).any(axis=(0, 1)))[0]
+    bone = (sl > cortex_hu).any(axis=0)
+    labels, n = ndimage.label(bone, structure=_CONNECT_8)
+    if n == 0:
+        return 0.0
+    area = np.bincount(labels.ravel(), minlength=n + 1) * col_spacing * (row_spacing or col_spacing)
+    keep = area >= min_bone_mm2
+    keep[0] = False
+    cols = np.nonzero(keep[labels].any(axis=0))[0]
     return float(np.abs(cols - geom.column).max() * col_spacing) if cols.size else 0.0
 
 
@@ -283,7 +333,8 @@ def find_levels(volume_hu: np.ndarray, positions: Sequence[float] | np.ndarray, 
     vol = np.asarray(volume_hu) if anterior_up else np.asarray(volume_hu)[:, ::-1, :]
     geom = spine_geometry(vol, pos, pixel_spacing, cortex_hu=cortex_hu)
     runs = body_runs(geom.profile, pos)
-    widths = [lateral_extent_mm(vol, r, geom, float(pixel_spacing[1]), cortex_hu) for r in runs]
+    widths = [lateral_extent_mm(vol, r, geom, float(pixel_spacing[1]), cortex_hu,
+                                row_spacing=float(pixel_spacing[0])) for r in runs]
     geom.runs, geom.sacrum, geom.anchor = label_runs(runs, widths)
     if not anterior_up:  # back to the caller's row order
         rows = vol.shape[1]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pytest
 from pydicom.uid import CTImageStorage
 
 from training.synth import spine_bmd as sb
@@ -98,3 +99,51 @@ def test_parameter_space_spans_every_class() -> None:
     assert sb.who_class(-1.01) == "osteopenia"
     # class HU ranges overlap only at the edges
     assert sb.trabecular_hu(-1.0) == 160.0 and abs(sb.trabecular_hu(-2.5) - 110.5) < 1
+
+
+def _hu(ds: pydicom.Dataset) -> np.ndarray:
+    return ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+
+
+def test_contrast_enhances_vessels_and_organs_not_the_bone(tmp_path: Path) -> None:
+    """Same study drawn native and portal venous (same anatomy and noise): only the organs and vessels change.
+
+    The aorta is where the difference equals the drawn aortic enhancement: a disc in front of every vertebral
+    body, separated from it, and the bodies themselves do not change at all.
+    """
+    rows, dss = {}, {}
+    for phase in ("native", "portal_venous"):
+        (rows[phase],) = _rows(sb.generate(tmp_path / phase, 1, 31, workers=1, params={**SMALL, "phase": phase}))
+        dss[phase] = _by_sop(tmp_path / phase, rows[phase]["study_uid"])
+    native, portal = rows["native"], rows["portal_venous"]
+    assert native["contrast"]["phase"] == "native" and portal["contrast"]["phase"] == "portal_venous"
+    assert native["levels"] == portal["levels"] and native["boxes"] == portal["boxes"]
+    gain = portal["contrast"]["aorta_hu"] - native["contrast"]["aorta_hu"]
+    assert gain > 70
+    px = SMALL["pixel_spacing"]
+    for box in native["boxes"]:
+        diff = _hu(dss["portal_venous"][box["sop_instance_uid"]]) - _hu(dss["native"][box["sop_instance_uid"]])
+        rr, cc = np.nonzero(np.abs(diff - gain) <= 3.0)
+        assert len(rr) >= 0.5 * np.pi * (9.0 / px) ** 2, box  # at least half the smallest aortic lumen
+        assert rr.max() < box["y0"] - 1.0, box  # in front of the body, with a gap
+        body = diff[int(np.ceil(box["y0"])):int(box["y1"]) + 1, int(np.ceil(box["x0"])):int(box["x1"]) + 1]
+        assert np.abs(body).max() <= 1.0  # the vertebral body is the same voxels (integer rounding only)
+    some = next(iter(dss["portal_venous"].values()))
+    assert some.ContrastBolusRoute == "IV" and "Iomeprol" in some.ContrastBolusAgent
+    if not native["contrast"]["oral_contrast"]:
+        assert "ContrastBolusAgent" not in next(iter(dss["native"].values()))
+    with pytest.raises(ValueError, match="unknown contrast phase"):
+        sb.generate(tmp_path / "bad", 1, 31, workers=1, params={**SMALL, "phase": "delayed"})
+
+
+def test_confounders_do_not_depend_on_the_class(tmp_path: Path) -> None:
+    """Phases and oral contrast are spread over the classes, in about the configured proportions."""
+    rows = _rows(sb.generate(tmp_path, 30, 12, workers=2, params=SMALL))
+    phases = Counter(r["contrast"]["phase"] for r in rows)
+    assert set(phases) == set(sb.PHASES) and phases["native"] < 20
+    by_class: dict[str, Counter[str]] = {}
+    for r in rows:
+        by_class.setdefault(r["label"], Counter())[r["contrast"]["phase"] != "native"] += 1
+    assert sum(c[True] for c in by_class.values()) >= 15
+    assert sum(1 for c in by_class.values() if c[True]) >= 2  # enhanced studies in more than one class
+    assert any(r["contrast"]["oral_contrast"] for r in rows) and any(r["contrast"]["aortic_plaques"] for r in rows)

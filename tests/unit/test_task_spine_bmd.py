@@ -24,9 +24,12 @@ TRAB = {"normal": 220.0, "osteopenia": 135.0, "osteoporosis": 70.0}
 
 
 def lumbar_phantom(classes: dict[str, str], *, slice_mm: float = 2.0, px: float = 0.8, size: int = 160,
-                   seed: int = 0, top_partial: bool = True) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+                   seed: int = 0, top_partial: bool = True, aorta_hu: float | None = None,
+                   specks: bool = False) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """Axial stack (ascending z) with L1-L5 bodies (cortical shell), discs, posterior arches and a sacrum.
 
+    ``aorta_hu``: a contrast-filled aorta (24 mm) just in front of the bodies, across the midline, on every
+    slice; ``specks``: bone-bright single voxels far lateral (noise in an enhancing kidney).
     Returns the HU volume, slice positions (mm) and each level's true mid-body z.
     """
     rng = np.random.default_rng(seed)
@@ -49,10 +52,15 @@ def lumbar_phantom(classes: dict[str, str], *, slice_mm: float = 2.0, px: float 
     arch = (((xx - cx) / (14 / px)) ** 2 + ((yy - (cy + 30 / px)) / (10 / px)) ** 2 <= 1.0) & \
            (((xx - cx) / (9 / px)) ** 2 + ((yy - (cy + 30 / px)) / (6 / px)) ** 2 > 1.0)
     soft = ((xx - cx) / (size * 0.48)) ** 2 + ((yy - size / 2) / (size * 0.40)) ** 2 <= 1.0
+    aorta = ((xx - cx - 6 / px) ** 2 + (yy - (cy - 17 / px - 4 / px - 12 / px)) ** 2) <= (12 / px) ** 2
     vol = np.full((len(positions), size, size), -1000.0, dtype=np.float32)
     for k, zk in enumerate(positions):
         sl = vol[k]
         sl[soft] = 40.0
+        if aorta_hu is not None:
+            sl[aorta] = aorta_hu
+        if specks:
+            sl[int(cy) + int(rng.integers(-5, 6)), int(cx + 70 / px) + int(rng.integers(0, 5))] = 450.0
         kind = None
         for lv, (a, b) in extents.items():
             if a <= zk <= b:
@@ -90,6 +98,23 @@ def test_levels_found_and_named_from_sacrum(slice_mm: float) -> None:
     for lv, z in mids.items():
         assert abs(names[lv].center_mm - z) < 4.0, (lv, names[lv], z)
     assert [r.name for r in geom.runs] == ["L1", "L2", "L3", "L4", "L5"]  # superior first
+
+
+def test_levels_survive_an_arterial_aorta_and_bright_specks() -> None:
+    """A 350 HU aorta in front of the spine (in the midline slab) and lateral specks must not move the levels.
+
+    Before bone components were told apart, the aorta was taken for the anterior cortex on every slice (so the
+    discs showed bone and the bodies merged) and a single bright voxel 70 mm lateral made L5 "thoracic".
+    """
+    classes = {"L1": "osteoporosis", "L2": "normal", "L3": "osteopenia", "L4": "osteoporosis", "L5": "normal"}
+    vol, pos, mids = lumbar_phantom(classes, slice_mm=2.5, size=200, aorta_hu=350.0, specks=True)
+    geom = find_levels(vol, pos, (0.8, 0.8))
+    names = {r.name: r for r in geom.runs}
+    assert set(names) == {"L1", "L2", "L3", "L4", "L5"} and geom.anchor == "sacrum"
+    for lv, z in mids.items():
+        assert abs(names[lv].center_mm - z) < 4.0, (lv, names[lv], z)
+    # the anterior cortex is the body's (row 69 at the midline), not the aorta's front (row 39)
+    assert 64 <= np.median(geom.anterior_row) <= 80, geom.anterior_row
 
 
 def test_osteoporotic_bodies_are_not_mistaken_for_discs() -> None:

@@ -7,9 +7,19 @@ transverse processes), intervertebral discs, the sacrum's top below L5, psoas
 and back muscles, aorta, IVC, kidneys, abdominal organs and fat, air outside.
 Lordosis moves the bodies along y with z.
 
-Partial volume is exact along z (each structure contributes the overlap of
-its z extent with the slice thickness) and linear over one pixel in-plane.
-The image is then blurred by a Gaussian PSF and gets correlated Gaussian noise.
+Partial volume is exact along z for the column (each structure contributes the
+overlap of its z extent with the slice thickness), sampled at three depths of the
+slab for the organs, and linear over one pixel in-plane. The image is then
+blurred by a Gaussian PSF and gets correlated Gaussian noise.
+
+Confounders, as in opportunistic screening on routine abdominal CT: about two
+thirds of the studies are contrast-enhanced (arterial or portal venous phase,
+``PHASES``), which puts the kidneys, liver, spleen, aorta and IVC into the
+trabecular bone's HU range with an enhancement that varies from study to
+study; some have positive oral contrast in bowel loops, and older patients
+calcified aortic plaque. None of them depends on the bone-density class, so a
+whole-CT intensity histogram loses most of the class while the vertebral body
+itself still shows it (``tests/unit/test_baseline.py``).
 
 Ground truth: a DXA-like patient T-score (age and sex dependent), a
 per-vertebra T-score around it, WHO classes from that (normal T >= -1,
@@ -23,6 +33,7 @@ mid-body slices and their SOP UIDs, and boxes of the body on the mid-body slices
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +67,18 @@ EQUIPMENT = (
     Equipment("Philips", "iCT 256", station="CT03"),
     Equipment("Canon Medical Systems", "Aquilion ONE", station="CT04"),
 )
+
+
+#: contrast phase -> probability and per-tissue HU ranges (uniform); native = no IV contrast
+PHASES: dict[str, tuple[float, dict[str, tuple[float, float]]]] = {
+    "native": (0.35, {"aorta": (35.0, 50.0), "ivc": (35.0, 45.0), "cortex": (28.0, 40.0),
+                      "medulla": (25.0, 35.0), "liver": (45.0, 65.0), "spleen": (40.0, 50.0)}),
+    "arterial": (0.15, {"aorta": (250.0, 420.0), "ivc": (50.0, 110.0), "cortex": (140.0, 230.0),
+                        "medulla": (50.0, 90.0), "liver": (60.0, 85.0), "spleen": (90.0, 150.0)}),
+    "portal_venous": (0.50, {"aorta": (130.0, 210.0), "ivc": (120.0, 190.0), "cortex": (140.0, 210.0),
+                             "medulla": (120.0, 190.0), "liver": (95.0, 135.0), "spleen": (105.0, 135.0)}),
+}
+ORAL_CONTRAST_P = 0.3
 
 
 def who_class(t_score: float) -> str:
@@ -105,15 +128,155 @@ def _mix(vol: np.ndarray, frac: np.ndarray, value: float | np.ndarray) -> None:
     vol += frac * (value - vol)
 
 
+@dataclass(frozen=True)
+class Ellipsoid:
+    """Axis-aligned ellipsoid (mm, LPS) filled with one HU value."""
+
+    cx: float
+    cy: float
+    cz: float
+    a: float
+    b: float
+    c: float
+    hu: float
+
+
+def _index_window(axis: np.ndarray, lo: float, hi: float) -> slice:
+    """Indices of an ascending grid axis covering ``[lo, hi]`` plus one pixel each side."""
+    i0 = int(np.searchsorted(axis, lo, side="left")) - 1
+    i1 = int(np.searchsorted(axis, hi, side="right")) + 1
+    return slice(max(i0, 0), min(i1, len(axis)))
+
+
+def _mix_ellipse(img: np.ndarray, x: np.ndarray, y: np.ndarray, px: float, cx: float, cy: float, a: float,
+                 b: float, value: float, weight: float = 1.0) -> None:
+    """Mix an ellipse into one slice, touching only its bounding box."""
+    rows = _index_window(y[:, 0], cy - b, cy + b)
+    cols = _index_window(x[0], cx - a, cx + a)
+    _mix(img[rows, cols], weight * _ellipse(x[rows, cols], y[rows, cols], cx, cy, a, b, px), value)
+
+
+def _mix_ellipsoid(img: np.ndarray, x: np.ndarray, y: np.ndarray, px: float, e: Ellipsoid, z: float,
+                   thick: float, inside: np.ndarray) -> None:
+    """Mix ``e`` into one slice: the slab is sampled at three depths, only the ellipse's bounding box is touched.
+
+    ``inside`` (same shape as ``img``) limits the organ to the body's interior.
+    """
+    depth = (z + np.array([-thick / 3.0, 0.0, thick / 3.0]) - e.cz) / e.c
+    scales = np.sqrt(np.clip(1.0 - depth ** 2, 0.0, None))
+    top = float(scales.max())
+    if top <= 0.0:
+        return
+    rows = _index_window(y[:, 0], e.cy - e.b * top, e.cy + e.b * top)
+    cols = _index_window(x[0], e.cx - e.a * top, e.cx + e.a * top)
+    xs, ys = x[rows, cols], y[rows, cols]
+    frac = sum(_ellipse(xs, ys, e.cx, e.cy, e.a * s, e.b * s, px) for s in scales if s > 0.0) / 3.0
+    _mix(img[rows, cols], frac * inside[rows, cols], e.hu)
+
+
+@dataclass(frozen=True)
+class Vessels:
+    """Aorta and IVC, which follow the spine's anterior surface at a fat gap, and calcified aortic plaques.
+
+    Offsets are mm: ``*_dx`` from the body's centre line, ``*_gap`` in front of its anterior surface.
+    ``plaques`` are (angle on the wall, centre z, half-length, radius, HU).
+    """
+
+    aorta_dx: float
+    aorta_gap: float
+    aorta_r: float
+    aorta_hu: float
+    ivc_dx: float
+    ivc_gap: float
+    ivc_hu: float
+    plaques: tuple[tuple[float, float, float, float, float], ...]
+
+    def draw(self, img: np.ndarray, x: np.ndarray, y: np.ndarray, px: float, z: float, thick: float,
+             cx: float, front: float) -> None:
+        """Mix both vessels and their plaques into the slice at ``z``; ``cx``/``front`` locate the body."""
+        ay = front - self.aorta_gap - self.aorta_r
+        _mix_ellipse(img, x, y, px, cx + self.aorta_dx, ay, self.aorta_r, self.aorta_r, self.aorta_hu)
+        _mix_ellipse(img, x, y, px, cx + self.ivc_dx, front - self.ivc_gap - 8.0, 12.0, 8.0, self.ivc_hu)
+        for ang, zc, half, r, hu in self.plaques:
+            w = float(_z_overlap(np.array([z]), thick, zc - half, zc + half)[0])
+            if w > 0.0:
+                rim = self.aorta_r - r
+                _mix_ellipse(img, x, y, px, cx + self.aorta_dx + rim * np.cos(ang), ay + rim * np.sin(ang), r, r,
+                             hu, w)
+
+
+def draw_organs(rng: np.random.Generator, levels: dict[str, dict[str, Any]], age: float,
+                body: tuple[float, float, float, float], phase: str | None = None
+                ) -> tuple[list[Ellipsoid], Vessels, dict[str, Any]]:
+    """Kidneys, liver, spleen and bowel loops (in drawing order), the great vessels and aortic plaque.
+
+    ``body`` is (centre y, lateral and AP semi-axes, fat thickness); ``phase`` forces a contrast phase
+    (drawn from ``PHASES`` otherwise). Returns the ellipsoids, the vessels and the study's contrast
+    description for the manifest (phase, oral contrast, calcified plaque count, vessel and kidney HU).
+    """
+    names = list(PHASES)
+    drawn = str(rng.choice(names, p=[PHASES[k][0] for k in names]))
+    if phase is None:
+        phase = drawn
+    elif phase not in PHASES:
+        raise ValueError(f"unknown contrast phase {phase!r}; known: {', '.join(PHASES)}")
+    hu = {k: float(rng.uniform(*v)) for k, v in PHASES[phase][1].items()}
+    oral = bool(rng.random() < ORAL_CONTRAST_P)
+    body_cy, body_a, body_b, fat = body
+    out: list[Ellipsoid] = []
+    # liver (right = -x in LPS): its inferior tip somewhere between L1's top and L3
+    tip = float(rng.uniform(levels["L3"]["zc"], levels["L1"]["z1"] + 10.0))
+    c = float(rng.uniform(110.0, 150.0))
+    out.append(Ellipsoid(-float(rng.uniform(105.0, 120.0)), float(rng.uniform(-35.0, -5.0)), tip + c,
+                         float(rng.uniform(55.0, 75.0)), float(rng.uniform(65.0, 85.0)), c, hu["liver"]))
+    # spleen (left, posterior), only its lower pole reaches the lumbar levels
+    c = float(rng.uniform(40.0, 55.0))
+    out.append(Ellipsoid(float(rng.uniform(80.0, 100.0)), float(rng.uniform(15.0, 35.0)),
+                         levels["L1"]["z1"] + float(rng.uniform(0.0, 45.0)) + c,
+                         float(rng.uniform(22.0, 30.0)), float(rng.uniform(35.0, 45.0)), c, hu["spleen"]))
+    # kidneys: the left sits a little higher; cortex, medulla, sinus fat on the medial side
+    for side in (-1.0, 1.0):
+        zc = levels["L2"]["zc"] + (12.0 if side > 0 else 0.0) + float(rng.normal(0.0, 8.0))
+        cx, cy = side * float(rng.uniform(62.0, 78.0)), float(rng.uniform(18.0, 32.0))
+        a, b, c = float(rng.uniform(24.0, 30.0)), float(rng.uniform(20.0, 26.0)), float(rng.uniform(48.0, 60.0))
+        cortex = float(rng.uniform(5.0, 7.0))
+        out.append(Ellipsoid(cx, cy, zc, a, b, c, hu["cortex"] + float(rng.normal(0.0, 6.0))))
+        out.append(Ellipsoid(cx, cy, zc, a - cortex, b - cortex, c - cortex, hu["medulla"]))
+        out.append(Ellipsoid(cx - side * 0.45 * a, cy - 0.2 * b, zc, 0.4 * a, 0.4 * b, 0.55 * c, -80.0))
+    # bowel loops in the anterior abdomen, in front of the great vessels: gas, fluid, or positive oral contrast
+    for _ in range(int(rng.integers(6, 13))):
+        kind = rng.random()
+        value = (float(rng.uniform(150.0, 450.0)) if oral and kind < 0.6
+                 else float(rng.uniform(-950.0, -700.0)) if kind > 0.8 else float(rng.uniform(0.0, 25.0)))
+        r = float(rng.uniform(8.0, 18.0))
+        out.append(Ellipsoid(float(rng.uniform(-0.6, 0.6)) * (body_a - fat),
+                             min(body_cy - float(rng.uniform(0.35, 0.8)) * (body_b - fat), -45.0 - r),
+                             float(rng.uniform(levels["L5"]["z0"], levels["L1"]["z1"] + 10.0)),
+                             r, r * float(rng.uniform(0.7, 1.0)), float(rng.uniform(15.0, 40.0)), value))
+    # calcified plaque on the aortic wall, more common with age
+    n_plaque = int(rng.poisson(max(age - 45.0, 0.0) / 8.0))
+    plaques = tuple((float(rng.uniform(0.0, 2.0 * np.pi)), float(rng.uniform(levels["L4"]["zc"], levels["L1"]["z1"])),
+                     float(rng.uniform(2.0, 8.0)), float(rng.uniform(1.0, 2.5)), float(rng.uniform(350.0, 1000.0)))
+                    for _ in range(n_plaque))
+    vessels = Vessels(float(rng.uniform(10.0, 18.0)), float(rng.uniform(3.0, 8.0)),
+                      float(rng.uniform(9.0, 13.0)) * (1.0 + max(age - 60.0, 0.0) / 150.0), hu["aorta"],
+                      -float(rng.uniform(20.0, 26.0)), float(rng.uniform(2.0, 6.0)), hu["ivc"], plaques)
+    return out, vessels, {"phase": phase, "oral_contrast": oral, "aortic_plaques": n_plaque,
+                 "aorta_hu": round(hu["aorta"], 1), "ivc_hu": round(hu["ivc"], 1),
+                 "kidney_cortex_hu": round(hu["cortex"], 1)}
+
+
 def render(rng: np.random.Generator, n: int, px: float, thick: float, t_scores: np.ndarray,
-           difficulty: float) -> tuple[np.ndarray, np.ndarray, dict[str, dict[str, Any]], tuple[float, float, float]]:
+           difficulty: float, age: float = 65.0, phase: str | None = None
+           ) -> tuple[np.ndarray, np.ndarray, dict[str, dict[str, Any]], tuple[float, float, float], dict[str, Any]]:
     """Render the HU volume (slices from inferior to superior).
 
     Returns
     -------
-    hu, z, levels, origin:
+    hu, z, levels, origin, contrast:
         ``(S, n, n)`` float32 HU, slice centre z (mm), per-level ground truth
-        (z extent, centre, semi-axes, trabecular HU) and ImagePositionPatient of slice 0.
+        (z extent, centre, semi-axes, trabecular HU), ImagePositionPatient of slice 0 and the
+        study's contrast description (see :func:`draw_organs`).
     """
     # vertebral column, top of L1 at z = 0 going down
     levels: dict[str, dict[str, Any]] = {}
@@ -156,16 +319,23 @@ def render(rng: np.random.Generator, n: int, px: float, thick: float, t_scores: 
     bg = np.full((n, n), -1000.0, dtype=np.float32)
     _mix(bg, _ellipse(x, y, 0.0, body_cy, body_a, body_b, px), -100.0 + rng.normal(0, 8))
     fat = rng.uniform(10.0, 35.0)
-    _mix(bg, _ellipse(x, y, 0.0, body_cy, body_a - fat, body_b - fat, px), 35.0)
+    inner_body = _ellipse(x, y, 0.0, body_cy, body_a - fat, body_b - fat, px)
+    _mix(bg, inner_body, 35.0)
     _mix(bg, _ellipse(x, y, 0.0, -70.0, body_a * 0.6, 45.0, px), rng.uniform(-60.0, 20.0))  # bowel/mesentery
     for side in (-1, 1):
         _mix(bg, _ellipse(x, y, side * 32.0, 55.0, 22.0, 24.0, px), 50.0)  # erector spinae
-        _mix(bg, _ellipse(x, y, side * 70.0, 20.0, 28.0, 45.0, px), 30.0)  # kidney region
-    _mix(bg, _ellipse(x, y, 14.0, -28.0, 11.0, 11.0, px), rng.choice([40.0, 180.0]))  # aorta (contrast or not)
-    _mix(bg, _ellipse(x, y, -22.0, -26.0, 12.0, 9.0, px), 40.0)  # IVC
+        _mix(bg, _ellipse(x, y, side * 70.0, 20.0, 28.0, 45.0, px), 10.0)  # perirenal fat and fascia
+    organs, vessels, contrast = draw_organs(rng, levels, age, (body_cy, body_a, body_b, fat), phase)
     vol = np.repeat(bg[None], n_sl, axis=0)
-    # psoas grows going down
+    by_z = sorted(levels.values(), key=lambda lv: lv["zc"])
+    zcs = [lv["zc"] for lv in by_z]
+    body_cx = np.interp(z, zcs, [lv["cx"] for lv in by_z])
+    body_front = np.interp(z, zcs, [lv["cy"] - lv["b"] for lv in by_z])
     for k in range(n_sl):
+        for organ in organs:
+            _mix_ellipsoid(vol[k], x, y, px, organ, float(z[k]), thick, inner_body)
+        vessels.draw(vol[k], x, y, px, float(z[k]), thick, float(body_cx[k]), float(body_front[k]))
+        # psoas grows going down
         grow = np.clip((levels["L1"]["z1"] - z[k]) / 150.0, 0.15, 1.0)
         for side in (-1, 1):
             _mix(vol[k], _ellipse(x, y, side * (30.0 + 12 * grow), 2.0, 8 + 14 * grow, 8 + 10 * grow, px), 50.0)
@@ -209,7 +379,7 @@ def render(rng: np.random.Generator, n: int, px: float, thick: float, t_scores: 
              trabecular_hu(float(np.mean(t_scores))) + 20.0)
         for side in (-1, 1):
             _mix(vol[k], fz_s[k] * _ellipse(x, y, side * 45.0, 25.0, 22.0, 16.0, px), 250.0)
-    return vol, z, levels, origin
+    return vol, z, levels, origin, contrast
 
 
 def make_study(job: StudyJob) -> list[dict[str, Any]]:
@@ -224,7 +394,8 @@ def make_study(job: StudyJob) -> list[dict[str, Any]]:
     t_scores = draw_t_scores(rng_l, patient.age_years, patient.sex)
     if "t_shift" in p:
         t_scores = t_scores - t_scores.mean() + float(p["t_shift"])
-    hu, z, levels, origin = render(rng_a, n, px, thick, t_scores, job.difficulty)
+    hu, z, levels, origin, contrast = render(rng_a, n, px, thick, t_scores, job.difficulty, patient.age_years,
+                                             p.get("phase"))
     hu = gaussian_filter(hu, sigma=(0.0, 0.6 / px, 0.6 / px))  # in-plane PSF
     sigma = float(rng_n.uniform(10.0, 25.0))
     noise = gaussian_filter(standard_normal32(rng_n, hu.shape), sigma=(0.0, 0.8, 0.8))
@@ -233,13 +404,19 @@ def make_study(job: StudyJob) -> list[dict[str, Any]]:
     eq = EQUIPMENT[int(rng_a.integers(len(EQUIPMENT)))]
     canonical = str(rng_a.choice(["LSPINE", "SPINE", "ABDOMEN"], p=[0.45, 0.2, 0.35]))
     study = new_study(rng_a, uids, patient, "CT ABDOMEN" if canonical == "ABDOMEN" else "CT LWS")
+    enhanced = contrast["phase"] != "native"
+    region = "Abdomen" if canonical == "ABDOMEN" else "LWS"
     series = new_series(uids, int(rng_a.integers(2, 6)), "CT", body_part_string(rng_a, canonical, 0.3),
-                        description=f"{'Abdomen' if canonical == 'ABDOMEN' else 'LWS'} {thick:g}mm Knochen",
-                        protocol="Abdomen" if canonical == "ABDOMEN" else "LWS nativ")
+                        description=f"{region} {'KM ' if enhanced else ''}{thick:g}mm Knochen",
+                        protocol=f"{region} {'KM ' + contrast['phase'] if enhanced else 'nativ'}")
     geom = VolumeGeometry("axial", (px, px), thick, thick, origin)
-    extra = {"KVP": "120", "XRayTubeCurrent": int(rng_a.integers(120, 350)), "ExposureTime": 500,
-             "ConvolutionKernel": str(rng_a.choice(["B60f", "BONE", "YB", "FC30"])),
-             "ReconstructionDiameter": f"{px * n:.4g}", "ScanOptions": "HELICAL"}
+    extra: dict[str, Any] = {"KVP": "120", "XRayTubeCurrent": int(rng_a.integers(120, 350)), "ExposureTime": 500,
+                             "ConvolutionKernel": str(rng_a.choice(["B60f", "BONE", "YB", "FC30"])),
+                             "ReconstructionDiameter": f"{px * n:.4g}", "ScanOptions": "HELICAL"}
+    if enhanced or contrast["oral_contrast"]:  # Contrast/Bolus module
+        agents = (["Iomeprol 350"] if enhanced else []) + (["Gastrografin"] if contrast["oral_contrast"] else [])
+        extra["ContrastBolusAgent"] = " + ".join(agents)
+        extra["ContrastBolusRoute"] = "IV" if enhanced else "ORAL"
     sops = write_slice_series(job.out, hu, geom, modality="CT", patient=patient, study=study, series=series,
                               equipment=eq, uids=uids, slope=1.0, intercept=-1024.0, rescale_type="HU",
                               window=((500.0, 40.0), (2000.0, 400.0)),
@@ -275,14 +452,15 @@ def make_study(job: StudyJob) -> list[dict[str, Any]]:
                           "y1": round(min(row + hb, n - 1.0), 2), "label": noisy, "level": name})
     return [{"study_uid": study.study_uid, "patient_id": patient.patient_id, "task": TASK,
              "label": CLASSES[worst], "vertebrae": vertebrae, "levels": detail, "boxes": boxes,
-             "series_uid": series.series_uid, "n_slices": len(sops)}]
+             "series_uid": series.series_uid, "n_slices": len(sops), "contrast": contrast}]
 
 
 def generate(out: Path, n: int, seed: int, *, workers: int = 2, difficulty: float = DEFAULT_DIFFICULTY,
              label_noise: float = 0.02, params: dict[str, Any] | None = None) -> Path:
     """Write ``n`` synthetic lumbar CT studies under ``out``; return the manifest path.
 
-    ``params`` may set ``n`` (matrix), ``pixel_spacing``, ``thickness`` and ``t_shift`` (patient mean T-score).
+    ``params`` may set ``n`` (matrix), ``pixel_spacing``, ``thickness``, ``t_shift`` (patient mean T-score)
+    and ``phase`` (contrast phase, a key of ``PHASES``).
     """
     return generate_studies(Path(out), n, seed, make_study, workers=workers, difficulty=difficulty,
                             label_noise=label_noise, params=params)
