@@ -78,6 +78,9 @@ def test_spine_histogram_baseline_stays_well_below_the_cnn_target(tmp_path: Path
     spine_bmd.generate(tmp_path, 40, 5, workers=2)
     result = baseline.run_baseline("spine_bmd", tmp_path)
     assert result["n"] == 40 and len(result["class_counts"]) == 3
-    # bone density is what the task grades, so a whole-CT histogram carries some of it (measured macro-F1
-    # 0.54, QWK 0.45 at patient level, seed 5); the CNN must reach vertebra macro-F1 0.75
-    assert result["macro_f1"] < 0.65 and result["kappa_quadratic"] < 0.65
+    # bone density is what the task grades, but two thirds of the studies are contrast-enhanced, which puts
+    # kidneys, liver and vessels into the trabecular HU range by a varying amount: measured patient-level
+    # macro-F1 0.53, QWK 0.25 here (0.54 / 0.45 before that confounder); fitted on 140 training studies it
+    # scores 0.41 / 0.26 on the fresh-seed hold-out where the shipped network scores 0.82 / 0.78
+    # (models/README.md). The CNN must reach vertebra macro-F1 0.75.
+    assert result["macro_f1"] < 0.6 and result["kappa_quadratic"] < 0.4

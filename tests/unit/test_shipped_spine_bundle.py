@@ -3,9 +3,11 @@
 Fresh seed (the recipe uses seeds 1 and 2; models/README.md reports 40 studies of seed 2), evaluated through the
 same code path as ``dicomnode-train evaluate`` (profile pass for the levels, the detector on the mid-body slices,
 the bundle's class offsets). Deterministic on CPU, so a failure means the bundle or the pipeline regressed, not
-bad luck. 10 studies (40 vertebrae, about 2 minutes) are a small, noisy sample: macro-F1 0.629 here against 0.817
+bad luck. 10 studies (40 vertebrae, about 2 minutes) are a small, noisy sample: macro-F1 0.66 here against 0.80
 on models/README.md's 160 vertebrae (only 5 osteoporotic vertebrae here); the bounds sit below this sample's
 measured figures, so this test guards against regressions and the issue's target is shown on the larger set.
+Since the generator draws contrast-enhanced studies (issue 4's confounder), 8 of these 10 are enhanced (3 arterial), so the
+test also covers level finding next to a contrast-filled aorta.
 Skipped when no bundle is committed.
 """
 
@@ -18,8 +20,8 @@ from training.synth import spine_bmd as synth
 
 FRESH_SEED = 11
 N_STUDIES = 10
-MIN_F1 = 0.55  # measured 0.629 on this sample (28 normal, 7 osteopenia, 5 osteoporosis vertebrae)
-MIN_SENS = 0.5  # measured 0.71 / 0.71 / 0.60
+MIN_F1 = 0.55  # measured 0.66 on this sample (28 normal, 7 osteopenia, 5 osteoporosis vertebrae)
+MIN_SENS = 0.5  # measured 0.79 / 0.71 / 0.60
 
 
 def test_shipped_spine_bundle_labels_levels_and_classifies_vertebrae(tmp_path: Path) -> None:
