@@ -128,28 +128,45 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(np.nonzero(d == 1)[0].tolist(), (np.nonzero(d == -1)[0] - 1).tolist(), strict=True))
 
 
-_CONNECT_8 = np.ones((3, 3), dtype=bool)
+#: 8-connectivity within a slice, none across slices
+_IN_SLICE = np.zeros((3, 3, 3), dtype=bool)
+_IN_SLICE[1] = True
+
+
+def _dilate_in_slice(mask: np.ndarray) -> np.ndarray:
+    """One-pixel 3x3 dilation of every slice of a (slices, rows, cols) mask (separable, no copy per slice)."""
+    rows = mask.copy()
+    rows[:, 1:] |= mask[:, :-1]
+    rows[:, :-1] |= mask[:, 1:]
+    out = rows.copy()
+    out[:, :, 1:] |= rows[:, :, :-1]
+    out[:, :, :-1] |= rows[:, :, 1:]
+    return out
 
 
 def vertebra_mask(bone: np.ndarray, spacing: tuple[float, float], *, vertebra_width_mm: float = 34.0,
                   vertebra_depth_mm: float = 40.0) -> np.ndarray:
-    """The bone of one axial slice that belongs to a vertebra (step 1 above).
+    """The bone of each axial slice that belongs to a vertebra (step 1 above).
 
-    ``bone`` is the slice's (rows, cols) bone mask, ``spacing`` its (row, column) pixel spacing. Components
-    are found after a one-pixel dilation, so a cortex broken by noise stays whole while a fat plane of two
-    pixels or more still separates; a component is kept when it spans at least ``vertebra_width_mm``
-    across or ``vertebra_depth_mm`` from front to back.
+    ``bone`` is a (slices, rows, cols) or (rows, cols) bone mask, ``spacing`` the (row, column) pixel
+    spacing. Components are found within each slice after a one-pixel dilation, so a cortex broken by
+    noise stays whole while a fat plane of two pixels or more still separates; a component is kept when
+    it spans at least ``vertebra_width_mm`` across or ``vertebra_depth_mm`` from front to back.
     """
-    labels, n = ndimage.label(ndimage.binary_dilation(bone, structure=_CONNECT_8), structure=_CONNECT_8)
+    stack = np.asarray(bone, dtype=bool)
+    if stack.ndim == 2:
+        return vertebra_mask(stack[None], spacing, vertebra_width_mm=vertebra_width_mm,
+                             vertebra_depth_mm=vertebra_depth_mm)[0]
+    labels, n = ndimage.label(_dilate_in_slice(stack), structure=_IN_SLICE)
     if n == 0:
-        return np.zeros_like(bone, dtype=bool)
+        return np.zeros_like(stack)
     keep = np.zeros(n + 1, dtype=bool)
     for i, sl in enumerate(ndimage.find_objects(labels), start=1):
         if sl is not None:
-            depth = (sl[0].stop - sl[0].start) * float(spacing[0])
-            width = (sl[1].stop - sl[1].start) * float(spacing[1])
+            depth = (sl[1].stop - sl[1].start) * float(spacing[0])
+            width = (sl[2].stop - sl[2].start) * float(spacing[1])
             keep[i] = depth >= vertebra_depth_mm or width >= vertebra_width_mm
-    return keep[labels] & bone
+    return keep[labels] & stack
 
 
 def spine_geometry(
@@ -176,8 +193,8 @@ def spine_geometry(
     if vol.ndim != 3 or len(pos) != vol.shape[0]:
         raise ValueError(f"need a (slices, rows, cols) volume and one position per slice, got {vol.shape}")
     n, rows = vol.shape[0], vol.shape[1]
-    spine = np.stack([vertebra_mask(sl > cortex_hu, pixel_spacing, vertebra_width_mm=vertebra_width_mm,
-                                    vertebra_depth_mm=vertebra_depth_mm) for sl in vol])
+    spine = vertebra_mask(vol > cortex_hu, pixel_spacing, vertebra_width_mm=vertebra_width_mm,
+                          vertebra_depth_mm=vertebra_depth_mm)
     col = spine_midline_column(spine, threshold=0.5)
     half = max(1, int(round(slab_mm / 2.0 / float(pixel_spacing[1]))))
     cols = slice(max(0, col - half), col + half + 1)
@@ -263,7 +280,7 @@ def lateral_extent_mm(volume_hu: np.ndarray, run: BodyRun, geom: SpineGeometry, 
     mid = (a + b) // 2
     sl = volume_hu[max(a, mid - 1):min(b, mid + 1) + 1, geom.ap_rows[0]:geom.ap_rows[1] + 1, :]
     bone = (sl > cortex_hu).any(axis=0)
-    labels, n = ndimage.label(bone, structure=_CONNECT_8)
+    labels, n = ndimage.label(bone, structure=_IN_SLICE[1])
     if n == 0:
         return 0.0
     area = np.bincount(labels.ravel(), minlength=n + 1) * col_spacing * (row_spacing or col_spacing)
