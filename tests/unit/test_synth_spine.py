@@ -147,3 +147,17 @@ def test_confounders_do_not_depend_on_the_class(tmp_path: Path) -> None:
     assert sum(c[True] for c in by_class.values()) >= 15
     assert sum(1 for c in by_class.values() if c[True]) >= 2  # enhanced studies in more than one class
     assert any(r["contrast"]["oral_contrast"] for r in rows) and any(r["contrast"]["aortic_plaques"] for r in rows)
+
+
+def test_preview_shows_the_labelled_mid_body_slices(tmp_path: Path) -> None:
+    """A CT's contact sheet shows slices with vertebral boxes (spread over the levels), not its first slices."""
+    from training.synth.preview import _boxes_by_sop, _chosen_files, sheet_from_folder
+
+    rows = _rows(sb.generate(tmp_path / "d", 2, 4, workers=1, params=SMALL))
+    boxes = _boxes_by_sop(rows)
+    chosen = _chosen_files(tmp_path / "d", boxes, per_series=3)
+    assert len(chosen) == 6 and all(f.stem in boxes for f in chosen)
+    levels = {b["level"] for f in chosen for b in boxes[f.stem]}
+    assert len(levels) >= 2
+    png = sheet_from_folder(tmp_path / "d", tmp_path / "sheet.png", per_series=3)
+    assert png.stat().st_size > 10_000

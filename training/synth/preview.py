@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["contact_sheet", "display_image", "sheet_from_folder"]
 
-_BOX_COLOURS = {"fracture": (255, 60, 60), "metal": (60, 160, 255), "text": (255, 200, 0)}
+_BOX_COLOURS = {"fracture": (255, 60, 60), "metal": (60, 160, 255), "text": (255, 200, 0),
+                "normal": (0, 255, 0), "osteopenia": (255, 160, 0), "osteoporosis": (255, 60, 60)}
 
 
 def display_image(ds: pydicom.Dataset) -> np.ndarray:
@@ -45,13 +46,34 @@ def _boxes_by_sop(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]
     return out
 
 
-def sheet_from_folder(root: Path, out_png: Path, *, max_images: int = 16, tile: int = 256) -> Path:
-    """Draw up to ``max_images`` images of a labelled folder, each with its label and boxes."""
+def _chosen_files(root: Path, boxes: dict[str, list[dict[str, Any]]], per_series: int) -> list[Path]:
+    """Radiographs all; of a slice series (files in one series folder), the slices with boxes or else the
+    middle ones, at most ``per_series`` spread over the series (the first slices of a CT show no anatomy)."""
+    out: list[Path] = []
+    for folder in sorted({f.parent for f in Path(root).rglob("*.dcm")}):
+        files = sorted(folder.glob("*.dcm"))
+        if len(files) <= 2:
+            out += files
+            continue
+        files.sort(key=lambda f: int(pydicom.dcmread(f, stop_before_pixels=True).get("InstanceNumber", 0) or 0))
+        boxed = [f for f in files if f.stem in boxes]
+        pool = boxed or files[len(files) // 4:len(files) - len(files) // 4] or files
+        step = max(1, len(pool) // per_series)
+        out += pool[step // 2::step][:per_series]
+    return out
+
+
+def sheet_from_folder(root: Path, out_png: Path, *, max_images: int = 16, tile: int = 256,
+                      per_series: int = 4) -> Path:
+    """Draw up to ``max_images`` images of a labelled folder, each with its label and boxes.
+
+    Slice series contribute up to ``per_series`` slices each (those with boxes, else the middle ones).
+    """
     rows = read_manifest(root)
     by_study = {r.get("study_uid"): r for r in rows if r.get("study_uid")}
     by_sop = {r.get("sop_instance_uid"): r for r in rows if r.get("sop_instance_uid")}
     boxes = _boxes_by_sop(rows)
-    files = sorted(Path(root).rglob("*.dcm"))
+    files = _chosen_files(Path(root), boxes, per_series)
     tiles: list[Image.Image] = []
     font = ImageFont.load_default(size=14)
     for f in files:
@@ -68,7 +90,9 @@ def sheet_from_folder(root: Path, out_png: Path, *, max_images: int = 16, tile: 
         for b in boxes.get(ds.SOPInstanceUID, []):
             draw.rectangle([ox + b["x0"] * k, b["y0"] * k, ox + b["x1"] * k, b["y1"] * k],
                            outline=_BOX_COLOURS.get(b.get("label", ""), (0, 255, 0)), width=2)
-        text = f"{ds.get('ViewPosition', '')} {ds.get('PatientAge', '')} label={row.get('label', '?')}"
+        levels = [f"{b['level']} {b.get('label', '')}" for b in boxes.get(ds.SOPInstanceUID, []) if "level" in b]
+        text = (f"{ds.get('PatientAge', '')} {', '.join(levels)}" if levels
+                else f"{ds.get('ViewPosition', '')} {ds.get('PatientAge', '')} label={row.get('label', '?')}")
         draw.text((3, tile + 1), text, fill=(255, 255, 255), font=font)
         tiles.append(canvas)
         if len(tiles) >= max_images:
@@ -93,4 +117,4 @@ def contact_sheet(task: str, out_png: Path, n: int, seed: int, **kwargs: Any) ->
     gen = load_generator(task)
     with tempfile.TemporaryDirectory(prefix="synth-preview-") as tmp:
         gen.generate(Path(tmp), n, seed, workers=1, **kwargs)  # type: ignore[attr-defined]
-        return sheet_from_folder(Path(tmp), out_png, max_images=max(4, 2 * n))
+        return sheet_from_folder(Path(tmp), out_png, max_images=max(4, 2 * n), per_series=2)
