@@ -105,7 +105,7 @@ def _hu(ds: pydicom.Dataset) -> np.ndarray:
     return ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
 
 
-def test_contrast_enhances_vessels_and_organs_not_the_bone(tmp_path: Path) -> None:
+def test_contrast_enhances_vessels_and_organs_not_the_bone(tmp_path: Path, dciodvfy) -> None:
     """Same study drawn native and portal venous (same anatomy and noise): only the organs and vessels change.
 
     The aorta is where the difference equals the drawn aortic enhancement: a disc in front of every vertebral
@@ -130,6 +130,7 @@ def test_contrast_enhances_vessels_and_organs_not_the_bone(tmp_path: Path) -> No
         assert np.abs(body).max() <= 1.0  # the vertebral body is the same voxels (integer rounding only)
     some = next(iter(dss["portal_venous"].values()))
     assert some.ContrastBolusRoute == "IV" and "Iomeprol" in some.ContrastBolusAgent
+    dciodvfy(next((tmp_path / "portal_venous" / portal["study_uid"]).glob("*/*.dcm")))  # Contrast/Bolus module
     if not native["contrast"]["oral_contrast"]:
         assert "ContrastBolusAgent" not in next(iter(dss["native"].values()))
     with pytest.raises(ValueError, match="unknown contrast phase"):
