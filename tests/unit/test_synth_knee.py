@@ -99,3 +99,24 @@ def test_growth_plate_open_only_when_young() -> None:
         # two plates: distal femur above the joint, proximal tibia below
         assert (z[band] > 10).any() and (z[band] < -10).any()
     assert physis > kb.SIGNAL["marrow"][1]
+
+
+def test_preview_outlines_each_slice_s_own_label_map(tmp_path: Path) -> None:
+    """The contact sheet finds the label-map slice under each DICOM slice by geometry (both orientations),
+    and outlines femur, tibia and fibula in their colours."""
+    from PIL import Image
+
+    from training.synth.preview import _MASK_COLOURS, MaskSlicer, sheet_from_folder
+
+    for orientation in ("coronal", "sagittal"):
+        root = tmp_path / orientation
+        (row,) = _rows(kb.generate(root, 1, 4, workers=1, params={**SMALL, "orientation": orientation}))
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(root / row["mask"])))
+        slicer = MaskSlicer(root)
+        for k, ds in enumerate(_series(root, row["study_uid"])):
+            assert np.array_equal(slicer(row, ds), labels[k])
+        assert slicer({k: v for k, v in row.items() if k != "mask"}, ds) is None
+    png = sheet_from_folder(tmp_path / "coronal", tmp_path / "sheet.png", per_series=4)
+    px = np.asarray(Image.open(png).convert("RGB")).reshape(-1, 3)
+    for value in (1, 2, 3):  # femur, tibia, fibula: the middle coronal slices show all three
+        assert (px == _MASK_COLOURS[value - 1]).all(axis=1).sum() > 20, value

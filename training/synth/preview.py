@@ -1,4 +1,5 @@
-"""Contact sheets: a PNG grid of generated images with their labels and boxes, for people to look at."""
+"""Contact sheets: a PNG grid of generated images with their labels, boxes and label-map outlines, for people
+to look at."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ from training.synth.manifest import read_manifest
 
 log = logging.getLogger(__name__)
 
-__all__ = ["contact_sheet", "display_image", "sheet_from_folder"]
+__all__ = ["MaskSlicer", "contact_sheet", "display_image", "sheet_from_folder"]
 
 _BOX_COLOURS = {"fracture": (255, 60, 60), "metal": (60, 160, 255), "text": (255, 200, 0),
                 "normal": (0, 255, 0), "osteopenia": (255, 160, 0), "osteoporosis": (255, 60, 60)}
+#: outline colours of label-map values 1, 2, 3, ... (femur, tibia, fibula for knee_bone_seg)
+_MASK_COLOURS = ((255, 80, 80), (80, 200, 255), (255, 220, 0), (120, 255, 120), (220, 120, 255))
 
 
 def display_image(ds: pydicom.Dataset) -> np.ndarray:
@@ -63,6 +66,48 @@ def _chosen_files(root: Path, boxes: dict[str, list[dict[str, Any]]], per_series
     return out
 
 
+class MaskSlicer:
+    """The label-map slice under a DICOM slice, by geometry: the map's voxel that contains the slice's
+    ImagePositionPatient along the map's slice axis (manifest rows with ``mask``, e.g. knee_bone_seg)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._cache: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, float]] = {}
+
+    def _load(self, rel: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        if rel not in self._cache:
+            import SimpleITK as sitk
+
+            img = sitk.ReadImage(str(self.root / rel))
+            normal = np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3)[:, 2]
+            self._cache = {rel: (sitk.GetArrayFromImage(img), np.asarray(img.GetOrigin()), normal,
+                                 float(img.GetSpacing()[2]))}  # one study at a time: files come in folder order
+        return self._cache[rel]
+
+    def __call__(self, row: dict[str, Any], ds: pydicom.Dataset) -> np.ndarray | None:
+        """(rows, cols) label slice, or None when the row has no mask or the slice lies outside it."""
+        rel = row.get("mask")
+        if not rel or "ImagePositionPatient" not in ds:
+            return None
+        labels, origin, normal, dz = self._load(str(rel))
+        k = int(round(float(np.dot(np.asarray(ds.ImagePositionPatient, dtype=np.float64) - origin, normal)) / dz))
+        if not 0 <= k < labels.shape[0] or labels.shape[1:] != (ds.Rows, ds.Columns):
+            return None
+        return labels[k]
+
+
+def _outline(labels: np.ndarray, size: tuple[int, int]) -> list[tuple[int, np.ndarray]]:
+    """Per label value > 0, the boolean outline of its region at display ``size`` (width, height)."""
+    big = np.asarray(Image.fromarray(labels.astype(np.uint8)).resize(size, Image.NEAREST))
+    out = []
+    for v in np.unique(big[big > 0]):
+        m = big == v
+        inner = m.copy()
+        inner[1:-1, 1:-1] = m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:] & m[1:-1, 1:-1]
+        out.append((int(v), m & ~inner))
+    return out
+
+
 def sheet_from_folder(root: Path, out_png: Path, *, max_images: int = 16, tile: int = 256,
                       per_series: int = 4) -> Path:
     """Draw up to ``max_images`` images of a labelled folder, each with its label and boxes.
@@ -73,6 +118,7 @@ def sheet_from_folder(root: Path, out_png: Path, *, max_images: int = 16, tile: 
     by_study = {r.get("study_uid"): r for r in rows if r.get("study_uid")}
     by_sop = {r.get("sop_instance_uid"): r for r in rows if r.get("sop_instance_uid")}
     boxes = _boxes_by_sop(rows)
+    masks = MaskSlicer(Path(root))
     files = _chosen_files(Path(root), boxes, per_series)
     tiles: list[Image.Image] = []
     font = ImageFont.load_default(size=14)
@@ -83,6 +129,15 @@ def sheet_from_folder(root: Path, out_png: Path, *, max_images: int = 16, tile: 
         h, w = img.shape
         k = tile / max(h, w)
         im = Image.fromarray(img).convert("RGB").resize((max(1, int(w * k)), max(1, int(h * k))))
+        label_slice = masks(row, ds)
+        names: list[str] = []
+        if label_slice is not None:
+            px = np.asarray(im).copy()
+            value_names = {int(v): str(n) for n, v in (row.get("labels") or {}).items()}
+            for v, edge in _outline(label_slice, im.size):
+                px[edge] = _MASK_COLOURS[(v - 1) % len(_MASK_COLOURS)]
+                names.append(value_names.get(v, str(v)))
+            im = Image.fromarray(px)
         canvas = Image.new("RGB", (tile, tile + 18))
         canvas.paste(im, ((tile - im.width) // 2, 0))
         draw = ImageDraw.Draw(canvas)
@@ -91,8 +146,12 @@ def sheet_from_folder(root: Path, out_png: Path, *, max_images: int = 16, tile: 
             draw.rectangle([ox + b["x0"] * k, b["y0"] * k, ox + b["x1"] * k, b["y1"] * k],
                            outline=_BOX_COLOURS.get(b.get("label", ""), (0, 255, 0)), width=2)
         levels = [f"{b['level']} {b.get('label', '')}" for b in boxes.get(ds.SOPInstanceUID, []) if "level" in b]
-        text = (f"{ds.get('PatientAge', '')} {', '.join(levels)}" if levels
-                else f"{ds.get('ViewPosition', '')} {ds.get('PatientAge', '')} label={row.get('label', '?')}")
+        if levels:
+            text = f"{ds.get('PatientAge', '')} {', '.join(levels)}"
+        elif label_slice is not None:
+            text = f"{ds.get('PatientAge', '')} {row.get('orientation', '')} {' '.join(names) or 'no bone'}"
+        else:
+            text = f"{ds.get('ViewPosition', '')} {ds.get('PatientAge', '')} label={row.get('label', '?')}"
         draw.text((3, tile + 1), text, fill=(255, 255, 255), font=font)
         tiles.append(canvas)
         if len(tiles) >= max_images:
