@@ -193,12 +193,13 @@ def spine_geometry(
     if vol.ndim != 3 or len(pos) != vol.shape[0]:
         raise ValueError(f"need a (slices, rows, cols) volume and one position per slice, got {vol.shape}")
     n, rows = vol.shape[0], vol.shape[1]
-    spine = vertebra_mask(vol > cortex_hu, pixel_spacing, vertebra_width_mm=vertebra_width_mm,
+    bone3 = vol > cortex_hu
+    spine = vertebra_mask(bone3, pixel_spacing, vertebra_width_mm=vertebra_width_mm,
                           vertebra_depth_mm=vertebra_depth_mm)
     col = spine_midline_column(spine, threshold=0.5)
     half = max(1, int(round(slab_mm / 2.0 / float(pixel_spacing[1]))))
     cols = slice(max(0, col - half), col + half + 1)
-    bone = vol[:, :, cols].max(axis=2) > cortex_hu  # (slices, rows)
+    bone = bone3[:, :, cols].any(axis=2)  # (slices, rows)
     in_spine = spine[:, :, cols].any(axis=2)
     has = in_spine.any(axis=1)
     if not has.any():

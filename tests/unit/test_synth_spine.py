@@ -156,7 +156,7 @@ def test_preview_shows_the_labelled_mid_body_slices(tmp_path: Path) -> None:
 
     rows = _rows(sb.generate(tmp_path / "d", 2, 4, workers=1, params=SMALL))
     boxes = _boxes_by_sop(rows)
-    chosen = _chosen_files(tmp_path / "d", boxes, per_series=3)
+    chosen = list(_chosen_files(tmp_path / "d", boxes, per_series=3))
     assert len(chosen) == 6 and all(f.stem in boxes for f in chosen)
     levels = {b["level"] for f in chosen for b in boxes[f.stem]}
     assert len(levels) >= 2

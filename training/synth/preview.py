@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,21 +50,22 @@ def _boxes_by_sop(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]
     return out
 
 
-def _chosen_files(root: Path, boxes: dict[str, list[dict[str, Any]]], per_series: int) -> list[Path]:
+def _chosen_files(root: Path, boxes: dict[str, list[dict[str, Any]]], per_series: int) -> Iterator[Path]:
     """Radiographs all; of a slice series (files in one series folder), the slices with boxes or else the
-    middle ones, at most ``per_series`` spread over the series (the first slices of a CT show no anatomy)."""
-    out: list[Path] = []
+    middle ones, at most ``per_series`` spread over the series (the first slices of a CT show no anatomy).
+
+    Lazy, folder by folder: a caller that stops early reads no more headers.
+    """
     for folder in sorted({f.parent for f in Path(root).rglob("*.dcm")}):
         files = sorted(folder.glob("*.dcm"))
         if len(files) <= 2:
-            out += files
+            yield from files
             continue
         files.sort(key=lambda f: int(pydicom.dcmread(f, stop_before_pixels=True).get("InstanceNumber", 0) or 0))
         boxed = [f for f in files if f.stem in boxes]
         pool = boxed or files[len(files) // 4:len(files) - len(files) // 4] or files
         step = max(1, len(pool) // per_series)
-        out += pool[step // 2::step][:per_series]
-    return out
+        yield from pool[step // 2::step][:per_series]
 
 
 class MaskSlicer:
