@@ -7,7 +7,10 @@ Physics, per scan:
    around a trabecular network (band-pass filtered 3-D noise, kept near its
    zero crossings, which gives connected plates and rods; partial volume from a
    soft threshold) in fatty marrow. Edges are anti-aliased (linear partial
-   volume).
+   volume). Optionally (``params``; off by default, models/README.md says why) the
+   muscle has a per-subject texture (fibre bundles and fat septa: 2-D noise with a 1.5 mm
+   grain, SD up to 60 mg HA/cm3, varying slowly along the limb), so that a wide
+   soft-tissue histogram does not by itself mean motion.
 2. density -> linear attenuation ``mu = 0.25 + 0.0012 * D`` [1/cm] (air = 0).
 3. parallel-beam projections over 180 degrees (both ends acquired) while the
    limb moves rigidly: a slow drift, a twitch at a random time (permanent or
@@ -39,7 +42,7 @@ from typing import Any
 
 import numpy as np
 import scipy.fft as sfft
-from scipy.ndimage import gaussian_filter1d
+from scipy.ndimage import gaussian_filter, gaussian_filter1d
 
 from training.synth.common import (
     DEFAULT_DIFFICULTY,
@@ -69,6 +72,9 @@ SCANNERS: dict[str, tuple[int, float, float]] = {  # model -> (slices, slice mm,
     "XtremeCT II": (168, 0.0607, 68.0),
 }
 FOV_MM = {"radius": 64.0, "tibia": 88.0}
+TEXTURE_GRAIN_MM = 1.5  # Gaussian sigma of the muscle texture (bundles and septa)
+#: default upper end of the per-scan muscle texture SD (mg HA/cm3): off, see models/README.md "A confounder tried"
+TEXTURE_SD_MAX = 0.0
 #: grade distributions per site, after the thesis (tibia 334/97/42/24/2, radius 139/169/233/62/8), grade 5 kept rare
 GRADE_P = {"radius": (0.23, 0.28, 0.37, 0.10, 0.02), "tibia": (0.64, 0.19, 0.09, 0.06, 0.02)}
 #: severity interval of each true grade (continuous scale 0..1)
@@ -185,9 +191,28 @@ def _trabecular_fraction(rng: np.random.Generator, shape: tuple[int, int, int], 
     return np.clip(1.5 - np.abs(g) / thr, 0.0, 1.0).astype(np.float32)
 
 
+def muscle_texture(rng: np.random.Generator, n: int, n_slices: int, sd: float, grain_px: float) -> np.ndarray:
+    """Soft-tissue texture (mg HA/cm3) of shape (n_slices, n, n): SD ``sd``, Gaussian grain ``grain_px``.
+
+    Two smooth in-plane noise fields, blended linearly from the proximal to the distal end, so
+    the pattern changes slowly along the limb as muscle bundles and septa do. The grain is millimetric
+    (bundles, not voxel noise): it widens the reconstructed soft-tissue histogram as much as motion
+    streaks do, but looks nothing like them.
+    """
+    ends = []
+    for _ in range(2):
+        f = gaussian_filter(standard_normal32(rng, (n, n)), grain_px)
+        ends.append(f * np.float32(sd / (f.std() + 1e-9)))
+    w = np.linspace(0.0, 1.0, n_slices, dtype=np.float32)[:, None, None]
+    return ends[0][None] * (1 - w) + ends[1][None] * w
+
+
 def phantom(rng: np.random.Generator, site: str, n: int, n_slices: int, px: float, dz: float,
-            age: float, sex: str) -> tuple[np.ndarray, float]:
-    """Density volume (mg HA/cm3) of shape (n_slices, n, n) and the main bone's mean radius (mm)."""
+            age: float, sex: str, texture: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """Density volume (mg HA/cm3) of shape (n_slices, n, n) and the main bone's mean radius (mm).
+
+    ``texture`` (same shape) is added inside the muscle (see :func:`muscle_texture`).
+    """
     c = ((np.arange(n) - n // 2) * px).astype(np.float32)
     x, y = np.meshgrid(c, c)
     z = (np.arange(n_slices) - n_slices / 2) * dz
@@ -212,7 +237,10 @@ def phantom(rng: np.random.Generator, site: str, n: int, n_slices: int, px: floa
     env = _contour(rng, theta, env_a, env_b, 0.04)[None]
     vol = np.full((n_slices, n, n), D_AIR, dtype=np.float32)
     vol += _soft_inside(rho[None], env, px) * (-90.0 - D_AIR)
-    vol += _soft_inside(rho[None], env - fat_mm, px) * (35.0 + 90.0)
+    muscle = _soft_inside(rho[None], env - fat_mm, px)
+    vol += muscle * (35.0 + 90.0)
+    if texture is not None:
+        vol += muscle * texture
     bvtv = float(np.clip(rng.normal(0.30 - 0.12 * loss, 0.04), 0.08, 0.42))
     cort_density = float(np.clip(rng.normal(1050 - 120 * loss, 40), 750, 1200))
     for b, trab in ((bone, True), (other, False)):
@@ -231,6 +259,8 @@ def phantom(rng: np.random.Generator, site: str, n: int, n_slices: int, px: floa
         frac = _trabecular_fraction(rng, f_in.shape, px, dz, bvtv)
         inner = -40.0 + frac * ((750.0 if trab else 500.0) * (1.0 if trab else 0.6))
         vol[:, rows, cols] += f_out * (cort_density - 35.0) + f_in * (inner - cort_density)
+        if texture is not None:  # bone replaces muscle, texture included
+            vol[:, rows, cols] -= f_out * texture[:, rows, cols]
     return vol, float((bone["a"] + bone["b"]) / 2)
 
 
@@ -300,7 +330,14 @@ def make_study(job: StudyJob) -> list[dict[str, Any]]:
     geom = ParallelBeam(n, n_views)
     motion = draw_motion(rng_m, sev, n_views, px, slice_mm)
     margin = motion.margin_slices  # only as many extra slices as this scan's axial motion needs
-    dens, bone_r = phantom(rng_a, site, n, n_slices + 2 * margin, px, slice_mm, patient.age_years, sex)
+    # the texture has its own random stream: with it, a seed keeps the anatomy, motion and grades it had
+    rng_t = job.rng("texture")
+    texture_sd = (float(p["texture_sd"]) if "texture_sd" in p
+                  else float(rng_t.uniform(0.0, float(p.get("texture_sd_max", TEXTURE_SD_MAX)))))
+    texture = (muscle_texture(rng_t, n, n_slices + 2 * margin, texture_sd, TEXTURE_GRAIN_MM / px)
+               if texture_sd > 0 else None)
+    dens, bone_r = phantom(rng_a, site, n, n_slices + 2 * margin, px, slice_mm, patient.age_years, sex, texture)
+    del texture
     motion = motion.about_bone(bone_r)
     photons = float(rng_n.uniform(1.5e5, 4e5))
     rec, ssd = acquire(rng_n, dens, motion, geom, px, margin, photons)
@@ -324,7 +361,7 @@ def make_study(job: StudyJob) -> list[dict[str, Any]]:
                               window=(400.0, 1600.0), window_explanation="BONE", extra=extra)
     return [{"study_uid": study.study_uid, "patient_id": patient.patient_id, "label": label, "task": TASK,
              "grade_rater": grade, "grade_true": true_grade, "motion_severity": round(sev, 4),
-             "motion_ssd": ssd, "site": site, "scanner": model, "n_slices": len(sops),
+             "motion_ssd": ssd, "site": site, "scanner": model, "n_slices": len(sops), "texture_sd": round(texture_sd, 1),
              "series_uid": series.series_uid}]
 
 
@@ -332,7 +369,9 @@ def generate(out: Path, n: int, seed: int, *, workers: int = 2, difficulty: floa
              label_noise: float = 0.02, params: dict[str, Any] | None = None) -> Path:
     """Write ``n`` synthetic HR-pQCT scans under ``out``; return the manifest path.
 
-    ``params`` may fix ``site`` ("radius"/"tibia"), ``scanner``, ``grade`` (true grade 1-5), and shrink
+    ``params`` may fix ``site`` ("radius"/"tibia"), ``scanner``, ``grade`` (true grade 1-5), ``texture_sd``
+    (the muscle texture's SD in mg HA/cm3; 0 for none) or draw it per scan from uniform(0, ``texture_sd_max``)
+    (default :data:`TEXTURE_SD_MAX`, no texture), and shrink
     the simulation for tests: ``n`` (in-plane matrix), ``n_views``, ``n_slices``.
     """
     return generate_studies(Path(out), n, seed, make_study, workers=workers, difficulty=difficulty,
