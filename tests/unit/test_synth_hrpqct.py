@@ -12,6 +12,7 @@ import pytest
 from pydicom.uid import CTImageStorage
 
 from training.synth import hrpqct_motion as hr
+from training.synth.common import SynthError
 from training.synth.tomo import ParallelBeam, fbp, forward_project, opposed_projection_ssd
 
 SMALL = {"n": 64, "n_views": 64, "n_slices": 12}
@@ -162,3 +163,5 @@ def test_muscle_texture_has_its_own_stream_and_stays_out_of_the_bone(tmp_path: P
     # off by default (the shipped bundle is trained without it): every scan says so in the manifest
     default = _rows(hr.generate(tmp_path / "d", 3, 5, workers=2, params=SMALL))
     assert [r["texture_sd"] for r in default] == [0.0, 0.0, 0.0]
+    with pytest.raises(SynthError, match="texture SD"):
+        hr.generate(tmp_path / "e", 1, 5, workers=1, params={**SMALL, "texture_sd": -5.0})

@@ -332,8 +332,10 @@ def make_study(job: StudyJob) -> list[dict[str, Any]]:
     margin = motion.margin_slices  # only as many extra slices as this scan's axial motion needs
     # the texture has its own random stream: with it, a seed keeps the anatomy, motion and grades it had
     rng_t = job.rng("texture")
-    texture_sd = (float(p["texture_sd"]) if "texture_sd" in p
-                  else float(rng_t.uniform(0.0, float(p.get("texture_sd_max", TEXTURE_SD_MAX)))))
+    sd_max = float(p.get("texture_sd_max", TEXTURE_SD_MAX))
+    texture_sd = float(p["texture_sd"]) if "texture_sd" in p else float(rng_t.uniform(0.0, max(sd_max, 0.0)))
+    if not (texture_sd >= 0.0 and sd_max >= 0.0):
+        raise SynthError(f"the muscle texture SD must be >= 0 mg HA/cm3, got {texture_sd} (max {sd_max})")
     texture = (muscle_texture(rng_t, n, n_slices + 2 * margin, texture_sd, TEXTURE_GRAIN_MM / px)
                if texture_sd > 0 else None)
     dens, bone_r = phantom(rng_a, site, n, n_slices + 2 * margin, px, slice_mm, patient.age_years, sex, texture)
