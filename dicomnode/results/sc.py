@@ -87,7 +87,8 @@ def _heat_blend(rgb: np.ndarray, heat: np.ndarray) -> np.ndarray:
     return rgb * (1.0 - alpha) + colour * alpha
 
 
-def _contour(mask: np.ndarray) -> np.ndarray:
+def mask_contour(mask: np.ndarray) -> np.ndarray:
+    """The one-pixel outline of a 2-D mask (4-neighbour erosion, the image border counting as background)."""
     mask = mask.astype(bool)
     return mask & ~ndimage.binary_erosion(mask, border_value=0)
 
@@ -105,7 +106,7 @@ def render_panel(
         rgb = _heat_blend(rgb, panel.heatmap)
     for label, mask in panel.contours.items():
         m = _resize_float(np.asarray(mask, np.float32), out_shape, nearest=True) > 0.5
-        edge = _contour(m)
+        edge = mask_contour(m)
         grow = int(scale) // 2
         if grow > 0:  # iterations=0 would make scipy dilate until nothing changes (the whole panel)
             edge = ndimage.binary_dilation(edge, iterations=grow)

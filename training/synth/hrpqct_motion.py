@@ -333,7 +333,7 @@ def make_study(job: StudyJob) -> list[dict[str, Any]]:
     # the texture has its own random stream: with it, a seed keeps the anatomy, motion and grades it had
     rng_t = job.rng("texture")
     sd_max = float(p.get("texture_sd_max", TEXTURE_SD_MAX))
-    texture_sd = float(p["texture_sd"]) if "texture_sd" in p else float(rng_t.uniform(0.0, max(sd_max, 0.0)))
+    texture_sd = float(p["texture_sd"]) if "texture_sd" in p else float(rng_t.uniform(0.0, sd_max))
     if not (texture_sd >= 0.0 and sd_max >= 0.0):
         raise SynthError(f"the muscle texture SD must be >= 0 mg HA/cm3, got {texture_sd} (max {sd_max})")
     texture = (muscle_texture(rng_t, n, n_slices + 2 * margin, texture_sd, TEXTURE_GRAIN_MM / px)

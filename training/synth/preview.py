@@ -74,16 +74,18 @@ class MaskSlicer:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self._cache: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, float]] = {}
+        self._cache: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
-    def _load(self, rel: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    def _load(self, rel: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if rel not in self._cache:
             import SimpleITK as sitk
 
-            img = sitk.ReadImage(str(self.root / rel))
-            normal = np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3)[:, 2]
-            self._cache = {rel: (sitk.GetArrayFromImage(img), np.asarray(img.GetOrigin()), normal,
-                                 float(img.GetSpacing()[2]))}  # one study at a time: files come in folder order
+            from inference.series import from_sitk
+
+            labels, affine = from_sitk(sitk.ReadImage(str(self.root / rel)))
+            step = affine[:3, 0]  # one slice along the map's slice axis
+            # one study at a time: files come in folder order
+            self._cache = {rel: (labels, affine[:3, 3], step / float(step @ step))}
         return self._cache[rel]
 
     def __call__(self, row: dict[str, Any], ds: pydicom.Dataset) -> np.ndarray | None:
@@ -91,8 +93,8 @@ class MaskSlicer:
         rel = row.get("mask")
         if not rel or "ImagePositionPatient" not in ds:
             return None
-        labels, origin, normal, dz = self._load(str(rel))
-        k = int(round(float(np.dot(np.asarray(ds.ImagePositionPatient, dtype=np.float64) - origin, normal)) / dz))
+        labels, origin, per_slice = self._load(str(rel))
+        k = int(round(float(np.dot(np.asarray(ds.ImagePositionPatient, dtype=np.float64) - origin, per_slice))))
         if not 0 <= k < labels.shape[0] or labels.shape[1:] != (ds.Rows, ds.Columns):
             return None
         return labels[k]
@@ -100,14 +102,10 @@ class MaskSlicer:
 
 def _outline(labels: np.ndarray, size: tuple[int, int]) -> list[tuple[int, np.ndarray]]:
     """Per label value > 0, the boolean outline of its region at display ``size`` (width, height)."""
+    from dicomnode.results.sc import mask_contour  # the overlays' outline; lazy, generators need not load it
+
     big = np.asarray(Image.fromarray(labels.astype(np.uint8)).resize(size, Image.NEAREST))
-    out = []
-    for v in np.unique(big[big > 0]):
-        m = big == v
-        inner = m.copy()
-        inner[1:-1, 1:-1] = m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:] & m[1:-1, 1:-1]
-        out.append((int(v), m & ~inner))
-    return out
+    return [(int(v), mask_contour(big == v)) for v in np.unique(big[big > 0])]
 
 
 def sheet_from_folder(root: Path, out_png: Path, *, max_images: int = 16, tile: int = 256,
