@@ -16,6 +16,8 @@
 # (default 120) of box-patch pretraining, without which it had not left chance on a CPU; the physis recipe reads the
 # same PRETRAIN_S (all three of its networks; PHYSIS_D sets its difficulty, default 0.2). spine_backbones (issue
 # 8's four-backbone comparison, scripts/train_demo/spine_backbones.sh, from scratch) runs only when TASKS names it.
+# HRP_PARAMS passes generator parameters to the HR-pQCT sets, e.g. HRP_PARAMS=texture_sd_max=60 (the muscle texture
+# that needs a GPU retrain before it can be the default, models/README.md).
 set -uo pipefail
 cmd=${1:?usage: $0 start|wait|pack WORK ARG}
 work=${2:?usage: $0 start|wait|pack WORK ARG}
@@ -29,6 +31,7 @@ run() {  # task N_TRAIN N_HOLDOUT EPOCHS WORKERS [DIFFICULTY]
   case " $TASKS " in *" $task "*) ;; *) return 0 ;; esac
   ( export N_TRAIN=$2 N_HOLDOUT=$3 EPOCHS=$4 WORKERS=$5 DEVICE=${DEVICE:-cuda}
     if [ -n "${6:-}" ]; then export DIFFICULTY=$6; fi
+    if [ "$task" = hrpqct_motion ]; then export SYNTH_PARAMS=${HRP_PARAMS:-}; fi
     timeout $(( DEADLINE - $(date +%s) + 60 )) bash "scripts/train_demo/$task.sh" "$work/$task" \
       >"$work/$task.log" 2>&1
     echo "$task exit $?" >>"$work/status.txt" ) &

@@ -17,7 +17,9 @@
 #    The report also scores the histogram baseline (training.baseline) fitted on the training set.
 #
 # Sizes: N_TRAIN, N_HOLDOUT, EPOCHS, DEVICE (auto|cpu|cuda), WORKERS (synthesis processes), BATCH; RESCAN_SENS;
-# CUTPOINTS; INIT_FROM (a hrpqct_motion bundle to start from instead of a fresh initialisation).
+# CUTPOINTS; INIT_FROM (a hrpqct_motion bundle to start from instead of a fresh initialisation); SYNTH_PARAMS
+# (generator parameters for both sets, e.g. "texture_sd_max=60": the muscle texture of models/README.md);
+# TRAIN_DATA / HOLDOUT_DATA (existing sets to reuse).
 # Tiny CPU check:   N_TRAIN=12 N_HOLDOUT=6 EPOCHS=1 DEVICE=cpu scripts/train_demo/hrpqct_motion.sh /tmp/motion_demo
 # GPU (H100):       PYTHON=python3 PYTHONPATH=. N_TRAIN=400 N_HOLDOUT=100 EPOCHS=30 \
 #                   scripts/train_demo/hrpqct_motion.sh out
@@ -37,13 +39,16 @@ VERSION=${VERSION:-demo-$(date -u +%Y%m%d)}
 
 # shellcheck source=scripts/train_demo/_budget.sh
 source "$(dirname "$0")/_budget.sh"
+# shellcheck source=scripts/train_demo/_data.sh
+source "$(dirname "$0")/_data.sh"
 mkdir -p "$OUT"
-rm -rf "$OUT/train_data" "$OUT/holdout_data" "$OUT/bundle" "$OUT/bundle.work" "$OUT/eval"
+rm -rf "$OUT/bundle" "$OUT/bundle.work" "$OUT/eval"
 
-"$PY" -m training.cli synth hrpqct_motion --out "$OUT/train_data" --n "$N_TRAIN" --seed 1 --workers "$WORKERS"
-"$PY" -m training.cli synth hrpqct_motion --out "$OUT/holdout_data" --n "$N_HOLDOUT" --seed 2 --workers "$WORKERS"
+param_args=()
+for p in ${SYNTH_PARAMS:-}; do param_args+=(--param "$p"); done
+synth_sets hrpqct_motion "${param_args[@]}"
 
-"$PY" -m training.cli train hrpqct_motion --data "$OUT/train_data" --out "$OUT/bundle" \
+"$PY" -m training.cli train hrpqct_motion --data "$TRAIN_DATA" --out "$OUT/bundle" \
     --epochs "$EPOCHS" --device "$DEVICE" --fp16 --synthetic --version "$VERSION" \
     --workers "$([ "$DEVICE" = cpu ] && echo 0 || echo 8)" \
     --set batch_size="$BATCH" --set schedule=cosine --set min_lr=0.00001 \
@@ -52,8 +57,8 @@ rm -rf "$OUT/train_data" "$OUT/holdout_data" "$OUT/bundle" "$OUT/bundle.work" "$
     --set task.rescan_target_sensitivity="$RESCAN_SENS" ${INIT_FROM:+--set init_from="$INIT_FROM"} \
     ${TRAIN_ARGS:-} $(budget_args)
 
-"$PY" -m training.cli evaluate "$OUT/bundle" --data "$OUT/holdout_data" --subset all --device "$DEVICE" \
-    --baseline-train "$OUT/train_data" \
+"$PY" -m training.cli evaluate "$OUT/bundle" --data "$HOLDOUT_DATA" --subset all --device "$DEVICE" \
+    --baseline-train "$TRAIN_DATA" \
     --out "$OUT/eval" --workers "$([ "$DEVICE" = cpu ] && echo 0 || echo 8)"
 
 du -sh "$OUT/bundle"

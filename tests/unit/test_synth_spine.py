@@ -12,7 +12,7 @@ import pytest
 from pydicom.uid import CTImageStorage
 
 from training.synth import spine_bmd as sb
-from training.synth.common import new_patient
+from training.synth.common import SynthError, new_patient
 
 SMALL = {"n": 96, "pixel_spacing": 2.0, "thickness": 3.0}
 
@@ -133,7 +133,7 @@ def test_contrast_enhances_vessels_and_organs_not_the_bone(tmp_path: Path, dciod
     dciodvfy(next((tmp_path / "portal_venous" / portal["study_uid"]).glob("*/*.dcm")))  # Contrast/Bolus module
     if not native["contrast"]["oral_contrast"]:
         assert "ContrastBolusAgent" not in next(iter(dss["native"].values()))
-    with pytest.raises(ValueError, match="unknown contrast phase"):
+    with pytest.raises(SynthError, match="'phase' must be one of native, arterial, portal_venous"):
         sb.generate(tmp_path / "bad", 1, 31, workers=1, params={**SMALL, "phase": "delayed"})
 
 

@@ -37,17 +37,20 @@ import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
 from inference.errors import DicomNodeError
+
+if TYPE_CHECKING:
+    from training.synth.params import Param
 
 #: difficulty of a generator that sets none of its own (0 obvious .. 1 subtle)
 DEFAULT_DIFFICULTY = 0.5
@@ -530,7 +533,8 @@ def _run_chunk(fn: StudyFn, jobs: list[StudyJob]) -> list[list[dict[str, Any]]]:
 
 def generate_studies(out: Path, n: int, seed: int, make_study: StudyFn, *, workers: int = 2,
                      difficulty: float = DEFAULT_DIFFICULTY, label_noise: float = 0.02, params: dict[str, Any] | None = None,
-                     manifest_name: str = "labels.jsonl", chunk_size: int | None = None) -> Path:
+                     param_spec: Mapping[str, Param] | None = None, manifest_name: str = "labels.jsonl",
+                     chunk_size: int | None = None) -> Path:
     """Run ``make_study`` for study indices ``0..n-1`` over ``workers`` processes and write the manifest.
 
     ``make_study`` must be a module-level function (picklable) that writes its
@@ -538,6 +542,8 @@ def generate_studies(out: Path, n: int, seed: int, make_study: StudyFn, *, worke
     processes (this one when ``workers`` is 1) keep freed buffers for reuse
     (:func:`keep_freed_memory`). Rows are written in
     index order, so the manifest is identical whatever ``workers`` is.
+    ``params`` are checked and typed against ``param_spec`` (the module's
+    ``PARAMS``, :mod:`training.synth.params`; none accepted without it).
 
     Returns
     -------
@@ -552,10 +558,13 @@ def generate_studies(out: Path, n: int, seed: int, make_study: StudyFn, *, worke
         raise SynthError(f"difficulty must be in [0, 1], got {difficulty}")
     if not 0.0 <= label_noise <= 0.5:
         raise SynthError(f"label_noise must be in [0, 0.5], got {label_noise}")
+    from training.synth.params import check_params  # imports this module
+
+    params = check_params(make_study.__module__.rsplit(".", 1)[-1], params, param_spec or {})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [StudyJob(out=out, index=i, seed=study_seed(seed, i), difficulty=difficulty, label_noise=label_noise,
-                     params=dict(params or {})) for i in range(n)]
+                     params=dict(params)) for i in range(n)]
     workers = max(1, int(workers))
     if chunk_size is None:
         chunk_size = max(1, min(32, -(-n // (workers * 4)) if n else 1))

@@ -57,6 +57,7 @@ from training.synth.common import (
     new_study,
     standard_normal32,
 )
+from training.synth.params import Param
 from training.synth.tomo import ParallelBeam, fbp, forward_project, opposed_projection_ssd
 from training.synth.volume import VolumeGeometry, write_slice_series
 
@@ -80,6 +81,18 @@ GRADE_P = {"radius": (0.23, 0.28, 0.37, 0.10, 0.02), "tibia": (0.64, 0.19, 0.09,
 #: severity interval of each true grade (continuous scale 0..1)
 SEVERITY_EDGES = (0.0, 0.08, 0.22, 0.42, 0.68, 1.0)
 MAX_MOTION_MM = 1.4
+#: ``params`` this generator takes (training.synth.params)
+PARAMS = {
+    "site": Param(str, "the scanned site (default: radius 55 %, tibia 45 %)", ("radius", "tibia")),
+    "scanner": Param(str, "the scanner model and its slice geometry (default: drawn)", tuple(SCANNERS)),
+    "grade": Param(int, "true motion grade of every scan (the rater's grade stays noisy)", (1, 2, 3, 4, 5)),
+    "texture_sd": Param(float, "muscle texture SD in mg HA/cm3 for every scan (0: none)"),
+    "texture_sd_max": Param(float, f"draw the muscle texture SD per scan from uniform(0, this); default "
+                                   f"{TEXTURE_SD_MAX:g} (off)"),
+    "n": Param(int, "in-plane reconstruction matrix (default 256; smaller for tests)"),
+    "n_views": Param(int, "projections over 180 degrees (default 3/4 of n)"),
+    "n_slices": Param(int, "slices (default the scanner's 110 or 168)"),
+}
 
 
 @dataclass(frozen=True)
@@ -377,7 +390,7 @@ def generate(out: Path, n: int, seed: int, *, workers: int = 2, difficulty: floa
     the simulation for tests: ``n`` (in-plane matrix), ``n_views``, ``n_slices``.
     """
     return generate_studies(Path(out), n, seed, make_study, workers=workers, difficulty=difficulty,
-                            label_noise=label_noise, params=params)
+                            label_noise=label_noise, params=params, param_spec=PARAMS)
 
 
 def preview(out_png: Path, n: int, seed: int) -> Path:

@@ -42,12 +42,21 @@ from training.synth.common import (
     new_study,
     standard_normal32,
 )
+from training.synth.params import Param
 from training.synth.volume import VolumeGeometry, write_slice_series
 
 log = logging.getLogger(__name__)
 
 TASK = "knee_bone_seg"
 AGE_RANGE = (8.0, 70.0)
+#: ``params`` this generator takes (training.synth.params)
+PARAMS = {
+    "orientation": Param(str, "slice plane (default: coronal 60 %, sagittal 40 %)", ("coronal", "sagittal")),
+    "n": Param(int, "in-plane matrix (default 256, 320 or 384)"),
+    "pixel_spacing": Param(float, "in-plane pixel spacing in mm (default: a 120-170 mm field of view)"),
+    "thickness": Param(float, "slice thickness in mm (default 3.0, 3.5 or 4.0)"),
+    "n_slices": Param(int, "slices (default 24-40)"),
+}
 LABELS = {"femur": 1, "tibia": 2, "fibula": 3}
 EQUIPMENT = (
     Equipment("SIEMENS", "MAGNETOM Skyra", station="MR01", extra={"field": 3.0}),
@@ -234,7 +243,7 @@ def generate(out: Path, n: int, seed: int, *, workers: int = 2, difficulty: floa
     ``pixel_spacing``, ``thickness`` and ``n_slices``.
     """
     return generate_studies(Path(out), n, seed, make_study, workers=workers, difficulty=difficulty,
-                            label_noise=label_noise, params=params)
+                            label_noise=label_noise, params=params, param_spec=PARAMS)
 
 
 def preview(out_png: Path, n: int, seed: int) -> Path:

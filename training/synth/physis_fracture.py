@@ -38,11 +38,14 @@ from training.synth.common import (
     new_study,
     write_dataset,
 )
+from training.synth.params import FORCE_LABEL
 from training.synth.wrist_fracture import EQUIPMENT, WRIST_CODE, acquire, fracture_visible, lerp
 
 TASK = "physis_fracture"
 PREVALENCE = 0.47
 AGE_RANGE = (2.0, 17.0)
+#: ``params`` this generator takes (training.synth.params)
+PARAMS = {"force_label": FORCE_LABEL}
 KINDS = ("widened", "corner", "metaphyseal")
 ROWS, COLS = 1024, 768
 _TEXTS = ("STEHEND", "GIPS", "IN GIPS", "PA", "LAT", "SEITL", "NACH REP", "POST OP", "DORSOVOLAR")
@@ -209,7 +212,7 @@ def generate(out: Path, n: int, seed: int, *, workers: int = 2, difficulty: floa
              label_noise: float = 0.02, params: dict[str, Any] | None = None) -> Path:
     """Write ``n`` synthetic paediatric studies under ``out``; return the manifest path."""
     return generate_studies(Path(out), n, seed, make_study, workers=workers, difficulty=difficulty,
-                            label_noise=label_noise, params=params)
+                            label_noise=label_noise, params=params, param_spec=PARAMS)
 
 
 def preview(out_png: Path, n: int, seed: int) -> Path:

@@ -53,6 +53,7 @@ from training.synth.common import (
     new_study,
     standard_normal32,
 )
+from training.synth.params import Param
 from training.synth.volume import VolumeGeometry, write_slice_series
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,14 @@ PHASES: dict[str, tuple[float, dict[str, tuple[float, float]]]] = {
                              "medulla": (120.0, 190.0), "liver": (95.0, 135.0), "spleen": (105.0, 135.0)}),
 }
 ORAL_CONTRAST_P = 0.3
+#: ``params`` this generator takes (training.synth.params)
+PARAMS = {
+    "n": Param(int, "in-plane matrix (default 256 or 320)"),
+    "pixel_spacing": Param(float, "in-plane pixel spacing in mm (default 0.6-0.9)"),
+    "thickness": Param(float, "slice thickness in mm (default 1.5, 2.0, 2.5 or 3.0)"),
+    "t_shift": Param(float, "patient mean T-score (the per-vertebra scatter stays)"),
+    "phase": Param(str, "contrast phase (default: drawn, a third native)", tuple(PHASES)),
+}
 
 
 def who_class(t_score: float) -> str:
@@ -463,7 +472,7 @@ def generate(out: Path, n: int, seed: int, *, workers: int = 2, difficulty: floa
     and ``phase`` (contrast phase, a key of ``PHASES``).
     """
     return generate_studies(Path(out), n, seed, make_study, workers=workers, difficulty=difficulty,
-                            label_noise=label_noise, params=params)
+                            label_noise=label_noise, params=params, param_spec=PARAMS)
 
 
 def preview(out_png: Path, n: int, seed: int) -> Path:

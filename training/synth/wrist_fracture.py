@@ -35,6 +35,7 @@ from training.synth.common import (
     new_study,
     write_dataset,
 )
+from training.synth.params import FORCE_LABEL
 
 TASK = "wrist_fracture"
 PREVALENCE = 0.31
@@ -42,6 +43,8 @@ PREVALENCE = 0.31
 #: radiographs; 0.5 gave 0.92 (training/README.md, "Difficulty against a trained model").
 DEFAULT_DIFFICULTY = 0.7
 AGE_RANGE = (18.0, 90.0)
+#: ``params`` this generator takes (training.synth.params)
+PARAMS = {"force_label": FORCE_LABEL}
 EQUIPMENT = (
     Equipment("SIEMENS", "Ysio Max", station="RAD01"), Equipment("Philips Medical Systems", "DigitalDiagnost"),
     Equipment("Carestream Health", "DRX-Evolution"), Equipment("FUJIFILM Corporation", "FCR Profect CS"),
@@ -173,7 +176,7 @@ def generate(out: Path, n: int, seed: int, *, workers: int = 2, difficulty: floa
              label_noise: float = 0.02, params: dict[str, Any] | None = None) -> Path:
     """Write ``n`` synthetic adult wrist studies under ``out``; return the manifest path."""
     return generate_studies(Path(out), n, seed, make_study, workers=workers, difficulty=difficulty,
-                            label_noise=label_noise, params=params)
+                            label_noise=label_noise, params=params, param_spec=PARAMS)
 
 
 def preview(out_png: Path, n: int, seed: int) -> Path:
