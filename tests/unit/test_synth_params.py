@@ -81,3 +81,25 @@ def test_cli_params_are_the_python_params_and_the_preview_shows_them(tmp_path: P
         assert main(["synth", "hrpqct_motion", "--out", str(tmp_path / "bad"), "--n", n, *bad]) == 2
         assert not (tmp_path / "bad").exists()
     assert main(["synth", "hrpqct_motion", "--n", "1"]) == 2  # no --out
+
+
+def test_a_set_is_never_mixed_with_an_earlier_one(tmp_path: Path) -> None:
+    out = tmp_path / "set"
+    args = ["synth", "wrist_fracture", "--out", str(out), "--seed", "1", "--workers", "1"]
+    assert main([*args, "--n", "3"]) == 0
+    first = sorted(p.name for p in out.iterdir())
+    # a second set into the same folder would leave the first one's studies beside a manifest without them
+    with pytest.raises(common.SynthError, match="not empty"):
+        wrist_fracture.generate(out, 2, 2, workers=1)
+    assert main([*args, "--n", "2", "--seed", "2"]) == 2
+    assert sorted(p.name for p in out.iterdir()) == first and len(read_manifest(out)) == 3
+    # --overwrite replaces it: only the new studies are left, all in the manifest
+    assert main([*args, "--n", "2", "--seed", "2", "--overwrite"]) == 0
+    rows = read_manifest(out)
+    assert len(rows) == 2 and {p.name for p in out.iterdir() if p.is_dir()} == {r["study_uid"] for r in rows}
+    # ... but only a synthetic set: a folder without a manifest is never deleted
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    assert main(["synth", "wrist_fracture", "--out", str(other), "--n", "1", "--overwrite"]) == 2
+    assert (other / "notes.txt").read_text() == "keep me"

@@ -6,10 +6,12 @@ import argparse
 import importlib
 import inspect
 import logging
+import shutil
 import time
 from pathlib import Path
 
 from training.synth.common import SynthError
+from training.synth.manifest import MANIFEST_NAMES
 from training.synth.params import check_params, describe, parse_assignments
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                         help="a generator parameter (repeatable), e.g. texture_sd_max=60 for hrpqct_motion; "
                              "--param help lists the task's")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the synthetic set already in --out (a folder with a labels manifest)")
     parser.add_argument("--preview", type=Path, default=None,
                         help="also write a PNG contact sheet of some of the generated studies here")
 
@@ -58,6 +62,16 @@ def default_difficulty(mod: object) -> float:
     return float(inspect.signature(mod.generate).parameters["difficulty"].default)  # type: ignore[attr-defined]
 
 
+def _remove_previous_set(out: Path) -> None:
+    """Delete ``out`` if it holds an earlier synthetic set; refuse any other non-empty folder."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not any((out / name).is_file() for name in MANIFEST_NAMES):
+        raise SynthError(f"--overwrite replaces only a synthetic set (a folder with a labels manifest); {out} has none")
+    log.info("--overwrite: removing the earlier synthetic set in %s", out)
+    shutil.rmtree(out)
+
+
 def run(args: argparse.Namespace) -> int:
     """Generate the studies (and the preview); return the exit status."""
     try:
@@ -71,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
         params = check_params(args.task, parse_assignments(args.param), spec)  # before any work
         if args.preview is not None and args.n == 0:
             raise SynthError("--preview needs at least one study (--n 0)")
+        if args.overwrite:
+            _remove_previous_set(Path(args.out))
         difficulty = args.difficulty if args.difficulty is not None else default_difficulty(mod)
         t0 = time.perf_counter()
         manifest = mod.generate(args.out, args.n, args.seed, workers=args.workers,  # type: ignore[attr-defined]

@@ -541,7 +541,9 @@ def generate_studies(out: Path, n: int, seed: int, make_study: StudyFn, *, worke
     files under ``job.out`` and returns its manifest rows. The generating
     processes (this one when ``workers`` is 1) keep freed buffers for reuse
     (:func:`keep_freed_memory`). Rows are written in
-    index order, so the manifest is identical whatever ``workers`` is.
+    index order, so the manifest is identical whatever ``workers`` is. ``out`` must
+    be empty or new: studies left from an earlier set would sit beside a manifest
+    that does not list them.
     ``params`` are checked and typed against ``param_spec`` (the module's
     ``PARAMS``, :mod:`training.synth.params`; none accepted without it).
 
@@ -562,6 +564,9 @@ def generate_studies(out: Path, n: int, seed: int, make_study: StudyFn, *, worke
 
     params = check_params(make_study.__module__.rsplit(".", 1)[-1], params, param_spec or {})
     out = Path(out)
+    if out.is_dir() and any(out.iterdir()):
+        raise SynthError(f"{out} is not empty: write a synthetic set into a new or empty folder "
+                         "(synth --overwrite replaces an earlier set)")
     out.mkdir(parents=True, exist_ok=True)
     jobs = [StudyJob(out=out, index=i, seed=study_seed(seed, i), difficulty=difficulty, label_noise=label_noise,
                      params=dict(params)) for i in range(n)]
