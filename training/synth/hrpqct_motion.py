@@ -330,9 +330,7 @@ def make_study(job: StudyJob) -> list[dict[str, Any]]:
     n_views = int(p.get("n_views", (3 * n) // 4))  # the scanners also acquire fewer views than columns
     px = FOV_MM[site] / n
     if "grade" in p:
-        true_grade = int(p["grade"])
-        if not 1 <= true_grade <= 5:
-            raise SynthError(f"grade must be 1..5, got {true_grade}")
+        true_grade = int(p["grade"])  # 1..5: PARAMS["grade"] allows no other
         sev = float(rng_l.uniform(SEVERITY_EDGES[true_grade - 1], SEVERITY_EDGES[true_grade]))
         grade = rater_grade(rng_l, sev, job.difficulty)
     else:
@@ -384,10 +382,8 @@ def generate(out: Path, n: int, seed: int, *, workers: int = 2, difficulty: floa
              label_noise: float = 0.02, params: dict[str, Any] | None = None) -> Path:
     """Write ``n`` synthetic HR-pQCT scans under ``out``; return the manifest path.
 
-    ``params`` may fix ``site`` ("radius"/"tibia"), ``scanner``, ``grade`` (true grade 1-5), ``texture_sd``
-    (the muscle texture's SD in mg HA/cm3; 0 for none) or draw it per scan from uniform(0, ``texture_sd_max``)
-    (default :data:`TEXTURE_SD_MAX`, no texture), and shrink
-    the simulation for tests: ``n`` (in-plane matrix), ``n_views``, ``n_slices``.
+    ``params``: the names of :data:`PARAMS` (site, scanner, true grade, muscle texture, and the smaller
+    simulations of tests).
     """
     return generate_studies(Path(out), n, seed, make_study, workers=workers, difficulty=difficulty,
                             label_noise=label_noise, params=params, param_spec=PARAMS)

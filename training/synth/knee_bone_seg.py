@@ -239,8 +239,7 @@ def generate(out: Path, n: int, seed: int, *, workers: int = 2, difficulty: floa
              label_noise: float = 0.02, params: dict[str, Any] | None = None) -> Path:
     """Write ``n`` synthetic knee MR studies with label maps under ``out``; return the manifest path.
 
-    ``label_noise`` does not apply (masks are exact). ``params`` may set ``orientation``, ``n`` (matrix),
-    ``pixel_spacing``, ``thickness`` and ``n_slices``.
+    ``label_noise`` does not apply (masks are exact). ``params``: the names of :data:`PARAMS`.
     """
     return generate_studies(Path(out), n, seed, make_study, workers=workers, difficulty=difficulty,
                             label_noise=label_noise, params=params, param_spec=PARAMS)

@@ -468,8 +468,7 @@ def generate(out: Path, n: int, seed: int, *, workers: int = 2, difficulty: floa
              label_noise: float = 0.02, params: dict[str, Any] | None = None) -> Path:
     """Write ``n`` synthetic lumbar CT studies under ``out``; return the manifest path.
 
-    ``params`` may set ``n`` (matrix), ``pixel_spacing``, ``thickness``, ``t_shift`` (patient mean T-score)
-    and ``phase`` (contrast phase, a key of ``PHASES``).
+    ``params``: the names of :data:`PARAMS`.
     """
     return generate_studies(Path(out), n, seed, make_study, workers=workers, difficulty=difficulty,
                             label_noise=label_noise, params=params, param_spec=PARAMS)
