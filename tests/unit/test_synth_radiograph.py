@@ -12,6 +12,7 @@ from pydicom.uid import ComputedRadiographyImageStorage, DigitalXRayImageStorage
 
 from training.synth import radiograph as rg
 from training.synth import wrist_fracture
+from training.synth import wrist_phantom as wp
 from training.synth.manifest import read_manifest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,7 +47,7 @@ def test_chord_of_ellipsoid_is_exact() -> None:
 def _marched_chord(part: rg.Part, x: float, y: float, t_max: float = 80.0, n: int = 64001) -> float:
     t = np.linspace(-t_max, t_max, n)
     pts = np.stack([np.full(n, x), np.full(n, y), t], axis=1)
-    return float(rg.inside(part, pts).sum() * (t[1] - t[0]))
+    return float(wp.inside(part, pts).sum() * (t[1] - t[0]))
 
 
 @pytest.mark.parametrize("infinite", [-1, 1])
@@ -122,10 +123,10 @@ def test_fracture_box_lies_on_the_fracture(difficulty: float) -> None:
     rng = np.random.default_rng(3)
     checked = 0
     for _ in range(12):
-        w = rg.wrist_anatomy(rng, float(rng.uniform(20, 80)))
+        w = wp.wrist_anatomy(rng, float(rng.uniform(20, 80)))
         fx = wrist_fracture.fracture_plane(rng, w, difficulty)
-        broken = rg.split_parts(w.radius, fx["n"], fx["h"], fx["gap"], fx["delta"])
-        pts = rg.plane_points(fx["n"], fx["h"], fx["center"], w.radius, extent=30 * w.scale)
+        broken = wp.split_parts(w.radius, fx["n"], fx["h"], fx["gap"], fx["delta"])
+        pts = wp.plane_points(fx["n"], fx["h"], fx["center"], w.radius, extent=30 * w.scale)
         assert len(pts) > 50
         for lateral in (False, True):
             view = rg.view_matrix(lateral, float(rng.normal(0, 6)))
@@ -138,7 +139,7 @@ def test_fracture_box_lies_on_the_fracture(difficulty: float) -> None:
             r0, r1, c0, c1 = int(box["y0"]), int(box["y1"]) + 1, int(box["x0"]), int(box["x1"]) + 1
             assert intact[r0:r1, c0:c1].max() > 0.5  # the box is on the radius
             # the gap alone changes the image only inside the box
-            gap_only = rg.split_parts(w.radius, fx["n"], fx["h"], fx["gap"], np.zeros(3))
+            gap_only = wp.split_parts(w.radius, fx["n"], fx["h"], fx["gap"], np.zeros(3))
             diff = np.abs(rg.project(gap_only, view, det) - intact)
             assert diff.sum() > 0 and diff[r0:r1, c0:c1].sum() >= 0.97 * diff.sum()
             # with the displacement, the fracture site inside the box changes clearly
@@ -223,9 +224,9 @@ def test_physis_labels_boxes_and_distractors(physis_set: Path) -> None:
             assert r["study_fracture"] == 1 and r["fracture_kind"] in physis_fracture.KINDS
     # metal occurs in both classes somewhere in a larger parameter sweep (no pixels needed)
     rng = np.random.default_rng(0)
-    w = rg.wrist_anatomy(rng, 9.0)
+    w = wp.wrist_anatomy(rng, 9.0)
     assert w.physis_y is not None and w.physis_width > 0.8 and w.epiphyses
-    old = rg.wrist_anatomy(np.random.default_rng(0), 16.5)
+    old = wp.wrist_anatomy(np.random.default_rng(0), 16.5)
     assert old.physis_width < w.physis_width
     parts, pts = physis_fracture.metal(rng, w)
     assert all(p.mu == rg.MU_STEEL for p in parts) and len(pts) >= 2
@@ -237,7 +238,7 @@ def test_physis_fracture_box_covers_the_change(kind: str) -> None:
 
     rng = np.random.default_rng(5)
     for _ in range(50):
-        w = rg.wrist_anatomy(rng, float(rng.uniform(5, 15)))
+        w = wp.wrist_anatomy(rng, float(rng.uniform(5, 15)))
         fx = physis_fracture.physis_fracture(rng, w, 0.3)
         if fx["kind"] == kind:
             break

@@ -1,6 +1,6 @@
 """Synthetic paediatric wrist/forearm radiographs with growth-plate fractures and distractors.
 
-Children aged 2-17 (:func:`training.synth.radiograph.wrist_anatomy` with open
+Children aged 2-17 (:func:`training.synth.wrist_phantom.wrist_anatomy` with open
 physes whose width shrinks with age, later-ossifying carpals and epiphyses).
 A fractured study has one of:
 
@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from training.synth import radiograph as rg
+from training.synth import wrist_phantom as wp
 from training.synth.common import (
     DEFAULT_DIFFICULTY,
     StudyJob,
@@ -51,7 +52,7 @@ ROWS, COLS = 1024, 768
 _TEXTS = ("STEHEND", "GIPS", "IN GIPS", "PA", "LAT", "SEITL", "NACH REP", "POST OP", "DORSOVOLAR")
 
 
-def physis_fracture(rng: np.random.Generator, w: rg.Wrist, difficulty: float) -> dict[str, Any]:
+def physis_fracture(rng: np.random.Generator, w: wp.Wrist, difficulty: float) -> dict[str, Any]:
     """Draw a fracture at or next to the distal radial physis: kind, plane, gap, displacement, mm."""
     if w.physis_y is None:
         raise ValueError("physis fractures need a phantom with open physes (age < 18)")
@@ -81,20 +82,20 @@ def physis_fracture(rng: np.random.Generator, w: rg.Wrist, difficulty: float) ->
     return {"kind": kind, "n": n, "h": float(n @ center), "gap": gap, "delta": delta, "center": center}
 
 
-def apply_fracture(w: rg.Wrist, fx: dict[str, Any]) -> tuple[list[rg.Part], np.ndarray]:
+def apply_fracture(w: wp.Wrist, fx: dict[str, Any]) -> tuple[list[rg.Part], np.ndarray]:
     """Fractured radius parts (metaphysis + epiphysis) and scene points on the fracture, for boxes."""
     delta = fx["delta"]
     if fx["kind"] == "widened":
         parts = [*w.radius, *[p.moved(delta) for p in w.epiphyses]]
         y_p, half = float(w.physis_y or 0.0), w.physis_width / 2 + 0.3
-        pts = np.concatenate([rg.plane_points(np.array([0.0, 1.0, 0.0]), y, fx["center"], parts, extent=20 * w.scale)
+        pts = np.concatenate([wp.plane_points(np.array([0.0, 1.0, 0.0]), y, fx["center"], parts, extent=20 * w.scale)
                               for y in (y_p - half + delta[1], y_p + half)])
         if not len(pts):
             pts = np.array([fx["center"]])
         return parts, np.concatenate([pts, pts + delta])
     # the distal side (n.x < h) of the metaphysis moves with the epiphysis
-    parts = rg.split_parts(w.radius, fx["n"], fx["h"], fx["gap"], delta) + [p.moved(delta) for p in w.epiphyses]
-    pts = rg.plane_points(fx["n"], fx["h"], fx["center"], w.radius, extent=25 * w.scale)
+    parts = wp.split_parts(w.radius, fx["n"], fx["h"], fx["gap"], delta) + [p.moved(delta) for p in w.epiphyses]
+    pts = wp.plane_points(fx["n"], fx["h"], fx["center"], w.radius, extent=25 * w.scale)
     if fx["kind"] == "corner" and w.physis_y is not None:
         keep = pts[:, 1] >= w.physis_y - 1.0
         pts = pts[keep] if keep.any() else pts
@@ -103,7 +104,7 @@ def apply_fracture(w: rg.Wrist, fx: dict[str, Any]) -> tuple[list[rg.Part], np.n
     return parts, np.concatenate([pts, pts + delta])
 
 
-def metal(rng: np.random.Generator, w: rg.Wrist) -> tuple[list[rg.Part], np.ndarray]:
+def metal(rng: np.random.Generator, w: wp.Wrist) -> tuple[list[rg.Part], np.ndarray]:
     """A K-wire crossing the distal radius, or a small plate with screws on the shaft; and its extent points."""
     s = w.scale
     if rng.random() < 0.5:
@@ -152,7 +153,7 @@ def make_study(job: StudyJob) -> list[dict[str, Any]]:
     side = str(rng_a.choice(["L", "R"]))
     force = job.params.get("force_label")
     fractured = bool(rng_l.random() < PREVALENCE) if force is None else bool(force)
-    w = rg.wrist_anatomy(rng_a, patient.age_years)
+    w = wp.wrist_anatomy(rng_a, patient.age_years)
     fx = physis_fracture(rng_a, w, job.difficulty)
     radius, fpts = apply_fracture(w, fx) if fractured else ([*w.radius, *w.epiphyses], None)
     has_metal = rng_a.random() < 0.12

@@ -1,6 +1,6 @@
 """Synthetic adult wrist radiographs (PA + lateral) with and without distal radius fractures.
 
-A study is one phantom (:func:`training.synth.radiograph.wrist_anatomy`) seen
+A study is one phantom (:func:`training.synth.wrist_phantom.wrist_anatomy`) seen
 in a PA and a lateral view. A fracture is a plane through the distal radius
 metaphysis: the bone is cut leaving a thin gap (lucent line) and the distal
 fragment is displaced (step-off) or impacted (dense band). Whether it shows
@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from training.synth import radiograph as rg
+from training.synth import wrist_phantom as wp
 from training.synth.common import (
     Equipment,
     StudyJob,
@@ -88,7 +89,7 @@ def acquire(rng: np.random.Generator, li: np.ndarray, det: rg.Detector, difficul
     return rg.form_image(li, exp, rng, det.pixel_mm), mbox
 
 
-def fracture_plane(rng: np.random.Generator, w: rg.Wrist, difficulty: float) -> dict[str, Any]:
+def fracture_plane(rng: np.random.Generator, w: wp.Wrist, difficulty: float) -> dict[str, Any]:
     """Draw a distal radius fracture: plane (n, h), gap width and fragment displacement (mm)."""
     s = w.scale
     oblique = rng.random() < lerp(0.2, 0.55, difficulty)
@@ -107,7 +108,7 @@ def fracture_plane(rng: np.random.Generator, w: rg.Wrist, difficulty: float) -> 
 
 def fracture_visible(fx: dict[str, Any], view: np.ndarray) -> bool:
     """Does the fracture show in this view (thin line along the rays, or step-off across them)?"""
-    e = rg.ray_direction(view)
+    e = wp.ray_direction(view)
     d = fx["delta"]
     across = float(np.linalg.norm(d - (d @ e) * e))
     return (abs(float(fx["n"] @ e)) < 0.35 and fx["gap"] >= 0.2) or across >= 0.8
@@ -131,9 +132,9 @@ def make_study(job: StudyJob) -> list[dict[str, Any]]:
     side = str(rng_a.choice(["L", "R"]))
     force = job.params.get("force_label")
     fractured = bool(rng_l.random() < PREVALENCE) if force is None else bool(force)
-    w = rg.wrist_anatomy(rng_a, patient.age_years)
+    w = wp.wrist_anatomy(rng_a, patient.age_years)
     fx = fracture_plane(rng_a, w, job.difficulty)
-    radius = rg.split_parts(w.radius, fx["n"], fx["h"], fx["gap"], fx["delta"]) if fractured else w.radius
+    radius = wp.split_parts(w.radius, fx["n"], fx["h"], fx["gap"], fx["delta"]) if fractured else w.radius
     mirror = rg.rot("y", 180.0) if side == "L" else np.eye(3)
     parts = [*w.soft, *w.other, *radius, *w.epiphyses]
     eq = EQUIPMENT[int(rng_a.integers(len(EQUIPMENT)))]
@@ -142,7 +143,7 @@ def make_study(job: StudyJob) -> list[dict[str, Any]]:
                         description="WRIST PA/LAT")
     photometric = choose_photometric(rng_a, 0.3)
     bits = choose_bits_stored(rng_a, (12, 14, 16))
-    pts = rg.plane_points(fx["n"], fx["h"], fx["center"], w.radius, extent=30 * w.scale) if fractured else None
+    pts = wp.plane_points(fx["n"], fx["h"], fx["center"], w.radius, extent=30 * w.scale) if fractured else None
     rows, cols = ROWS, COLS
     pix = float(rng_a.uniform(0.29, 0.36))
     boxes = []
