@@ -47,7 +47,7 @@ def test_chord_of_ellipsoid_is_exact() -> None:
 def _marched_chord(part: rg.Part, x: float, y: float, t_max: float = 80.0, n: int = 64001) -> float:
     t = np.linspace(-t_max, t_max, n)
     pts = np.stack([np.full(n, x), np.full(n, y), t], axis=1)
-    return float(wp.inside(part, pts).sum() * (t[1] - t[0]))
+    return float(rg.inside(part, pts).sum() * (t[1] - t[0]))
 
 
 @pytest.mark.parametrize("infinite", [-1, 1])

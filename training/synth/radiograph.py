@@ -45,8 +45,8 @@ from training.synth.common import (
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "Detector", "Part", "bone", "box_of_points", "form_image", "project", "rot", "text_mask", "view_matrix",
-    "xray_dataset",
+    "Detector", "Part", "bone", "box_of_points", "form_image", "inside", "project", "ray_direction", "rot",
+    "text_mask", "view_matrix", "xray_dataset",
 ]
 
 MU_SOFT = 0.027  # water-like soft tissue at ~40 keV effective, 1/mm
@@ -126,6 +126,11 @@ def view_matrix(lateral: bool, tilt_deg: float, roll_deg: float = 0.0) -> np.nda
     """Scene -> detector rotation: about y by 90 (+roll) degrees for a lateral view, then in-plane tilt."""
     base = rot("y", (90.0 if lateral else 0.0) + roll_deg)
     return rot("z", tilt_deg) @ base
+
+
+def ray_direction(view: np.ndarray) -> np.ndarray:
+    """Scene-frame direction of the rays of ``view``."""
+    return view.T @ np.array([0.0, 0.0, 1.0])
 
 
 @dataclass(frozen=True)
@@ -213,6 +218,16 @@ def chord(p: Part, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     t1 -= t0
     np.maximum(t1, 0.0, out=t1)
     return t1 if keep is None else t1 * keep
+
+
+def inside(part: Part, pts: np.ndarray) -> np.ndarray:
+    """Which scene points lie inside ``part``."""
+    inv2 = np.array([0.0 if i == part.infinite else 1.0 / s**2 for i, s in enumerate(part.semi)])
+    local = (pts - part.center) @ part.axes
+    ok = (local**2 @ inv2) <= 1.0
+    for n, h in part.clips:
+        ok &= pts @ n <= h + 1e-9
+    return ok
 
 
 def _project_into(out: np.ndarray, parts: list[Part], view: np.ndarray, det: Detector) -> None:

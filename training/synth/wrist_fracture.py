@@ -108,7 +108,7 @@ def fracture_plane(rng: np.random.Generator, w: wp.Wrist, difficulty: float) -> 
 
 def fracture_visible(fx: dict[str, Any], view: np.ndarray) -> bool:
     """Does the fracture show in this view (thin line along the rays, or step-off across them)?"""
-    e = wp.ray_direction(view)
+    e = rg.ray_direction(view)
     d = fx["delta"]
     across = float(np.linalg.norm(d - (d @ e) * e))
     return (abs(float(fx["n"] @ e)) < 0.35 and fx["gap"] >= 0.2) or across >= 0.8

@@ -2,8 +2,8 @@
 
 :func:`wrist_anatomy` builds a right wrist in PA orientation from :class:`~training.synth.radiograph.Part`
 objects (adults, or children with open physes and age-dependent carpal ossification);
-:func:`split_parts`, :func:`plane_points` and :func:`ray_direction` let a generator cut bones along a
-fracture plane and place its labels.
+:func:`split_parts` and :func:`plane_points` let a generator cut bones along a fracture plane and place its
+labels.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from training.synth.radiograph import MU_CORTEX, MU_SOFT, MU_TRAB, Part, bone, rot
+from training.synth.radiograph import MU_CORTEX, MU_SOFT, MU_TRAB, Part, bone, inside, rot
 
-__all__ = ["Wrist", "inside", "plane_points", "ray_direction", "split_parts", "wrist_anatomy"]
+__all__ = ["Wrist", "plane_points", "split_parts", "wrist_anatomy"]
 
 _Y = np.array([0.0, 1.0, 0.0])
 
@@ -147,16 +147,6 @@ def wrist_anatomy(rng: np.random.Generator, age_years: float) -> Wrist:
                  physis_y=physis_y, physis_width=w_phys)
 
 
-def inside(part: Part, pts: np.ndarray) -> np.ndarray:
-    """Which scene points lie inside ``part``."""
-    inv2 = np.array([0.0 if i == part.infinite else 1.0 / s**2 for i, s in enumerate(part.semi)])
-    local = (pts - part.center) @ part.axes
-    ok = (local**2 @ inv2) <= 1.0
-    for n, h in part.clips:
-        ok &= pts @ n <= h + 1e-9
-    return ok
-
-
 def split_parts(parts: list[Part], n: np.ndarray, h: float, gap: float, delta: np.ndarray) -> list[Part]:
     """Cut ``parts`` by the plane ``n . x = h`` leaving a ``gap`` (mm); the side ``n . x < h`` moves by ``delta``."""
     n = np.asarray(n, float) / np.linalg.norm(n)
@@ -183,8 +173,3 @@ def plane_points(n: np.ndarray, h: float, center: np.ndarray, within: list[Part]
         if p.mu > 0:
             ok |= inside(p, pts)
     return pts[ok]
-
-
-def ray_direction(view: np.ndarray) -> np.ndarray:
-    """Scene-frame direction of the rays of ``view``."""
-    return view.T @ np.array([0.0, 0.0, 1.0])
