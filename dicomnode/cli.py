@@ -37,10 +37,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
+    from dicomnode.checks import check_routes
     from dicomnode.config import load_config
     from dicomnode.router import describe_routes
 
     cfg = load_config(args.file)
+    problems = check_routes(cfg)
+    for line in problems:
+        print(f"error: {args.file}: {line}", file=sys.stderr)
+    if problems:
+        return 2
     print(f"config OK: {args.file}")
     print(describe_routes(cfg))
     return 0
@@ -94,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True)
     s.set_defaults(func=_cmd_serve)
 
-    s = sub.add_parser("check-config", help="validate a config file and print its routes")
+    s = sub.add_parser("check-config", help="validate a config file (task names, promoted models) and print its routes")
     s.add_argument("file")
     s.set_defaults(func=_cmd_check_config)
 

@@ -69,11 +69,15 @@ def test_autoroute_lua_sends_stable_series_once(tmp_path: Path) -> None:
         pacs.stop()
 
 
-def test_container_config_validates() -> None:
+def test_container_config_validates(tmp_path: Path) -> None:
     cfg = load_config(DEPLOY / "node.container.yaml")
     assert cfg.node.status_http_port == 8080 and {r.task for r in cfg.routes} == {
         "wrist_fracture", "physis_fracture", "spine_bmd", "hrpqct_motion", "knee_bone_seg"}
-    out = subprocess.run([sys.executable, "-m", "dicomnode.cli", "check-config", str(DEPLOY / "node.container.yaml")],
+    # the image copies models/ to /opt/dicomnode/models: check against the same bundles here
+    local = tmp_path / "node.yaml"
+    local.write_text((DEPLOY / "node.container.yaml").read_text().replace(
+        "models_dir: /opt/dicomnode/models", f"models_dir: {REPO_ROOT / 'models'}"))
+    out = subprocess.run([sys.executable, "-m", "dicomnode.cli", "check-config", str(local)],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
 

@@ -257,7 +257,8 @@ def test_cli_route_explain_and_check_config(tmp_path: Path, capsys: pytest.Captu
     from dicomnode.cli import main
 
     cfg_file = tmp_path / "node.yaml"
-    cfg_file.write_text("routes:\n  - name: paed\n    task: physis_fracture\n"
+    models = Path(__file__).resolve().parents[2] / "models"  # check-config needs the route's promoted model
+    cfg_file.write_text(f"models_dir: {models}\nroutes:\n  - name: paed\n    task: physis_fracture\n"
                         "    match: {modality: [DX], body_part: [WRIST], max_age_years: 17.999}\n")
     data = tmp_path / "data"
     data.mkdir()
