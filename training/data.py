@@ -423,11 +423,15 @@ class RecordDataset(torch.utils.data.Dataset):
         self.transform = transform
         self._memory: dict[int, list[Sample]] = {}
         jobs = [(preprocess, r, cache, signature) for r in self.records]
+        from training.progress import track
+
+        desc = "pre-processing"
         if workers > 0 and len(jobs) > 1:
             with process_pool(workers) as pool:
-                results = list(pool.map(_prep_one, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
+                results = list(track(pool.map(_prep_one, jobs, chunksize=max(1, len(jobs) // (4 * workers))),
+                                     len(jobs), desc, "records", logger=log))
         else:
-            results = [_prep_one(j) for j in jobs]
+            results = [_prep_one(j) for j in track(jobs, len(jobs), desc, "records", logger=log)]
         # keys are kept: a key hashes every file of the record (its digest is remembered per process only)
         self._keys = [key for key, _, _ in results]
         self.index: list[tuple[int, int]] = []

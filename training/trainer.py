@@ -279,11 +279,9 @@ def _fingerprint(adapter: TaskAdapter, tcfg: TaskConfig, cfg: TrainConfig, split
 
 
 def _progress(iterable: Any, total: int, desc: str) -> Any:
-    if sys.stderr.isatty():
-        from tqdm import tqdm
+    from training.progress import track
 
-        return tqdm(iterable, total=total, desc=desc, leave=False, file=sys.stderr)
-    return iterable
+    return track(iterable, total, desc, "steps", logger=log)
 
 
 def evaluate_records(adapter: TaskAdapter, model: torch.nn.Module, records: Sequence[Any], tcfg: TaskConfig,
@@ -297,8 +295,11 @@ def evaluate_records(adapter: TaskAdapter, model: torch.nn.Module, records: Sequ
                          epoch_seed=cfg.seed)
     was_training = model.training
     model.eval()
+    from training.progress import TrackedLoader
+
     with torch.inference_mode():
-        result = adapter.evaluate(_unwrap(model), loader, device, tcfg)
+        result = adapter.evaluate(_unwrap(model), TrackedLoader(loader, f"{adapter.name} evaluation", logger=log),
+                                  device, tcfg)
     model.train(was_training)
     if adapter.primary_metric not in result.metrics:
         raise TrainError(f"task {adapter.name} evaluation lacks its primary metric {adapter.primary_metric!r}")

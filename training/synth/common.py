@@ -575,6 +575,9 @@ def generate_studies(out: Path, n: int, seed: int, make_study: StudyFn, *, worke
         chunk_size = max(1, min(32, -(-n // (workers * 4)) if n else 1))
     chunks = [jobs[i:i + chunk_size] for i in range(0, n, chunk_size)]
     writer = ManifestWriter(out, manifest_name)
+    from training.progress import Progress
+
+    progress = Progress(n, f"synth {make_study.__module__.rsplit('.', 1)[-1]}", "studies", logger=log, announce=True)
     try:
         if workers == 1 or len(chunks) <= 1:
             keep_freed_memory()  # process-wide; see its docstring
@@ -582,14 +585,18 @@ def generate_studies(out: Path, n: int, seed: int, make_study: StudyFn, *, worke
             for chunk_rows in results:
                 for rows in chunk_rows:
                     writer.extend(rows)
+                progress.update(len(chunk_rows))
         else:
             with ProcessPoolExecutor(max_workers=workers, initializer=keep_freed_memory) as pool:
                 for chunk_rows in pool.map(_run_chunk, [make_study] * len(chunks), chunks):
                     for rows in chunk_rows:
                         writer.extend(rows)
+                    progress.update(len(chunk_rows))
         path = writer.finalize()
     except BaseException:
         writer.abort()
         raise
+    finally:
+        progress.close()
     log.info("wrote %d synthetic studies and %d manifest rows under %s", n, writer.count, out)
     return path

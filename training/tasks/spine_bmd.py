@@ -339,7 +339,9 @@ class SpineBmdAdapter(BaseAdapter):
         missed = 0
         patient_true: list[int] = []
         patient_pred: list[int] = []
-        for rec in records:
+        from training.progress import track
+
+        for rec in track(records, len(records), "spine_bmd study evaluation", "studies"):
             series, volume, positions, sop_to_index = _load(rec)
             truth = study_truth(rec.row, sop_to_index, positions)
             spacing = (float(series.spacing[1]), float(series.spacing[2]))
