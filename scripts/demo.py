@@ -23,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -202,6 +203,15 @@ def _start_node(out: Path, node_port: int, pacs: OrthancServer) -> tuple[subproc
     return node, cfg, http_port
 
 
+def _wait_for_stop() -> None:
+    """Block until Ctrl-C (SIGINT) or SIGTERM; either one ends in the caller's clean stop of Orthanc and the node."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(REPO / "demo-out"))
@@ -255,10 +265,7 @@ def main() -> int:
             print(f"warning: {len(late)} studies have no results yet; see {out / 'node.log'}")
         if not args.no_wait:
             print(f"\nOrthanc keeps running at {pacs.url}/app/explorer.html -- press Ctrl-C to stop everything.")
-            try:
-                signal.pause()
-            except KeyboardInterrupt:
-                pass
+            _wait_for_stop()
         return 0 if not late else 1
     finally:
         if node is not None and node.poll() is None:

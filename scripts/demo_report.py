@@ -120,11 +120,11 @@ def _group(children: Any) -> tuple[tuple[str, ...], str, bool] | None:
         head = f"{site} {qual[0].lower()}: {qual[1]}".strip() if site else f"{qual[0]}: {qual[1]}"
         key = (site, qual[0], qual[1])
     elif extra and any(n.lower() == "volume" for n, _, _ in nums):
-        head, key = f"{finding}", (site, finding, "volume")
+        head, key = f"{finding} {extra.pop(0)}", (site, finding, "volume")
     else:
         head = f"{site}: {finding}" if site else finding
         key = (site, finding)
-    return key, ", ".join(x for x in [head, p] if x) + (f" {' '.join(extra)}" if extra else ""), bool(extra)
+    return key, ", ".join(x for x in [head, p, *extra] if x), bool(extra)
 
 
 def finding_text(sr: pydicom.Dataset) -> str:
