@@ -110,7 +110,7 @@ def test_demo_reduced(tmp_path: Path) -> None:
     rows = _rows(proc.stdout)
     findings: dict[str, str] = {}
     assert not re.search(r"\.\.\.\d{6}", proc.stdout)
-    for task, accession in sent.values():
+    for uid, (task, accession) in sent.items():
         block = rows[accession]
         assert f" {task} " in block.splitlines()[0] and re.search(r" \d+\.\ds  ", block.splitlines()[0]), block
         assert re.match(r"\S.*\((F|M), \d+ [ymwd]\)", block.splitlines()[1]), block  # patient alias
