@@ -212,7 +212,7 @@ def _wait_for_stop() -> None:
         pass
 
 
-def main() -> int:
+def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(REPO / "demo-out"))
     ap.add_argument("--seed", type=int, default=2026)
@@ -221,6 +221,12 @@ def main() -> int:
     ap.add_argument("--per-task", type=int, default=None, help="at most this many studies per task (CI: 1)")
     ap.add_argument("--fresh", action="store_true", help="forget earlier results (Orthanc, node) and process again")
     args = ap.parse_args()
+    args.default_out = args.out == ap.get_default("out")
+    return args
+
+
+def main() -> int:
+    args = _args()
     out = Path(args.out).resolve()
     if args.fresh:
         for sub in ("orthanc", "var", "results", "overlays"):
@@ -258,7 +264,7 @@ def main() -> int:
         else:
             print("5/5 nothing sent: every study has AI results from an earlier run")
         _wait(pacs, rows, sent, args.timeout)
-        _report(pacs, viewer_srv, note, rows, sent, out, default_out=args.out == ap.get_default("out"))
+        _report(pacs, viewer_srv, note, rows, sent, out, default_out=args.default_out)
         print(f"node status: {BIN / 'dicomnode'} status --config {cfg}")
         late = [r for r in rows if r.latency == "timeout"]
         if late:
