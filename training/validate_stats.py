@@ -107,7 +107,7 @@ def binary_figures(s: Scores, n_boot: int = 1000) -> dict[str, Any]:
 def multiclass_figures(s: Scores, n_boot: int = 1000) -> dict[str, Any]:
     """Macro-F1 and quadratic-weighted kappa (patient bootstrap CIs), accuracy (Wilson), per-class sensitivity,
     the confusion matrix at the operating point, and one-vs-rest AUCs of the ordinal collapses."""
-    y, pred, p = s.y_true.astype(int), s.pred.astype(int), s.prob.astype(float)
+    y, pred = s.y_true.astype(int), s.pred.astype(int)
     k = len(s.class_names)
     labels = list(range(k))
 
