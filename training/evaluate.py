@@ -43,6 +43,7 @@ class Evaluation:
     holdout_matches: bool | None
     files: list[Path]
     baseline: dict[str, Any] | None = None
+    n_total: int | None = None
 
     @property
     def metrics(self) -> dict[str, Any]:
@@ -141,6 +142,7 @@ def evaluate_bundle(
         if data_dir is None:
             raise TrainError("evaluate needs a data folder or records")
         records = load_records(data_dir, FileIndex(Path(cache_dir) / FILE_INDEX_NAME) if cache_dir else None)
+    _refuse_box_labels_without_boxes(tcfg, records)
     train_cfg, split = as_trained(meta, records, device=device, num_workers=num_workers)
     chosen = split.holdout if subset == "holdout" else list(records)
     matches = None if subset == "all" or meta.holdout_hash is None else split.holdout_hash == meta.holdout_hash
@@ -154,7 +156,8 @@ def evaluate_bundle(
         cache = SampleCache(cache_dir or tmp)
         result = evaluate_records(adapter, model, chosen, tcfg, train_cfg, dev, cache)
     ev = Evaluation(bundle=bundle, result=result, n_records=len(chosen),
-                    holdout_hash=split.holdout_hash if subset == "holdout" else None, holdout_matches=matches, files=[])
+                    holdout_hash=split.holdout_hash if subset == "holdout" else None, holdout_matches=matches, files=[],
+                    n_total=len(records))
     if baseline:
         from training import baseline as histogram_baseline
 
@@ -173,6 +176,16 @@ def evaluate_bundle(
         ev.files = write_report(ev, Path(out_dir), adapter.reference_figures(),
                                 plotter=getattr(adapter, "report_plots", None))
     return ev
+
+
+def _refuse_box_labels_without_boxes(tcfg: Any, records: list[Record]) -> None:
+    """A bundle whose truth comes from boxes would count every positive study without boxes as negative."""
+    if getattr(tcfg, "image_labels", None) != "boxes":
+        return
+    unboxed = sum(1 for r in records if str(r.row.get("label")) in ("1", "True", "true") and not r.row.get("boxes"))
+    if unboxed:
+        raise TrainError(f"this bundle takes its truth from fracture boxes, but {unboxed} positive studies have none "
+                         "and would count as negative: use `dicomnode-train validate` (study labels) or add boxes")
 
 
 def _plot_roc(ax: Any, y: np.ndarray, p: np.ndarray, names: list[str]) -> bool:
