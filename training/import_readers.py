@@ -13,6 +13,7 @@ Every reader returns plain rows or raises :class:`LabelImportError` with a one-l
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import re
 from pathlib import Path
@@ -21,6 +22,8 @@ from typing import Any
 import numpy as np
 
 from inference.errors import DicomNodeError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["LabelImportError", "dxa_levels", "normalise", "read_table", "seg_boxes", "sr_boxes", "who_class"]
 
@@ -146,21 +149,33 @@ def _bbox(mask: np.ndarray) -> tuple[float, float, float, float] | None:
 def seg_boxes(path: str | os.PathLike[str]) -> tuple[str, list[dict[str, Any]]]:
     """(study UID, boxes) of a DICOM SEG: the bounding box of each segment on each referenced source image.
 
+    Read with highdicom's ``segread``; a SEG that highdicom's reader refuses although pydicom reads it (e.g. a
+    2-D SEG whose Pixel Measures lack a slice thickness, as highdicom itself writes for a radiograph) is read
+    frame by frame from its functional groups instead.
+
     Raises
     ------
     LabelImportError
         If the file is not a readable SEG or references no source image.
     """
     import highdicom as hd
+    import pydicom
 
     try:
-        seg = hd.seg.segread(path)
-    except Exception as exc:  # noqa: BLE001 - pydicom/highdicom raise many types for a bad file
+        ds = pydicom.dcmread(path)
+        if str(ds.get("Modality")) != "SEG":
+            raise ValueError(f"modality {ds.get('Modality')!r}, not SEG")
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for a bad file
         raise LabelImportError(f"{path} is not a readable DICOM SEG: {exc}") from exc
+    names = {int(s.SegmentNumber): str(s.SegmentLabel) for s in ds.SegmentSequence}
+    try:
+        seg = hd.seg.Segmentation.from_dataset(ds)
+    except (AttributeError, ValueError, KeyError, TypeError) as exc:
+        log.info("highdicom cannot index %s (%s): reading its frames directly", path, exc)
+        return str(ds.StudyInstanceUID), _seg_boxes_by_frame(ds, names)
     sources = [sop for _, _, sop in seg.get_source_image_uids()]
     if not sources:
         raise LabelImportError(f"SEG {path} references no source image")
-    names = {int(s.SegmentNumber): str(s.SegmentLabel) for s in seg.SegmentSequence}
     numbers = sorted(names)
     boxes = []
     for sop in sources:
@@ -169,11 +184,31 @@ def seg_boxes(path: str | os.PathLike[str]) -> tuple[str, list[dict[str, Any]]]:
         except (ValueError, KeyError, RuntimeError):
             continue  # a source image without a frame of this segmentation
         for k, number in enumerate(numbers):
-            box = _bbox(arr[0, :, :, k] > 0)
-            if box is not None:
-                boxes.append({"sop_instance_uid": sop, "x0": box[0], "y0": box[1], "x1": box[2], "y1": box[3],
-                              "label": names[number], "source": "SEG"})
+            boxes += _box_rows(arr[0, :, :, k] > 0, sop, names[number])
     return str(seg.StudyInstanceUID), boxes
+
+
+def _box_rows(mask: np.ndarray, sop: str, label: str) -> list[dict[str, Any]]:
+    box = _bbox(mask)
+    return [] if box is None else [{"sop_instance_uid": sop, "x0": box[0], "y0": box[1], "x1": box[2], "y1": box[3],
+                                    "label": label, "source": "SEG"}]
+
+
+def _seg_boxes_by_frame(ds: Any, names: dict[int, str]) -> list[dict[str, Any]]:
+    """Boxes of a SEG from each frame's source image and segment number (Per-Frame Functional Groups)."""
+    frames = ds.pixel_array.reshape(-1, int(ds.Rows), int(ds.Columns))
+    shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
+    boxes = []
+    for frame, group in zip(frames, ds.PerFrameFunctionalGroupsSequence, strict=False):
+        ident = group.get("SegmentIdentificationSequence") or (shared.get("SegmentIdentificationSequence")
+                                                                 if shared is not None else None)
+        number = int(ident[0].ReferencedSegmentNumber) if ident else 1
+        for der in group.get("DerivationImageSequence", []):
+            for src in der.get("SourceImageSequence", []):
+                boxes += _box_rows(frame > 0, str(src.ReferencedSOPInstanceUID), names.get(number, str(number)))
+    if not boxes and not any(g.get("DerivationImageSequence") for g in ds.PerFrameFunctionalGroupsSequence):
+        raise LabelImportError("SEG references no source image")
+    return boxes
 
 
 def _region_box(region: Any) -> tuple[str, tuple[float, float, float, float]] | None:
