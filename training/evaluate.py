@@ -105,6 +105,7 @@ def evaluate_bundle(
     cache_dir: str | os.PathLike[str] | None = None,
     baseline: bool = False,
     baseline_fit_dir: str | os.PathLike[str] | None = None,
+    task_overrides: dict[str, Any] | None = None,
 ) -> Evaluation:
     """Evaluate a bundle on the hold-out split (or all records) of a labelled data folder.
 
@@ -126,6 +127,9 @@ def evaluate_bundle(
     baseline_fit_dir:
         With ``subset="all"``: fit the baseline on this folder (the network's training data)
         instead of cross-validating on the evaluated one.
+    task_overrides:
+        Task-config values to evaluate with instead of the bundle's (labelling fields such as
+        ``image_labels``, so that two bundles compared on the same records use the same truth).
 
     Raises
     ------
@@ -137,7 +141,7 @@ def evaluate_bundle(
     bundle = load_bundle(bundle_dir)
     meta = bundle.meta
     adapter = adapter or get_adapter(meta.task)
-    tcfg = adapter.config_model.model_validate(meta.task_config)
+    tcfg = adapter.config_model.model_validate({**meta.task_config, **(task_overrides or {})})
     if records is None:
         if data_dir is None:
             raise TrainError("evaluate needs a data folder or records")
