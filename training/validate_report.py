@@ -205,12 +205,14 @@ def _plots(v: Validation, out: Path) -> list[str]:
         rows = calibration(truth, score)
         if rows:
             ax2.plot([r["predicted"] for r in rows], [r["observed"] for r in rows], "o-", label=name)
+            drawn = True
         if len(np.unique(truth)) == 2:
-            drawn |= _plot_roc(ax1, truth, score, [name])
+            _plot_roc(ax1, truth, score, [name])
     ax2.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax2.set_xlabel("mean predicted probability")
     ax2.set_ylabel("observed frequency")
-    ax2.legend(fontsize=8)
+    if drawn:
+        ax2.legend(fontsize=8)
     ax1.set_title("ROC")
     ax2.set_title("calibration")
     fig.tight_layout()
