@@ -83,7 +83,10 @@ def _sections(v: Validation, plots: list[str]) -> list[Section]:
     cal = Section("Calibration", images=[p for p in plots if p == "calibration.png"])
     for name, score, truth in _binary_views(v):
         rows = [[_f(r["predicted"]), _f(r["observed"])] for r in calibration(truth, score)]
-        cal.tables.append((name, (["mean predicted", "observed frequency"], rows)))
+        if rows:
+            cal.tables.append((name, (["mean predicted", "observed frequency"], rows)))
+        else:
+            cal.text.append(f"{name}: not available, the scored units hold one class only.")
     out.append(cal)
     sweep = Section("Threshold sweep", text=["Sensitivity and specificity at each threshold, so the site can choose "
                                              "its own operating point (score >= threshold is positive)."])
