@@ -183,13 +183,22 @@ def evaluate_bundle(
 
 
 def _refuse_box_labels_without_boxes(tcfg: Any, records: list[Record]) -> None:
-    """A bundle whose truth comes from boxes would count every positive study without boxes as negative."""
+    """A bundle whose truth comes from boxes scores a folder whose positive studies have no boxes at prevalence 0.
+
+    Refused when no positive study has a box (study labels only); a few positives without boxes (label noise of
+    the synthetic studies, where the box is the truth) only get a warning.
+    """
     if getattr(tcfg, "image_labels", None) != "boxes":
         return
-    unboxed = sum(1 for r in records if str(r.row.get("label")) in ("1", "True", "true") and not r.row.get("boxes"))
+    positives = [r for r in records if str(r.row.get("label")) in ("1", "True", "true")]
+    unboxed = sum(1 for r in positives if not r.row.get("boxes"))
+    if positives and unboxed == len(positives):
+        raise TrainError(f"this bundle takes its truth from fracture boxes, but none of the {unboxed} positive studies "
+                         "has any, so all would count as negative: use `dicomnode-train validate` (study labels) or "
+                         "add boxes")
     if unboxed:
-        raise TrainError(f"this bundle takes its truth from fracture boxes, but {unboxed} positive studies have none "
-                         "and would count as negative: use `dicomnode-train validate` (study labels) or add boxes")
+        log.warning("%d of %d positive studies have no fracture box: this bundle scores them as negative",
+                    unboxed, len(positives))
 
 
 def _plot_roc(ax: Any, y: np.ndarray, p: np.ndarray, names: list[str]) -> bool:
