@@ -205,8 +205,11 @@ def _age_years(ds: pydicom.Dataset) -> float | None:
 
 
 def _read_rows(data_dir: Path, failures: list[Failure]) -> tuple[int, list[Record]]:
-    from training.synth.manifest import read_manifest
+    from training.synth.manifest import MANIFEST_NAMES, read_manifest
 
+    if data_dir.is_dir() and not any((data_dir / n).is_file() for n in MANIFEST_NAMES):
+        raise ValidateError(f"no labels manifest ({' or '.join(MANIFEST_NAMES)}) in {data_dir}: build one from the RIS "
+                            f"export with `dicomnode-train import-labels --dicom {data_dir} --task TASK --table FILE`")
     rows = read_manifest(data_dir)
 
     def on_error(i: int, row: dict[str, Any], reason: str) -> None:
@@ -271,10 +274,11 @@ def validate(bundle: str | os.PathLike[str], data_dir: str | os.PathLike[str],
 def _score_generic(adapter: Any, model: Any, records: list[Record], tcfg: TaskConfig, b: Bundle, dev: Any,
                    failures: list[Failure]) -> tuple[Scores | None, list[Record], dict[str, Any]]:
     """Pre-process each record on its own (a failure is listed, not fatal), then the adapter's evaluation."""
-    from training.evaluate import as_trained
-    from training.trainer import evaluate_records
+    from training.trainer import TrainConfig, evaluate_records
 
-    train_cfg, _ = as_trained(b.meta, records, device=str(dev.type), num_workers=0)
+    # the bundle's training config on this machine (no split: validation scores every record)
+    train_cfg = TrainConfig.model_validate({**b.meta.train_config, "device": str(dev.type), "num_workers": 0,
+                                            "cache_dir": None})
     preprocess, signature = adapter.preprocessor(tcfg), adapter.preprocess_signature(tcfg)
     good: list[Record] = []
     with tempfile.TemporaryDirectory(prefix="validate-cache-") as tmp:

@@ -101,8 +101,9 @@ def _sections(v: Validation, plots: list[str]) -> list[Section]:
         cols = list(next(iter(table.values())).keys()) if table else []
         sub.tables.append((g, (["value", *cols], [[k, *(_f(r[c]) for c in cols)] for k, r in table.items()])))
     out += [sub, _baselines(v), _failures(v)]
-    if plots:
-        out.append(Section("Plots", images=[p for p in plots if p not in ("confusion_matrix.png", "calibration.png")]))
+    others = [p for p in plots if p not in ("confusion_matrix.png", "calibration.png")]
+    if others:
+        out.append(Section("Plots", images=others))
     return out
 
 

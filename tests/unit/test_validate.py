@@ -172,6 +172,14 @@ def test_refusals_give_one_line_reason_and_fix(site: dict[str, Path], tmp_path: 
     assert not (tmp_path / "rep" / "report.md").exists()
 
 
+def test_folder_without_manifest_points_to_import_labels(site: dict[str, Path], tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    assert train_main(["validate", str(site["models"] / "wrist_fracture" / "current"), "--data", str(tmp_path),
+                       "--device", "cpu"]) == 2
+    out = capsys.readouterr().out
+    assert "no labels manifest" in out and "dicomnode-train import-labels --dicom" in out
+
+
 def test_spine_needs_per_level_classes() -> None:
     from training.tasks.spine_bmd import SpineBmdConfig
 
