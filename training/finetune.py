@@ -66,9 +66,10 @@ def finetune(bundle: str, data: str, *, models_dir: str | None = None, out: str 
     from training.validate import ValidateError, resolve_bundle
 
     bundle_dir = resolve_bundle(bundle, models_dir)
+    if models_dir is None and not (bundle_dir.parent / "current").is_file():
+        raise ValidateError(f"{bundle_dir} is not in a model registry (no current pointer beside it): pass "
+                            "--models-dir to say where the candidate is promoted")
     registry = Path(models_dir) if models_dir else bundle_dir.parent.parent
-    if not (registry / bundle_dir.parent.name).is_dir():
-        raise ValidateError(f"cannot tell the registry of {bundle_dir}: pass --models-dir")
     meta = read_meta(bundle_dir)
     adapter = get_adapter(meta.task)
     version = version or f"site-{_dt.datetime.now(_dt.UTC).strftime('%Y%m%dT%H%M%SZ')}"

@@ -104,6 +104,19 @@ def test_evaluate_refuses_box_truth_without_boxes_and_names_the_subset(site: dic
     assert "would count as negative" in out and "dicomnode-train validate" in out and len(out.splitlines()) == 1
 
 
+def test_evaluate_says_it_scored_a_subset_of_a_foreign_folder(site: dict[str, Path], tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "hospital"
+    shutil.copytree(site["data"], data)
+    _edit_manifest(data, lambda r: {**r, "label": 0})  # no positives: the box refusal does not apply
+    assert train_main(["evaluate", str(site["models"] / "wrist_fracture" / "current"), "--data", str(data),
+                       "--device", "cpu", "--out", str(tmp_path / "ev")]) == 0
+    out = capsys.readouterr().out
+    n = json.loads((tmp_path / "ev" / "metrics.json").read_text())["n_records"]
+    assert f"on {n} of 10 records (holdout)" in out and n < 10
+    assert "not the bundle's hold-out" in out and "dicomnode-train validate BUNDLE --data DIR" in out
+
+
 def test_bundle_names(site: dict[str, Path], tmp_path: Path) -> None:
     models, version_dir = site["models"], site["models"] / "wrist_fracture" / "t1"
     assert resolve_bundle(models / "wrist_fracture" / "current") == version_dir
@@ -231,3 +244,6 @@ def test_finetune_locks_site_holdout_and_promotes_through_the_registry(site: dic
                        "--margin", "1.0"]) == 1
     assert (models / "wrist_fracture" / "current").read_text().strip() == "s1"
     assert "not promoted: s2" in capsys.readouterr().out
+    # a bundle folder outside a registry: the registry to promote into must be named
+    assert train_main(["finetune", str(tmp_path / "s1"), *common]) == 2
+    assert "pass --models-dir" in capsys.readouterr().out
