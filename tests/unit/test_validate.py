@@ -155,8 +155,11 @@ def test_failed_and_refused_studies_are_listed_not_dropped(site: dict[str, Path]
     _edit_manifest(data, lambda r: {**r, "label": "maybe"} if r["study_uid"] == unlabelled.key else r)
     with open(data / "labels.jsonl", "a") as fh:
         fh.write(json.dumps({"study_uid": "1.2.3.4.5", "label": 1}) + "\n")
-    v = validate(site["models"] / "wrist_fracture" / "current", data, tmp_path / "rep", device="cpu", n_boot=50)
+    v = validate(site["models"] / "wrist_fracture" / "current", data, tmp_path / "rep", device="cpu", n_boot=50,
+                 baseline_train=site["train_data"])
     assert v.n_rows == 11 and len(v.scored) == 7
+    # the histogram baseline fitted on the training folder, scored on the same 7 studies as the network
+    assert v.baselines["histogram"]["n_fitted"] == 10 and v.baselines["histogram"]["n"] == 7
     why = {f.key: (f.stage, f.reason) for f in v.failures}
     assert why[no_pixels.key] == ("image", "no usable image (no pixel data)")
     assert why[broken.key][0] == "image"
