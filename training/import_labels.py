@@ -27,6 +27,7 @@ import argparse
 import csv
 import logging
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,9 +170,13 @@ class LabelImporter:
         """(row number, row, key, Study UID) of each table row that maps to a study; the others are rejected."""
         rows = read_table(path)
         headers = list(rows[0]) if rows else []
-        acc_col = _column(headers, ACCESSION_COLUMNS, key_col if key_col and normalise(key_col) in
-                          ACCESSION_COLUMNS else None)
-        uid_col = _column(headers, UID_COLUMNS, key_col if key_col and acc_col is None else None)
+        if key_col:  # a named column holds Study UIDs when every value looks like one, else accession numbers
+            col = _column(headers, (), key_col)
+            values = [r.get(col or "", "") for r in rows if r.get(col or "")]
+            is_uid = bool(values) and all(re.fullmatch(r"\d+(\.\d+){2,}", v) for v in values)
+            acc_col, uid_col = (None, col) if is_uid else (col, None)
+        else:
+            acc_col, uid_col = _column(headers, ACCESSION_COLUMNS, None), _column(headers, UID_COLUMNS, None)
         if rows and acc_col is None and uid_col is None:
             raise LabelImportError(f"{path.name}: no accession number or Study UID column (have {', '.join(headers)});"
                                    " name it with --key-column")

@@ -127,6 +127,14 @@ def test_ris_csv_by_accession_every_row_accounted(export: dict[str, object], tmp
     # a second import does not overwrite the manifest silently
     assert train_main(["import-labels", "--dicom", str(data), "--task", "wrist_fracture", "--table",
                        str(table)]) == 2
+    # a key column with the site's own name, holding accession numbers
+    other = tmp_path / "ris_named.csv"
+    other.write_text("RIS Acc,Finding\n" + "".join(f"{studies[u]['accession']},{truth[u]}\n" for u in uids),  # type: ignore[index]
+                     encoding="utf-8")
+    assert train_main(["import-labels", "--dicom", str(data), "--task", "wrist_fracture", "--table", str(other),
+                       "--key-column", "RIS Acc", "--force"]) == 0
+    assert {r["study_uid"]: r["label"] for r in read_manifest(data)} == truth
+    assert _rejects(data / "rejects.csv") == []
 
 
 def test_excel_by_study_uid_with_seg_and_sr(export: dict[str, object], tmp_path: Path) -> None:
