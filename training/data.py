@@ -92,12 +92,15 @@ def index_dicom(root: str | os.PathLike[str], index: FileIndex | None = None
 
 
 def records_from_rows(rows: Iterable[dict[str, Any]], root: str | os.PathLike[str],
-                      index: FileIndex | None = None) -> list[Record]:
+                      index: FileIndex | None = None,
+                      on_error: Callable[[int, dict[str, Any], str], None] | None = None) -> list[Record]:
     """Join manifest rows with the DICOM files under ``root`` (their identifiers via ``index`` when given).
 
     A row keyed by ``sop_instance_uid`` becomes an instance record (one file);
     one keyed by ``study_uid`` takes every file of that study. The patient comes
-    from the row's ``patient_id`` or else the files' PatientID.
+    from the row's ``patient_id`` or else the files' PatientID. With ``on_error``,
+    a row that cannot be joined is passed to ``on_error(row number, row, reason)``
+    and left out instead of raising (a site validation lists it).
 
     Raises
     ------
@@ -111,16 +114,19 @@ def records_from_rows(rows: Iterable[dict[str, Any]], root: str | os.PathLike[st
         sop = row.get("sop_instance_uid")
         study = row.get("study_uid") or row.get("study_instance_uid")
         key = str(sop or study or "")
-        if not key:
-            raise DataError(f"manifest row {i} has neither sop_instance_uid nor study_uid")
-        hits = by_uid.get(key)
-        if not hits:
-            raise DataError(f"manifest row {i}: no DICOM file under {root} has UID {key}")
+        hits = by_uid.get(key) if key else None
+        header = hits[0][1] if hits else None
+        patient = str(row.get("patient_id") or header.patient_id) if header is not None else ""
+        problem = ("has neither sop_instance_uid nor study_uid" if not key
+                   else f"no DICOM file under {root} has UID {key}" if not hits
+                   else "no patient ID (row or PatientID)" if not patient else None)
+        if problem is not None:
+            if on_error is None:
+                raise DataError(f"manifest row {i}{':' if key else ''} {problem}")
+            on_error(i, dict(row), problem)
+            continue
+        assert hits is not None and header is not None
         files = tuple(sorted({f for f, _ in hits}))
-        header = hits[0][1]
-        patient = str(row.get("patient_id") or header.patient_id)
-        if not patient:
-            raise DataError(f"manifest row {i}: no patient ID (row or PatientID)")
         records.append(Record(
             key=key, patient_id=patient, study_uid=str(study or header.study_uid), files=files,
             row=dict(row), level="instance" if sop else "study", root=root,

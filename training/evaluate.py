@@ -43,6 +43,7 @@ class Evaluation:
     holdout_matches: bool | None
     files: list[Path]
     baseline: dict[str, Any] | None = None
+    n_total: int | None = None
 
     @property
     def metrics(self) -> dict[str, Any]:
@@ -104,6 +105,7 @@ def evaluate_bundle(
     cache_dir: str | os.PathLike[str] | None = None,
     baseline: bool = False,
     baseline_fit_dir: str | os.PathLike[str] | None = None,
+    task_overrides: dict[str, Any] | None = None,
 ) -> Evaluation:
     """Evaluate a bundle on the hold-out split (or all records) of a labelled data folder.
 
@@ -125,6 +127,9 @@ def evaluate_bundle(
     baseline_fit_dir:
         With ``subset="all"``: fit the baseline on this folder (the network's training data)
         instead of cross-validating on the evaluated one.
+    task_overrides:
+        Task-config values to evaluate with instead of the bundle's (labelling fields such as
+        ``image_labels``, so that two bundles compared on the same records use the same truth).
 
     Raises
     ------
@@ -136,11 +141,12 @@ def evaluate_bundle(
     bundle = load_bundle(bundle_dir)
     meta = bundle.meta
     adapter = adapter or get_adapter(meta.task)
-    tcfg = adapter.config_model.model_validate(meta.task_config)
+    tcfg = adapter.config_model.model_validate({**meta.task_config, **(task_overrides or {})})
     if records is None:
         if data_dir is None:
             raise TrainError("evaluate needs a data folder or records")
         records = load_records(data_dir, FileIndex(Path(cache_dir) / FILE_INDEX_NAME) if cache_dir else None)
+    _refuse_box_labels_without_boxes(tcfg, records)
     train_cfg, split = as_trained(meta, records, device=device, num_workers=num_workers)
     chosen = split.holdout if subset == "holdout" else list(records)
     matches = None if subset == "all" or meta.holdout_hash is None else split.holdout_hash == meta.holdout_hash
@@ -154,7 +160,8 @@ def evaluate_bundle(
         cache = SampleCache(cache_dir or tmp)
         result = evaluate_records(adapter, model, chosen, tcfg, train_cfg, dev, cache)
     ev = Evaluation(bundle=bundle, result=result, n_records=len(chosen),
-                    holdout_hash=split.holdout_hash if subset == "holdout" else None, holdout_matches=matches, files=[])
+                    holdout_hash=split.holdout_hash if subset == "holdout" else None, holdout_matches=matches, files=[],
+                    n_total=len(records))
     if baseline:
         from training import baseline as histogram_baseline
 
@@ -175,6 +182,25 @@ def evaluate_bundle(
     return ev
 
 
+def _refuse_box_labels_without_boxes(tcfg: Any, records: list[Record]) -> None:
+    """A bundle whose truth comes from boxes scores a folder whose positive studies have no boxes at prevalence 0.
+
+    Refused when no positive study has a box (study labels only); a few positives without boxes (label noise of
+    the synthetic studies, where the box is the truth) only get a warning.
+    """
+    if getattr(tcfg, "image_labels", None) != "boxes":
+        return
+    positives = [r for r in records if str(r.row.get("label")) in ("1", "True", "true")]
+    unboxed = sum(1 for r in positives if not r.row.get("boxes"))
+    if positives and unboxed == len(positives):
+        raise TrainError(f"this bundle takes its truth from fracture boxes, but none of the {unboxed} positive studies "
+                         "has any, so all would count as negative: use `dicomnode-train validate` (study labels) or "
+                         "add boxes")
+    if unboxed:
+        log.warning("%d of %d positive studies have no fracture box: this bundle scores them as negative",
+                    unboxed, len(positives))
+
+
 def _plot_roc(ax: Any, y: np.ndarray, p: np.ndarray, names: list[str]) -> bool:
     from training.metrics import roc_auc
 
@@ -192,7 +218,8 @@ def _plot_roc(ax: Any, y: np.ndarray, p: np.ndarray, names: list[str]) -> bool:
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set_xlabel("1 - specificity")
     ax.set_ylabel("sensitivity")
-    ax.legend(loc="lower right", fontsize=8)
+    if drawn:
+        ax.legend(loc="lower right", fontsize=8)
     return drawn
 
 

@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Decision", "add_arguments", "promote_if_better", "run"]
 
+#: task-config fields that define the truth an evaluation scores against, not the network
+LABELLING_FIELDS = ("image_labels",)
+
 
 @dataclass
 class Decision:
@@ -87,7 +90,10 @@ def promote_if_better(
             raise TrainError("the hold-out split of this data does not match the candidate's recorded hold-out hash")
         # the current bundle is scored on exactly the same records (the candidate's hold-out)
         chosen = _holdout_records(cand_meta, data_dir, records)
-        cur_ev = evaluate_bundle(cur_dir, records=chosen, subset="all", device=device)
+        # with the candidate's labelling (e.g. study labels where the site has no boxes): the same truth for both
+        same_truth = {k: cand_meta.task_config[k] for k in LABELLING_FIELDS
+                      if k in cand_meta.task_config and k in cur_meta.task_config}
+        cur_ev = evaluate_bundle(cur_dir, records=chosen, subset="all", device=device, task_overrides=same_truth)
         c, k = cand_ev.result.metrics.get(metric, math.nan), cur_ev.result.metrics.get(metric, math.nan)
     else:
         if cand_meta.holdout_hash is None or cand_meta.holdout_hash != cur_meta.holdout_hash:

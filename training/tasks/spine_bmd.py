@@ -99,6 +99,9 @@ class SpineBmdConfig(TaskConfig):
     class_log_offsets: tuple[float, float, float] | None = Field(
         None, description="operating point: added to the log class probabilities of a vertebra before the argmax "
                           "(normal, osteopenia, osteoporosis); None is the plain argmax")
+    pseudo_boxes: bool = Field(
+        False, description="weak labels: a study row with per-level classes ('vertebrae', e.g. from DXA) but no "
+                           "boxes gets vertebral-body pseudo-boxes from the level finder (training.tasks.spine_weak)")
     tune_class_offsets: bool = Field(
         False, description="after training, choose class_log_offsets on the validation split for the highest "
                            "vertebra macro-F1 (choose_class_offsets)")
@@ -204,12 +207,26 @@ def _load(record: Record) -> tuple[Any, np.ndarray, np.ndarray, dict[str, int]]:
     return series, series.volume(), positions, sop_to_index
 
 
-def prepare_record(record: Record, *, params: SpineParams, negatives: int, seed: int = 0) -> list[Sample]:
-    """Labelled slices of one study (plus disc slices without boxes) as detector samples."""
+def prepare_record(record: Record, *, params: SpineParams, negatives: int, seed: int = 0,
+                   pseudo_boxes: bool = False) -> list[Sample]:
+    """Labelled slices of one study (plus disc slices without boxes) as detector samples.
+
+    With ``pseudo_boxes``, a row with per-level classes but no boxes gets them from the level finder.
+    """
     series, volume, positions, sop_to_index = _load(record)
-    truth = study_truth(record.row, sop_to_index, positions)
+    row = record.row
+    if pseudo_boxes and not row.get("boxes") and row.get("vertebrae"):
+        from training.tasks.spine_weak import pseudo_boxes as make_boxes
+
+        sops = sorted(sop_to_index, key=sop_to_index.__getitem__)
+        boxes, extents = make_boxes(volume, positions, (float(series.spacing[1]), float(series.spacing[2])), sops,
+                                    dict(row["vertebrae"]), cortex_hu=params.cortex_hu,
+                                    anterior_up=anterior_is_up(series))
+        row = {**row, "boxes": boxes, "levels": row.get("levels") or extents}
+    truth = study_truth(row, sop_to_index, positions)
     if not truth["boxes"]:
-        raise DataError(f"study {record.key}: no vertebral-body boxes in the manifest row")
+        raise DataError(f"study {record.key}: no vertebral-body boxes in the manifest row"
+                        + ("" if pseudo_boxes else " (per-level classes only: train with --set pseudo_boxes=true)"))
     samples: list[Sample] = []
     chosen = sorted(truth["boxes"])
     if negatives and truth["extent_mm"]:
@@ -285,10 +302,11 @@ class SpineBmdAdapter(BaseAdapter):
         return build_network(arch, **args)
 
     def preprocessor(self, cfg: SpineBmdConfig) -> Any:  # type: ignore[override]
-        return functools.partial(prepare_record, params=cfg.params(), negatives=cfg.negatives_per_study)
+        return functools.partial(prepare_record, params=cfg.params(), negatives=cfg.negatives_per_study,
+                                 pseudo_boxes=cfg.pseudo_boxes)
 
     def preprocess_signature(self, cfg: SpineBmdConfig) -> str:  # type: ignore[override]
-        keys = ("image_size", "negatives_per_study")
+        keys = ("image_size", "negatives_per_study") + (("pseudo_boxes",) if cfg.pseudo_boxes else ())
         return f"spine_bmd-v1:{ {k: getattr(cfg, k) for k in keys} }:{BONE_WINDOW_CENTER}/{BONE_WINDOW_WIDTH}"
 
     def train_transform(self, cfg: SpineBmdConfig) -> Any:  # type: ignore[override]
@@ -451,6 +469,9 @@ class SpineBmdAdapter(BaseAdapter):
                "(normal, osteopenia, osteoporosis; an operating point chosen on the validation split)"
                if cfg.class_log_offsets is not None else "") + ".\n"
             "- Patient-level class: the lowest of L1-L4 (DXA convention).\n"
+            + ("- Weak labels: studies with per-level classes but no boxes were trained on **pseudo-boxes** from the "
+               "level finder (training/tasks/spine_weak.py), not on drawn boxes (task_config.pseudo_boxes).\n"
+               if cfg.pseudo_boxes else "")
         )
 
 
