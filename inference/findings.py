@@ -59,7 +59,9 @@ class Classification:
     """A qualitative evaluation (finding + value) with its probability.
 
     ``images`` empty means the classification is about the whole study (or
-    series); otherwise it is about these source images.
+    series); otherwise it is about these source images. ``threshold`` is the
+    operating point the value was decided at (``probability >= threshold`` is
+    positive), when the decision is a threshold on ``probability``.
     """
 
     finding: Code
@@ -70,10 +72,13 @@ class Classification:
     images: tuple[ImageRef, ...] = ()
     measurements: list[Measurement] = field(default_factory=list)
     tracking_id: str | None = None
+    threshold: float | None = None
 
     def __post_init__(self) -> None:
         if self.probability is not None and not 0.0 <= float(self.probability) <= 1.0:
             raise ValueError(f"probability must lie in [0, 1], got {self.probability}")
+        if self.threshold is not None and not 0.0 <= float(self.threshold) <= 1.0:
+            raise ValueError(f"threshold must lie in [0, 1], got {self.threshold}")
 
 
 @dataclass
@@ -177,3 +182,40 @@ class Findings:
     def __post_init__(self) -> None:
         if not self.source_images:
             raise ValueError("findings must reference at least one source image")
+
+
+# --------------------------------------------------------------------------- wording
+# One wording for every place a finding is shown (SC overlay, SR conclusion, demo table):
+# the task builds ``Findings.summary`` and its overlay captions with these helpers.
+
+
+def _pair(p: float, threshold: float) -> tuple[str, str]:
+    """``p`` and ``threshold`` printed with enough digits that the comparison reads right."""
+    for digits in (2, 3, 4):
+        a, b = f"{p:.{digits}f}", f"{threshold:.{digits}f}"
+        if a != b or digits == 4:
+            return a, b
+    raise AssertionError("unreachable")
+
+
+def decision_text(probability: float, threshold: float, positive: str, negative: str, *, name: str = "p") -> str:
+    """A thresholded decision with its operating point.
+
+    ``decision_text(0.73, 0.81, "fracture suspected", "no fracture detected")``
+    gives ``"p=0.73 < 0.81: no fracture detected"``; at or above the threshold,
+    ``"p=0.92 >= 0.81: fracture suspected"``. The comparison is made on the
+    unrounded values; enough digits are printed that it never reads wrong.
+    """
+    a, b = _pair(float(probability), float(threshold))
+    if float(probability) >= float(threshold):
+        return f"{name}={a} >= {b}: {positive}"
+    return f"{name}={a} < {b}: {negative}"
+
+
+def statement(*parts: str) -> str:
+    """Join the parts of one finding statement with ``"; "`` (empty parts dropped).
+
+    Tasks build ``Findings.summary`` with this, so the SR conclusion, the
+    overlay header and the demo table all show the same sentence.
+    """
+    return "; ".join(p.strip() for p in parts if p and p.strip())

@@ -16,7 +16,8 @@ from dicomnode.results import ResultContext
 from dicomnode.results import codes as rc
 from dicomnode.results.builder import build_results
 from dicomnode.results.render import render_file
-from dicomnode.results.sc import BOX_COLOUR, compose
+from dicomnode.results.sc import compose, compose_layout
+from inference.palette import colour_for
 from inference.findings import FRACTURE, PRESENT, Box, Classification, Findings, ImageRef, Overlay, Panel
 from tests.unit._results_sources import dx_image, volume_series
 
@@ -109,7 +110,7 @@ def test_box_and_render_round_trip(tmp_path, dciodvfy):
     (sc,) = _scs(objects)
     path = _save(sc, tmp_path, dciodvfy, "box.dcm")
     rgb = pydicom.dcmread(path).pixel_array
-    colour = np.all(rgb == np.array(BOX_COLOUR, np.uint8), axis=2)
+    colour = np.all(rgb == np.array(colour_for("Fracture"), np.uint8), axis=2)
     assert colour.sum() > 200  # outline and its label
     out = render_file(path, tmp_path / "box.png")
     np.testing.assert_array_equal(np.asarray(Image.open(out).convert("RGB")), rgb)
