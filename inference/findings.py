@@ -96,6 +96,7 @@ class Box:
     tracking_id: str | None = None
     measurements: list[Measurement] = field(default_factory=list)
     qualitative: list[tuple[Code, Code]] = field(default_factory=list)
+    text: str = ""  # the label drawn beside the box on overlays; default "<label meaning> <score>"
 
     def __post_init__(self) -> None:
         if not (self.x1 > self.x0 and self.y1 > self.y0):

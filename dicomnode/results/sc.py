@@ -167,8 +167,8 @@ def _draw_labels(draw: ImageDraw.ImageDraw, items: list[tuple[str, Rect, RGB]], 
 
 
 def box_text(box: Box) -> str:
-    """The label drawn beside a box: its finding and score."""
-    return f"{box.label.meaning} {box.score:.2f}"
+    """The label drawn beside a box: the task's ``Box.text``, else its finding and score."""
+    return box.text or f"{box.label.meaning} {box.score:.2f}"
 
 
 def render_panel(panel: Panel, by_uid: dict[str, Dataset], target: tuple[int, int], grow: bool = False) -> Drawn:
