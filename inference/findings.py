@@ -213,6 +213,11 @@ def decision_text(probability: float, threshold: float, positive: str, negative:
     return f"{name}={a} < {b}: {negative}"
 
 
+def counted(n: int, noun: str) -> str:
+    """``counted(1, "image")`` -> ``"1 image"``, ``counted(2, "image")`` -> ``"2 images"``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def statement(*parts: str) -> str:
     """Join the parts of one finding statement with ``"; "`` (empty parts dropped).
 

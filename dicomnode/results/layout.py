@@ -113,26 +113,25 @@ def place_labels(labels: Sequence[tuple[str, Rect]], f: Font, width: int, height
 
     Each label goes to the first candidate position (above, below, beside the
     box, then anywhere, nearest first) that overlaps neither an earlier label nor
-    a ``reserved`` rectangle; positions that also keep clear of the other anchor
-    boxes are preferred. A label that does not fit anywhere (or is wider than
+    a ``reserved`` rectangle; positions that also keep clear of every anchor box
+    (its own included, so the label does not hide the box's edge) are preferred. A label that does not fit anywhere (or is wider than
     the area) gets ``None``.
     """
     placed: list[Rect] = []
     out: list[Rect | None] = []
     anchors = [a for _, a in labels]
-    for i, (text, anchor) in enumerate(labels):
+    for text, anchor in labels:
         w, h = label_size(text, f)
         if w > width or h > height:
             out.append(None)
             continue
-        others = [a for j, a in enumerate(anchors) if j != i]
         blocked = [*placed, *reserved]
         chosen = None
         fallback = None
         for cand in _candidates(anchor, w, h, width, height):
             if any(overlaps(cand, r) for r in blocked):
                 continue
-            if not any(overlaps(cand, a) for a in others):
+            if not any(overlaps(cand, a) for a in anchors):
                 chosen = cand
                 break
             fallback = fallback or cand

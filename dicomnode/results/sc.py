@@ -118,7 +118,7 @@ class Drawn:
 
 def panel_font_size(width: int, height: int) -> int:
     """Label and caption font size for a tile of ``width`` x ``height`` pixels."""
-    return int(np.clip(round(min(width, height) / 28), 11, 22))
+    return int(np.clip(round(min(width, height) / 24), 12, 24))
 
 
 def _picture(panel: Panel, grey: np.ndarray, target: tuple[int, int]) -> tuple[Image.Image, float]:
@@ -132,9 +132,8 @@ def _picture(panel: Panel, grey: np.ndarray, target: tuple[int, int]) -> tuple[I
     for label, mask in panel.contours.items():
         m = _resize_float(np.asarray(mask, np.float32), out_shape, nearest=True) > 0.5
         edge = mask_contour(m)
-        grow = int(scale) // 2
-        if grow > 0:  # iterations=0 would make scipy dilate until nothing changes (the whole panel)
-            edge = ndimage.binary_dilation(edge, iterations=grow)
+        grow = max(1, round(scale / 2))  # at least 2 px wide; iterations=0 would dilate the whole panel
+        edge = ndimage.binary_dilation(edge, iterations=grow)
         rgb[edge] = np.array(colour_for(label), np.float32) / 255.0
     return Image.fromarray((np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8)), scale
 
@@ -248,7 +247,9 @@ def header_lines(overlay: Overlay, findings: Findings, f: Font, width: int) -> l
     out += [(line, HEADER_FG) for line in wrap(algo, f, width)]
     if overlay.title and overlay.title != findings.summary:
         out += [(line, HEADER_FG) for line in wrap(overlay.title, f, width)]
-    out += [(line, STATEMENT_FG) for line in wrap(findings.summary, f, width)]
+    # with one overlay per image (or scan), say that the statement is the study's
+    study = f"Study: {findings.summary}" if len(findings.overlays) > 1 and findings.summary else findings.summary
+    out += [(line, STATEMENT_FG) for line in wrap(study, f, width)]
     return out
 
 
@@ -256,12 +257,14 @@ def compose_layout(overlay: Overlay, findings: Findings, by_uid: dict[str, Datas
     """Render an overlay (header + panel or montage) and report every text rectangle on it."""
     body = _body(overlay, by_uid)
     width = max(body.image.width, 480)
+    width += width % 2  # even dimensions keep every viewer's RGB handling simple
     size = max(14, min(28, width // 40))
     f = font(size)
     lines = header_lines(overlay, findings, f, width - 16)
-    lh = line_height(f) + 2
+    lh = line_height(f) + 2 * PAD  # backings of consecutive lines touch but do not overlap
     banner_h = len(lines) * lh + 10
-    canvas = Image.new("RGB", (width, banner_h + body.image.height), (0, 0, 0))
+    height = banner_h + body.image.height
+    canvas = Image.new("RGB", (width, height + height % 2), (0, 0, 0))
     draw = ImageDraw.Draw(canvas)
     text = []
     for i, (line, colour) in enumerate(lines):
@@ -269,9 +272,7 @@ def compose_layout(overlay: Overlay, findings: Findings, by_uid: dict[str, Datas
     dx = (width - body.image.width) // 2
     canvas.paste(body.image, (dx, banner_h))
     labels, body_text = body.shifted(dx, banner_h)
-    # even dimensions keep every viewer's RGB handling simple
-    even = canvas.crop((0, 0, canvas.width - canvas.width % 2, canvas.height - canvas.height % 2))
-    return Drawn(even, labels, text + body_text)
+    return Drawn(canvas, labels, text + body_text)
 
 
 def compose(overlay: Overlay, findings: Findings, by_uid: dict[str, Dataset]) -> np.ndarray:

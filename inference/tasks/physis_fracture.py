@@ -44,6 +44,7 @@ from inference.findings import (
     ImageRef,
     Overlay,
     Panel,
+    counted,
     decision_text,
     statement,
 )
@@ -185,7 +186,7 @@ def _overlay(ref: ImageRef, boxes: list[Box], score: ImageScore, threshold: floa
     if score.used_fallback:
         caption += " (whole-image classifier: no candidate region)"
     elif boxes:
-        caption += f", {len(boxes)} region(s) marked"
+        caption += f", {counted(len(boxes), 'region')} marked"
     return Overlay(panels=[Panel(image=ref, caption=caption, boxes=boxes)], title=f"{OVERLAY_TITLE}, image {index} of {n}",
                    derived_from=(ref,))
 
@@ -246,7 +247,8 @@ def run_physis_fracture(datasets: Sequence[Dataset], context: TaskContext) -> Fi
     ))
     n_pos = sum(1 for c in classifications[1:] if c.value == PRESENT)
     summary = statement(image_statement(study_score, post.threshold),
-                        f"{n_pos} of {len(images)} image(s) positive, {len(all_boxes)} region(s) marked")
+                        f"{n_pos} of {counted(len(images), 'image')} positive, "
+                        f"{counted(len(all_boxes), 'region')} marked")
     meta = loaded.meta
     return Findings(
         task=TASK, algorithm_name=meta.algorithm_name, algorithm_version=meta.version,

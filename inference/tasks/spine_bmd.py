@@ -280,10 +280,24 @@ def _overlay(series: Series, volume_hu: np.ndarray, positions: np.ndarray, analy
                    derived_from=tuple(refs[v.slice_index] for v in analysis.vertebrae))
 
 
+def _not_most_probable(v: VertebraResult) -> bool:
+    return int(np.argmax(v.probs)) != v.class_index
+
+
 def level_statement(v: VertebraResult) -> str:
-    """One vertebra's class, e.g. ``"L2 osteopenia (p=0.62, 118 HU)"``."""
-    hu_text = f", {v.mean_hu:.0f} HU" if v.mean_hu is not None else ""
-    return f"{v.level} {v.class_name} (p={v.probability:.2f}{hu_text})"
+    """One vertebra's class, e.g. ``"L2 osteopenia (p=0.62; 118 HU)"``.
+
+    When the operating point (the bundle's class offsets) chose a class that is
+    not the most probable one, the most probable class is named too:
+    ``"L2 osteopenia (p=0.27, normal p=0.70; 164 HU)"``.
+    """
+    text = f"p={v.probability:.2f}"
+    if _not_most_probable(v):
+        top = int(np.argmax(v.probs))
+        text += f", {CLASS_NAMES[top]} p={float(v.probs[top]):.2f}"
+    if v.mean_hu is not None:
+        text += f"; {v.mean_hu:.0f} HU"
+    return f"{v.level} {v.class_name} ({text})"
 
 
 def _refs(series: Series) -> list[ImageRef]:
@@ -316,6 +330,9 @@ def build_findings(series: Series, volume_hu: np.ndarray, positions: np.ndarray,
         summary_parts.insert(0, f"Patient: {CLASS_NAMES[idx]} (p={conf:.2f}, most severe of L1-L4)")
     if analysis.missing_levels:
         summary_parts.append("not assessed: " + ", ".join(analysis.missing_levels))
+    if any(_not_most_probable(v) for v in analysis.vertebrae):
+        summary_parts.append("classes decided at the validated operating point (class offsets), "
+                             "not always the most probable class")
     overlays = [_overlay(series, volume_hu, positions, analysis, refs, boxes, params)] if analysis.vertebrae else []
     return Findings(
         task=NAME, algorithm_name=meta.algorithm_name, algorithm_version=meta.version,
