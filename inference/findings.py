@@ -194,9 +194,9 @@ def _pair(p: float, threshold: float) -> tuple[str, str]:
     """``p`` and ``threshold`` printed with enough digits that the comparison reads right."""
     for digits in (2, 3, 4):
         a, b = f"{p:.{digits}f}", f"{threshold:.{digits}f}"
-        if a != b or digits == 4:
+        if p >= threshold or a != b:  # "0.81 >= 0.81" reads right, "0.81 < 0.81" does not
             return a, b
-    raise AssertionError("unreachable")
+    return f"{p:.6f}", f"{threshold:.6f}"
 
 
 def decision_text(probability: float, threshold: float, positive: str, negative: str, *, name: str = "p") -> str:
