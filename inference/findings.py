@@ -164,7 +164,12 @@ class Overlay:
 
 @dataclass
 class Findings:
-    """Everything one task run says about one study."""
+    """Everything one task run says about one study.
+
+    ``summary`` is the canonical statement of the findings, built with
+    :func:`statement` and :func:`decision_text`: the SC overlay header, the SR
+    and the demo table all show it word for word.
+    """
 
     task: str
     algorithm_name: str

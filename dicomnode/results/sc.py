@@ -44,7 +44,7 @@ from dicomnode.results.layout import (
     place_labels,
     wrap,
 )
-from inference.findings import Box, Findings, Overlay, Panel
+from inference.findings import Box, Findings, Overlay, Panel, statement
 from inference.palette import RGB, colour_for
 from inference.pixels import display_array
 
@@ -118,7 +118,7 @@ class Drawn:
 
 def panel_font_size(width: int, height: int) -> int:
     """Label and caption font size for a tile of ``width`` x ``height`` pixels."""
-    return int(np.clip(round(min(width, height) / 24), 12, 24))
+    return int(np.clip(round(min(width, height) / 24), 12, 20))
 
 
 def _picture(panel: Panel, grey: np.ndarray, target: tuple[int, int]) -> tuple[Image.Image, float]:
@@ -205,11 +205,21 @@ def render_panel(panel: Panel, by_uid: dict[str, Dataset], target: tuple[int, in
             text.append(rect)
         y = rect[3] + 1
     labels, missing = _draw_labels(draw, items, area, size, list(text))
-    if missing:  # no room on the picture: the labels join the caption
+    if missing:  # no room on the picture: the labels join the caption (the tile keeps its size)
         log.debug("overlay: %d box label(s) moved to the caption", len(missing))
-        lines = wrap("; ".join([panel.caption, *missing]).lstrip("; "), f, width - 2 * PAD - 8)
+        lines = wrap(statement(panel.caption, *missing), f, width - 2 * PAD - 8)
     if lines:
-        text.append(draw_text_block(draw, lines, f, 4, pic.height + 3, CAPTION_FG))
+        room = (tile.height - pic.height - 3 - 2 * PAD) // line_height(f)
+        if len(lines) > room and grow:  # labels joined the caption: the tile grows to hold it
+            taller = Image.new("RGB", (width, pic.height + 3 + len(lines) * line_height(f) + 2 * PAD + 3), (0, 0, 0))
+            taller.paste(tile, (0, 0))
+            tile, draw = taller, ImageDraw.Draw(taller)
+        elif len(lines) > room:  # a montage cell keeps its size: cut the caption, marked with an ellipsis
+            lines = lines[:max(0, room)]
+            if lines:
+                lines[-1] = lines[-1][:max(0, len(lines[-1]) - 2)] + " \u2026"
+        if lines:
+            text.append(draw_text_block(draw, lines, f, 4, pic.height + 3, CAPTION_FG))
     return Drawn(tile, labels, text + labels)
 
 
@@ -258,7 +268,7 @@ def compose_layout(overlay: Overlay, findings: Findings, by_uid: dict[str, Datas
     body = _body(overlay, by_uid)
     width = max(body.image.width, 480)
     width += width % 2  # even dimensions keep every viewer's RGB handling simple
-    size = max(14, min(28, width // 40))
+    size = max(14, min(22, width // 44))
     f = font(size)
     lines = header_lines(overlay, findings, f, width - 16)
     lh = line_height(f) + 2 * PAD  # backings of consecutive lines touch but do not overlap

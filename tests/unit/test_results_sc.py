@@ -297,3 +297,22 @@ def test_image_comments_state_the_findings_not_a_bare_label(tmp_path, dciodvfy):
     (sc,) = _scs(build_results(f, [dx], ResultContext()))
     _save(sc, tmp_path, dciodvfy, "comments.dcm")
     assert sc.ImageComments == "fracture probability 0.83. p=0.83 >= 0.50: fracture suspected"
+
+
+@pytest.mark.parametrize("grow", [True, False])
+def test_labels_without_room_join_the_caption_inside_the_tile(grow):
+    from dicomnode.results.sc import render_panel
+
+    ct = volume_series("CT", n=1, rows=8, cols=8)
+    ref = ImageRef(str(ct[0].SOPInstanceUID))
+    boxes = [Box(ref, 2 * i, 2 * i, 2 * i + 4, 2 * i + 4, FRACTURE, 0.9, text=f"a label far wider than the tile {i}")
+             for i in range(3)]
+    panel = Panel(pixels=np.zeros((24, 24), np.float32), boxes=boxes, caption="slice 1")
+    drawn = render_panel(panel, {}, (90, 90), grow=grow)
+    assert drawn.labels == []  # nothing fits on a 90 px picture ...
+    for r in drawn.text:  # ... so the labels went into the caption, which stays inside the tile
+        assert inside(r, *drawn.image.size)
+    if grow:
+        assert drawn.image.height > 90
+    else:
+        assert drawn.image.size == (90, 90)
