@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 NAME = "wrist_fracture"
 DEFAULT_THRESHOLD = 0.5
 MAX_BATCH = 16
-OVERLAY_TITLE = "Wrist fracture saliency (Grad-CAM)"
+OVERLAY_TITLE = "Wrist fracture: Grad-CAM map of where the model looked (shown for every result)"
 
 __all__ = ["NAME", "ImageResult", "image_laterality", "run_wrist_fracture", "study_laterality", "study_probability"]
 
