@@ -59,7 +59,9 @@ class Classification:
     """A qualitative evaluation (finding + value) with its probability.
 
     ``images`` empty means the classification is about the whole study (or
-    series); otherwise it is about these source images.
+    series); otherwise it is about these source images. ``threshold`` is the
+    operating point the value was decided at (``probability >= threshold`` is
+    positive), when the decision is a threshold on ``probability``.
     """
 
     finding: Code
@@ -70,10 +72,13 @@ class Classification:
     images: tuple[ImageRef, ...] = ()
     measurements: list[Measurement] = field(default_factory=list)
     tracking_id: str | None = None
+    threshold: float | None = None
 
     def __post_init__(self) -> None:
         if self.probability is not None and not 0.0 <= float(self.probability) <= 1.0:
             raise ValueError(f"probability must lie in [0, 1], got {self.probability}")
+        if self.threshold is not None and not 0.0 <= float(self.threshold) <= 1.0:
+            raise ValueError(f"threshold must lie in [0, 1], got {self.threshold}")
 
 
 @dataclass
@@ -91,6 +96,7 @@ class Box:
     tracking_id: str | None = None
     measurements: list[Measurement] = field(default_factory=list)
     qualitative: list[tuple[Code, Code]] = field(default_factory=list)
+    text: str = ""  # the label drawn beside the box on overlays; default "<label meaning> <score>"
 
     def __post_init__(self) -> None:
         if not (self.x1 > self.x0 and self.y1 > self.y0):
@@ -158,7 +164,12 @@ class Overlay:
 
 @dataclass
 class Findings:
-    """Everything one task run says about one study."""
+    """Everything one task run says about one study.
+
+    ``summary`` is the canonical statement of the findings, built with
+    :func:`statement` and :func:`decision_text`: the SC overlay header, the SR
+    and the demo table all show it word for word.
+    """
 
     task: str
     algorithm_name: str
@@ -177,3 +188,45 @@ class Findings:
     def __post_init__(self) -> None:
         if not self.source_images:
             raise ValueError("findings must reference at least one source image")
+
+
+# --------------------------------------------------------------------------- wording
+# One wording for every place a finding is shown (SC overlay, SR conclusion, demo table):
+# the task builds ``Findings.summary`` and its overlay captions with these helpers.
+
+
+def _pair(p: float, threshold: float) -> tuple[str, str]:
+    """``p`` and ``threshold`` printed with enough digits that the comparison reads right."""
+    for digits in (2, 3, 4):
+        a, b = f"{p:.{digits}f}", f"{threshold:.{digits}f}"
+        if p >= threshold or a != b:  # "0.81 >= 0.81" reads right, "0.81 < 0.81" does not
+            return a, b
+    return f"{p:.6f}", f"{threshold:.6f}"
+
+
+def decision_text(probability: float, threshold: float, positive: str, negative: str, *, name: str = "p") -> str:
+    """A thresholded decision with its operating point.
+
+    ``decision_text(0.73, 0.81, "fracture suspected", "no fracture detected")``
+    gives ``"p=0.73 < 0.81: no fracture detected"``; at or above the threshold,
+    ``"p=0.92 >= 0.81: fracture suspected"``. The comparison is made on the
+    unrounded values; enough digits are printed that it never reads wrong.
+    """
+    a, b = _pair(float(probability), float(threshold))
+    if float(probability) >= float(threshold):
+        return f"{name}={a} >= {b}: {positive}"
+    return f"{name}={a} < {b}: {negative}"
+
+
+def counted(n: int, noun: str) -> str:
+    """``counted(1, "image")`` -> ``"1 image"``, ``counted(2, "image")`` -> ``"2 images"``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def statement(*parts: str) -> str:
+    """Join the parts of one finding statement with ``"; "`` (empty parts dropped).
+
+    Tasks build ``Findings.summary`` with this, so the SR conclusion, the
+    overlay header and the demo table all show the same sentence.
+    """
+    return "; ".join(p.strip() for p in parts if p and p.strip())

@@ -3,8 +3,9 @@
 ``dicomnode render FILE.dcm --out PNG`` calls :func:`render_file`:
 
 * a secondary capture (or any image) is written as shown (frames side by side),
-* a SEG is drawn plane by plane as a montage: each segment filled in its own
-  colour with a legend, on black, or over the source images when they are given.
+* a SEG is drawn plane by plane as a montage: each segment filled in its
+  Recommended Display CIELab Value (else its colour from :mod:`inference.palette`)
+  with a legend, on black, or over the source images when they are given.
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from highdicom.color import CIELabColor
 from PIL import Image, ImageDraw
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 
 from dicomnode.errors import InvalidDatasetError, ResultWriteError
-from dicomnode.results.sc import PALETTE, _font, _resize_float
+from dicomnode.results.layout import draw_text_block, font, line_height
+from dicomnode.results.sc import _resize_float
+from inference.palette import RGB, colour_for
 from inference.pixels import display_array, number_of_frames
 
 log = logging.getLogger(__name__)
@@ -117,11 +121,25 @@ def _normal(ds: Dataset) -> np.ndarray | None:
     return np.cross(np.asarray(iop[:3], float), np.asarray(iop[3:], float))
 
 
+def segment_colours(ds: Dataset) -> dict[int, RGB]:
+    """Segment number -> display colour: the SEG's Recommended Display CIELab Value, else the palette's."""
+    out: dict[int, RGB] = {}
+    for item in ds.SegmentSequence:
+        lab = item.get("RecommendedDisplayCIELabValue")
+        if lab is not None and len(lab) == 3:
+            out[int(item.SegmentNumber)] = tuple(CIELabColor.from_dicom_value([int(v) for v in lab]).to_rgb(clip=True))
+        else:
+            out[int(item.SegmentNumber)] = colour_for(str(item.get("SegmentLabel", item.SegmentNumber)))
+    return out
+
+
 def render_seg(ds: Dataset, sources: Sequence[Dataset] | None = None) -> np.ndarray:
     """Montage of the SEG's planes, segments filled in colour, with a legend."""
     planes, masks, labels = seg_planes(ds)
     by_uid = {str(s.SOPInstanceUID): s for s in sources or ()}
-    colours = np.array([PALETTE[i % len(PALETTE)] for i in range(masks.shape[3])], np.float32) / 255.0
+    by_number = segment_colours(ds)
+    palette = [by_number[n] for n in sorted(labels)]
+    colours = np.array(palette, np.float32) / 255.0
     tiles = []
     for p, (uid, frame) in enumerate(planes):
         src = by_uid.get(uid)
@@ -140,14 +158,13 @@ def render_seg(ds: Dataset, sources: Sequence[Dataset] | None = None) -> np.ndar
     scale = max(1, 256 // max(body.height, 1))
     if scale > 1:
         body = body.resize((body.width * scale, body.height * scale), Image.NEAREST)
-    size = 14
-    legend_h = (size + 4) * len(labels) + 8
-    canvas = Image.new("RGB", (max(body.width, 240), body.height + legend_h), (0, 0, 0))
+    f = font(14)
+    lh = line_height(f) + 4
+    canvas = Image.new("RGB", (max(body.width, 240), body.height + lh * len(labels) + 8), (0, 0, 0))
     canvas.paste(body, (0, 0))
     draw = ImageDraw.Draw(canvas)
     for i, number in enumerate(sorted(labels)):
-        draw.text((6, body.height + 4 + i * (size + 4)), f"{number}: {labels[number]}",
-                  fill=PALETTE[i % len(PALETTE)], font=_font(size))
+        draw_text_block(draw, [f"{number}: {labels[number]}"], f, 4, body.height + 4 + i * lh, palette[i])
     return np.asarray(canvas, np.uint8)
 
 

@@ -1,7 +1,9 @@
 """DICOM SEG (BINARY) from the masks in :class:`inference.findings.Findings`, built with highdicom.
 
 One segment per :class:`~inference.findings.Mask`, coded category and type,
-AUTOMATIC with the algorithm identification. Masks come in the source pixel
+AUTOMATIC with the algorithm identification, and the structure's colour from
+:mod:`inference.palette` as its Recommended Display CIELab Value (the colour the
+SC overlay and ``dicomnode render`` use). Masks come in the source pixel
 grid, so the SEG takes its geometry from the source images themselves and
 references the source slice of every frame.
 """
@@ -22,6 +24,7 @@ from dicomnode.results import codes as rc
 from dicomnode.results.common import finish, series_description, series_number, series_uid
 from dicomnode.results.sr import device_observer_uid
 from inference.findings import Findings, ImageRef, Mask
+from inference.palette import colour_for
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +111,7 @@ def build_seg(findings: Findings, sources: Sequence[Dataset], context: ResultCon
             tracking_uid=str(hd.UID()),
             tracking_id=(mask.tracking_id or mask.label.meaning)[:64],
             anatomic_regions=[rc.to_hd(mask.finding_site)] if mask.finding_site else None,
+            display_color=hd.color.CIELabColor.from_rgb(*colour_for(mask.label.meaning)),
         ))
     description = series_description(findings.task, "seg", findings.algorithm_version)
     try:

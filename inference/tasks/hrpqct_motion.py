@@ -41,7 +41,17 @@ from pydicom import Dataset
 
 from inference import codes
 from inference.errors import BundleError, InvalidDatasetError
-from inference.findings import Classification, Code, Findings, ImageRef, Measurement, Overlay, Panel
+from inference.findings import (
+    Classification,
+    Code,
+    Findings,
+    ImageRef,
+    Measurement,
+    Overlay,
+    Panel,
+    decision_text,
+    statement,
+)
 from inference.hrpqct import N_SLICES, DensityNorm, prepare_stack
 from inference.runtime import StageTimer, run_batched
 from inference.series import Series, group_by_series
@@ -251,12 +261,34 @@ def scan_findings(scan: ScanGrade, refs: Sequence[ImageRef], site: Code | None, 
     out.append(Classification(
         finding=codes.RESCAN_RECOMMENDED, value=codes.YES if scan.rescan else codes.NO,
         probability=scan.p_rescan, finding_site=site, images=tuple(refs), tracking_id=f"{label} rescan",
+        threshold=scan.rescan_threshold,
     ))
     panels = [Panel(image=ref, caption=f"slice {i}: grade {g} (p={scan.slice_probs[i - 1, g - 1]:.2f})")
               for i, (ref, g) in enumerate(zip(refs, scan.slice_grades, strict=True), start=1)]
-    verdict = "RESCAN" if scan.rescan else "no rescan"
-    title = f"motion grade {scan.grade}; P(grade>={scan.rescan_min_grade}) {scan.p_rescan:.2f}; {verdict}"
+    title = f"HR-pQCT motion grading ({label}, 8 slices)"
     return out, Overlay(panels=panels, title=title, derived_from=tuple(refs))
+
+
+def rescan_statement(scan: ScanGrade) -> str:
+    """Why a rescan is or is not recommended, with the rule's operating points.
+
+    E.g. ``"grade 4 >= 4: rescan recommended"``, ``"P(grade>=4)=0.62 >= 0.40: rescan
+    recommended"`` or ``"grade 2 < 4, P(grade>=4)=0.12 < 0.40: no rescan needed"``.
+    """
+    k = scan.rescan_min_grade
+    by_grade = scan.grade >= k
+    if by_grade:
+        return f"grade {scan.grade} >= {k}: rescan recommended"
+    if scan.rescan_threshold is None:
+        return f"grade {scan.grade} < {k}: no rescan needed"
+    text = decision_text(scan.p_rescan, scan.rescan_threshold, "rescan recommended", "no rescan needed",
+                         name=f"P(grade>={k})")
+    return text if scan.rescan else f"grade {scan.grade} < {k}, {text}"
+
+
+def scan_statement(scan: ScanGrade) -> str:
+    """The finding of one scan, e.g. ``"motion grade 2 (p=0.71); grade 2 < 4: no rescan needed"``."""
+    return statement(f"motion grade {scan.grade} (p={scan.grade_probability:.2f})", rescan_statement(scan))
 
 
 def _norm_of(meta: object) -> DensityNorm:
@@ -306,14 +338,13 @@ def hrpqct_motion_task(datasets: Sequence[Dataset], context: TaskContext) -> Fin
             classifications += cls
             overlays.append(overlay)
             sources += image_refs(series.datasets)
-            summary.append(f"{label}: motion grade {scan.grade}, P(grade>=4) {scan.p_rescan:.2f}"
-                           + (", rescan recommended" if scan.rescan else ""))
+            summary.append(f"{label.capitalize()}: {scan_statement(scan)}")
         log.debug("hrpqct_motion %s: grade %d, expected %.2f, slice grades %s", label, scan.grade,
                   scan.expected_grade, scan.slice_grades)
     return Findings(
         task=NAME, algorithm_name=loaded.meta.algorithm_name, algorithm_version=loaded.version,
         study_instance_uid=str(datasets[0].StudyInstanceUID), source_images=tuple(dict.fromkeys(sources)),
-        classifications=classifications, overlays=overlays, summary="; ".join(summary),
+        classifications=classifications, overlays=overlays, summary=statement(*summary),
         synthetic_model=loaded.meta.synthetic_only, timings_s=dict(timer.seconds),
     )
 

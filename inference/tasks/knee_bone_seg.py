@@ -36,7 +36,7 @@ from scipy import ndimage
 
 from inference import codes
 from inference.errors import TaskError
-from inference.findings import CUBIC_MM, Findings, ImageRef, Mask, Measurement, Overlay, Panel
+from inference.findings import CUBIC_MM, Findings, ImageRef, Mask, Measurement, Overlay, Panel, statement
 from inference.mr import (
     DEFAULT_CROP_MM,
     MODEL_SIZE,
@@ -263,12 +263,11 @@ def make_findings(source_masks: np.ndarray, series: Series, *, algorithm_name: s
     for k in _montage_slices(union, MONTAGE_PANELS):
         contours = {BONE_CODES[bone].meaning: masks_arr[b, k] for b, bone in enumerate(BONES) if masks_arr[b, k].any()}
         panels.append(Panel(image=refs[k], caption=f"slice {k + 1}/{len(refs)}", contours=contours))
-    overlay = Overlay(panels=panels, title="Knee bones: femur, tibia, fibula",
+    overlay = Overlay(panels=panels, title="Knee bone segmentation: femur, tibia, fibula",
                       derived_from=tuple(p.image for p in panels if p.image is not None))
     empty = [b for b in BONES if volumes[b] == 0.0]
-    summary = ", ".join(f"{b} {volumes[b] / 1000.0:.1f} cm3" for b in BONES)
-    if empty:
-        summary += f" (not found: {', '.join(empty)})"
+    summary = statement("Bone volumes: " + ", ".join(f"{b} {volumes[b] / 1000.0:.1f} mL" for b in BONES),
+                        f"not found: {', '.join(empty)}" if empty else "")
     return Findings(
         task=TASK, algorithm_name=algorithm_name, algorithm_version=algorithm_version,
         study_instance_uid=str(series.planes[0].ds.StudyInstanceUID), source_images=refs, masks=masks,

@@ -15,9 +15,12 @@ Pipeline per image (``tasks/physis_fracture.md``):
 
 Findings: one image-level classification per image (growth-plate fracture
 present/absent with its probability) plus a study-level one (maximum over
-images), each reported fracture region as a :class:`Box` (a TID 1410 planar
-ROI on its source image) with its score, and one overlay per image with the
-boxes drawn. Metal and text detections are never reported.
+images), each reported fracture region (post-processing rule 7 *and* a score at
+or above the operating point, so a negative image carries no fracture region)
+as a :class:`Box` (a TID 1410 planar ROI on its source image) with its score,
+and one overlay per image with the boxes drawn. Every statement names the
+operating point ("p=0.73 < 0.81: no growth-plate fracture detected"); the
+summary is the study's. Metal and text detections are never reported.
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ from inference.findings import (
     ImageRef,
     Overlay,
     Panel,
+    counted,
+    decision_text,
+    statement,
 )
 from inference.radiograph import apply_affine, crop_with_margin, detector_input, to_float
 from inference.runtime import StageTimer
@@ -167,10 +173,21 @@ def _is_image(ds: Dataset) -> bool:
         ds.get("SamplesPerPixel", 1)) == 1
 
 
-def _overlay(ref: ImageRef, boxes: list[Box], score: ImageScore, threshold: float) -> Overlay:
-    verdict = "growth-plate fracture suspected" if score.score >= threshold else "no growth-plate fracture"
-    caption = f"{verdict}: p={score.score:.2f}" + (" (whole-image fallback)" if score.used_fallback else "")
-    return Overlay(panels=[Panel(image=ref, caption=caption, boxes=boxes)], title="PHYSIS FRACTURE",
+OVERLAY_TITLE = "Growth-plate (physis) fracture detection"
+
+
+def image_statement(p: float, threshold: float) -> str:
+    """The decision on one probability with its operating point, e.g. ``"p=0.73 < 0.81: no fracture detected"``."""
+    return decision_text(p, threshold, "growth-plate fracture suspected", "no growth-plate fracture detected")
+
+
+def _overlay(ref: ImageRef, boxes: list[Box], score: ImageScore, threshold: float, index: int, n: int) -> Overlay:
+    caption = f"Image {index} of {n}: {image_statement(score.score, threshold)}"
+    if score.used_fallback:
+        caption += " (whole-image classifier: no candidate region)"
+    elif boxes:
+        caption += f", {counted(len(boxes), 'region')} marked"
+    return Overlay(panels=[Panel(image=ref, caption=caption, boxes=boxes)], title=f"{OVERLAY_TITLE}, image {index} of {n}",
                    derived_from=(ref,))
 
 
@@ -199,35 +216,39 @@ def run_physis_fracture(datasets: Sequence[Dataset], context: TaskContext) -> Fi
     overlays: list[Overlay] = []
     refs = tuple(ImageRef(str(d.SOPInstanceUID)) for d in images)
     study_score = 0.0
-    for ds, ref in zip(images, refs, strict=True):
+    for index, (ds, ref) in enumerate(zip(images, refs, strict=True), start=1):
         with timer.stage("load"):
             image = to_float(ds)
         result = score_image(model, image, loaded.device, post, timer)
         laterality = _LATERALITY.get(str(ds.get("ImageLaterality", "") or ds.get("Laterality", "")).upper())
         boxes = []
-        for k, c in enumerate(reported_boxes(result, post), start=1):
+        # a region is reported as a fracture only at or above the operating point, so a negative image
+        # never shows a box labelled "fracture"
+        for k, c in enumerate((c for c in reported_boxes(result, post) if c.score >= post.threshold), start=1):
             x0, y0, x1, y1 = c.box
             if x1 - x0 <= 0 or y1 - y0 <= 0:
                 continue
             # the writer renders ``score`` as the region's probability
             boxes.append(Box(ref, x0, y0, x1, y1, label=codes.GROWTH_PLATE_FRACTURE, score=round(c.score, 4),
                              finding_site=codes.GROWTH_PLATE,
-                             tracking_id=f"physis fracture region {ref.sop_instance_uid[-12:]}.{k}"))
+                             tracking_id=f"physis fracture region {ref.sop_instance_uid[-12:]}.{k}",
+                             text=f"suspected fracture p={c.score:.2f}"))
         all_boxes.extend(boxes)
         prob = round(float(np.clip(result.score, 0.0, 1.0)), 4)
         classifications.append(Classification(
             codes.GROWTH_PLATE_FRACTURE, PRESENT if prob >= post.threshold else ABSENT, probability=prob,
-            finding_site=codes.GROWTH_PLATE, laterality=laterality, images=(ref,),
+            finding_site=codes.GROWTH_PLATE, laterality=laterality, images=(ref,), threshold=post.threshold,
         ))
-        overlays.append(_overlay(ref, boxes, result, post.threshold))
+        overlays.append(_overlay(ref, boxes, result, post.threshold, index, len(images)))
         study_score = max(study_score, prob)
     classifications.insert(0, Classification(
         codes.GROWTH_PLATE_FRACTURE, PRESENT if study_score >= post.threshold else ABSENT, probability=study_score,
-        finding_site=codes.GROWTH_PLATE,
+        finding_site=codes.GROWTH_PLATE, threshold=post.threshold,
     ))
     n_pos = sum(1 for c in classifications[1:] if c.value == PRESENT)
-    summary = (f"physis fracture ({model.method}): study probability {study_score:.2f}; {n_pos}/{len(images)} "
-               f"image(s) positive, {len(all_boxes)} region(s)")
+    summary = statement(image_statement(study_score, post.threshold),
+                        f"{n_pos} of {counted(len(images), 'image')} positive, "
+                        f"{counted(len(all_boxes), 'region')} marked")
     meta = loaded.meta
     return Findings(
         task=TASK, algorithm_name=meta.algorithm_name, algorithm_version=meta.version,

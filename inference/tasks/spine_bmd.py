@@ -48,6 +48,7 @@ from inference.findings import (
     Measurement,
     Overlay,
     Panel,
+    statement,
 )
 from inference.runtime import StageTimer, run_batched
 from inference.series import Series, group_by_series
@@ -269,15 +270,34 @@ def _overlay(series: Series, volume_hu: np.ndarray, positions: np.ndarray, analy
         y0, y1 = float(np.clip(min(rows), 0, sag.image.shape[0] - 1)), float(np.clip(max(rows), 0, sag.image.shape[0] - 1))
         x0, x1 = float(v.box[1] * spacing[0] / sag.spacing[1]), float(v.box[3] * spacing[0] / sag.spacing[1])
         if y1 > y0 and x1 > x0:
-            sag_boxes.append(Box(b.image, x0, y0, x1, y1, b.label, b.score, finding_site=b.finding_site))
-    caption = "sagittal: " + ", ".join(f"{v.level} {v.class_name}" for v in analysis.vertebrae)
+            sag_boxes.append(Box(b.image, x0, y0, x1, y1, b.label, b.score, finding_site=b.finding_site,
+                                 text=f"{v.level} {v.class_name}"))
+    caption = "Sagittal reformat: " + ", ".join(f"{v.level} {v.class_name}" for v in analysis.vertebrae)
     panels = [Panel(pixels=np.clip(sag.image, 0, 1), caption=caption, boxes=sag_boxes)]
     for v, b in zip(analysis.vertebrae, boxes, strict=True):
-        hu_text = f", {v.mean_hu:.0f} HU" if v.mean_hu is not None else ""
-        panels.append(Panel(image=refs[v.slice_index], caption=f"{v.level} {v.class_name} {v.probability:.2f}{hu_text}",
-                            boxes=[b]))
-    return Overlay(panels=panels, title="lumbar BMD classes (L1-L4)",
+        panels.append(Panel(image=refs[v.slice_index], caption=level_statement(v), boxes=[b]))
+    return Overlay(panels=panels, title="Lumbar spine BMD class per vertebra (L1-L4)",
                    derived_from=tuple(refs[v.slice_index] for v in analysis.vertebrae))
+
+
+def _not_most_probable(v: VertebraResult) -> bool:
+    return int(np.argmax(v.probs)) != v.class_index
+
+
+def level_statement(v: VertebraResult) -> str:
+    """One vertebra's class, e.g. ``"L2 osteopenia (p=0.62; 118 HU)"``.
+
+    When the operating point (the bundle's class offsets) chose a class that is
+    not the most probable one, the most probable class is named too:
+    ``"L2 osteopenia (p=0.27, normal p=0.70; 164 HU)"``.
+    """
+    text = f"p={v.probability:.2f}"
+    if _not_most_probable(v):
+        top = int(np.argmax(v.probs))
+        text += f", {CLASS_NAMES[top]} p={float(v.probs[top]):.2f}"
+    if v.mean_hu is not None:
+        text += f"; {v.mean_hu:.0f} HU"
+    return f"{v.level} {v.class_name} ({text})"
 
 
 def _refs(series: Series) -> list[ImageRef]:
@@ -297,23 +317,27 @@ def build_findings(series: Series, volume_hu: np.ndarray, positions: np.ndarray,
                                                          finding_site=site, derivation=codes.MEAN)]
         x0, y0, x1, y1 = v.box
         boxes.append(Box(refs[v.slice_index], x0, y0, x1, y1, value, v.probability, finding_site=site,
-                         tracking_id=f"{v.level} vertebral body", measurements=list(meas)))
+                         tracking_id=f"{v.level} vertebral body", measurements=list(meas),
+                         text=f"{v.level} {v.class_name} {v.probability:.2f}"))
         classifications.append(Classification(codes.FINDING, value, probability=v.probability, finding_site=site,
                                               images=(refs[v.slice_index],), measurements=meas,
                                               tracking_id=f"{v.level} classification"))
-    summary_parts = [f"{v.level}: {v.class_name} ({v.probability:.2f})" for v in analysis.vertebrae]
+    summary_parts = [level_statement(v) for v in analysis.vertebrae]
     if analysis.patient is not None:
         idx, conf = analysis.patient
         classifications.append(Classification(codes.FINDING, CLASS_CODES[idx], probability=conf,
                                               finding_site=codes.LUMBAR_SPINE, tracking_id="patient-level class"))
-        summary_parts.insert(0, f"patient: {CLASS_NAMES[idx]} ({conf:.2f}, lowest of L1-L4)")
+        summary_parts.insert(0, f"Patient: {CLASS_NAMES[idx]} (p={conf:.2f}, most severe of L1-L4)")
     if analysis.missing_levels:
         summary_parts.append("not assessed: " + ", ".join(analysis.missing_levels))
+    if any(_not_most_probable(v) for v in analysis.vertebrae):
+        summary_parts.append("classes decided at the validated operating point (class offsets), "
+                             "not always the most probable class")
     overlays = [_overlay(series, volume_hu, positions, analysis, refs, boxes, params)] if analysis.vertebrae else []
     return Findings(
         task=NAME, algorithm_name=meta.algorithm_name, algorithm_version=meta.version,
         study_instance_uid=str(series.planes[0].ds.StudyInstanceUID), source_images=image_refs(series.datasets),
-        classifications=classifications, boxes=boxes, overlays=overlays, summary="; ".join(summary_parts),
+        classifications=classifications, boxes=boxes, overlays=overlays, summary=statement(*summary_parts),
         synthetic_model=bool(meta.synthetic_only), timings_s=dict(timings),
     )
 

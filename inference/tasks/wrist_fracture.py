@@ -43,6 +43,8 @@ from inference.findings import (
     ImageRef,
     Overlay,
     Panel,
+    decision_text,
+    statement,
 )
 from inference.nets.resnet import gradcam
 from inference.radiograph import (
@@ -64,7 +66,7 @@ log = logging.getLogger(__name__)
 NAME = "wrist_fracture"
 DEFAULT_THRESHOLD = 0.5
 MAX_BATCH = 16
-OVERLAY_TITLE = "Wrist fracture saliency (Grad-CAM)"
+OVERLAY_TITLE = "Wrist fracture: Grad-CAM map of where the model looked (shown for every result)"
 
 __all__ = ["NAME", "ImageResult", "image_laterality", "run_wrist_fracture", "study_laterality", "study_probability"]
 
@@ -204,6 +206,11 @@ def run_wrist_fracture(datasets: Sequence[Dataset], context: TaskContext) -> Fin
     return findings
 
 
+def image_statement(p: float, threshold: float) -> str:
+    """The decision on one probability with its operating point, e.g. ``"p=0.73 < 0.81: no fracture detected"``."""
+    return decision_text(p, threshold, "fracture suspected", "no fracture detected")
+
+
 def _value(p: float, threshold: float) -> Code:
     return PRESENT if p >= threshold else ABSENT
 
@@ -213,20 +220,18 @@ def _findings(images: Sequence[Dataset], results: Sequence[ImageResult], loaded:
     p_study = study_probability([r.probability for r in results], "alo")
     laterality = study_laterality([r.laterality for r in results])
     classifications = [Classification(FRACTURE, _value(p_study, threshold), probability=p_study, finding_site=WRIST,
-                                      laterality=laterality, tracking_id="wrist fracture study")]
+                                      laterality=laterality, tracking_id="wrist fracture study", threshold=threshold)]
     overlays = []
+    n = len(results)
     for i, r in enumerate(results, start=1):
         classifications.append(Classification(FRACTURE, _value(r.probability, threshold), probability=r.probability,
                                               finding_site=WRIST, laterality=r.laterality, images=(r.ref,),
-                                              tracking_id=f"wrist fracture image {i}"))
-        verdict = "fracture suspected" if r.probability >= threshold else "no fracture"
+                                              tracking_id=f"wrist fracture image {i}", threshold=threshold))
         overlays.append(Overlay(
-            panels=[Panel(image=r.ref, heatmap=r.heatmap,
-                          caption=f"Fracture probability {r.probability:.2f} ({verdict})")],
-            title=OVERLAY_TITLE, derived_from=(r.ref,)))
-    majority = study_probability([r.probability for r in results], "majority", threshold)
-    summary = (f"Fracture {'present' if p_study >= threshold else 'absent'}: study probability {p_study:.2f} "
-               f"(at least one of {len(results)} image(s) >= {threshold:.2f}); majority vote {majority:.2f}")
+            panels=[Panel(image=r.ref, heatmap=r.heatmap, caption=f"Image {i} of {n}: " + image_statement(
+                r.probability, threshold))],
+            title=f"{OVERLAY_TITLE}, image {i} of {n}", derived_from=(r.ref,)))
+    summary = statement(image_statement(p_study, threshold), f"study p is the highest of {n} images" if n > 1 else "")
     return Findings(
         task=NAME, algorithm_name=meta.algorithm_name, algorithm_version=meta.version,
         study_instance_uid=str(images[0].StudyInstanceUID), source_images=tuple(r.ref for r in results),

@@ -15,9 +15,12 @@ from dicomnode.cli import main as cli_main
 from dicomnode.results import ResultContext
 from dicomnode.results import codes as rc
 from dicomnode.results.builder import build_results
+from dicomnode.results.layout import font as layout_font
+from dicomnode.results.layout import inside, overlaps, place_labels
 from dicomnode.results.render import render_file
-from dicomnode.results.sc import BOX_COLOUR, compose
+from dicomnode.results.sc import compose, compose_layout, header_lines
 from inference.findings import FRACTURE, PRESENT, Box, Classification, Findings, ImageRef, Overlay, Panel
+from inference.palette import colour_for
 from tests.unit._results_sources import dx_image, volume_series
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -109,7 +112,7 @@ def test_box_and_render_round_trip(tmp_path, dciodvfy):
     (sc,) = _scs(objects)
     path = _save(sc, tmp_path, dciodvfy, "box.dcm")
     rgb = pydicom.dcmread(path).pixel_array
-    colour = np.all(rgb == np.array(BOX_COLOUR, np.uint8), axis=2)
+    colour = np.all(rgb == np.array(colour_for("Fracture"), np.uint8), axis=2)
     assert colour.sum() > 200  # outline and its label
     out = render_file(path, tmp_path / "box.png")
     np.testing.assert_array_equal(np.asarray(Image.open(out).convert("RGB")), rgb)
@@ -218,3 +221,98 @@ def test_single_ct_slice_orientation_and_cli_render(tmp_path, dciodvfy, capsys):
     assert cli_main(["render", str(sr_path), "--out", str(tmp_path / "sr.png")]) == 2
     assert "no pixel data" in capsys.readouterr().err
     assert not (tmp_path / "sr.png").exists()
+
+
+# --------------------------------------------------------------------------- text layout
+
+LONG_SUMMARY = ("p=0.73 < 0.81: no growth-plate fracture detected; 0 of 2 images positive, no region marked; "
+                "a deliberately long statement that cannot fit on one header line of any overlay")
+
+
+def _crowded(rows: int, cols: int, n_boxes: int = 6):
+    """A dark panel of ``rows`` x ``cols`` with boxes stacked at the right edge, where labels used to run off."""
+    ct = volume_series("CT", n=1, rows=8, cols=8)
+    ref = ImageRef(str(ct[0].SOPInstanceUID))
+    h = rows / (n_boxes + 1)
+    boxes = [Box(ref, cols * 0.82, i * h + 2, cols - 2, i * h + h * 0.7, FRACTURE, 0.5 + 0.07 * i,
+                 text=f"L{i + 1} osteoporosis {0.5 + 0.07 * i:.2f}") for i in range(n_boxes)]
+    panel = Panel(pixels=np.zeros((rows, cols), np.float32), boxes=boxes,
+                  caption="Sagittal reformat: " + ", ".join(f"L{i + 1} osteoporosis" for i in range(n_boxes)),
+                  contours={"Femur": np.pad(np.ones((rows // 2, cols // 2), bool), ((0, rows - rows // 2),
+                                                                                  (0, cols - cols // 2)))})
+    f = Findings("spine_bmd", "bone-dicomnode/spine_bmd/spine_detector_with_a_long_name", "demo-20261203b",
+                 str(ct[0].StudyInstanceUID), (ref,), overlays=[Overlay([panel], "Lumbar spine BMD class per vertebra")],
+                 summary=LONG_SUMMARY, synthetic_model=True)
+    return f, {str(ct[0].SOPInstanceUID): ct[0]}
+
+
+@pytest.mark.parametrize("rows,cols", [(48, 40), (2000, 1600)])
+def test_text_stays_inside_and_labels_do_not_overlap(rows, cols):
+    f, by_uid = _crowded(rows, cols)
+    drawn = compose_layout(f.overlays[0], f, by_uid)
+    width, height = drawn.image.size
+    assert len(drawn.labels) == 6  # every box label found a place on the picture
+    for r in drawn.text:
+        assert inside(r, width, height), (r, width, height)
+    for i, a in enumerate(drawn.text):
+        for b in drawn.text[i + 1:]:
+            assert not overlaps(a, b), (a, b)
+    rgb = np.asarray(drawn.image)
+    # nothing is drawn in the last column: the header, the labels and the caption all wrap or move inside
+    assert rgb[:, -1].max() == 0
+    # every piece of text sits on a dark backing
+    for x0, y0, x1, y1 in drawn.text:
+        patch = rgb[y0:y1, x0:x1]
+        assert (patch.max(axis=2) < 40).mean() > 0.5
+
+
+def test_header_wraps_the_findings_statement_in_full():
+    f, by_uid = _crowded(48, 40)
+    drawn = compose_layout(f.overlays[0], f, by_uid)
+    lines = [t for t, _ in header_lines(f.overlays[0], f, layout_font(14), drawn.image.width - 16)]
+    assert " ".join(lines).endswith(LONG_SUMMARY.split()[-1])
+    assert " ".join(" ".join(lines).split()).count("p=0.73 < 0.81: no growth-plate fracture detected") == 1
+
+
+@pytest.mark.parametrize("width,height", [(120, 90), (1024, 1024)])
+def test_greedy_placement_is_inside_and_disjoint(width, height):
+    f = layout_font(12)
+    rng = np.random.default_rng(3)
+    anchors = []
+    for _ in range(8):  # boxes crowded into one corner and against the edges
+        x0, y0 = int(rng.integers(0, width // 3)), int(rng.integers(0, height // 3))
+        anchors.append((f"L{len(anchors) + 1} osteo", (x0, y0, x0 + 10, y0 + 8)))
+    rects = place_labels(anchors, f, width, height, reserved=[(0, 0, 30, 20)])
+    placed = [r for r in rects if r is not None]
+    assert len(placed) >= (8 if width > 500 else 4)
+    for i, a in enumerate(placed):
+        assert inside(a, width, height) and not overlaps(a, (0, 0, 30, 20))
+        for b in placed[i + 1:]:
+            assert not overlaps(a, b)
+
+
+def test_image_comments_state_the_findings_not_a_bare_label(tmp_path, dciodvfy):
+    dx, f = _wrist()
+    f.summary = "p=0.83 >= 0.50: fracture suspected"
+    (sc,) = _scs(build_results(f, [dx], ResultContext()))
+    _save(sc, tmp_path, dciodvfy, "comments.dcm")
+    assert sc.ImageComments == "fracture probability 0.83. p=0.83 >= 0.50: fracture suspected"
+
+
+@pytest.mark.parametrize("grow", [True, False])
+def test_labels_without_room_join_the_caption_inside_the_tile(grow):
+    from dicomnode.results.sc import render_panel
+
+    ct = volume_series("CT", n=1, rows=8, cols=8)
+    ref = ImageRef(str(ct[0].SOPInstanceUID))
+    boxes = [Box(ref, 2 * i, 2 * i, 2 * i + 4, 2 * i + 4, FRACTURE, 0.9, text=f"a label far wider than the tile {i}")
+             for i in range(3)]
+    panel = Panel(pixels=np.zeros((24, 24), np.float32), boxes=boxes, caption="slice 1")
+    drawn = render_panel(panel, {}, (90, 90), grow=grow)
+    assert drawn.labels == []  # nothing fits on a 90 px picture ...
+    for r in drawn.text:  # ... so the labels went into the caption, which stays inside the tile
+        assert inside(r, *drawn.image.size)
+    if grow:
+        assert drawn.image.height > 90
+    else:
+        assert drawn.image.size == (90, 90)

@@ -175,3 +175,41 @@ def test_seg_and_sc_on_a_multiframe_source(tmp_path, dciodvfy):
     assert int(roi.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedFrameNumber) == 3
     (group,) = report.get_image_measurement_groups()
     assert [list(s.referenced_frame_numbers) for s in group.source_images] == [[2], [3]]
+
+
+def test_each_structure_has_one_colour_in_seg_render_and_sc(tmp_path, dciodvfy):
+    """Femur/tibia/fibula: the SEG's Recommended Display CIELab Value, the SEG render and the SC contours agree."""
+    from dicomnode.results.render import render_seg
+    from dicomnode.results.sc import compose
+    from inference.palette import OKABE_ITO, colour_for
+
+    mr = volume_series("MR", n=3, rows=48, cols=48, seed=2)
+    refs = tuple(ImageRef(str(d.SOPInstanceUID)) for d in mr)
+    masks = []
+    regions = {}
+    for k, label in enumerate((rc.FEMUR, rc.TIBIA, rc.FIBULA)):
+        arr = np.zeros((3, 48, 48), bool)
+        arr[:, 4 + 14 * k:14 + 14 * k, 10:40] = True  # three bands, one per bone
+        masks.append(Mask(label, rc.ANATOMICAL_STRUCTURE, arr, refs, finding_site=rc.KNEE))
+        regions[label.meaning] = arr[1]
+    # the SC lists the bones in another order than the SEG: the colour must follow the bone, not the order
+    panel = Panel(image=refs[1], contours={m: regions[m] for m in ("Fibula", "Tibia", "Femur")})
+    findings = Findings("knee_bone_seg", "KneeUNet", "1.0", str(mr[0].StudyInstanceUID), refs, masks=masks,
+                        overlays=[Overlay([panel], "knee")])
+    expected = {"Femur": colour_for("Femur"), "Tibia": colour_for("Tibia"), "Fibula": colour_for("Fibula")}
+    assert len(set(expected.values())) == 3 and set(expected.values()) <= set(OKABE_ITO)
+
+    seg = next(o for o in build_results(findings, mr, ResultContext()) if o.Modality == "SEG")
+    path = _save(seg, tmp_path, dciodvfy)
+    raw = pydicom.dcmread(path)
+    for item in raw.SegmentSequence:
+        rgb = hd.color.CIELabColor.from_dicom_value([int(v) for v in item.RecommendedDisplayCIELabValue]).to_rgb()
+        assert np.abs(np.subtract(rgb, expected[item.SegmentLabel])).max() <= 1, item.SegmentLabel
+
+    rendered = render_seg(raw)  # filled segments on black
+    for name, colour in expected.items():
+        assert np.all(rendered == np.array(colour, np.uint8), axis=2).sum() > 100, name
+
+    sc = compose(findings.overlays[0], findings, {str(d.SOPInstanceUID): d for d in mr})
+    for name, colour in expected.items():
+        assert np.all(sc == np.array(colour, np.uint8), axis=2).sum() > 100, name

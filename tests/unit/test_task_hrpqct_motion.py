@@ -22,12 +22,16 @@ from pydicom.uid import CTImageStorage
 
 from inference import codes
 from inference.errors import BundleError
+from inference.findings import ImageRef
 from inference.hrpqct import select_slices
 from inference.tasks.hrpqct_motion import (
     ROUNDING_CUTPOINTS,
     aggregate_scan,
     finding_site,
     grade_from_expected,
+    rescan_statement,
+    scan_findings,
+    scan_statement,
 )
 from training.data import DataError
 from training.synth import tomo
@@ -206,6 +210,22 @@ def test_rescan_operating_point_recommends_below_grade_4():
     for bad in (0.0, 1.0, -0.2):
         with pytest.raises(ValueError):
             aggregate_scan(p, rescan_threshold=bad)
+
+
+def test_rescan_wording_states_the_rule_that_decided():
+    p = np.array([[0.2, 0.2, 0.3, 0.2, 0.1]] * 8)  # grade 3, P(grade >= 4) = 0.3
+    assert rescan_statement(aggregate_scan(p)) == "grade 3 < 4: no rescan needed"
+    assert rescan_statement(aggregate_scan(p, rescan_threshold=0.25)) == "P(grade>=4)=0.30 >= 0.25: rescan recommended"
+    assert rescan_statement(aggregate_scan(p, rescan_threshold=0.4)) == \
+        "grade 3 < 4, P(grade>=4)=0.30 < 0.40: no rescan needed"
+    assert rescan_statement(aggregate_scan(np.eye(5)[[4] * 8], rescan_threshold=0.99)) == \
+        "grade 5 >= 4: rescan recommended"
+    scan = aggregate_scan(p, rescan_threshold=0.25)
+    assert scan_statement(scan) == "motion grade 3 (p=0.30); P(grade>=4)=0.30 >= 0.25: rescan recommended"
+    classes, overlay = scan_findings(scan, [ImageRef(f"1.2.3.{i}") for i in range(8)], None)
+    (rescan,) = [c for c in classes if c.finding == codes.RESCAN_RECOMMENDED]
+    assert rescan.value == codes.YES and rescan.threshold == 0.25
+    assert "rescan" not in overlay.title.lower()  # the title names the test; the statement says the result
 
 
 def test_choose_rescan_threshold_reaches_target_sensitivity():

@@ -368,6 +368,10 @@ def test_montage_draws_contours_not_filled_panels(tmp_path: Path) -> None:
     rgb = sc.pixel_array.astype(int)
     coloured = (np.abs(rgb[..., 0] - rgb[..., 1]) > 40) | (np.abs(rgb[..., 1] - rgb[..., 2]) > 40)
     assert 0.0005 < coloured.mean() < 0.05
+    # volumes as people write them (mL), one statement shown on the overlay and in ImageComments
+    vol = {m.label.meaning.lower(): m.measurements[0].value / 1000.0 for m in findings.masks}
+    assert findings.summary == ("Bone volumes: " + ", ".join(f"{b} {vol[b]:.1f} mL" for b in ("femur", "tibia", "fibula")))
+    assert findings.summary in sc.ImageComments
 
 
 def test_batch_dice_does_not_reward_empty_predictions() -> None:

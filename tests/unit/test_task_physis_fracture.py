@@ -16,7 +16,7 @@ from dicomnode.results import ResultContext
 from dicomnode.results import codes as rc
 from dicomnode.results.builder import build_results
 from inference import codes
-from inference.findings import PRESENT
+from inference.findings import ABSENT, PRESENT
 from inference.nets import build_network
 from inference.nets.physis_two_stage import physis_init_args
 from inference.registry import LoadedModel
@@ -368,3 +368,56 @@ def test_evaluation_inputs_score_like_the_serving_path(tiny_bundle):
     cached = task_mod.score_image(model, lambda: image, "cpu", inputs=inputs)
     for name, value in served.by_method().items():
         assert cached.by_method()[name] == pytest.approx(value, abs=0.02)  # float16 cache only
+
+
+# --------------------------------------------------------------------------- wording
+
+
+def test_negative_image_carries_no_positive_label_and_states_the_operating_point(monkeypatch, tmp_path, dciodvfy):
+    """A candidate region scoring 0.73 under an operating point of 0.81 is a negative: no fracture box anywhere."""
+    from dicomnode.results.sc import compose
+    from inference.palette import colour_for
+
+    args = physis_init_args("two_stage", variant="light", det_long_side=64, image_size=32, crop_size=32,
+                            post={"det_score_thresh": 0.2, "box_report_thresh": 0.5, "threshold": 0.81})
+    model = build_network("physis_two_stage", **args).eval()
+    model.detector = ScriptedDetector([[22.4, 16.0, 38.4, 32.0]], [FX], [0.9])
+    model.crop_classifier = FixedLogit(0.6)  # combined sqrt(0.9 * 0.6) = 0.735: reportable, but below 0.81
+    model.image_classifier = FixedLogit(0.1)
+    study = "1.2.826.0.1.3680043.8.498.778"
+    images = [dx_dataset(study, study + ".1", 0, rows=200, cols=160)]
+    meta = type("Meta", (), {"algorithm_name": "physis", "version": "t1", "synthetic_only": True,
+                             "architecture": "physis_two_stage"})()
+    loaded = LoadedModel(bundle=type("B", (), {"meta": meta})(), model=model, device=torch.device("cpu"))
+    monkeypatch.setattr(task_mod, "model_for", lambda task, ctx: loaded)
+    f = task_mod.run_physis_fracture(images, TaskContext())
+    assert f.classifications[0].value == ABSENT and f.classifications[0].threshold == 0.81
+    assert f.boxes == [] and f.overlays[0].panels[0].boxes == []
+    assert f.summary.startswith("p=0.73 < 0.81: no growth-plate fracture detected")
+    assert "0 of 1 image positive, 0 regions marked" in f.summary
+    caption = f.overlays[0].panels[0].caption
+    assert "p=0.73 < 0.81: no growth-plate fracture detected" in caption
+    assert f.overlays[0].title == "Growth-plate (physis) fracture detection, image 1 of 1"  # names the test only
+
+    (sc,) = [o for o in build_results(f, images, ResultContext()) if o.Modality != "SR"]
+    path = tmp_path / "sc.dcm"
+    sc.save_as(path, enforce_file_format=True)
+    dciodvfy(path)
+    assert "PHYSIS FRACTURE" not in sc.ImageComments and "p=0.73 < 0.81" in sc.ImageComments
+    rgb = compose(f.overlays[0], f, {str(d.SOPInstanceUID): d for d in images})
+    assert np.all(rgb == np.array(colour_for("Fracture of growth plate"), np.uint8), axis=2).sum() == 0  # no box
+
+
+def test_positive_image_box_and_statement_name_the_operating_point(scripted_model, monkeypatch):
+    study = "1.2.826.0.1.3680043.8.498.779"
+    images = [dx_dataset(study, study + ".1", 0, rows=200, cols=160)]
+    meta = type("Meta", (), {"algorithm_name": "physis", "version": "t1", "synthetic_only": True,
+                             "architecture": "physis_two_stage"})()
+    loaded = LoadedModel(bundle=type("B", (), {"meta": meta})(), model=scripted_model, device=torch.device("cpu"))
+    monkeypatch.setattr(task_mod, "model_for", lambda task, ctx: loaded)
+    f = task_mod.run_physis_fracture(images, TaskContext())
+    assert f.summary == "p=0.85 >= 0.50: growth-plate fracture suspected; 1 of 1 image positive, 1 region marked"
+    assert f.overlays[0].panels[0].caption == ("Image 1 of 1: p=0.85 >= 0.50: growth-plate fracture suspected, "
+                                               "1 region marked")
+    (box,) = f.boxes
+    assert box.text == "suspected fracture p=0.85"

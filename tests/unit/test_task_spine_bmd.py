@@ -507,3 +507,15 @@ def test_patient_metrics_score_the_lowest_class_against_the_manifest() -> None:
     perfect = _patient_metrics([0, 1, 2], [0, 1, 2], 3)
     assert perfect == {"patient_macro_f1": 1.0, "patient_kappa_quadratic": 1.0}
     assert all(np.isnan(v) for v in _patient_metrics([], [], 3).values())
+
+
+def test_level_wording_names_the_most_probable_class_when_the_operating_point_chose_another() -> None:
+    from inference.tasks.spine_bmd import level_statement
+    from inference.tasks.spine_bmd_levels import VertebraResult
+
+    plain = VertebraResult("L1", np.array([0.83, 0.15, 0.02]), 3, (0, 0, 1, 1), [3], None, mean_hu=169.4)
+    assert level_statement(plain) == "L1 normal (p=0.83; 169 HU)"
+    shifted = VertebraResult("L2", np.array([0.70, 0.27, 0.03]), 5, (0, 0, 1, 1), [5], None, mean_hu=None,
+                             log_offsets=(0.0, 1.35, 2.25))
+    assert shifted.class_name == "osteopenia"
+    assert level_statement(shifted) == "L2 osteopenia (p=0.27, normal p=0.70)"

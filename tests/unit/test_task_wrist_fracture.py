@@ -16,10 +16,15 @@ from dicomnode.analyze import analyze
 from dicomnode.results import codes as rc
 from inference.codes import BILATERAL, LEFT, RIGHT, WRIST
 from inference.errors import TaskError
-from inference.findings import ABSENT, FRACTURE, PRESENT
+from inference.findings import ABSENT, FRACTURE, PRESENT, counted, decision_text, statement
 from inference.radiograph import MEAN, STD
 from inference.tasks import TaskContext, get_task
-from inference.tasks.wrist_fracture import image_laterality, study_laterality, study_probability
+from inference.tasks.wrist_fracture import (
+    image_laterality,
+    image_statement,
+    study_laterality,
+    study_probability,
+)
 from tests.plugins.bone_test_task import dx_dataset
 from training.cli import main as train_main
 from training.data import Record
@@ -31,6 +36,20 @@ TINY = ["--set", "input_hw=[96,64]", "--set", "stages=3", "--set", "batch_size=8
 
 
 # --------------------------------------------------------------------------- rules
+
+
+def test_decision_text_states_the_operating_point() -> None:
+    assert decision_text(0.73, 0.81, "fracture suspected", "no fracture detected") == \
+        "p=0.73 < 0.81: no fracture detected"
+    assert decision_text(0.92, 0.81, "fracture suspected", "no fracture detected") == \
+        "p=0.92 >= 0.81: fracture suspected"
+    assert decision_text(0.81, 0.81, "yes", "no") == "p=0.81 >= 0.81: yes"  # at the threshold is positive
+    # never "p=0.81 < 0.81": more digits when the rounded values would read equal
+    assert decision_text(0.8096, 0.81, "yes", "no") == "p=0.8096 < 0.8100: no"
+    assert decision_text(0.12, 0.4, "yes", "no", name="P(grade>=4)") == "P(grade>=4)=0.12 < 0.40: no"
+    assert image_statement(0.3, 0.5) == "p=0.30 < 0.50: no fracture detected"
+    assert statement("a", "", " b ") == "a; b"
+    assert (counted(1, "image"), counted(0, "region"), counted(3, "region")) == ("1 image", "0 regions", "3 regions")
 
 
 def test_study_probability_alo_and_majority() -> None:
@@ -267,6 +286,10 @@ def test_task_findings_heatmaps_in_source_pixels(trained: dict[str, Path]) -> No
         assert panel.heatmap.shape == (ds.Rows, ds.Columns)
         assert 0.0 <= float(panel.heatmap.min()) and float(panel.heatmap.max()) <= 1.0
         assert f"{c.probability:.2f}" in panel.caption
+        assert image_statement(c.probability, 0.5) in panel.caption and c.threshold == 0.5
+    # one statement: the study decision with its operating point, the same words the SR and the overlay show
+    assert f.summary.startswith(image_statement(study_c.probability, 0.5))
+    assert study_c.threshold == 0.5
     assert f.synthetic_model and f.algorithm_version == "t1"
     assert {"preprocess", "forward", "gradcam", "postprocess"} <= set(f.timings_s)
     # deterministic
