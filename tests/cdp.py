@@ -48,6 +48,7 @@ class Chromium:
         self._replies: dict[int, queue.Queue[dict[str, Any]]] = {}
         self._lock = threading.Lock()
         self.ws = websocket.create_connection(self._page_ws_url(), timeout=30, enable_multithread=True)
+        self.ws.settimeout(None)  # the reader thread waits for events as long as the page lives
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         for domain in ("Page", "Runtime", "Log"):

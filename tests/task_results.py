@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -47,20 +48,28 @@ def task_results() -> dict[str, TaskResult]:
     from training.cli import main as train_main
 
     torch.set_num_threads(2)
-    root = Path(tempfile.mkdtemp(prefix="task-results-"))
-    atexit.register(shutil.rmtree, root, True)
+    keep = os.environ.get("BONE_TASK_RESULTS")  # a folder to keep (and reuse) the studies and results in
+    root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="task-results-"))
+    if not keep:
+        atexit.register(shutil.rmtree, root, True)
     out: dict[str, TaskResult] = {}
     for task in TASKS:
         src, dst = root / "src" / task, root / "out" / task
+        if keep and dst.is_dir() and any(dst.glob("SR_*.dcm")):
+            out[task] = _collect(task, src, sorted(dst.glob("*.dcm")))
+            continue
         if train_main(["synth", task, "--out", str(src), "--n", "1", "--seed", str(SEEDS[task]),
                        "--workers", "1"]) != 0:
             raise RuntimeError(f"dicomnode-train synth {task} failed")
-        written = analyze(src, task, dst, models_dir=ROOT / "models", device="cpu")
-        sources = sorted(src.rglob("*.dcm"))
-        study_uid = str(pydicom.dcmread(sources[0], stop_before_pixels=True).StudyInstanceUID)
-        result = TaskResult(task, study_uid, sources)
-        for path in written:
-            modality = str(pydicom.dcmread(path, stop_before_pixels=True).Modality)
-            result.results.setdefault(modality, []).append(path)
-        out[task] = result
+        out[task] = _collect(task, src, analyze(src, task, dst, models_dir=ROOT / "models", device="cpu"))
     return out
+
+
+def _collect(task: str, src: Path, written: list[Path]) -> TaskResult:
+    sources = sorted(src.rglob("*.dcm"))
+    study_uid = str(pydicom.dcmread(sources[0], stop_before_pixels=True).StudyInstanceUID)
+    result = TaskResult(task, study_uid, sources)
+    for path in written:
+        modality = str(pydicom.dcmread(path, stop_before_pixels=True).Modality)
+        result.results.setdefault(modality, []).append(path)
+    return result

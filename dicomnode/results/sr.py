@@ -5,10 +5,11 @@ Content, all from :class:`inference.findings.Findings`:
 * a device observer (the node) and the algorithm identification on every group,
 * one TID 1410 planar ROI group per image-level finding, each with its image region
   (SCOORD on the referenced image): a box as a closed POLYLINE, a per-image
-  classification as the outline of the image it is about (on the middle image when
-  it covers several), a segmented structure as its outline on its largest slice,
-* study- and patient-level conclusions in the document-level "Qualitative
-  Evaluations" container (TID 1500 row 12), followed by the findings' summary text.
+  classification as the outline of the image it is about, a segmented structure as
+  its outline on its largest slice,
+* study-, patient- and scan-level conclusions (classifications of no or several
+  images) in the document-level "Qualitative Evaluations" container (TID 1500
+  row 12), followed by the findings' summary text.
 
 Why no TID 1501/1411 groups: OHIF 3.x (up to at least 3.13) reads every measurement
 group as an annotation and fails on any group without an image region (``TypeError:
@@ -148,11 +149,6 @@ def mask_outline(plane: np.ndarray) -> np.ndarray | None:
     return np.array(points, dtype=np.float64)
 
 
-def _key_image(images: Sequence[ImageRef]) -> ImageRef:
-    """The image a multi-image finding is shown on: the middle one."""
-    return images[(len(images) - 1) // 2]
-
-
 def _evaluations(c: Classification) -> tuple[Code, list[hd.sr.QualitativeEvaluation] | None]:
     """The group's finding type and extra evaluations for a classification."""
     if _is_finding(c.finding):
@@ -165,7 +161,7 @@ def _classification_group(
     index: int, c: Classification, algo: hd.sr.AlgorithmIdentification, by_uid: dict[str, Dataset]
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
     """An image-level classification as a TID 1410 group outlining the image it is about."""
-    ref = _key_image(c.images)
+    (ref,) = c.images
     measurements = [_measurement(m, algo) for m in c.measurements]
     if c.probability is not None:
         measurements.insert(0, _probability(c.finding, c.probability, algo))
@@ -282,9 +278,10 @@ def _conclusions(findings: Findings, study_level: Sequence[Classification]) -> h
                                            relationship_type=contains))
         if c.probability is not None:
             site = f" ({c.finding_site.meaning})" if c.finding_site else ""
+            over = f" over {len(c.images)} images" if c.images else ""
             items.append(hd.sr.TextContentItem(
                 name=rc.to_hd(c.finding), relationship_type=contains,
-                value=f"{c.value.meaning}{site}: probability {100 * c.probability:.0f} %"))
+                value=f"{c.value.meaning}{site}: probability {100 * c.probability:.0f} %{over}"))
         items.extend(_measurement_text(m) for m in c.measurements)
     items.extend(_measurement_text(m) for m in findings.measurements)
     if findings.summary.strip():
@@ -311,7 +308,8 @@ def _groups(findings: Findings, algo: hd.sr.AlgorithmIdentification, by_uid: dic
     groups = []
     study_level = []
     for i, c in enumerate(findings.classifications, start=1):
-        if not c.images:
+        if len(c.images) != 1:
+            # about the study, or a whole series or scan: a conclusion, not a region on one image
             study_level.append(c)
         elif not _covered_by_box(c, findings.boxes):
             groups.append(_classification_group(i, c, algo, by_uid))

@@ -260,7 +260,7 @@ def test_hrpqct_grades_and_rescan(tmp_path, dciodvfy):
     f = Findings(
         "hrpqct_motion", "MotionGrader", "2.0", str(slices[0].StudyInstanceUID), refs,
         classifications=[Classification(rc.IMAGE_ARTIFACTS, grade4, probability=0.6, finding_site=rc.DISTAL_RADIUS,
-                                        measurements=[Measurement(MOTION_GRADE, 4.0, NO_UNITS)]),
+                                        images=refs, measurements=[Measurement(MOTION_GRADE, 4.0, NO_UNITS)]),
                          Classification(rescan, PRESENT, probability=0.77), *per_slice],
     )
     ds = _write_read(_sr_of(build_results(f, slices, ResultContext())), tmp_path, dciodvfy, "hr.dcm")
@@ -275,7 +275,8 @@ def test_hrpqct_grades_and_rescan(tmp_path, dciodvfy):
               if i.ValueType == "CODE"]
     assert codes_ == [(rc.IMAGE_ARTIFACTS.value, grade4.value), (rescan.value, PRESENT.value)]
     texts = [str(i.TextValue) for i in items if i.ValueType == "TEXT"]
-    assert texts == ["Motion grade 4 (Distal Radius): probability 60 %", "4", "Present: probability 77 %"]
+    # the scan's grade is about all 8 slices: a conclusion, not a region on one of them
+    assert texts == ["Motion grade 4 (Distal Radius): probability 60 % over 8 images", "4", "Present: probability 77 %"]
 
 
 def test_knee_volumes_reference_seg_segments(tmp_path, dciodvfy):
