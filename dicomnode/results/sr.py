@@ -258,12 +258,14 @@ def _mask_group(
             measurements.insert(0, _measurement(Measurement(rc.VOLUME, volume, CUBIC_MM), algo))
         else:
             log.warning("no geometry to compute the volume of segment %d", index)
+    # an anatomical structure is its own finding site: OHIF labels a region by its site, not by its finding
+    anatomical = _same_code(mask.category, rc.ANATOMICAL_STRUCTURE)
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(mask.tracking_id, f"segment {index}"),
         referenced_region=_region(mask_outline(mask.array[k]), mask.images[k], by_uid),
         finding_type=rc.to_hd(mask.label),
         algorithm_id=algo,
-        finding_sites=_finding_sites(mask.finding_site),
+        finding_sites=_finding_sites(mask.label if anatomical else mask.finding_site),
         measurements=measurements or None,
     )
 

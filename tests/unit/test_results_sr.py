@@ -301,6 +301,7 @@ def test_knee_volumes_reference_seg_segments(tmp_path, dciodvfy):
     femur_g, tibia_g = report.get_planar_roi_measurement_groups()
     # each bone is outlined on its largest slice: femur planes 0-2 are equal (first wins), tibia planes 1-3
     assert femur_g.finding_type == rc.to_hd(rc.FEMUR) and tibia_g.finding_type == rc.to_hd(rc.TIBIA)
+    assert femur_g.finding_sites[0].value == rc.to_hd(rc.FEMUR)  # the structure, so OHIF's label names it
     assert femur_g.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == str(mr[0].SOPInstanceUID)
     assert tibia_g.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == str(mr[1].SOPInstanceUID)
     outline = femur_g.roi.value  # SCOORD of the 9 x 7 pixel block at columns 3-11, rows 2-8
