@@ -46,11 +46,12 @@ class ViewerError(RuntimeError):
 
 
 def default_ohif_dist() -> Path:
-    """Where bootstrap puts the OHIF web app: ``$DICOMNODE_OHIF_DIST`` or the user cache."""
+    """Where bootstrap puts the OHIF web app: ``$DICOMNODE_OHIF_DIST``, else ``$XDG_CACHE_HOME`` (``~/.cache``)."""
     env = os.environ.get("DICOMNODE_OHIF_DIST")
     if env:
         return Path(env)
-    return Path.home() / ".cache" / "bone-dicomnode" / f"ohif-{OHIF_VERSION}" / "dist"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "bone-dicomnode" / f"ohif-{OHIF_VERSION}" / "dist"
 
 
 def app_config_js(origin: str) -> str:
