@@ -283,7 +283,7 @@ def _conclusions(findings: Findings, study_level: Sequence[Classification]) -> h
             over = f" over {len(c.images)} images" if c.images else ""
             items.append(hd.sr.TextContentItem(
                 name=rc.to_hd(c.finding), relationship_type=contains,
-                value=f"{c.value.meaning}{site}: probability {100 * c.probability:.0f} %{over}"))
+                value=f"{c.value.meaning}{site}: probability {100 * c.probability:.3g} %{over}"))
         items.extend(_measurement_text(m) for m in c.measurements)
     items.extend(_measurement_text(m) for m in findings.measurements)
     if findings.summary.strip():
