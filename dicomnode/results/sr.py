@@ -42,6 +42,7 @@ from dicomnode.results import ResultContext
 from dicomnode.results import codes as rc
 from dicomnode.results.common import finish, header_for_copy, series_description, series_number, series_uid
 from inference.findings import (
+    ABSENT,
     CUBIC_MM,
     PROBABILITY_UNIT,
     Box,
@@ -321,6 +322,8 @@ def _groups(findings: Findings, algo: hd.sr.AlgorithmIdentification, by_uid: dic
         group = _mask_group(i, mask, algo, by_uid)
         if group is not None:
             groups.append(group)
+        else:  # nothing segmented: no region to show, so the report says the structure was not found
+            study_level.append(Classification(mask.label, ABSENT, finding_site=mask.finding_site))
     return groups, study_level
 
 
