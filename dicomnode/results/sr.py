@@ -407,7 +407,18 @@ def build_sr(
         previous_versions=_predecessor_datasets(context),
         series_description=description,
     )
-    return finish(sr, sources[0], context, description)
+    out = finish(sr, sources[0], context, description)
+    out.CodingSchemeIdentificationSequence = [_local_coding_scheme(context)]
+    return out
+
+
+def _local_coding_scheme(context: ResultContext) -> Dataset:
+    """Declares the project's private coding scheme (PS3.16 Section 8: designators starting with "99")."""
+    item = Dataset()
+    item.CodingSchemeDesignator = rc.LOCAL
+    item.CodingSchemeName = "bone-dicomnode local concepts"
+    item.CodingSchemeResponsibleOrganization = context.manufacturer[:64]
+    return item
 
 
 def _on_image(c: Classification, ds: Dataset) -> Classification:

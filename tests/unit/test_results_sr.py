@@ -131,6 +131,7 @@ def test_spine_sr_content(ct, tmp_path, dciodvfy):
         ctx.manufacturer, ctx.model_name, ctx.software_version)
     assert ds.InstitutionName == "Bone Clinic"
     assert ds.ContentDate != ct[0].StudyDate  # creation date, not copied
+    assert ds.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == rc.LOCAL  # the private scheme
     pre = ds.PredecessorDocumentsSequence[0]
     assert pre.StudyInstanceUID == prior.study_instance_uid
     assert pre.ReferencedSeriesSequence[0].SeriesInstanceUID == prior.series_instance_uid
