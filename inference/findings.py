@@ -29,8 +29,13 @@ DCM = "DCM"
 FRACTURE = Code("72704001", SCT, "Fracture")
 PRESENT = Code("52101004", SCT, "Present")
 ABSENT = Code("2667000", SCT, "Absent")
+# Units (UCUM). Tasks report probabilities in [0, 1] and volumes in mm3; the SR writer states them the way
+# people write them (PERCENT, MILLILITER), since viewers such as OHIF print the UCUM code itself.
 PROBABILITY_UNIT = Code("{probability}", "UCUM", "probability")
+PERCENT = Code("%", "UCUM", "percent")
 CUBIC_MM = Code("mm3", "UCUM", "cubic millimeter")
+MILLILITER = Code("mL", "UCUM", "milliliter")
+MILLIMETER = Code("mm", "UCUM", "millimeter")
 HU_UNIT = Code("[hnsf'U]", "UCUM", "Hounsfield unit")
 NO_UNITS = Code("1", "UCUM", "no units")
 

@@ -3,11 +3,23 @@
 Content, all from :class:`inference.findings.Findings`:
 
 * a device observer (the node) and the algorithm identification on every group,
-* TID 1501 groups for classifications (qualitative evaluation, probability in
-  UCUM ``{probability}``, finding site, source images for per-image groups) and
-  one group for study-level measurements,
-* TID 1410 planar ROI groups, one per box, as a closed SCOORD POLYLINE,
-* TID 1411 volumetric ROI groups, one per SEG segment, with the volume in mm3.
+* one TID 1410 planar ROI group per image-level finding, each with its image region
+  (SCOORD on the referenced image): a box as a closed POLYLINE, a per-image
+  classification as the outline of the image it is about, a segmented structure as
+  its outline on its largest slice,
+* study-, patient- and scan-level conclusions (classifications of no or several
+  images) in the document-level "Qualitative Evaluations" container (TID 1500
+  row 12), followed by the findings' summary text.
+
+Why no TID 1501/1411 groups: OHIF 3.x (up to at least 3.13) reads every measurement
+group as an annotation and fails on any group without an image region (``TypeError:
+Cannot read properties of undefined (reading 'ReferencedSOPSequence')``), which
+blanks the viewport. The volumes of segmented structures therefore sit in the
+TID 1410 group that outlines the structure, and the SEG is part of the evidence.
+
+Units are the ones people write: probabilities in %, volumes in mL (OHIF prints
+the UCUM code, not its meaning). Mean HU keeps UCUM's ``[hnsf'U]``: UCUM has no
+other code for Hounsfield units.
 
 The document is PRELIMINARY, COMPLETE and UNVERIFIED; earlier reports of the
 same (study, route) are listed in the Predecessor Documents Sequence.
@@ -18,6 +30,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import contourpy
 import highdicom as hd
 import numpy as np
 from pydicom import Dataset
@@ -29,6 +42,7 @@ from dicomnode.results import ResultContext
 from dicomnode.results import codes as rc
 from dicomnode.results.common import finish, header_for_copy, series_description, series_number, series_uid
 from inference.findings import (
+    ABSENT,
     CUBIC_MM,
     PROBABILITY_UNIT,
     Box,
@@ -43,6 +57,7 @@ from inference.findings import (
 log = logging.getLogger(__name__)
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+MAX_OUTLINE_POINTS = 256
 
 
 def device_observer_uid(context: ResultContext) -> str:
@@ -81,10 +96,11 @@ def _finding_sites(site: Code | None, laterality: Code | None = None) -> list[hd
 
 
 def _measurement(m: Measurement, algo: hd.sr.AlgorithmIdentification) -> hd.sr.Measurement:
+    value, unit = rc.reported_unit(m.value, m.unit)
     return hd.sr.Measurement(
         name=rc.to_hd(m.name),
-        value=float(m.value),
-        unit=rc.to_hd(m.unit),
+        value=value,
+        unit=rc.to_hd(unit),
         derivation=rc.to_hd(m.derivation) if m.derivation else None,
         finding_sites=_finding_sites(m.finding_site),
         algorithm_id=algo,
@@ -92,41 +108,73 @@ def _measurement(m: Measurement, algo: hd.sr.AlgorithmIdentification) -> hd.sr.M
 
 
 def _probability(name: Code, value: float, algo: hd.sr.AlgorithmIdentification) -> hd.sr.Measurement:
-    """A probability measurement named after the finding it qualifies."""
-    return hd.sr.Measurement(name=rc.to_hd(name), value=float(value), unit=rc.to_hd(PROBABILITY_UNIT), algorithm_id=algo)
+    """A probability measurement named after the finding it qualifies, stated in %."""
+    return _measurement(Measurement(name, float(value), PROBABILITY_UNIT), algo)
 
 
-def _source_image_refs(images: Sequence[ImageRef], by_uid: dict[str, Dataset]) -> list[hd.sr.SourceImageForMeasurementGroup]:
-    return [
-        hd.sr.SourceImageForMeasurementGroup(
+def _region(graphic: np.ndarray, ref: ImageRef, by_uid: dict[str, Dataset]) -> hd.sr.ImageRegion:
+    """A closed POLYLINE (SCOORD) on one referenced source image."""
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=np.asarray(graphic, dtype=np.float64),
+        source_image=hd.sr.SourceImageForRegion(
             referenced_sop_class_uid=str(by_uid[ref.sop_instance_uid].SOPClassUID),
             referenced_sop_instance_uid=ref.sop_instance_uid,
             referenced_frame_numbers=[ref.frame_number] if ref.frame_number else None,
-        )
-        for ref in images
-    ]
+        ),
+    )
+
+
+def _rectangle(x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
+    corners = [(x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)]
+    return np.array([to_scoord(x, y) for x, y in corners], dtype=np.float64)
+
+
+def image_outline(ds: Dataset) -> np.ndarray:
+    """The region of a whole image: a closed rectangle through the centres of its outermost pixels."""
+    return _rectangle(0, 0, int(ds.Columns) - 1, int(ds.Rows) - 1)
+
+
+def mask_outline(plane: np.ndarray) -> np.ndarray | None:
+    """The longest closed outline of a 2-D binary mask as SCOORD points, or None when the plane is empty."""
+    if not plane.any():
+        return None
+    padded = np.pad(plane.astype(np.float64), 1)  # closes outlines that touch the image border
+    lines = contourpy.contour_generator(z=padded).lines(0.5)
+    line = max(lines, key=len)
+    if len(line) > MAX_OUTLINE_POINTS:
+        line = line[np.linspace(0, len(line) - 1, MAX_OUTLINE_POINTS).astype(int)]
+    points = [to_scoord(x - 1, y - 1) for x, y in line]
+    if points[0] != points[-1]:
+        points.append(points[0])
+    return np.array(points, dtype=np.float64)
+
+
+def _evaluations(c: Classification) -> tuple[Code, list[hd.sr.QualitativeEvaluation] | None]:
+    """The group's finding type and extra evaluations for a classification."""
+    if _is_finding(c.finding):
+        # "Finding = <value>" is the group's finding type item itself; repeating it would duplicate it
+        return c.value, None
+    return c.finding, [hd.sr.QualitativeEvaluation(rc.to_hd(c.finding), rc.to_hd(c.value))]
 
 
 def _classification_group(
     index: int, c: Classification, algo: hd.sr.AlgorithmIdentification, by_uid: dict[str, Dataset]
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """An image-level classification as a TID 1410 group outlining the image it is about."""
+    (ref,) = c.images
     measurements = [_measurement(m, algo) for m in c.measurements]
     if c.probability is not None:
         measurements.insert(0, _probability(c.finding, c.probability, algo))
-    if _is_finding(c.finding):
-        # "Finding = <value>" is the group's finding type item itself; repeating it would duplicate it
-        finding_type, qualitative = c.value, None
-    else:
-        finding_type = c.finding
-        qualitative = [hd.sr.QualitativeEvaluation(rc.to_hd(c.finding), rc.to_hd(c.value))]
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
+    finding_type, qualitative = _evaluations(c)
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(c.tracking_id, f"classification {index}"),
+        referenced_region=_region(image_outline(by_uid[ref.sop_instance_uid]), ref, by_uid),
         finding_type=rc.to_hd(finding_type),
         algorithm_id=algo,
         finding_sites=_finding_sites(c.finding_site, c.laterality),
         measurements=measurements or None,
         qualitative_evaluations=qualitative,
-        source_images=_source_image_refs(c.images, by_uid) or None,
     )
 
 
@@ -134,27 +182,27 @@ def _is_finding(code: Code) -> bool:
     return (code.value, code.scheme) == (rc.FINDING.value, rc.FINDING.scheme)
 
 
+def _same_code(a: Code | None, b: Code | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and (a.value, a.scheme) == (b.value, b.scheme))
+
+
+def _covered_by_box(c: Classification, boxes: Sequence[Box]) -> bool:
+    """True when a box on the same image already reports this classification (same site, label = value)."""
+    return len(c.images) == 1 and any(
+        b.image == c.images[0] and _same_code(b.finding_site, c.finding_site) and _same_code(b.label, c.value)
+        for b in boxes
+    )
+
+
 def _box_group(
     index: int, b: Box, algo: hd.sr.AlgorithmIdentification, by_uid: dict[str, Dataset]
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    corners = [(b.x0, b.y0), (b.x1, b.y0), (b.x1, b.y1), (b.x0, b.y1), (b.x0, b.y0)]
-    graphic = np.array([to_scoord(x, y) for x, y in corners], dtype=np.float64)
-    src = by_uid[b.image.sop_instance_uid]
-    region = hd.sr.ImageRegion(
-        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-        graphic_data=graphic,
-        source_image=hd.sr.SourceImageForRegion(
-            referenced_sop_class_uid=str(src.SOPClassUID),
-            referenced_sop_instance_uid=b.image.sop_instance_uid,
-            referenced_frame_numbers=[b.image.frame_number] if b.image.frame_number else None,
-        ),
-    )
     # the label is the group's "Finding" (finding type) item; extra evaluations follow it
     qualitative = [hd.sr.QualitativeEvaluation(rc.to_hd(n), rc.to_hd(v)) for n, v in b.qualitative]
     measurements = [_probability(b.label, b.score, algo)] + [_measurement(m, algo) for m in b.measurements]
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(b.tracking_id, f"region {index}"),
-        referenced_region=region,
+        referenced_region=_region(_rectangle(b.x0, b.y0, b.x1, b.y1), b.image, by_uid),
         finding_type=rc.to_hd(b.label),
         algorithm_id=algo,
         finding_sites=_finding_sites(b.finding_site),
@@ -194,38 +242,89 @@ def _slice_spacing(mask: Mask, by_uid: dict[str, Dataset]) -> float | None:
     return None
 
 
-def _volume_group(
-    index: int,
-    mask: Mask,
-    segment_number: int,
-    seg: Dataset,
-    algo: hd.sr.AlgorithmIdentification,
-    by_uid: dict[str, Dataset],
-) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+def _mask_group(
+    index: int, mask: Mask, algo: hd.sr.AlgorithmIdentification, by_uid: dict[str, Dataset]
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | None:
+    """A segmented structure as a TID 1410 group: its outline on its largest slice, with the volume of the
+    whole segment (the SEG holds every slice). None when the mask is empty."""
+    areas = mask.array.reshape(len(mask.images), -1).sum(axis=1)
+    if not areas.any():
+        log.info("segment %d is empty: no outline to report", index)
+        return None
+    k = int(np.argmax(areas))
     measurements = [_measurement(m, algo) for m in mask.measurements]
-    has_volume = any(m.unit.value == CUBIC_MM.value for m in mask.measurements)
-    if not has_volume:
+    if not any(m.unit.value == CUBIC_MM.value for m in mask.measurements):
         volume = mask_volume_mm3(mask, by_uid)
         if volume is not None:
-            measurements.insert(0, hd.sr.Measurement(
-                name=rc.to_hd(rc.VOLUME), value=volume, unit=rc.to_hd(CUBIC_MM), algorithm_id=algo,
-            ))
+            measurements.insert(0, _measurement(Measurement(rc.VOLUME, volume, CUBIC_MM), algo))
         else:
-            log.warning("no geometry to compute the volume of segment %d", segment_number)
-    segment = hd.sr.ReferencedSegment(
-        sop_class_uid=str(seg.SOPClassUID),
-        sop_instance_uid=str(seg.SOPInstanceUID),
-        segment_number=segment_number,
-        source_series=hd.sr.SourceSeriesForSegmentation(str(by_uid[mask.images[0].sop_instance_uid].SeriesInstanceUID)),
-    )
-    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            log.warning("no geometry to compute the volume of segment %d", index)
+    # an anatomical structure is its own finding site: OHIF labels a region by its site, not by its finding
+    anatomical = _same_code(mask.category, rc.ANATOMICAL_STRUCTURE)
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(mask.tracking_id, f"segment {index}"),
-        referenced_segment=segment,
+        referenced_region=_region(mask_outline(mask.array[k]), mask.images[k], by_uid),
         finding_type=rc.to_hd(mask.label),
         algorithm_id=algo,
-        finding_sites=_finding_sites(mask.finding_site),
+        finding_sites=_finding_sites(mask.label if anatomical else mask.finding_site),
         measurements=measurements or None,
     )
+
+
+def _conclusions(findings: Findings, study_level: Sequence[Classification]) -> hd.sr.ContainerContentItem | None:
+    """TID 1500 row 12 "Qualitative Evaluations": study-level classifications as coded items, then the
+    study-level measurements and the findings' summary as text (the same wording as the overlay)."""
+    items: list[hd.sr.ContentItem] = []
+    contains = hd.sr.RelationshipTypeValues.CONTAINS
+    for c in study_level:
+        items.append(hd.sr.CodeContentItem(name=rc.to_hd(c.finding), value=rc.to_hd(c.value),
+                                           relationship_type=contains))
+        if c.probability is not None:
+            site = f" ({c.finding_site.meaning})" if c.finding_site else ""
+            over = f" over {len(c.images)} images" if c.images else ""
+            items.append(hd.sr.TextContentItem(
+                name=rc.to_hd(c.finding), relationship_type=contains,
+                value=f"{c.value.meaning}{site}: probability {100 * c.probability:.3g} %{over}"))
+        items.extend(_measurement_text(m) for m in c.measurements)
+    items.extend(_measurement_text(m) for m in findings.measurements)
+    if findings.summary.strip():
+        items.append(hd.sr.TextContentItem(name=rc.to_hd(rc.SUMMARY), relationship_type=contains,
+                                           value=findings.summary.strip()))
+    if not items:
+        return None
+    container = hd.sr.ContainerContentItem(name=rc.to_hd(rc.QUALITATIVE_EVALUATIONS), relationship_type=contains)
+    container.ContentSequence = hd.sr.ContentSequence(items)
+    return container
+
+
+def _measurement_text(m: Measurement) -> hd.sr.TextContentItem:
+    """A study-level measurement as text: row 12's container holds only CODE and TEXT items."""
+    value, unit = rc.reported_unit(m.value, m.unit)
+    text = f"{value:.4g}" if unit.value == "1" else f"{value:.4g} {unit.value}"
+    return hd.sr.TextContentItem(name=rc.to_hd(m.name), relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+                                 value=text)
+
+
+def _groups(findings: Findings, algo: hd.sr.AlgorithmIdentification, by_uid: dict[str, Dataset]
+            ) -> tuple[list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations], list[Classification]]:
+    """Every image-level TID 1410 group, and the study-level classifications left for the conclusions."""
+    groups = []
+    study_level = []
+    for i, c in enumerate(findings.classifications, start=1):
+        if len(c.images) != 1:
+            # about the study, or a whole series or scan: a conclusion, not a region on one image
+            study_level.append(c)
+        elif not _covered_by_box(c, findings.boxes):
+            groups.append(_classification_group(i, c, algo, by_uid))
+    for i, b in enumerate(findings.boxes, start=1):
+        groups.append(_box_group(i, b, algo, by_uid))
+    for i, mask in enumerate(findings.masks, start=1):
+        group = _mask_group(i, mask, algo, by_uid)
+        if group is not None:
+            groups.append(group)
+        else:  # nothing segmented: no region to show, so the report says the structure was not found
+            study_level.append(Classification(mask.label, ABSENT, finding_site=mask.finding_site))
+    return groups, study_level
 
 
 def _predecessor_datasets(context: ResultContext) -> list[Dataset] | None:
@@ -248,7 +347,6 @@ def build_sr(
     by_uid: dict[str, Dataset],
     context: ResultContext,
     seg: Dataset | None = None,
-    segment_numbers: dict[int, int] | None = None,
 ) -> Dataset:
     """Build the TID 1500 Comprehensive 3D SR for one task run.
 
@@ -263,57 +361,40 @@ def build_sr(
     context:
         Series identity, predecessors and equipment.
     seg:
-        The SEG built from ``findings.masks`` (needed when there are masks).
-    segment_numbers:
-        Index in ``findings.masks`` -> segment number in ``seg`` (1-based).
+        The SEG built from ``findings.masks`` (needed when there are masks; it is listed as evidence).
 
     Raises
     ------
     ResultWriteError
-        If masks are given without their SEG, or highdicom rejects the content.
+        If masks are given without their SEG, there is nothing to report, or highdicom rejects the content.
     """
     if findings.masks and seg is None:
         raise ResultWriteError("findings have masks but no SEG was built to reference")
     algo = algorithm_id(findings)
-    groups: list = []
-    for i, c in enumerate(findings.classifications, start=1):
-        groups.append(_classification_group(i, c, algo, by_uid))
-    if findings.measurements:
-        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=_tracking(None, "study measurements"),
-            algorithm_id=algo,
-            measurements=[_measurement(m, algo) for m in findings.measurements],
-        ))
-    for i, b in enumerate(findings.boxes, start=1):
-        groups.append(_box_group(i, b, algo, by_uid))
-    if not groups and seg is None:
+    groups, study_level = _groups(findings, algo, by_uid)
+    if not groups and study_level:
+        # TID 1500 needs one measurement group, and OHIF shows a report by its image regions: show the
+        # study-level conclusion on the first source image as well
+        first = sources[0]
+        groups.append(_classification_group(0, _on_image(study_level[0], first), algo, by_uid))
+    if not groups:
         raise ResultWriteError("findings contain no classification, measurement, box or mask to report")
     evidence = [header_for_copy(ds) for ds in sources]
     if seg is not None:
-        numbers = segment_numbers or {i: i + 1 for i in range(len(findings.masks))}
-        for i, mask in enumerate(findings.masks):
-            if i in numbers:
-                groups.append(_volume_group(i + 1, mask, numbers[i], seg, algo, by_uid))
         evidence.append(header_for_copy(seg))
-
-    observer = hd.sr.ObserverContext(
-        observer_type=dcodes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=device_observer_uid(context),
-            name=context.model_name[:64],
-            manufacturer_name=context.manufacturer[:64],
-            model_name=f"{findings.algorithm_name} {findings.algorithm_version}"[:64],
-        ),
-    )
     report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        observation_context=hd.sr.ObservationContext(observer_device_context=_observer(findings, context)),
         procedure_reported=rc.to_hd(rc.procedure_for(sources[0].get("Modality"))),
-        imaging_measurements=groups or None,
+        imaging_measurements=groups,
     )
+    root = report[0]
+    conclusions = _conclusions(findings, study_level)
+    if conclusions is not None:
+        root.ContentSequence.append(conclusions)
     description = series_description(findings.task, "sr", findings.algorithm_version)
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
-        content=report[0],
+        content=root,
         series_instance_uid=series_uid(context, "sr"),
         series_number=series_number(context, "sr"),
         sop_instance_uid=str(hd.UID()),
@@ -326,4 +407,34 @@ def build_sr(
         previous_versions=_predecessor_datasets(context),
         series_description=description,
     )
-    return finish(sr, sources[0], context, description)
+    out = finish(sr, sources[0], context, description)
+    out.CodingSchemeIdentificationSequence = [_local_coding_scheme(context)]
+    return out
+
+
+def _local_coding_scheme(context: ResultContext) -> Dataset:
+    """Declares the project's private coding scheme (PS3.16 Section 8: designators starting with "99")."""
+    item = Dataset()
+    item.CodingSchemeDesignator = rc.LOCAL
+    item.CodingSchemeName = "bone-dicomnode local concepts"
+    item.CodingSchemeResponsibleOrganization = context.manufacturer[:64]
+    return item
+
+
+def _on_image(c: Classification, ds: Dataset) -> Classification:
+    """A copy of a study-level classification placed on one image."""
+    return Classification(c.finding, c.value, c.probability, c.finding_site, c.laterality,
+                          images=(ImageRef(str(ds.SOPInstanceUID)),), measurements=list(c.measurements),
+                          tracking_id=c.tracking_id or "study conclusion")
+
+
+def _observer(findings: Findings, context: ResultContext) -> hd.sr.ObserverContext:
+    return hd.sr.ObserverContext(
+        observer_type=dcodes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_observer_uid(context),
+            name=context.model_name[:64],
+            manufacturer_name=context.manufacturer[:64],
+            model_name=f"{findings.algorithm_name} {findings.algorithm_version}"[:64],
+        ),
+    )

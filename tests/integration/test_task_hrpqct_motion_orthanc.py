@@ -90,25 +90,24 @@ def _check_scan(pacs: OrthancServer, study: Path, tmp_path: Path) -> None:
     errors, out = run_dciodvfy(sr_path)
     assert not errors, out
     report = hd.sr.srread(sr_path).content
-    groups = report.get_image_measurement_groups()
-    assert len(groups) == 10  # scan grade + 8 slices + rescan
-    grade_groups = report.get_image_measurement_groups(finding_type=rc.to_hd(codes.MOTION_ARTIFACT_GRADE))
-    assert len(grade_groups) == 9
-    (scan,) = [g for g in grade_groups if g.tracking_identifier == "scan motion grade"]
-    (grade_eval,) = scan.get_qualitative_evaluations(name=rc.to_hd(codes.MOTION_ARTIFACT_GRADE))
-    grade = int(grade_eval.value.value[-1])
-    (num,) = scan.get_measurements(name=rc.to_hd(codes.MOTION_ARTIFACT_SCORE))
-    assert num.value == grade
-    (p_grade,) = scan.get_measurements(name=rc.to_hd(codes.MOTION_ARTIFACT_GRADE))
-    assert 0.0 < p_grade.value <= 1.0
+    # one TID 1410 group per graded slice (outlining it); the scan's grade and the rescan recommendation, about
+    # all 8 slices, are conclusions in the document-level "Qualitative Evaluations"
+    assert not report.get_image_measurement_groups()
+    groups = report.get_planar_roi_measurement_groups(finding_type=rc.to_hd(codes.MOTION_ARTIFACT_GRADE))
+    assert len(groups) == 8
     for uid in graded:
-        per_slice = report.get_image_measurement_groups(referenced_sop_instance_uid=uid)
-        assert any(str(g.tracking_identifier).startswith("scan slice") for g in per_slice)
-    (rescan,) = report.get_image_measurement_groups(finding_type=rc.to_hd(codes.RESCAN_RECOMMENDED))
-    (decision,) = rescan.get_qualitative_evaluations(name=rc.to_hd(codes.RESCAN_RECOMMENDED))
-    assert decision.value.value == (codes.YES.value if grade >= 4 else codes.NO.value)
-    (p_rescan,) = rescan.get_measurements(name=rc.to_hd(codes.RESCAN_RECOMMENDED))
-    assert 0.0 <= p_rescan.value <= 1.0
+        (per_slice,) = report.get_planar_roi_measurement_groups(referenced_sop_instance_uid=uid)
+        assert str(per_slice.tracking_identifier).startswith("scan slice")
+        (p_grade,) = per_slice.get_measurements(name=rc.to_hd(codes.MOTION_ARTIFACT_GRADE))
+        assert 0.0 < p_grade.value <= 100.0 and p_grade.unit.value == "%"
+    sr_ds = pydicom.dcmread(sr_path)
+    (container,) = [i for i in sr_ds.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    coded = {i.ConceptNameCodeSequence[0].CodeValue: i.ConceptCodeSequence[0].CodeValue
+             for i in container.ContentSequence if i.ValueType == "CODE"}
+    grade = int(coded[codes.MOTION_ARTIFACT_GRADE.value][-1])
+    assert coded[codes.RESCAN_RECOMMENDED.value] == (codes.YES.value if grade >= 4 else codes.NO.value)
+    texts = [str(i.TextValue) for i in container.ContentSequence if i.ValueType == "TEXT"]
+    assert any("probability" in t and t.endswith("over 8 images") for t in texts), texts
 
     sc_path = tmp_path / f"sc_{len(sources)}.dcm"
     sc_path.write_bytes(pacs.get_file(scs[0]["ID"]))

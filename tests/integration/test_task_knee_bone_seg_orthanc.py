@@ -122,17 +122,19 @@ def test_knee_mr_through_orthanc_gives_seg_sr_sc_in_the_source_study(
     scores = [dice(pixels[..., b], labels == b + 1) for b in range(3)]
     assert all(0.0 <= s <= 1.0 for s in scores)
 
-    # the SR: a volumetric ROI per bone referencing its SEG segment, volume in mm3
-    groups = hd.sr.Comprehensive3DSR.from_dataset(sr_ds).content.get_volumetric_roi_measurement_groups()
-    assert len(groups) == 3
+    # the SR: per bone found, its outline on its largest slice (TID 1410) with the segment's volume in mL
+    groups = hd.sr.Comprehensive3DSR.from_dataset(sr_ds).content.get_planar_roi_measurement_groups()
+    bones = [rc.FEMUR.value, rc.TIBIA.value, rc.FIBULA.value]
+    assert [g.finding_type.value for g in groups] == [b for i, b in enumerate(bones) if pixels[..., i].any()]
     voxel = float(np.prod(series.spacing))
-    for number, group in enumerate(groups, start=1):
-        ref = group.referenced_segment
-        assert ref.referenced_sop_instance_uid == seg_ds.SOPInstanceUID
-        assert list(ref.referenced_segment_numbers) == [number]
+    for group in groups:
+        number = bones.index(group.finding_type.value) + 1
         (vol,) = group.get_measurements(name=rc.to_hd(rc.VOLUME))
-        assert vol.unit.value == "mm3"
-        assert vol.value == pytest.approx(pixels[..., number - 1].sum() * voxel, rel=1e-6, abs=1e-3)
+        assert vol.unit.value == "mL"
+        assert vol.value == pytest.approx(pixels[..., number - 1].sum() * voxel / 1000, rel=1e-6, abs=1e-6)
+    evidence = {i.ReferencedSOPInstanceUID for s in sr_ds.CurrentRequestedProcedureEvidenceSequence
+                for r in s.ReferencedSeriesSequence for i in r.ReferencedSOPSequence}
+    assert seg_ds.SOPInstanceUID in evidence
 
     # routing negatives: no job for the short series or the CT; the axial MR is refused by the task
     jobs = {r["study_uid"]: r for r in node.query("SELECT study_uid, state, last_error FROM jobs")}

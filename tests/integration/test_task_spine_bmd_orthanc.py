@@ -91,10 +91,15 @@ def test_lumbar_ct_returns_sr_and_sc_short_and_knee_ct_not_routed(
     errors, out = run_dciodvfy(sr_path)
     assert not errors, out
     report = hd.sr.srread(sr_path).content
-    groups = report.get_planar_roi_measurement_groups() + report.get_image_measurement_groups()
+    groups = report.get_planar_roi_measurement_groups()
+    assert not report.get_image_measurement_groups()  # every group has its region (OHIF needs one)
     sites = [fs.value.value for g in groups for fs in (g.finding_sites or [])]
     levels = {c.value for c in LUMBAR_VERTEBRAE.values()} & set(sites)
-    assert levels and LUMBAR_SPINE.value in sites
+    assert levels
+    # the patient-level class is a document-level conclusion naming the lumbar spine
+    sr_ds = pydicom.dcmread(sr_path)
+    (container,) = [i for i in sr_ds.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    assert any(f"({LUMBAR_SPINE.meaning})" in str(i.get("TextValue", "")) for i in container.ContentSequence)
     for g in report.get_planar_roi_measurement_groups():  # one box group per classified vertebra
         names = {m.name.value for m in g.get_measurements()}
         assert "112031" in names  # mean trabecular HU

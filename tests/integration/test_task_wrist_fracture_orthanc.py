@@ -99,11 +99,12 @@ def test_adult_two_view_study_returns_sr_and_scs_paediatric_not_routed(
     errors, out = run_dciodvfy(sr_path)
     assert not errors, out
     report = hd.sr.srread(sr_path).content
-    assert len(report.get_image_measurement_groups()) == 3  # the study finding + one per image
+    # one group per image, outlining it (the study finding is a document-level conclusion)
+    assert len(report.get_planar_roi_measurement_groups()) == 2 and not report.get_image_measurement_groups()
     for uid in source_uids:
-        (group,) = report.get_image_measurement_groups(referenced_sop_instance_uid=uid)
+        (group,) = report.get_planar_roi_measurement_groups(referenced_sop_instance_uid=uid)
         (prob,) = group.get_measurements(name=rc.to_hd(FRACTURE))
-        assert 0.0 <= prob.value <= 1.0
+        assert 0.0 <= prob.value <= 100.0 and prob.unit.value == "%"
     referenced = set()
     for i, sc in enumerate(scs):
         path = tmp_path / f"sc{i}.dcm"

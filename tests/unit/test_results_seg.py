@@ -14,7 +14,7 @@ from dicomnode.results import ResultContext
 from dicomnode.results import codes as rc
 from dicomnode.results.builder import build_results
 from dicomnode.results.render import render_file, seg_planes
-from inference.findings import PRESENT, Box, Classification, Findings, ImageRef, Mask, Overlay, Panel
+from inference.findings import ABSENT, PRESENT, Box, Classification, Findings, ImageRef, Mask, Overlay, Panel
 from tests.unit._results_sources import dx_image, volume_series
 
 
@@ -117,9 +117,18 @@ def test_all_empty_masks_still_reference_every_slice(tmp_path, dciodvfy):
     refs = tuple(ImageRef(str(d.SOPInstanceUID)) for d in mr)
     f = Findings("knee_bone_seg", "KneeUNet", "1.0", str(mr[0].StudyInstanceUID), refs,
                  masks=[Mask(rc.FIBULA, rc.ANATOMICAL_STRUCTURE, np.zeros((3, 12, 12), bool), refs)])
-    seg = build_results(f, mr, ResultContext())[0]
+    seg, sr = build_results(f, mr, ResultContext())
     path = _save(seg, tmp_path, dciodvfy)
     assert int(pydicom.dcmread(path).NumberOfFrames) == 3
+    # the SR says the fibula was not found (and shows that on the first image, as OHIF needs one region)
+    _save(sr, tmp_path, dciodvfy, "sr.dcm")
+    (conclusions,) = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    item = conclusions.ContentSequence[0]
+    assert (item.ConceptNameCodeSequence[0].CodeValue, item.ConceptCodeSequence[0].CodeValue) == (
+        rc.FIBULA.value, ABSENT.value)
+    (roi,) = hd.sr.srread(tmp_path / "sr.dcm").content.get_planar_roi_measurement_groups()
+    assert roi.finding_type == rc.to_hd(rc.FIBULA)
+    assert roi.get_qualitative_evaluations(name=rc.to_hd(rc.FIBULA))[0].value == rc.to_hd(ABSENT)
 
 
 def test_mask_must_match_the_source_grid():
@@ -171,10 +180,11 @@ def test_seg_and_sc_on_a_multiframe_source(tmp_path, dciodvfy):
                                              assert_missing_frames_are_empty=True)
     np.testing.assert_array_equal(pixels[..., 0].astype(bool), arr)
     report = hd.sr.srread(paths[1]).content
-    (roi,) = report.get_planar_roi_measurement_groups()
-    assert int(roi.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedFrameNumber) == 3
-    (group,) = report.get_image_measurement_groups()
-    assert [list(s.referenced_frame_numbers) for s in group.source_images] == [[2], [3]]
+    rois = report.get_planar_roi_measurement_groups()
+    frames = sorted(int(r.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedFrameNumber) for r in rois)
+    assert frames == [2, 3]  # the femur outlined on its largest frame (2), the box on frame 3
+    # the classification of frames 2-3 is about several images: a conclusion, not a region
+    assert report.get_image_measurement_groups() == []
 
 
 def test_each_structure_has_one_colour_in_seg_render_and_sc(tmp_path, dciodvfy):

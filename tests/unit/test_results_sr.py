@@ -14,15 +14,16 @@ from dicomnode.errors import ResultWriteError
 from dicomnode.results import PriorDocument, ResultContext
 from dicomnode.results import codes as rc
 from dicomnode.results.builder import build_results
-from dicomnode.results.sr import to_scoord
+from dicomnode.results.sr import image_outline, mask_outline, to_scoord
 from inference.findings import (
     ABSENT,
     CUBIC_MM,
     FRACTURE,
     HU_UNIT,
+    MILLILITER,
     NO_UNITS,
+    PERCENT,
     PRESENT,
-    PROBABILITY_UNIT,
     Box,
     Classification,
     Code,
@@ -63,6 +64,28 @@ def _codes_in(item: pydicom.Dataset, concept: Code) -> list[pydicom.Dataset]:
 
 def _text_values(item: pydicom.Dataset, value: str, scheme: str = "DCM") -> list[str]:
     return [str(i.TextValue) for i in _codes_in(item, Code(value, scheme, ""))]
+
+
+def _conclusions(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """The document-level "Qualitative Evaluations" container (TID 1500 row 12)."""
+    (container,) = [i for i in ds.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    assert container.ValueType == "CONTAINER" and container.RelationshipType == "CONTAINS"
+    return container
+
+
+def assert_ohif_readable(ds: pydicom.Dataset) -> int:
+    """Every measurement group carries an image region (SCOORD) on a referenced image, as OHIF 3.x requires;
+    returns the number of groups."""
+    (measurements,) = [i for i in ds.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    groups = [g for g in measurements.ContentSequence if g.ConceptNameCodeSequence[0].CodeValue == "125007"]
+    assert groups and len(groups) == len(measurements.ContentSequence)
+    for g in groups:
+        scoords = [c for c in g.ContentSequence if c.ValueType == "SCOORD"]
+        assert len(scoords) == 1, "group without an image region"
+        assert scoords[0].ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        assert scoords[0].GraphicType == "POLYLINE" and list(scoords[0].GraphicData[:2]) == list(
+            scoords[0].GraphicData[-2:])  # closed
+    return len(groups)
 
 
 @pytest.fixture
@@ -108,6 +131,7 @@ def test_spine_sr_content(ct, tmp_path, dciodvfy):
         ctx.manufacturer, ctx.model_name, ctx.software_version)
     assert ds.InstitutionName == "Bone Clinic"
     assert ds.ContentDate != ct[0].StudyDate  # creation date, not copied
+    assert ds.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == rc.LOCAL  # the private scheme
     pre = ds.PredecessorDocumentsSequence[0]
     assert pre.StudyInstanceUID == prior.study_instance_uid
     assert pre.ReferencedSeriesSequence[0].SeriesInstanceUID == prior.series_instance_uid
@@ -126,33 +150,42 @@ def test_spine_sr_content(ct, tmp_path, dciodvfy):
     assert isinstance(report, hd.sr.MeasurementReport)
     # procedure reported from the modality
     proc = _codes_in(ds, Code("121058", "DCM", "Procedure reported"))
-    assert proc[0].ConceptCodeSequence[0].CodeValue == rc.COMPUTED_TOMOGRAPHY.value
+    assert (proc[0].ConceptCodeSequence[0].CodeValue, proc[0].ConceptCodeSequence[0].CodingSchemeDesignator) == (
+        "25045-6", "LN")  # CID 100 "CT unspecified body region"
     # device observer
     (observer,) = report.get_observer_contexts()
     assert _codes_in(ds, Code("121012", "DCM", ""))[0].UID  # Device Observer UID
     assert _text_values(ds, "121013") == [ctx.model_name]  # Device Observer Name
     assert observer is not None
 
-    groups = report.get_image_measurement_groups()
-    assert len(groups) == 5
-    for i, site in enumerate([rc.L1, rc.L2, rc.L3, rc.L4]):
-        (g,) = report.get_image_measurement_groups(finding_site=rc.to_hd(site))
+    # OHIF reads every group as an annotation: all are TID 1410 with a region, none is TID 1501/1411
+    assert report.get_image_measurement_groups() == [] and report.get_volumetric_roi_measurement_groups() == []
+    assert assert_ohif_readable(ds) == 4  # L1, L2, L4 on their slice; L3's classification is its box
+    for i, site in [(0, rc.L1), (1, rc.L2), (3, rc.L4)]:
+        (g,) = report.get_planar_roi_measurement_groups(finding_site=rc.to_hd(site))
         assert g.tracking_identifier == f"vertebra {i + 1}"
         assert g.finding_type == rc.to_hd([rc.NORMAL, rc.OSTEOPENIA, rc.OSTEOPOROSIS, rc.OSTEOPOROSIS][i])
-        (prob,) = [m for m in g.get_measurements() if m.unit == rc.to_hd(PROBABILITY_UNIT)]
-        assert prob.value == pytest.approx(0.6 + 0.1 * i)
+        (prob,) = [m for m in g.get_measurements() if m.unit == rc.to_hd(PERCENT)]
+        assert prob.value == pytest.approx(100 * (0.6 + 0.1 * i))
         (hu,) = g.get_measurements(name=rc.to_hd(MEAN_HU))
         assert hu.unit == rc.to_hd(HU_UNIT)
-        assert [s.referenced_sop_instance_uid for s in g.source_images] == [str(ct[i].SOPInstanceUID)]
-    # the patient-level group has no source images and no site, and a qualitative evaluation
-    study = [g for g in groups if not g.source_images]
-    assert len(study) == 1 and not study[0].finding_sites
-    (qual,) = study[0].get_qualitative_evaluations(name=rc.to_hd(rc.OSTEOPOROSIS))
-    assert qual.value == rc.to_hd(PRESENT)
-    assert study[0].get_measurements(name=rc.to_hd(rc.OSTEOPOROSIS))[0].value == pytest.approx(0.71)
+        # a per-image classification outlines the whole image it is about
+        assert g.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == str(ct[i].SOPInstanceUID)
+        np.testing.assert_allclose(g.roi.value, image_outline(ct[i]))
+        np.testing.assert_allclose(image_outline(ct[i])[2], [19.5, 23.5])  # 20 columns x 24 rows
+    (box,) = report.get_planar_roi_measurement_groups(finding_site=rc.to_hd(rc.L3))
+    assert box.finding_type == rc.to_hd(rc.OSTEOPOROSIS)
+    # the patient-level class and the summary sit in the document-level "Qualitative Evaluations"
+    container = _conclusions(ds)
+    (code,) = [i for i in container.ContentSequence if i.ValueType == "CODE"]
+    assert code.ConceptNameCodeSequence[0].CodeValue == rc.OSTEOPOROSIS.value
+    assert code.ConceptCodeSequence[0].CodeValue == PRESENT.value
+    texts = {i.ConceptNameCodeSequence[0].CodeMeaning: str(i.TextValue) for i in container.ContentSequence
+             if i.ValueType == "TEXT"}
+    assert texts == {"Osteoporosis": "Present: probability 71 %", "Summary": "osteoporosis"}
     # algorithm identification on every measurement group
-    containers = ds.ContentSequence[-1].ContentSequence
-    assert len(containers) == 6
+    containers = [i for i in ds.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"][0].ContentSequence
+    assert len(containers) == 4
     for group in containers:
         assert _text_values(group, "111001") and set(_text_values(group, "111001")) == {"SpineBMD ResNet50"}
         assert "1.2" in _text_values(group, "111003")
@@ -164,7 +197,7 @@ def test_box_becomes_closed_scoord_rectangle(ct, tmp_path, dciodvfy):
     f = spine_findings(ct)
     ds = _write_read(_sr_of(build_results(f, ct, ResultContext())), tmp_path, dciodvfy, "sr.dcm")
     report = hd.sr.srread(tmp_path / "sr.dcm").content
-    (roi,) = report.get_planar_roi_measurement_groups()
+    (roi,) = report.get_planar_roi_measurement_groups(finding_site=rc.to_hd(rc.L3))
     region = roi.roi
     assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
     expected = np.array([[3.5, 4.5], [11.0, 4.5], [11.0, 12.5], [3.5, 12.5], [3.5, 4.5]])
@@ -172,7 +205,7 @@ def test_box_becomes_closed_scoord_rectangle(ct, tmp_path, dciodvfy):
     assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == str(ct[2].SOPInstanceUID)
     assert len(report.get_planar_roi_measurement_groups(referenced_sop_instance_uid=str(ct[2].SOPInstanceUID))) == 1
     (score,) = roi.get_measurements(name=rc.to_hd(rc.OSTEOPOROSIS))
-    assert score.value == pytest.approx(0.8) and score.unit == rc.to_hd(PROBABILITY_UNIT)
+    assert score.value == pytest.approx(80.0) and score.unit == rc.to_hd(PERCENT)
     assert roi.finding_type == rc.to_hd(rc.OSTEOPOROSIS)
     assert roi.finding_sites[0].value == rc.to_hd(rc.L3)
     assert ds.SOPInstanceUID
@@ -199,15 +232,23 @@ def test_wrist_study_and_per_image_probabilities(tmp_path, dciodvfy):
     )
     ds = _write_read(_sr_of(build_results(f, [pa, lat], ResultContext())), tmp_path, dciodvfy, "wrist.dcm")
     proc = _codes_in(ds, Code("121058", "DCM", "Procedure reported"))
-    assert proc[0].ConceptCodeSequence[0].CodeValue == rc.PLAIN_RADIOGRAPHY.value
+    assert proc[0].ConceptCodeSequence[0].CodeValue == rc.IMAGING_PROCEDURE.value  # in CID 100
     report = hd.sr.srread(tmp_path / "wrist.dcm").content
-    per_image = report.get_image_measurement_groups(referenced_sop_instance_uid=str(lat.SOPInstanceUID))
+    assert assert_ohif_readable(ds) == 2
+    per_image = report.get_planar_roi_measurement_groups(referenced_sop_instance_uid=str(lat.SOPInstanceUID))
     assert len(per_image) == 1
     (prob,) = per_image[0].get_measurements(name=rc.to_hd(FRACTURE))
-    assert prob.value == pytest.approx(0.35)
+    assert prob.value == pytest.approx(35.0) and prob.unit == rc.to_hd(PERCENT)
     site = per_image[0].finding_sites[0]
     assert site.value == rc.to_hd(rc.WRIST) and site.laterality == rc.to_hd(rc.LEFT)
-    assert len(report.get_image_measurement_groups()) == 3
+    (verdict,) = per_image[0].get_qualitative_evaluations(name=rc.to_hd(FRACTURE))
+    assert verdict.value == rc.to_hd(ABSENT)
+    # the study-level finding: document-level "Qualitative Evaluations"
+    items = _conclusions(ds).ContentSequence
+    assert [(i.ValueType, i.ConceptNameCodeSequence[0].CodeValue) for i in items] == [
+        ("CODE", FRACTURE.value), ("TEXT", FRACTURE.value)]
+    assert items[0].ConceptCodeSequence[0].CodeValue == PRESENT.value
+    assert items[1].TextValue == "Present (Wrist): probability 83 %"
 
 
 def test_hrpqct_grades_and_rescan(tmp_path, dciodvfy):
@@ -220,17 +261,23 @@ def test_hrpqct_grades_and_rescan(tmp_path, dciodvfy):
     f = Findings(
         "hrpqct_motion", "MotionGrader", "2.0", str(slices[0].StudyInstanceUID), refs,
         classifications=[Classification(rc.IMAGE_ARTIFACTS, grade4, probability=0.6, finding_site=rc.DISTAL_RADIUS,
-                                        measurements=[Measurement(MOTION_GRADE, 4.0, NO_UNITS)]),
+                                        images=refs, measurements=[Measurement(MOTION_GRADE, 4.0, NO_UNITS)]),
                          Classification(rescan, PRESENT, probability=0.77), *per_slice],
     )
-    _write_read(_sr_of(build_results(f, slices, ResultContext())), tmp_path, dciodvfy, "hr.dcm")
+    ds = _write_read(_sr_of(build_results(f, slices, ResultContext())), tmp_path, dciodvfy, "hr.dcm")
     report = hd.sr.srread(tmp_path / "hr.dcm").content
-    assert len(report.get_image_measurement_groups()) == 10
-    (g,) = report.get_image_measurement_groups(finding_type=rc.to_hd(rescan))
-    assert g.get_measurements()[0].value == pytest.approx(0.77)
-    (grade,) = report.get_image_measurement_groups(finding_site=rc.to_hd(rc.DISTAL_RADIUS))[0].get_measurements(
-        name=rc.to_hd(MOTION_GRADE))
-    assert grade.value == 4.0
+    assert assert_ohif_readable(ds) == 8  # one per graded slice
+    for r in refs:
+        (g,) = report.get_planar_roi_measurement_groups(referenced_sop_instance_uid=r.sop_instance_uid)
+        assert g.get_measurements(name=rc.to_hd(MOTION_GRADE))[0].value == 4.0
+        assert g.get_measurements()[0].value == pytest.approx(50.0)
+    items = _conclusions(ds).ContentSequence
+    codes_ = [(i.ConceptNameCodeSequence[0].CodeValue, i.ConceptCodeSequence[0].CodeValue) for i in items
+              if i.ValueType == "CODE"]
+    assert codes_ == [(rc.IMAGE_ARTIFACTS.value, grade4.value), (rescan.value, PRESENT.value)]
+    texts = [str(i.TextValue) for i in items if i.ValueType == "TEXT"]
+    # the scan's grade is about all 8 slices: a conclusion, not a region on one of them
+    assert texts == ["Motion grade 4 (Distal Radius): probability 60 % over 8 images", "4", "Present: probability 77 %"]
 
 
 def test_knee_volumes_reference_seg_segments(tmp_path, dciodvfy):
@@ -251,22 +298,34 @@ def test_knee_volumes_reference_seg_segments(tmp_path, dciodvfy):
     _write_read(seg, tmp_path, dciodvfy, "seg.dcm")
     ds = _write_read(objects[1], tmp_path, dciodvfy, "sr.dcm")
     report = hd.sr.srread(tmp_path / "sr.dcm").content
-    groups = report.get_volumetric_roi_measurement_groups()
-    assert len(groups) == 2
-    for number, group in enumerate(groups, start=1):
-        ref = group.referenced_segment
-        assert ref.referenced_sop_instance_uid == seg.SOPInstanceUID
-        assert list(ref.referenced_segment_numbers) == [number]
-        assert ref.source_series_for_segmentation.value == mr[0].SeriesInstanceUID
-        (vol,) = group.get_measurements(name=rc.to_hd(rc.VOLUME))
-        assert vol.unit == rc.to_hd(CUBIC_MM)
-    # computed from the geometry: voxels x 0.7 x 0.8 mm x 2.5 mm slice spacing
-    assert groups[0].get_measurements(name=rc.to_hd(rc.VOLUME))[0].value == pytest.approx(femur.sum() * 0.7 * 0.8 * 2.5)
-    assert groups[1].get_measurements(name=rc.to_hd(rc.VOLUME))[0].value == pytest.approx(1234.5)
+    assert assert_ohif_readable(ds) == 2
+    femur_g, tibia_g = report.get_planar_roi_measurement_groups()
+    # each bone is outlined on its largest slice: femur planes 0-2 are equal (first wins), tibia planes 1-3
+    assert femur_g.finding_type == rc.to_hd(rc.FEMUR) and tibia_g.finding_type == rc.to_hd(rc.TIBIA)
+    assert femur_g.finding_sites[0].value == rc.to_hd(rc.FEMUR)  # the structure, so OHIF's label names it
+    assert femur_g.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == str(mr[0].SOPInstanceUID)
+    assert tibia_g.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == str(mr[1].SOPInstanceUID)
+    outline = femur_g.roi.value  # SCOORD of the 9 x 7 pixel block at columns 3-11, rows 2-8
+    assert outline[:, 0].min() == pytest.approx(3.0, abs=0.51) and outline[:, 0].max() == pytest.approx(12.0, abs=0.51)
+    assert outline[:, 1].min() == pytest.approx(2.0, abs=0.51) and outline[:, 1].max() == pytest.approx(9.0, abs=0.51)
+    # volumes in mL: computed from the geometry (voxels x 0.7 x 0.8 mm x 2.5 mm slice spacing), or given in mm3
+    (vol,) = femur_g.get_measurements(name=rc.to_hd(rc.VOLUME))
+    assert vol.unit == rc.to_hd(MILLILITER) and vol.value == pytest.approx(femur.sum() * 0.7 * 0.8 * 2.5 / 1000)
+    assert tibia_g.get_measurements(name=rc.to_hd(rc.VOLUME))[0].value == pytest.approx(1.2345)
     # the SEG is part of the evidence
     evidence = {i.ReferencedSOPInstanceUID for s in ds.CurrentRequestedProcedureEvidenceSequence
                 for r in s.ReferencedSeriesSequence for i in r.ReferencedSOPSequence}
     assert seg.SOPInstanceUID in evidence
+
+
+def test_mask_outline_is_closed_and_encloses_the_mask():
+    plane = np.zeros((10, 12), bool)
+    plane[0:4, 5:12] = True  # touches the top and right border
+    outline = mask_outline(plane)
+    assert tuple(outline[0]) == tuple(outline[-1])
+    assert outline[:, 0].min() == pytest.approx(5.0, abs=0.51) and outline[:, 0].max() == pytest.approx(12.0, abs=0.51)
+    assert outline[:, 1].min() == pytest.approx(0.0, abs=0.51) and outline[:, 1].max() == pytest.approx(4.0, abs=0.51)
+    assert mask_outline(np.zeros((4, 4), bool)) is None
 
 
 def test_rebuild_keeps_series_and_gets_new_instance_uid(ct):
@@ -290,6 +349,14 @@ def test_sources_must_cover_findings_and_share_a_study(ct):
     empty = Findings("spine_bmd", "SpineBMD", "1.2", str(ct[0].StudyInstanceUID), f.source_images)
     with pytest.raises(ResultWriteError, match="nothing|no classification"):
         build_results(empty, ct, ResultContext())
+
+
+def test_study_level_only_is_shown_on_the_first_image(ct, tmp_path, dciodvfy):
+    f = Findings("spine_bmd", "SpineBMD", "1.2", str(ct[0].StudyInstanceUID), tuple(ImageRef(str(d.SOPInstanceUID))
+                 for d in ct), classifications=[Classification(rc.OSTEOPOROSIS, ABSENT, 0.2)])
+    ds = _write_read(_sr_of(build_results(f, ct, ResultContext())), tmp_path, dciodvfy, "sr.dcm")
+    assert assert_ohif_readable(ds) == 1
+    assert _conclusions(ds).ContentSequence[0].ConceptCodeSequence[0].CodeValue == ABSENT.value
 
 
 def test_missing_type2_patient_attributes_stay_empty(ct, tmp_path, dciodvfy):

@@ -86,6 +86,8 @@ def test_headers_conform_and_dciodvfy_is_clean(wrist_small: Path, dciodvfy: Call
         assert int(ds.pixel_array.max()) < (1 << ds.BitsStored) and ds.ViewPosition in ("PA", "LL")
         assert 512 <= max(ds.Rows, ds.Columns) <= 1024 and ds.ImagerPixelSpacing
         assert "WindowCenter" in ds and "BodyPartExamined" in ds
+        # LINEAR is the default; an explicit LINEAR makes OHIF 3.x show the image black ("Invalid VOI LUT function")
+        assert "VOILUTFunction" not in ds
     assert len(sops) == len(files)
     for f in files[:4]:
         dciodvfy(f)
@@ -203,6 +205,7 @@ def test_physis_headers_routing_and_dciodvfy(physis_set: Path, dciodvfy: Callabl
     for f in files:
         ds = pydicom.dcmread(f, stop_before_pixels=True)
         assert 2 <= int(ds.PatientAge[:3]) <= 17 and (ds.Rows, ds.Columns) == (1024, 768)
+        assert "VOILUTFunction" not in ds  # LINEAR is the default (see the wrist test)
         assert [r.task for r in route_series(SeriesInfo.from_datasets([ds]), cfg.routes)] == ["physis_fracture"]
     for f in files[:3]:
         dciodvfy(f)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -476,6 +477,29 @@ def _content_groups(sr: pydicom.Dataset) -> list[pydicom.Dataset]:
     return list(imgs.ContentSequence)
 
 
+def _sr_groups(sr: pydicom.Dataset) -> list[dict[str, Any]]:
+    """[scan, 8 slices, rescan]: each slice is a TID 1410 group outlining its image; the scan's grade and its rescan
+    recommendation (about all 8 slices) are conclusions in the document-level "Qualitative Evaluations"."""
+    slices = [_group_info(g) for g in _content_groups(sr)]
+    (container,) = [it for it in sr.ContentSequence if it.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    scan_level: list[dict[str, Any]] = []
+    for it in container.ContentSequence:
+        name = it.ConceptNameCodeSequence[0].CodeMeaning
+        if it.ValueType == "CODE":
+            scan_level.append({"images": [], "num": {}, "qual": (name, it.ConceptCodeSequence[0].CodeValue),
+                               "tracking": None, "n_images": 0})
+        elif name != "Summary":
+            text, info = str(it.TextValue), scan_level[-1]
+            m = re.search(r"probability ([0-9.e+-]+) % over (\d+) images$", text)
+            if m:
+                info["num"][(name, "%")] = float(m.group(1))
+                info["n_images"] = int(m.group(2))
+            else:  # "<value> <UCUM unit>"
+                value, unit = text.split()
+                info["num"][(name, unit)] = float(value)
+    return [scan_level[0], *slices, scan_level[1]]
+
+
 def _group_info(group: pydicom.Dataset) -> dict[str, Any]:
     info: dict[str, Any] = {"images": [], "num": {}, "qual": None, "tracking": None}
     for it in group.ContentSequence:
@@ -484,6 +508,8 @@ def _group_info(group: pydicom.Dataset) -> dict[str, Any]:
             info["tracking"] = it.TextValue
         elif it.ValueType == "IMAGE":
             info["images"].append(it.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        elif it.ValueType == "SCOORD":  # TID 1410: the image region names its image
+            info["images"].append(it.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
         elif it.ValueType == "NUM":
             mv = it.MeasuredValueSequence[0]
             key = (name, mv.MeasurementUnitsCodeSequence[0].CodeValue)
@@ -508,7 +534,7 @@ def test_analyze_writes_sr_and_montage_for_both_geometries(tiny, tmp_path, geome
         dciodvfy(p)
     sr = pydicom.dcmread(by_mod["SR"])
     assert sr.StudyInstanceUID == row["study_uid"]
-    groups = [_group_info(g) for g in _content_groups(sr)]
+    groups = _sr_groups(sr)
     assert len(groups) == 1 + 8 + 1
     sources = sorted((f for f in study.rglob("*.dcm")), key=lambda f: pydicom.dcmread(f, stop_before_pixels=True)
                      .InstanceNumber)
@@ -519,13 +545,13 @@ def test_analyze_writes_sr_and_montage_for_both_geometries(tiny, tmp_path, geome
     grade = int(scan["qual"][1][-1])
     assert scan["num"][("Motion artifact score", "{grade}")] == grade
     assert 1.0 <= scan["num"][("Expected motion artifact grade", "{grade}")] <= 5.0
-    assert 0.0 < scan["num"][("Motion artifact grade", "{probability}")] <= 1.0
-    assert sorted(scan["images"]) == sorted(uids)
+    assert 0.0 < scan["num"][("Motion artifact grade", "%")] <= 100.0
+    assert scan["n_images"] == len(uids) == 8
     assert [s["images"] for s in slices] == [[u] for u in uids]
     assert all(1 <= s["num"][("Motion artifact score", "{grade}")] <= 5 for s in slices)
-    assert all(0 < s["num"][("Motion artifact grade", "{probability}")] <= 1 for s in slices)
+    assert all(0 < s["num"][("Motion artifact grade", "%")] <= 100 for s in slices)
     assert rescan["qual"] == ("Rescan recommended", codes.YES.value if grade >= 4 else codes.NO.value)
-    assert 0.0 <= rescan["num"][("Rescan recommended", "{probability}")] <= 1.0
+    assert 0.0 <= rescan["num"][("Rescan recommended", "%")] <= 100.0
     sc = pydicom.dcmread(by_mod["OT"])
     assert sc.BurnedInAnnotation == "YES" and sc.StudyInstanceUID == row["study_uid"]
     assert [s.ReferencedSOPInstanceUID for s in sc.SourceImageSequence] == uids
@@ -566,7 +592,7 @@ class _EditedBundle:
     def sr_groups(self, **task_config: Any) -> list[dict[str, Any]]:
         """The content groups of the SR written with ``task_config``."""
         sr = next(pydicom.dcmread(p) for p in self.analyze(**task_config) if pydicom.dcmread(p).Modality == "SR")
-        return [_group_info(g) for g in _content_groups(sr)]
+        return _sr_groups(sr)
 
 
 def test_node_applies_the_bundles_rescan_operating_point(tiny, tmp_path):
@@ -575,7 +601,7 @@ def test_node_applies_the_bundles_rescan_operating_point(tiny, tmp_path):
     def rescan_finding(threshold: float | None) -> tuple[str, int, float]:
         groups = edited.sr_groups(rescan_threshold=threshold)
         return (groups[-1]["qual"][1], int(groups[0]["qual"][1][-1]),
-                groups[-1]["num"][("Rescan recommended", "{probability}")])
+                groups[-1]["num"][("Rescan recommended", "%")] / 100.0)
 
     answer, grade, p_rescan = rescan_finding(None)
     assert answer == (codes.YES.value if grade >= 4 else codes.NO.value)

@@ -298,17 +298,22 @@ def test_analyze_writes_valid_seg_sr_sc(tiny_bundle: Path, knee_data: Path, tmp_
     uids = [str(p.ds.SOPInstanceUID) for p in series.planes]
     pixels = seg.get_pixels_by_source_instance(uids, segment_numbers=[1, 2, 3], combine_segments=False)
     assert pixels.shape == (20, 96, 96, 3)
-    report = hd.sr.srread(kinds["SR"]).content
-    groups = report.get_volumetric_roi_measurement_groups()
-    assert len(groups) == 3
+    sr = hd.sr.srread(kinds["SR"])
+    report = sr.content
+    # one TID 1410 group per bone found: its outline on its largest slice, with the whole segment's volume in mL
+    groups = report.get_planar_roi_measurement_groups()
+    bones = [codes.FEMUR.value, codes.TIBIA.value, codes.FIBULA.value]
+    found = [b for i, b in enumerate(bones) if pixels[..., i].any()]
+    assert [g.finding_type.value for g in groups] == found
     voxel = float(np.prod(series.spacing))
-    for number, group in enumerate(groups, start=1):
-        ref = group.referenced_segment
-        assert ref.referenced_sop_instance_uid == seg.SOPInstanceUID
-        assert list(ref.referenced_segment_numbers) == [number]
+    for group in groups:
+        number = bones.index(group.finding_type.value) + 1
         (vol,) = group.get_measurements(name=rc.to_hd(rc.VOLUME))
-        assert vol.unit.value == "mm3"
-        assert vol.value == pytest.approx(pixels[..., number - 1].astype(bool).sum() * voxel, rel=1e-6, abs=1e-3)
+        assert vol.unit.value == "mL"
+        assert vol.value == pytest.approx(pixels[..., number - 1].astype(bool).sum() * voxel / 1000, rel=1e-6, abs=1e-6)
+    evidence = {i.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence
+                for r in s.ReferencedSeriesSequence for i in r.ReferencedSOPSequence}
+    assert seg.SOPInstanceUID in evidence
     sc = pydicom.dcmread(kinds["OT"])
     assert sc.StudyInstanceUID == series.planes[0].ds.StudyInstanceUID and sc.SamplesPerPixel == 3
 

@@ -218,14 +218,15 @@ def test_task_findings_and_result_objects(scripted_model, monkeypatch, tmp_path,
     (sr_path,) = [tmp_path / f"o{i}.dcm" for i, o in enumerate(objects) if o.Modality == "SR"]
     report = hd.sr.srread(sr_path).content
     rois = report.get_planar_roi_measurement_groups()
-    assert len(rois) == 2
+    assert len(rois) == 4  # per image: the box, and the image's own classification (outlining the image)
     uid0 = str(images[0].SOPInstanceUID)
-    (roi,) = report.get_planar_roi_measurement_groups(referenced_sop_instance_uid=uid0)
-    assert roi.roi.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
-    np.testing.assert_allclose(roi.roi.value[0], [51.5625, 51.5625], atol=1e-3)  # SCOORD: pixel-corner origin
-    (group,) = report.get_image_measurement_groups(referenced_sop_instance_uid=uid0)
+    box, group = sorted(report.get_planar_roi_measurement_groups(referenced_sop_instance_uid=uid0),
+                        key=lambda g: -g.roi.value[0][0])
+    assert box.roi.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+    np.testing.assert_allclose(box.roi.value[0], [51.5625, 51.5625], atol=1e-3)  # SCOORD: pixel-corner origin
+    np.testing.assert_allclose(group.roi.value[0], [0.5, 0.5])  # the whole image
     (prob,) = group.get_measurements(name=rc.to_hd(codes.GROWTH_PLATE_FRACTURE))
-    assert prob.value == pytest.approx(math.sqrt(0.9 * 0.8), abs=1e-3)  # the two-stage score, not the fallback
+    assert prob.value == pytest.approx(100 * math.sqrt(0.9 * 0.8), abs=0.1)  # %, the two-stage score
 
 
 # --------------------------------------------------------------------------- tiny trained bundle
@@ -281,14 +282,14 @@ def test_tiny_bundle_through_analyze(tiny_bundle, tmp_path, dciodvfy):
         dciodvfy(p)
     (sr,) = [p for p in written if pydicom.dcmread(p).Modality == "SR"]
     report = hd.sr.srread(sr).content
-    assert len(report.get_image_measurement_groups()) == n_images + 1
+    assert len(report.get_planar_roi_measurement_groups()) >= n_images  # one per image, plus any boxes
     text = str(pydicom.dcmread(sr))
     assert "tiny1" in text  # algorithm version from the bundle
     # the same study twice gives the same probabilities (deterministic)
     again = analyze(study, "physis_fracture", tmp_path / "again", model_dir=bundle, device="cpu")
     sr2 = next(p for p in again if pydicom.dcmread(p).Modality == "SR")
-    probs = [g.get_measurements()[0].value for g in hd.sr.srread(sr).content.get_image_measurement_groups()]
-    probs2 = [g.get_measurements()[0].value for g in hd.sr.srread(sr2).content.get_image_measurement_groups()]
+    probs = [g.get_measurements()[0].value for g in hd.sr.srread(sr).content.get_planar_roi_measurement_groups()]
+    probs2 = [g.get_measurements()[0].value for g in hd.sr.srread(sr2).content.get_planar_roi_measurement_groups()]
     assert probs == probs2
 
 

@@ -343,14 +343,17 @@ def test_analyze_writes_valid_sr_and_sc(tiny_bundle, tmp_path, dciodvfy) -> None
     for f in scs:
         dciodvfy(f)
     sr = hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(srs[0]))
-    groups = sr.content.get_planar_roi_measurement_groups() + sr.content.get_image_measurement_groups()
+    groups = sr.content.get_planar_roi_measurement_groups()
+    assert sr.content.get_image_measurement_groups() == []  # every group has its region (OHIF needs one)
     sites = {fs.value.value for g in groups for fs in (g.finding_sites or [])}
     found = {"66794005", "14293000", "36470004", "11994002"} & sites
     assert found, sites  # L1..L4 codes
-    assert "122496007" in sites  # the patient-level group (lumbar spine)
+    # the patient-level class (lumbar spine) is a conclusion in the document-level "Qualitative Evaluations"
+    (conclusions,) = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    assert any("(Lumbar spine): probability" in str(i.get("TextValue", "")) for i in conclusions.ContentSequence)
     units = {m.unit.value for g in groups for m in g.get_measurements()}
     assert any(m.name.value == "112031" and m.unit.value == "[hnsf'U]" for g in groups for m in g.get_measurements())
-    assert "[hnsf'U]" in units and "{probability}" in units
+    assert "[hnsf'U]" in units and "%" in units
     values = {g.finding_type.meaning for g in groups}
     assert values & {"Normal", "Osteopenia", "Osteoporosis"}
     sc = [pydicom.dcmread(f) for f in scs if f not in srs]

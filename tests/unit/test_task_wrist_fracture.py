@@ -254,12 +254,12 @@ def test_analyze_writes_sr_and_one_sc_per_image(trained: dict[str, Path], tmp_pa
     sr = hd.sr.srread(srs[0])
     assert "t1" in str(sr.ContentSequence)  # algorithm version in the report
     report = sr.content
-    groups = report.get_image_measurement_groups()
-    assert len(groups) == 3  # study + one per image
+    groups = report.get_planar_roi_measurement_groups()
+    assert len(groups) == 2  # one per image (each outlines its image); the study finding is a conclusion
     for ds in src:
-        (g,) = report.get_image_measurement_groups(referenced_sop_instance_uid=str(ds.SOPInstanceUID))
+        (g,) = report.get_planar_roi_measurement_groups(referenced_sop_instance_uid=str(ds.SOPInstanceUID))
         (prob,) = g.get_measurements(name=rc.to_hd(FRACTURE))
-        assert 0.0 <= prob.value <= 1.0
+        assert 0.0 <= prob.value <= 100.0  # %
         site = g.finding_sites[0]
         assert site.value == rc.to_hd(WRIST)
         assert site.laterality == rc.to_hd({"L": LEFT, "R": RIGHT}[str(ds.ImageLaterality)])

@@ -430,7 +430,8 @@ def xray_dataset(*, modality: str, patient: Patient, study: Study, series: Serie
     body = sub[sub < np.percentile(sub, 97)] if not mono1 else sub[sub > np.percentile(sub, 3)]
     wlo, whi = (float(v) for v in np.percentile(body, [1.0, 99.8]))
     set_window(ds, center=(wlo + whi) / 2.0, width=max(whi - wlo, 2.0))
-    ds.VOILUTFunction = "LINEAR"
+    # VOI LUT Function is left out: LINEAR is its default, and OHIF 3.x rejects an explicit LINEAR ("Invalid VOI
+    # LUT function") and shows the radiograph black
     if modality == "DX":
         ds.PresentationIntentType = "FOR PRESENTATION"
         ds.ImageLaterality = laterality
