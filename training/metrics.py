@@ -25,6 +25,8 @@ from scipy import ndimage
 from sklearn import exceptions as skm_exceptions
 from sklearn import metrics as skm
 
+from inference.boxes import box_iou as _box_iou
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -223,18 +225,8 @@ class BoxPrediction:
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise IoU of boxes ``a`` (N, 4) and ``b`` (M, 4) in (x0, y0, x1, y1)."""
-    a = np.asarray(a, dtype=float).reshape(-1, 4)
-    b = np.asarray(b, dtype=float).reshape(-1, 4)
-    ix0 = np.maximum(a[:, None, 0], b[None, :, 0])
-    iy0 = np.maximum(a[:, None, 1], b[None, :, 1])
-    ix1 = np.minimum(a[:, None, 2], b[None, :, 2])
-    iy1 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(ix1 - ix0, 0, None) * np.clip(iy1 - iy0, 0, None)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    """Pairwise IoU of boxes ``a`` (N, 4) and ``b`` (M, 4) in (x0, y0, x1, y1) (:func:`torchvision.ops.box_iou`)."""
+    return _box_iou(a, b)
 
 
 def _match(preds: list[BoxPrediction], gts: dict[str, np.ndarray], iou_thr: float) -> np.ndarray:
