@@ -21,15 +21,8 @@ Information with Modified Dates* and *Retain Patient Characteristics* options
   the HMAC), so intervals between one patient's studies are preserved;
 * an image flagged Burned In Annotation YES is refused (no Clean Pixel Data).
 
-Layout (the format the training side reads without importing this package)::
-
-    <archive_dir>/studies/<study>/<series>/<sop>.dcm    pseudonymised files
-    <archive_dir>/studies/<study>/<series>/series.json  {"format": 1, "study_uid", "series_uid",
-        "patient_id", "task", "route", "modality", "archived_at" (UNIX s), "bytes", "files": [names]}
-    <key_dir>/secret.key        32 random bytes (hex), mode 0600
-    <key_dir>/uid_map.jsonl     mode 0600; one JSON object per line:
-        {"kind": "StudyInstanceUID"|"SeriesInstanceUID"|"SOPInstanceUID"|"PatientID",
-         "original": "...", "pseudo": "..."}
+Layout: :mod:`inference.archive_format` (shared with the training side, which does
+not import this package).
 
 Only pseudonymous values are stored under ``archive_dir``; the key and the
 mapping back to original identifiers live under ``key_dir`` (keep it on a
@@ -67,6 +60,16 @@ from pydicom.sequence import Sequence as DicomSequence
 from dicomnode.config import Config, Route
 from dicomnode.deid_profile import DEID_CODES, DEID_METHOD, apply_profile
 from dicomnode.errors import DicomNodeError
+from inference.archive_format import (
+    FORMAT,
+    KEY_FILE,
+    MAPPED_KINDS,
+    SIDECAR,
+    STUDIES,
+    UID_MAP,
+    read_uid_map,
+    sidecars,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +77,7 @@ __all__ = [
     "ArchiveError", "ArchivedSeries", "Deidentifier", "TrainingArchive", "archive_series", "training_archive_for",
 ]
 
-FORMAT = 1
-SIDECAR = "series.json"
-KEY_FILE = "secret.key"
-UID_MAP = "uid_map.jsonl"
 DICOM_UID_ROOT = "1.2.840.10008."
-MAPPED_KINDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 
 _SKIP_UID_KEYWORDS = frozenset({"TransferSyntaxUID", "ImplementationClassUID"})
 
@@ -241,7 +239,7 @@ class TrainingArchive:
     @property
     def studies_dir(self) -> Path:
         """Folder of the pseudonymised studies."""
-        return self.root / "studies"
+        return self.root / STUDIES
 
     def _key(self) -> bytes:
         path = self.key_dir / KEY_FILE
@@ -254,15 +252,7 @@ class TrainingArchive:
             raise ArchiveError(f"pseudonymisation key {path} is corrupt") from exc
 
     def _load_map(self) -> None:
-        path = self.key_dir / UID_MAP
-        if not path.exists():
-            return
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                obj = json.loads(line)
-                self._known.add((obj["kind"], obj["original"]))
-            except (ValueError, KeyError, TypeError):
-                continue  # a torn last line after a crash; the entry is written again on next use
+        self._known.update(read_uid_map(self.key_dir))
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -345,12 +335,8 @@ class TrainingArchive:
     def entries(self) -> list[dict[str, Any]]:
         """Sidecars of every archived series, oldest first (each with its ``directory``)."""
         out = []
-        for side in self.studies_dir.glob(f"*/*/{SIDECAR}"):
-            try:
-                obj = json.loads(side.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue
-            obj["directory"] = str(side.parent)
+        for folder, obj in sidecars(self.root):
+            obj["directory"] = str(folder)
             out.append(obj)
         return sorted(out, key=lambda o: float(o.get("archived_at", 0)))
 

@@ -26,6 +26,7 @@ from dicomnode.errors import ResultWriteError
 from dicomnode.results import ResultContext
 from dicomnode.results.common import finish, header_for_copy, series_description, series_number, series_uid
 from inference.findings import Findings, Overlay, Panel
+from inference.imgops import mask_contour
 from inference.pixels import display_array
 
 log = logging.getLogger(__name__)
@@ -85,12 +86,6 @@ def _heat_blend(rgb: np.ndarray, heat: np.ndarray) -> np.ndarray:
     colour = colormaps["jet"](h)[..., :3].astype(np.float32)
     alpha = (HEATMAP_ALPHA * h)[..., None]
     return rgb * (1.0 - alpha) + colour * alpha
-
-
-def mask_contour(mask: np.ndarray) -> np.ndarray:
-    """The one-pixel outline of a 2-D mask (4-neighbour erosion, the image border counting as background)."""
-    mask = mask.astype(bool)
-    return mask & ~ndimage.binary_erosion(mask, border_value=0)
 
 
 def render_panel(
