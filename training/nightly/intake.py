@@ -31,13 +31,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from inference.archive_format import read_uid_map, sidecars
+from inference.fsutil import atomic_write_text
 from training.synth.manifest import ManifestError, _csv_cell, validate_row
 
 log = logging.getLogger(__name__)
@@ -90,13 +90,7 @@ class LabelStore:
         added = sum(1 for r in new if _key(r) not in current)
         current.update({_key(r): r for r in new})
         self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{task}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in current.values():
-                f.write(json.dumps(r, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path(task))
+        atomic_write_text(self.path(task), "".join(json.dumps(r, sort_keys=True) + "\n" for r in current.values()))
         return added
 
 

@@ -35,8 +35,6 @@ import ctypes
 import datetime as dt
 import hashlib
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -48,6 +46,7 @@ from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
 from inference.errors import DicomNodeError
+from inference.fsutil import atomic_write
 
 if TYPE_CHECKING:
     from training.synth.params import Param
@@ -450,16 +449,12 @@ def instance_path(out_root: Path, study_uid: str, series_uid: str, sop_instance_
 
 
 def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> Path:
-    """Have ``write`` fill a temporary file beside ``path``, then rename it into place; returns ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Have ``write`` fill a temporary file beside ``path``, then rename it into place; returns ``path``.
+
+    Not fsynced (:func:`inference.fsutil.atomic_write` with ``durable=False``): a synthetic set is made again
+    in minutes, and a sync per file would dominate generating thousands of files.
+    """
+    return atomic_write(path, write, durable=False)
 
 
 def write_dataset(ds: FileDataset, out_root: Path, study_uid: str | None = None,
