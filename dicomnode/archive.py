@@ -60,6 +60,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from dicomnode.config import Config, Route
 from dicomnode.deid_profile import DEID_CODES, DEID_METHOD, apply_profile
 from dicomnode.errors import DicomNodeError
+from inference.ages import age_in_years, age_string
 from inference.archive_format import (
     FORMAT,
     KEY_FILE,
@@ -199,14 +200,14 @@ def _uids(ds: Dataset) -> set[str]:
 
 
 def _age(ds: Dataset) -> str:
-    """PatientAge (``nnnY``) from BirthDate and StudyDate, or '' if unknown."""
+    """PatientAge (DICOM AS) from BirthDate and StudyDate, or '' if unknown."""
     try:
         b = _dt.datetime.strptime(str(ds.PatientBirthDate)[:8], "%Y%m%d").date()
         s = _dt.datetime.strptime(str(ds.StudyDate)[:8], "%Y%m%d").date()
     except (AttributeError, ValueError):
         return ""
-    years = s.year - b.year - ((s.month, s.day) < (b.month, b.day))
-    return f"{years:03d}Y" if 0 <= years < 1000 else ""
+    years = age_in_years(b, s)
+    return age_string(years) if years is not None else ""
 
 
 class TrainingArchive:

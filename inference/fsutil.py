@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "fsync_path"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "fsync_path", "walk_files"]
 
 
 def fsync_path(path: Path) -> None:
@@ -23,6 +23,16 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def walk_files(root: str | os.PathLike[str]) -> Iterator[Path]:
+    """Every file under the folder ``root``, recursively, in sorted path order; hidden files (``.name``) skipped.
+
+    The one recursive walk over DICOM folders (routing dry-runs, series loading, training data indexing).
+    """
+    for f in sorted(Path(root).rglob("*")):
+        if f.is_file() and not f.name.startswith("."):
+            yield f
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], object], *, durable: bool = True) -> Path:

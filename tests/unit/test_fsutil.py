@@ -63,3 +63,23 @@ def test_failed_promotion_write_is_raised_not_logged_as_done(tmp_path: Path, mon
     assert reg.current("toy") == "1"
     assert not any("now uses model version 2" in r.getMessage() for r in caplog.records)
     assert not [p for p in (tmp_path / "models" / "toy").iterdir() if p.name.startswith(".current")]
+
+
+def test_walk_files_sorted_recursive_without_hidden(tmp_path: Path) -> None:
+    from inference.fsutil import walk_files
+
+    for rel in ("b/2.dcm", "a/1.dcm", "a/.hidden", "c/d/3.dcm", ".DS_Store"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    assert [p.relative_to(tmp_path).as_posix() for p in walk_files(tmp_path)] == ["a/1.dcm", "b/2.dcm", "c/d/3.dcm"]
+
+
+def test_ages() -> None:
+    from datetime import date
+
+    from inference.ages import age_in_years, age_string
+
+    assert age_in_years(date(2000, 2, 29), date(2018, 3, 1)) == 18.0
+    assert age_in_years(date(2010, 1, 1), date(2009, 1, 1)) is None
+    assert [age_string(y) for y in (62.9, 1.0, 0.25, 0.05, 0.002, 1200)] == ["062Y", "001Y", "003M", "002W", "001D",
+                                                                              "999Y"]

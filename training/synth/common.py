@@ -45,6 +45,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
+from inference.ages import age_string
 from inference.errors import DicomNodeError
 from inference.fsutil import atomic_write
 
@@ -126,14 +127,7 @@ class Patient:
     @property
     def age_string(self) -> str:
         """PatientAge as DICOM AS: ``"045Y"``, or months/weeks/days for infants."""
-        if self.age_years >= 1.0:
-            return f"{min(int(self.age_years), 999):03d}Y"
-        days = int(round(self.age_years * 365.25))
-        if days >= 31:
-            return f"{max(1, days // 30):03d}M"
-        if days >= 7:
-            return f"{days // 7:03d}W"
-        return f"{days:03d}D"
+        return age_string(self.age_years)
 
 
 def new_patient(rng: np.random.Generator, age_range_years: tuple[float, float], *,
