@@ -71,6 +71,7 @@ from inference.archive_format import (
     read_uid_map,
     sidecars,
 )
+from inference.fsutil import replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -320,13 +321,7 @@ class TrainingArchive:
                        "task": route.task, "route": route.name, "modality": str(first.get("Modality", "")),
                        "archived_at": time.time(), "bytes": total, "files": names}
             (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=1), encoding="utf-8")
-            if dest.exists():
-                old = dest.with_name(f".{series}.old")
-                os.replace(dest, old)
-                os.replace(tmp, dest)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, dest)
+            replace_dir(tmp, dest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -8,12 +8,14 @@ one; on any failure the temporary file is removed and the error propagates (noth
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "fsync_path", "walk_files"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "fsync_path", "fsync_tree", "replace_dir",
+           "walk_files"]
 
 
 def fsync_path(path: Path) -> None:
@@ -23,6 +25,31 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """``fsync`` every file and folder under ``root`` (a folder about to be renamed into place)."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fsync_path(Path(folder) / name)
+        fsync_path(Path(folder))
+
+
+def replace_dir(tmp: Path, dest: Path) -> None:
+    """Make the filled folder ``tmp`` appear as ``dest`` (replacing an existing one), durably.
+
+    Everything in ``tmp`` is synced first and the parent folder after the rename; an existing ``dest`` is moved
+    aside, replaced, then deleted. Both folders must be on one file system (``tmp`` beside ``dest``).
+    """
+    fsync_tree(tmp)
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
+    fsync_path(dest.parent)
 
 
 def walk_files(root: str | os.PathLike[str]) -> Iterator[Path]:

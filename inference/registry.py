@@ -30,7 +30,7 @@ import torch
 
 from inference.bundle import Bundle, BundleMeta, load_bundle, read_meta
 from inference.errors import BundleError, ModelNotFoundError
-from inference.fsutil import atomic_write_text
+from inference.fsutil import atomic_write_text, replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class ModelRegistry:
         tmp = Path(tempfile.mkdtemp(prefix=f".{meta.version}.", suffix=".tmp", dir=dest.parent))
         try:
             shutil.copytree(src, tmp, dirs_exist_ok=True)
-            os.replace(tmp, dest)
+            replace_dir(tmp, dest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

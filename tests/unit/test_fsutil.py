@@ -83,3 +83,22 @@ def test_ages() -> None:
     assert age_in_years(date(2010, 1, 1), date(2009, 1, 1)) is None
     assert [age_string(y) for y in (62.9, 1.0, 0.25, 0.05, 0.002, 1200)] == ["062Y", "001Y", "003M", "002W", "001D",
                                                                               "999Y"]
+
+
+def test_replace_dir_swaps_a_folder_durably(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from inference.fsutil import replace_dir
+
+    dest = tmp_path / "series"
+    dest.mkdir()
+    (dest / "old.dcm").write_bytes(b"old")
+    tmp = tmp_path / ".series.tmp"
+    (tmp / "sub").mkdir(parents=True)
+    (tmp / "new.dcm").write_bytes(b"new")
+    (tmp / "sub" / "x").write_bytes(b"x")
+    synced: list[str] = []
+    real = fsutil.fsync_path
+    monkeypatch.setattr(fsutil, "fsync_path", lambda p: (synced.append(Path(p).name), real(p)))
+    replace_dir(tmp, dest)
+    assert sorted(p.name for p in dest.iterdir()) == ["new.dcm", "sub"]
+    assert [p.name for p in tmp_path.iterdir()] == ["series"]  # no temporary or moved-aside folder left
+    assert {"new.dcm", "x", ".series.tmp", "sub"} <= set(synced) and synced[-1] == tmp_path.name
