@@ -25,6 +25,7 @@ import csv
 import functools
 import logging
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,13 +133,32 @@ def recipe_text() -> str:
 
 @functools.cache
 def _recipe_file() -> str:
-    """The recipe written once per process (``deid`` reads recipes from files)."""
+    """The recipe written once per process (``deid`` reads recipes from files), removed at exit."""
+    import atexit
     import tempfile
 
     fd, path = tempfile.mkstemp(prefix="dicomnode-ps315-", suffix=".dicom")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(recipe_text())
+    atexit.register(lambda: Path(path).unlink(missing_ok=True))
     return path
+
+
+@functools.cache
+def _deid() -> tuple[Any, Any]:
+    """deid's recipe and parser classes; imported once, without the deprecation notice deid's own imports of
+    ``pydicom.pixel_data_handlers`` log (pydicom 3 warns and logs it at WARNING)."""
+    pd_log = logging.getLogger("pydicom")
+    level = pd_log.level
+    pd_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from deid.config import DeidRecipe
+            from deid.dicom.parser import DicomParser
+    finally:
+        pd_log.setLevel(level)
+    return DeidRecipe, DicomParser
 
 
 def apply_profile(ds: Dataset, *, uid: Callable[[str], str], shift_days: int, quoted: list[str]) -> Dataset:
@@ -147,9 +167,7 @@ def apply_profile(ds: Dataset, *, uid: Callable[[str], str], shift_days: int, qu
     ``uid`` maps an original UID to its pseudonym, ``shift_days`` (negative: back in time) moves every date and
     ``quoted`` are strings (name, ID, birth date, UIDs) whose appearance in any remaining text removes that text.
     """
-    from deid.config import DeidRecipe
-    from deid.dicom.parser import DicomParser
-
+    DeidRecipe, DicomParser = _deid()  # noqa: N806 - classes
     needles = [q.upper() for q in quoted if len(q) >= 3]
 
     produced: set[str] = set()  # a U row and the catch-all UI rule both reach a UID: map it once
