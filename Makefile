@@ -14,3 +14,4 @@ test:
 	bash scripts/test.sh
 lint:
 	.venv/bin/ruff check dicomnode inference training tests benchmarks scripts
+	PYTHONPATH="$(CURDIR)" .venv/bin/lint-imports --no-cache

@@ -1,15 +1,16 @@
 """De-identified training archive: the node keeps a pseudonymised copy of each processed series.
 
 Only routes with ``archive_for_training: true`` are archived. Every dataset is
-de-identified with the DICOM PS3.15 Annex E *Basic Application Level
-Confidentiality Profile* plus the *Retain Longitudinal Temporal Information
-with Modified Dates*, *Retain Patient Characteristics* and *Clean Descriptors*
-options:
+de-identified by pydicom's ``deid`` library with the DICOM PS3.15 Annex E *Basic
+Application Level Confidentiality Profile* plus the *Retain Longitudinal Temporal
+Information with Modified Dates* and *Retain Patient Characteristics* options
+(:mod:`dicomnode.deid_profile`, which turns Table E.1-1 into a ``deid`` recipe):
 
 * private attributes, overlays and curves are removed;
-* the attributes of PS3.15 Table E.1-1 that identify people, places or devices
-  are removed or emptied (``_REMOVE``/``_EMPTY``), every other person name (PN)
-  is emptied, and free text that contains the patient's name or ID is removed;
+* every attribute of PS3.15 Table E.1-1 gets its action (removed, emptied, dummy,
+  UID replaced, kept or date-shifted), in sequence items too; every other person
+  name (PN) is emptied, and free text that quotes the patient's name, ID, birth
+  date or an original UID is removed;
 * every UID that is not a DICOM-defined one (``1.2.840.10008.*``), in every
   sequence item and in the file meta, is replaced by ``2.25.<HMAC-SHA256(key, uid)>``
   so references between objects stay consistent across studies and restarts;
@@ -17,17 +18,11 @@ options:
   every study of that patient; PatientBirthDate is emptied (PatientAge is kept
   or filled in from it);
 * every DA/DT value is shifted by a per-patient number of days (1 to 3650, from
-  the HMAC), so intervals between one patient's studies are preserved.
+  the HMAC), so intervals between one patient's studies are preserved;
+* an image flagged Burned In Annotation YES is refused (no Clean Pixel Data).
 
-Layout (the format the training side reads without importing this package)::
-
-    <archive_dir>/studies/<study>/<series>/<sop>.dcm    pseudonymised files
-    <archive_dir>/studies/<study>/<series>/series.json  {"format": 1, "study_uid", "series_uid",
-        "patient_id", "task", "route", "modality", "archived_at" (UNIX s), "bytes", "files": [names]}
-    <key_dir>/secret.key        32 random bytes (hex), mode 0600
-    <key_dir>/uid_map.jsonl     mode 0600; one JSON object per line:
-        {"kind": "StudyInstanceUID"|"SeriesInstanceUID"|"SOPInstanceUID"|"PatientID",
-         "original": "...", "pseudo": "..."}
+Layout: :mod:`inference.archive_format` (shared with the training side, which does
+not import this package).
 
 Only pseudonymous values are stored under ``archive_dir``; the key and the
 mapping back to original identifiers live under ``key_dir`` (keep it on a
@@ -63,7 +58,20 @@ from pydicom import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
 from dicomnode.config import Config, Route
+from dicomnode.deid_profile import DEID_CODES, DEID_METHOD, apply_profile
 from dicomnode.errors import DicomNodeError
+from inference.ages import age_in_years, age_string
+from inference.archive_format import (
+    FORMAT,
+    KEY_FILE,
+    MAPPED_KINDS,
+    SIDECAR,
+    STUDIES,
+    UID_MAP,
+    read_uid_map,
+    sidecars,
+)
+from inference.fsutil import replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -71,64 +79,9 @@ __all__ = [
     "ArchiveError", "ArchivedSeries", "Deidentifier", "TrainingArchive", "archive_series", "training_archive_for",
 ]
 
-FORMAT = 1
-SIDECAR = "series.json"
-KEY_FILE = "secret.key"
-UID_MAP = "uid_map.jsonl"
 DICOM_UID_ROOT = "1.2.840.10008."
-MAPPED_KINDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 
-# PS3.15 Table E.1-1 attributes removed (X) or, where the IOD needs them, emptied (Z); identifying by nature.
-_REMOVE = frozenset({
-    "AccessionNumber", "AcquisitionComments", "AcquisitionDeviceProcessingDescription", "ActualHumanPerformersSequence",
-    "AdditionalPatientHistory", "AdmissionID", "AdmittingDiagnosesCodeSequence", "AdmittingDiagnosesDescription",
-    "Allergies", "Arbitrary", "AuthorObserverSequence", "BranchOfService", "CassetteID", "ConfidentialityConstraintOnPatientDataDescription",
-    "ContentCreatorName", "ContributionDescription", "CountryOfResidence", "CurrentPatientLocation", "CustodialOrganizationSequence",
-    "DataSetTrailingPadding", "DerivationDescription", "DetectorID", "DeviceSerialNumber", "DeviceUID", "DigitalSignaturesSequence",
-    "DischargeDiagnosisDescription", "DistributionAddress", "DistributionName", "EthnicGroup", "FrameComments",
-    "GantryID", "GeneratorID", "HumanPerformerName", "HumanPerformerOrganization", "IconImageSequence", "IdentifyingComments",
-    "ImageComments", "ImagePresentationComments", "ImagingServiceRequestComments", "Impressions", "InstitutionAddress",
-    "InstitutionalDepartmentName", "InstitutionCodeSequence", "InstitutionName", "InsurancePlanIdentification",
-    "IntendedRecipientsOfResultsIdentificationSequence", "InterpretationApproverSequence", "InterpretationAuthor",
-    "InterpretationDiagnosisDescription", "InterpretationIDIssuer", "InterpretationRecorder", "InterpretationText",
-    "InterpretationTranscriber", "IssuerOfAdmissionID", "IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence",
-    "MedicalAlerts", "MedicalRecordLocator", "MilitaryRank", "ModifiedAttributesSequence", "ModifyingDeviceID",
-    "ModifyingDeviceManufacturer", "NameOfPhysiciansReadingStudy", "NamesOfIntendedRecipientsOfResults", "Occupation",
-    "OperatorIdentificationSequence", "OperatorsName", "OriginalAttributesSequence", "OrderCallbackPhoneNumber",
-    "OrderEnteredBy", "OrderEntererLocation", "OtherPatientIDs", "OtherPatientIDsSequence", "OtherPatientNames",
-    "ParticipantSequence", "PatientAddress", "PatientBirthName", "PatientBirthTime", "PatientComments",
-    "PatientInstitutionResidence", "PatientInsurancePlanCodeSequence", "PatientMotherBirthName", "PatientReligiousPreference",
-    "PatientSexNeutered", "PatientState", "PatientTelephoneNumbers", "PatientTelecomInformation", "PatientTransportArrangements",
-    "PerformedLocation", "PerformedProcedureStepDescription", "PerformedProcedureStepID", "PerformedStationAETitle",
-    "PerformedStationGeographicLocationCodeSequence", "PerformedStationName", "PerformedStationNameCodeSequence",
-    "PerformingPhysicianIdentificationSequence", "PerformingPhysicianName", "PersonAddress", "PersonIdentificationCodeSequence",
-    "PersonName", "PersonTelephoneNumbers", "PhysicianApprovingInterpretation", "PhysiciansOfRecord",
-    "PhysiciansOfRecordIdentificationSequence", "PhysiciansReadingStudyIdentificationSequence", "PlateID", "PreMedication",
-    "PregnancyStatus", "ReasonForStudy", "ReasonForTheImagingServiceRequest", "ReasonForTheRequestedProcedure",
-    "ReferencedPatientAliasSequence", "ReferencedPatientPhotoSequence", "ReferencedPatientSequence", "ReferencedStudySequence",
-    "ReferringPhysicianAddress", "ReferringPhysicianIdentificationSequence", "ReferringPhysicianTelephoneNumbers",
-    "RegionOfResidence", "RequestAttributesSequence", "RequestedContrastAgent", "RequestedProcedureComments",
-    "RequestedProcedureID", "RequestedProcedureLocation", "RequestingPhysician", "RequestingService", "ResponsibleOrganization",
-    "ResponsiblePerson", "ResultsComments", "ResultsDistributionListSequence", "ResultsIDIssuer", "ScheduledHumanPerformersSequence",
-    "ScheduledPatientInstitutionResidence", "ScheduledPerformingPhysicianIdentificationSequence", "ScheduledPerformingPhysicianName",
-    "ScheduledProcedureStepLocation", "ScheduledStationAETitle", "ScheduledStationGeographicLocationCodeSequence",
-    "ScheduledStationName", "ScheduledStationNameCodeSequence", "ServiceEpisodeDescription", "ServiceEpisodeID",
-    "SmokingStatus", "SourceApplicationEntityTitle", "SpecialNeeds", "StationName", "StudyComments", "TextComments",
-    "TextString", "TopicAuthor", "TopicKeywords", "TopicSubject", "TopicTitle", "VerifyingObserverIdentificationCodeSequence",
-    "VerifyingObserverName", "VerifyingOrganization", "VisitComments", "RequestedProcedureDescription",
-    "ScheduledProcedureStepDescription", "ReferencedPerformedProcedureStepSequence",
-})
-_EMPTY = frozenset({
-    "PatientBirthDate", "ReferringPhysicianName", "StudyID", "ContentCreatorName", "VerifyingObserverSequence",
-    "ContrastBolusAgent", "AcquisitionContextSequence",
-})
-_FREE_TEXT_VRS = frozenset({"LO", "LT", "SH", "ST", "UT", "UC"})
 _SKIP_UID_KEYWORDS = frozenset({"TransferSyntaxUID", "ImplementationClassUID"})
-_DEID_METHOD = "PS3.15 E.1 Basic Profile; options 113107 113108 113105"  # LO: at most 64 chars
-_DEID_CODES = (("113100", "Basic Application Confidentiality Profile"),
-               ("113107", "Retain Longitudinal Temporal Information Modified Dates Option"),
-               ("113108", "Retain Patient Characteristics Option"),
-               ("113105", "Clean Descriptors Option"))
 
 
 class ArchiveError(DicomNodeError):
@@ -203,18 +156,20 @@ class Deidentifier:
         out = copy.deepcopy(ds)
         orig_pid = str(ds.get("PatientID", "") or "") or f"study:{ds.get('StudyInstanceUID', '')}"
         name = str(ds.get("PatientName", "") or "")
-        secrets_text = [s for s in {orig_pid, str(ds.get("PatientID", "") or ""), name, *name.split("^"),
-                                    str(ds.get("PatientBirthDate", "") or ""), *_uids(ds)} if len(s) >= 3]
-        shift = _dt.timedelta(days=-self.date_shift_days(orig_pid))
+        quoted = [s for s in {orig_pid, str(ds.get("PatientID", "") or ""), name, *name.split("^"),
+                              str(ds.get("PatientBirthDate", "") or ""), *_uids(ds)} if len(s) >= 3]
         age = str(ds.get("PatientAge", "") or "") or _age(ds)
         for kind in MAPPED_KINDS:
             if kind in ds:
                 self.mapped[(kind, str(ds[kind].value))] = self.uid(str(ds[kind].value))
         pseudo_pid = self.patient_id(orig_pid)
         self.mapped[("PatientID", orig_pid)] = pseudo_pid
-        self._clean(out, shift, secrets_text)
-        if getattr(out, "file_meta", None) is not None:
-            self._clean(out.file_meta, shift, secrets_text, meta=True)
+        out = apply_profile(out, uid=self._map_uid, shift_days=-self.date_shift_days(orig_pid), quoted=quoted)
+        meta = getattr(out, "file_meta", None)
+        if meta is not None:
+            for elem in meta:
+                if elem.VR == "UI" and elem.value and elem.keyword not in _SKIP_UID_KEYWORDS:
+                    elem.value = self._map_uid(str(elem.value))
         out.PatientID = pseudo_pid
         out.PatientName = pseudo_pid
         out.PatientBirthDate = ""
@@ -222,46 +177,14 @@ class Deidentifier:
             out.PatientAge = age
         out.PatientIdentityRemoved = "YES"
         out.LongitudinalTemporalInformationModified = "MODIFIED"
-        out.DeidentificationMethod = _DEID_METHOD
+        out.DeidentificationMethod = DEID_METHOD
         items = []
-        for value, meaning in _DEID_CODES:
+        for value, meaning in DEID_CODES:
             item = Dataset()
             item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "DCM", meaning
             items.append(item)
         out.DeidentificationMethodCodeSequence = DicomSequence(items)
         return out
-
-    def _clean(self, ds: Dataset, shift: _dt.timedelta, secrets_text: list[str], meta: bool = False) -> None:
-        for elem in list(ds):
-            tag = elem.tag
-            if tag.is_private or 0x5000 <= tag.group <= 0x50FF or 0x6000 <= tag.group <= 0x60FF or elem.VR == "UN":
-                del ds[tag]
-                continue
-            kw = elem.keyword
-            if kw in _REMOVE:
-                del ds[tag]
-                continue
-            if kw in _EMPTY:
-                ds[tag].value = DicomSequence([]) if elem.VR == "SQ" else ""
-                continue
-            if elem.VR == "SQ":
-                for item in elem.value or []:
-                    self._clean(item, shift, secrets_text)
-                continue
-            if elem.value is None or elem.value == "":
-                continue
-            if elem.VR == "UI":
-                if kw not in _SKIP_UID_KEYWORDS:
-                    elem.value = _map_multi(elem.value, self._map_uid)
-            elif elem.VR == "PN" and kw != "PatientName":
-                elem.value = ""
-            elif elem.VR == "DA":
-                elem.value = _map_multi(elem.value, lambda v: _shift_da(v, shift))
-            elif elem.VR == "DT":
-                elem.value = _map_multi(elem.value, lambda v: _shift_dt(v, shift))
-            elif elem.VR in _FREE_TEXT_VRS and _contains(elem.value, secrets_text):
-                # Clean Descriptors: a descriptor naming the patient is dropped, whatever its keyword
-                del ds[tag]
 
     def _map_uid(self, value: str) -> str:
         return value if value.startswith(DICOM_UID_ROOT) else self.uid(value)
@@ -277,42 +200,15 @@ def _uids(ds: Dataset) -> set[str]:
     return found
 
 
-def _map_multi(value: Any, fn: Any) -> Any:
-    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
-        return [fn(str(v)) for v in value]
-    return fn(str(value))
-
-
-def _contains(value: Any, needles: list[str]) -> bool:
-    text = str(value).upper()
-    return any(n.upper() in text for n in needles)
-
-
-def _shift_da(value: str, shift: _dt.timedelta) -> str:
-    v = value.strip()
-    try:
-        return (_dt.datetime.strptime(v[:8], "%Y%m%d") + shift).strftime("%Y%m%d")
-    except ValueError:
-        return ""  # a date we cannot parse cannot be shifted safely: drop it
-
-
-def _shift_dt(value: str, shift: _dt.timedelta) -> str:
-    v = value.strip()
-    if len(v) < 8:
-        return ""
-    d = _shift_da(v[:8], shift)
-    return d + v[8:] if d else ""
-
-
 def _age(ds: Dataset) -> str:
-    """PatientAge (``nnnY``) from BirthDate and StudyDate, or '' if unknown."""
+    """PatientAge (DICOM AS) from BirthDate and StudyDate, or '' if unknown."""
     try:
         b = _dt.datetime.strptime(str(ds.PatientBirthDate)[:8], "%Y%m%d").date()
         s = _dt.datetime.strptime(str(ds.StudyDate)[:8], "%Y%m%d").date()
     except (AttributeError, ValueError):
         return ""
-    years = s.year - b.year - ((s.month, s.day) < (b.month, b.day))
-    return f"{years:03d}Y" if 0 <= years < 1000 else ""
+    years = age_in_years(b, s)
+    return age_string(years) if years is not None else ""
 
 
 class TrainingArchive:
@@ -345,7 +241,7 @@ class TrainingArchive:
     @property
     def studies_dir(self) -> Path:
         """Folder of the pseudonymised studies."""
-        return self.root / "studies"
+        return self.root / STUDIES
 
     def _key(self) -> bytes:
         path = self.key_dir / KEY_FILE
@@ -358,15 +254,7 @@ class TrainingArchive:
             raise ArchiveError(f"pseudonymisation key {path} is corrupt") from exc
 
     def _load_map(self) -> None:
-        path = self.key_dir / UID_MAP
-        if not path.exists():
-            return
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                obj = json.loads(line)
-                self._known.add((obj["kind"], obj["original"]))
-            except (ValueError, KeyError, TypeError):
-                continue  # a torn last line after a crash; the entry is written again on next use
+        self._known.update(read_uid_map(self.key_dir))
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -433,13 +321,7 @@ class TrainingArchive:
                        "task": route.task, "route": route.name, "modality": str(first.get("Modality", "")),
                        "archived_at": time.time(), "bytes": total, "files": names}
             (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=1), encoding="utf-8")
-            if dest.exists():
-                old = dest.with_name(f".{series}.old")
-                os.replace(dest, old)
-                os.replace(tmp, dest)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, dest)
+            replace_dir(tmp, dest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -449,12 +331,8 @@ class TrainingArchive:
     def entries(self) -> list[dict[str, Any]]:
         """Sidecars of every archived series, oldest first (each with its ``directory``)."""
         out = []
-        for side in self.studies_dir.glob(f"*/*/{SIDECAR}"):
-            try:
-                obj = json.loads(side.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue
-            obj["directory"] = str(side.parent)
+        for folder, obj in sidecars(self.root):
+            obj["directory"] = str(folder)
             out.append(obj)
         return sorted(out, key=lambda o: float(o.get("archived_at", 0)))
 

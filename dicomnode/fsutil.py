@@ -1,17 +1,7 @@
-"""Durability helper shared by the spool, the outbox and the receive journal."""
+"""Durability helpers of the spool, the outbox and the receive journal: those of :mod:`inference.fsutil`."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
+from inference.fsutil import atomic_write, atomic_write_bytes, atomic_write_text, fsync_path
 
-__all__ = ["fsync_path"]
-
-
-def fsync_path(path: Path) -> None:
-    """``fsync`` a file or a directory by path (a directory: so that entries renamed into it survive a crash)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "fsync_path"]

@@ -26,6 +26,8 @@ from pydicom.uid import UID
 
 from dicomnode.bodypart import canonical_body_part
 from dicomnode.config import Config, Match, Route
+from inference.ages import age_in_years
+from inference.fsutil import walk_files
 
 log = logging.getLogger(__name__)
 
@@ -125,25 +127,6 @@ def _parse_da(value: str | None) -> date | None:
         return date(int(m.group(1)), int(m.group(2)), int(m.group(3)))
     except ValueError:
         return None
-
-
-def age_in_years(birth: date, on: date) -> float | None:
-    """Exact age in years: whole birthdays passed plus the fraction of the current year of life."""
-    if on < birth:
-        return None
-
-    def anniversary(year: int) -> date:
-        try:
-            return birth.replace(year=year)
-        except ValueError:  # 29 February in a common year
-            return date(year, 3, 1)
-
-    years = on.year - birth.year
-    if anniversary(on.year) > on:
-        years -= 1
-    last = anniversary(birth.year + years)
-    following = anniversary(birth.year + years + 1)
-    return years + (on - last).days / max((following - last).days, 1)
 
 
 def _age_from_meta(meta: dict[str, Any]) -> float | None:
@@ -374,7 +357,7 @@ def describe_routes(cfg: Config) -> str:
 def _iter_files(paths: Iterable[Path]) -> Iterable[Path]:
     for p in paths:
         if p.is_dir():
-            yield from (f for f in sorted(p.rglob("*")) if f.is_file() and not f.name.startswith("."))
+            yield from walk_files(p)
         elif p.exists():
             yield p
         else:

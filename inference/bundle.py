@@ -23,6 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from inference.errors import BundleError
+from inference.fsutil import replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -189,26 +190,6 @@ class Bundle:
         return model.to(dtype).eval()
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def save_bundle(
     directory: str | os.PathLike[str],
     meta: BundleMeta,
@@ -254,21 +235,11 @@ def save_bundle(
         torch.save(sd, weights_path)
         with open(weights_path, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()
-        with open(weights_path, "rb+") as f:
-            os.fsync(f.fileno())
         meta = meta.model_copy(update={"weights_dtype": "float16" if fp16 else "float32", "weights_sha256": digest})
         BundleMeta.model_validate(meta.model_dump())  # fail fast before anything becomes visible
-        _write_file(tmp / BUNDLE_JSON, (meta.model_dump_json(indent=2) + "\n").encode("utf-8"))
-        _write_file(tmp / CARD, card_md.encode("utf-8"))
-        _fsync_dir(tmp)
-        if final.exists():
-            trash = final.parent / f".{final.name}.old-{os.getpid()}"
-            os.replace(final, trash)
-            os.replace(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        (tmp / BUNDLE_JSON).write_bytes((meta.model_dump_json(indent=2) + "\n").encode("utf-8"))
+        (tmp / CARD).write_bytes(card_md.encode("utf-8"))
+        replace_dir(tmp, final)  # every file synced, then renamed into place
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-__all__ = ["apply_affine", "disk_morphology", "grid_to_source", "letterbox_matrix", "rotation_about", "scaling", "translation", "warp"]
+__all__ = ["apply_affine", "disk_morphology", "grid_to_source", "mask_contour", "letterbox_matrix", "rotation_about", "scaling", "translation", "warp"]
 
 
 def translation(tx: float, ty: float) -> np.ndarray:
@@ -175,3 +175,7 @@ def disk_morphology(mask: np.ndarray, radius: int, *, erode: bool = False) -> np
     return out
 
 
+def mask_contour(mask: np.ndarray) -> np.ndarray:
+    """The one-pixel outline of a 2-D mask (4-neighbour erosion, the image border counting as background)."""
+    mask = mask.astype(bool)
+    return mask & ~ndimage.binary_erosion(mask, border_value=0)

@@ -335,30 +335,3 @@ class PreparedMR:
     crop: CropResize
     centre: tuple[float, float]
     bias_field: np.ndarray | None = None
-
-
-def prepare_volume(
-    volume: np.ndarray,
-    spacing: tuple[float, float, float],
-    *,
-    norm: ZScore | None = None,
-    n4: bool = True,
-    centre: tuple[float, float] | None = None,
-    crop_mm: float = DEFAULT_CROP_MM,
-    out: int = MODEL_SIZE,
-) -> PreparedMR:
-    """N4 -> joint centre (unless given) -> crop + resize to ``out`` -> z-score.
-
-    ``spacing`` is (slice, row, column) in mm, as :class:`inference.series.Series` gives it.
-    """
-    vol = np.asarray(volume, dtype=np.float32)
-    bias = None
-    if n4:
-        vol, bias = n4_correct(vol, spacing)
-    if centre is None:
-        centre = joint_centre(vol)
-    crop = CropResize.around(centre, vol.shape[1:], (spacing[1], spacing[2]), crop_mm=crop_mm, out=out)
-    arr = crop.image_to_model(vol)
-    if norm is not None:
-        arr = norm.apply(arr)
-    return PreparedMR(arr, crop, centre, bias)

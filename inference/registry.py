@@ -30,33 +30,13 @@ import torch
 
 from inference.bundle import Bundle, BundleMeta, load_bundle, read_meta
 from inference.errors import BundleError, ModelNotFoundError
+from inference.fsutil import atomic_write_text, replace_dir
 
 log = logging.getLogger(__name__)
 
 POINTER = "current"
 
 __all__ = ["LoadedModel", "ModelCache", "ModelRegistry", "load_model", "shared_cache"]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
 
 
 class ModelRegistry:
@@ -144,7 +124,7 @@ class ModelRegistry:
         tmp = Path(tempfile.mkdtemp(prefix=f".{meta.version}.", suffix=".tmp", dir=dest.parent))
         try:
             shutil.copytree(src, tmp, dirs_exist_ok=True)
-            os.replace(tmp, dest)
+            replace_dir(tmp, dest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -160,7 +140,7 @@ class ModelRegistry:
         """
         if not (self.task_dir(task) / version / "bundle.json").exists():
             raise ModelNotFoundError(f"task {task!r} has no version {version!r} in {self.root}")
-        _atomic_write_text(self.pointer_path(task), version + "\n")
+        atomic_write_text(self.pointer_path(task), version + "\n")
         log.info("task %s now uses model version %s", task, version)
 
     def promote(self, task: str, bundle_dir: str | os.PathLike[str]) -> str:

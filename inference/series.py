@@ -26,6 +26,7 @@ import pydicom
 from pydicom import Dataset
 
 from inference.errors import InvalidDatasetError
+from inference.fsutil import walk_files
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +45,11 @@ def read_datasets(paths: Iterable[str | PathLike[str]], *, stop_before_pixels: b
     for p in paths:
         path = Path(p)
         if path.is_dir():
-            for f in sorted(path.rglob("*")):
-                if f.is_file() and not f.name.startswith("."):
-                    try:
-                        out.append(pydicom.dcmread(f, stop_before_pixels=stop_before_pixels))
-                    except (pydicom.errors.InvalidDicomError, OSError, ValueError, AttributeError):
-                        log.debug("skipping non-DICOM file %s", f)
+            for f in walk_files(path):
+                try:
+                    out.append(pydicom.dcmread(f, stop_before_pixels=stop_before_pixels))
+                except (pydicom.errors.InvalidDicomError, OSError, ValueError, AttributeError):
+                    log.debug("skipping non-DICOM file %s", f)
             continue
         try:
             out.append(pydicom.dcmread(path, stop_before_pixels=stop_before_pixels))

@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-from dicomnode._identity import check_packages
+from inference.identity import check_packages
 
 # sub-command -> module implementing add_arguments(parser) and run(args) -> int
 COMMANDS: dict[str, tuple[str, str]] = {

@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -32,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from inference.bundle import hash_strings
 from inference.errors import DicomNodeError
+from inference.fsutil import atomic_write, walk_files
 from training.file_index import FILE_INDEX_NAME, DicomUids, FileIndex, dicom_uids, file_digest
 
 log = logging.getLogger(__name__)
@@ -75,9 +75,8 @@ def index_dicom(root: str | os.PathLike[str], index: FileIndex | None = None
     ``index`` remembers each file's identifiers across processes (:mod:`training.file_index`).
     """
     found: dict[str, list[tuple[Path, DicomUids]]] = {}
-    for f in sorted(Path(root).rglob("*")):
-        if not f.is_file() or f.name.startswith(".") or f.suffix.lower() in {".json", ".jsonl", ".csv", ".md",
-                                                                                ".nii", ".gz", ".mha", ".png"}:
+    for f in walk_files(root):
+        if f.suffix.lower() in {".json", ".jsonl", ".csv", ".md", ".nii", ".gz", ".mha", ".png"}:
             continue
         try:
             uids = dicom_uids(f, index)
@@ -346,14 +345,7 @@ class SampleCache:
         p.parent.mkdir(parents=True, exist_ok=True)
         arrays = {f"{i}__{k}": np.asarray(v) for i, s in enumerate(samples) for k, v in s.items()}
         arrays["__n__"] = np.asarray(len(samples))
-        fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".npz.tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, p)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(p, lambda f: np.savez(f, **arrays))
 
 
 def _unbox(arr: np.ndarray) -> Any:

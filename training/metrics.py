@@ -2,17 +2,30 @@
 
 Everything takes plain numpy arrays and returns floats or small dicts, so the
 results go straight into ``metrics.json``.
+
+Classification metrics (confusion matrix, sensitivity, F1, kappa, ROC) are scikit-learn's; these functions only
+fix the conventions the reports rely on (NaN where a metric is undefined, classes ``0..n-1``). What stays
+hand-written is what no maintained library computes in the form the tasks need: the study aggregation of the
+"at least one" (ALO) rule, the accuracy-maximising threshold, the bootstrap over cases, VOC all-point AP and FROC
+over images with greedy one-to-one matching (torchmetrics' mAP is COCO's 101-point interpolation, which would change
+the published mAP@0.5, and no maintained library has FROC), and HD95 over surface voxels with anisotropic spacing
+(scipy has no percentile Hausdorff distance; MONAI's needs torch tensors in a one-hot batch layout and MONAI is not a
+dependency of this package).
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
-from scipy.stats import rankdata
+from sklearn import exceptions as skm_exceptions
+from sklearn import metrics as skm
+
+from inference.boxes import box_iou as _box_iou
 
 log = logging.getLogger(__name__)
 
@@ -52,80 +65,67 @@ def accuracy_threshold(y_true: Sequence[int], scores: Sequence[float]) -> tuple[
 
 
 def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int | None = None) -> np.ndarray:
-    """Counts ``cm[true, pred]`` for classes ``0..n_classes-1``."""
+    """Counts ``cm[true, pred]`` for classes ``0..n_classes-1`` (scikit-learn's ``confusion_matrix``)."""
     t, p = _ints(y_true), _ints(y_pred)
     k = n_classes if n_classes is not None else int(max(t.max(initial=-1), p.max(initial=-1)) + 1)
-    cm = np.zeros((k, k), dtype=np.int64)
-    np.add.at(cm, (t, p), 1)
-    return cm
+    if k <= 0:
+        return np.zeros((0, 0), dtype=np.int64)
+    return skm.confusion_matrix(t, p, labels=np.arange(k)).astype(np.int64)
 
 
 def sensitivity_specificity(y_true: Sequence[int], y_pred: Sequence[int], positive: int = 1) -> tuple[float, float]:
     """(sensitivity, specificity) of class ``positive`` against the rest; NaN where undefined."""
-    t, p = _ints(y_true) == positive, _ints(y_pred) == positive
-    tp, fn = np.sum(t & p), np.sum(t & ~p)
-    tn, fp = np.sum(~t & ~p), np.sum(~t & p)
-    sens = float(tp / (tp + fn)) if tp + fn else float("nan")
-    spec = float(tn / (tn + fp)) if tn + fp else float("nan")
+    t, p = (_ints(y_true) == positive).astype(int), (_ints(y_pred) == positive).astype(int)
+    sens = float(skm.recall_score(t, p, pos_label=1, zero_division=np.nan)) if t.any() else float("nan")
+    spec = float(skm.recall_score(t, p, pos_label=0, zero_division=np.nan)) if (t == 0).any() else float("nan")
     return sens, spec
 
 
 def macro_f1(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int | None = None) -> float:
-    """Unweighted mean of per-class F1 over classes present in ``y_true`` or ``y_pred`` (sklearn's default)."""
-    cm = confusion_matrix(y_true, y_pred, n_classes)
-    present = (cm.sum(0) + cm.sum(1)) > 0
-    tp = np.diag(cm).astype(float)
-    denom = cm.sum(0) + cm.sum(1)
-    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
-    return float(f1[present].mean()) if present.any() else float("nan")
+    """Unweighted mean of per-class F1 over classes present in ``y_true`` or ``y_pred`` (scikit-learn's default).
+
+    ``n_classes`` is accepted for symmetry with the other functions; absent classes never count.
+    """
+    t, p = _ints(y_true), _ints(y_pred)
+    if not t.size:
+        return float("nan")
+    return float(skm.f1_score(t, p, average="macro", zero_division=0.0))
 
 
 def cohen_kappa(y_true: Sequence[int], y_pred: Sequence[int], weights: str | None = None,
                 n_classes: int | None = None) -> float:
-    """Cohen's kappa; ``weights`` None (unweighted), ``"linear"`` or ``"quadratic"``."""
-    cm = confusion_matrix(y_true, y_pred, n_classes).astype(float)
-    k = cm.shape[0]
-    n = cm.sum()
-    if n == 0:
-        return float("nan")
-    expected = np.outer(cm.sum(1), cm.sum(0)) / n
-    i, j = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
-    if weights is None:
-        w = (i != j).astype(float)
-    elif weights == "linear":
-        w = np.abs(i - j).astype(float)
-    elif weights == "quadratic":
-        w = ((i - j) ** 2).astype(float)
-    else:
+    """Cohen's kappa (scikit-learn); ``weights`` None (unweighted), ``"linear"`` or ``"quadratic"``.
+
+    NaN where it is undefined (no cases, or all cases in one class on both sides).
+    """
+    if weights not in (None, "linear", "quadratic"):
         raise ValueError(f"unknown weights {weights!r}")
-    denom = float((w * expected).sum())
-    return float(1.0 - (w * cm).sum() / denom) if denom else float("nan")
+    t, p = _ints(y_true), _ints(y_pred)
+    if not t.size:
+        return float("nan")
+    k = n_classes if n_classes is not None else int(max(t.max(), p.max()) + 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.simplefilter("ignore", skm_exceptions.UndefinedMetricWarning)
+        return float(skm.cohen_kappa_score(t, p, labels=np.arange(k), weights=weights))
 
 
 def roc_curve(y_true: Sequence[int], score: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(false positive rate, true positive rate, thresholds), starting at (0, 0)."""
-    t = _ints(y_true) == 1
+    """(false positive rate, true positive rate, thresholds), starting at (0, 0), every distinct score a point."""
+    t = (_ints(y_true) == 1).astype(int)
     s = np.asarray(score, dtype=float).ravel()
-    order = np.argsort(-s, kind="mergesort")
-    s, t = s[order], t[order]
-    distinct = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]
-    tps = np.cumsum(t)[distinct]
-    fps = (distinct + 1) - tps
-    p, n = t.sum(), (~t).sum()
-    tpr = np.r_[0.0, tps / p] if p else np.full(distinct.size + 1, np.nan)
-    fpr = np.r_[0.0, fps / n] if n else np.full(distinct.size + 1, np.nan)
-    return fpr, tpr, np.r_[np.inf, s[distinct]]
+    with warnings.catch_warnings():  # one class only: scikit-learn warns and returns NaN for the missing rate
+        warnings.simplefilter("ignore", skm_exceptions.UndefinedMetricWarning)
+        fpr, tpr, thr = skm.roc_curve(t, s, pos_label=1, drop_intermediate=False)
+    return fpr, tpr, thr
 
 
 def roc_auc(y_true: Sequence[int], score: Sequence[float]) -> float:
-    """Area under the ROC curve (ties count one half); NaN with a single class."""
-    t = _ints(y_true) == 1
-    s = np.asarray(score, dtype=float).ravel()
-    p, n = int(t.sum()), int((~t).sum())
-    if p == 0 or n == 0:
+    """Area under the ROC curve (scikit-learn; ties count one half); NaN with a single class."""
+    t = (_ints(y_true) == 1).astype(int)
+    if t.size == 0 or t.min() == t.max():
         return float("nan")
-    ranks = rankdata(s, method="average")
-    return float((ranks[t].sum() - p * (p + 1) / 2) / (p * n))
+    return float(skm.roc_auc_score(t, np.asarray(score, dtype=float).ravel()))
 
 
 def bootstrap_ci(metric, y_true: Sequence, y_score: Sequence, *, n_boot: int = 1000, alpha: float = 0.05,
@@ -183,9 +183,7 @@ def classification_report(y_true: Sequence[int], prob: np.ndarray, class_names: 
 
 
 def _f1_binary(t: np.ndarray, p: np.ndarray) -> float:
-    tp = np.sum((t == 1) & (p == 1))
-    denom = np.sum(t == 1) + np.sum(p == 1)
-    return float(2 * tp / denom) if denom else float("nan")
+    return float(skm.f1_score(t == 1, p == 1, zero_division=np.nan))
 
 
 def aggregate_by_group(values: np.ndarray, groups: Sequence[int], how: str = "max",
@@ -227,18 +225,8 @@ class BoxPrediction:
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise IoU of boxes ``a`` (N, 4) and ``b`` (M, 4) in (x0, y0, x1, y1)."""
-    a = np.asarray(a, dtype=float).reshape(-1, 4)
-    b = np.asarray(b, dtype=float).reshape(-1, 4)
-    ix0 = np.maximum(a[:, None, 0], b[None, :, 0])
-    iy0 = np.maximum(a[:, None, 1], b[None, :, 1])
-    ix1 = np.minimum(a[:, None, 2], b[None, :, 2])
-    iy1 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(ix1 - ix0, 0, None) * np.clip(iy1 - iy0, 0, None)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    """Pairwise IoU of boxes ``a`` (N, 4) and ``b`` (M, 4) in (x0, y0, x1, y1) (:func:`torchvision.ops.box_iou`)."""
+    return _box_iou(a, b)
 
 
 def _match(preds: list[BoxPrediction], gts: dict[str, np.ndarray], iou_thr: float) -> np.ndarray:

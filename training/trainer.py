@@ -32,6 +32,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from inference.bundle import BundleMeta, save_bundle
+from inference.fsutil import atomic_write
 from inference.runtime import autocast_context, select_device, to_channels_last
 from training.adapter import EvalResult, TaskAdapter, TaskConfig, move_to
 from training.data import RecordDataset, SampleCache, Split, SplitConfig, data_hash
@@ -262,11 +263,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _fingerprint(adapter: TaskAdapter, tcfg: TaskConfig, cfg: TrainConfig, split: Split) -> str:

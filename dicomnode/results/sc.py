@@ -45,6 +45,7 @@ from dicomnode.results.layout import (
     wrap,
 )
 from inference.findings import Box, Findings, Overlay, Panel, statement
+from inference.imgops import mask_contour
 from inference.palette import RGB, colour_for
 from inference.pixels import display_array
 
@@ -94,12 +95,6 @@ def _heat_blend(rgb: np.ndarray, heat: np.ndarray) -> np.ndarray:
     colour = colormaps["jet"](h)[..., :3].astype(np.float32)
     alpha = (HEATMAP_ALPHA * h)[..., None]
     return rgb * (1.0 - alpha) + colour * alpha
-
-
-def mask_contour(mask: np.ndarray) -> np.ndarray:
-    """The one-pixel outline of a 2-D mask (4-neighbour erosion, the image border counting as background)."""
-    mask = mask.astype(bool)
-    return mask & ~ndimage.binary_erosion(mask, border_value=0)
 
 
 @dataclass

@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from inference import boxes as boxes_ops
+
 __all__ = [
     "FRACTURE_LABEL", "LABEL_NAMES", "METAL_LABEL", "SALTER_HARRIS_FIELD", "TEXT_LABEL", "BoxCandidate",
     "ImageScore", "PostConfig", "combine", "covered_fraction", "detector_only_score", "filter_detections",
@@ -143,11 +145,8 @@ def _intersection(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def iou(a: Any, b: Any) -> np.ndarray:
-    """Pairwise IoU of boxes ``a`` (N, 4) and ``b`` (M, 4)."""
-    a, b = _as_boxes(a), _as_boxes(b)
-    inter = _intersection(a, b)
-    union = box_area(a)[:, None] + box_area(b)[None, :] - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    """Pairwise IoU of boxes ``a`` (N, 4) and ``b`` (M, 4) (:func:`torchvision.ops.box_iou`)."""
+    return boxes_ops.box_iou(a, b)
 
 
 def covered_fraction(a: Any, b: Any) -> np.ndarray:
@@ -159,18 +158,9 @@ def covered_fraction(a: Any, b: Any) -> np.ndarray:
 
 
 def nms(boxes: Any, scores: Any, iou_thr: float) -> np.ndarray:
-    """Greedy non-maximum suppression; indices kept, by descending score (ties: lower index first)."""
-    b = _as_boxes(boxes)
-    s = np.asarray(scores, dtype=np.float64).ravel()
-    order = list(np.lexsort((np.arange(len(s)), -s)))
-    keep: list[int] = []
-    while order:
-        i = order.pop(0)
-        keep.append(i)
-        if order:
-            ov = iou(b[[i]], b[order])[0]
-            order = [j for j, o in zip(order, ov, strict=True) if o <= iou_thr]
-    return np.asarray(keep, dtype=np.int64)
+    """Greedy non-maximum suppression (:func:`torchvision.ops.nms`); indices kept, by descending score (ties: lower
+    index first)."""
+    return boxes_ops.nms(boxes, scores, iou_thr)
 
 
 def filter_detections(boxes: Any, labels: Any, scores: Any, cfg: PostConfig) -> tuple[np.ndarray, np.ndarray,

@@ -65,6 +65,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from inference.boxes import box_iou
 from inference.ct import spine_midline_column
 
 log = logging.getLogger(__name__)
@@ -394,14 +395,6 @@ class SliceDetection:
     score: float
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    ix0, iy0 = np.maximum(a[0], b[:, 0]), np.maximum(a[1], b[:, 1])
-    ix1, iy1 = np.minimum(a[2], b[:, 2]), np.minimum(a[3], b[:, 3])
-    inter = np.clip(ix1 - ix0, 0, None) * np.clip(iy1 - iy0, 0, None)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-
-
 def slice_class_scores(
     boxes: np.ndarray,
     labels: np.ndarray,
@@ -428,7 +421,7 @@ def slice_class_scores(
     if b.shape[0] == 0:
         return None
     top = int(np.argmax(sc))
-    group = _iou(b[top], b) >= iou_group
+    group = box_iou(b[[top]], b)[0] >= iou_group
     per_class = np.zeros(n_classes)
     for lb, s in zip(lab[group], sc[group], strict=True):
         per_class[lb - 1] = max(per_class[lb - 1], s)

@@ -109,3 +109,40 @@ def test_aggregate_by_group() -> None:
     assert mean.tolist() == [[pytest.approx(0.3), pytest.approx(0.7)]]
     with pytest.raises(ValueError):
         m.aggregate_by_group(scores, groups, "median")
+
+
+# Values computed by the hand-written implementation these functions replaced (before scikit-learn); the figures
+# in models/README.md come from these functions, so a change here would change them.
+_Y = [0, 0, 1, 1, 0, 1, 0, 1, 1, 0, 1, 0]
+_S = [0.1, 0.4, 0.35, 0.8, 0.2, 0.9, 0.6, 0.6, 0.3, 0.05, 0.7, 0.6]
+_YK = [0, 1, 2, 2, 1, 0, 2, 1, 1, 0, 2, 2, 0, 1]
+_PK = [0, 1, 1, 2, 2, 0, 2, 0, 1, 0, 1, 2, 1, 1]
+
+
+def test_binary_figures_pinned_to_previous_implementation() -> None:
+    assert m.roc_auc(_Y, _S) == pytest.approx(0.8055555555555556, abs=1e-12)
+    fpr, tpr, thr = m.roc_curve(_Y, _S)
+    assert fpr == pytest.approx([0, 0, 0, 0, 1 / 3, 0.5, 0.5, 0.5, 2 / 3, 5 / 6, 1])
+    assert tpr == pytest.approx([0, 1 / 6, 1 / 3, 0.5, 2 / 3, 2 / 3, 5 / 6, 1, 1, 1, 1])
+    assert thr[0] == math.inf and thr[1:] == pytest.approx([0.9, 0.8, 0.7, 0.6, 0.4, 0.35, 0.3, 0.2, 0.1, 0.05])
+    rep = m.classification_report(_Y, _S, ["no", "yes"], n_boot=50)
+    assert rep["auc_ci95"] == pytest.approx([0.50625, 0.9857142857142858], abs=1e-12)
+    assert (rep["sensitivity"], rep["specificity"], rep["f1"]) == pytest.approx((2 / 3, 2 / 3, 2 / 3))
+    assert rep["confusion_matrix"] == [[4, 2], [2, 4]]
+
+
+def test_multiclass_figures_pinned_to_previous_implementation() -> None:
+    assert m.confusion_matrix(_YK, _PK, 3).tolist() == [[3, 1, 0], [1, 3, 1], [0, 2, 3]]
+    assert m.confusion_matrix(_YK, _PK, 4).shape == (4, 4)
+    assert m.macro_f1(_YK, _PK, 3) == pytest.approx(0.654040404040404, abs=1e-12)
+    assert m.macro_f1(_YK, _PK, 4) == pytest.approx(0.654040404040404, abs=1e-12)  # absent class 3 does not count
+    assert m.cohen_kappa(_YK, _PK, None, 3) == pytest.approx(0.46153846153846145, abs=1e-12)
+    assert m.cohen_kappa(_YK, _PK, "quadratic", 3) == pytest.approx(0.7058823529411764, abs=1e-12)
+    assert m.cohen_kappa(_YK, _PK, "quadratic", 4) == pytest.approx(0.7058823529411764, abs=1e-12)
+    assert m.cohen_kappa(_YK, _PK, "linear", 3) == pytest.approx(0.5783132530120483, abs=1e-12)
+    rep = m.classification_report(_YK, np.eye(3)[_PK] * 0.6 + 0.1, ["a", "b", "c"])
+    assert rep["sensitivity_per_class"] == pytest.approx({"a": 0.75, "b": 0.6, "c": 0.6})
+    assert rep["auc_ovr"] == pytest.approx({"a": 0.825, "b": 0.6333333333333333, "c": 0.7444444444444445}, abs=1e-12)
+    assert math.isnan(m.cohen_kappa([1, 1], [1, 1])) and math.isnan(m.macro_f1([], []))
+    with pytest.raises(ValueError, match="unknown weights"):
+        m.cohen_kappa(_YK, _PK, "cubic")

@@ -3,7 +3,7 @@
 Labels arrive as ``*.jsonl`` / ``*.csv`` files (the DESIGN.md manifest format, as a RIS
 export or an annotation tool writes them) in ``incoming_labels/``. Each row is
 mapped through the node's key mapping (``<key_dir>/uid_map.jsonl``, format in
-:mod:`dicomnode.archive`) to the pseudonymised study in the archive, validated,
+:mod:`inference.archive_format`) to the pseudonymised study in the archive, validated,
 and merged into the per-task label store ``<labels_dir>/<task>.jsonl`` (a later
 label for the same key replaces the earlier one). The task is the row's
 ``task`` field, else the task the series was archived for.
@@ -31,36 +31,20 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from inference.archive_format import read_uid_map, sidecars
+from inference.fsutil import atomic_write_text
 from training.synth.manifest import ManifestError, _csv_cell, validate_row
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ArchiveIndex", "IntakeReport", "LabelStore", "read_uid_map", "run_intake"]
 
-UID_MAP = "uid_map.jsonl"
-SIDECAR = "series.json"
 _KEYS = ("study_uid", "study_instance_uid", "sop_instance_uid")
-
-
-def read_uid_map(key_dir: str | os.PathLike[str]) -> dict[tuple[str, str], str]:
-    """(kind, original) -> pseudonym from the node's mapping file (empty if none yet)."""
-    path = Path(key_dir) / UID_MAP
-    out: dict[tuple[str, str], str] = {}
-    if not path.exists():
-        return out
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            obj = json.loads(line)
-            out[(str(obj["kind"]), str(obj["original"]))] = str(obj["pseudo"])
-        except (ValueError, KeyError, TypeError):
-            continue  # a torn line after a crash of the writer
-    return out
 
 
 @dataclass
@@ -74,11 +58,7 @@ class ArchiveIndex:
     def read(cls, archive_dir: str | os.PathLike[str]) -> ArchiveIndex:
         """Scan ``<archive_dir>/studies/*/*/series.json``."""
         idx = cls()
-        for side in sorted(Path(archive_dir).glob(f"studies/*/*/{SIDECAR}")):
-            try:
-                obj = json.loads(side.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue
+        for _, obj in sidecars(archive_dir):
             study = str(obj.get("study_uid"))
             entry = idx.studies.setdefault(study, {"patient_id": obj.get("patient_id"), "tasks": set()})
             entry["tasks"].add(obj.get("task"))
@@ -110,13 +90,7 @@ class LabelStore:
         added = sum(1 for r in new if _key(r) not in current)
         current.update({_key(r): r for r in new})
         self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{task}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in current.values():
-                f.write(json.dumps(r, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path(task))
+        atomic_write_text(self.path(task), "".join(json.dumps(r, sort_keys=True) + "\n" for r in current.values()))
         return added
 
 

@@ -32,6 +32,7 @@ from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.cron import CronTrigger
 
 from inference.errors import DicomNodeError
+from inference.fsutil import atomic_write_text
 from training.nightly.config import NightlyConfig, cron_trigger, load_nightly_config
 
 log = logging.getLogger(__name__)
@@ -94,9 +95,7 @@ class NightlyScheduler:
             state = self._load_state()
             state[task] = when
             self.state_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.state_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(state), encoding="utf-8")
-            os.replace(tmp, self.state_path)
+            atomic_write_text(self.state_path, json.dumps(state))
 
     def _job(self, task: str) -> Any:
         self.running += 1

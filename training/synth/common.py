@@ -35,8 +35,6 @@ import ctypes
 import datetime as dt
 import hashlib
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -47,7 +45,9 @@ import numpy as np
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
+from inference.ages import age_string
 from inference.errors import DicomNodeError
+from inference.fsutil import atomic_write
 
 if TYPE_CHECKING:
     from training.synth.params import Param
@@ -127,14 +127,7 @@ class Patient:
     @property
     def age_string(self) -> str:
         """PatientAge as DICOM AS: ``"045Y"``, or months/weeks/days for infants."""
-        if self.age_years >= 1.0:
-            return f"{min(int(self.age_years), 999):03d}Y"
-        days = int(round(self.age_years * 365.25))
-        if days >= 31:
-            return f"{max(1, days // 30):03d}M"
-        if days >= 7:
-            return f"{days // 7:03d}W"
-        return f"{days:03d}D"
+        return age_string(self.age_years)
 
 
 def new_patient(rng: np.random.Generator, age_range_years: tuple[float, float], *,
@@ -450,16 +443,12 @@ def instance_path(out_root: Path, study_uid: str, series_uid: str, sop_instance_
 
 
 def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> Path:
-    """Have ``write`` fill a temporary file beside ``path``, then rename it into place; returns ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Have ``write`` fill a temporary file beside ``path``, then rename it into place; returns ``path``.
+
+    Not fsynced (:func:`inference.fsutil.atomic_write` with ``durable=False``): a synthetic set is made again
+    in minutes, and a sync per file would dominate generating thousands of files.
+    """
+    return atomic_write(path, write, durable=False)
 
 
 def write_dataset(ds: FileDataset, out_root: Path, study_uid: str | None = None,

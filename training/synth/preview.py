@@ -102,7 +102,7 @@ class MaskSlicer:
 
 def _outline(labels: np.ndarray, size: tuple[int, int]) -> list[tuple[int, np.ndarray]]:
     """Per label value > 0, the boolean outline of its region at display ``size`` (width, height)."""
-    from dicomnode.results.sc import mask_contour  # the overlays' outline; lazy, generators need not load it
+    from inference.imgops import mask_contour  # the overlays' outline; lazy, generators need not load torch
 
     big = np.asarray(Image.fromarray(labels.astype(np.uint8)).resize(size, Image.NEAREST))
     return [(int(v), mask_contour(big == v)) for v in np.unique(big[big > 0])]
