@@ -15,13 +15,25 @@ Instances that the journal does not take (larger than ``INLINE_MAX`` bytes,
 deflated or big-endian transfer syntaxes, no journal configured) are streamed
 to a temp file in the spool and stored synchronously, as before.
 
-Association policy (allowed callers, free disk, association limit) and the
-DIMSE statuses are those of :mod:`dicomnode.scp`.
+Memory is bounded before and after authentication: a PDU body is read into a
+buffer that grows only as its bytes arrive; until the association is accepted
+no PDU may exceed ``PRE_ASSOCIATION_MAX_PDU`` (64 KiB), afterwards none may
+exceed the ``node.max_pdu`` the node announced (A-ABORT otherwise). Connections
+without an association count toward ``node.max_pending_connections`` and are
+closed by the ARTIM timer (``node.acse_timeout_s``, a deadline for the whole
+A-ASSOCIATE-RQ); after A-ASSOCIATE-RJ, A-RELEASE-RP and A-ABORT the node lets
+the peer close first, again for at most the ARTIM time.
+
+Success is answered only after the spool's own parse accepted the data set, its
+UIDs matched the C-STORE-RQ, and the bytes were durable.
+
+Association policy (allowed callers, called AE title, free disk, association
+limit) and the DIMSE statuses are those of :mod:`dicomnode.scp` and
+:mod:`dicomnode.dimse_status`.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import socket
@@ -41,24 +53,35 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from dicomnode import ul
 from dicomnode._identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 from dicomnode.config import NodeConfig
-from dicomnode.dicomscan import check_complete
-from dicomnode.dimse_status import RJ_APP_CONTEXT, RJ_PROTOCOL_VERSION, STATUS_SUCCESS, store_status
-from dicomnode.errors import InvalidDatasetError, OutOfResourcesError
+from dicomnode.dimse_status import (
+    RJ_APP_CONTEXT,
+    RJ_CALLED_AE,
+    RJ_PROTOCOL_VERSION,
+    STATUS_SOP_CLASS_NOT_SUPPORTED,
+    STATUS_SUCCESS,
+    STATUS_UNRECOGNIZED_OPERATION,
+    DataSetMismatchError,
+    store_status,
+)
+from dicomnode.errors import OutOfResourcesError
 from dicomnode.journal import Journal
 from dicomnode.metrics import record
-from dicomnode.spool import Spool, StoreOutcome, _valid_uid
+from dicomnode.quarantine import quarantine
+from dicomnode.spool import Identity, Spool, StoreOutcome
 
 log = logging.getLogger(__name__)
 
-__all__ = ["INLINE_MAX", "NativeServer", "apply_records", "supported_contexts", "validate"]
+__all__ = ["INLINE_MAX", "PRE_ASSOCIATION_MAX_PDU", "NativeServer", "apply_records", "supported_contexts"]
 
 #: instances up to this size are held in memory while they arrive and go through the journal
 INLINE_MAX = 4 << 20
+#: largest PDU read before an association is accepted (an A-ASSOCIATE-RQ with 128 contexts is ~40 KiB)
+PRE_ASSOCIATION_MAX_PDU = 64 << 10
+_COMMAND_MAX = 64 << 10
 _PDU_HEADER = struct.Struct(">BBI")
-_MAX_PDU_BODY = 256 << 20
 _FAST_SYNTAXES = frozenset({tsuid.ImplicitVRLittleEndian, tsuid.ExplicitVRLittleEndian} | {
     str(u) for u in tsuid.AllTransferSyntaxes if tsuid.UID(u).is_encapsulated})
-_UID_TAGS = (0x00080016, 0x00080018, 0x0020000D, 0x0020000E)
+
 
 def supported_contexts(transfer_syntaxes: list[str]) -> dict[str, list[str]]:
     """Abstract syntax -> acceptable transfer syntaxes (Verification and every storage SOP class)."""
@@ -67,49 +90,47 @@ def supported_contexts(transfer_syntaxes: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def validate(payload: bytes | bytearray, meta_length: int, transfer_syntax: str) -> None:
-    """Structural check of a received data set, and that it names its SOP class, instance, study and series.
-
-    Raises
-    ------
-    InvalidDatasetError
-        Truncated or malformed, or a UID missing or invalid.
-    """
-    fp = io.BytesIO(payload)
-    fp.seek(meta_length)
-    capture = dict.fromkeys(_UID_TAGS, b"")
-    check_complete(fp, transfer_syntax, capture)
-    uids = [_valid_uid(capture[t].decode("ascii", "replace")) for t in _UID_TAGS]
-    missing = [n for n, v in zip(("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"), uids,
-                                 strict=True) if v is None]
-    if missing:
-        raise InvalidDatasetError(f"received dataset lacks valid {', '.join(missing)}")
-
-
 def apply_records(spool: Spool, items: list[tuple[bytes, dict[str, Any]]]) -> None:
     """Move journal records into the spool (one sync, one commit); unparseable ones go to quarantine.
 
-    The quick check before the success status passed them, so a data set the spool rejects is rare
-    (a value pydicom refuses); its bytes are kept under ``<storage_dir>/quarantine`` with an error line.
+    The receiver parsed every record before its success status (the identity travels in the record),
+    so a record the spool refuses is one written by an older version or replayed from an old journal;
+    its bytes are kept by :func:`dicomnode.quarantine.quarantine`, listed by ``dicomnode status``.
     """
-    results = spool.store_batch([(payload, meta.get("assoc_id")) for payload, meta in items])
-    for (payload, _), result in zip(items, results, strict=True):
+    batch = [(payload, meta.get("assoc_id"), Identity.from_json(meta["ident"]) if meta.get("ident") else None)
+             for payload, meta in items]
+    results = spool.store_batch(batch)
+    for (payload, meta), result in zip(items, results, strict=True):
         if isinstance(result, StoreOutcome):
-            record("instance_stored", result is StoreOutcome.DUPLICATE)
+            record("instance_stored", result.value)
             continue
-        qdir = spool.storage_dir / "quarantine"
-        qdir.mkdir(parents=True, exist_ok=True)
-        target = qdir / f"{uuid.uuid4().hex}.dcm"
-        with open(target, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        log.error("acknowledged instance cannot be indexed (%s); kept as %s", result, target)
+        quarantine(spool.storage_dir, payload, kind="invalid_dataset", reason=str(result),
+                   sop_instance_uid=(meta.get("ident") or {}).get("sop"), assoc_id=meta.get("assoc_id"))
         record("instance_rejected", "quarantined")
 
 
 class _Closed(Exception):
     """The peer closed the connection."""
+
+
+class _Discard:
+    """The data set of a request the node refuses: read and dropped, then answered with ``status``."""
+
+    path = None
+    error = None
+
+    def __init__(self, status: int, response_field: int) -> None:
+        self.status = status
+        self.response_field = response_field
+
+    def add(self, fragment: memoryview) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+    def discard(self) -> None:
+        pass
 
 
 class _Instance:
@@ -162,85 +183,137 @@ class _Instance:
 
 
 class _Association:
-    """One accepted connection: negotiation, then DIMSE until release or abort."""
+    """One accepted connection: negotiation, then DIMSE until release or abort (PS3.8 state machine, acceptor)."""
 
     def __init__(self, server: NativeServer, conn: socket.socket, peer: tuple[Any, ...]) -> None:
         self.server = server
         self.conn = conn
         self.peer_host = str(peer[0])
         self.aid = uuid.uuid4().hex
-        self.buf = bytearray(1 << 17)
+        self.buf = bytearray(4096)
+        self.max_body = PRE_ASSOCIATION_MAX_PDU  # the negotiated maximum once the association is accepted
+        self.deadline: float | None = None  # ARTIM: the whole request must arrive before this
         self.peer_max_pdu = 0
-        self.contexts: dict[int, str] = {}  # accepted context id -> transfer syntax
+        self.contexts: dict[int, tuple[str, str]] = {}  # accepted context id -> (abstract syntax, transfer syntax)
         self.calling = ""
         self.slot = False
+        self.pending = True  # counted in the server's connections without an association
         self.released = False
 
     # ---------------------------------------------------------------- socket helpers
 
-    def _read_exact(self, n: int) -> memoryview:
-        if len(self.buf) < n:
-            self.buf = bytearray(n)
-        view = memoryview(self.buf)[:n]
+    def _recv_into(self, view: memoryview) -> int:
+        if self.deadline is not None:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("ARTIM timer expired")
+            self.conn.settimeout(remaining)
+        k = self.conn.recv_into(view, len(view))
+        if k == 0:
+            raise _Closed
+        return k
+
+    def _read(self, n: int) -> memoryview:
+        """``n`` bytes into the reusable buffer, which grows only as bytes arrive (never by what a header claims)."""
         got = 0
         while got < n:
-            k = self.conn.recv_into(view[got:], n - got)
-            if k == 0:
-                raise _Closed
-            got += k
-        return view
+            if got == len(self.buf):
+                grown = bytearray(min(n, max(2 * len(self.buf), 1 << 16)))
+                grown[:got] = self.buf[:got]
+                self.buf = grown
+            got += self._recv_into(memoryview(self.buf)[got:min(n, len(self.buf))])
+        return memoryview(self.buf)[:n]
 
     def _read_pdu(self) -> tuple[int, memoryview]:
-        pdu_type, _, length = _PDU_HEADER.unpack(bytes(self._read_exact(6)))
-        limit = self.server.node.max_pdu or _MAX_PDU_BODY  # what we announced (0: unlimited, within reason)
-        if length > max(limit, 1 << 16):
-            raise ul.ProtocolError(f"PDU of {length} bytes (maximum {limit})")
-        return pdu_type, self._read_exact(length)
+        pdu_type, _, length = _PDU_HEADER.unpack(bytes(self._read(6)))
+        if not ul.ASSOCIATE_RQ <= pdu_type <= ul.ABORT:
+            raise ul.ProtocolError(f"unrecognized PDU type 0x{pdu_type:02X}", ul.UNRECOGNIZED_PDU)
+        if length > self.max_body:
+            raise ul.ProtocolError(f"PDU of {length} bytes exceeds the maximum of {self.max_body}",
+                                   ul.INVALID_PDU_PARAMETER)
+        return pdu_type, self._read(length)
 
     def _send(self, data: bytes) -> None:
         self.conn.sendall(data)
+
+    def _linger(self) -> None:
+        """ARTIM after A-ASSOCIATE-RJ, A-RELEASE-RP or A-ABORT: let the peer close first (at most acse_timeout_s).
+
+        Closing at once could reset the connection before the peer has read our last PDU.
+        """
+        self._set_pending(True)
+        self.deadline = time.monotonic() + self.server.node.acse_timeout_s
+        scratch = memoryview(bytearray(4096))
+        try:
+            while True:
+                self._recv_into(scratch)
+        except (_Closed, OSError):
+            pass
+
+    def _set_pending(self, pending: bool) -> None:
+        if pending != self.pending:
+            self.pending = pending
+            self.server.count_pending(+1 if pending else -1)
 
     # ---------------------------------------------------------------- the association
 
     def run(self) -> None:
         node = self.server.node
         try:
+            self.deadline = time.monotonic() + node.acse_timeout_s
             self.conn.settimeout(node.acse_timeout_s)
             if self.server.ssl_context is not None:
                 self.conn = self.server.ssl_context.wrap_socket(self.conn, server_side=True)
             pdu_type, body = self._read_pdu()
             if pdu_type != ul.ASSOCIATE_RQ:
-                raise ul.ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type {pdu_type}")
+                raise ul.ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type {pdu_type}", ul.UNEXPECTED_PDU)
             if not self._accept(ul.decode_associate_rq(bytes(body))):
+                self._linger()
                 return
+            self._set_pending(False)
+            self.deadline, self.max_body = None, node.max_pdu
+            self.buf = bytearray(4096)
             self.conn.settimeout(node.network_timeout_s)
-            self._serve()
-        except (_Closed, ConnectionError, TimeoutError, ssl.SSLError, OSError) as exc:
+            if self._serve():
+                self._release_slot()
+                self._linger()
+        except (_Closed, ConnectionError, TimeoutError, OSError) as exc:
             if not self.released:
                 log.warning("association %s from %s ended without release: %s", self.aid, self.peer_host,
                             type(exc).__name__)
         except ul.ProtocolError as exc:
-            log.error("association %s from %s: protocol error, aborting: %s", self.aid, self.peer_host, exc)
+            log.error("association %s from %s: protocol error, aborting (source %d, reason %d): %s", self.aid,
+                      self.peer_host, exc.source, exc.reason, exc)
             try:
-                self._send(ul.abort_pdu(2, 0))
+                self._send(ul.abort_pdu(exc.source, exc.reason))
+                self._release_slot()
+                self._linger()
             except OSError:
                 pass
         finally:
-            if self.slot:
-                if not self.released:
-                    self.server.association_aborted(self.aid)
-                self.server.policy.counter.release()
+            self._release_slot()
+            self._set_pending(False)
             try:
                 self.conn.close()
             except OSError:
                 pass
 
+    def _release_slot(self) -> None:
+        if self.slot:
+            self.slot = False
+            if not self.released:
+                self.server.association_aborted(self.aid)
+            self.server.policy.counter.release()
+
     def _accept(self, rq: ul.AssociateRQ) -> bool:
         self.calling = rq.calling_ae
+        node = self.server.node
         if not rq.protocol_version & 1:
             reject, reason = RJ_PROTOCOL_VERSION, f"protocol version {rq.protocol_version} not supported"
         elif rq.application_context != ul.APPLICATION_CONTEXT:
             reject, reason = RJ_APP_CONTEXT, f"application context {rq.application_context} not supported"
+        elif node.check_called_ae_title and rq.called_ae != node.ae_title.strip():
+            reject, reason = RJ_CALLED_AE, f"called AE title {rq.called_ae!r} not recognized"
         else:
             reject, reason = self.server.policy.decide(rq.calling_ae, self.peer_host)
         if reject is not None:
@@ -249,63 +322,88 @@ class _Association:
             return False
         self.slot = True
         results = ul.negotiate(rq, self.server.contexts)
-        self.contexts = {cx.context_id: ts for cx, result, ts in results if result == ul.ACCEPTANCE and ts}
+        self.contexts = {cx.context_id: (cx.abstract_syntax, ts) for cx, result, ts in results
+                         if result == ul.ACCEPTANCE and ts}
         self.peer_max_pdu = rq.max_pdu
-        self._send(ul.associate_ac(rq, results, max_pdu=self.server.node.max_pdu,
+        self._send(ul.associate_ac(rq, results, max_pdu=node.max_pdu,
                                    implementation_class_uid=IMPLEMENTATION_CLASS_UID,
                                    implementation_version=IMPLEMENTATION_VERSION))
         self.server.association_opened(self.aid, rq.calling_ae, self.peer_host)
         return True
 
-    def _serve(self) -> None:
+    def _serve(self) -> bool:
+        """DIMSE until A-RELEASE-RQ (returns True) or A-ABORT (False); a pending data set is never left behind."""
         command = bytearray()
         cmd: ul.Command | None = None
         cmd_context = 0
-        instance: _Instance | None = None
+        sink: _Instance | _Discard | None = None
         try:
             while True:
                 pdu_type, body = self._read_pdu()
                 if pdu_type == ul.RELEASE_RQ:
+                    if sink is not None or command:
+                        raise ul.DimseError("A-RELEASE-RQ in the middle of a DIMSE message")
                     self._send(ul.release_pdu(ul.RELEASE_RP))
                     self.released = True
                     self.server.association_released(self.aid)
-                    return
+                    return True
                 if pdu_type == ul.ABORT:
                     log.warning("association %s aborted by the peer", self.aid)
-                    return
+                    return False
                 if pdu_type != ul.P_DATA:
-                    raise ul.ProtocolError(f"unexpected PDU type {pdu_type} during the association")
+                    raise ul.ProtocolError(f"unexpected PDU type {pdu_type} during the association", ul.UNEXPECTED_PDU)
                 for context_id, mch, fragment in ul.iter_pdvs(body):
                     if context_id not in self.contexts:
                         raise ul.ProtocolError(f"PDV on presentation context {context_id}, which was not accepted")
                     if mch & 1:
+                        if sink is not None:
+                            raise ul.DimseError("a command arrived before the previous data set was complete")
                         command += fragment
+                        if len(command) > _COMMAND_MAX:
+                            raise ul.DimseError(f"command set longer than {_COMMAND_MAX} bytes")
                         if mch & 2:
                             cmd, cmd_context = ul.decode_command(bytes(command)), context_id
                             command.clear()
-                            instance = self._on_command(cmd, context_id)
+                            sink = self._on_command(cmd, context_id)
                         continue
-                    if cmd is None or instance is None or context_id != cmd_context:
-                        raise ul.ProtocolError("data set fragment without a C-STORE request")
-                    instance.add(fragment)
+                    if cmd is None or sink is None or context_id != cmd_context:
+                        raise ul.DimseError("data set fragment without a C-STORE request")
+                    sink.add(fragment)
                     if mch & 2:
-                        instance.finish()
-                        status = self._store(cmd, self.contexts[context_id], instance)
-                        self._respond(cmd, context_id, ul.C_STORE_RSP, status)
-                        cmd, instance = None, None
+                        sink.finish()
+                        if isinstance(sink, _Discard):
+                            self._respond(cmd, context_id, sink.response_field, sink.status)
+                        else:
+                            status = self._store(cmd, self.contexts[context_id][1], sink)
+                            self._respond(cmd, context_id, ul.C_STORE_RSP, status)
+                        cmd, sink = None, None
         finally:
-            if instance is not None:
-                instance.discard()
+            if sink is not None:
+                sink.discard()
 
-    def _on_command(self, cmd: ul.Command, context_id: int) -> _Instance | None:
-        if cmd.command_field == ul.C_ECHO_RQ:
+    def _on_command(self, cmd: ul.Command, context_id: int) -> _Instance | _Discard | None:
+        """Answer C-ECHO; return where a request's data set goes (refused requests: dropped, then answered)."""
+        has_data = cmd.data_set_type != ul.NO_DATA_SET
+        if cmd.command_field & 0x8000:
+            raise ul.DimseError(f"unexpected DIMSE response 0x{cmd.command_field:04X}")
+        if cmd.command_field == ul.C_ECHO_RQ and not has_data:
             self._respond(cmd, context_id, ul.C_ECHO_RSP, STATUS_SUCCESS)
             return None
         if cmd.command_field != ul.C_STORE_RQ:
-            raise ul.ProtocolError(f"unsupported DIMSE command 0x{cmd.command_field:04X}")
-        if cmd.data_set_type == ul.NO_DATA_SET:
-            raise ul.ProtocolError("C-STORE-RQ without a data set")
-        head = ul.file_meta(cmd.sop_class_uid, cmd.sop_instance_uid, self.contexts[context_id],
+            log.warning("association %s: DIMSE command 0x%04X is not provided", self.aid, cmd.command_field)
+            if has_data:
+                return _Discard(STATUS_UNRECOGNIZED_OPERATION, cmd.command_field | 0x8000)
+            self._respond(cmd, context_id, cmd.command_field | 0x8000, STATUS_UNRECOGNIZED_OPERATION)
+            return None
+        if not has_data:
+            raise ul.DimseError("C-STORE-RQ without a data set")
+        abstract, ts = self.contexts[context_id]
+        if cmd.sop_class_uid != abstract:
+            log.warning("association %s: C-STORE of SOP class %s on a presentation context for %s", self.aid,
+                        cmd.sop_class_uid, abstract)
+            record("instance_rejected", "sop_class_mismatch")
+            return _Discard(STATUS_SOP_CLASS_NOT_SUPPORTED, ul.C_STORE_RSP)
+        head = ul.file_meta(cmd.sop_class_uid, cmd.sop_instance_uid, ts,
                             implementation_class_uid=IMPLEMENTATION_CLASS_UID,
                             implementation_version=IMPLEMENTATION_VERSION, source_ae=self.calling)
         return _Instance(head, self.server.spool.tmp_dir)
@@ -317,33 +415,33 @@ class _Association:
             self._send(pdu)
 
     def _store(self, cmd: ul.Command, ts: str, instance: _Instance) -> int:
+        """Parse the data set, check it against its request, make it durable; the DIMSE status.
+
+        Success goes out only after the spool's own parse accepted the data set (so it is never
+        quarantined later) and the bytes are in the fsynced journal or the spool.
+        """
         sop = cmd.sop_instance_uid or "?"
         server = self.server
-        if instance.error is not None:
+        spool = server.spool
+
+        def store() -> StoreOutcome | None:
+            if instance.error is not None:
+                raise OutOfResourcesError(f"cannot spool the data set: {instance.error}")
+            if not spool.disk_ok():
+                raise OutOfResourcesError(f"free disk space below {spool.disk_min_free_gb:g} GiB")
+            data: Any = instance.path if instance.path is not None else instance.buf
+            ident = spool.identify(data)
+            if ident.sop_class != cmd.sop_class_uid or ident.sop != cmd.sop_instance_uid:
+                raise DataSetMismatchError("the data set's SOP Class / Instance UID differ from the C-STORE-RQ's")
+            if instance.path is None and server.journal is not None and ts in _FAST_SYNTAXES:
+                if server.journal.append(instance.buf, {"assoc_id": self.aid, "ident": ident.to_json()}) is not None:
+                    return None
+            return spool.store(data if instance.path is not None else bytes(data), assoc_id=self.aid, ident=ident)
+
+        try:
+            return store_status(sop, self.aid, store)
+        finally:
             instance.discard()
-            err = instance.error
-
-            def spill_failed() -> None:
-                raise OutOfResourcesError(f"cannot spool the data set: {err}")
-
-            return store_status(sop, self.aid, spill_failed)
-        if instance.path is not None or server.journal is None or ts not in _FAST_SYNTAXES:
-            data: Any = instance.path if instance.path is not None else bytes(instance.buf)
-            try:
-                return store_status(sop, self.aid, lambda: server.spool.store(data, assoc_id=self.aid))
-            finally:
-                instance.discard()
-
-        def fast() -> StoreOutcome | None:
-            if not server.spool.disk_ok():
-                raise OutOfResourcesError(f"free disk space below {server.spool.disk_min_free_gb:g} GiB")
-            validate(instance.buf, instance.meta_length, ts)
-            assert server.journal is not None
-            if server.journal.append(instance.buf, {"assoc_id": self.aid}) is None:
-                return server.spool.store(bytes(instance.buf), assoc_id=self.aid)
-            return None
-
-        return store_status(sop, self.aid, fast)
 
 
 class NativeServer:
@@ -383,13 +481,29 @@ class NativeServer:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             self.sock.bind((node.host, node.port))
-            self.sock.listen(64)
+            self.sock.listen(128)
         except OSError:
             self.sock.close()
             raise
         self.sock.settimeout(0.5)
         self.port = int(self.sock.getsockname()[1])
         self._threads: list[threading.Thread] = []
+        self._pending = 0  # connections without an association (before A-ASSOCIATE-AC, or lingering after)
+        self._pending_lock = threading.Lock()
+        self._last_refusal_log = 0.0
+
+    def count_pending(self, delta: int) -> None:
+        """Add ``delta`` to the connections without an association."""
+        with self._pending_lock:
+            self._pending += delta
+
+    def _admit(self) -> bool:
+        """Count a new connection as pending, or refuse it when ``max_pending_connections`` are open."""
+        with self._pending_lock:
+            if self._pending >= self.node.max_pending_connections:
+                return False
+            self._pending += 1
+            return True
 
     # ---------------------------------------------------------------- bookkeeping (association threads)
 
@@ -477,6 +591,14 @@ class NativeServer:
                     break
                 log.exception("accept failed")
                 time.sleep(0.1)
+                continue
+            if not self._admit():
+                now = time.monotonic()
+                if now - self._last_refusal_log > 10.0:
+                    self._last_refusal_log = now
+                    log.warning("%d connections without an association are open (max_pending_connections); "
+                                "closing a new one from %s", self.node.max_pending_connections, peer[0])
+                conn.close()
                 continue
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.settimeout(None)
