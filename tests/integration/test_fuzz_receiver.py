@@ -251,6 +251,62 @@ def _check_spool(node: NodeProcess, acked: set[str], reset: set[str]) -> None:
     assert not acked - set(indexed), f"acknowledged but not stored: {sorted(acked - set(indexed))[:5]}"
     assert not stray, f"files in the spool outside the index (partial or temporary): {stray[:5]}"
     for uid, path in indexed.items():
+        ts, data = dataset_bytes(path)
+        assert _walk(data, 0, len(data), ts != w.IMPLICIT_LE) == len(data), f"{uid}: data set cut short"
         ds = pydicom.dcmread(path)
         assert ds.SOPInstanceUID == uid and ds.file_meta.MediaStorageSOPInstanceUID == uid
-        assert len(ds.PixelData) == ds.Rows * ds.Columns * 2, f"{uid}: pixel data cut short"
+
+
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+
+
+class _Incomplete(AssertionError):
+    """A value or item runs past the end of the data set."""
+
+
+def _walk(data: bytes, pos: int, end: int, explicit: bool) -> int:
+    """Walk little-endian elements from ``pos``; returns where they end (at an item delimiter, past it).
+
+    Every element's declared length must fit: pydicom silently reads a value cut short, so a truncated
+    instance needs this structural check to be seen.
+    """
+    while pos < end:
+        if pos + 8 > end:
+            raise _Incomplete(f"element header cut off at {pos}")
+        group, elem = struct.unpack_from("<HH", data, pos)
+        tag = group << 16 | elem
+        if tag in (_ITEM_END, _SEQ_END):
+            return pos + 8
+        if explicit and tag != _ITEM:
+            vr = data[pos + 4:pos + 6]
+            if vr in _LONG_VRS:
+                if pos + 12 > end:
+                    raise _Incomplete(f"element header cut off at {pos}")
+                length, pos = struct.unpack_from("<I", data, pos + 8)[0], pos + 12
+            else:
+                length, pos = struct.unpack_from("<H", data, pos + 6)[0], pos + 8
+        else:
+            length, pos = struct.unpack_from("<I", data, pos + 4)[0], pos + 8
+        if length == 0xFFFFFFFF:  # undefined length: a sequence or encapsulated pixel data, items to the end
+            pos = _walk_items(data, pos, end, explicit)
+        elif pos + length > end:
+            raise _Incomplete(f"value of ({group:04X},{elem:04X}) needs {length} bytes, {end - pos} left")
+        else:
+            pos += length
+    return pos
+
+
+def _walk_items(data: bytes, pos: int, end: int, explicit: bool) -> int:
+    while True:
+        if pos + 8 > end:
+            raise _Incomplete("sequence without its delimiter")
+        group, elem, length = struct.unpack_from("<HHI", data, pos)
+        if group << 16 | elem == _SEQ_END:
+            return pos + 8
+        if length == 0xFFFFFFFF:
+            pos = _walk(data, pos + 8, end, explicit)
+        elif pos + 8 + length > end:
+            raise _Incomplete("item runs past the end")
+        else:
+            pos += 8 + length
