@@ -192,6 +192,8 @@ class NativeServer:
         self.sock.settimeout(0.5)
         self.port = int(self.sock.getsockname()[1])
         self._threads: list[threading.Thread] = []
+        self._selector = selectors.DefaultSelector()  # registered before any shutdown() can close the socket
+        self._selector.register(self.sock, selectors.EVENT_READ)
         self._pending = 0  # connections without an association (before A-ASSOCIATE-AC, or lingering after)
         self._pending_lock = threading.Lock()
         self._last_refusal_log = 0.0
@@ -293,8 +295,7 @@ class NativeServer:
         from dicomnode.native_assoc import Association
 
         assoc_threads: list[threading.Thread] = []
-        sel = selectors.DefaultSelector()
-        sel.register(self.sock, selectors.EVENT_READ)
+        sel = self._selector
         refused: dict[socket.socket, float] = {}
         while not self._stop.is_set():
             try:
