@@ -17,7 +17,7 @@ to a temp file in the spool and stored synchronously, as before.
 
 Memory is bounded before and after authentication: a PDU body is read into a
 buffer that grows only as its bytes arrive; until the association is accepted
-no PDU may exceed ``PRE_ASSOCIATION_MAX_PDU`` (64 KiB), afterwards none may
+no PDU may exceed ``PRE_ASSOCIATION_MAX_PDU`` (256 KiB), afterwards none may
 exceed the ``node.max_pdu`` the node announced (A-ABORT otherwise). Connections
 without an association count toward ``node.max_pending_connections`` and are
 closed by the ARTIM timer (``node.acse_timeout_s``, a deadline for the whole
@@ -65,8 +65,9 @@ __all__ = ["INLINE_MAX", "PRE_ASSOCIATION_MAX_PDU", "NativeServer", "apply_recor
 
 #: instances up to this size are held in memory while they arrive and go through the journal
 INLINE_MAX = 4 << 20
-#: largest PDU read before an association is accepted (an A-ASSOCIATE-RQ with 128 contexts is ~40 KiB)
-PRE_ASSOCIATION_MAX_PDU = 64 << 10
+#: largest PDU read before an association is accepted: 128 contexts x 38 transfer syntaxes (dcmtk's
+#: ``--propose-pc 128 --propose-ts 38``) is ~130 KiB; read as it arrives, so 64 pending connections stay < 16 MiB
+PRE_ASSOCIATION_MAX_PDU = 256 << 10
 _MAX_REFUSED = 1024  # connections above max_pending_connections waiting to read their A-ASSOCIATE-RJ
 _PDU_HEADER = struct.Struct(">BBI")
 _FAST_SYNTAXES = frozenset({tsuid.ImplicitVRLittleEndian, tsuid.ExplicitVRLittleEndian} | {

@@ -410,3 +410,22 @@ def test_too_many_associations_are_rejected_never_aborted(make_node) -> None:  #
     assert len(outcomes) == 100
     assert outcomes.count("rejected") > 0
     assert outcomes.count("aborted") == 0 and outcomes.count("other") == 0, outcomes
+
+
+def test_large_but_legal_associate_rq_is_accepted(make_node) -> None:  # noqa: F811
+    """128 contexts x 38 transfer syntaxes (~130 KiB, as dcmtk's --propose-pc 128 --propose-ts 38) is accepted."""
+    from pydicom.uid import AllTransferSyntaxes
+
+    node = make_node()
+    syntaxes = [str(u) for u in AllTransferSyntaxes][:38]
+    items = [_item(0x10, ul.APPLICATION_CONTEXT.encode())]
+    for cid in range(1, 256, 2):
+        sub = _item(0x30, CTImageStorage.encode()) + b"".join(_item(0x40, ts.encode()) for ts in syntaxes)
+        items.append(_item(0x20, struct.pack(">BBBB", cid, 0, 0, 0) + sub))
+    items.append(_item(0x50, _item(0x51, struct.pack(">I", 16384))))
+    body = struct.pack(">HH", 1, 0) + b"BONENODE".ljust(16) + b"PYSCU".ljust(16) + b"\x00" * 32 + b"".join(items)
+    assert len(body) > 64 << 10
+    s = socket.create_connection((PORT_HOST, node.port), timeout=10)
+    s.sendall(struct.pack(">BBI", ul.ASSOCIATE_RQ, 0, len(body)) + body)
+    assert read_pdu(s)[0] == ul.ASSOCIATE_AC
+    release(s)
