@@ -47,7 +47,8 @@ STAGES = ("receive_to_complete", "complete_to_inference", "inference_to_delivere
 RECEIVED_METRIC = ("dicomnode_instances_received", "Instances accepted by C-STORE")
 REJECTED_METRIC = ("dicomnode_instances_rejected", "Instances refused by C-STORE")
 RECEIVED_OUTCOMES = ("stored", "duplicate", "replaced", "resend_ignored")
-REJECT_REASONS = ("out_of_resources", "invalid_dataset", "processing_failure", "unexpected_error", "other")
+REJECT_REASONS = ("out_of_resources", "invalid_dataset", "processing_failure", "unexpected_error", "sop_class_mismatch",
+                  "quarantined", "other")
 
 
 class SharedReceiveCounts:

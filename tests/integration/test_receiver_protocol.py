@@ -429,3 +429,37 @@ def test_large_but_legal_associate_rq_is_accepted(make_node) -> None:  # noqa: F
     s.sendall(struct.pack(">BBI", ul.ASSOCIATE_RQ, 0, len(body)) + body)
     assert read_pdu(s)[0] == ul.ASSOCIATE_AC
     release(s)
+
+
+def test_data_set_is_parsed_before_success_and_not_again(make_node, tmp_path: Path,  # noqa: F811
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The journal record carries the identity the receiver parsed before answering; the materializer uses it
+    (so what was acknowledged cannot be refused later), and only records without one are parsed at replay."""
+    import os
+
+    from dicomnode.journal import _read_header
+    from dicomnode.spool import Spool
+
+    node = make_node()
+    src = ct_file(tmp_path / "a.dcm")
+    ds = pydicom.dcmread(src)
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate(PORT_HOST, node.port, ae_title="BONENODE")
+    assert int(assoc.send_c_store(ds).Status) == 0
+    assoc.release()
+    assert node.group.wait_indexed(10)
+    fd = os.open(Path(node.cfg.node.storage_dir) / "journal" / "0.bin", os.O_RDONLY)
+    try:
+        head = _read_header(fd, 0)
+    finally:
+        os.close(fd)
+    assert head is not None
+    ident = head[4]["ident"]
+    assert (ident["sop"], ident["sop_class"], ident["study"]) == (ds.SOPInstanceUID, CTImageStorage,
+                                                                 ds.StudyInstanceUID)
+    # applying a record with its identity does not parse again
+    spool = Spool(tmp_path / "other", 0)
+    monkeypatch.setattr(Spool, "_identify", lambda self, fp: (_ for _ in ()).throw(AssertionError("parsed")))
+    native.apply_records(spool, [(src.read_bytes(), {"assoc_id": None, "ident": ident})])
+    assert [i.sop_instance_uid for i in spool.instances(ds.StudyInstanceUID)] == [ds.SOPInstanceUID]
