@@ -127,12 +127,18 @@ class Association:
         Closing at once could reset the connection before the peer has read our last PDU.
         """
         self._set_pending(True)
-        self.deadline = time.monotonic() + self.server.node.acse_timeout_s
+        self.deadline = None
+        end = time.monotonic() + self.server.node.acse_timeout_s
         scratch = memoryview(bytearray(4096))
         try:
-            while True:
-                self._recv_into(scratch)
-        except (_Closed, OSError):
+            while (left := end - time.monotonic()) > 0 and not self.server.stopping:
+                self.conn.settimeout(min(left, 0.5))
+                try:
+                    if self.conn.recv_into(scratch) == 0:
+                        return
+                except TimeoutError:
+                    continue
+        except OSError:
             pass
 
     def _set_pending(self, pending: bool) -> None:

@@ -199,6 +199,11 @@ class NativeServer:
         self._pending_lock = threading.Lock()
         self._last_refusal_log = 0.0
 
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`shutdown` was called (lingering connections close at once)."""
+        return self._stop.is_set()
+
     def count_pending(self, delta: int) -> None:
         """Add ``delta`` to the connections without an association."""
         with self._pending_lock:
