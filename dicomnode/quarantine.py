@@ -13,6 +13,7 @@ Table owned here: ``quarantine``.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import sqlite3
@@ -20,6 +21,8 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+from pydicom.filereader import _read_file_meta_info, read_preamble
 
 from dicomnode import db
 from dicomnode.fsutil import fsync_path
@@ -64,6 +67,7 @@ def quarantine(storage_dir: Path, payload: bytes, *, kind: str, reason: str, sop
     ``kind`` is a short fixed word (metrics label); ``reason`` the error text (no tag values, cut to 300 chars).
     """
     storage_dir = Path(storage_dir)
+    sop_instance_uid = sop_instance_uid or _meta_sop(payload)
     qdir = storage_dir / "quarantine"
     qdir.mkdir(parents=True, exist_ok=True)
     target = qdir / f"{uuid.uuid4().hex}.dcm"
@@ -83,6 +87,17 @@ def quarantine(storage_dir: Path, payload: bytes, *, kind: str, reason: str, sop
         conn.close()
     log.error("acknowledged instance cannot be indexed (%s: %s); kept as %s", kind, reason[:_REASON_MAX], target)
     return target
+
+
+def _meta_sop(payload: bytes) -> str | None:
+    """The Media Storage SOP Instance UID of the file meta (the C-STORE's), if it can be read."""
+    try:
+        fp = io.BytesIO(payload)
+        read_preamble(fp, False)
+        value = _read_file_meta_info(fp).get("MediaStorageSOPInstanceUID")
+    except Exception:  # noqa: BLE001 - a payload too broken for that is listed without a UID
+        return None
+    return str(value) if value else None
 
 
 def list_quarantined(conn: sqlite3.Connection, storage_dir: Path) -> list[QuarantinedInstance]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import sys
 import time
 from typing import Any
 
@@ -115,5 +117,8 @@ def _models_text(cfg: Config) -> str:
 
 def print_status(cfg: Config, limit: int = 50) -> int:
     """Print :func:`status_text`; returns 0."""
-    print(status_text(cfg, limit))
+    try:
+        print(status_text(cfg, limit))
+    except BrokenPipeError:  # piped into head: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0

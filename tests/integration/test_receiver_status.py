@@ -44,6 +44,7 @@ def test_quarantined_instance_is_listed_counted_and_flagged_until_removed(tmp_pa
     assert len(qfiles) == 1
     text = status_text(cfg)
     assert "QUARANTINED (1 acknowledged" in text and qfiles[0].name in text and "malformed" in text
+    assert "sop=1." in text  # the UID of the C-STORE, from the record's file meta
     assert text.index("QUARANTINED") < text.index("SERIES")  # at the top
     metrics = NodeMetrics()
     metrics.attach_database(Path(cfg.node.storage_dir))
