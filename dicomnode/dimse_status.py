@@ -30,12 +30,14 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
 #: PS3.4 B.2.3 "Error: Cannot understand" (C000-CFFF): a data set the node cannot parse
 STATUS_CANNOT_UNDERSTAND = 0xC210
-#: PS3.7 C.4.1 "Processing failure" (general failure status): anything else that went wrong in the node
+#: PS3.7 Annex C, general status "Failure: Processing failure" (0110H): anything else that went wrong in the node
 STATUS_PROCESSING_FAILURE = 0x0110
-#: PS3.7 C.5.3 "Refused: SOP Class not supported": the Affected SOP Class UID of a C-STORE-RQ is not the
+#: PS3.7 Annex C, general status "Refused: SOP Class not supported" (0122H): the Affected SOP Class UID of a
+#: C-STORE-RQ is not the
 #: abstract syntax of the presentation context it was sent on (as pynetdicom answers when no context matches)
 STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
-#: PS3.7 C.5.4 "Unrecognized operation": a DIMSE service the node does not provide (C-FIND, N-ACTION, ...)
+#: PS3.7 Annex C, general status "Failure: Unrecognized operation" (0211H): a DIMSE service the node does not
+#: provide (C-FIND, N-ACTION, ...)
 STATUS_UNRECOGNIZED_OPERATION = 0x0211
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4

@@ -327,7 +327,7 @@ def test_sop_class_checked_against_the_context(make_node, tmp_path: Path) -> Non
     ds = pydicom.dcmread(src)
     _, data = dataset_bytes(src)
     s = connect(node.port)
-    # C-STORE-RQ for MR on the CT context: Refused, SOP Class not supported (PS3.7 C.5.3)
+    # C-STORE-RQ for MR on the CT context: Refused, SOP Class not supported (PS3.7 Annex C, 0122H)
     s.sendall(pdata(1, store_rq(MRImageStorage, ds.SOPInstanceUID), command=True) + pdata(1, data, command=False))
     assert response_status(s) == 0x0122
     # the command says CT, the data set is MR: Data Set does not match SOP Class (PS3.4 B.2.3)
