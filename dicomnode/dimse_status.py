@@ -33,8 +33,7 @@ STATUS_CANNOT_UNDERSTAND = 0xC210
 #: PS3.7 Annex C, general status "Failure: Processing failure" (0110H): anything else that went wrong in the node
 STATUS_PROCESSING_FAILURE = 0x0110
 #: PS3.7 Annex C, general status "Refused: SOP Class not supported" (0122H): the Affected SOP Class UID of a
-#: C-STORE-RQ is not the
-#: abstract syntax of the presentation context it was sent on (as pynetdicom answers when no context matches)
+#: C-STORE-RQ is not the abstract syntax of the presentation context it was sent on (as pynetdicom answers)
 STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 #: PS3.7 Annex C, general status "Failure: Unrecognized operation" (0211H): a DIMSE service the node does not
 #: provide (C-FIND, N-ACTION, ...)
