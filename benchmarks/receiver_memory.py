@@ -201,8 +201,8 @@ def render(res: dict) -> str:
         f"| {s['connections']} silent connections in turn: a PDU header declaring {s['declared_mib']} MiB (as "
         "A-ASSOCIATE-RQ, as P-DATA-TF), an A-ASSOCIATE-RQ header declaring 60 KiB, or nothing; held "
         f"{s['hold_s']:.0f} s | {s['idle_rss_mib']:.0f} | {s['peak_hwm_mib']:.0f} "
-        f"| {verdict[s['peak_hwm_mib'] * 1.048576 < TARGET_MB]} | still held by the node after {s['hold_s']:.0f} s "
-        f"(the rest answered or closed at once): {held}; C-ECHO during the hold: "
+        f"| {verdict[s['peak_hwm_mib'] * 1.048576 < TARGET_MB]} | held open without any answer after "
+        f"{s['hold_s']:.0f} s (the others got an A-ABORT or A-ASSOCIATE-RJ at once): {held}; C-ECHO during the hold: "
         f"{'ok' if s.get('echo_during') else 'FAILED'}, afterwards: {'ok' if s['echo_after'] else 'FAILED'} |",
         f"| {m['associations']} associations streaming at once (dcmtk storescu, {m['instances']} instances, "
         f"{m['mb']:.0f} MB, 512 KiB each plus one 8 MiB per association) | {m['idle_rss_mib']:.0f} "
@@ -211,6 +211,15 @@ def render(res: dict) -> str:
         "",
         "For comparison, issue #33 measured the receiver before the fix: 24 connections sending 144 bytes in "
         "total took the node from 77 MB to 6.2 GB (it allocated every declared body).",
+        *([] if s.get("echo_during", True) else [
+            "",
+            "**Missed: service during the hold.** A C-ECHO sent while the silent connections were held was "
+            "refused (A-ASSOCIATE-RJ 2/3/2). The first `node.max_pending_connections` (64) connections fill the "
+            "pending slots, and the aborted ones keep theirs while the node waits, per ARTIM, for the peer to "
+            "close (`node.acse_timeout_s`, 30 s); every later connection is rejected until they time out. Memory "
+            "stays bounded, but one unauthenticated peer can keep legitimate senders out this way for as long as "
+            "it renews its connections; a limit per peer address (or not counting connections the node already "
+            "aborted) would be needed to prevent that."]),
         "",
         "",
     ])
