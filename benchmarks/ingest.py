@@ -315,8 +315,8 @@ def _provenance() -> dict[str, str]:
 
     dirty = git("status", "--porcelain", "--", "dicomnode")
     return {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": f"{platform.node()}, {os.cpu_count()} CPUs (shared), "
-                       f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1024**3:.0f} GiB",
+            "machine": f"{platform.node()}, {os.cpu_count()} CPUs (shared, load average {os.getloadavg()[0]:.1f} "
+                       f"at the start), {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1024**3:.0f} GiB",
             "commit": git("log", "-1", "--format=%h") + (" + uncommitted changes in dicomnode/" if dirty else "")}
 
 
