@@ -62,7 +62,7 @@ def _ae(*contexts: str, max_pdu: int = 16382) -> AE:
     return ae
 
 
-def _store(node: _Node, assoc: object, path: Path) -> int:
+def _store(assoc: object, path: Path) -> int:
     status = assoc.send_c_store(pydicom.dcmread(path))  # type: ignore[attr-defined]
     return int(status.Status)
 
@@ -82,7 +82,7 @@ def test_role_selection_requestor_as_scu_is_accepted(node: _Node, tmp_path: Path
     cx = _ct_context(assoc)
     assert cx.as_scu and not cx.as_scp
     src = ct_file(tmp_path / "a.dcm")
-    assert _store(node, assoc, src) == 0
+    assert _store(assoc, src) == 0
     assoc.release()
     assert stored_path(node.spool, src).exists()
 
@@ -95,7 +95,7 @@ def test_role_selection_requestor_as_scp_is_not_granted(node: _Node, tmp_path: P
     assert assoc.is_established
     cx = _ct_context(assoc)
     assert cx.as_scu and not cx.as_scp
-    assert _store(node, assoc, ct_file(tmp_path / "a.dcm")) == 0
+    assert _store(assoc, ct_file(tmp_path / "a.dcm")) == 0
     assoc.release()
     # the AC's own role item, read raw: absent (default roles) or SCU yes / SCP no
     wire, kind, body = w.associate(node.port, [(1, w.CT_STORAGE, [w.EXPLICIT_LE])], calling="PYSCU",
@@ -138,7 +138,7 @@ def test_sop_class_extended_negotiation(node: _Node, tmp_path: Path) -> None:
         info = reply[CTImageStorage]
         assert len(info) == 6 and info[0] in (0, 1, 2) and info[2] in (0, 1, 2, 3) and info[4] in (0, 1), info
     src = ct_file(tmp_path / "a.dcm")
-    assert _store(node, assoc, src) == 0
+    assert _store(assoc, src) == 0
     assoc.release()
     assert dataset_bytes(stored_path(node.spool, src)) == dataset_bytes(src)
     # raw: no reply item for common extended negotiation (PS3.7 D.3.3.6 has none), none for classes not asked
@@ -217,7 +217,7 @@ def test_asynchronous_operations_window(node: _Node, tmp_path: Path, proposed: t
     invoked, performed = assoc.acceptor.asynchronous_operations
     for got, asked in zip((invoked, performed), proposed, strict=True):
         assert got >= 1 and (asked == 0 or got <= asked), (invoked, performed)
-    assert _store(node, assoc, ct_file(tmp_path / "a.dcm")) == 0
+    assert _store(assoc, ct_file(tmp_path / "a.dcm")) == 0
     assoc.release()
 
 
@@ -249,7 +249,7 @@ def test_sender_max_pdu(node: _Node, tmp_path: Path, max_pdu: int) -> None:
     announced = assoc.acceptor.maximum_length
     assert announced is not None and 4096 <= announced <= 16 << 20, announced
     src = ct_file(tmp_path / "a.dcm", rows=256)  # 128 KiB of pixels: many PDUs either way
-    assert _store(node, assoc, src) == 0
+    assert _store(assoc, src) == 0
     assert int(assoc.send_c_echo().Status) == 0
     assoc.release()
     assert dataset_bytes(stored_path(node.spool, src)) == dataset_bytes(src)
