@@ -11,6 +11,7 @@ A-ABORTs with the source and reason of PS3.8 9.3.8 (:class:`dicomnode.ul.Protoco
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import time
 import uuid
@@ -83,6 +84,8 @@ class Association:
         self.calling = ""
         self.slot = False
         self.pending = True  # counted in the server's connections without an association
+        self.got_bytes = False  # the peer has sent something
+        self.evicted = False  # closed by the accept loop to make room (max_pending_connections)
         self.released = False
 
     # ---------------------------------------------------------------- socket helpers
@@ -96,6 +99,7 @@ class Association:
         k = self.conn.recv_into(view, len(view))
         if k == 0:
             raise _Closed
+        self.got_bytes = True
         return k
 
     def _read(self, n: int) -> memoryview:
@@ -126,7 +130,7 @@ class Association:
 
         Closing at once could reset the connection before the peer has read our last PDU.
         """
-        self._set_pending(True)
+        self._set_pending(True, lingering=True)
         self.deadline = None
         end = time.monotonic() + self.server.node.acse_timeout_s
         scratch = memoryview(bytearray(4096))
@@ -141,10 +145,32 @@ class Association:
         except OSError:
             pass
 
-    def _set_pending(self, pending: bool) -> None:
-        if pending != self.pending:
-            self.pending = pending
-            self.server.count_pending(+1 if pending else -1)
+    def _set_pending(self, pending: bool, *, lingering: bool = False) -> None:
+        if self.evicted:
+            return
+        self.pending = pending
+        if pending:
+            self.server.pending_enter(self, lingering=lingering)
+        else:
+            self.server.pending_leave(self)
+
+    def idle(self) -> bool:
+        """True while the peer has sent nothing at all: no byte read, none waiting in the socket."""
+        if self.got_bytes:
+            return False
+        try:
+            readable, _, _ = select.select([self.conn], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return not readable
+
+    def evict(self) -> None:
+        """Close this connection to make room for a new one (called by the accept loop; it is pending)."""
+        self.evicted = True
+        try:
+            self.conn.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     # ---------------------------------------------------------------- the association
 
@@ -169,7 +195,10 @@ class Association:
                 self._release_slot()
                 self._linger()
         except (_Closed, ConnectionError, TimeoutError, OSError) as exc:
-            if not self.released:
+            if self.evicted and not self.slot:
+                log.warning("connection from %s closed while waiting for its A-ASSOCIATE-RQ, to make room for a new"
+                            " one (max_pending_connections)", self.peer_host)
+            elif not self.released:
                 log.warning("association %s from %s ended without release: %s", self.aid, self.peer_host,
                             type(exc).__name__)
         except ul.ProtocolError as exc:

@@ -68,6 +68,7 @@ INLINE_MAX = 4 << 20
 #: largest PDU read before an association is accepted: 128 contexts x 38 transfer syntaxes (dcmtk's
 #: ``--propose-pc 128 --propose-ts 38``) is ~130 KiB; read as it arrives, so 64 pending connections stay < 16 MiB
 PRE_ASSOCIATION_MAX_PDU = 256 << 10
+_EVICT_AFTER_S = 0.5  # a connection silent this long may be closed to make room for a new one
 _MAX_REFUSED = 1024  # connections above max_pending_connections waiting to read their A-ASSOCIATE-RJ
 _PDU_HEADER = struct.Struct(">BBI")
 _FAST_SYNTAXES = frozenset({tsuid.ImplicitVRLittleEndian, tsuid.ExplicitVRLittleEndian} | {
@@ -195,7 +196,8 @@ class NativeServer:
         self._threads: list[threading.Thread] = []
         self._selector = selectors.DefaultSelector()  # registered before any shutdown() can close the socket
         self._selector.register(self.sock, selectors.EVENT_READ)
-        self._pending = 0  # connections without an association (before A-ASSOCIATE-AC, or lingering after)
+        # connections without an association: waiting for their A-ASSOCIATE-RQ, or lingering after RJ/RP/abort
+        self._pending: dict[Any, tuple[float, bool]] = {}  # association -> (since, lingering)
         self._pending_lock = threading.Lock()
         self._last_refusal_log = 0.0
 
@@ -204,17 +206,36 @@ class NativeServer:
         """True once :meth:`shutdown` was called (lingering connections close at once)."""
         return self._stop.is_set()
 
-    def count_pending(self, delta: int) -> None:
-        """Add ``delta`` to the connections without an association."""
+    def pending_enter(self, assoc: Any, *, lingering: bool) -> None:
+        """Count ``assoc`` as a connection without an association (again, or now lingering)."""
         with self._pending_lock:
-            self._pending += delta
+            self._pending[assoc] = (time.monotonic(), lingering)
 
-    def _admit(self) -> bool:
-        """Count a new connection as pending, or refuse it when ``max_pending_connections`` are open."""
+    def pending_leave(self, assoc: Any) -> None:
+        """``assoc`` was accepted or closed."""
         with self._pending_lock:
-            if self._pending >= self.node.max_pending_connections:
-                return False
-            self._pending += 1
+            self._pending.pop(assoc, None)
+
+    def _admit(self, assoc: Any) -> bool:
+        """Count a new connection as pending; when ``max_pending_connections`` are open, make room or refuse.
+
+        Room is made by closing a lingering connection (already answered), else the oldest one that has sent
+        nothing at all for ``_EVICT_AFTER_S``: a sender's A-ASSOCIATE-RQ follows its connect within
+        milliseconds (and counts once it is in the kernel's buffer, read or not), so silent connections
+        cannot keep senders out. Peers that trickle bytes are cut by the ARTIM deadline instead.
+        """
+        now = time.monotonic()
+        with self._pending_lock:
+            if len(self._pending) >= self.node.max_pending_connections:
+                by_age = sorted(self._pending.items(), key=lambda kv: kv[1][0])
+                victim = next((a for a, (_, lingering) in by_age if lingering), None)
+                if victim is None:
+                    victim = next((a for a, (since, _) in by_age if now - since >= _EVICT_AFTER_S and a.idle()), None)
+                if victim is None:
+                    return False
+                del self._pending[victim]
+                victim.evict()
+            self._pending[assoc] = (now, False)
             return True
 
     # ---------------------------------------------------------------- bookkeeping (association threads)
@@ -322,12 +343,13 @@ class NativeServer:
                     log.exception("accept failed")
                     time.sleep(0.1)
                     continue
-                if not self._admit():
+                assoc = Association(self, conn, peer)
+                if not self._admit(assoc):
                     self._refuse(sel, refused, conn, peer)
                     continue
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 conn.settimeout(None)
-                t = threading.Thread(target=Association(self, conn, peer).run, name="dicomnode-assoc", daemon=True)
+                t = threading.Thread(target=assoc.run, name="dicomnode-assoc", daemon=True)
                 t.start()
                 assoc_threads = [a for a in assoc_threads if a.is_alive()] + [t]
             now = time.monotonic()
@@ -344,8 +366,9 @@ class NativeServer:
         now = time.monotonic()
         if now - self._last_refusal_log > 10.0:
             self._last_refusal_log = now
-            log.warning("%d connections without an association are open (max_pending_connections); rejecting"
-                        " new ones from %s", self.node.max_pending_connections, peer[0])
+            log.warning("%d connections without an association are open (max_pending_connections), none idle"
+                        " for %g s; rejecting new ones from %s", self.node.max_pending_connections, _EVICT_AFTER_S,
+                        peer[0])
         if len(refused) >= _MAX_REFUSED or self.ssl_context is not None:
             conn.close()
             return

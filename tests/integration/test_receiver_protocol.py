@@ -196,6 +196,34 @@ def test_connections_without_association_are_limited_and_timed_out(make_node) ->
     assert echo(node.port).returncode == 0
 
 
+def test_silent_connections_cannot_keep_senders_out(make_node) -> None:  # noqa: F811
+    """With every pending slot held by silent peers (and peers lingering after a rejection), a sender still gets
+    through: the connection that has waited longest for its A-ASSOCIATE-RQ is closed to make room."""
+    node = make_node(max_pending_connections=4, acse_timeout_s=30)
+    lingering = socket.create_connection((PORT_HOST, node.port), timeout=10)
+    lingering.sendall(associate_rq(calling="NOTALLOWED"))
+    assert read_pdu(lingering)[0] == ul.ASSOCIATE_RJ  # rejected; it now lingers (ARTIM), never closing
+    silent = [socket.create_connection((PORT_HOST, node.port), timeout=10) for _ in range(3)]
+    time.sleep(0.8)
+    assert echo(node.port).returncode == 0  # the table is full: the lingering connection goes first
+    lingering.settimeout(5)
+    assert lingering.recv(10) == b""
+    silent.append(socket.create_connection((PORT_HOST, node.port), timeout=10))
+    time.sleep(0.8)  # full again, all silent
+    assert echo(node.port).returncode == 0  # now the silent connection that waited longest is closed
+    silent[0].settimeout(5)
+    try:
+        assert silent[0].recv(10) == b""
+    except ConnectionResetError:
+        pass
+    for s in silent[1:]:  # the others are still waiting (until ARTIM)
+        s.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            s.recv(10)
+    for s in [lingering, *silent]:
+        s.close()
+
+
 def test_slow_request_is_cut_by_artim_deadline_not_per_read(make_node) -> None:  # noqa: F811
     """A peer trickling its A-ASSOCIATE-RQ a byte at a time is closed at the ARTIM deadline."""
     node = make_node(acse_timeout_s=1.5)
