@@ -19,8 +19,9 @@ Memory is bounded before and after authentication: a PDU body is read into a
 buffer that grows only as its bytes arrive; until the association is accepted
 no PDU may exceed ``PRE_ASSOCIATION_MAX_PDU`` (256 KiB), afterwards none may
 exceed the ``node.max_pdu`` the node announced (A-ABORT otherwise). Connections
-without an association count toward ``node.max_pending_connections`` and are
-closed by the ARTIM timer (``node.acse_timeout_s``, a deadline for the whole
+without an association count toward ``node.max_pending_connections`` (when all
+are taken, a lingering or long-silent one is closed to make room, see
+:meth:`NativeServer._admit`) and are closed by the ARTIM timer (``node.acse_timeout_s``, a deadline for the whole
 A-ASSOCIATE-RQ); after A-ASSOCIATE-RJ, A-RELEASE-RP and A-ABORT the node lets
 the peer close first, again for at most the ARTIM time.
 
