@@ -129,7 +129,7 @@ td,th{{border:1px solid #999;padding:3px 5px;font-size:85%;vertical-align:top}}t
 td.study,td.uid{{font-family:monospace;font-size:75%;word-break:break-all;min-width:12em;max-width:22em}}
 td.err{{max-width:28em;word-break:break-word}}
 .alert{{border:2px solid #b00020;background:#fdecea;padding:.4em .8em;margin:.5em 0}}
-.alert h2{{font-size:105%;margin:.2em 0;color:#b00020}}.ok{{color:#1b5e20}}</style></head>
+.alert h2{{font-size:105%;margin:.2em 0;color:#b00020}}td.dead{{background:#fdecea;color:#b00020;font-weight:bold}}.ok{{color:#1b5e20}}</style></head>
 <body><h1>Node {_e(cfg.node.ae_title)}</h1>
 <div id="alerts">{alerts}</div>
 <p id="summary">Studies: {summary}. Page generated {_e(_ts(time.time()))}; refreshes every {REFRESH_S} s.
@@ -210,7 +210,8 @@ def _study_rows(conn: sqlite3.Connection, storage_dir: Path, limit: int) -> list
                             links.append(f'<a class="overlay" href="/overlay/{int(d["id"])}.png">{_e(kind)}</a>')
                 err = f' title="{_e(job["last_error"])}"' if job["last_error"] else ""
                 cells += [f'<td class="route">{_e(job["route"])}</td>', f'<td class="task">{_e(job["task"])}</td>',
-                          f'<td class="job-state"{err}>{_e(job["state"])}</td>',
+                          f'<td class="job-state{" dead" if job["state"] == "dead" else ""}"{err}>'
+                          f'{_e(job["state"])}</td>',
                           f'<td class="model">{_e(job["model_version"])}</td>', f"<td>{_e(_ts(st['first']))}</td>",
                           f"<td>{_e(_dur(rtc))}</td>", f"<td>{_e(_dur(inference))}</td>",
                           f'<td class="delivered">{_e(delivered)}</td>', f"<td>{' '.join(links) or '-'}</td>"]

@@ -38,6 +38,20 @@ def _quarantine_one(tmp_path: Path) -> Config:
     return cfg
 
 
+def _study_rows_for(path: Path, queue: JobQueue) -> None:
+    """The assembler's study rows for the queue's jobs (what it writes when it enqueues them)."""
+    from dicomnode.assembler import SCHEMA
+
+    conn = db.connect(path)
+    try:
+        db.ensure_schema(conn, SCHEMA)
+        for j in queue.list():
+            conn.execute("INSERT OR IGNORE INTO studies (study_uid, state, generation, completed_at) VALUES"
+                         " (?,?,?,?)", (j.study_uid, "complete", 1, 1.0))
+    finally:
+        conn.close()
+
+
 def test_quarantined_instance_is_listed_counted_and_flagged_until_removed(tmp_path: Path) -> None:
     cfg = _quarantine_one(tmp_path)
     qfiles = list((Path(cfg.node.storage_dir) / "quarantine").glob("*.dcm"))
@@ -70,6 +84,7 @@ def test_failed_jobs_and_dead_deliveries_are_flagged_at_the_top(tmp_path: Path) 
     job = queue.claim()
     assert job is not None
     assert queue.mark_failed(job.id, "model crashed: ValueError") == "dead"
+    _study_rows_for(path, queue)
     outbox = Outbox(Path(cfg.node.storage_dir))
     conn = db.connect(path)
     try:
@@ -82,6 +97,7 @@ def test_failed_jobs_and_dead_deliveries_are_flagged_at_the_top(tmp_path: Path) 
                               backoff_max_s=1) == "dead"
     page = render_status_page(cfg)
     assert 'id="failed-jobs"' in page and "model crashed" in page
+    assert 'class="job-state dead"' in page  # and marked in the studies table
     assert 'id="dead-deliveries"' in page and "association rejected" in page
     assert page.index('id="dead-deliveries"') < page.index('id="studies"')
     text = status_text(cfg)
@@ -100,16 +116,7 @@ def test_status_page_columns_fit_1400_px(tmp_path: Path) -> None:
     job = queue.claim()
     assert job is not None
     queue.mark_failed(job.id, "RuntimeError: " + "a long error message " * 20)
-    conn = db.connect(path)
-    try:
-        from dicomnode.assembler import SCHEMA
-
-        db.ensure_schema(conn, SCHEMA)
-        for j in queue.list():
-            conn.execute("INSERT OR IGNORE INTO studies (study_uid, state, generation, completed_at) VALUES"
-                         " (?,?,?,?)", (j.study_uid, "complete", 1, 1.0))
-    finally:
-        conn.close()
+    _study_rows_for(path, queue)
     html = render_status_page(cfg)
     probe = html.replace("</body>", "<script>document.title = 'W=' + document.documentElement.scrollWidth;"
                          "</script></body>")
