@@ -359,16 +359,32 @@ def run_sustained(n: int, processes: int, repeats: int = 1) -> dict:
     return res
 
 
+def _sustained_history(keep: int = 4) -> list[dict]:
+    """The previous run's summary (and its own history): the figures move between runs, so none is dropped."""
+    if not SUSTAINED_RESULTS.exists():
+        return []
+    old = json.loads(SUSTAINED_RESULTS.read_text())
+    r = old["rates"]
+    summary = {"date": old["date"], "commit": old["commit"], **{
+        f"{k}_{p}": r[f"{k}/{p}"] for k in ("node", "storescp") for p in (1, 4)}}
+    summary.update({f"ratio_{p}": r[f"node/{p}"] / r[f"storescp/{p}"] for p in (1, 4)})
+    return [summary, *old.get("history", [])][:keep]
+
+
 def render_sustained(res: dict) -> str:
     r = res["rates"]
     rows = []
-    spread = {k: ", ".join(f"{x['ack']:.0f}" for x in v) for k, v in res.get("runs", {}).items()}
+    runs = res.get("runs", {})
+    spread = {k: ", ".join(f"{x['ack']:.0f}" for x in v) for k, v in runs.items()}
+    pairs = {p: [a["ack"] / b["ack"] for a, b in zip(runs.get(f"node/{p}", []), runs.get(f"storescp/{p}", []),
+                                                      strict=True)] for p in (1, 4)}
+    all_pairs = pairs[1] + pairs[4]
     for p in (1, 4):
         ratio = r[f"node/{p}"] / r[f"storescp/{p}"]
         rows.append(f"| {p} | {r[f'node/{p}']:.0f} | {r[f'node/{p}/indexed']:.0f} | {r[f'storescp/{p}']:.0f} "
                     f"| {ratio:.2f} | {'met' if ratio >= SUSTAINED_GOAL else '**missed**'} "
                     f"| {r[f'node/{p}/peak_rss_mib']:.0f} | {spread.get(f'node/{p}', '')} "
-                    f"| {spread.get(f'storescp/{p}', '')} |")
+                    f"| {spread.get(f'storescp/{p}', '')} | {', '.join(f'{x:.2f}' for x in pairs[p])} |")
     return "\n".join([
         "## Sustained ingest (longer than the journal)",
         "",
@@ -383,8 +399,9 @@ def render_sustained(res: dict) -> str:
         f"{SUSTAINED_GOAL}x storescp, acknowledged.",
         "",
         "| associations | node, acknowledged (images/s) | node, indexed (images/s) | dcmtk storescp (images/s) "
-        "| node / storescp | goal >= 0.5 | node peak RSS (MiB) | node, every run | storescp, every run |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| node / storescp (medians) | goal >= 0.5 | node peak RSS (MiB) | node, every run | storescp, every run "
+        "| node / storescp, run by run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
         "storescp writes into the page cache and never waits for the disk, so its rate swings with the kernel's "
@@ -395,7 +412,17 @@ def render_sustained(res: dict) -> str:
             f"{p} association{'s' if p > 1 else ''} {r[f'node/{p}'] / r[f'storescp/{p}']:.2f}x"
             for p in (1, 4) if r[f"node/{p}"] / r[f"storescp/{p}"] < SUSTAINED_GOAL) + "."
            if any(r[f"node/{p}"] / r[f"storescp/{p}"] < SUSTAINED_GOAL for p in (1, 4))
-           else "The 0.5x goal is met in this run."),
+           else "The 0.5x goal is met by the medians of this run"
+           + (f", but run by run the ratio ranges from {min(all_pairs):.2f} to {max(all_pairs):.2f}: on this shared "
+              "machine the node sits at the edge of the goal, not clear of it." if min(all_pairs, default=1) <
+              SUSTAINED_GOAL else ".")),
+        *([""] + (["**Not reliably met:** an earlier run missed the goal (below), so 0.5x storescp cannot be "
+                   "claimed for a sustained stream on this machine."]
+                  if any(min(h["ratio_1"], h["ratio_4"]) < SUSTAINED_GOAL for h in res.get("history", [])) else [])
+          + [""] + [f"- Earlier run, {h['date']}, commit `{h['commit']}`: node / storescp (medians) "
+                  f"{h['ratio_1']:.2f} on 1 association, {h['ratio_4']:.2f} on 4 "
+                  f"({h['node_1']:.0f} vs {h['storescp_1']:.0f} and {h['node_4']:.0f} vs {h['storescp_4']:.0f} "
+                  "images/s)." for h in res.get("history", [])]),
         "",
         "",
     ])
@@ -504,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
             sres = json.loads(SUSTAINED_RESULTS.read_text())
         else:
             sres = run_sustained(args.sustained or 2000, args.processes, args.repeats)
+            sres["history"] = _sustained_history()
             SUSTAINED_RESULTS.parent.mkdir(exist_ok=True)
             SUSTAINED_RESULTS.write_text(json.dumps(sres, indent=2))
         ssec = render_sustained(sres)
