@@ -125,14 +125,15 @@ def _silent_header(kind: str, declared_mib: int) -> bytes:
     return b""
 
 
-def silent_connections(work: Path, n: int, declared_mib: int, hold_s: float) -> dict:
+def silent_connections(work: Path, n: int, declared_mib: int, hold_s: float,
+                       kinds: tuple[str, ...] = _SILENT_KINDS) -> dict:
     """Peak RSS while ``n`` connections send a PDU header (or nothing) and then stay silent for ``hold_s``."""
     with node(work) as (pid, port):
         time.sleep(1.0)
         idle = rss_mib(pid)
         socks: list[tuple[str, socket.socket]] = []
         for i in range(n):
-            kind = _SILENT_KINDS[i % len(_SILENT_KINDS)]
+            kind = kinds[i % len(kinds)]
             s = socket.create_connection(("127.0.0.1", port), timeout=10)
             s.sendall(_silent_header(kind, declared_mib))
             socks.append((kind, s))
@@ -143,7 +144,7 @@ def silent_connections(work: Path, n: int, declared_mib: int, hold_s: float) -> 
                 echo_during = subprocess.run([ECHOSCU, "-aec", "BONENODE", "127.0.0.1", str(port)], env=ENV,
                                              capture_output=True, timeout=60).returncode == 0
             time.sleep(0.05)
-        open_after = dict.fromkeys(_SILENT_KINDS, 0)
+        open_after = dict.fromkeys(kinds, 0)
         for kind, s in socks:  # which did the node still hold (nothing answered, not closed)?
             s.setblocking(False)
             try:
@@ -204,6 +205,13 @@ def render(res: dict) -> str:
         f"| {verdict[s['peak_hwm_mib'] * 1.048576 < TARGET_MB]} | held open without any answer after "
         f"{s['hold_s']:.0f} s (the others got an A-ABORT or A-ASSOCIATE-RJ at once): {held}; C-ECHO during the hold: "
         f"{'ok' if s.get('echo_during') else 'FAILED'}, afterwards: {'ok' if s['echo_after'] else 'FAILED'} |",
+        *([] if "stalled" not in res else [
+            f"| {res['stalled']['connections']} connections that each send an A-ASSOCIATE-RQ header declaring "
+            f"60 KiB and stall, held {res['stalled']['hold_s']:.0f} s | {res['stalled']['idle_rss_mib']:.0f} "
+            f"| {res['stalled']['peak_hwm_mib']:.0f} | {verdict[res['stalled']['peak_hwm_mib'] * 1.048576 < TARGET_MB]} "
+            f"| held open: {sum(res['stalled']['still_open'].values())}; C-ECHO during the hold: "
+            f"{'ok' if res['stalled']['echo_during'] else 'REFUSED'}, afterwards: "
+            f"{'ok' if res['stalled']['echo_after'] else 'FAILED'} |"]),
         f"| {m['associations']} associations streaming at once (dcmtk storescu, {m['instances']} instances, "
         f"{m['mb']:.0f} MB, 512 KiB each plus one 8 MiB per association) | {m['idle_rss_mib']:.0f} "
         f"| {m['peak_hwm_mib']:.0f} | {verdict[m['peak_hwm_mib'] * 1.048576 < TARGET_MB]} "
@@ -211,6 +219,14 @@ def render(res: dict) -> str:
         "",
         "For comparison, issue #33 measured the receiver before the fix: 24 connections sending 144 bytes in "
         "total took the node from 77 MB to 6.2 GB (it allocated every declared body).",
+        *([] if res.get("stalled", {}).get("echo_during", True) else [
+            "",
+            "**Missed: service while peers stall.** Memory stays bounded, but connections that send the start of "
+            "an A-ASSOCIATE-RQ and then stall cannot be told from a slow sender: once "
+            "`node.max_pending_connections` (64) of them are open, a legitimate association gets A-ASSOCIATE-RJ "
+            "2/3/2 until they reach the ARTIM deadline (`node.acse_timeout_s`, 30 s), and a peer that renews them "
+            "keeps senders out. Refusing connections from addresses that are in no `allowed_callers` entry before "
+            "reading anything, or a pending limit per address, would close this."]),
         *([] if s.get("echo_during", True) else [
             "",
             "**Missed: service during the hold.** A C-ECHO sent while the silent connections were held was "
@@ -242,6 +258,10 @@ def main(argv: list[str] | None = None) -> int:
             res = {**_provenance(), "silent": silent_connections(Path(tmp) / "silent", args.connections, args.declared_mib,
                                                 args.hold_s)}
             print(json.dumps(res["silent"]), flush=True)
+            # slow senders: more stalled A-ASSOCIATE-RQs than max_pending_connections (64 by default)
+            res["stalled"] = silent_connections(Path(tmp) / "stalled", 70, args.declared_mib, args.hold_s,
+                                                kinds=("rq-60k",))
+            print(json.dumps(res["stalled"]), flush=True)
             res["stream"] = streaming(Path(tmp) / "stream", args.associations, args.images)
             print(json.dumps(res["stream"]), flush=True)
         RESULTS.parent.mkdir(exist_ok=True)
