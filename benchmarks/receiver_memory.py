@@ -226,7 +226,9 @@ def render(res: dict) -> str:
             "`node.max_pending_connections` (64) of them are open, a legitimate association gets A-ASSOCIATE-RJ "
             "2/3/2 until they reach the ARTIM deadline (`node.acse_timeout_s`, 30 s), and a peer that renews them "
             "keeps senders out. Refusing connections from addresses that are in no `allowed_callers` entry before "
-            "reading anything, or a pending limit per address, would close this."]),
+            "reading anything would stop strangers (here the stalling peers share the senders' address, so it "
+            "would not change this row); a pending limit per address well below 64 would also cover a listed "
+            "host that misbehaves."]),
         *([] if s.get("echo_during", True) else [
             "",
             "**Missed: service during the hold.** A C-ECHO sent while the silent connections were held was "
