@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 __all__ = ["Association"]
 
 _COMMAND_MAX = 64 << 10
+#: a connection that has not completed its A-ASSOCIATE-RQ this long after connecting (seconds), with nothing it sent
+#: waiting unread, may be closed to make room when the pending table is full (senders need milliseconds; a busy
+#: client process may need a good part of a second)
+EVICT_AFTER_S = 2.0
 
 
 class _Closed(Exception):
@@ -84,7 +88,6 @@ class Association:
         self.calling = ""
         self.slot = False
         self.pending = True  # counted in the server's connections without an association
-        self.got_bytes = False  # the peer has sent something
         self.evicted = False  # closed by the accept loop to make room (max_pending_connections)
         self.released = False
 
@@ -99,7 +102,6 @@ class Association:
         k = self.conn.recv_into(view, len(view))
         if k == 0:
             raise _Closed
-        self.got_bytes = True
         return k
 
     def _read(self, n: int) -> memoryview:
@@ -154,9 +156,13 @@ class Association:
         else:
             self.server.pending_leave(self)
 
-    def idle(self) -> bool:
-        """True while the peer has sent nothing at all: no byte read, none waiting in the socket."""
-        if self.got_bytes:
+    def evictable(self, age_s: float) -> bool:
+        """May be closed to make room (still waiting for its A-ASSOCIATE-RQ, ``age_s`` after connecting).
+
+        True when the peer has not completed its request ``EVICT_AFTER_S`` after connecting (silent, or
+        stalled part way); never while bytes it sent wait unread (then the node is the slow one).
+        """
+        if age_s < EVICT_AFTER_S or self.released or self.slot:
             return False
         try:
             readable, _, _ = select.select([self.conn], [], [], 0)

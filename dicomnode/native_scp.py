@@ -20,7 +20,7 @@ buffer that grows only as its bytes arrive; until the association is accepted
 no PDU may exceed ``PRE_ASSOCIATION_MAX_PDU`` (256 KiB), afterwards none may
 exceed the ``node.max_pdu`` the node announced (A-ABORT otherwise). Connections
 without an association count toward ``node.max_pending_connections`` (when all
-are taken, a lingering or long-silent one is closed to make room, see
+are taken, a lingering, silent or stalled one is closed to make room, see
 :meth:`NativeServer._admit`) and are closed by the ARTIM timer (``node.acse_timeout_s``, a deadline for the whole
 A-ASSOCIATE-RQ); after A-ASSOCIATE-RJ, A-RELEASE-RP and A-ABORT the node lets
 the peer close first, again for at most the ARTIM time.
@@ -54,7 +54,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicomnode import ul
 from dicomnode.config import NodeConfig
-from dicomnode.dimse_status import RJ_LOCAL_LIMIT
+from dicomnode.dimse_status import RJ_CALLING_AE, RJ_LOCAL_LIMIT
 from dicomnode.journal import Journal
 from dicomnode.metrics import record
 from dicomnode.quarantine import quarantine
@@ -69,7 +69,6 @@ INLINE_MAX = 4 << 20
 #: largest PDU read before an association is accepted: 128 contexts x 38 transfer syntaxes (dcmtk's
 #: ``--propose-pc 128 --propose-ts 38``) is ~130 KiB; read as it arrives, so 64 pending connections stay < 16 MiB
 PRE_ASSOCIATION_MAX_PDU = 256 << 10
-_EVICT_AFTER_S = 0.5  # a connection silent this long may be closed to make room for a new one
 _MAX_REFUSED = 1024  # connections above max_pending_connections waiting to read their A-ASSOCIATE-RJ
 _PDU_HEADER = struct.Struct(">BBI")
 _FAST_SYNTAXES = frozenset({tsuid.ImplicitVRLittleEndian, tsuid.ExplicitVRLittleEndian} | {
@@ -220,10 +219,10 @@ class NativeServer:
     def _admit(self, assoc: Any) -> bool:
         """Count a new connection as pending; when ``max_pending_connections`` are open, make room or refuse.
 
-        Room is made by closing a lingering connection (already answered), else the oldest one that has sent
-        nothing at all for ``_EVICT_AFTER_S``: a sender's A-ASSOCIATE-RQ follows its connect within
-        milliseconds (and counts once it is in the kernel's buffer, read or not), so silent connections
-        cannot keep senders out. Peers that trickle bytes are cut by the ARTIM deadline instead.
+        Room is made by closing a lingering connection (already answered), else the oldest one that has not
+        completed its A-ASSOCIATE-RQ 2 s after connecting while nothing it sent waits unread
+        (:meth:`dicomnode.native_assoc.Association.evictable`): a sender's request follows its connect within
+        milliseconds, so silent or stalling peers cannot keep senders out.
         """
         now = time.monotonic()
         with self._pending_lock:
@@ -231,7 +230,7 @@ class NativeServer:
                 by_age = sorted(self._pending.items(), key=lambda kv: kv[1][0])
                 victim = next((a for a, (_, lingering) in by_age if lingering), None)
                 if victim is None:
-                    victim = next((a for a, (since, _) in by_age if now - since >= _EVICT_AFTER_S and a.idle()), None)
+                    victim = next((a for a, (since, _) in by_age if a.evictable(now - since)), None)
                 if victim is None:
                     return False
                 del self._pending[victim]
@@ -344,9 +343,14 @@ class NativeServer:
                     log.exception("accept failed")
                     time.sleep(0.1)
                     continue
+                if not self.policy.host_known(str(peer[0])):  # a stranger never holds a pending slot
+                    self._refuse(sel, refused, conn, peer, RJ_CALLING_AE, "address not in allowed_callers")
+                    continue
                 assoc = Association(self, conn, peer)
                 if not self._admit(assoc):
-                    self._refuse(sel, refused, conn, peer)
+                    self._refuse(sel, refused, conn, peer, RJ_LOCAL_LIMIT,
+                                 f"{self.node.max_pending_connections} connections without an association are open"
+                                 " (max_pending_connections), none of them idle or stalled")
                     continue
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 conn.settimeout(None)
@@ -363,19 +367,18 @@ class NativeServer:
             t.join(5.0)
 
     def _refuse(self, sel: selectors.BaseSelector, refused: dict[socket.socket, float], conn: socket.socket,
-                peer: tuple[Any, ...]) -> None:
+                peer: tuple[Any, ...], reject: tuple[int, int, int], why: str) -> None:
+        """Answer A-ASSOCIATE-RJ ``reject`` without reading the request (plain TCP) or just close (TLS)."""
         now = time.monotonic()
-        if now - self._last_refusal_log > 10.0:
+        if now - self._last_refusal_log > 10.0:  # at most one line per 10 s: a flood must not flood the log
             self._last_refusal_log = now
-            log.warning("%d connections without an association are open (max_pending_connections), none idle"
-                        " for %g s; rejecting new ones from %s", self.node.max_pending_connections, _EVICT_AFTER_S,
-                        peer[0])
+            log.warning("rejecting connections from %s at once: %s", peer[0], why)
         if len(refused) >= _MAX_REFUSED or self.ssl_context is not None:
             conn.close()
             return
         try:
             conn.setblocking(False)
-            conn.send(ul.associate_rj(*RJ_LOCAL_LIMIT))
+            conn.send(ul.associate_rj(*reject))
         except OSError:
             conn.close()
             return

@@ -136,6 +136,12 @@ class _Policy:
         self.spool = spool
         self.counter = counter
 
+    def host_known(self, peer_host: str) -> bool:
+        """True when some ``allowed_callers`` entry names this address (checked before reading anything)."""
+        if peer_host.lower().startswith("::ffff:"):
+            peer_host = peer_host[7:]
+        return any(host == peer_host for _, host in self.allowed)
+
     def decide(self, calling_ae: str, peer_host: str) -> tuple[tuple[int, int, int] | None, str]:
         """Return (reject triple or None, reason); acquires an association slot when accepting."""
         if peer_host.lower().startswith("::ffff:"):  # IPv4 peer on a dual-stack socket

@@ -204,12 +204,12 @@ def test_silent_connections_cannot_keep_senders_out(make_node) -> None:  # noqa:
     lingering.sendall(associate_rq(calling="NOTALLOWED"))
     assert read_pdu(lingering)[0] == ul.ASSOCIATE_RJ  # rejected; it now lingers (ARTIM), never closing
     silent = [socket.create_connection((PORT_HOST, node.port), timeout=10) for _ in range(3)]
-    time.sleep(0.8)
+    time.sleep(2.3)
     assert echo(node.port).returncode == 0  # the table is full: the lingering connection goes first
     lingering.settimeout(5)
     assert lingering.recv(10) == b""
     silent.append(socket.create_connection((PORT_HOST, node.port), timeout=10))
-    time.sleep(0.8)  # full again, all silent
+    time.sleep(2.3)  # full again, all silent
     assert echo(node.port).returncode == 0  # now the silent connection that waited longest is closed
     silent[0].settimeout(5)
     try:
@@ -222,6 +222,32 @@ def test_silent_connections_cannot_keep_senders_out(make_node) -> None:  # noqa:
             s.recv(10)
     for s in [lingering, *silent]:
         s.close()
+
+
+def test_stalled_requests_cannot_keep_senders_out(make_node) -> None:  # noqa: F811
+    """Peers that send the start of an A-ASSOCIATE-RQ and stall make room once they are 2 s old."""
+    node = make_node(max_pending_connections=4, acse_timeout_s=30)
+    stalled = []
+    for _ in range(4):
+        s = socket.create_connection((PORT_HOST, node.port), timeout=10)
+        s.sendall(struct.pack(">BBI", ul.ASSOCIATE_RQ, 0, 60 << 10) + b"\x00\x01")
+        stalled.append(s)
+    time.sleep(0.5)
+    assert echo(node.port).returncode != 0  # too young to be judged stalled: the sender is rejected
+    time.sleep(2.0)
+    assert echo(node.port).returncode == 0
+    for s in stalled:
+        s.close()
+
+
+def test_strangers_are_rejected_before_anything_is_read(make_node) -> None:  # noqa: F811
+    node = make_node(allowed_callers=[{"ae_title": "PACS", "host": "10.9.9.9"}])
+    s = socket.create_connection((PORT_HOST, node.port), timeout=10)
+    # no request sent: the address alone decides (rejected-permanent, calling AE title not recognized)
+    assert read_pdu(s) == (ul.ASSOCIATE_RJ, bytes([0, 1, 1, 3]))
+    s.close()
+    res = echo(node.port)
+    assert res.returncode != 0 and "Calling AE Title Not Recognized" in res.stdout + res.stderr
 
 
 def test_slow_request_is_cut_by_artim_deadline_not_per_read(make_node) -> None:  # noqa: F811
@@ -411,7 +437,7 @@ def test_unsupported_command_answers_unrecognized_operation(make_node) -> None: 
 
 def test_too_many_associations_are_rejected_never_aborted(make_node) -> None:  # noqa: F811
     """Many concurrent pynetdicom associations against a limit of 2: every refusal arrives as A-ASSOCIATE-RJ."""
-    node = make_node(max_associations=2, max_pending_connections=4)  # both limits: RJ from the thread and the loop
+    node = make_node(max_associations=2, max_pending_connections=6)  # both limits: RJ from the thread and the loop
     outcomes: list[str] = []
     lock = threading.Lock()
 
