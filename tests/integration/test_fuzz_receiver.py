@@ -87,8 +87,12 @@ def _stream(i: int, t: _Templates) -> tuple[list[bytes], str]:
             *w.p_data(3, data, is_command=False, max_pdu=max_pdu), release], kind
 
 
-def _talk(port: int, data: bytes, timeout_s: float = 15.0) -> tuple[str, list[str]]:
-    """Send ``data``, half-close, read until the node closes; (outcome, SOP instances acknowledged with Success)."""
+def _talk(port: int, data: bytes, timeout_s: float = 60.0) -> tuple[str, list[str]]:
+    """Send ``data``, half-close, read until the node closes; (outcome, SOP instances acknowledged with Success).
+
+    ``timeout_s`` is the node's own DIMSE timeout: on this shared machine one fsync of a C-STORE has been seen to
+    take over 15 s, so only a stream the node leaves open longer than that counts as hung.
+    """
     acked: list[str] = []
     outcome = "closed"
     with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as s:
