@@ -90,8 +90,9 @@ def _stream(i: int, t: _Templates) -> tuple[list[bytes], str]:
 def _talk(port: int, data: bytes, timeout_s: float = 60.0) -> tuple[str, list[str]]:
     """Send ``data``, half-close, read until the node closes; (outcome, SOP instances acknowledged with Success).
 
-    ``timeout_s`` is the node's own DIMSE timeout: on this shared machine one fsync of a C-STORE has been seen to
-    take over 15 s, so only a stream the node leaves open longer than that counts as hung.
+    ``timeout_s`` is the node's own DIMSE timeout: in one run on the loaded shared machine (52 s instead of about
+    20 s) four streams waited over 15 s for the node's answer, cause not identified; only a stream the node leaves
+    open longer than its own timeout counts as hung.
     """
     acked: list[str] = []
     outcome = "closed"
