@@ -7,16 +7,23 @@ with the same maximum PDU size, in one run. Every target gets
 fresh storage for every measurement. Then, optionally, a ~2 GB study of large multi-frame instances is sent
 to the node while the peak RSS of its receiver processes is read from ``/proc/<pid>/status`` (VmHWM).
 
+``--sustained N`` (or ``--sustained-only``) adds a sustained stream: N (default 2,000) images of 512 KiB,
+about 1 GB and so longer than the node's receive journals (256 MiB per receiver process), sent to the node
+and to dcmtk storescp in the same run, over 1 and 4 associations; it has its own README section.
+
 Usage::
 
-    .venv/bin/python benchmarks/ingest.py [--n 300] [--repeats 1] [--big-gb 2.0] [--write-readme]
+    .venv/bin/python benchmarks/ingest.py [--n 300] [--repeats 1] [--big-gb 2.0] [--sustained 2000] [--write-readme]
+    nice -n 10 .venv/bin/python benchmarks/ingest.py --sustained-only [--write-readme]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
+import platform
 import shutil
 import statistics
 import subprocess
@@ -42,6 +49,8 @@ ENV = dict(os.environ, TCP_NODELAY="1")
 PDU = 131072
 README = Path(__file__).with_name("README.md")
 RESULTS = Path(__file__).with_name("results") / "ingest.json"
+SUSTAINED_RESULTS = Path(__file__).with_name("results") / "ingest_sustained.json"
+SUSTAINED_GOAL = 0.5  # node / storescp, issue #33
 
 
 def free_port() -> int:
@@ -109,10 +118,11 @@ def make_big_study(out: Path, total_gb: float, frames: int = 64, rows: int = 512
     return paths
 
 
-def wait_echo(port: int, aet: str = "ECHOSCU", timeout_s: float = 60.0) -> None:
+def wait_echo(port: int, aet: str = "ECHOSCU", timeout_s: float = 60.0, called: str = "ANY-SCP") -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        r = subprocess.run([ECHOSCU, "-aet", aet, "127.0.0.1", str(port)], capture_output=True, env=ENV)
+        r = subprocess.run([ECHOSCU, "-aet", aet, "-aec", called, "127.0.0.1", str(port)], capture_output=True,
+                           env=ENV)
         if r.returncode == 0:
             return
         time.sleep(0.2)
@@ -150,7 +160,7 @@ def node_target(work: Path, processes: int, receiver: str = "native", warm: bool
     }, "log_level": "WARNING"})
     group = start_receivers(cfg)
     try:
-        wait_echo(port)
+        wait_echo(port, called=cfg.node.ae_title)
         if warm and receiver == "native":
             want, deadline = cfg.node.journal_mb << 20, time.monotonic() + 120
             files = [Path(cfg.node.storage_dir) / "journal" / f"{i}.bin" for i in range(processes)]
@@ -292,6 +302,149 @@ def run(n: int, repeats: int, processes: int, big_gb: float) -> dict:
     return results
 
 
+def _provenance() -> dict[str, str]:
+    """Date, machine and the code measured (HEAD, and whether dicomnode/ had uncommitted changes)."""
+    repo = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    dirty = git("status", "--porcelain", "--", "dicomnode")
+    return {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": f"{platform.node()}, {os.cpu_count()} CPUs (shared, load average {os.getloadavg()[0]:.1f} "
+                       f"at the start), {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1024**3:.0f} GiB",
+            "commit": git("log", "-1", "--format=%h") + (" + uncommitted changes in dicomnode/" if dirty else "")}
+
+
+def run_sustained(n: int, processes: int, repeats: int = 1) -> dict:
+    """N images (longer than the journals) to the node and to storescp, 1 and 4 associations, one run.
+
+    Targets alternate within each repeat (round robin, ``sync`` before each) so a slow phase of the shared
+    disk hits both; the medians are reported.
+    """
+    res: dict = {"n": n, "processes": processes, "pdu": PDU, "repeats": repeats, "rates": {}, "runs": {},
+                 **_provenance()}
+    with tempfile.TemporaryDirectory(prefix="ingest-sustained-") as tmp:
+        tmp_path = Path(tmp)
+        files = make_images(tmp_path / "images", n)
+        res["size_mb"] = sum(f.stat().st_size for f in files) / 1e6
+        targets = {"node": lambda w: node_target(w, processes), "storescp": storescp_target}
+        for parallel in (1, 4):
+            for r in range(repeats):
+                for name, target in targets.items():
+                    work = tmp_path / f"{name}-{parallel}-{r}"
+                    with target(work) as (port, aet, pids, drained):
+                        os.sync()
+                        time.sleep(1.0)
+                        t0 = time.perf_counter()
+                        dt_ack = send(port, files, parallel, aet)
+                        if not drained():
+                            raise RuntimeError(f"{name}: acknowledged instances were not indexed")
+                        dt_idx = time.perf_counter() - t0
+                        peak = peak_rss_mib(pids())
+                    shutil.rmtree(work, ignore_errors=True)
+                    runs = res["runs"].setdefault(f"{name}/{parallel}", [])
+                    runs.append({"ack": n / dt_ack, "indexed": n / dt_idx, "peak_rss_mib": peak})
+                    print(f"sustained {name:9s} {parallel} assoc, run {r + 1}: {n / dt_ack:7.1f} images/s acknowledged, "
+                          f"{n / dt_idx:7.1f} until indexed, peak RSS {peak:.0f} MiB", flush=True)
+            for name in targets:
+                runs = res["runs"][f"{name}/{parallel}"]
+                res["rates"][f"{name}/{parallel}"] = statistics.median(x["ack"] for x in runs)
+                res["rates"][f"{name}/{parallel}/indexed"] = statistics.median(x["indexed"] for x in runs)
+                res["rates"][f"{name}/{parallel}/peak_rss_mib"] = max(x["peak_rss_mib"] for x in runs)
+    return res
+
+
+def _sustained_history(keep: int = 4) -> list[dict]:
+    """The previous run's summary (and its own history): the figures move between runs, so none is dropped."""
+    if not SUSTAINED_RESULTS.exists():
+        return []
+    old = json.loads(SUSTAINED_RESULTS.read_text())
+    r = old["rates"]
+    summary = {"date": old["date"], "commit": old["commit"], **{
+        f"{k}_{p}": r[f"{k}/{p}"] for k in ("node", "storescp") for p in (1, 4)}}
+    summary.update({f"ratio_{p}": r[f"node/{p}"] / r[f"storescp/{p}"] for p in (1, 4)})
+    return [summary, *old.get("history", [])][:keep]
+
+
+def render_sustained(res: dict) -> str:
+    r = res["rates"]
+    rows = []
+    runs = res.get("runs", {})
+    spread = {k: ", ".join(f"{x['ack']:.0f}" for x in v) for k, v in runs.items()}
+    pairs = {p: [a["ack"] / b["ack"] for a, b in zip(runs.get(f"node/{p}", []), runs.get(f"storescp/{p}", []),
+                                                      strict=True)] for p in (1, 4)}
+    all_pairs = pairs[1] + pairs[4]
+    met_runs = sum(min(h["ratio_1"], h["ratio_4"]) >= SUSTAINED_GOAL for h in res.get("history", [])) + int(
+        all(r[f"node/{p}"] / r[f"storescp/{p}"] >= SUSTAINED_GOAL for p in (1, 4)))
+    for p in (1, 4):
+        ratio = r[f"node/{p}"] / r[f"storescp/{p}"]
+        rows.append(f"| {p} | {r[f'node/{p}']:.0f} | {r[f'node/{p}/indexed']:.0f} | {r[f'storescp/{p}']:.0f} "
+                    f"| {ratio:.2f} | {'met' if ratio >= SUSTAINED_GOAL else '**missed**'} "
+                    f"| {r[f'node/{p}/peak_rss_mib']:.0f} | {spread.get(f'node/{p}', '')} "
+                    f"| {spread.get(f'storescp/{p}', '')} | {', '.join(f'{x:.2f}' for x in pairs[p])} |")
+    return "\n".join([
+        "## Sustained ingest (longer than the journal)",
+        "",
+        f"`benchmarks/ingest.py --sustained-only`, {res['date']}, {res['machine']}, commit `{res['commit']}`. "
+        f"{res['n']} CT images of 512x512 16-bit ({res['size_mb']:.0f} MB; the node's receive journals hold "
+        f"{res['processes']} x 256 MiB) sent with dcmtk `storescu` (TCP_NODELAY=1, max PDU {res['pdu']}) to the "
+        f"node ({res['processes']} receiver processes, journal on: every instance is `fdatasync`ed before its "
+        "success status) and to dcmtk storescp (`--fork`, no fsync) in the same run, fresh storage each, run "
+        f"with `nice -n 10` on the shared machine, median of {res.get('repeats', 1)} run(s) taken alternately. "
+        "\"acknowledged\" is images / time until storescu finished; "
+        "\"indexed\" until the last instance was also in the spool index. Goal (issue #33): node at least "
+        f"{SUSTAINED_GOAL}x storescp, acknowledged.",
+        "",
+        "| associations | node, acknowledged (images/s) | node, indexed (images/s) | dcmtk storescp (images/s) "
+        "| node / storescp (medians) | goal >= 0.5 | node peak RSS (MiB) | node, every run | storescp, every run "
+        "| node / storescp, run by run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "storescp writes into the page cache and never waits for the disk, so its rate swings with the kernel's "
+        "dirty-page state (see every run); the node answers each instance only after parsing the data set "
+        "(since issue #33) and `fdatasync`ing its journal record, and once the stream outgrows the journals it "
+        "also waits for the spool (file, directory and index fsyncs) to free room. "
+        + ("The 0.5x goal is **missed** in this run: " + "; ".join(
+            f"{p} association{'s' if p > 1 else ''} {r[f'node/{p}'] / r[f'storescp/{p}']:.2f}x"
+            for p in (1, 4) if r[f"node/{p}"] / r[f"storescp/{p}"] < SUSTAINED_GOAL) + "."
+           if any(r[f"node/{p}"] / r[f"storescp/{p}"] < SUSTAINED_GOAL for p in (1, 4))
+           else "The 0.5x goal is met by the medians of this run"
+           + (f", but run by run the ratio ranges from {min(all_pairs):.2f} to {max(all_pairs):.2f}: on this shared "
+              "machine the node sits at the edge of the goal, not clear of it." if min(all_pairs, default=1) <
+              SUSTAINED_GOAL else ".")),
+        *([""] + ([f"**Not reliably met:** the medians reach {SUSTAINED_GOAL}x storescp on both association counts "
+                   f"in {met_runs} of the {1 + len(res['history'])} runs listed here, so the goal cannot be claimed "
+                   "for a sustained stream on this machine."]
+                  if res.get("history") and met_runs < 1 + len(res["history"]) else [])
+          + [""] + [f"- Earlier run, {h['date']}, commit `{h['commit']}`: node / storescp (medians) "
+                  f"{h['ratio_1']:.2f} on 1 association, {h['ratio_4']:.2f} on 4 "
+                  f"({h['node_1']:.0f} vs {h['storescp_1']:.0f} and {h['node_4']:.0f} vs {h['storescp_4']:.0f} "
+                  "images/s)." for h in res.get("history", [])]),
+        "",
+        "",
+    ])
+
+
+def write_readme_section(section: str, title: str, after: str = "## Ingest") -> None:
+    """Replace the README section ``title`` (or insert it after the section ``after``)."""
+    text = README.read_text()
+    start = text.find(title + "\n")
+    if start < 0:
+        anchor = text.find(after)
+        end = text.find("\n## ", anchor + 1) if anchor >= 0 else -1
+        text = text[:end + 1] + section + text[end + 1:] if end >= 0 else text.rstrip("\n") + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+    README.write_text(text)
+
+
 def render(res: dict) -> str:
     r = res["rates"]
     lines = [
@@ -373,7 +526,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--big-gb", type=float, default=2.0, help="size of the RSS study in GiB (0 to skip)")
     ap.add_argument("--write-readme", action="store_true", help="write the table into benchmarks/README.md")
     ap.add_argument("--render-only", action="store_true", help="re-render the last results JSON, measure nothing")
+    ap.add_argument("--sustained", type=int, default=0, help="also run the sustained stream of N images (0: skip)")
+    ap.add_argument("--sustained-only", action="store_true", help="run only the sustained stream (default N 2000)")
     args = ap.parse_args(argv)
+    if args.sustained_only or args.sustained:
+        if args.render_only:
+            sres = json.loads(SUSTAINED_RESULTS.read_text())
+        else:
+            sres = run_sustained(args.sustained or 2000, args.processes, args.repeats)
+            sres["history"] = _sustained_history()
+            SUSTAINED_RESULTS.parent.mkdir(exist_ok=True)
+            SUSTAINED_RESULTS.write_text(json.dumps(sres, indent=2))
+        ssec = render_sustained(sres)
+        print(ssec)
+        if args.write_readme:
+            write_readme_section(ssec, "## Sustained ingest (longer than the journal)")
+        if args.sustained_only:
+            return 0
     if args.render_only:
         res = json.loads(RESULTS.read_text())
     else:

@@ -18,6 +18,11 @@ from dicomnode.errors import ConfigError
 AETitle = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[^\\\x00-\x1f]*[^ \\\x00-\x1f][^\\\x00-\x1f]*$")]
 
 
+#: maximum PDU length announced by default (bytes); finite, so a peer cannot make the node buffer 4 GiB PDUs
+DEFAULT_MAX_PDU = 1 << 20
+MIN_MAX_PDU, MAX_MAX_PDU = 4096, 16 << 20
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -48,7 +53,15 @@ class NodeConfig(_Strict):
     allowed_callers: list[Caller] = Field(default_factory=list)
     max_associations: int = Field(16, ge=1, le=256)
     disk_min_free_gb: float = Field(5.0, ge=0)
-    max_pdu: int = Field(0, ge=0, description="maximum PDU length we receive; 0 means unlimited")
+    max_pdu: int = Field(DEFAULT_MAX_PDU, ge=MIN_MAX_PDU, le=MAX_MAX_PDU,
+                         description="maximum PDU length we receive and announce (bytes); finite")
+    max_pending_connections: int = Field(64, ge=1, le=1024, description="connections not yet associated; "
+                                         "more are closed at once (native receiver)")
+    check_called_ae_title: bool = Field(True, description="reject associations whose called AE title is not "
+                                        "ae_title (A-ASSOCIATE-RJ reason 7)")
+    resend_policy: Literal["replace", "keep_first"] = Field(
+        "replace", description="an instance re-sent with different content under the same SOP Instance UID "
+        "replaces the stored copy and reprocesses the study, or is acknowledged and ignored")
     acse_timeout_s: float = Field(30.0, gt=0)
     dimse_timeout_s: float = Field(60.0, gt=0)
     network_timeout_s: float = Field(60.0, gt=0)
@@ -62,6 +75,14 @@ class NodeConfig(_Strict):
     tls: TLSConfig | None = None
     status_http_port: int | None = Field(None, ge=0, le=65535)
     status_http_host: str = "127.0.0.1"
+
+    @field_validator("max_pdu", mode="before")
+    @classmethod
+    def _finite_pdu(cls, value: object) -> object:
+        if value == 0:
+            raise ValueError(f"max_pdu 0 (unlimited) is not allowed: give a size in bytes, {MIN_MAX_PDU}.."
+                             f"{MAX_MAX_PDU} (default {DEFAULT_MAX_PDU})")
+        return value
 
 
 class Destination(_Strict):

@@ -5,8 +5,11 @@ Enabled when ``node.status_http_port`` is set; it binds ``node.status_http_host`
 only reads the node database and the outbox. The status page ``/`` lists recent
 studies with their route, job state, latency and model version, and links to
 ``/overlay/<delivery id>.png`` (secondary captures and SEGs rendered on demand
-with :mod:`dicomnode.results.render`). It shows UIDs only, never patient names
-or IDs, and HTML-escapes every value.
+with :mod:`dicomnode.results.render`). At its top it flags what needs the
+operator (:func:`dicomnode.status.attention`): quarantined instances with their
+reason, failed jobs and dead deliveries. It reloads itself every ``REFRESH_S``
+seconds and wraps long UIDs so that its columns fit a 1400 px window. It shows
+UIDs only, never patient names or IDs, and HTML-escapes every value.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from dicomnode.config import Config
 from dicomnode.errors import DicomNodeError
 from dicomnode.metrics import NodeMetrics, default_metrics
 from dicomnode.spool import Spool
+from dicomnode.status import attention
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,8 @@ RENDERABLE_SOP_CLASSES = {
 }
 _OVERLAY_RE = re.compile(r"^/overlay/(\d+)\.png$")
 _CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: the status page reloads itself this often (seconds)
+REFRESH_S = 15
 
 
 def _e(value: object) -> str:
@@ -99,9 +105,11 @@ def render_status_page(cfg: Config, limit: int = 50) -> str:
     path = db.db_path(cfg.node.storage_dir)
     rows_html: list[str] = []
     counts: dict[str, int] = {}
+    alerts = ""
     if path.exists():
         conn = db.connect(path, timeout_s=5.0)
         try:
+            alerts = _alerts_html(attention(conn, cfg))
             if _has_table(conn, "studies") and _has_table(conn, "jobs"):
                 counts = {r["state"]: r["n"] for r in conn.execute(
                     "SELECT state, COUNT(*) AS n FROM studies GROUP BY state")}
@@ -114,11 +122,17 @@ def render_status_page(cfg: Config, limit: int = 50) -> str:
             "<th>Delivered</th><th>Overlays</th></tr>")
     body = "\n".join(rows_html) or '<tr><td colspan="11">no studies received yet</td></tr>'
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{_e(cfg.node.ae_title)} status</title>
-<style>body{{font-family:sans-serif;margin:1em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #999;padding:3px 6px;font-size:90%}}th{{background:#eee}}</style></head>
+<html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="{REFRESH_S}">
+<meta name="viewport" content="width=device-width"><title>{_e(cfg.node.ae_title)} status</title>
+<style>body{{font-family:sans-serif;margin:1em}}table{{border-collapse:collapse;width:100%;table-layout:auto}}
+td,th{{border:1px solid #999;padding:3px 5px;font-size:85%;vertical-align:top}}th{{background:#eee}}
+td.study,td.uid{{font-family:monospace;font-size:75%;word-break:break-all;min-width:12em;max-width:22em}}
+td.err{{max-width:28em;word-break:break-word}}
+.alert{{border:2px solid #b00020;background:#fdecea;padding:.4em .8em;margin:.5em 0}}
+.alert h2{{font-size:105%;margin:.2em 0;color:#b00020}}td.dead{{background:#fdecea;color:#b00020;font-weight:bold}}.ok{{color:#1b5e20}}</style></head>
 <body><h1>Node {_e(cfg.node.ae_title)}</h1>
-<p id="summary">Studies: {summary}. Page generated {_e(_ts(time.time()))}.
+<div id="alerts">{alerts}</div>
+<p id="summary">Studies: {summary}. Page generated {_e(_ts(time.time()))}; refreshes every {REFRESH_S} s.
 Results are AI outputs, not for diagnostic use alone.</p>
 <table id="studies">{head}
 {body}
@@ -126,6 +140,36 @@ Results are AI outputs, not for diagnostic use alone.</p>
 <p><a href="/metrics">metrics</a> &middot; <a href="/healthz">healthz</a> &middot; <a href="/readyz">readyz</a></p>
 </body></html>
 """
+
+
+def _alerts_html(found: dict[str, Any]) -> str:
+    """The boxes at the top of the page: quarantined instances, failed jobs, dead deliveries (empty: one line)."""
+    parts: list[str] = []
+    if found["quarantined"]:
+        rows = "".join(f'<tr><td>{q.id}</td><td class="uid">{_e(q.sop_instance_uid)}</td><td>{_e(q.kind)}</td>'
+                       f'<td class="err">{_e(q.reason)}</td><td class="uid">{_e(q.path.name)}</td>'
+                       f"<td>{_e(_ts(q.quarantined_at))}</td></tr>" for q in found["quarantined"])
+        parts.append(f'<div class="alert" id="quarantined"><h2>{len(found["quarantined"])} acknowledged instance(s)'
+                     " quarantined: the sender was told &ldquo;stored&rdquo; but the node could not index them"
+                     " (see README, Quarantined instances)</h2><table><tr><th>#</th><th>SOP Instance UID</th>"
+                     f"<th>Kind</th><th>Reason</th><th>File (storage_dir/quarantine)</th><th>When</th></tr>{rows}"
+                     "</table></div>")
+    if found["jobs"]:
+        rows = "".join(f'<tr><td>{r["id"]}</td><td>{_e(r["state"])}</td><td>{r["attempts"]}</td>'
+                       f'<td>{_e(r["task"])}</td><td class="uid">{_e(r["study_uid"])}</td>'
+                       f'<td class="err">{_e(r["last_error"])}</td></tr>' for r in found["jobs"])
+        parts.append(f'<div class="alert" id="failed-jobs"><h2>{len(found["jobs"])} failed job(s)</h2><table><tr>'
+                     "<th>#</th><th>State</th><th>Attempts</th><th>Task</th><th>Study</th><th>Last error</th></tr>"
+                     f"{rows}</table></div>")
+    if found["deliveries"]:
+        rows = "".join(f'<tr><td>{r["id"]}</td><td>{_e(r["destination"])}</td>'
+                       f'<td class="uid">{_e(r["sop_instance_uid"])}</td><td class="err">{_e(r["last_error"])}</td>'
+                       "</tr>" for r in found["deliveries"])
+        parts.append(f'<div class="alert" id="dead-deliveries"><h2>{len(found["deliveries"])} dead deliver'
+                     f'{"y" if len(found["deliveries"]) == 1 else "ies"}: results that will not be sent again'
+                     "</h2><table><tr><th>#</th><th>Destination</th><th>SOP Instance UID</th><th>Last error</th></tr>"
+                     f"{rows}</table></div>")
+    return "".join(parts) or '<p class="ok" id="no-alerts">No failed jobs, dead deliveries or quarantined instances.</p>'
 
 
 def _study_rows(conn: sqlite3.Connection, storage_dir: Path, limit: int) -> list[str]:
@@ -166,7 +210,8 @@ def _study_rows(conn: sqlite3.Connection, storage_dir: Path, limit: int) -> list
                             links.append(f'<a class="overlay" href="/overlay/{int(d["id"])}.png">{_e(kind)}</a>')
                 err = f' title="{_e(job["last_error"])}"' if job["last_error"] else ""
                 cells += [f'<td class="route">{_e(job["route"])}</td>', f'<td class="task">{_e(job["task"])}</td>',
-                          f'<td class="job-state"{err}>{_e(job["state"])}</td>',
+                          f'<td class="job-state{" dead" if job["state"] == "dead" else ""}"{err}>'
+                          f'{_e(job["state"])}</td>',
                           f'<td class="model">{_e(job["model_version"])}</td>', f"<td>{_e(_ts(st['first']))}</td>",
                           f"<td>{_e(_dur(rtc))}</td>", f"<td>{_e(_dur(inference))}</td>",
                           f'<td class="delivered">{_e(delivered)}</td>', f"<td>{' '.join(links) or '-'}</td>"]

@@ -46,8 +46,9 @@ STAGES = ("receive_to_complete", "complete_to_inference", "inference_to_delivere
 #: (name, help) of the instance counters, shared by the in-process counters and the multi-process collector
 RECEIVED_METRIC = ("dicomnode_instances_received", "Instances accepted by C-STORE")
 REJECTED_METRIC = ("dicomnode_instances_rejected", "Instances refused by C-STORE")
-RECEIVED_OUTCOMES = ("stored", "duplicate")
-REJECT_REASONS = ("out_of_resources", "invalid_dataset", "processing_failure", "unexpected_error", "other")
+RECEIVED_OUTCOMES = ("stored", "duplicate", "replaced", "resend_ignored")
+REJECT_REASONS = ("out_of_resources", "invalid_dataset", "processing_failure", "unexpected_error", "sop_class_mismatch",
+                  "quarantined", "other")
 
 
 class SharedReceiveCounts:
@@ -103,6 +104,9 @@ class DatabaseCollector(Collector):
         deliveries = GaugeMetricFamily("dicomnode_deliveries", "Result deliveries by destination and state",
                                        labels=["destination", "state"])
         instances = GaugeMetricFamily("dicomnode_spooled_instances", "Instances currently held in the spool")
+        quarantined = GaugeMetricFamily(
+            "dicomnode_quarantined_instances", "Acknowledged instances that could not be indexed and wait in "
+            "<storage_dir>/quarantine for the operator (files still present), by reason", labels=["reason"])
         if self.path.exists():
             conn = db.connect(self.path, timeout_s=5.0)
             try:
@@ -116,11 +120,19 @@ class DatabaseCollector(Collector):
                         for row in conn.execute(sql):
                             values = tuple(row)
                             family.add_metric([str(v) for v in values[:-1]], float(values[-1]))
+                if _has_table(conn, "quarantine"):
+                    root = self.path.parent
+                    by_reason: dict[str, int] = {}
+                    for row in conn.execute("SELECT path, kind FROM quarantine"):
+                        if (root / row[0]).exists():
+                            by_reason[row[1]] = by_reason.get(row[1], 0) + 1
+                    for reason, n in sorted(by_reason.items()):
+                        quarantined.add_metric([reason], float(n))
             except sqlite3.Error as exc:
                 log.warning("metrics: cannot read the node database: %s", exc)
             finally:
                 conn.close()
-        yield from (studies, jobs, deliveries, instances)
+        yield from (studies, jobs, deliveries, instances, quarantined)
 
 
 def _has_table(conn: sqlite3.Connection, name: str) -> bool:
@@ -174,9 +186,13 @@ class NodeMetrics:
 
     # ------------------------------------------------------------------ hooks called by the stages
 
-    def instance_stored(self, duplicate: bool) -> None:
-        """C-STORE accepted an instance (``duplicate``: it was already stored)."""
-        outcome = "duplicate" if duplicate else "stored"
+    def instance_stored(self, duplicate: bool | str) -> None:
+        """C-STORE accepted an instance: ``True`` a duplicate, ``False`` stored, or the outcome's name.
+
+        Outcomes: ``stored``, ``duplicate`` (same content again), ``replaced`` (different content under the
+        same SOP Instance UID replaced the stored copy), ``resend_ignored`` (the same, kept the first).
+        """
+        outcome = duplicate if isinstance(duplicate, str) else ("duplicate" if duplicate else "stored")
         self.instances_received.labels(outcome).inc()
         if self._shared is not None:
             self._shared.add("received", outcome)

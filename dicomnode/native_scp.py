@@ -15,15 +15,29 @@ Instances that the journal does not take (larger than ``INLINE_MAX`` bytes,
 deflated or big-endian transfer syntaxes, no journal configured) are streamed
 to a temp file in the spool and stored synchronously, as before.
 
-Association policy (allowed callers, free disk, association limit) and the
-DIMSE statuses are those of :mod:`dicomnode.scp`.
+Memory is bounded before and after authentication: a PDU body is read into a
+buffer that grows only as its bytes arrive; until the association is accepted
+no PDU may exceed ``PRE_ASSOCIATION_MAX_PDU`` (256 KiB), afterwards none may
+exceed the ``node.max_pdu`` the node announced (A-ABORT otherwise). Connections
+without an association count toward ``node.max_pending_connections`` (when all
+are taken, a lingering, silent or stalled one is closed to make room, see
+:meth:`NativeServer._admit`) and are closed by the ARTIM timer (``node.acse_timeout_s``, a deadline for the whole
+A-ASSOCIATE-RQ); after A-ASSOCIATE-RJ, A-RELEASE-RP and A-ABORT the node lets
+the peer close first, again for at most the ARTIM time.
+
+Success is answered only after the spool's own parse accepted the data set, its
+UIDs matched the C-STORE-RQ, and the bytes were durable.
+
+Association policy (allowed callers, called AE title, free disk, association
+limit) and the DIMSE statuses are those of :mod:`dicomnode.scp` and
+:mod:`dicomnode.dimse_status`.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import os
+import selectors
 import socket
 import ssl
 import struct
@@ -39,26 +53,27 @@ from pynetdicom import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicomnode import ul
-from dicomnode._identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 from dicomnode.config import NodeConfig
-from dicomnode.dicomscan import check_complete
-from dicomnode.dimse_status import RJ_APP_CONTEXT, RJ_PROTOCOL_VERSION, STATUS_SUCCESS, store_status
-from dicomnode.errors import InvalidDatasetError, OutOfResourcesError
+from dicomnode.dimse_status import RJ_CALLING_AE, RJ_LOCAL_LIMIT
 from dicomnode.journal import Journal
 from dicomnode.metrics import record
-from dicomnode.spool import Spool, StoreOutcome, _valid_uid
+from dicomnode.quarantine import quarantine
+from dicomnode.spool import Identity, Spool, StoreOutcome
 
 log = logging.getLogger(__name__)
 
-__all__ = ["INLINE_MAX", "NativeServer", "apply_records", "supported_contexts", "validate"]
+__all__ = ["INLINE_MAX", "PRE_ASSOCIATION_MAX_PDU", "NativeServer", "apply_records", "supported_contexts"]
 
 #: instances up to this size are held in memory while they arrive and go through the journal
 INLINE_MAX = 4 << 20
+#: largest PDU read before an association is accepted: 128 contexts x 38 transfer syntaxes (dcmtk's
+#: ``--propose-pc 128 --propose-ts 38``) is ~130 KiB; read as it arrives, so 64 pending connections stay < 16 MiB
+PRE_ASSOCIATION_MAX_PDU = 256 << 10
+_MAX_REFUSED = 1024  # connections above max_pending_connections waiting to read their A-ASSOCIATE-RJ
 _PDU_HEADER = struct.Struct(">BBI")
-_MAX_PDU_BODY = 256 << 20
 _FAST_SYNTAXES = frozenset({tsuid.ImplicitVRLittleEndian, tsuid.ExplicitVRLittleEndian} | {
     str(u) for u in tsuid.AllTransferSyntaxes if tsuid.UID(u).is_encapsulated})
-_UID_TAGS = (0x00080016, 0x00080018, 0x0020000D, 0x0020000E)
+
 
 def supported_contexts(transfer_syntaxes: list[str]) -> dict[str, list[str]]:
     """Abstract syntax -> acceptable transfer syntaxes (Verification and every storage SOP class)."""
@@ -67,49 +82,23 @@ def supported_contexts(transfer_syntaxes: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def validate(payload: bytes | bytearray, meta_length: int, transfer_syntax: str) -> None:
-    """Structural check of a received data set, and that it names its SOP class, instance, study and series.
-
-    Raises
-    ------
-    InvalidDatasetError
-        Truncated or malformed, or a UID missing or invalid.
-    """
-    fp = io.BytesIO(payload)
-    fp.seek(meta_length)
-    capture = dict.fromkeys(_UID_TAGS, b"")
-    check_complete(fp, transfer_syntax, capture)
-    uids = [_valid_uid(capture[t].decode("ascii", "replace")) for t in _UID_TAGS]
-    missing = [n for n, v in zip(("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"), uids,
-                                 strict=True) if v is None]
-    if missing:
-        raise InvalidDatasetError(f"received dataset lacks valid {', '.join(missing)}")
-
-
 def apply_records(spool: Spool, items: list[tuple[bytes, dict[str, Any]]]) -> None:
     """Move journal records into the spool (one sync, one commit); unparseable ones go to quarantine.
 
-    The quick check before the success status passed them, so a data set the spool rejects is rare
-    (a value pydicom refuses); its bytes are kept under ``<storage_dir>/quarantine`` with an error line.
+    The receiver parsed every record before its success status (the identity travels in the record),
+    so a record the spool refuses is one written by an older version or replayed from an old journal;
+    its bytes are kept by :func:`dicomnode.quarantine.quarantine`, listed by ``dicomnode status``.
     """
-    results = spool.store_batch([(payload, meta.get("assoc_id")) for payload, meta in items])
-    for (payload, _), result in zip(items, results, strict=True):
+    batch = [(payload, meta.get("assoc_id"), Identity.from_json(meta["ident"]) if meta.get("ident") else None)
+             for payload, meta in items]
+    results = spool.store_batch(batch)
+    for (payload, meta), result in zip(items, results, strict=True):
         if isinstance(result, StoreOutcome):
-            record("instance_stored", result is StoreOutcome.DUPLICATE)
+            record("instance_stored", result.value)
             continue
-        qdir = spool.storage_dir / "quarantine"
-        qdir.mkdir(parents=True, exist_ok=True)
-        target = qdir / f"{uuid.uuid4().hex}.dcm"
-        with open(target, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        log.error("acknowledged instance cannot be indexed (%s); kept as %s", result, target)
+        quarantine(spool.storage_dir, payload, kind="invalid_dataset", reason=str(result),
+                   sop_instance_uid=(meta.get("ident") or {}).get("sop"), assoc_id=meta.get("assoc_id"))
         record("instance_rejected", "quarantined")
-
-
-class _Closed(Exception):
-    """The peer closed the connection."""
 
 
 class _Instance:
@@ -161,191 +150,6 @@ class _Instance:
                 log.warning("cannot remove partial file %s", self.path)
 
 
-class _Association:
-    """One accepted connection: negotiation, then DIMSE until release or abort."""
-
-    def __init__(self, server: NativeServer, conn: socket.socket, peer: tuple[Any, ...]) -> None:
-        self.server = server
-        self.conn = conn
-        self.peer_host = str(peer[0])
-        self.aid = uuid.uuid4().hex
-        self.buf = bytearray(1 << 17)
-        self.peer_max_pdu = 0
-        self.contexts: dict[int, str] = {}  # accepted context id -> transfer syntax
-        self.calling = ""
-        self.slot = False
-        self.released = False
-
-    # ---------------------------------------------------------------- socket helpers
-
-    def _read_exact(self, n: int) -> memoryview:
-        if len(self.buf) < n:
-            self.buf = bytearray(n)
-        view = memoryview(self.buf)[:n]
-        got = 0
-        while got < n:
-            k = self.conn.recv_into(view[got:], n - got)
-            if k == 0:
-                raise _Closed
-            got += k
-        return view
-
-    def _read_pdu(self) -> tuple[int, memoryview]:
-        pdu_type, _, length = _PDU_HEADER.unpack(bytes(self._read_exact(6)))
-        limit = self.server.node.max_pdu or _MAX_PDU_BODY  # what we announced (0: unlimited, within reason)
-        if length > max(limit, 1 << 16):
-            raise ul.ProtocolError(f"PDU of {length} bytes (maximum {limit})")
-        return pdu_type, self._read_exact(length)
-
-    def _send(self, data: bytes) -> None:
-        self.conn.sendall(data)
-
-    # ---------------------------------------------------------------- the association
-
-    def run(self) -> None:
-        node = self.server.node
-        try:
-            self.conn.settimeout(node.acse_timeout_s)
-            if self.server.ssl_context is not None:
-                self.conn = self.server.ssl_context.wrap_socket(self.conn, server_side=True)
-            pdu_type, body = self._read_pdu()
-            if pdu_type != ul.ASSOCIATE_RQ:
-                raise ul.ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type {pdu_type}")
-            if not self._accept(ul.decode_associate_rq(bytes(body))):
-                return
-            self.conn.settimeout(node.network_timeout_s)
-            self._serve()
-        except (_Closed, ConnectionError, TimeoutError, ssl.SSLError, OSError) as exc:
-            if not self.released:
-                log.warning("association %s from %s ended without release: %s", self.aid, self.peer_host,
-                            type(exc).__name__)
-        except ul.ProtocolError as exc:
-            log.error("association %s from %s: protocol error, aborting: %s", self.aid, self.peer_host, exc)
-            try:
-                self._send(ul.abort_pdu(2, 0))
-            except OSError:
-                pass
-        finally:
-            if self.slot:
-                if not self.released:
-                    self.server.association_aborted(self.aid)
-                self.server.policy.counter.release()
-            try:
-                self.conn.close()
-            except OSError:
-                pass
-
-    def _accept(self, rq: ul.AssociateRQ) -> bool:
-        self.calling = rq.calling_ae
-        if not rq.protocol_version & 1:
-            reject, reason = RJ_PROTOCOL_VERSION, f"protocol version {rq.protocol_version} not supported"
-        elif rq.application_context != ul.APPLICATION_CONTEXT:
-            reject, reason = RJ_APP_CONTEXT, f"application context {rq.application_context} not supported"
-        else:
-            reject, reason = self.server.policy.decide(rq.calling_ae, self.peer_host)
-        if reject is not None:
-            log.warning("rejecting association from AE %r at %s: %s", rq.calling_ae, self.peer_host, reason)
-            self._send(ul.associate_rj(*reject))
-            return False
-        self.slot = True
-        results = ul.negotiate(rq, self.server.contexts)
-        self.contexts = {cx.context_id: ts for cx, result, ts in results if result == ul.ACCEPTANCE and ts}
-        self.peer_max_pdu = rq.max_pdu
-        self._send(ul.associate_ac(rq, results, max_pdu=self.server.node.max_pdu,
-                                   implementation_class_uid=IMPLEMENTATION_CLASS_UID,
-                                   implementation_version=IMPLEMENTATION_VERSION))
-        self.server.association_opened(self.aid, rq.calling_ae, self.peer_host)
-        return True
-
-    def _serve(self) -> None:
-        command = bytearray()
-        cmd: ul.Command | None = None
-        cmd_context = 0
-        instance: _Instance | None = None
-        try:
-            while True:
-                pdu_type, body = self._read_pdu()
-                if pdu_type == ul.RELEASE_RQ:
-                    self._send(ul.release_pdu(ul.RELEASE_RP))
-                    self.released = True
-                    self.server.association_released(self.aid)
-                    return
-                if pdu_type == ul.ABORT:
-                    log.warning("association %s aborted by the peer", self.aid)
-                    return
-                if pdu_type != ul.P_DATA:
-                    raise ul.ProtocolError(f"unexpected PDU type {pdu_type} during the association")
-                for context_id, mch, fragment in ul.iter_pdvs(body):
-                    if context_id not in self.contexts:
-                        raise ul.ProtocolError(f"PDV on presentation context {context_id}, which was not accepted")
-                    if mch & 1:
-                        command += fragment
-                        if mch & 2:
-                            cmd, cmd_context = ul.decode_command(bytes(command)), context_id
-                            command.clear()
-                            instance = self._on_command(cmd, context_id)
-                        continue
-                    if cmd is None or instance is None or context_id != cmd_context:
-                        raise ul.ProtocolError("data set fragment without a C-STORE request")
-                    instance.add(fragment)
-                    if mch & 2:
-                        instance.finish()
-                        status = self._store(cmd, self.contexts[context_id], instance)
-                        self._respond(cmd, context_id, ul.C_STORE_RSP, status)
-                        cmd, instance = None, None
-        finally:
-            if instance is not None:
-                instance.discard()
-
-    def _on_command(self, cmd: ul.Command, context_id: int) -> _Instance | None:
-        if cmd.command_field == ul.C_ECHO_RQ:
-            self._respond(cmd, context_id, ul.C_ECHO_RSP, STATUS_SUCCESS)
-            return None
-        if cmd.command_field != ul.C_STORE_RQ:
-            raise ul.ProtocolError(f"unsupported DIMSE command 0x{cmd.command_field:04X}")
-        if cmd.data_set_type == ul.NO_DATA_SET:
-            raise ul.ProtocolError("C-STORE-RQ without a data set")
-        head = ul.file_meta(cmd.sop_class_uid, cmd.sop_instance_uid, self.contexts[context_id],
-                            implementation_class_uid=IMPLEMENTATION_CLASS_UID,
-                            implementation_version=IMPLEMENTATION_VERSION, source_ae=self.calling)
-        return _Instance(head, self.server.spool.tmp_dir)
-
-    def _respond(self, cmd: ul.Command, context_id: int, field: int, status: int) -> None:
-        rsp = ul.Command(command_field=field, responded_to=cmd.message_id, sop_class_uid=cmd.sop_class_uid,
-                         sop_instance_uid=cmd.sop_instance_uid, status=status)
-        for pdu in ul.p_data_pdus(context_id, ul.encode_command(rsp), command=True, max_pdu=self.peer_max_pdu):
-            self._send(pdu)
-
-    def _store(self, cmd: ul.Command, ts: str, instance: _Instance) -> int:
-        sop = cmd.sop_instance_uid or "?"
-        server = self.server
-        if instance.error is not None:
-            instance.discard()
-            err = instance.error
-
-            def spill_failed() -> None:
-                raise OutOfResourcesError(f"cannot spool the data set: {err}")
-
-            return store_status(sop, self.aid, spill_failed)
-        if instance.path is not None or server.journal is None or ts not in _FAST_SYNTAXES:
-            data: Any = instance.path if instance.path is not None else bytes(instance.buf)
-            try:
-                return store_status(sop, self.aid, lambda: server.spool.store(data, assoc_id=self.aid))
-            finally:
-                instance.discard()
-
-        def fast() -> StoreOutcome | None:
-            if not server.spool.disk_ok():
-                raise OutOfResourcesError(f"free disk space below {server.spool.disk_min_free_gb:g} GiB")
-            validate(instance.buf, instance.meta_length, ts)
-            assert server.journal is not None
-            if server.journal.append(instance.buf, {"assoc_id": self.aid}) is None:
-                return server.spool.store(bytes(instance.buf), assoc_id=self.aid)
-            return None
-
-        return store_status(sop, self.aid, fast)
-
-
 class NativeServer:
     """Listening socket plus one thread per association; optional journal with its materializer thread.
 
@@ -383,13 +187,56 @@ class NativeServer:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             self.sock.bind((node.host, node.port))
-            self.sock.listen(64)
+            self.sock.listen(128)
         except OSError:
             self.sock.close()
             raise
         self.sock.settimeout(0.5)
         self.port = int(self.sock.getsockname()[1])
         self._threads: list[threading.Thread] = []
+        self._selector = selectors.DefaultSelector()  # registered before any shutdown() can close the socket
+        self._selector.register(self.sock, selectors.EVENT_READ)
+        # connections without an association: waiting for their A-ASSOCIATE-RQ, or lingering after RJ/RP/abort
+        self._pending: dict[Any, tuple[float, bool]] = {}  # association -> (since, lingering)
+        self._pending_lock = threading.Lock()
+        self._last_refusal_log = 0.0
+
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`shutdown` was called (lingering connections close at once)."""
+        return self._stop.is_set()
+
+    def pending_enter(self, assoc: Any, *, lingering: bool) -> None:
+        """Count ``assoc`` as a connection without an association (again, or now lingering)."""
+        with self._pending_lock:
+            self._pending[assoc] = (time.monotonic(), lingering)
+
+    def pending_leave(self, assoc: Any) -> None:
+        """``assoc`` was accepted or closed."""
+        with self._pending_lock:
+            self._pending.pop(assoc, None)
+
+    def _admit(self, assoc: Any) -> bool:
+        """Count a new connection as pending; when ``max_pending_connections`` are open, make room or refuse.
+
+        Room is made by closing a lingering connection (already answered), else the oldest one that has not
+        completed its A-ASSOCIATE-RQ 2 s after connecting while nothing it sent waits unread
+        (:meth:`dicomnode.native_assoc.Association.evictable`): a sender's request follows its connect within
+        milliseconds, so silent or stalling peers cannot keep senders out.
+        """
+        now = time.monotonic()
+        with self._pending_lock:
+            if len(self._pending) >= self.node.max_pending_connections:
+                by_age = sorted(self._pending.items(), key=lambda kv: kv[1][0])
+                victim = next((a for a, (_, lingering) in by_age if lingering), None)
+                if victim is None:
+                    victim = next((a for a, (since, _) in by_age if a.evictable(now - since)), None)
+                if victim is None:
+                    return False
+                del self._pending[victim]
+                victim.evict()
+            self._pending[assoc] = (now, False)
+            return True
 
     # ---------------------------------------------------------------- bookkeeping (association threads)
 
@@ -466,25 +313,97 @@ class NativeServer:
                  self.port, os.getpid(), "on" if self.journal is not None else "off")
 
     def _accept_loop(self) -> None:
+        """Accept connections; above ``max_pending_connections`` answer A-ASSOCIATE-RJ (transient, local limit).
+
+        Refused connections stay in this thread's selector until the peer closes (its unread request is
+        drained, so the close does not reset the connection before the peer read the rejection) or the
+        ARTIM time passes.
+        """
+        from dicomnode.native_assoc import Association
+
         assoc_threads: list[threading.Thread] = []
+        sel = self._selector
+        refused: dict[socket.socket, float] = {}
         while not self._stop.is_set():
             try:
-                conn, peer = self.sock.accept()
-            except TimeoutError:
-                continue
+                events = sel.select(0.5)
             except OSError:
-                if self._stop.is_set():
-                    break
-                log.exception("accept failed")
-                time.sleep(0.1)
-                continue
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.settimeout(None)
-            t = threading.Thread(target=_Association(self, conn, peer).run, name="dicomnode-assoc", daemon=True)
-            t.start()
-            assoc_threads = [a for a in assoc_threads if a.is_alive()] + [t]
+                break
+            for key, _ in events:
+                if key.fileobj is not self.sock:
+                    self._drain_refused(sel, refused, key.fileobj)  # type: ignore[arg-type]
+                    continue
+                try:
+                    conn, peer = self.sock.accept()
+                except (BlockingIOError, TimeoutError):
+                    continue
+                except OSError:
+                    if self._stop.is_set():
+                        break
+                    log.exception("accept failed")
+                    time.sleep(0.1)
+                    continue
+                if not self.policy.host_known(str(peer[0])):  # a stranger never holds a pending slot
+                    self._refuse(sel, refused, conn, peer, RJ_CALLING_AE, "address not in allowed_callers")
+                    continue
+                assoc = Association(self, conn, peer)
+                if not self._admit(assoc):
+                    self._refuse(sel, refused, conn, peer, RJ_LOCAL_LIMIT,
+                                 f"{self.node.max_pending_connections} connections without an association are open"
+                                 " (max_pending_connections), none of them idle or stalled")
+                    continue
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                conn.settimeout(None)
+                t = threading.Thread(target=assoc.run, name="dicomnode-assoc", daemon=True)
+                t.start()
+                assoc_threads = [a for a in assoc_threads if a.is_alive()] + [t]
+            now = time.monotonic()
+            for conn in [c for c, deadline in refused.items() if deadline < now]:
+                self._drop_refused(sel, refused, conn)
+        for conn in list(refused):
+            self._drop_refused(sel, refused, conn)
+        sel.close()
         for t in assoc_threads:
             t.join(5.0)
+
+    def _refuse(self, sel: selectors.BaseSelector, refused: dict[socket.socket, float], conn: socket.socket,
+                peer: tuple[Any, ...], reject: tuple[int, int, int], why: str) -> None:
+        """Answer A-ASSOCIATE-RJ ``reject`` without reading the request (plain TCP) or just close (TLS)."""
+        now = time.monotonic()
+        if now - self._last_refusal_log > 10.0:  # at most one line per 10 s: a flood must not flood the log
+            self._last_refusal_log = now
+            log.warning("rejecting connections from %s at once: %s", peer[0], why)
+        if len(refused) >= _MAX_REFUSED or self.ssl_context is not None:
+            conn.close()
+            return
+        try:
+            conn.setblocking(False)
+            conn.send(ul.associate_rj(*reject))
+        except OSError:
+            conn.close()
+            return
+        refused[conn] = now + self.node.acse_timeout_s
+        sel.register(conn, selectors.EVENT_READ)
+
+    def _drain_refused(self, sel: selectors.BaseSelector, refused: dict[socket.socket, float],
+                       conn: socket.socket) -> None:
+        try:
+            if conn.recv(1 << 16):
+                return
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        self._drop_refused(sel, refused, conn)
+
+    @staticmethod
+    def _drop_refused(sel: selectors.BaseSelector, refused: dict[socket.socket, float], conn: socket.socket) -> None:
+        refused.pop(conn, None)
+        try:
+            sel.unregister(conn)
+        except (KeyError, ValueError):
+            pass
+        conn.close()
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         """Stop accepting, let open associations end, drain the journal into the spool."""

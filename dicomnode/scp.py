@@ -14,7 +14,9 @@ policy and statuses hold for both.
   temporary files are created inside the spool's file system so they are moved,
   not copied.
 * Association control happens before presentation-context negotiation: the
-  calling AE title and peer IP must be in ``allowed_callers`` (else rejected-
+  called AE title must be ``ae_title`` unless ``check_called_ae_title`` is off
+  (else rejected-permanent, "called AE title not recognized"), the calling AE
+  title and peer IP must be in ``allowed_callers`` (else rejected-
   permanent, "calling AE title not recognised"), the free disk space must be
   above the minimum and the number of open associations below
   ``max_associations`` (else rejected-transient).
@@ -48,6 +50,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from dicomnode.config import Config, NodeConfig
 from dicomnode.dimse_status import (
+    RJ_CALLED_AE,
     RJ_CALLING_AE,
     RJ_LOCAL_LIMIT,
     RJ_NO_REASON,
@@ -128,8 +131,16 @@ class _Policy:
     def __init__(self, node: NodeConfig, spool: Spool, counter: _Counter) -> None:
         self.allowed = {(c.ae_title.strip(), c.host.strip()) for c in node.allowed_callers}
         self.max_associations = node.max_associations
+        self.ae_title = node.ae_title.strip()
+        self.check_called = node.check_called_ae_title
         self.spool = spool
         self.counter = counter
+
+    def host_known(self, peer_host: str) -> bool:
+        """True when some ``allowed_callers`` entry names this address (checked before reading anything)."""
+        if peer_host.lower().startswith("::ffff:"):
+            peer_host = peer_host[7:]
+        return any(host == peer_host for _, host in self.allowed)
 
     def decide(self, calling_ae: str, peer_host: str) -> tuple[tuple[int, int, int] | None, str]:
         """Return (reject triple or None, reason); acquires an association slot when accepting."""
@@ -153,7 +164,11 @@ class _GuardedACSE(ACSE):
         rq = self.requestor.primitive
         calling = str(getattr(rq, "calling_ae_title", "") or "").strip()
         host = str(self.assoc.requestor.address or "")
-        reject, reason = self.policy.decide(calling, host)
+        called = str(getattr(rq, "called_ae_title", "") or "").strip()
+        if self.policy.check_called and called != self.policy.ae_title:
+            reject, reason = RJ_CALLED_AE, f"called AE title {called!r} not recognized"
+        else:
+            reject, reason = self.policy.decide(calling, host)
         if reject is not None:
             log.warning("rejecting association from AE %r at %s: %s", calling, host, reason)
             self.requestor.ae_title = calling
@@ -276,7 +291,7 @@ def build_ae(cfg: Config, spool: Spool, *, _counter: _Counter | None = None,
     ae.acse_timeout = node.acse_timeout_s
     ae.dimse_timeout = node.dimse_timeout_s
     ae.network_timeout = node.network_timeout_s
-    ae.require_called_aet = False
+    ae.require_called_aet = node.check_called_ae_title  # pynetdicom rejects (1, 1, 7) as the native receiver does
     ae.add_supported_context(Verification)
     for cx in AllStoragePresentationContexts:
         ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
@@ -341,7 +356,7 @@ def _receiver_main(cfg: Config, port: int, stop: Any, counter_value: Any, ready:
     cfg = cfg.model_copy(update={"node": cfg.node.model_copy(update={"port": port})})
     if receive_counts is not None:
         default_metrics().count_into(receive_counts)
-    spool = Spool(cfg.node.storage_dir, cfg.node.disk_min_free_gb)
+    spool = Spool(cfg.node.storage_dir, cfg.node.disk_min_free_gb, resend_policy=cfg.node.resend_policy)
     tempfile.tempdir = str(spool.tmp_dir)  # pynetdicom's chunked temp files land on the spool's file system
     ae = None
     try:
@@ -490,7 +505,7 @@ def start_receivers(cfg: Config, stop: Any | None = None, *,
     n = cfg.node.receive_processes
     if n > 1 and cfg.node.port == 0:
         raise ConfigError("node.port must be a fixed port when receive_processes > 1")
-    spool = Spool(cfg.node.storage_dir, cfg.node.disk_min_free_gb)  # schema once, before any child races
+    spool = Spool(cfg.node.storage_dir, cfg.node.disk_min_free_gb, resend_policy=cfg.node.resend_policy)  # schema once, before any child races
     spool.close_stale_associations()
     spool.clean_tmp()
     replay_journals(cfg, spool)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import hashlib
 import io
 import json
 import logging
@@ -40,10 +41,11 @@ from dicomnode.dicomscan import check_complete
 from dicomnode.errors import InvalidDatasetError, OutOfResourcesError
 from dicomnode.fsutil import fsync_path
 from dicomnode.router import SeriesInfo, routing_meta
+from dicomnode.spool_associations import AssociationIndex
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SCHEMA", "SeriesRecord", "Spool", "StoreOutcome", "StoredInstance"]
+__all__ = ["SCHEMA", "Identity", "SeriesRecord", "Spool", "StoreOutcome", "StoredInstance"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -95,7 +97,9 @@ class StoreOutcome(enum.Enum):
     """Result of :meth:`Spool.store`."""
 
     STORED = "stored"
-    DUPLICATE = "duplicate"
+    DUPLICATE = "duplicate"  # the same data set was stored before
+    REPLACED = "replaced"  # different content under a stored SOP Instance UID replaced it (resend_policy replace)
+    RESEND_IGNORED = "resend_ignored"  # the same, kept the first copy (resend_policy keep_first)
 
 
 @dataclass(frozen=True)
@@ -162,8 +166,8 @@ _LIBC = _load_libc()
 
 
 @dataclass(frozen=True)
-class _Identity:
-    """What the index needs from a parsed instance."""
+class Identity:
+    """What the index needs from a parsed instance (the receiver computes it before it answers success)."""
 
     sop: str
     sop_class: str
@@ -172,10 +176,40 @@ class _Identity:
     transfer_syntax: str
     meta: dict[str, Any] = field(hash=False)
 
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict (journal record meta)."""
+        return {"sop": self.sop, "sop_class": self.sop_class, "study": self.study, "series": self.series,
+                "transfer_syntax": self.transfer_syntax, "meta": self.meta}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Identity:
+        """Inverse of :meth:`to_json`."""
+        return cls(d["sop"], d["sop_class"], d["study"], d["series"], d["transfer_syntax"], d["meta"])
+
+
+_Identity = Identity
+
 
 def _valid_uid(value: Any) -> str | None:
     text = str(value).strip().rstrip("\x00") if value is not None else ""
     return text if 0 < len(text) <= 64 and _UID_RE.match(text) else None
+
+
+def _digest(source: bytes | bytearray | memoryview | str | os.PathLike[str]) -> bytes:
+    """SHA-256 of the data set after the File Meta Information (what the sender sent, not our meta header)."""
+    h = hashlib.sha256()
+    fp: BinaryIO = io.BytesIO(source) if isinstance(source, bytes | bytearray | memoryview) else open(source, "rb")  # noqa: SIM115
+    try:
+        read_preamble(fp, False)
+        _read_file_meta_info(fp)
+        while chunk := fp.read(_COPY_CHUNK):
+            h.update(chunk)
+    except Exception as exc:  # noqa: BLE001 - an unreadable stored copy differs from anything new
+        log.warning("cannot read an instance to compare a re-send: %s", type(exc).__name__)
+        return b""
+    finally:
+        fp.close()
+    return h.digest()
 
 
 def _expected_from_header(meta: dict[str, Any]) -> int | None:
@@ -189,7 +223,7 @@ def _expected_from_header(meta: dict[str, Any]) -> int | None:
     return None
 
 
-class Spool:
+class Spool(AssociationIndex):
     """Durable store of received instances plus their SQLite index.
 
     Parameters
@@ -199,10 +233,14 @@ class Spool:
     disk_min_free_gb:
         Below this much free space (GiB) on the spool's file system, stores fail
         with :class:`OutOfResourcesError`.
+    resend_policy:
+        ``replace``: an instance re-sent with other content under a stored SOP Instance UID replaces
+        the stored copy (the study is re-opened and reprocessed); ``keep_first``: it is ignored.
     """
 
-    def __init__(self, storage_dir: Path, disk_min_free_gb: float) -> None:
+    def __init__(self, storage_dir: Path, disk_min_free_gb: float, *, resend_policy: str = "replace") -> None:
         self.storage_dir = Path(storage_dir)
+        self.resend_policy = resend_policy
         self.root = self.storage_dir / "spool"
         self.tmp_dir = self.root / ".tmp"
         self.disk_min_free_gb = float(disk_min_free_gb)
@@ -279,12 +317,33 @@ class Spool:
 
     # ------------------------------------------------------------------ store
 
-    def store(self, encoded: bytes | str | os.PathLike[str], *, assoc_id: str | None) -> StoreOutcome:
+    def identify(self, encoded: bytes | bytearray | memoryview | str | os.PathLike[str]) -> Identity:
+        """Parse and check a received instance (File Format bytes or a path) as :meth:`store` would.
+
+        Raises
+        ------
+        InvalidDatasetError
+            The data cannot be parsed or lacks valid Study/Series/SOP Instance UIDs.
+        OutOfResourcesError
+            A path that cannot be read.
+        """
+        if isinstance(encoded, bytes | bytearray | memoryview):
+            return self._identify(io.BytesIO(encoded))
+        try:
+            with open(encoded, "rb") as fp:
+                return self._identify(fp)
+        except OSError as exc:
+            raise OutOfResourcesError(f"cannot read received file {encoded}: {exc}") from exc
+
+    def store(self, encoded: bytes | str | os.PathLike[str], *, assoc_id: str | None,
+              ident: Identity | None = None) -> StoreOutcome:
         """Persist one received instance (DICOM File Format bytes, or a path to such a file).
 
         A path given here is moved into the spool when the instance is stored and the
         path lies on the spool's file system; otherwise it is copied and left in place
-        (as it is for duplicates) for the caller to delete.
+        (as it is for duplicates) for the caller to delete. ``ident`` skips the parse
+        when the caller already ran :meth:`identify`. A SOP Instance UID stored before
+        gives DUPLICATE (same data set), or REPLACED / RESEND_IGNORED by ``resend_policy``.
 
         Raises
         ------
@@ -296,21 +355,23 @@ class Spool:
         if not self.disk_ok():
             raise OutOfResourcesError(
                 f"free disk space below {self.disk_min_free_gb:g} GiB on {self.root}")
-        if isinstance(encoded, bytes | bytearray | memoryview):
-            ident = self._identify(io.BytesIO(bytes(encoded)))
-        else:
-            try:
-                with open(encoded, "rb") as fp:
-                    ident = self._identify(fp)
-            except OSError as exc:
-                raise OutOfResourcesError(f"cannot read received file {encoded}: {exc}") from exc
+        ident = ident or self.identify(encoded)
         conn = self._conn
         if conn.execute("SELECT 1 FROM instances WHERE sop_instance_uid=?", (ident.sop,)).fetchone():
-            log.info("duplicate instance %s ignored", ident.sop)
-            return StoreOutcome.DUPLICATE
-
+            return self._store_again(ident, encoded, assoc_id)
         tmp = self._take_input(encoded)
         final = self._final_path(ident)
+        self._place(tmp, final)
+        try:
+            with db.transaction(conn):
+                outcome = self._index(conn, ident, final, assoc_id, time.time())
+        except sqlite3.Error as exc:
+            raise OutOfResourcesError(f"cannot index instance {ident.sop}: {exc}") from exc
+        log.debug("stored %s in series %s", ident.sop, ident.series)
+        return outcome
+
+    def _place(self, tmp: Path, final: Path) -> None:
+        """Rename a fsynced temp file to ``final`` and make the directory entries durable."""
         try:
             created = not final.parent.exists()
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -322,21 +383,55 @@ class Spool:
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise OutOfResourcesError(f"cannot move instance into spool: {exc}") from exc
+
+    def _store_again(self, ident: Identity, encoded: bytes | bytearray | str | os.PathLike[str],
+                     assoc_id: str | None) -> StoreOutcome:
+        """A SOP Instance UID that is already stored: duplicate, replacement or ignored re-send."""
+        conn = self._conn
+        row = conn.execute("SELECT * FROM instances WHERE sop_instance_uid=?", (ident.sop,)).fetchone()
+        if row is None:  # deleted meanwhile (retention): store as new
+            return self.store(encoded, assoc_id=assoc_id, ident=ident)
+        old = self.storage_dir / row["path"]
+        if _digest(encoded) == _digest(old):
+            log.info("duplicate instance %s ignored", ident.sop)
+            return StoreOutcome.DUPLICATE
+        if self.resend_policy == "keep_first":
+            log.info("instance %s re-sent with different content; kept the first copy (resend_policy keep_first)",
+                     ident.sop)
+            return StoreOutcome.RESEND_IGNORED
+        tmp = self._take_input(encoded)
+        final = self._final_path(ident, unique=True)
+        self._place(tmp, final)
+        now = time.time()
         try:
             with db.transaction(conn):
-                outcome = self._index(conn, ident, final, assoc_id, time.time())
+                self._unindex(conn, row, now)
+                self._index(conn, ident, final, assoc_id, now)
         except sqlite3.Error as exc:
+            final.unlink(missing_ok=True)
             raise OutOfResourcesError(f"cannot index instance {ident.sop}: {exc}") from exc
-        log.debug("stored %s in series %s", ident.sop, ident.series)
-        return outcome
+        if old != final:
+            old.unlink(missing_ok=True)
+        log.info("instance %s re-sent with different content: replaced the stored copy; study %s re-opens",
+                 ident.sop, ident.study)
+        return StoreOutcome.REPLACED
 
-    def store_batch(self, items: list[tuple[bytes, str | None]]) -> list[StoreOutcome | InvalidDatasetError]:
-        """Persist several instances (File Format bytes, association id) with one file-system sync and one commit.
+    def _unindex(self, conn: sqlite3.Connection, row: sqlite3.Row, now: float) -> None:
+        """Remove an instance row being replaced (in the caller's transaction); its series is touched."""
+        conn.execute("DELETE FROM instances WHERE sop_instance_uid=?", (row["sop_instance_uid"],))
+        conn.execute("UPDATE series SET n_instances=n_instances-1, last_received=? WHERE series_uid=?",
+                     (now, row["series_uid"]))
+        conn.execute("DELETE FROM series WHERE series_uid=? AND n_instances<=0", (row["series_uid"],))
+
+    def store_batch(self, items: list[tuple[bytes, str | None]] | list[tuple[bytes, str | None, Identity | None]]
+                    ) -> list[StoreOutcome | InvalidDatasetError]:
+        """Persist several instances (File Format bytes, association id[, identity]) with one sync and one commit.
 
         Each file is written and renamed into place without its own fsync; one ``syncfs`` of the
         spool's file system then makes all of them (and their directories) durable before a single
         transaction indexes them. An item that cannot be parsed gets its InvalidDatasetError in the
-        result list and does not stop the others.
+        result list and does not stop the others. SOP Instance UIDs already stored (or repeated in
+        the batch) go through :meth:`store` one by one afterwards (duplicate or re-send).
 
         Raises
         ------
@@ -347,18 +442,20 @@ class Spool:
             raise OutOfResourcesError(f"free disk space below {self.disk_min_free_gb:g} GiB on {self.root}")
         conn = self._conn
         results: list[StoreOutcome | InvalidDatasetError] = []
-        placed: list[tuple[int, _Identity, Path, str | None]] = []
+        placed: list[tuple[int, Identity, Path, str | None]] = []
+        again: list[tuple[int, bytes, Identity, str | None]] = []
         seen: set[str] = set()
         try:
-            for k, (data, assoc_id) in enumerate(items):
+            for k, (data, assoc_id, *rest) in enumerate(items):
                 try:
-                    ident = self._identify(io.BytesIO(data))
+                    ident = rest[0] if rest and rest[0] is not None else self._identify(io.BytesIO(data))
                 except InvalidDatasetError as exc:
                     results.append(exc)
                     continue
+                results.append(StoreOutcome.STORED)
                 if ident.sop in seen or conn.execute("SELECT 1 FROM instances WHERE sop_instance_uid=?",
                                                      (ident.sop,)).fetchone():
-                    results.append(StoreOutcome.DUPLICATE)
+                    again.append((k, data, ident, assoc_id))
                     continue
                 seen.add(ident.sop)
                 final = self._final_path(ident)
@@ -368,7 +465,6 @@ class Spool:
                     f.write(data)
                 os.replace(tmp, final)
                 placed.append((k, ident, final, assoc_id))
-                results.append(StoreOutcome.STORED)
             if placed:
                 _sync_filesystem(self.root, [p for _, _, p, _ in placed])
         except OSError as exc:
@@ -380,6 +476,8 @@ class Spool:
                     results[k] = self._index(conn, ident, final, assoc_id, now)
         except sqlite3.Error as exc:
             raise OutOfResourcesError(f"cannot index {len(placed)} instances: {exc}") from exc
+        for k, data, ident, assoc_id in again:
+            results[k] = self._store_again(ident, data, assoc_id)
         return results
 
     def _identify(self, fp: BinaryIO) -> _Identity:
@@ -400,8 +498,10 @@ class Spool:
         assert sop and sop_class and study and series
         return _Identity(sop, sop_class, study, series, ts, meta)
 
-    def _final_path(self, ident: _Identity) -> Path:
-        return self.root / ident.study / ident.series / f"{ident.sop}.dcm"
+    def _final_path(self, ident: Identity, *, unique: bool = False) -> Path:
+        """``<study>/<series>/<sop>.dcm``; ``unique`` adds a random part (a replacement beside the old copy)."""
+        name = f"{ident.sop}.{uuid.uuid4().hex[:12]}.dcm" if unique else f"{ident.sop}.dcm"
+        return self.root / ident.study / ident.series / name
 
     def _index(self, conn: sqlite3.Connection, ident: _Identity, final: Path, assoc_id: str | None,
                now: float) -> StoreOutcome:
@@ -434,32 +534,7 @@ class Spool:
             conn.execute("UPDATE associations SET n_stored=n_stored+1 WHERE assoc_id=?", (assoc_id,))
         return StoreOutcome.STORED
 
-    # ------------------------------------------------------------------ associations
-
-    def open_association(self, assoc_id: str, calling_ae: str, peer_host: str) -> None:
-        """Record that an association was accepted."""
-        self._conn.execute(
-            "INSERT OR REPLACE INTO associations (assoc_id, calling_ae, peer_host, opened_at) VALUES (?,?,?,?)",
-            (assoc_id, calling_ae, peer_host, time.time()))
-
-    def release_association(self, assoc_id: str) -> None:
-        """Record an orderly release; series that received instances in it learn their expected count.
-
-        A series whose headers announced a count keeps it. Otherwise its expected count becomes its
-        current instance count, unless another association that also sent instances of it is still
-        open (a study split over parallel associations is not complete until the last one releases).
-        A later association that adds instances updates the count again on its release.
-        """
-        conn = self._conn
-        with db.transaction(conn):
-            conn.execute("UPDATE associations SET released_at=? WHERE assoc_id=?", (time.time(), assoc_id))
-            conn.execute(
-                "UPDATE series SET expected_count=n_instances, expected_source='association'"
-                " WHERE (expected_source IS NULL OR expected_source='association')"
-                " AND series_uid IN (SELECT DISTINCT series_uid FROM instances WHERE assoc_id=?)"
-                " AND NOT EXISTS (SELECT 1 FROM instances i JOIN associations a ON a.assoc_id=i.assoc_id"
-                "   WHERE i.series_uid=series.series_uid AND a.assoc_id<>? AND a.released_at IS NULL"
-                "   AND a.aborted=0)", (assoc_id, assoc_id))
+    # ------------------------------------------------------------------ temp files
 
     def clean_tmp(self) -> int:
         """Delete partial files left in the spool's temp folder by a crash (call before receiving)."""
@@ -471,48 +546,6 @@ class Spool:
         if n:
             log.warning("removed %d partial file(s) left in %s", n, self.tmp_dir)
         return n
-
-    def close_stale_associations(self) -> int:
-        """Mark associations still open in the index as aborted (call at start-up, before receiving).
-
-        After a crash, associations of the dead process would otherwise look open forever and block
-        expected counts. Returns how many were closed.
-        """
-        n = self._conn.execute(
-            "UPDATE associations SET aborted=1 WHERE released_at IS NULL AND aborted=0").rowcount
-        if n:
-            log.warning("marked %d association(s) left open by a previous run as aborted", n)
-        return n
-
-    def set_journal_backlog(self, journal: str, pending: int) -> None:
-        """Report how many acknowledged instances the journal ``journal`` has not moved into the spool yet."""
-        self._conn.execute("INSERT OR REPLACE INTO journal_backlog (journal, pending, updated_at) VALUES (?,?,?)",
-                           (journal, int(pending), time.time()))
-
-    def journal_busy(self, now: float | None = None, stale_s: float = 5.0) -> bool:
-        """True while a live receiver reports acknowledged instances that are not indexed yet.
-
-        Reports older than ``stale_s`` (a receiver that died; its journal is replayed at start-up) are ignored.
-        """
-        now = time.time() if now is None else now
-        row = self._conn.execute("SELECT 1 FROM journal_backlog WHERE pending > 0 AND updated_at >= ? LIMIT 1",
-                                 (now - stale_s,)).fetchone()
-        return row is not None
-
-    def clear_journal_backlog(self) -> None:
-        """Forget backlog reports (start-up, after the journals were replayed)."""
-        self._conn.execute("DELETE FROM journal_backlog")
-
-    def abort_association(self, assoc_id: str) -> None:
-        """Record that an association was aborted (no expected counts are derived from it)."""
-        self._conn.execute("UPDATE associations SET aborted=1 WHERE assoc_id=?", (assoc_id,))
-
-    def last_association_release(self, study_uid: str) -> float | None:
-        """Latest ``released_at`` of associations that stored instances of ``study_uid`` (None if none released)."""
-        row = self._conn.execute(
-            "SELECT MAX(a.released_at) AS t FROM associations a WHERE a.assoc_id IN"
-            " (SELECT DISTINCT assoc_id FROM instances WHERE study_uid=?)", (study_uid,)).fetchone()
-        return None if row is None or row["t"] is None else float(row["t"])
 
     # ------------------------------------------------------------------ queries
 

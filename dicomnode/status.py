@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import sys
 import time
+from typing import Any
 
 from dicomnode import db
 from dicomnode.config import Config
+from dicomnode.quarantine import QuarantinedInstance, list_quarantined
 
-__all__ = ["print_status", "status_text"]
+__all__ = ["attention", "print_status", "status_text"]
 
 
 def _ts(value: float | None) -> str:
@@ -29,6 +33,7 @@ def status_text(cfg: Config, limit: int = 50) -> str:
     conn = db.connect(path)
     out: list[str] = [f"database: {path}"]
     try:
+        out += _attention_text(conn, cfg)
         if _table(conn, "journal_backlog"):
             rows = conn.execute("SELECT * FROM journal_backlog WHERE pending > 0 ORDER BY journal").fetchall()
             if rows:
@@ -66,6 +71,37 @@ def status_text(cfg: Config, limit: int = 50) -> str:
     return "\n".join(out) + models
 
 
+def attention(conn: sqlite3.Connection, cfg: Config) -> dict[str, list[sqlite3.Row] | list[QuarantinedInstance]]:
+    """What needs the operator: dead deliveries, dead or failing jobs, quarantined instances (files present)."""
+    found: dict[str, list[Any]] = {"deliveries": [], "jobs": [], "quarantined": []}
+    if _table(conn, "deliveries"):
+        found["deliveries"] = conn.execute("SELECT * FROM deliveries WHERE state='dead' ORDER BY id DESC").fetchall()
+    if _table(conn, "jobs"):
+        found["jobs"] = conn.execute("SELECT * FROM jobs WHERE state='dead' OR (state='pending' AND attempts>0)"
+                                     " ORDER BY id DESC").fetchall()
+    found["quarantined"] = list_quarantined(conn, cfg.node.storage_dir)
+    return found
+
+
+def _attention_text(conn: sqlite3.Connection, cfg: Config) -> list[str]:
+    found = attention(conn, cfg)
+    out: list[str] = []
+    if found["quarantined"]:
+        out.append(f"\nQUARANTINED ({len(found['quarantined'])} acknowledged instance(s) not indexed; "
+                   "see README 'Quarantined instances')")
+        out += [f"  #{q.id:<5} {q.kind} sop={q.sop_instance_uid or '-'} at={_ts(q.quarantined_at)} file={q.path}"
+                f"\n         reason: {q.reason}" for q in found["quarantined"]]  # type: ignore[union-attr]
+    if found["jobs"]:
+        out.append(f"\nFAILED JOBS ({len(found['jobs'])})")
+        out += [f"  #{r['id']:<5} {r['state']:<7} attempts={r['attempts']} task={r['task']} study={r['study_uid']}"
+                f"  error: {r['last_error']}" for r in found["jobs"]]  # type: ignore[index]
+    if found["deliveries"]:
+        out.append(f"\nDEAD DELIVERIES ({len(found['deliveries'])})")
+        out += [f"  #{r['id']:<5} dest={r['destination']} sop={r['sop_instance_uid']}  error: {r['last_error']}"
+                for r in found["deliveries"]]  # type: ignore[index]
+    return out
+
+
 def _models_text(cfg: Config) -> str:
     """Current model version of each task in the registry and when it was promoted (the pointer's mtime)."""
     from inference.registry import ModelRegistry
@@ -81,5 +117,8 @@ def _models_text(cfg: Config) -> str:
 
 def print_status(cfg: Config, limit: int = 50) -> int:
     """Print :func:`status_text`; returns 0."""
-    print(status_text(cfg, limit))
+    try:
+        print(status_text(cfg, limit))
+    except BrokenPipeError:  # piped into head: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0

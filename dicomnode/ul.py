@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from dicomnode.errors import DicomNodeError
 
 __all__ = [
-    "APPLICATION_CONTEXT", "ASSOCIATE_AC", "ASSOCIATE_RJ", "ASSOCIATE_RQ", "ABORT", "P_DATA", "RELEASE_RP",
-    "RELEASE_RQ", "AssociateRQ", "Command", "PresentationContext", "ProtocolError", "abort_pdu", "associate_ac",
+    "ABORT_SERVICE_PROVIDER", "ABORT_SERVICE_USER", "APPLICATION_CONTEXT", "ASSOCIATE_AC", "ASSOCIATE_RJ", "ASSOCIATE_RQ", "ABORT", "P_DATA", "RELEASE_RP",
+    "RELEASE_RQ", "AssociateRQ", "Command", "DimseError", "PresentationContext", "ProtocolError", "abort_pdu", "associate_ac",
     "associate_rj", "decode_associate_rq", "decode_command", "encode_command", "iter_pdvs", "negotiate",
     "p_data_pdus", "release_pdu",
 ]
@@ -33,8 +33,31 @@ C_STORE_RQ, C_STORE_RSP, C_ECHO_RQ, C_ECHO_RSP = 0x0001, 0x8001, 0x0030, 0x8030
 NO_DATA_SET = 0x0101
 
 
+# A-ABORT source and reason/diag (PS3.8 9.3.8, table 9-26)
+ABORT_SERVICE_USER, ABORT_SERVICE_PROVIDER = 0, 2
+REASON_NOT_SPECIFIED, UNRECOGNIZED_PDU, UNEXPECTED_PDU = 0, 1, 2
+UNRECOGNIZED_PDU_PARAMETER, UNEXPECTED_PDU_PARAMETER, INVALID_PDU_PARAMETER = 4, 5, 6
+
+
 class ProtocolError(DicomNodeError):
-    """The peer sent something that is not valid DICOM upper-layer protocol (answered with A-ABORT)."""
+    """The peer sent something that is not valid DICOM upper-layer protocol (answered with A-ABORT).
+
+    ``source`` and ``reason`` are those of the A-ABORT (PS3.8 9.3.8): the upper-layer provider (2) with
+    a diagnostic for PDU errors; the service user (0, reason 0) for a DIMSE message that breaks its protocol.
+    """
+
+    def __init__(self, message: str, reason: int = INVALID_PDU_PARAMETER,
+                 source: int = ABORT_SERVICE_PROVIDER) -> None:
+        super().__init__(message)
+        self.source = source
+        self.reason = reason if source == ABORT_SERVICE_PROVIDER else REASON_NOT_SPECIFIED
+
+
+class DimseError(ProtocolError):
+    """A DIMSE message that breaks the message exchange (A-ABORT by the service user, reason 0)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, REASON_NOT_SPECIFIED, ABORT_SERVICE_USER)
 
 
 @dataclass(frozen=True)
@@ -173,9 +196,9 @@ def release_pdu(pdu_type: int) -> bytes:
     return _pdu(pdu_type, b"\x00" * 4)
 
 
-def abort_pdu(source: int = 2, reason: int = 0) -> bytes:
-    """Encode an A-ABORT (default: service-provider, reason not specified)."""
-    return _pdu(ABORT, struct.pack(">BBBB", 0, 0, source, reason))
+def abort_pdu(source: int = ABORT_SERVICE_PROVIDER, reason: int = REASON_NOT_SPECIFIED) -> bytes:
+    """Encode an A-ABORT (PS3.8 9.3.8); the reason is 0 unless the source is the service provider (2)."""
+    return _pdu(ABORT, struct.pack(">BBBB", 0, 0, source, reason if source == ABORT_SERVICE_PROVIDER else 0))
 
 
 def iter_pdvs(body: memoryview) -> Iterable[tuple[int, int, memoryview]]:
@@ -234,11 +257,11 @@ def decode_command(data: bytes) -> Command:
     pos, end = 0, len(data)
     while pos < end:
         if pos + 8 > end:
-            raise ProtocolError("command set: element header cut off")
+            raise DimseError("command set: element header cut off")
         group, elem, length = struct.unpack_from("<HHI", data, pos)
         pos += 8
         if group != 0 or pos + length > end:
-            raise ProtocolError(f"command set: bad element ({group:04X},{elem:04X})")
+            raise DimseError(f"command set: bad element ({group:04X},{elem:04X})")
         value = data[pos:pos + length]
         pos += length
         if elem in _US and length == 2:
@@ -250,7 +273,7 @@ def decode_command(data: bytes) -> Command:
         elif elem == 0x1030:
             cmd.move_originator_ae = value.decode("ascii", "replace").strip()
     if cmd.command_field < 0:
-        raise ProtocolError("command set without a Command Field")
+        raise DimseError("command set without a Command Field")
     return cmd
 
 

@@ -123,7 +123,7 @@ def test_spill_file_failure_answers_out_of_resources(make_node, tmp_path: Path, 
     monkeypatch.setattr(native, "open", full_disk, raising=False)
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(CTImageStorage)
-    assoc = ae.associate("127.0.0.1", node.port)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="BONENODE")
     assert assoc.is_established
     src = ct_file(tmp_path / "a.dcm")
     assert int(assoc.send_c_store(pydicom.dcmread(src)).Status) == 0xA700

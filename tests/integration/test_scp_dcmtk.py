@@ -71,7 +71,7 @@ def make_node(tmp_path: Path) -> Iterator:
 
 
 def echo(port: int, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([ECHOSCU, *args, "127.0.0.1", str(port)], capture_output=True, text=True, env=ENV,
+    return subprocess.run([ECHOSCU, "-aec", "BONENODE", *args, "127.0.0.1", str(port)], capture_output=True, text=True, env=ENV,
                           timeout=60)
 
 
@@ -80,7 +80,7 @@ _GROUPS: dict[int, ReceiverGroup] = {}
 
 def storescu(port: int, *files: str, opts: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
     """Send with dcmtk's storescu; then wait until the node has indexed what it acknowledged."""
-    res = subprocess.run([STORESCU, "-aet", "STORESCU", *opts, "127.0.0.1", str(port), *files],
+    res = subprocess.run([STORESCU, "-aet", "STORESCU", "-aec", "BONENODE", *opts, "127.0.0.1", str(port), *files],
                          capture_output=True, text=True, env=ENV, timeout=120)
     if port in _GROUPS:
         assert _GROUPS[port].wait_indexed(30), "acknowledged instances were not indexed"
@@ -249,7 +249,7 @@ def _send_raw(port: int, path: Path, ts: str = ExplicitVRLittleEndian) -> int:
     old = _config.STORE_SEND_CHUNKED_DATASET
     _config.STORE_SEND_CHUNKED_DATASET = True
     try:
-        assoc = ae.associate("127.0.0.1", port)
+        assoc = ae.associate("127.0.0.1", port, ae_title="BONENODE")
         assert assoc.is_established
         status = assoc.send_c_store(path)
         assoc.release()
@@ -295,7 +295,7 @@ def test_out_of_resources_during_association(make_node, tmp_path: Path) -> None:
     node = make_node()
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", node.port)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="BONENODE")
     assert assoc.is_established
     spool = node.group.spool
     assert spool is not None
@@ -313,7 +313,7 @@ def test_max_associations(make_node) -> None:
     node = make_node(max_associations=2)
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(Verification)
-    held = [ae.associate("127.0.0.1", node.port) for _ in range(2)]
+    held = [ae.associate("127.0.0.1", node.port, ae_title="BONENODE") for _ in range(2)]
     assert all(a.is_established for a in held)
     res = echo(node.port)
     assert res.returncode != 0 and "Rejected Transient" in res.stderr and "Local Limit Exceeded" in res.stderr
@@ -341,7 +341,7 @@ def test_receive_processes_share_the_port_and_the_limit(make_node, tmp_path: Pat
     assert len(node.group.pids) == 2 and node.group.is_alive()
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(Verification)
-    held = [ae.associate("127.0.0.1", node.port) for _ in range(2)]
+    held = [ae.associate("127.0.0.1", node.port, ae_title="BONENODE") for _ in range(2)]
     assert all(a.is_established for a in held)
     res = echo(node.port)  # whichever process gets it, the limit is shared
     assert res.returncode != 0 and "Local Limit Exceeded" in res.stderr
@@ -351,7 +351,7 @@ def test_receive_processes_share_the_port_and_the_limit(make_node, tmp_path: Pat
     study = generate_uid()
     files = [ct_file(tmp_path / f"m{i}.dcm", study=study) for i in range(8)]
     for pair in (files[i:i + 2] for i in range(0, 8, 2)):
-        procs = [subprocess.Popen([STORESCU, "-aet", "STORESCU", "127.0.0.1", str(node.port), str(f)], env=ENV,
+        procs = [subprocess.Popen([STORESCU, "-aet", "STORESCU", "-aec", "BONENODE", "127.0.0.1", str(node.port), str(f)], env=ENV,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for f in pair]
         assert [p.wait(timeout=120) for p in procs] == [0, 0]
         wait_for(lambda: node.spool._conn.execute(  # noqa: B023 - evaluated inside the loop
@@ -402,14 +402,14 @@ def test_tls_echo_and_store(make_node, tmp_path: Path) -> None:
     client.check_hostname = False
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", node.port, tls_args=(client, None))
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="BONENODE", tls_args=(client, None))
     assert assoc.is_established
     src = ct_file(tmp_path / "tls.dcm")
     assert int(assoc.send_c_store(pydicom.dcmread(src)).Status) == 0
     assoc.release()
     assert stored_path(node.spool, src).exists()
     assert echo(node.port).returncode != 0  # plain DICOM on a TLS port fails
-    again = ae.associate("127.0.0.1", node.port, tls_args=(client, None))  # and the node keeps serving
+    again = ae.associate("127.0.0.1", node.port, ae_title="BONENODE", tls_args=(client, None))  # and the node keeps serving
     assert again.is_established
     again.release()
 

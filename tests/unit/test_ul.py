@@ -134,3 +134,15 @@ def test_file_meta_is_valid_part10() -> None:
     assert meta.MediaStorageSOPInstanceUID == "1.2.3.4" and meta.TransferSyntaxUID == ExplicitVRLittleEndian
     assert meta.SourceApplicationEntityTitle.strip() == "SCANNER"
     assert meta.FileMetaInformationGroupLength == len(head) - 132 - 12
+
+
+def test_abort_source_and_reason_encoding() -> None:
+    """PS3.8 9.3.8: the reason is meaningful only for the service provider (source 2); otherwise it is 0."""
+    assert ul.abort_pdu(2, 6) == b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x06"
+    assert ul.abort_pdu(0, 6)[-2:] == b"\x00\x00"
+    err = ul.ProtocolError("too long", ul.INVALID_PDU_PARAMETER)
+    assert (err.source, err.reason) == (2, 6)
+    dimse = ul.DimseError("command mid data set")
+    assert (dimse.source, dimse.reason) == (0, 0)
+    with pytest.raises(ul.DimseError):
+        ul.decode_command(b"\x00\x00\x00\x01")
