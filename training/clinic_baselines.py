@@ -154,7 +154,8 @@ def spine_rule(records: Sequence[Record], cuts: tuple[float, float] = SPINE_CUTS
     }
     if p_true:
         out.update(patient_macro_f1=macro_f1(p_true, p_pred, 3),
-                   patient_kappa_quadratic=cohen_kappa(p_true, p_pred, "quadratic", 3), n_patients_scored=len(p_true))
+                   patient_kappa_quadratic=cohen_kappa(p_true, p_pred, "quadratic", 3),
+                   patient_accuracy=float(np.mean(np.asarray(p_true) == np.asarray(p_pred))), n_patients_scored=len(p_true))
     return out
 
 

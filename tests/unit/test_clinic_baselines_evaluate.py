@@ -62,3 +62,17 @@ def test_clinic_baselines_can_be_left_out(knee_eval: tuple[Path, Path], tmp_path
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert ev.baselines is None and metrics["baselines"] is None and metrics["baseline_comparison"] is None
     assert "strongest simple baseline" not in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_validate_reports_the_clinic_baselines_beside_the_network(knee_eval: tuple[Path, Path], tmp_path: Path
+                                                                  ) -> None:
+    """`dicomnode-train validate` lists the knee atlas and threshold baselines with Dice per bone."""
+    bundle, data = knee_eval
+    out = tmp_path / "val"
+    assert train_main(["validate", str(bundle), "--data", str(data), "--out", str(out), "--device", "cpu"]) == 0
+    stored = json.loads((out / "validation.json").read_text())["baselines"]
+    assert stored["coordinate_atlas"]["n"] == 3 and 0.0 <= stored["coordinate_atlas"]["dice_mean"] <= 1.0
+    report = (out / "report.md").read_text()
+    section = report[report.index("Simple baselines beside the network"):]
+    assert "dice_fibula" in section and "| coordinate_atlas |" in section and "| threshold_components |" in section
+    assert "| network (this bundle) |" in section
