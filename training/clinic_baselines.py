@@ -147,7 +147,7 @@ def spine_rule(records: Sequence[Record], cuts: tuple[float, float] = SPINE_CUTS
     t, p = np.asarray(y), np.asarray(pred)
     out: dict[str, Any] = {
         "name": "ROI mean HU, 160/110 HU rule", "protocol": "no fitting (fixed thresholds), same records",
-        "n": int(t.size), "patients": len({r.patient_id for r in records}), "vertebrae_missed": missed,
+        "n": int(t.size), "unit": "vertebrae", "patients": len({r.patient_id for r in records}), "vertebrae_missed": missed,
         "vertebra_macro_f1": macro_f1(t, p, 3), "vertebra_accuracy": float(np.mean(t == p)),
         "vertebra_kappa_quadratic": cohen_kappa(t, p, "quadratic", 3),
         "confusion_matrix": confusion_matrix(t, p, 3).tolist(), "mean_roi_hu": float(np.mean(hus)),
@@ -182,6 +182,9 @@ def run_clinic_baselines(task: str, records: Sequence[Record], *, holdout_patien
         except (DicomNodeError, ValueError) as exc:
             log.warning("%s baseline %s not scored: %s", task, name, exc)
             out[name] = {"error": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - the network's evaluation stands without this baseline
+            log.warning("%s baseline %s failed: %s: %s", task, name, type(exc).__name__, exc)
+            out[name] = {"error": f"{type(exc).__name__}: {exc}"}
     return out
 
 
@@ -191,6 +194,11 @@ def _jobs(task: str, records: Sequence[Record], scored: list[Record], holdout: s
         return {"roi_hu_rule": lambda: spine_rule(scored)}
     if task == "hrpqct_motion":
         from training.clinic_baselines_hrpqct import motion_baseline
+
+        if fit_records is None and fit_dir is not None and holdout is None:
+            from training.data import load_records
+
+            fit_records = load_records(fit_dir)
 
         return {"soft_tissue_ordinal": lambda: motion_baseline(records, holdout_patients=holdout,
                                                                fit_records=fit_records)}

@@ -141,6 +141,6 @@ def motion_baseline(records: Sequence[Record], *, holdout_patients: set[str] | N
         protocol = f"{k}-fold cross-validation grouped by patient on the scored scans"
     rescan = (y >= RESCAN_MIN_GRADE).astype(int)
     return {"name": "soft-tissue SD + streak energy, ordinal fit", "protocol": protocol, "features": list(FEATURES),
-            "n": int(len(y)), "kappa_quadratic": cohen_kappa(y - 1, pred - 1, "quadratic", 5),
+            "n": int(len(y)), "unit": "scans", "kappa_quadratic": cohen_kappa(y - 1, pred - 1, "quadratic", 5),
             "accuracy": float(np.mean(y == pred)),
             "rescan_auc": roc_auc(rescan, score) if 0 < rescan.sum() < rescan.size else float("nan")}

@@ -80,7 +80,7 @@ def _scores(pred: np.ndarray, k: KneeVolume) -> dict[str, float]:
 
 
 def _summary(name: str, protocol: str, rows: list[dict[str, float]]) -> dict[str, Any]:
-    out: dict[str, Any] = {"name": name, "protocol": protocol, "n": len(rows)}
+    out: dict[str, Any] = {"name": name, "protocol": protocol, "n": len(rows), "unit": "volumes"}
     for key in rows[0]:
         out[key] = float(np.mean([r[key] for r in rows]))
     out["dice_mean"] = float(np.mean([out[f"dice_{b}"] for b in BONES]))

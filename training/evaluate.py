@@ -206,7 +206,7 @@ def _score_clinic_baselines(ev: Evaluation, records: list[Record], chosen: list[
                                         fit_dir=fit_dir if holdout is None else None, precomputed=pre)
     ev.comparison = compare(task, ev.result.metrics, ev.baselines)
     if ev.comparison and ev.comparison["below_margin"]:
-        log.warning("%s: the network beats its strongest simple baseline (%s) by only %.3f in %s (< %.2f)", task,
+        log.warning("%s: the network's margin over its strongest simple baseline (%s) is %+.3f in %s (< %.2f)", task,
                     ev.comparison["baseline"], ev.comparison["margin"], ev.comparison["metric"],
                     ev.comparison["required_margin"])
 
@@ -393,13 +393,13 @@ def _clinic_md(ev: Evaluation) -> list[str]:
         lines += ["No comparison: the network's or every baseline's figure is missing.", ""]
     pairs = REPORTED.get(ev.bundle.meta.task, ())
     lines += ["| model | protocol | n | " + " | ".join(k for k, _ in pairs) + " |", "|---" * (len(pairs) + 3) + "|",
-              "| network (this bundle) | - | " + str(ev.n_records) + " | "
+              f"| network (this bundle) | - | {ev.n_records} records | "
               + " | ".join(_fmt(m.get(k, "-")) for k, _ in pairs) + " |"]
     for name, b in ev.baselines.items():
         if "error" in b:
             lines.append(f"| {name} | not scored: {b['error']} | - | " + " | ".join("-" for _ in pairs) + " |")
         else:
-            lines.append(f"| {name} | {b.get('protocol', '')} | {b.get('n', '?')} | "
+            lines.append(f"| {name} | {b.get('protocol', '')} | {b.get('n', '?')} {b.get('unit', 'units')} | "
                          + " | ".join(_fmt(b.get(bk, "-")) for _, bk in pairs) + " |")
     return lines
 
