@@ -9,8 +9,9 @@
 * **Threshold plus components**: marrow is the bone signal (bright on T1, dark but
   not air on fat-saturated PD, told apart by the series description); a threshold at
   the volume's Otsu level (PD fat-sat: between a quarter of it and it), one
-  in-plane erosion to cut marrow from fat through the dark cortex, then 3-D
-  connected components. Components reaching more than 15 mm past the joint on both
+  in-plane erosion to cut marrow from fat through the dark cortex, a 6 mm band
+  cleared at the joint centre's height (cartilage and partial volume join femur and
+  tibia), then 3-D connected components. Components reaching more than 15 mm past the joint on both
   sides (fat, muscle sheets) are dropped; the largest component above the joint
   centre (:func:`inference.mr.joint_centre`, patient z) is the femur, the largest
   below the tibia, the next below the fibula.
@@ -37,6 +38,8 @@ __all__ = ["BONES", "KneeVolume", "atlas_baseline", "atlas_predict", "load_knee"
            "threshold_segment"]
 
 BONES = ("femur", "tibia", "fibula")
+#: half-width (mm) of the band about the joint centre's patient z that the threshold rule clears
+JOINT_GAP_MM = 3.0
 
 
 class KneeVolume:
@@ -136,9 +139,12 @@ def threshold_segment(k: KneeVolume) -> np.ndarray:
     marrow = ndimage.binary_erosion(marrow, structure=np.array([[[0, 0, 0], [0, 1, 0], [0, 0, 0]],
                                                                 [[0, 1, 0], [1, 1, 1], [0, 1, 0]],
                                                                 [[0, 0, 0], [0, 1, 0], [0, 0, 0]]], bool))
-    comp, n = ndimage.label(marrow)
     jr, jc = joint_centre(vol)
     jz = float(_patient_z(k, np.array([vol.shape[0] / 2.0, jr, jc])))
+    kk, rr, cc = np.ogrid[0:vol.shape[0], 0:vol.shape[1], 0:vol.shape[2]]
+    a = k.affine[2]
+    marrow &= np.abs(a[0] * kk + a[1] * rr + a[2] * cc + a[3] - jz) > JOINT_GAP_MM  # cut femur from tibia
+    comp, n = ndimage.label(marrow)
     above, below = [], []
     sizes = np.bincount(comp.ravel())
     for lab in np.argsort(sizes)[::-1]:
