@@ -44,6 +44,8 @@ class Evaluation:
     files: list[Path]
     baseline: dict[str, Any] | None = None
     n_total: int | None = None
+    baselines: dict[str, dict[str, Any]] | None = None
+    comparison: dict[str, Any] | None = None
 
     @property
     def metrics(self) -> dict[str, Any]:
@@ -106,6 +108,7 @@ def evaluate_bundle(
     baseline: bool = False,
     baseline_fit_dir: str | os.PathLike[str] | None = None,
     task_overrides: dict[str, Any] | None = None,
+    clinic_baselines: bool = True,
 ) -> Evaluation:
     """Evaluate a bundle on the hold-out split (or all records) of a labelled data folder.
 
@@ -127,6 +130,11 @@ def evaluate_bundle(
     baseline_fit_dir:
         With ``subset="all"``: fit the baseline on this folder (the network's training data)
         instead of cross-validating on the evaluated one.
+    clinic_baselines:
+        Score the task's simple clinical baselines (:mod:`training.clinic_baselines`) on the same
+        records and compare the strongest with the network (``baselines`` and ``baseline_comparison``
+        in metrics.json, a table in report.md). On by default; fitted baselines follow the protocol
+        of ``baseline`` above.
     task_overrides:
         Task-config values to evaluate with instead of the bundle's (labelling fields such as
         ``image_labels``, so that two bundles compared on the same records use the same truth).
@@ -176,10 +184,31 @@ def evaluate_bundle(
                 ev.baseline = {"error": str(exc)}
         else:
             log.info("no histogram baseline for %s", meta.task)
+    if clinic_baselines:
+        _score_clinic_baselines(ev, records, chosen, subset, baseline_fit_dir)
     if out_dir is not None:
         ev.files = write_report(ev, Path(out_dir), adapter.reference_figures(),
                                 plotter=getattr(adapter, "report_plots", None))
     return ev
+
+
+def _score_clinic_baselines(ev: Evaluation, records: list[Record], chosen: list[Record],
+                            subset: Literal["holdout", "all"], fit_dir: str | os.PathLike[str] | None) -> None:
+    """The task's simple baselines on the evaluated records, and the network's margin over the strongest."""
+    from training.clinic_baselines import compare, run_clinic_baselines
+
+    task = ev.bundle.meta.task
+    holdout = {r.patient_id for r in chosen} if subset == "holdout" else None
+    if holdout is not None and len({r.patient_id for r in records}) == len(holdout):
+        holdout = None  # every patient is in the hold-out: nothing to fit on but the scored records
+    pre = {"histogram": ev.baseline} if ev.baseline and "error" not in ev.baseline else None
+    ev.baselines = run_clinic_baselines(task, records if holdout else chosen, holdout_patients=holdout,
+                                        fit_dir=fit_dir if holdout is None else None, precomputed=pre)
+    ev.comparison = compare(task, ev.result.metrics, ev.baselines)
+    if ev.comparison and ev.comparison["below_margin"]:
+        log.warning("%s: the network's margin over its strongest simple baseline (%s) is %+.3f in %s (< %.2f)", task,
+                    ev.comparison["baseline"], ev.comparison["margin"], ev.comparison["metric"],
+                    ev.comparison["required_margin"])
 
 
 def _refuse_box_labels_without_boxes(tcfg: Any, records: list[Record]) -> None:
@@ -293,7 +322,8 @@ def write_report(ev: Evaluation, out: Path, reference: dict[str, Any],
                "holdout_hash": ev.holdout_hash, "holdout_matches_bundle": ev.holdout_matches,
                "primary_metric": meta.primary_metric, "architecture": meta.architecture,
                "task_config": meta.task_config, "metrics": res.metrics, "tables": res.tables,
-               "reference": reference, "baseline": ev.baseline}
+               "reference": reference, "baseline": ev.baseline, "baselines": ev.baselines,
+               "baseline_comparison": ev.comparison}
     (out / "metrics.json").write_text(json.dumps(_json_safe(payload), indent=2) + "\n", encoding="utf-8")
     files.append(out / "metrics.json")
     names = res.class_names or [str(i) for i in range(2)]
@@ -346,6 +376,34 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _clinic_md(ev: Evaluation) -> list[str]:
+    """The "network vs strongest simple baseline" section of report.md (empty without baselines)."""
+    from training.clinic_baselines import REPORTED
+
+    if not ev.baselines:
+        return []
+    m, c = ev.result.metrics, ev.comparison
+    lines = ["", "## Network vs strongest simple baseline", ""]
+    if c:
+        verdict = (f"**below the required margin of {c['required_margin']:.2f}**" if c["below_margin"]
+                   else f"at least the required {c['required_margin']:.2f}")
+        lines += [f"{c['metric']}: network {_fmt(c['network'])}, strongest baseline `{c['baseline']}` "
+                  f"{_fmt(c['baseline_value'])}, margin **{c['margin']:+.3f}** ({verdict}).", ""]
+    else:
+        lines += ["No comparison: the network's or every baseline's figure is missing.", ""]
+    pairs = REPORTED.get(ev.bundle.meta.task, ())
+    lines += ["| model | protocol | n | " + " | ".join(k for k, _ in pairs) + " |", "|---" * (len(pairs) + 3) + "|",
+              f"| network (this bundle) | - | {ev.n_records} records | "
+              + " | ".join(_fmt(m.get(k, "-")) for k, _ in pairs) + " |"]
+    for name, b in ev.baselines.items():
+        if "error" in b:
+            lines.append(f"| {name} | not scored: {b['error']} | - | " + " | ".join("-" for _ in pairs) + " |")
+        else:
+            lines.append(f"| {name} | {b.get('protocol', '')} | {b.get('n', '?')} {b.get('unit', 'units')} | "
+                         + " | ".join(_fmt(b.get(bk, "-")) for _, bk in pairs) + " |")
+    return lines
+
+
 def _report_md(ev: Evaluation, reference: dict[str, Any], plots: list[str]) -> str:
     meta = ev.bundle.meta
     m = ev.result.metrics
@@ -383,6 +441,7 @@ def _report_md(ev: Evaluation, reference: dict[str, Any], plots: list[str]) -> s
                   "The network should stay well above it.", "",
                   "| metric | baseline | this model (same name, if reported) |", "|---|---|---|"]
         lines += [f"| {k} | {_fmt(b[k])} | {_fmt(m.get(k, '-'))} |" for k in figures]
+    lines += _clinic_md(ev)
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     notes = reference.get("_notes") if isinstance(reference, dict) else None

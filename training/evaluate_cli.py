@@ -26,6 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also score the histogram + logistic-regression baseline on the same patients")
     p.add_argument("--baseline-train", metavar="DIR", default=None,
                    help="with --subset all: fit the baseline on this labelled folder (the training data)")
+    p.add_argument("--no-clinic-baselines", action="store_true",
+                   help="skip the task's simple clinical baselines (scored beside the network by default)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else bundle.parent / f"{bundle.name}-eval"
         ev = evaluate_bundle(bundle, args.data, out, subset=args.subset, device=args.device, num_workers=args.workers,
                              baseline=args.baseline or args.baseline_train is not None,
-                             baseline_fit_dir=args.baseline_train)
+                             baseline_fit_dir=args.baseline_train, clinic_baselines=not args.no_clinic_baselines)
     except DicomNodeError as exc:
         print(f"error: {exc}")
         return 2
@@ -52,6 +54,11 @@ def run(args: argparse.Namespace) -> int:
     if ev.baseline and "error" not in ev.baseline:
         shown = {k: round(float(v), 4) for k, v in ev.baseline.items() if k in ("auc", "kappa_quadratic", "macro_f1")}
         print(f"histogram baseline ({ev.baseline['protocol']}): {shown}")
+    c = ev.comparison
+    if c:
+        flag = f"  BELOW THE REQUIRED {c['required_margin']:.2f}" if c["below_margin"] else ""
+        print(f"strongest simple baseline ({c['baseline']}): {c['metric']} {c['baseline_value']:.4g}, network "
+              f"{c['network']:.4g}, margin {c['margin']:+.3f}{flag}")
     for f in ev.files:
         print(f)
     return 0

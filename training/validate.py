@@ -321,6 +321,7 @@ def _baselines(task: str, scored: list[Record], scores: Scores | None,
         out["majority class"] = {"protocol": f"always '{_class_name(scores, int(counts.argmax()))}' "
                                  f"(per {scores.unit})", "n": int(counts.sum()),
                                  "accuracy": float(counts.max() / max(counts.sum(), 1)), "auc": 0.5}
+    out.update(_clinic_baselines(task, scored, fit_dir))
     if task not in hb.TASKS:
         out["histogram"] = {"error": f"no histogram baseline for {task}"}
         return out
@@ -333,6 +334,30 @@ def _baselines(task: str, scored: list[Record], scores: Scores | None,
                 "error": "cross-validation needs at least 2 patients; pass --baseline-train DIR"}
     except (hb.BaselineError, DicomNodeError, ValueError) as exc:
         out["histogram"] = {"error": str(exc)}
+    return out
+
+
+def _clinic_baselines(task: str, scored: list[Record], fit_dir: str | os.PathLike[str] | None
+                      ) -> dict[str, dict[str, Any]]:
+    """The clinic's simple rules (:mod:`training.clinic_baselines`) other than the histogram, on the scored studies.
+
+    Spine figures are per patient here (``macro_f1``/``kappa_quadratic`` of the lowest-of-L1-L4 class, the unit
+    this report scores the network on) beside the vertebra figures.
+    """
+    from training.clinic_baselines import run_clinic_baselines
+
+    if task not in ("spine_bmd", "hrpqct_motion", "knee_bone_seg"):
+        return {}
+    fit = None
+    if fit_dir is not None and task == "hrpqct_motion":
+        from training.data import load_records
+
+        fit = load_records(fit_dir)
+    out = run_clinic_baselines(task, scored, fit_records=fit)
+    for name, b in out.items():
+        if task == "spine_bmd" and "patient_macro_f1" in b:
+            out[name] = {**b, "macro_f1": b["patient_macro_f1"], "kappa_quadratic": b["patient_kappa_quadratic"],
+                         "accuracy": b["patient_accuracy"], "n": b["n_patients_scored"], "n_vertebrae": b["n"]}
     return out
 
 

@@ -66,7 +66,7 @@ def _sections(v: Validation, plots: list[str]) -> list[Section]:
     if s is None:
         out.append(Section("Task figures", tables=[("", (["metric", "value"], [
             [k, _f(x)] for k, x in v.adapter_metrics.items() if isinstance(x, int | float)]))]))
-        return out + [_failures(v)]
+        return out + [_baselines(v), _failures(v)]
     metrics = Section("Metrics with 95% confidence intervals", text=[
         "Rates: Wilson intervals; AUC, macro-F1 and kappa: bootstrap over patients."],
         tables=[("", (["metric", "value", "95% CI"], _metric_rows(fig)))])
@@ -117,18 +117,23 @@ def _binary_views(v: Validation) -> list[tuple[str, np.ndarray, np.ndarray]]:
 
 def _baselines(v: Validation) -> Section:
     sec = Section("Simple baselines beside the network", text=[
-        "The histogram baseline (training/baseline.py: logistic regression on intensity histograms) and the "
-        "majority-class floor. The network should stay well above both."])
+        "The histogram baseline (training/baseline.py: logistic regression on intensity histograms), the "
+        "clinic's simple rules (training/clinic_baselines.py: spine 160/110 HU ROI rule, HR-pQCT soft-tissue "
+        "ordinal fit, knee coordinate atlas and threshold + components) and the majority-class floor. The network "
+        "should stay well above all of them (by 0.10 in its primary metric)."])
     keys = ["auc", "accuracy"] if v.scores is not None and v.scores.binary else ["macro_f1", "kappa_quadratic",
                                                                                  "accuracy"]
     net = {k: (v.figures[k]["value"] if isinstance(v.figures.get(k), dict) else math.nan) for k in keys}
+    if v.bundle.meta.task == "knee_bone_seg":  # segmentation: Dice per bone, the task's own figures
+        keys = ["dice_femur", "dice_tibia", "dice_fibula", "dice_mean"]
+        net = {k: v.adapter_metrics.get(k, math.nan) for k in keys}
     rows: list[list[Any]] = [["network (this bundle)", f"per {v.scores.unit if v.scores else '?'}",
                               *(_f(net[k]) for k in keys)]]
     for name, b in v.baselines.items():
         if "error" in b:
             rows.append([name, f"not scored: {b['error']}", *(["-"] * len(keys))])
         else:
-            unit = "per patient" if v.bundle.meta.task == "spine_bmd" and name == "histogram" else ""
+            unit = "per patient" if v.bundle.meta.task == "spine_bmd" and name in ("histogram", "roi_hu_rule") else ""
             rows.append([name, f"{b.get('protocol', '')} {unit}".strip() + f"; n={b.get('n', '?')}",
                          *(_f(b.get(k, math.nan)) for k in keys)])
     sec.tables.append(("", (["model", "protocol", *keys], rows)))
