@@ -108,7 +108,7 @@ def evaluate_bundle(
     baseline: bool = False,
     baseline_fit_dir: str | os.PathLike[str] | None = None,
     task_overrides: dict[str, Any] | None = None,
-    clinic_baselines: bool = True,
+    clinic_baselines: bool = False,
 ) -> Evaluation:
     """Evaluate a bundle on the hold-out split (or all records) of a labelled data folder.
 
@@ -133,8 +133,9 @@ def evaluate_bundle(
     clinic_baselines:
         Score the task's simple clinical baselines (:mod:`training.clinic_baselines`) on the same
         records and compare the strongest with the network (``baselines`` and ``baseline_comparison``
-        in metrics.json, a table in report.md). On by default; fitted baselines follow the protocol
-        of ``baseline`` above.
+        in metrics.json, a table in report.md). Off for library callers (the nightly comparison and
+        promotion do not need them); ``dicomnode-train evaluate`` turns it on unless
+        ``--no-clinic-baselines``. Fitted baselines follow the protocol of ``baseline`` above.
     task_overrides:
         Task-config values to evaluate with instead of the bundle's (labelling fields such as
         ``image_labels``, so that two bundles compared on the same records use the same truth).
