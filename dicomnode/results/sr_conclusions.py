@@ -8,7 +8,7 @@ the container, as a TID 1410 group on the image that drove it:
 * the key image: the most probable image-level classification of the same finding that agrees with the
   conclusion (wrist/physis: the most suspicious image; spine: the most severe vertebra's slice; HR-pQCT: the
   slice graded like the scan), else the middle of the images it is about, else the middle source image;
-* the region: a POINT near the image's top-left corner. OHIF draws a point as a short arrow with its label
+* the region: a POINT near the image's top-left corner (``POINT_AT``). OHIF draws a point as a short arrow with its label
   beside it, inside the image; a whole-image outline's label would sit at the right edge, on top of the
   image's own probability label;
 * the content: the conclusion as the group's finding and qualitative evaluations, then per conclusion its
@@ -26,7 +26,9 @@ from pydicom import Dataset
 from dicomnode.results import codes as rc
 from inference.findings import PROBABILITY_UNIT, Classification, Code, Findings, ImageRef, Measurement
 
-POINT_FRACTION = 0.04  # where the point sits, as a fraction of the image's width and height from its top-left
+# where the point sits, as fractions of the image's width and height from its top-left corner: OHIF draws the
+# label beside an arrow ending there, about 10 % further in, clear of the prompt OHIF shows over the image's top
+POINT_AT = (0.05, 0.12)
 
 
 def _same(a: Code, b: Code) -> bool:
@@ -67,7 +69,7 @@ def level(c: Classification) -> str:
 
 def _point(ref: ImageRef, by_uid: dict[str, Dataset]) -> hd.sr.ImageRegion:
     ds = by_uid[ref.sop_instance_uid]
-    x, y = POINT_FRACTION * (int(ds.Columns) - 1) + 0.5, POINT_FRACTION * (int(ds.Rows) - 1) + 0.5
+    x, y = POINT_AT[0] * (int(ds.Columns) - 1) + 0.5, POINT_AT[1] * (int(ds.Rows) - 1) + 0.5
     return hd.sr.ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.POINT,
         graphic_data=np.array([[x, y]], dtype=np.float64),

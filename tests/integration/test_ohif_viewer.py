@@ -95,7 +95,7 @@ def _sr_groups(sr: Path) -> list[tuple[str, list[str]]]:
 
 
 def _text_boxes(browser: Chromium, line: str) -> list[dict[str, float]]:
-    """Screen boxes of the SVG texts that contain ``line``."""
+    """Screen boxes of the SVG texts that contain ``line`` (a text's lines are tspans: its content joins them)."""
     return list(browser.js(f"Array.from(document.querySelectorAll('svg text')).filter(e => e.textContent.includes("
                            f"{json.dumps(line)})).map(e => {{ const r = e.getBoundingClientRect();"
                            " return {x: r.x, y: r.y, width: r.width, height: r.height}; })") or [])
@@ -157,7 +157,7 @@ def _check_sr(browser: Chromium, result: TaskResult, tid: str, shots: Path) -> N
     assert "{probability}" not in text and "mm3" not in text, text
     if conclusions:  # the conclusion's label is readable: wholly inside the image viewport, not cut at its edge
         viewport = browser.wait_js(VIEWPORT_BOX, 30, "the viewport canvas")
-        boxes = _text_boxes(browser, expected[0])
+        boxes = _text_boxes(browser, "".join(expected))  # the text box with all its lines, not a look-alike
         assert boxes and all(_inside(b, viewport) for b in boxes), f"{tracking} label {boxes} outside {viewport}"
 
 
