@@ -97,7 +97,7 @@ def conclusion_groups(findings: Findings, study_level: Sequence[Classification],
                       by_uid: dict[str, Dataset], sources: Sequence[Dataset]
                       ) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
     """One TID 1410 group per key image, holding every study-level conclusion placed on it."""
-    from dicomnode.results.sr import _finding_sites, _measurement, _tracking
+    from dicomnode.results.sr import _finding_sites, _measurement, _tracking  # sr.py imports this module
 
     earlier: dict[tuple[ImageRef, ...], ImageRef] = {}
     by_key: dict[ImageRef, list[Classification]] = {}
