@@ -64,3 +64,7 @@ def to_hd(code: Code | PydicomCode | hd.sr.CodedConcept) -> hd.sr.CodedConcept:
     if isinstance(code, PydicomCode):
         return hd.sr.CodedConcept(code.value, code.scheme_designator, code.meaning)
     return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
+
+# --- the operating point a study-level conclusion was decided at (probability >= it is positive), stated in the
+# conclusion's TID 1410 group so that OHIF prints it next to the probability. No standard concept exists.
+OPERATING_POINT = Code("OPERATING-POINT", LOCAL, "Operating point")  # noqa: F405 (LOCAL from inference.codes)

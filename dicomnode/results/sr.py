@@ -9,7 +9,13 @@ Content, all from :class:`inference.findings.Findings`:
   its outline on its largest slice,
 * study-, patient- and scan-level conclusions (classifications of no or several
   images) in the document-level "Qualitative Evaluations" container (TID 1500
-  row 12), followed by the findings' summary text.
+  row 12), followed by the findings' summary text,
+* the same conclusions once more as a TID 1410 group on their key image (the image
+  that drove them), tracked as "Study conclusion" / "Patient conclusion" / "Scan
+  conclusion": the conclusion as qualitative evaluation, its probability (%), its
+  measurements and its operating point as NUM items, which OHIF prints. Its region
+  is a POINT near the image's top-left corner, so OHIF draws the label inside the
+  image, clear of the whole-image outline's label at the right edge.
 
 Why no TID 1501/1411 groups: OHIF 3.x (up to at least 3.13) reads every measurement
 group as an annotation and fails on any group without an image region (``TypeError:
@@ -41,6 +47,7 @@ from dicomnode.errors import ResultWriteError
 from dicomnode.results import ResultContext
 from dicomnode.results import codes as rc
 from dicomnode.results.common import finish, header_for_copy, series_description, series_number, series_uid
+from dicomnode.results.sr_conclusions import conclusion_groups
 from inference.findings import (
     ABSENT,
     CUBIC_MM,
@@ -372,11 +379,8 @@ def build_sr(
         raise ResultWriteError("findings have masks but no SEG was built to reference")
     algo = algorithm_id(findings)
     groups, study_level = _groups(findings, algo, by_uid)
-    if not groups and study_level:
-        # TID 1500 needs one measurement group, and OHIF shows a report by its image regions: show the
-        # study-level conclusion on the first source image as well
-        first = sources[0]
-        groups.append(_classification_group(0, _on_image(study_level[0], first), algo, by_uid))
+    # conclusions first: OHIF opens an SR on its first group's image, so the reader starts at the conclusion
+    groups[:0] = conclusion_groups(findings, study_level, algo, by_uid, sources)
     if not groups:
         raise ResultWriteError("findings contain no classification, measurement, box or mask to report")
     evidence = [header_for_copy(ds) for ds in sources]
@@ -419,13 +423,6 @@ def _local_coding_scheme(context: ResultContext) -> Dataset:
     item.CodingSchemeName = "bone-dicomnode local concepts"
     item.CodingSchemeResponsibleOrganization = context.manufacturer[:64]
     return item
-
-
-def _on_image(c: Classification, ds: Dataset) -> Classification:
-    """A copy of a study-level classification placed on one image."""
-    return Classification(c.finding, c.value, c.probability, c.finding_site, c.laterality,
-                          images=(ImageRef(str(ds.SOPInstanceUID)),), measurements=list(c.measurements),
-                          tracking_id=c.tracking_id or "study conclusion")
 
 
 def _observer(findings: Findings, context: ResultContext) -> hd.sr.ObserverContext:

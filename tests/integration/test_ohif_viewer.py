@@ -6,7 +6,9 @@ same-origin with Orthanc's DICOMweb. For each task the test opens the study, loa
 viewport and checks what a radiologist would see:
 
 * no React error boundary, no uncaught exception;
-* SR: the findings drawn as annotations, with their labels and units (e.g. "Fracture: 6.63 %");
+* SR: the findings drawn as annotations, with their labels and units (e.g. "Fracture: 6.63 %"); the study-,
+  patient- or scan-level conclusion (the SR's first group, tracked as "... conclusion", on its key image) drawn
+  with its label wholly inside the image viewport;
 * SEG: the segments listed by label;
 * SC: a drawn canvas (not blank).
 
@@ -67,18 +69,41 @@ def viewer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ViewerSer
         orthanc.stop()
 
 
-def _expected_sr_labels(sr: Path) -> list[str]:
-    """The text OHIF draws for the first measurement group: "<name>: <value .2f> <unit code>" per measurement."""
-    ds = pydicom.dcmread(sr)
-    (measurements,) = [i for i in ds.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
-    first = measurements.ContentSequence[0]
-    labels = []
-    for item in first.ContentSequence:
+def _group_labels(group: pydicom.Dataset) -> list[str]:
+    """What OHIF draws for a TID 1410 group: "<name>: <value .2f> <unit code>" per NUM, then the finding site."""
+    labels, sites = [], []
+    for item in group.ContentSequence:
         if item.ValueType == "NUM":
             mv = item.MeasuredValueSequence[0]
             unit = mv.MeasurementUnitsCodeSequence[0].CodeValue
             labels.append(f"{item.ConceptNameCodeSequence[0].CodeMeaning}: {float(mv.NumericValue):.2f} {unit}")
-    return labels
+        elif item.ConceptNameCodeSequence[0].CodeValue == "363698007":
+            sites.append(f"363698007: {item.ConceptCodeSequence[0].CodeMeaning}")
+    return (labels + sites[:1])[:5]  # OHIF draws at most five lines per annotation
+
+
+def _sr_groups(sr: Path) -> list[tuple[str, list[str]]]:
+    """(tracking identifier, the lines OHIF draws) of every measurement group, in document order."""
+    ds = pydicom.dcmread(sr)
+    (measurements,) = [i for i in ds.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    out = []
+    for group in measurements.ContentSequence:
+        (tracking,) = [str(i.TextValue) for i in group.ContentSequence
+                       if i.ConceptNameCodeSequence[0].CodeValue == "112039"]
+        out.append((tracking, _group_labels(group)))
+    return out
+
+
+def _text_boxes(browser: Chromium, line: str) -> list[dict[str, float]]:
+    """Screen boxes of the SVG texts that contain ``line`` (a text's lines are tspans: its content joins them)."""
+    return list(browser.js(f"Array.from(document.querySelectorAll('svg text')).filter(e => e.textContent.includes("
+                           f"{json.dumps(line)})).map(e => {{ const r = e.getBoundingClientRect();"
+                           " return {x: r.x, y: r.y, width: r.width, height: r.height}; })") or [])
+
+
+def _inside(box: dict[str, float], outer: dict[str, float]) -> bool:
+    return (box["x"] >= outer["x"] and box["y"] >= outer["y"] and box["x"] + box["width"] <= outer["x"] + outer["width"]
+            and box["y"] + box["height"] <= outer["y"] + outer["height"])
 
 
 def _check_no_crash(browser: Chromium, since: tuple[int, int], what: str) -> None:
@@ -112,8 +137,13 @@ def _open_study(server: ViewerServer, browser: Chromium, result: TaskResult) -> 
 
 
 def _check_sr(browser: Chromium, result: TaskResult, tid: str, shots: Path) -> None:
-    expected = _expected_sr_labels(result.sr)
+    groups = _sr_groups(result.sr)
+    tracking, expected = groups[0]  # OHIF opens the SR on its first group's image
     assert expected, "the SR's first group has no measurement to show"
+    conclusions = [g for g in groups if g[0].endswith(" conclusion")]
+    if result.task != "knee_bone_seg":  # knee states only segment volumes, which its outlines carry
+        assert conclusions, f"the {result.task} SR places no study conclusion on an image: {[g[0] for g in groups]}"
+        assert tracking.endswith(" conclusion"), f"the {result.task} SR does not open on its conclusion: {tracking}"
     since = (len(browser.console), len(browser.exceptions))
     _load(browser, tid)
     try:
@@ -122,9 +152,13 @@ def _check_sr(browser: Chromium, result: TaskResult, tid: str, shots: Path) -> N
     finally:
         browser.screenshot(shots / f"{result.task}_sr.png")
         _check_no_crash(browser, since, f"{result.task} SR")
-    for label in expected[:4]:  # OHIF draws at most five lines per annotation
+    for label in expected:
         assert label in text, f"{label!r} not drawn; OHIF drew:\n{text}"
     assert "{probability}" not in text and "mm3" not in text, text
+    if conclusions:  # the conclusion's label is readable: wholly inside the image viewport, not cut at its edge
+        viewport = browser.wait_js(VIEWPORT_BOX, 30, "the viewport canvas")
+        boxes = _text_boxes(browser, "".join(expected))  # the text box with all its lines, not a look-alike
+        assert boxes and all(_inside(b, viewport) for b in boxes), f"{tracking} label {boxes} outside {viewport}"
 
 
 def _check_seg(browser: Chromium, result: TaskResult, tid: str, shots: Path) -> None:

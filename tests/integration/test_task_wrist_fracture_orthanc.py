@@ -99,10 +99,13 @@ def test_adult_two_view_study_returns_sr_and_scs_paediatric_not_routed(
     errors, out = run_dciodvfy(sr_path)
     assert not errors, out
     report = hd.sr.srread(sr_path).content
-    # one group per image, outlining it (the study finding is a document-level conclusion)
-    assert len(report.get_planar_roi_measurement_groups()) == 2 and not report.get_image_measurement_groups()
+    # one group per image, outlining it, and the study finding as a conclusion (also document-level)
+    groups = report.get_planar_roi_measurement_groups()
+    assert [str(g.tracking_identifier) for g in groups].count("Study conclusion") == 1
+    assert len(groups) == 3 and not report.get_image_measurement_groups()
     for uid in source_uids:
-        (group,) = report.get_planar_roi_measurement_groups(referenced_sop_instance_uid=uid)
+        (group,) = [g for g in report.get_planar_roi_measurement_groups(referenced_sop_instance_uid=uid)
+                    if not str(g.tracking_identifier).endswith(" conclusion")]
         (prob,) = group.get_measurements(name=rc.to_hd(FRACTURE))
         assert 0.0 <= prob.value <= 100.0 and prob.unit.value == "%"
     referenced = set()

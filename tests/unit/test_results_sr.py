@@ -73,9 +73,24 @@ def _conclusions(ds: pydicom.Dataset) -> pydicom.Dataset:
     return container
 
 
+def _tracking_ids(ds: pydicom.Dataset) -> list[str]:
+    """The tracking identifier of every measurement group, in document order."""
+    (measurements,) = [i for i in ds.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    return [str(i.TextValue) for g in measurements.ContentSequence for i in g.ContentSequence
+            if i.ConceptNameCodeSequence[0].CodeValue == "112039"]
+
+
+def _conclusion_groups(report: hd.sr.MeasurementReport) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+    return [g for g in report.get_planar_roi_measurement_groups() if str(g.tracking_identifier).endswith(" conclusion")]
+
+
+def _not_conclusions(groups: list) -> list:
+    return [g for g in groups if not str(g.tracking_identifier).endswith(" conclusion")]
+
+
 def assert_ohif_readable(ds: pydicom.Dataset) -> int:
-    """Every measurement group carries an image region (SCOORD) on a referenced image, as OHIF 3.x requires;
-    returns the number of groups."""
+    """Every measurement group carries an image region (SCOORD) on a referenced image, as OHIF 3.x requires: a
+    closed POLYLINE, or for a conclusion a POINT; conclusions come first. Returns the number of groups."""
     (measurements,) = [i for i in ds.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
     groups = [g for g in measurements.ContentSequence if g.ConceptNameCodeSequence[0].CodeValue == "125007"]
     assert groups and len(groups) == len(measurements.ContentSequence)
@@ -83,8 +98,15 @@ def assert_ohif_readable(ds: pydicom.Dataset) -> int:
         scoords = [c for c in g.ContentSequence if c.ValueType == "SCOORD"]
         assert len(scoords) == 1, "group without an image region"
         assert scoords[0].ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-        assert scoords[0].GraphicType == "POLYLINE" and list(scoords[0].GraphicData[:2]) == list(
-            scoords[0].GraphicData[-2:])  # closed
+        tracking = [str(c.TextValue) for c in g.ContentSequence if c.ConceptNameCodeSequence[0].CodeValue == "112039"]
+        if tracking[0].endswith(" conclusion"):
+            assert scoords[0].GraphicType == "POINT" and len(scoords[0].GraphicData) == 2
+        else:
+            assert scoords[0].GraphicType == "POLYLINE" and list(scoords[0].GraphicData[:2]) == list(
+                scoords[0].GraphicData[-2:])  # closed
+    ids = _tracking_ids(ds)
+    n = sum(i.endswith(" conclusion") for i in ids)
+    assert all(i.endswith(" conclusion") for i in ids[:n]), f"conclusions must come first: {ids}"
     return len(groups)
 
 
@@ -160,7 +182,8 @@ def test_spine_sr_content(ct, tmp_path, dciodvfy):
 
     # OHIF reads every group as an annotation: all are TID 1410 with a region, none is TID 1501/1411
     assert report.get_image_measurement_groups() == [] and report.get_volumetric_roi_measurement_groups() == []
-    assert assert_ohif_readable(ds) == 4  # L1, L2, L4 on their slice; L3's classification is its box
+    # L1, L2, L4 on their slice; L3's classification is its box; the patient-level class as a conclusion
+    assert assert_ohif_readable(ds) == 5
     for i, site in [(0, rc.L1), (1, rc.L2), (3, rc.L4)]:
         (g,) = report.get_planar_roi_measurement_groups(finding_site=rc.to_hd(site))
         assert g.tracking_identifier == f"vertebra {i + 1}"
@@ -185,7 +208,7 @@ def test_spine_sr_content(ct, tmp_path, dciodvfy):
     assert texts == {"Osteoporosis": "Present: probability 71 %", "Summary": "osteoporosis"}
     # algorithm identification on every measurement group
     containers = [i for i in ds.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"][0].ContentSequence
-    assert len(containers) == 4
+    assert len(containers) == 5
     for group in containers:
         assert _text_values(group, "111001") and set(_text_values(group, "111001")) == {"SpineBMD ResNet50"}
         assert "1.2" in _text_values(group, "111003")
@@ -203,7 +226,8 @@ def test_box_becomes_closed_scoord_rectangle(ct, tmp_path, dciodvfy):
     expected = np.array([[3.5, 4.5], [11.0, 4.5], [11.0, 12.5], [3.5, 12.5], [3.5, 4.5]])
     np.testing.assert_allclose(region.value, expected)
     assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == str(ct[2].SOPInstanceUID)
-    assert len(report.get_planar_roi_measurement_groups(referenced_sop_instance_uid=str(ct[2].SOPInstanceUID))) == 1
+    assert len(_not_conclusions(report.get_planar_roi_measurement_groups(
+        referenced_sop_instance_uid=str(ct[2].SOPInstanceUID)))) == 1
     (score,) = roi.get_measurements(name=rc.to_hd(rc.OSTEOPOROSIS))
     assert score.value == pytest.approx(80.0) and score.unit == rc.to_hd(PERCENT)
     assert roi.finding_type == rc.to_hd(rc.OSTEOPOROSIS)
@@ -234,7 +258,7 @@ def test_wrist_study_and_per_image_probabilities(tmp_path, dciodvfy):
     proc = _codes_in(ds, Code("121058", "DCM", "Procedure reported"))
     assert proc[0].ConceptCodeSequence[0].CodeValue == rc.IMAGING_PROCEDURE.value  # in CID 100
     report = hd.sr.srread(tmp_path / "wrist.dcm").content
-    assert assert_ohif_readable(ds) == 2
+    assert assert_ohif_readable(ds) == 3  # the study conclusion, then one group per image
     per_image = report.get_planar_roi_measurement_groups(referenced_sop_instance_uid=str(lat.SOPInstanceUID))
     assert len(per_image) == 1
     (prob,) = per_image[0].get_measurements(name=rc.to_hd(FRACTURE))
@@ -249,6 +273,60 @@ def test_wrist_study_and_per_image_probabilities(tmp_path, dciodvfy):
         ("CODE", FRACTURE.value), ("TEXT", FRACTURE.value)]
     assert items[0].ConceptCodeSequence[0].CodeValue == PRESENT.value
     assert items[1].TextValue == "Present (Wrist): probability 83 %"
+    # ... and on its key image, the most probable image that agrees with it (PA, 91 %), where OHIF shows it
+    (study,) = _conclusion_groups(report)
+    assert study.tracking_identifier == "Study conclusion"
+    assert study.roi.graphic_type == hd.sr.GraphicTypeValues.POINT
+    assert study.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == str(pa.SOPInstanceUID)
+    assert study.finding_type == rc.to_hd(FRACTURE)
+    (verdict,) = study.get_qualitative_evaluations(name=rc.to_hd(FRACTURE))
+    assert verdict.value == rc.to_hd(PRESENT)
+    (p_study,) = study.get_measurements(name=rc.to_hd(FRACTURE))
+    assert p_study.value == pytest.approx(83.0) and p_study.unit == rc.to_hd(PERCENT)
+    assert study.finding_sites[0].value == rc.to_hd(rc.WRIST)
+    assert not study.get_measurements(name=rc.to_hd(rc.OPERATING_POINT))  # no threshold given
+
+
+def test_conclusion_label_states_probability_and_operating_point(tmp_path, dciodvfy):
+    dx = dx_image(rows=200, cols=100)
+    ref = ImageRef(str(dx.SOPInstanceUID))
+    f = Findings("physis_fracture", "Physis", "1", str(dx.StudyInstanceUID), (ref,), classifications=[
+        Classification(rc.GROWTH_PLATE_FRACTURE, ABSENT, 0.73, finding_site=rc.GROWTH_PLATE, threshold=0.81),
+        Classification(rc.GROWTH_PLATE_FRACTURE, ABSENT, 0.73, finding_site=rc.GROWTH_PLATE, images=(ref,),
+                       threshold=0.81)], summary="p=0.73 < 0.81: no growth-plate fracture detected")
+    ds = _write_read(_sr_of(build_results(f, [dx], ResultContext())), tmp_path, dciodvfy, "physis.dcm")
+    assert _tracking_ids(ds)[0] == "Study conclusion" and assert_ohif_readable(ds) == 2
+    report = hd.sr.srread(tmp_path / "physis.dcm").content
+    (study,) = _conclusion_groups(report)
+    # OHIF prints the NUM items: "Fracture of growth plate: 73.00 %", "Operating point: 81.00 %"
+    names = [(m.name.meaning, round(m.value, 2), m.unit.value) for m in study.get_measurements()]
+    assert names == [("Fracture of growth plate", 73.0, "%"), ("Operating point", 81.0, "%")]
+    (verdict,) = study.get_qualitative_evaluations(name=rc.to_hd(rc.GROWTH_PLATE_FRACTURE))
+    assert verdict.value == rc.to_hd(ABSENT)
+    # the point sits near the top-left corner (5 % across, 12 % down), so OHIF draws the label inside the image
+    np.testing.assert_allclose(study.roi.value, [[0.05 * 99 + 0.5, 0.12 * 199 + 0.5]])
+    texts = [str(i.TextValue) for i in _conclusions(ds).ContentSequence if i.ValueType == "TEXT"]
+    assert texts[-1] == f.summary  # the summary text the demo reads is unchanged
+
+
+def test_patient_class_goes_to_the_most_severe_vertebra(ct, tmp_path, dciodvfy):
+    refs = tuple(ImageRef(str(d.SOPInstanceUID)) for d in ct)
+    per_level = [Classification(rc.FINDING, cls, probability=p, finding_site=site, images=(refs[i],))
+                 for i, (site, cls, p) in enumerate([(rc.L1, rc.OSTEOPOROSIS, 0.6), (rc.L2, rc.NORMAL, 0.99),
+                                                     (rc.L3, rc.OSTEOPOROSIS, 0.9), (rc.L4, rc.OSTEOPENIA, 0.95)])]
+    patient = Classification(rc.FINDING, rc.OSTEOPOROSIS, probability=0.9, finding_site=rc.LUMBAR_SPINE,
+                             tracking_id="patient-level class")
+    f = Findings("spine_bmd", "SpineBMD", "1.2", str(ct[0].StudyInstanceUID), refs,
+                 classifications=[*per_level, patient])
+    _write_read(_sr_of(build_results(f, ct, ResultContext())), tmp_path, dciodvfy, "sr.dcm")
+    (group,) = _conclusion_groups(hd.sr.srread(tmp_path / "sr.dcm").content)
+    assert group.tracking_identifier == "Patient conclusion"
+    # L3: the most probable of the vertebrae classed like the patient
+    assert group.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == str(ct[2].SOPInstanceUID)
+    assert group.finding_type == rc.to_hd(rc.OSTEOPOROSIS)
+    (p,) = group.get_measurements()
+    assert (p.name, p.value) == (rc.to_hd(rc.OSTEOPOROSIS), pytest.approx(90.0))  # "Osteoporosis: 90.00 %"
+    assert group.finding_sites[0].value == rc.to_hd(rc.LUMBAR_SPINE)
 
 
 def test_hrpqct_grades_and_rescan(tmp_path, dciodvfy):
@@ -266,9 +344,9 @@ def test_hrpqct_grades_and_rescan(tmp_path, dciodvfy):
     )
     ds = _write_read(_sr_of(build_results(f, slices, ResultContext())), tmp_path, dciodvfy, "hr.dcm")
     report = hd.sr.srread(tmp_path / "hr.dcm").content
-    assert assert_ohif_readable(ds) == 8  # one per graded slice
+    assert assert_ohif_readable(ds) == 9  # the scan conclusion, then one per graded slice
     for r in refs:
-        (g,) = report.get_planar_roi_measurement_groups(referenced_sop_instance_uid=r.sop_instance_uid)
+        (g,) = _not_conclusions(report.get_planar_roi_measurement_groups(referenced_sop_instance_uid=r.sop_instance_uid))
         assert g.get_measurements(name=rc.to_hd(MOTION_GRADE))[0].value == 4.0
         assert g.get_measurements()[0].value == pytest.approx(50.0)
     items = _conclusions(ds).ContentSequence
@@ -278,6 +356,16 @@ def test_hrpqct_grades_and_rescan(tmp_path, dciodvfy):
     texts = [str(i.TextValue) for i in items if i.ValueType == "TEXT"]
     # the scan's grade is about all 8 slices: a conclusion, not a region on one of them
     assert texts == ["Motion grade 4 (Distal Radius): probability 60 % over 8 images", "4", "Present: probability 77 %"]
+    # one conclusion group holds the scan grade and the rescan recommendation, on a slice graded like the scan
+    (scan,) = _conclusion_groups(report)
+    assert scan.tracking_identifier == "Scan conclusion"
+    assert scan.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID in {r.sop_instance_uid
+                                                                                           for r in refs}
+    (grade,) = scan.get_qualitative_evaluations(name=rc.to_hd(rc.IMAGE_ARTIFACTS))
+    (again,) = scan.get_qualitative_evaluations(name=rc.to_hd(rescan))
+    assert (grade.value, again.value) == (rc.to_hd(grade4), rc.to_hd(PRESENT))
+    values = [(m.name.value, round(m.value, 2)) for m in scan.get_measurements()]
+    assert values == [(rc.IMAGE_ARTIFACTS.value, 60.0), (MOTION_GRADE.value, 4.0), (rescan.value, 77.0)]
 
 
 def test_knee_volumes_reference_seg_segments(tmp_path, dciodvfy):
@@ -351,12 +439,15 @@ def test_sources_must_cover_findings_and_share_a_study(ct):
         build_results(empty, ct, ResultContext())
 
 
-def test_study_level_only_is_shown_on_the_first_image(ct, tmp_path, dciodvfy):
+def test_study_level_only_is_shown_on_the_middle_image(ct, tmp_path, dciodvfy):
     f = Findings("spine_bmd", "SpineBMD", "1.2", str(ct[0].StudyInstanceUID), tuple(ImageRef(str(d.SOPInstanceUID))
                  for d in ct), classifications=[Classification(rc.OSTEOPOROSIS, ABSENT, 0.2)])
     ds = _write_read(_sr_of(build_results(f, ct, ResultContext())), tmp_path, dciodvfy, "sr.dcm")
     assert assert_ohif_readable(ds) == 1
     assert _conclusions(ds).ContentSequence[0].ConceptCodeSequence[0].CodeValue == ABSENT.value
+    (group,) = _conclusion_groups(hd.sr.srread(tmp_path / "sr.dcm").content)
+    # no image-level classification drove it: the middle source image
+    assert group.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == str(ct[2].SOPInstanceUID)
 
 
 def test_missing_type2_patient_attributes_stay_empty(ct, tmp_path, dciodvfy):

@@ -474,7 +474,9 @@ def _content_groups(sr: pydicom.Dataset) -> list[pydicom.Dataset]:
     (doc,) = [report]
     items = doc.ContentSequence
     (imgs,) = [it for it in items if it.ConceptNameCodeSequence[0].CodeValue == "126010"]
-    return list(imgs.ContentSequence)
+    # the scan's conclusion, placed on one slice too, is checked by tests/unit/test_results_sr.py
+    return [g for g in imgs.ContentSequence
+            if not any(str(i.get("TextValue", "")).endswith(" conclusion") for i in g.ContentSequence)]
 
 
 def _sr_groups(sr: pydicom.Dataset) -> list[dict[str, Any]]:
