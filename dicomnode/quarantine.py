@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.filereader import read_partial
 
 from dicomnode import store
 from dicomnode.fsutil import fsync_path
@@ -78,9 +78,7 @@ def quarantine(storage_dir: Path, payload: bytes, *, kind: str, reason: str, sop
 def _meta_sop(payload: bytes) -> str | None:
     """The Media Storage SOP Instance UID of the file meta (the C-STORE's), if it can be read."""
     try:
-        fp = io.BytesIO(payload)
-        read_preamble(fp, False)
-        value = _read_file_meta_info(fp).get("MediaStorageSOPInstanceUID")
+        value = read_partial(io.BytesIO(payload), stop_when=lambda *_: True).file_meta.get("MediaStorageSOPInstanceUID")
     except Exception:  # noqa: BLE001 - a payload too broken for that is listed without a UID
         return None
     return str(value) if value else None

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import pydicom
-from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.filereader import read_partial
 
 from dicomnode import store
 from dicomnode.dicomscan import check_complete
@@ -161,8 +161,7 @@ def _digest(source: bytes | bytearray | memoryview | str | os.PathLike[str]) -> 
     h = hashlib.sha256()
     fp: BinaryIO = io.BytesIO(source) if isinstance(source, bytes | bytearray | memoryview) else open(source, "rb")  # noqa: SIM115
     try:
-        read_preamble(fp, False)
-        _read_file_meta_info(fp)
+        seek_dataset(fp)
         while chunk := fp.read(_COPY_CHUNK):
             h.update(chunk)
     except Exception as exc:  # noqa: BLE001 - an unreadable stored copy differs from anything new
@@ -171,6 +170,40 @@ def _digest(source: bytes | bytearray | memoryview | str | os.PathLike[str]) -> 
     finally:
         fp.close()
     return h.digest()
+
+
+_PREAMBLE_LEN = 128 + 4  # preamble and "DICM" (PS3.10 7.1)
+_GROUP_LENGTH_ELEMENT_LEN = 12  # (0002,0000) UL, explicit VR little endian
+
+
+def _stop_at_first_element(tag: object, vr: object, length: object) -> bool:
+    return True
+
+
+def seek_dataset(fp: BinaryIO) -> None:
+    """Move ``fp`` (a DICOM File Format stream) to the first byte of the data set after the File Meta Information.
+
+    Public pydicom API only: :func:`pydicom.filereader.read_partial` reads the preamble and the file meta,
+    and the Type 1 File Meta Information Group Length (PS3.10 7.1) gives the end of the meta group.
+
+    Raises
+    ------
+    InvalidDatasetError
+        The stream has no preamble, no group length, or a group length that disagrees with the meta.
+    """
+    fp.seek(0)
+    try:
+        meta = read_partial(fp, stop_when=_stop_at_first_element).file_meta
+    except Exception as exc:  # noqa: BLE001 - anything pydicom raises means "cannot parse"
+        raise InvalidDatasetError(f"cannot read the File Meta Information: {type(exc).__name__}: {exc}") from exc
+    length = meta.get("FileMetaInformationGroupLength")
+    if not isinstance(length, int):
+        raise InvalidDatasetError("File Meta Information lacks its group length (0002,0000)")
+    offset = _PREAMBLE_LEN + _GROUP_LENGTH_ELEMENT_LEN + length
+    fp.seek(offset)
+    if fp.read(2) == b"\x02\x00":  # the next element is still in group 0002: the length is too short
+        raise InvalidDatasetError("File Meta Information group length (0002,0000) is too short")
+    fp.seek(offset)
 
 
 def _expected_from_header(meta: dict[str, Any]) -> int | None:
@@ -236,9 +269,7 @@ class Spool(AssociationIndex):
             meta_sop = ds.file_meta.get("MediaStorageSOPInstanceUID")
             if meta_sop is not None and "SOPInstanceUID" not in ds:
                 ds.SOPInstanceUID = meta_sop
-            fp.seek(0)
-            read_preamble(fp, False)
-            _read_file_meta_info(fp)
+            seek_dataset(fp)
         except Exception as exc:  # noqa: BLE001 - anything pydicom raises means "cannot parse"
             raise InvalidDatasetError(f"cannot parse received dataset: {type(exc).__name__}: {exc}") from exc
         check_complete(fp, ts)
