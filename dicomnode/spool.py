@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ctypes
 import enum
-import hashlib
 import io
 import json
 import logging
@@ -35,11 +34,12 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import pydicom
-from pydicom.filereader import read_partial
 
 from dicomnode import store
 from dicomnode.dicomscan import check_complete
 from dicomnode.errors import InvalidDatasetError, OutOfResourcesError
+from dicomnode.filemeta import dataset_digest as _digest
+from dicomnode.filemeta import seek_dataset
 from dicomnode.fsutil import fsync_path
 from dicomnode.router import SeriesInfo, routing_meta
 from dicomnode.spool_associations import AssociationIndex
@@ -154,56 +154,6 @@ _Identity = Identity
 def _valid_uid(value: Any) -> str | None:
     text = str(value).strip().rstrip("\x00") if value is not None else ""
     return text if 0 < len(text) <= 64 and _UID_RE.match(text) else None
-
-
-def _digest(source: bytes | bytearray | memoryview | str | os.PathLike[str]) -> bytes:
-    """SHA-256 of the data set after the File Meta Information (what the sender sent, not our meta header)."""
-    h = hashlib.sha256()
-    fp: BinaryIO = io.BytesIO(source) if isinstance(source, bytes | bytearray | memoryview) else open(source, "rb")  # noqa: SIM115
-    try:
-        seek_dataset(fp)
-        while chunk := fp.read(_COPY_CHUNK):
-            h.update(chunk)
-    except Exception as exc:  # noqa: BLE001 - an unreadable stored copy differs from anything new
-        log.warning("cannot read an instance to compare a re-send: %s", type(exc).__name__)
-        return b""
-    finally:
-        fp.close()
-    return h.digest()
-
-
-_PREAMBLE_LEN = 128 + 4  # preamble and "DICM" (PS3.10 7.1)
-_GROUP_LENGTH_ELEMENT_LEN = 12  # (0002,0000) UL, explicit VR little endian
-
-
-def _stop_at_first_element(tag: object, vr: object, length: object) -> bool:
-    return True
-
-
-def seek_dataset(fp: BinaryIO) -> None:
-    """Move ``fp`` (a DICOM File Format stream) to the first byte of the data set after the File Meta Information.
-
-    Public pydicom API only: :func:`pydicom.filereader.read_partial` reads the preamble and the file meta,
-    and the Type 1 File Meta Information Group Length (PS3.10 7.1) gives the end of the meta group.
-
-    Raises
-    ------
-    InvalidDatasetError
-        The stream has no preamble, no group length, or a group length that disagrees with the meta.
-    """
-    fp.seek(0)
-    try:
-        meta = read_partial(fp, stop_when=_stop_at_first_element).file_meta
-    except Exception as exc:  # noqa: BLE001 - anything pydicom raises means "cannot parse"
-        raise InvalidDatasetError(f"cannot read the File Meta Information: {type(exc).__name__}: {exc}") from exc
-    length = meta.get("FileMetaInformationGroupLength")
-    if not isinstance(length, int):
-        raise InvalidDatasetError("File Meta Information lacks its group length (0002,0000)")
-    offset = _PREAMBLE_LEN + _GROUP_LENGTH_ELEMENT_LEN + length
-    fp.seek(offset)
-    if fp.read(2) == b"\x02\x00":  # the next element is still in group 0002: the length is too short
-        raise InvalidDatasetError("File Meta Information group length (0002,0000) is too short")
-    fp.seek(offset)
 
 
 def _expected_from_header(meta: dict[str, Any]) -> int | None:
