@@ -11,7 +11,8 @@ the study complete. Instances arriving after completion re-open the study with
 ``generation + 1``; the new jobs write into the same result series and their
 SR supersedes the previous one (``result_series`` / ``result_documents``).
 
-Tables owned here: ``studies``, ``result_series``, ``result_documents``.
+Its tables (``studies``, ``result_series``, ``result_documents``) are written only through
+:class:`dicomnode.store.AssemblyRepo`.
 """
 
 from __future__ import annotations
@@ -24,51 +25,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dicomnode import db
+from dicomnode import store
 from dicomnode.config import Config
 from dicomnode.jobs import JobQueue
 from dicomnode.outbox import Outbox
 from dicomnode.results import PriorDocument, ResultContext
 from dicomnode.router import route_series
 from dicomnode.spool import SeriesRecord, Spool
+from dicomnode.store import AssemblyRepo, ReceiveRepo
 from dicomnode.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SCHEMA", "Assembler", "StudyState", "load_result_context", "save_result_context"]
+__all__ = ["Assembler", "StudyState", "load_result_context", "result_series_of"]
 
 DEFAULT_QUIET_S = 10.0
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS studies (
-    study_uid TEXT PRIMARY KEY,
-    state TEXT NOT NULL,
-    generation INTEGER NOT NULL DEFAULT 1,
-    routes TEXT,
-    no_route_series TEXT,
-    last_instance_at REAL,
-    completed_at REAL,
-    processed_at REAL,
-    purged_at REAL
-);
-CREATE TABLE IF NOT EXISTS result_series (
-    study_uid TEXT NOT NULL,
-    route TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    series_uid TEXT NOT NULL,
-    series_number INTEGER,
-    PRIMARY KEY (study_uid, route, kind)
-);
-CREATE TABLE IF NOT EXISTS result_documents (
-    study_uid TEXT NOT NULL,
-    route TEXT NOT NULL,
-    series_uid TEXT NOT NULL,
-    sop_instance_uid TEXT NOT NULL,
-    sop_class_uid TEXT NOT NULL,
-    PRIMARY KEY (study_uid, route)
-);
-"""
-
 
 @dataclass(frozen=True)
 class StudyState:
@@ -86,26 +57,20 @@ class StudyState:
 
 def load_result_context(conn: sqlite3.Connection, study_uid: str, route: str, ctx: ResultContext) -> ResultContext:
     """Fill ``ctx`` with the stored result series and the previous SR of (study, route)."""
-    for r in conn.execute("SELECT kind, series_uid, series_number FROM result_series WHERE study_uid=? AND route=?",
-                          (study_uid, route)):
+    repo = AssemblyRepo(conn)
+    for r in repo.result_series(study_uid, route):
         ctx.series_uids[r["kind"]] = r["series_uid"]
         if r["series_number"] is not None:
             ctx.series_numbers[r["kind"]] = int(r["series_number"])
-    doc = conn.execute("SELECT * FROM result_documents WHERE study_uid=? AND route=?", (study_uid, route)).fetchone()
+    doc = repo.result_document(study_uid, route)
     if doc is not None:
         ctx.predecessors = [PriorDocument(study_uid, doc["series_uid"], doc["sop_instance_uid"], doc["sop_class_uid"])]
     return ctx
 
 
-def save_result_context(conn: sqlite3.Connection, study_uid: str, route: str, ctx: ResultContext,
-                        sr: tuple[str, str, str] | None) -> None:
-    """Persist result series and the latest SR ``(series, sop instance, sop class)``; inside a transaction."""
-    for kind, uid in ctx.series_uids.items():
-        conn.execute("INSERT OR REPLACE INTO result_series (study_uid, route, kind, series_uid, series_number)"
-                     " VALUES (?,?,?,?,?)", (study_uid, route, kind, uid, ctx.series_numbers.get(kind)))
-    if sr is not None:
-        conn.execute("INSERT OR REPLACE INTO result_documents (study_uid, route, series_uid, sop_instance_uid,"
-                     " sop_class_uid) VALUES (?,?,?,?,?)", (study_uid, route, *sr))
+def result_series_of(ctx: ResultContext) -> dict[str, tuple[str, int | None]]:
+    """The result series of ``ctx`` as :class:`dicomnode.store.FinishedJob` records them."""
+    return {kind: (uid, ctx.series_numbers.get(kind)) for kind, uid in ctx.series_uids.items()}
 
 
 class Assembler:
@@ -120,11 +85,7 @@ class Assembler:
         self.queue = queue
         self.poll_s = poll_s
         self.db_path = spool.db_path
-        conn = db.connect(self.db_path)
-        try:
-            db.ensure_schema(conn, SCHEMA)
-        finally:
-            conn.close()
+        store.ensure(self.db_path)
         self._stop = threading.Event()
         self._wakeup = Wakeup()
         self._thread: threading.Thread | None = None
@@ -133,13 +94,13 @@ class Assembler:
     @property
     def conn(self) -> sqlite3.Connection:
         """This thread's connection."""
-        return db.thread_connection(self.db_path)
+        return store.thread_connection(self.db_path)
 
     # ------------------------------------------------------------------ queries
 
     def study(self, study_uid: str) -> StudyState | None:
         """The assembler's record of a study."""
-        r = self.conn.execute("SELECT * FROM studies WHERE study_uid=?", (study_uid,)).fetchone()
+        r = AssemblyRepo(self.conn).study(study_uid)
         if r is None:
             return None
         return StudyState(r["study_uid"], r["state"], r["generation"], json.loads(r["routes"] or "[]"),
@@ -168,19 +129,16 @@ class Assembler:
     def poll_once(self, now: float | None = None) -> list[str]:
         """Check every study that may need work; returns the studies completed in this pass."""
         now = time.time() if now is None else now
-        rows = self.conn.execute(
-            "SELECT s.study_uid, MAX(s.last_received) AS last, st.state, st.completed_at, st.last_instance_at"
-            " FROM series s LEFT JOIN studies st ON st.study_uid = s.study_uid GROUP BY s.study_uid").fetchall()
+        repo = AssemblyRepo(self.conn)
+        rows = repo.candidates()
         done: list[str] = []
         for r in rows:
             uid, state = r["study_uid"], r["state"]
             if state is None:
-                self.conn.execute("INSERT OR IGNORE INTO studies (study_uid, state, last_instance_at) VALUES (?,?,?)",
-                                  (uid, "receiving", r["last"]))
+                repo.start_study(uid, r["last"])
                 state = "receiving"
             elif state != "receiving" and r["last_instance_at"] is not None and r["last"] > r["last_instance_at"]:
-                self.conn.execute("UPDATE studies SET state='receiving', generation=generation+1, processed_at=NULL"
-                                  " WHERE study_uid=? AND state=?", (uid, state))
+                repo.reopen(uid, state)
                 log.info("late instances re-open study %s", uid)
                 state = "receiving"
             if state == "receiving" and self._complete_study(uid, now):
@@ -206,21 +164,19 @@ class Assembler:
                 tasks[route.name] = route.task
         last = max(rec.last_received for rec in records)
         conn = self.conn
-        with db.transaction(conn):
-            row = conn.execute("SELECT state, generation FROM studies WHERE study_uid=?", (study_uid,)).fetchone()
+        repo = AssemblyRepo(conn)
+        with store.transaction(conn):
+            row = repo.study(study_uid)
             if row is None or row["state"] != "receiving":
                 return False
-            cur_last = conn.execute("SELECT MAX(last_received) AS t FROM series WHERE study_uid=?",
-                                    (study_uid,)).fetchone()["t"]
+            cur_last = ReceiveRepo(conn).study_last_received(study_uid)
             if cur_last is not None and cur_last > last:
                 return False  # an instance arrived since we read the records; look again next pass
             gen = int(row["generation"])
             for name, series in by_route.items():
                 self.queue.enqueue(study_uid, name, tasks[name], series, generation=gen, conn=conn)
             state = "complete" if by_route else "no_route"
-            conn.execute("UPDATE studies SET state=?, routes=?, no_route_series=?, last_instance_at=?, completed_at=?"
-                         " WHERE study_uid=?", (state, json.dumps(sorted(by_route)), json.dumps(no_route), last, now,
-                                                study_uid))
+            repo.mark_complete(study_uid, state, list(by_route), no_route, last, now)
         log.info("study %s complete (generation %d): %d job(s), %d series without a route", study_uid, gen,
                  len(by_route), len(no_route))
         if by_route and self.on_enqueue is not None:
@@ -234,15 +190,14 @@ class Assembler:
         """
         now = time.time() if now is None else now
         cutoff = now - self.cfg.node.retention_days * 86400.0
-        rows = self.conn.execute(
-            "SELECT study_uid FROM studies WHERE purged_at IS NULL AND ((state='processed' AND processed_at<?)"
-            " OR (state='no_route' AND completed_at<?))", (cutoff, cutoff)).fetchall()
-        for r in rows:
-            self.spool.delete_study(r["study_uid"])
-            self.conn.execute("UPDATE studies SET purged_at=? WHERE study_uid=?", (now, r["study_uid"]))
+        repo = AssemblyRepo(self.conn)
+        expired = repo.expired(cutoff)
+        for study_uid in expired:
+            self.spool.delete_study(study_uid)
+            repo.mark_purged(study_uid, now)
         if self.outbox is not None:
             self.outbox.purge_sent(cutoff)
-        return len(rows)
+        return len(expired)
 
     # ------------------------------------------------------------------ thread
 
@@ -272,11 +227,3 @@ class Assembler:
         if self._thread is not None:
             self._thread.join(timeout_s)
 
-
-def mark_processed_if_done(conn: sqlite3.Connection, study_uid: str, generation: int) -> None:
-    """Set the study ``processed`` when no job of its current generation is pending or running (in a transaction)."""
-    left = conn.execute("SELECT COUNT(*) AS n FROM jobs WHERE study_uid=? AND generation=? AND state IN"
-                        " ('pending','running')", (study_uid, generation)).fetchone()["n"]
-    if left == 0:
-        conn.execute("UPDATE studies SET state='processed', processed_at=? WHERE study_uid=? AND generation=?"
-                     " AND state='complete'", (time.time(), study_uid, generation))

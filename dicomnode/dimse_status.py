@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dicomnode.errors import DicomNodeError, InvalidDatasetError, OutOfResourcesError
-from dicomnode.metrics import record
+from dicomnode.metrics import instance_rejected, instance_stored
 from dicomnode.spool import StoreOutcome
 
 log = logging.getLogger(__name__)
@@ -58,26 +58,26 @@ def store_status(sop: str, aid: str | None, fn: Callable[[], Any]) -> int:
         outcome = fn()
     except OutOfResourcesError as exc:
         log.error("C-STORE %s on association %s: out of resources: %s", sop, aid, exc)
-        record("instance_rejected", "out_of_resources")
+        instance_rejected("out_of_resources")
         return STATUS_OUT_OF_RESOURCES
     except DataSetMismatchError as exc:
         log.error("C-STORE %s on association %s: data set does not match its request: %s", sop, aid, exc)
-        record("instance_rejected", "invalid_dataset")
+        instance_rejected("invalid_dataset")
         return STATUS_DATASET_MISMATCH
     except InvalidDatasetError as exc:
         log.error("C-STORE %s on association %s: cannot understand the data set: %s", sop, aid, exc)
-        record("instance_rejected", "invalid_dataset")
+        instance_rejected("invalid_dataset")
         return STATUS_CANNOT_UNDERSTAND
     except DicomNodeError as exc:
         log.error("C-STORE %s on association %s failed: %s", sop, aid, exc)
-        record("instance_rejected", "processing_failure")
+        instance_rejected("processing_failure")
         return STATUS_PROCESSING_FAILURE
     except Exception:  # noqa: BLE001 - never let a bad instance take the node down
         log.exception("C-STORE %s on association %s: unexpected error", sop, aid)
-        record("instance_rejected", "unexpected_error")
+        instance_rejected("unexpected_error")
         return STATUS_PROCESSING_FAILURE  # not 0xA700: senders retry "out of resources" forever
     if isinstance(outcome, StoreOutcome):
         if outcome is StoreOutcome.DUPLICATE:
             log.debug("C-STORE %s: duplicate, already stored", sop)
-        record("instance_stored", outcome.value)
+        instance_stored(outcome.value)
     return STATUS_SUCCESS

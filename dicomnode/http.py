@@ -30,12 +30,13 @@ from typing import Any
 import pydicom
 from PIL import Image
 
-from dicomnode import db
+from dicomnode import store
 from dicomnode.config import Config
 from dicomnode.errors import DicomNodeError
 from dicomnode.metrics import NodeMetrics, default_metrics
 from dicomnode.spool import Spool
 from dicomnode.status import attention
+from dicomnode.store import StoreView
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +69,8 @@ def readiness(cfg: Config, receivers_alive: Callable[[], bool] | None = None) ->
     """Check the database, the receivers and the free disk space; returns ``(ready, details)``."""
     checks: dict[str, Any] = {}
     try:
-        conn = db.connect(db.db_path(cfg.node.storage_dir), timeout_s=5.0)
-        try:
-            conn.execute("SELECT 1").fetchone()
-        finally:
-            conn.close()
+        with StoreView(store.db_path(cfg.node.storage_dir)) as view:
+            view.ping()
         checks["database"] = "ok"
     except (sqlite3.Error, OSError) as exc:
         checks["database"] = f"error: {exc}"
@@ -88,10 +86,6 @@ def readiness(cfg: Config, receivers_alive: Callable[[], bool] | None = None) ->
     return ready, checks
 
 
-def _has_table(conn: sqlite3.Connection, name: str) -> bool:
-    return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone() is not None
-
-
 def _result_kind(path: Path) -> str | None:
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
@@ -102,20 +96,16 @@ def _result_kind(path: Path) -> str | None:
 
 def render_status_page(cfg: Config, limit: int = 50) -> str:
     """HTML of the status page (recent studies, one row per job; UIDs only)."""
-    path = db.db_path(cfg.node.storage_dir)
+    path = store.db_path(cfg.node.storage_dir)
     rows_html: list[str] = []
     counts: dict[str, int] = {}
     alerts = ""
     if path.exists():
-        conn = db.connect(path, timeout_s=5.0)
-        try:
-            alerts = _alerts_html(attention(conn, cfg))
-            if _has_table(conn, "studies") and _has_table(conn, "jobs"):
-                counts = {r["state"]: r["n"] for r in conn.execute(
-                    "SELECT state, COUNT(*) AS n FROM studies GROUP BY state")}
-                rows_html = _study_rows(conn, cfg.node.storage_dir, limit)
-        finally:
-            conn.close()
+        with StoreView(path) as view:
+            alerts = _alerts_html(attention(view, cfg))
+            if view.has_table("studies") and view.has_table("jobs"):
+                counts = view.study_counts()
+                rows_html = _study_rows(view, cfg.node.storage_dir, limit)
     summary = ", ".join(f"{_e(k)}: {v}" for k, v in sorted(counts.items())) or "no studies yet"
     head = ("<tr><th>Study Instance UID</th><th>Study state</th><th>Route</th><th>Task</th><th>Job state</th>"
             "<th>Model version</th><th>Received</th><th>Receive&rarr;complete</th><th>Inference</th>"
@@ -172,16 +162,11 @@ def _alerts_html(found: dict[str, Any]) -> str:
     return "".join(parts) or '<p class="ok" id="no-alerts">No failed jobs, dead deliveries or quarantined instances.</p>'
 
 
-def _study_rows(conn: sqlite3.Connection, storage_dir: Path, limit: int) -> list[str]:
-    studies = conn.execute(
-        "SELECT st.study_uid, st.state, st.completed_at, (SELECT MIN(first_received) FROM series s"
-        " WHERE s.study_uid = st.study_uid) AS first FROM studies st"
-        " ORDER BY COALESCE(st.completed_at, st.last_instance_at, 0) DESC LIMIT ?", (limit,)).fetchall()
+def _study_rows(view: StoreView, storage_dir: Path, limit: int) -> list[str]:
     out: list[str] = []
-    has_deliveries = _has_table(conn, "deliveries")
-    for st in studies:
-        jobs = conn.execute("SELECT * FROM jobs WHERE study_uid=? ORDER BY generation DESC, id", (st["study_uid"],))
-        jobs = jobs.fetchall() or [None]
+    has_deliveries = view.has_table("deliveries")
+    for st in view.study_overview(limit):
+        jobs: list[Any] = view.study_jobs(st["study_uid"]) or [None]
         for job in jobs:
             rtc = (st["completed_at"] - st["first"]) if st["completed_at"] and st["first"] else None
             cells = [f'<td class="study">{_e(st["study_uid"])}</td>', f'<td class="study-state">{_e(st["state"])}</td>']
@@ -194,8 +179,7 @@ def _study_rows(conn: sqlite3.Connection, storage_dir: Path, limit: int) -> list
                     st["completed_at"] else None
                 delivered, links = "-", []
                 if has_deliveries:
-                    dels = conn.execute("SELECT id, path, state, sent_at FROM deliveries WHERE job_id=? ORDER BY id",
-                                        (job["id"],)).fetchall()
+                    dels = view.job_deliveries(job["id"])
                     if dels:
                         n_sent = sum(d["state"] == "sent" for d in dels)
                         last = max((d["sent_at"] or 0) for d in dels)
@@ -229,15 +213,12 @@ def render_overlay_png(cfg: Config, delivery_id: int) -> bytes:
     """
     from dicomnode.results.render import render_dataset
 
-    conn = db.connect(db.db_path(cfg.node.storage_dir), timeout_s=5.0)
-    try:
-        row = conn.execute("SELECT path FROM deliveries WHERE id=?", (delivery_id,)).fetchone()
-    finally:
-        conn.close()
-    if row is None:
+    with StoreView(store.db_path(cfg.node.storage_dir)) as view:
+        rel = view.delivery_path(delivery_id)
+    if rel is None:
         raise KeyError(delivery_id)
     root = cfg.node.storage_dir.resolve()
-    path = (root / row["path"]).resolve()
+    path = (root / rel).resolve()
     if root not in path.parents or _result_kind(path) is None:
         raise KeyError(delivery_id)
     rgb = render_dataset(pydicom.dcmread(path))

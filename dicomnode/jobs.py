@@ -7,7 +7,7 @@ job to ``pending`` with exponential backoff until ``max_attempts``, then it is
 ``pending`` on start-up (:meth:`JobQueue.recover`). Workers are plain threads,
 never the association threads.
 
-Table owned here: ``jobs``.
+Its table, ``jobs``, is written only through :class:`dicomnode.store.JobsRepo`.
 """
 
 from __future__ import annotations
@@ -20,36 +20,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from dicomnode import db
+from dicomnode import store
+from dicomnode.store import JobsRepo
 from dicomnode.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SCHEMA", "Job", "JobQueue", "WorkerPool"]
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    study_uid TEXT NOT NULL,
-    route TEXT NOT NULL,
-    task TEXT NOT NULL,
-    generation INTEGER NOT NULL DEFAULT 1,
-    series_uids TEXT NOT NULL,
-    state TEXT NOT NULL DEFAULT 'pending',
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL DEFAULT 0,
-    last_error TEXT,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    timings TEXT,
-    model_version TEXT,
-    UNIQUE (study_uid, route, generation)
-);
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, next_attempt_at);
-"""
-
+__all__ = ["Job", "JobQueue", "WorkerPool"]
 
 @dataclass(frozen=True)
 class Job:
@@ -98,16 +76,12 @@ class JobQueue:
         self.max_attempts = max_attempts
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
-        conn = db.connect(self.db_path)
-        try:
-            db.ensure_schema(conn, SCHEMA)
-        finally:
-            conn.close()
+        store.ensure(self.db_path)
 
     @property
     def conn(self) -> sqlite3.Connection:
         """This thread's connection."""
-        return db.thread_connection(self.db_path)
+        return store.thread_connection(self.db_path)
 
     def enqueue(self, study_uid: str, route: str, task: str, series_uids: list[str], *, generation: int = 1,
                 conn: sqlite3.Connection | None = None) -> int | None:
@@ -115,32 +89,26 @@ class JobQueue:
 
         Pass ``conn`` to enqueue inside the caller's open transaction.
         """
-        now = time.time()
-        cur = (conn or self.conn).execute(
-            "INSERT OR IGNORE INTO jobs (study_uid, route, task, generation, series_uids, created_at, updated_at)"
-            " VALUES (?,?,?,?,?,?,?)", (study_uid, route, task, generation, json.dumps(sorted(series_uids)), now, now))
-        return int(cur.lastrowid) if cur.rowcount else None
+        return JobsRepo(conn or self.conn).enqueue(study_uid, route, task, series_uids, generation)
 
     def claim(self, now: float | None = None) -> Job | None:
         """Atomically take the oldest due pending job and mark it running."""
         now = time.time() if now is None else now
         conn = self.conn
-        with db.transaction(conn):
-            row = conn.execute("SELECT id FROM jobs WHERE state='pending' AND next_attempt_at<=? ORDER BY id LIMIT 1",
-                               (now,)).fetchone()
-            if row is None:
+        repo = JobsRepo(conn)
+        with store.transaction(conn):
+            job_id = repo.next_due(now)
+            if job_id is None:
                 return None
-            conn.execute("UPDATE jobs SET state='running', attempts=attempts+1, updated_at=? WHERE id=?"
-                         " AND state='pending'", (now, row["id"]))
-            job = conn.execute("SELECT * FROM jobs WHERE id=?", (row["id"],)).fetchone()
-        return Job.from_row(job)
+            repo.mark_running(job_id, now)
+            row = repo.get(job_id)
+        assert row is not None
+        return Job.from_row(row)
 
     def mark_done(self, job_id: int, *, timings: dict[str, float] | None = None, model_version: str | None = None,
                   conn: sqlite3.Connection | None = None) -> None:
         """Mark a running job done (inside the caller's transaction when ``conn`` is given)."""
-        (conn or self.conn).execute(
-            "UPDATE jobs SET state='done', last_error=NULL, updated_at=?, timings=?, model_version=? WHERE id=?",
-            (time.time(), json.dumps(timings or {}), model_version, job_id))
+        JobsRepo(conn or self.conn).mark_done(job_id, timings, model_version)
 
     def backoff_s(self, attempts: int) -> float:
         """Delay before the next attempt after ``attempts`` failures."""
@@ -150,8 +118,9 @@ class JobQueue:
         """Record a failure: back to pending with backoff, or ``dead``. Returns the new state."""
         conn = self.conn
         now = time.time()
-        with db.transaction(conn):
-            row = conn.execute("SELECT attempts FROM jobs WHERE id=?", (job_id,)).fetchone()
+        repo = JobsRepo(conn)
+        with store.transaction(conn):
+            row = repo.get(job_id)
             if row is None:
                 return "missing"
             attempts = int(row["attempts"])
@@ -159,41 +128,33 @@ class JobQueue:
                 state, due = "dead", now
             else:
                 state, due = "pending", now + self.backoff_s(attempts)
-            conn.execute("UPDATE jobs SET state=?, next_attempt_at=?, last_error=?, updated_at=? WHERE id=?",
-                         (state, due, error[:2000], now, job_id))
+            repo.set_failed(job_id, state, due, error, now)
         log.warning("job %d failed (attempt %d): %s -> %s", job_id, attempts, error, state)
         return state
 
     def release(self, job_id: int) -> None:
         """Return a running job to pending without counting the attempt (clean shutdown)."""
-        self.conn.execute("UPDATE jobs SET state='pending', attempts=MAX(attempts-1,0), updated_at=? WHERE id=?"
-                          " AND state='running'", (time.time(), job_id))
+        JobsRepo(self.conn).release(job_id)
 
     def recover(self) -> int:
         """Put jobs left ``running`` by a dead process back to ``pending``; returns how many."""
-        n = self.conn.execute("UPDATE jobs SET state='pending', updated_at=? WHERE state='running'",
-                              (time.time(),)).rowcount
+        n = JobsRepo(self.conn).recover()
         if n:
             log.info("recovered %d interrupted job(s)", n)
         return n
 
     def get(self, job_id: int) -> Job | None:
         """One job by id."""
-        row = self.conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        row = JobsRepo(self.conn).get(job_id)
         return Job.from_row(row) if row else None
 
     def list(self, *, study_uid: str | None = None, limit: int = 1000) -> list[Job]:
         """Jobs, newest first."""
-        sql = "SELECT * FROM jobs"
-        args: tuple[Any, ...] = ()
-        if study_uid is not None:
-            sql, args = sql + " WHERE study_uid=?", (study_uid,)
-        rows = self.conn.execute(sql + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
-        return [Job.from_row(r) for r in rows]
+        return [Job.from_row(r) for r in JobsRepo(self.conn).rows(study_uid, limit)]
 
     def counts(self) -> dict[str, int]:
         """Number of jobs per state."""
-        return {r["state"]: r["n"] for r in self.conn.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")}
+        return JobsRepo(self.conn).counts()
 
 
 class WorkerPool:

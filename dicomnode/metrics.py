@@ -20,12 +20,11 @@ version: ``receive_to_complete`` (first instance received -> study complete),
 
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +32,13 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from dicomnode import db
+from dicomnode import store
+from dicomnode.store import StoreView
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LATENCY_BUCKETS", "DatabaseCollector", "NodeMetrics", "SharedReceiveCounts", "default_metrics", "record"]
+__all__ = ["LATENCY_BUCKETS", "DatabaseCollector", "NodeMetrics", "SharedReceiveCounts", "default_metrics",
+           "delivery_failed", "delivery_sent", "instance_rejected", "instance_stored", "job_done", "job_failed"]
 
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 STAGES = ("receive_to_complete", "complete_to_inference", "inference_to_delivered", "receive_to_delivered")
@@ -92,51 +93,38 @@ class _SharedReceiveCollector(Collector):
 
 
 class DatabaseCollector(Collector):
-    """Gauges computed from the node database on every scrape."""
+    """Gauges computed from the node database on every scrape (through a read-only :class:`StoreView`)."""
 
     def __init__(self, storage_dir: Path) -> None:
-        self.path = db.db_path(storage_dir)
+        self.path = store.db_path(storage_dir)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         """Yield studies, jobs and deliveries gauges (nothing while the database does not exist)."""
-        studies = GaugeMetricFamily("dicomnode_studies", "Studies in the node database by state", labels=["state"])
-        jobs = GaugeMetricFamily("dicomnode_jobs", "Jobs by task and state", labels=["task", "state"])
-        deliveries = GaugeMetricFamily("dicomnode_deliveries", "Result deliveries by destination and state",
-                                       labels=["destination", "state"])
-        instances = GaugeMetricFamily("dicomnode_spooled_instances", "Instances currently held in the spool")
+        families = {
+            "studies": GaugeMetricFamily("dicomnode_studies", "Studies in the node database by state",
+                                         labels=["state"]),
+            "jobs": GaugeMetricFamily("dicomnode_jobs", "Jobs by task and state", labels=["task", "state"]),
+            "deliveries": GaugeMetricFamily("dicomnode_deliveries", "Result deliveries by destination and state",
+                                            labels=["destination", "state"]),
+            "instances": GaugeMetricFamily("dicomnode_spooled_instances", "Instances currently held in the spool")}
         quarantined = GaugeMetricFamily(
             "dicomnode_quarantined_instances", "Acknowledged instances that could not be indexed and wait in "
             "<storage_dir>/quarantine for the operator (files still present), by reason", labels=["reason"])
         if self.path.exists():
-            conn = db.connect(self.path, timeout_s=5.0)
             try:
-                for table, family, sql in (
-                        ("studies", studies, "SELECT state, COUNT(*) FROM studies GROUP BY state"),
-                        ("jobs", jobs, "SELECT task, state, COUNT(*) FROM jobs GROUP BY task, state"),
-                        ("deliveries", deliveries,
-                         "SELECT destination, state, COUNT(*) FROM deliveries GROUP BY destination, state"),
-                        ("instances", instances, "SELECT COUNT(*) FROM instances")):
-                    if _has_table(conn, table):
-                        for row in conn.execute(sql):
-                            values = tuple(row)
-                            family.add_metric([str(v) for v in values[:-1]], float(values[-1]))
-                if _has_table(conn, "quarantine"):
-                    root = self.path.parent
+                with StoreView(self.path) as view:
+                    for name, rows in view.gauges().items():
+                        for values in rows:
+                            families[name].add_metric([str(v) for v in values[:-1]], float(values[-1]))  # type: ignore[arg-type]
                     by_reason: dict[str, int] = {}
-                    for row in conn.execute("SELECT path, kind FROM quarantine"):
-                        if (root / row[0]).exists():
-                            by_reason[row[1]] = by_reason.get(row[1], 0) + 1
+                    for row in view.quarantine_rows():
+                        if (self.path.parent / row["path"]).exists():
+                            by_reason[row["kind"]] = by_reason.get(row["kind"], 0) + 1
                     for reason, n in sorted(by_reason.items()):
                         quarantined.add_metric([reason], float(n))
             except sqlite3.Error as exc:
                 log.warning("metrics: cannot read the node database: %s", exc)
-            finally:
-                conn.close()
-        yield from (studies, jobs, deliveries, instances, quarantined)
-
-
-def _has_table(conn: sqlite3.Connection, name: str) -> bool:
-    return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone() is not None
+        yield from (*families.values(), quarantined)
 
 
 class NodeMetrics:
@@ -209,15 +197,14 @@ class NodeMetrics:
 
     def job_done(self, conn: sqlite3.Connection, job_id: int) -> None:
         """A job committed its results: observe receive->complete and complete->inference."""
-        row = conn.execute(
-            "SELECT j.task, j.model_version, j.updated_at, j.series_uids, st.completed_at FROM jobs j"
-            " LEFT JOIN studies st ON st.study_uid = j.study_uid WHERE j.id=?", (job_id,)).fetchone()
+        view = StoreView.on(conn)
+        row = view.job_timing(job_id)
         if row is None:
             return
         task, version = row["task"], row["model_version"] or "unknown"
         self.jobs_finished.labels(task, "done").inc()
         self.studies_completed.labels(task).inc()
-        first = _first_received(conn, job_id)
+        first = view.first_received(row["series_uids"])
         if first is not None and row["completed_at"] is not None:
             self.stage_latency.labels("receive_to_complete", task, version).observe(
                 max(row["completed_at"] - first, 0.0))
@@ -230,19 +217,17 @@ class NodeMetrics:
         self.deliveries.labels(destination, "sent").inc()
         if job_id is None:
             return
-        left = conn.execute("SELECT COUNT(*) AS n FROM deliveries WHERE job_id=? AND state!='sent'",
-                            (job_id,)).fetchone()["n"]
-        if left:
+        view = StoreView.on(conn)
+        if view.undelivered(job_id):
             return
-        row = conn.execute("SELECT task, model_version, updated_at FROM jobs WHERE id=? AND state='done'",
-                           (job_id,)).fetchone()
-        if row is None:
+        row = view.job_timing(job_id)
+        if row is None or row["state"] != "done":
             return
         now = time.time()
         version = row["model_version"] or "unknown"
         self.stage_latency.labels("inference_to_delivered", row["task"], version).observe(
             max(now - row["updated_at"], 0.0))
-        first = _first_received(conn, job_id)
+        first = view.first_received(row["series_uids"])
         if first is not None:
             self.stage_latency.labels("receive_to_delivered", row["task"], version).observe(max(now - first, 0.0))
 
@@ -251,20 +236,6 @@ class NodeMetrics:
         self.deliveries.labels(destination, "failed").inc()
         if state == "pending":
             self.delivery_retries.labels(destination).inc()
-
-
-def _first_received(conn: sqlite3.Connection, job_id: int) -> float | None:
-    """First receive time of the series the job processed."""
-    row = conn.execute("SELECT study_uid, series_uids FROM jobs WHERE id=?", (job_id,)).fetchone()
-    if row is None:
-        return None
-    series = json.loads(row["series_uids"] or "[]")
-    if not series:
-        return None
-    marks = ",".join("?" * len(series))
-    got = conn.execute(f"SELECT MIN(first_received) AS t FROM series WHERE series_uid IN ({marks})",  # noqa: S608
-                       series).fetchone()
-    return got["t"] if got else None
 
 
 _DEFAULT: NodeMetrics | None = None
@@ -280,9 +251,39 @@ def default_metrics() -> NodeMetrics:
         return _DEFAULT
 
 
-def record(hook: str, *args: object) -> None:
-    """Call ``default_metrics().<hook>(*args)``; a metrics failure is logged and never breaks the pipeline."""
+def _best_effort(hook: Callable[[NodeMetrics], None], name: str) -> None:
+    """Run ``hook`` on the process's metrics; a metrics failure is logged and never breaks the pipeline."""
     try:
-        getattr(default_metrics(), hook)(*args)
+        hook(default_metrics())
     except Exception:  # noqa: BLE001 - metrics are best effort
-        log.debug("metrics hook %s failed", hook, exc_info=True)
+        log.debug("metrics hook %s failed", name, exc_info=True)
+
+
+def instance_stored(outcome: str) -> None:
+    """C-STORE accepted an instance (``stored``, ``duplicate``, ``replaced`` or ``resend_ignored``)."""
+    _best_effort(lambda m: m.instance_stored(outcome), "instance_stored")
+
+
+def instance_rejected(reason: str) -> None:
+    """C-STORE refused an instance; ``reason`` is a short fixed word."""
+    _best_effort(lambda m: m.instance_rejected(reason), "instance_rejected")
+
+
+def job_failed(task: str) -> None:
+    """A job attempt raised."""
+    _best_effort(lambda m: m.job_failed(task), "job_failed")
+
+
+def job_done(conn: sqlite3.Connection, job_id: int) -> None:
+    """A job committed its results (latencies read from the database over ``conn``)."""
+    _best_effort(lambda m: m.job_done(conn, job_id), "job_done")
+
+
+def delivery_sent(conn: sqlite3.Connection, destination: str, job_id: int | None) -> None:
+    """A delivery was confirmed."""
+    _best_effort(lambda m: m.delivery_sent(conn, destination, job_id), "delivery_sent")
+
+
+def delivery_failed(destination: str, state: str) -> None:
+    """A delivery attempt failed; ``state`` is the new outbox state."""
+    _best_effort(lambda m: m.delivery_failed(destination, state), "delivery_failed")

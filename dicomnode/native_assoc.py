@@ -30,7 +30,7 @@ from dicomnode.dimse_status import (
     store_status,
 )
 from dicomnode.errors import OutOfResourcesError
-from dicomnode.metrics import record
+from dicomnode.metrics import instance_rejected
 from dicomnode.native_scp import _FAST_SYNTAXES, _PDU_HEADER, PRE_ASSOCIATION_MAX_PDU, _Instance
 from dicomnode.spool import StoreOutcome
 
@@ -327,7 +327,7 @@ class Association:
         if cmd.sop_class_uid != abstract:
             log.warning("association %s: C-STORE of SOP class %s on a presentation context for %s", self.aid,
                         cmd.sop_class_uid, abstract)
-            record("instance_rejected", "sop_class_mismatch")
+            instance_rejected("sop_class_mismatch")
             return _Discard(STATUS_SOP_CLASS_NOT_SUPPORTED, ul.C_STORE_RSP)
         head = ul.file_meta(cmd.sop_class_uid, cmd.sop_instance_uid, ts,
                             implementation_class_uid=IMPLEMENTATION_CLASS_UID,

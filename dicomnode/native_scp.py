@@ -56,7 +56,7 @@ from dicomnode import ul
 from dicomnode.config import NodeConfig
 from dicomnode.dimse_status import RJ_CALLING_AE, RJ_LOCAL_LIMIT
 from dicomnode.journal import Journal
-from dicomnode.metrics import record
+from dicomnode.metrics import instance_rejected, instance_stored
 from dicomnode.quarantine import quarantine
 from dicomnode.spool import Identity, Spool, StoreOutcome
 
@@ -94,11 +94,11 @@ def apply_records(spool: Spool, items: list[tuple[bytes, dict[str, Any]]]) -> No
     results = spool.store_batch(batch)
     for (payload, meta), result in zip(items, results, strict=True):
         if isinstance(result, StoreOutcome):
-            record("instance_stored", result.value)
+            instance_stored(result.value)
             continue
         quarantine(spool.storage_dir, payload, kind="invalid_dataset", reason=str(result),
                    sop_instance_uid=(meta.get("ident") or {}).get("sop"), assoc_id=meta.get("assoc_id"))
-        record("instance_rejected", "quarantined")
+        instance_rejected("quarantined")
 
 
 class _Instance:

@@ -6,7 +6,7 @@ Result objects are written atomically (temp file, fsync, rename) under
 peer confirmed the store; since every file keeps its SOP Instance UID, a resend
 after a crash overwrites the same instance in the PACS instead of duplicating it.
 
-Table owned here: ``deliveries``.
+Its table, ``deliveries``, is written only through :class:`dicomnode.store.OutboxRepo`.
 """
 
 from __future__ import annotations
@@ -23,33 +23,14 @@ from pathlib import Path
 
 from pydicom import Dataset
 
-from dicomnode import db
+from dicomnode import store
 from dicomnode.errors import ResultWriteError
 from dicomnode.fsutil import fsync_path
+from dicomnode.store import OutboxRepo
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SCHEMA", "Delivery", "Outbox"]
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS deliveries (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    job_id INTEGER,
-    study_uid TEXT,
-    sop_instance_uid TEXT NOT NULL,
-    path TEXT NOT NULL,
-    destination TEXT NOT NULL,
-    state TEXT NOT NULL DEFAULT 'pending',
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL DEFAULT 0,
-    last_error TEXT,
-    created_at REAL NOT NULL,
-    sent_at REAL,
-    UNIQUE (path, destination)
-);
-CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(state, destination, next_attempt_at);
-"""
-
+__all__ = ["Delivery", "Outbox"]
 
 @dataclass(frozen=True)
 class Delivery:
@@ -74,17 +55,13 @@ class Outbox:
         self.storage_dir = Path(storage_dir)
         self.root = self.storage_dir / "outbox"
         self.root.mkdir(parents=True, exist_ok=True)
-        self.db_path = db.db_path(self.storage_dir)
-        conn = db.connect(self.db_path)
-        try:
-            db.ensure_schema(conn, SCHEMA)
-        finally:
-            conn.close()
+        self.db_path = store.db_path(self.storage_dir)
+        store.ensure(self.db_path)
 
     @property
     def conn(self) -> sqlite3.Connection:
         """This thread's connection."""
-        return db.thread_connection(self.db_path)
+        return store.thread_connection(self.db_path)
 
     def write_datasets(self, job_id: int, datasets: Sequence[Dataset]) -> list[Path]:
         """Write result objects atomically into ``outbox/job-<id>/`` (replacing an earlier partial attempt)."""
@@ -110,15 +87,14 @@ class Outbox:
     def add(self, conn: sqlite3.Connection, paths: Sequence[Path], destinations: Sequence[str], *,
             job_id: int | None, study_uid: str | None, sop_uids: Sequence[str]) -> int:
         """Insert deliveries for every (path, destination); call inside the caller's transaction."""
-        now = time.time()
-        n = 0
-        for path, sop in zip(paths, sop_uids, strict=True):
-            for dest in destinations:
-                n += conn.execute(
-                    "INSERT OR IGNORE INTO deliveries (job_id, study_uid, sop_instance_uid, path, destination,"
-                    " created_at) VALUES (?,?,?,?,?,?)",
-                    (job_id, study_uid, sop, str(Path(path).relative_to(self.storage_dir)), dest, now)).rowcount
-        return n
+        return OutboxRepo(conn).add(self.delivery_rows(paths, destinations, sop_uids), job_id=job_id,
+                                    study_uid=study_uid)
+
+    def delivery_rows(self, paths: Sequence[Path], destinations: Sequence[str],
+                      sop_uids: Sequence[str]) -> list[tuple[str, str, str]]:
+        """``(path relative to the storage folder, SOP Instance UID, destination)`` for every pair."""
+        return [(str(Path(path).relative_to(self.storage_dir)), sop, dest)
+                for path, sop in zip(paths, sop_uids, strict=True) for dest in destinations]
 
     def _row(self, r: sqlite3.Row) -> Delivery:
         return Delivery(r["id"], r["job_id"], r["study_uid"], r["sop_instance_uid"], self.storage_dir / r["path"],
@@ -127,9 +103,7 @@ class Outbox:
     def due(self, now: float | None = None, limit: int = 200) -> dict[str, list[Delivery]]:
         """Pending deliveries whose retry time has come, grouped by destination, oldest first."""
         now = time.time() if now is None else now
-        rows = self.conn.execute(
-            "SELECT * FROM deliveries WHERE state='pending' AND next_attempt_at<=? ORDER BY id LIMIT ?",
-            (now, limit)).fetchall()
+        rows = OutboxRepo(self.conn).due(now, limit)
         out: dict[str, list[Delivery]] = {}
         for r in rows:
             out.setdefault(r["destination"], []).append(self._row(r))
@@ -137,26 +111,24 @@ class Outbox:
 
     def mark_sent(self, delivery_id: int) -> None:
         """The peer confirmed the store."""
-        now = time.time()
-        self.conn.execute("UPDATE deliveries SET state='sent', sent_at=?, attempts=attempts+1, last_error=NULL"
-                          " WHERE id=?", (now, delivery_id))
+        OutboxRepo(self.conn).mark_sent(delivery_id, time.time())
 
     def mark_failed(self, delivery_id: int, error: str, *, transient: bool, max_retries: int,
                     backoff_initial_s: float, backoff_max_s: float) -> str:
         """Record a failed attempt: retry later with exponential backoff, or ``dead``. Returns the new state."""
         conn = self.conn
         now = time.time()
-        with db.transaction(conn):
-            row = conn.execute("SELECT attempts FROM deliveries WHERE id=?", (delivery_id,)).fetchone()
-            if row is None:
+        repo = OutboxRepo(conn)
+        with store.transaction(conn):
+            before = repo.attempts(delivery_id)
+            if before is None:
                 return "missing"
-            attempts = int(row["attempts"]) + 1
+            attempts = before + 1
             if not transient or attempts > max_retries:
                 state, due = "dead", now
             else:
                 state, due = "pending", now + min(backoff_max_s, backoff_initial_s * 2 ** (attempts - 1))
-            conn.execute("UPDATE deliveries SET state=?, attempts=?, next_attempt_at=?, last_error=? WHERE id=?",
-                         (state, attempts, due, error[:2000], delivery_id))
+            repo.set_failed(delivery_id, state, attempts, due, error)
         return state
 
     def purge_sent(self, older_than: float) -> int:
@@ -164,12 +136,9 @@ class Outbox:
 
         Rows stay in ``deliveries`` for ``dicomnode status``.
         """
-        rows = self.conn.execute(
-            "SELECT job_id FROM deliveries WHERE job_id IS NOT NULL GROUP BY job_id"
-            " HAVING SUM(state='pending')=0 AND MAX(COALESCE(sent_at, next_attempt_at))<?", (older_than,)).fetchall()
         n = 0
-        for r in rows:
-            folder = self.root / f"job-{r['job_id']}"
+        for job_id in OutboxRepo(self.conn).finished_jobs(older_than):
+            folder = self.root / f"job-{job_id}"
             if folder.exists():
                 shutil.rmtree(folder, ignore_errors=True)
                 n += 1
@@ -177,10 +146,8 @@ class Outbox:
 
     def list(self, limit: int = 1000) -> list[Delivery]:
         """Deliveries, newest first."""
-        rows = self.conn.execute("SELECT * FROM deliveries ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
-        return [self._row(r) for r in rows]
+        return [self._row(r) for r in OutboxRepo(self.conn).rows(limit)]
 
     def counts(self) -> dict[str, int]:
         """Number of deliveries per state."""
-        return {r["state"]: r["n"] for r in
-                self.conn.execute("SELECT state, COUNT(*) AS n FROM deliveries GROUP BY state")}
+        return OutboxRepo(self.conn).counts()

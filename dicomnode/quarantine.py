@@ -8,7 +8,7 @@ its bytes go to ``<storage_dir>/quarantine/<id>.dcm`` (fsynced) and a row to the
 the operator fixes or re-imports the file and then deletes it (README, "Quarantined
 instances"), which clears the flag.
 
-Table owned here: ``quarantine``.
+Its table, ``quarantine``, is written only through :class:`dicomnode.store.QuarantineRepo`.
 """
 
 from __future__ import annotations
@@ -17,32 +17,19 @@ import io
 import logging
 import os
 import sqlite3
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.filereader import read_partial
 
-from dicomnode import db
+from dicomnode import store
 from dicomnode.fsutil import fsync_path
+from dicomnode.store import QuarantineRepo
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SCHEMA", "QuarantinedInstance", "list_quarantined", "quarantine"]
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS quarantine (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    path TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    sop_instance_uid TEXT,
-    assoc_id TEXT,
-    acknowledged INTEGER NOT NULL,
-    quarantined_at REAL NOT NULL
-);
-"""
+__all__ = ["QuarantinedInstance", "list_quarantined", "quarantine", "quarantined_from_rows"]
 
 _REASON_MAX = 300
 
@@ -76,13 +63,12 @@ def quarantine(storage_dir: Path, payload: bytes, *, kind: str, reason: str, sop
         f.flush()
         os.fsync(f.fileno())
     fsync_path(qdir)
-    conn = db.connect(db.db_path(storage_dir))
+    path = store.db_path(storage_dir)
+    store.ensure(path)
+    conn = store.connect(path)
     try:
-        db.ensure_schema(conn, SCHEMA)
-        conn.execute("INSERT INTO quarantine (path, kind, reason, sop_instance_uid, assoc_id, acknowledged,"
-                     " quarantined_at) VALUES (?,?,?,?,?,?,?)",
-                     (str(target.relative_to(storage_dir)), kind, reason[:_REASON_MAX], sop_instance_uid, assoc_id,
-                      int(acknowledged), time.time()))
+        QuarantineRepo(conn).add(str(target.relative_to(storage_dir)), kind, reason[:_REASON_MAX], sop_instance_uid,
+                                 assoc_id, acknowledged)
     finally:
         conn.close()
     log.error("acknowledged instance cannot be indexed (%s: %s); kept as %s", kind, reason[:_REASON_MAX], target)
@@ -92,9 +78,7 @@ def quarantine(storage_dir: Path, payload: bytes, *, kind: str, reason: str, sop
 def _meta_sop(payload: bytes) -> str | None:
     """The Media Storage SOP Instance UID of the file meta (the C-STORE's), if it can be read."""
     try:
-        fp = io.BytesIO(payload)
-        read_preamble(fp, False)
-        value = _read_file_meta_info(fp).get("MediaStorageSOPInstanceUID")
+        value = read_partial(io.BytesIO(payload), stop_when=lambda *_: True).file_meta.get("MediaStorageSOPInstanceUID")
     except Exception:  # noqa: BLE001 - a payload too broken for that is listed without a UID
         return None
     return str(value) if value else None
@@ -102,10 +86,13 @@ def _meta_sop(payload: bytes) -> str | None:
 
 def list_quarantined(conn: sqlite3.Connection, storage_dir: Path) -> list[QuarantinedInstance]:
     """Quarantined instances whose file the operator has not removed yet, newest first."""
-    if conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='quarantine'").fetchone() is None:
-        return []
+    return quarantined_from_rows(QuarantineRepo(conn).rows(), storage_dir)
+
+
+def quarantined_from_rows(rows: list[sqlite3.Row], storage_dir: Path) -> list[QuarantinedInstance]:
+    """The quarantine rows whose file is still present, in the given order."""
     out = []
-    for r in conn.execute("SELECT * FROM quarantine ORDER BY id DESC"):
+    for r in rows:
         path = Path(storage_dir) / r["path"]
         if path.exists():
             out.append(QuarantinedInstance(int(r["id"]), path, r["kind"], r["reason"], r["sop_instance_uid"],

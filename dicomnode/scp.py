@@ -23,6 +23,13 @@ policy and statuses hold for both.
 * ``receive_processes > 1`` starts that many processes, each with an AE bound to
   the same port with ``SO_REUSEPORT``; the kernel spreads connections over them.
   The association limit is shared between them.
+
+Private pynetdicom API (unavoidable, pynetdicom is pinned in pyproject.toml for it): pynetdicom has no
+public hook that rejects an association by a policy evaluated before negotiation, so :class:`_GuardedACSE`
+overrides ``ACSE._negotiate_as_acceptor``, the request handler overrides ``_create_association`` to install
+it, and :func:`serve_ae` registers its own server class in ``AE._servers`` so that the server's
+``shutdown()`` (which removes itself from that list) works. tests/unit/test_scp_private_hooks.py checks
+that the installed pynetdicom still has them.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from pynetdicom.sop_class import Verification
 
 from dicomnode.config import Config, Destination, TLSConfig
 from dicomnode.errors import DeliveryError
-from dicomnode.metrics import record
+from dicomnode.metrics import delivery_failed, delivery_sent
 from dicomnode.outbox import Outbox
 from dicomnode.wakeup import Wakeup
 
@@ -203,13 +203,13 @@ class Sender:
         for d, err in zip(existing, results, strict=True):
             if err is None:
                 self.outbox.mark_sent(d.id)
-                record("delivery_sent", self.outbox.conn, dest_name, d.job_id)
+                delivery_sent(self.outbox.conn, dest_name, d.job_id)
                 log.info("sent %s to %s", d.sop_instance_uid, dest_name)
             else:
                 state = self.outbox.mark_failed(d.id, str(err), transient=err.transient, max_retries=dest.max_retries,
                                                 backoff_initial_s=dest.backoff_initial_s,
                                                 backoff_max_s=dest.backoff_max_s)
-                record("delivery_failed", dest_name, state)
+                delivery_failed(dest_name, state)
                 log.warning("delivery %d to %s failed: %s -> %s", d.id, dest_name, err, state)
 
     def _run(self) -> None:

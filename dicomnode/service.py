@@ -13,7 +13,7 @@ import signal
 import threading
 from types import FrameType
 
-from dicomnode import db
+from dicomnode import store
 from dicomnode.assembler import Assembler
 from dicomnode.config import Config
 from dicomnode.jobs import JobQueue, WorkerPool
@@ -36,7 +36,7 @@ class Node:
         storage = cfg.node.storage_dir
         storage.mkdir(parents=True, exist_ok=True)
         self.spool = Spool(storage, cfg.node.disk_min_free_gb)
-        self.queue = JobQueue(db.db_path(storage))
+        self.queue = JobQueue(store.db_path(storage))
         self.outbox = Outbox(storage)
         self.sender = Sender(cfg, self.outbox, poll_s=poll_s)
         handler = JobHandler(cfg, self.spool, self.queue, self.outbox, on_results=self.sender.wake)

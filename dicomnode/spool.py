@@ -11,15 +11,15 @@ success status returned after it means the instance survives a crash or power
 loss. A crash between rename and commit leaves a file without a row; the same
 instance sent again is then stored normally.
 
-Tables owned here: ``instances``, ``series``, ``associations``, ``journal_backlog`` (acknowledged
-instances a receiver's journal still holds, reported by :mod:`dicomnode.native_scp`).
+Its tables (``instances``, ``series``, ``associations``, ``journal_backlog``: acknowledged instances a
+receiver's journal still holds, reported by :mod:`dicomnode.native_scp`) are written only through
+:class:`dicomnode.store.ReceiveRepo`.
 """
 
 from __future__ import annotations
 
 import ctypes
 import enum
-import hashlib
 import io
 import json
 import logging
@@ -34,59 +34,20 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import pydicom
-from pydicom.filereader import _read_file_meta_info, read_preamble
 
-from dicomnode import db
+from dicomnode import store
 from dicomnode.dicomscan import check_complete
 from dicomnode.errors import InvalidDatasetError, OutOfResourcesError
+from dicomnode.filemeta import dataset_digest as _digest
+from dicomnode.filemeta import seek_dataset
 from dicomnode.fsutil import fsync_path
 from dicomnode.router import SeriesInfo, routing_meta
 from dicomnode.spool_associations import AssociationIndex
+from dicomnode.store import ReceiveRepo
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SCHEMA", "Identity", "SeriesRecord", "Spool", "StoreOutcome", "StoredInstance"]
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS instances (
-    sop_instance_uid TEXT PRIMARY KEY,
-    sop_class_uid TEXT NOT NULL,
-    study_uid TEXT NOT NULL,
-    series_uid TEXT NOT NULL,
-    path TEXT NOT NULL,
-    transfer_syntax TEXT,
-    received_at REAL NOT NULL,
-    assoc_id TEXT
-);
-CREATE INDEX IF NOT EXISTS instances_study ON instances(study_uid, series_uid);
-CREATE INDEX IF NOT EXISTS instances_assoc ON instances(assoc_id);
-CREATE TABLE IF NOT EXISTS series (
-    series_uid TEXT PRIMARY KEY,
-    study_uid TEXT NOT NULL,
-    meta_json TEXT NOT NULL,
-    n_instances INTEGER NOT NULL DEFAULT 0,
-    first_received REAL NOT NULL,
-    last_received REAL NOT NULL,
-    expected_count INTEGER,
-    expected_source TEXT
-);
-CREATE INDEX IF NOT EXISTS series_study ON series(study_uid);
-CREATE INDEX IF NOT EXISTS series_last ON series(last_received);
-CREATE TABLE IF NOT EXISTS associations (
-    assoc_id TEXT PRIMARY KEY,
-    calling_ae TEXT,
-    peer_host TEXT,
-    opened_at REAL NOT NULL,
-    released_at REAL,
-    n_stored INTEGER NOT NULL DEFAULT 0,
-    aborted INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS journal_backlog (
-    journal TEXT PRIMARY KEY,
-    pending INTEGER NOT NULL,
-    updated_at REAL NOT NULL
-);
-"""
+__all__ = ["Identity", "SeriesRecord", "Spool", "StoreOutcome", "StoredInstance"]
 
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _GIB = 1024**3
@@ -195,23 +156,6 @@ def _valid_uid(value: Any) -> str | None:
     return text if 0 < len(text) <= 64 and _UID_RE.match(text) else None
 
 
-def _digest(source: bytes | bytearray | memoryview | str | os.PathLike[str]) -> bytes:
-    """SHA-256 of the data set after the File Meta Information (what the sender sent, not our meta header)."""
-    h = hashlib.sha256()
-    fp: BinaryIO = io.BytesIO(source) if isinstance(source, bytes | bytearray | memoryview) else open(source, "rb")  # noqa: SIM115
-    try:
-        read_preamble(fp, False)
-        _read_file_meta_info(fp)
-        while chunk := fp.read(_COPY_CHUNK):
-            h.update(chunk)
-    except Exception as exc:  # noqa: BLE001 - an unreadable stored copy differs from anything new
-        log.warning("cannot read an instance to compare a re-send: %s", type(exc).__name__)
-        return b""
-    finally:
-        fp.close()
-    return h.digest()
-
-
 def _expected_from_header(meta: dict[str, Any]) -> int | None:
     """Instance count a header announces: ImagesInAcquisition, or 1 for an enhanced multi-frame object."""
     n = meta.get("images_in_acquisition")
@@ -244,23 +188,16 @@ class Spool(AssociationIndex):
         self.root = self.storage_dir / "spool"
         self.tmp_dir = self.root / ".tmp"
         self.disk_min_free_gb = float(disk_min_free_gb)
-        self.db_path = db.db_path(self.storage_dir)
+        self.db_path = store.db_path(self.storage_dir)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self._tmp_dev = os.stat(self.tmp_dir).st_dev
-        conn = db.connect(self.db_path)
-        try:
-            db.ensure_schema(conn, SCHEMA)
-            columns = {r["name"] for r in conn.execute("PRAGMA table_info(series)")}
-            if "expected_source" not in columns:  # databases created before the column existed
-                conn.execute("ALTER TABLE series ADD COLUMN expected_source TEXT")
-        finally:
-            conn.close()
+        store.ensure(self.db_path)
 
     # ------------------------------------------------------------------ helpers
 
     @property
     def _conn(self) -> sqlite3.Connection:
-        return db.thread_connection(self.db_path)
+        return store.thread_connection(self.db_path)
 
     def free_gb(self) -> float:
         """Free space on the spool's file system in GiB."""
@@ -282,9 +219,7 @@ class Spool(AssociationIndex):
             meta_sop = ds.file_meta.get("MediaStorageSOPInstanceUID")
             if meta_sop is not None and "SOPInstanceUID" not in ds:
                 ds.SOPInstanceUID = meta_sop
-            fp.seek(0)
-            read_preamble(fp, False)
-            _read_file_meta_info(fp)
+            seek_dataset(fp)
         except Exception as exc:  # noqa: BLE001 - anything pydicom raises means "cannot parse"
             raise InvalidDatasetError(f"cannot parse received dataset: {type(exc).__name__}: {exc}") from exc
         check_complete(fp, ts)
@@ -357,13 +292,13 @@ class Spool(AssociationIndex):
                 f"free disk space below {self.disk_min_free_gb:g} GiB on {self.root}")
         ident = ident or self.identify(encoded)
         conn = self._conn
-        if conn.execute("SELECT 1 FROM instances WHERE sop_instance_uid=?", (ident.sop,)).fetchone():
+        if ReceiveRepo(conn).has_instance(ident.sop):
             return self._store_again(ident, encoded, assoc_id)
         tmp = self._take_input(encoded)
         final = self._final_path(ident)
         self._place(tmp, final)
         try:
-            with db.transaction(conn):
+            with store.transaction(conn):
                 outcome = self._index(conn, ident, final, assoc_id, time.time())
         except sqlite3.Error as exc:
             raise OutOfResourcesError(f"cannot index instance {ident.sop}: {exc}") from exc
@@ -388,7 +323,7 @@ class Spool(AssociationIndex):
                      assoc_id: str | None) -> StoreOutcome:
         """A SOP Instance UID that is already stored: duplicate, replacement or ignored re-send."""
         conn = self._conn
-        row = conn.execute("SELECT * FROM instances WHERE sop_instance_uid=?", (ident.sop,)).fetchone()
+        row = ReceiveRepo(conn).instance(ident.sop)
         if row is None:  # deleted meanwhile (retention): store as new
             return self.store(encoded, assoc_id=assoc_id, ident=ident)
         old = self.storage_dir / row["path"]
@@ -404,7 +339,7 @@ class Spool(AssociationIndex):
         self._place(tmp, final)
         now = time.time()
         try:
-            with db.transaction(conn):
+            with store.transaction(conn):
                 self._unindex(conn, row, now)
                 self._index(conn, ident, final, assoc_id, now)
         except sqlite3.Error as exc:
@@ -418,10 +353,7 @@ class Spool(AssociationIndex):
 
     def _unindex(self, conn: sqlite3.Connection, row: sqlite3.Row, now: float) -> None:
         """Remove an instance row being replaced (in the caller's transaction); its series is touched."""
-        conn.execute("DELETE FROM instances WHERE sop_instance_uid=?", (row["sop_instance_uid"],))
-        conn.execute("UPDATE series SET n_instances=n_instances-1, last_received=? WHERE series_uid=?",
-                     (now, row["series_uid"]))
-        conn.execute("DELETE FROM series WHERE series_uid=? AND n_instances<=0", (row["series_uid"],))
+        ReceiveRepo(conn).remove_instance(row["sop_instance_uid"], row["series_uid"], now)
 
     def store_batch(self, items: list[tuple[bytes, str | None]] | list[tuple[bytes, str | None, Identity | None]]
                     ) -> list[StoreOutcome | InvalidDatasetError]:
@@ -453,8 +385,7 @@ class Spool(AssociationIndex):
                     results.append(exc)
                     continue
                 results.append(StoreOutcome.STORED)
-                if ident.sop in seen or conn.execute("SELECT 1 FROM instances WHERE sop_instance_uid=?",
-                                                     (ident.sop,)).fetchone():
+                if ident.sop in seen or ReceiveRepo(conn).has_instance(ident.sop):
                     again.append((k, data, ident, assoc_id))
                     continue
                 seen.add(ident.sop)
@@ -471,7 +402,7 @@ class Spool(AssociationIndex):
             raise OutOfResourcesError(f"cannot write instances into the spool: {exc}") from exc
         now = time.time()
         try:
-            with db.transaction(conn):
+            with store.transaction(conn):
                 for k, ident, final, assoc_id in placed:
                     results[k] = self._index(conn, ident, final, assoc_id, now)
         except sqlite3.Error as exc:
@@ -506,32 +437,22 @@ class Spool(AssociationIndex):
     def _index(self, conn: sqlite3.Connection, ident: _Identity, final: Path, assoc_id: str | None,
                now: float) -> StoreOutcome:
         """Index rows of one placed instance (inside the caller's transaction)."""
-        cur = conn.execute(
-            "INSERT OR IGNORE INTO instances (sop_instance_uid, sop_class_uid, study_uid, series_uid, path,"
-            " transfer_syntax, received_at, assoc_id) VALUES (?,?,?,?,?,?,?,?)",
-            (ident.sop, ident.sop_class, ident.study, ident.series, str(final.relative_to(self.storage_dir)),
-             ident.transfer_syntax, now, assoc_id))
-        if cur.rowcount == 0:
+        repo = ReceiveRepo(conn)
+        if not repo.insert_instance(ident.sop, ident.sop_class, ident.study, ident.series,
+                                    str(final.relative_to(self.storage_dir)), ident.transfer_syntax, now, assoc_id):
             return StoreOutcome.DUPLICATE
         meta, series = ident.meta, ident.series
-        row = conn.execute("SELECT meta_json FROM series WHERE series_uid=?", (series,)).fetchone()
-        expected = _expected_from_header(meta)
-        if row is None:
-            conn.execute(
-                "INSERT INTO series (series_uid, study_uid, meta_json, n_instances, first_received,"
-                " last_received, expected_count, expected_source) VALUES (?,?,?,?,?,?,?,?)",
-                (series, ident.study, json.dumps(meta), 1, now, now, expected,
-                 None if expected is None else "header"))
+        stored = repo.series_meta(series)
+        if stored is None:
+            repo.insert_series(series, ident.study, meta, now, _expected_from_header(meta))
         else:
-            stored = json.loads(row["meta_json"])
             views = set(stored.get("view_positions") or ())
+            merged = None
             if not set(meta["view_positions"]) <= views:
-                stored["view_positions"] = sorted(views | set(meta["view_positions"]))
-                conn.execute("UPDATE series SET meta_json=? WHERE series_uid=?", (json.dumps(stored), series))
-            conn.execute("UPDATE series SET n_instances=n_instances+1, last_received=? WHERE series_uid=?",
-                         (now, series))
+                merged = {**stored, "view_positions": sorted(views | set(meta["view_positions"]))}
+            repo.add_to_series(series, now, merged)
         if assoc_id is not None:
-            conn.execute("UPDATE associations SET n_stored=n_stored+1 WHERE assoc_id=?", (assoc_id,))
+            repo.count_stored(assoc_id)
         return StoreOutcome.STORED
 
     # ------------------------------------------------------------------ temp files
@@ -551,41 +472,27 @@ class Spool(AssociationIndex):
 
     def series_records(self, study_uid: str | None = None) -> list[SeriesRecord]:
         """Spooled series, all or of one study, oldest first."""
-        sql = "SELECT * FROM series"
-        args: tuple[Any, ...] = ()
-        if study_uid is not None:
-            sql += " WHERE study_uid=?"
-            args = (study_uid,)
-        rows = self._conn.execute(sql + " ORDER BY first_received, series_uid", args).fetchall()
+        rows = ReceiveRepo(self._conn).series_rows(study_uid)
         return [SeriesRecord(r["series_uid"], r["study_uid"], json.loads(r["meta_json"]), r["n_instances"],
                              r["first_received"], r["last_received"], r["expected_count"]) for r in rows]
 
     def instances(self, study_uid: str, series_uid: str | None = None) -> list[StoredInstance]:
         """Spooled instances of a study (or one series), in arrival order, with absolute paths."""
-        sql = "SELECT * FROM instances WHERE study_uid=?"
-        args: tuple[Any, ...] = (study_uid,)
-        if series_uid is not None:
-            sql += " AND series_uid=?"
-            args += (series_uid,)
-        rows = self._conn.execute(sql + " ORDER BY received_at, sop_instance_uid", args).fetchall()
+        rows = ReceiveRepo(self._conn).instance_rows(study_uid, series_uid)
         return [StoredInstance(r["sop_instance_uid"], r["sop_class_uid"], r["study_uid"], r["series_uid"],
                                self.storage_dir / r["path"], r["received_at"]) for r in rows]
 
     def studies_received_since(self, ts: float) -> list[str]:
         """Study UIDs with an instance received at or after ``ts``."""
-        rows = self._conn.execute(
-            "SELECT study_uid FROM series GROUP BY study_uid HAVING MAX(last_received) >= ? ORDER BY MIN(first_received)",
-            (ts,)).fetchall()
-        return [r["study_uid"] for r in rows]
+        return ReceiveRepo(self._conn).studies_received_since(ts)
 
     def delete_study(self, study_uid: str) -> int:
         """Delete a study's files and index rows (retention); returns the number of instances removed."""
         if _valid_uid(study_uid) is None:
             raise InvalidDatasetError(f"not a valid Study Instance UID: {study_uid!r}")
         conn = self._conn
-        with db.transaction(conn):
-            n = conn.execute("DELETE FROM instances WHERE study_uid=?", (study_uid,)).rowcount
-            conn.execute("DELETE FROM series WHERE study_uid=?", (study_uid,))
+        with store.transaction(conn):
+            n = ReceiveRepo(conn).delete_study(study_uid)
         shutil.rmtree(self.root / study_uid, ignore_errors=True)
         log.info("deleted study %s from the spool (%d instances)", study_uid, n)
         return n

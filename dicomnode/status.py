@@ -1,17 +1,20 @@
-"""``dicomnode status``: studies, series, jobs and deliveries read from the node database."""
+"""``dicomnode status``: studies, series, jobs and deliveries read from the node database.
+
+Reads through :class:`dicomnode.store.StoreView` (read-only); no SQL here.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import sys
 import time
 from typing import Any
 
-from dicomnode import db
+from dicomnode import store
 from dicomnode.config import Config
-from dicomnode.quarantine import QuarantinedInstance, list_quarantined
+from dicomnode.quarantine import QuarantinedInstance, quarantined_from_rows
+from dicomnode.store import StoreView
 
 __all__ = ["attention", "print_status", "status_text"]
 
@@ -20,71 +23,57 @@ def _ts(value: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value)) if value else "-"
 
 
-def _table(conn: sqlite3.Connection, name: str) -> bool:
-    return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone() is not None
-
-
 def status_text(cfg: Config, limit: int = 50) -> str:
     """Render the node's state as text (no patient identifiers, UIDs only)."""
-    path = db.db_path(cfg.node.storage_dir)
+    path = store.db_path(cfg.node.storage_dir)
     models = _models_text(cfg)
     if not path.exists():
         return f"no node database at {path} (the node has not run yet)" + models
-    conn = db.connect(path)
     out: list[str] = [f"database: {path}"]
-    try:
-        out += _attention_text(conn, cfg)
-        if _table(conn, "journal_backlog"):
-            rows = conn.execute("SELECT * FROM journal_backlog WHERE pending > 0 ORDER BY journal").fetchall()
-            if rows:
-                out.append("\nRECEIVE JOURNALS (acknowledged, not yet in the spool)")
-                out += [f"  {r['journal']}  pending={r['pending']} reported={_ts(r['updated_at'])}" for r in rows]
-        if _table(conn, "studies"):
+    with StoreView(path) as view:
+        out += _attention_text(view, cfg)
+        rows = view.journal_backlog()
+        if rows:
+            out.append("\nRECEIVE JOURNALS (acknowledged, not yet in the spool)")
+            out += [f"  {r['journal']}  pending={r['pending']} reported={_ts(r['updated_at'])}" for r in rows]
+        if view.has_table("studies"):
             out.append("\nSTUDIES (state, generation, routes, completed, processed)")
-            for r in conn.execute("SELECT * FROM studies ORDER BY COALESCE(completed_at, 0) DESC LIMIT ?", (limit,)):
+            for r in view.recent_studies(limit):
                 routes = ",".join(json.loads(r["routes"] or "[]")) or "-"
                 nr = len(json.loads(r["no_route_series"] or "[]"))
                 out.append(f"  {r['study_uid']}  {r['state']:<9} gen={r['generation']} routes={routes}"
                            f" no_route_series={nr} completed={_ts(r['completed_at'])}"
                            f" processed={_ts(r['processed_at'])}")
-        if _table(conn, "series"):
+        if view.has_table("series"):
             out.append("\nSERIES (study, instances, expected, last received)")
-            for r in conn.execute("SELECT * FROM series ORDER BY last_received DESC LIMIT ?", (limit,)):
+            for r in view.recent_series(limit):
                 meta = json.loads(r["meta_json"])
                 out.append(f"  {r['series_uid']}  study={r['study_uid']} modality={meta.get('modality') or '-'}"
                            f" n={r['n_instances']} expected={r['expected_count'] or '-'}"
                            f" last={_ts(r['last_received'])}")
-        if _table(conn, "jobs"):
+        if view.has_table("jobs"):
             out.append("\nJOBS (id, state, attempts, task, route, study, last error)")
-            for r in conn.execute("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,)):
+            for r in view.recent_jobs(limit):
                 err = f"  error: {r['last_error']}" if r["last_error"] else ""
                 out.append(f"  #{r['id']:<5} {r['state']:<7} attempts={r['attempts']} task={r['task']}"
                            f" route={r['route']} gen={r['generation']} study={r['study_uid']}{err}")
-        if _table(conn, "deliveries"):
+        if view.has_table("deliveries"):
             out.append("\nDELIVERIES (id, state, attempts, destination, SOP instance, last error)")
-            for r in conn.execute("SELECT * FROM deliveries ORDER BY id DESC LIMIT ?", (limit,)):
+            for r in view.recent_deliveries(limit):
                 err = f"  error: {r['last_error']}" if r["last_error"] else ""
                 out.append(f"  #{r['id']:<5} {r['state']:<7} attempts={r['attempts']} dest={r['destination']}"
                            f" sop={r['sop_instance_uid']}{err}")
-    finally:
-        conn.close()
     return "\n".join(out) + models
 
 
-def attention(conn: sqlite3.Connection, cfg: Config) -> dict[str, list[sqlite3.Row] | list[QuarantinedInstance]]:
+def attention(view: StoreView, cfg: Config) -> dict[str, list[Any] | list[QuarantinedInstance]]:
     """What needs the operator: dead deliveries, dead or failing jobs, quarantined instances (files present)."""
-    found: dict[str, list[Any]] = {"deliveries": [], "jobs": [], "quarantined": []}
-    if _table(conn, "deliveries"):
-        found["deliveries"] = conn.execute("SELECT * FROM deliveries WHERE state='dead' ORDER BY id DESC").fetchall()
-    if _table(conn, "jobs"):
-        found["jobs"] = conn.execute("SELECT * FROM jobs WHERE state='dead' OR (state='pending' AND attempts>0)"
-                                     " ORDER BY id DESC").fetchall()
-    found["quarantined"] = list_quarantined(conn, cfg.node.storage_dir)
-    return found
+    return {"deliveries": view.dead_deliveries(), "jobs": view.failing_jobs(),
+            "quarantined": quarantined_from_rows(view.quarantine_rows(), cfg.node.storage_dir)}
 
 
-def _attention_text(conn: sqlite3.Connection, cfg: Config) -> list[str]:
-    found = attention(conn, cfg)
+def _attention_text(view: StoreView, cfg: Config) -> list[str]:
+    found = attention(view, cfg)
     out: list[str] = []
     if found["quarantined"]:
         out.append(f"\nQUARANTINED ({len(found['quarantined'])} acknowledged instance(s) not indexed; "

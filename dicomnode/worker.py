@@ -1,22 +1,23 @@
 """The job handler: run one job's task on its spooled series and hand the results to the outbox.
 
-Exactly once: result files are written first (atomically, into a folder named
-after the job, replaced on a retry); then one transaction inserts the
-deliveries, records the result series and latest SR, and marks the job done. A
-crash before that commit reruns the job and nothing was queued for sending; a
-crash after it leaves the deliveries to the sender.
+Exactly once, one job one commit: result files are written first (atomically,
+into a folder named after the job, replaced on a retry); then
+:func:`dicomnode.store.commit_finished_job` inserts the deliveries, records the
+result series and latest SR, marks the job done and the study processed in one
+transaction. A crash before that commit reruns the job and nothing was queued
+for sending; a crash after it leaves the deliveries to the sender.
 """
 
 from __future__ import annotations
 
 import logging
 
-from dicomnode import db
-from dicomnode.assembler import load_result_context, mark_processed_if_done, save_result_context
+from dicomnode import store
+from dicomnode.assembler import load_result_context, result_series_of
 from dicomnode.config import Config
 from dicomnode.errors import TaskError
 from dicomnode.jobs import Job, JobQueue
-from dicomnode.metrics import record
+from dicomnode.metrics import job_done, job_failed
 from dicomnode.outbox import Outbox
 from dicomnode.processing import process_study
 from dicomnode.results import ResultContext
@@ -52,7 +53,7 @@ class JobHandler:
         try:
             self._run(job)
         except Exception:
-            record("job_failed", job.task)
+            job_failed(job.task)
             raise
 
     def _run(self, job: Job) -> None:
@@ -62,7 +63,7 @@ class JobHandler:
         paths = [inst.path for uid in job.series_uids for inst in self.spool.instances(job.study_uid, uid)]
         if not paths:
             raise PermanentJobError(f"no spooled instances left for study {job.study_uid}")
-        conn = db.thread_connection(self.outbox.db_path)
+        conn = store.thread_connection(self.outbox.db_path)
         rctx = load_result_context(conn, job.study_uid, job.route, ResultContext(
             institution_name=self.cfg.results.institution_name))
         tctx = TaskContext(models_dir=self.cfg.models_dir, model_dir=route.model, device=self.cfg.device,
@@ -71,18 +72,16 @@ class JobHandler:
         files = self.outbox.write_datasets(job.id, objects)
         sr = next(((str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), str(ds.SOPClassUID)) for ds in objects
                    if str(ds.SOPClassUID).startswith(SR_STORAGE_PREFIX)), None)
-        with db.transaction(conn):
-            state = conn.execute("SELECT state FROM jobs WHERE id=?", (job.id,)).fetchone()
-            if state is None or state["state"] != "running":
-                log.warning("job %d is no longer running (%s); results discarded", job.id, state and state["state"])
-                return
-            self.outbox.add(conn, files, route.send_to, job_id=job.id, study_uid=job.study_uid,
-                            sop_uids=[str(ds.SOPInstanceUID) for ds in objects])
-            save_result_context(conn, job.study_uid, job.route, rctx, sr)
-            self.queue.mark_done(job.id, timings=dict(findings.timings_s),
-                                 model_version=f"{findings.algorithm_name} {findings.algorithm_version}", conn=conn)
-            mark_processed_if_done(conn, job.study_uid, job.generation)
-        record("job_done", conn, job.id)
+        finished = store.FinishedJob(
+            job.id, job.study_uid, job.route, job.generation,
+            deliveries=self.outbox.delivery_rows(files, route.send_to, [str(ds.SOPInstanceUID) for ds in objects]),
+            result_series=result_series_of(rctx), sr=sr, timings=dict(findings.timings_s),
+            model_version=f"{findings.algorithm_name} {findings.algorithm_version}")
+        state = store.commit_finished_job(conn, finished)
+        if state != "running":
+            log.warning("job %d is no longer running (%s); results discarded", job.id, state)
+            return
+        job_done(conn, job.id)
         if route.archive_for_training:
             _archive_for_training(paths, route, self.cfg)
         if callable(self.on_results):

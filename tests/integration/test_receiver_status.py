@@ -40,11 +40,8 @@ def _quarantine_one(tmp_path: Path) -> Config:
 
 def _study_rows_for(path: Path, queue: JobQueue) -> None:
     """The assembler's study rows for the queue's jobs (what it writes when it enqueues them)."""
-    from dicomnode.assembler import SCHEMA
-
     conn = db.connect(path)
     try:
-        db.ensure_schema(conn, SCHEMA)
         for j in queue.list():
             conn.execute("INSERT OR IGNORE INTO studies (study_uid, state, generation, completed_at) VALUES"
                          " (?,?,?,?)", (j.study_uid, "complete", 1, 1.0))

@@ -24,7 +24,7 @@ def _lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
 def test_import_contracts_kept() -> None:
     res = _lint_imports(ROOT)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
-    assert "2 kept, 0 broken" in res.stdout
+    assert "3 kept, 0 broken" in res.stdout
 
 
 def test_a_training_import_of_dicomnode_breaks_the_contract(tmp_path: Path) -> None:
@@ -38,3 +38,24 @@ def test_a_training_import_of_dicomnode_breaks_the_contract(tmp_path: Path) -> N
     res = _lint_imports(tmp_path)
     assert res.returncode != 0
     assert "training never imports dicomnode BROKEN" in res.stdout
+
+
+@pytest.mark.parametrize(("module", "line"), [
+    ("store/bad_import.py", "from dicomnode.jobs import JobQueue\n"),  # the store imports a stage
+    ("jobs_bad.py", "from dicomnode.scp import build_ae\n"),  # a stage imports the network edge
+])
+def test_a_store_or_stage_import_upwards_breaks_the_layers(tmp_path: Path, module: str, line: str) -> None:
+    """The dicomnode layers contract can fail."""
+    import shutil
+
+    for pkg in ("dicomnode", "inference", "training"):
+        shutil.copytree(ROOT / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    if module == "jobs_bad.py":
+        target = tmp_path / "dicomnode" / "jobs.py"
+        target.write_text(target.read_text() + line)
+    else:
+        (tmp_path / "dicomnode" / module).write_text(line)
+    res = _lint_imports(tmp_path)
+    assert res.returncode != 0
+    assert "dicomnode layers: network edge -> stages -> store BROKEN" in res.stdout

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from dicomnode import db
+from dicomnode import db, metrics
 from dicomnode.jobs import JobQueue
-from dicomnode.metrics import NodeMetrics, record
+from dicomnode.metrics import NodeMetrics
 from dicomnode.outbox import Outbox
 from dicomnode.spool import Spool
 
@@ -44,9 +44,6 @@ def test_database_gauges_and_latencies(tmp_path: Path) -> None:
     queue = JobQueue(db.db_path(storage))
     outbox = Outbox(storage)
     conn = db.connect(db.db_path(storage))
-    from dicomnode.assembler import SCHEMA as ASSEMBLER_SCHEMA
-
-    db.ensure_schema(conn, ASSEMBLER_SCHEMA)
     now = time.time()
     conn.execute("INSERT INTO series (series_uid, study_uid, meta_json, n_instances, first_received, last_received)"
                  " VALUES ('1.2.3.1', '1.2.3', '{}', 1, ?, ?)", (now - 10, now - 8))
@@ -76,6 +73,21 @@ def test_database_gauges_and_latencies(tmp_path: Path) -> None:
     conn.close()
 
 
-def test_record_never_raises() -> None:
-    record("job_done", None, 1)  # a broken call is logged at debug level, never raised into the pipeline
-    record("no_such_hook")
+def test_hooks_never_raise() -> None:
+    """A broken call is logged at debug level, never raised into the pipeline."""
+    metrics.job_done(None, 1)  # type: ignore[arg-type]
+    metrics.delivery_sent(None, "pacs", 1)  # type: ignore[arg-type]
+    metrics.instance_stored(None)  # type: ignore[arg-type]
+
+
+def test_hooks_reach_the_process_metrics() -> None:
+    """Each hook function updates the process's metrics (no dispatch by name)."""
+    m = metrics.default_metrics()
+    before = _samples(m).get(("dicomnode_instances_rejected_total", (("reason", "hook_test"),)), 0.0)
+    metrics.instance_rejected("hook_test")
+    metrics.delivery_failed("hook_dest", "pending")
+    metrics.job_failed("hook_task")
+    s = _samples(m)
+    assert s[("dicomnode_instances_rejected_total", (("reason", "hook_test"),))] == before + 1
+    assert s[("dicomnode_delivery_retries_total", (("destination", "hook_dest"),))] >= 1
+    assert s[("dicomnode_jobs_finished_total", (("outcome", "failed"), ("task", "hook_task")))] >= 1
