@@ -23,7 +23,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -340,6 +340,259 @@ def cache_dir_of(cfg: TrainConfig, work: Path) -> Path:
     return Path(cfg.cache_dir) if cfg.cache_dir else work / "cache"
 
 
+@dataclass
+class _Run:
+    """What one training run works with (built once by :func:`_setup`)."""
+
+    adapter: TaskAdapter
+    split: Split
+    cfg: TrainConfig
+    tcfg: TaskConfig
+    work: Path
+    dist: _Dist
+    device: torch.device
+    amp: bool
+    cache: SampleCache
+    train_ds: RecordDataset
+    sampler: EpochSampler
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: Any
+    scaler: torch.amp.GradScaler
+    fingerprint: str
+    init_note: str = ""
+
+    @property
+    def ckpt_path(self) -> Path:
+        """The run's checkpoint file."""
+        return self.work / CHECKPOINT
+
+
+@dataclass
+class _State:
+    """What changes from epoch to epoch (and what a checkpoint restores)."""
+
+    best_state: dict[str, Any]
+    start_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_metric: float | None = None
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    best_val: EvalResult | None = None  # the best epoch's validation result, when this process scored it
+    last_val: EvalResult | None = None
+    stopped_early: bool = False
+
+
+def _setup(adapter: TaskAdapter, split: Split, cfg: TrainConfig, tcfg: TaskConfig, work: Path) -> _Run:
+    """Seed, data set, sampler, model (initial weights, device, DDP), optimiser, scheduler and scaler."""
+    dist_info, device = _init_distributed(cfg.device)
+    seed_everything(cfg.seed + dist_info.rank)
+    amp = cfg.amp and device.type == "cuda"
+    cache = SampleCache(cache_dir_of(cfg, work))
+    preprocess, signature = adapter.preprocessor(tcfg), adapter.preprocess_signature(tcfg)
+    train_ds = RecordDataset(split.train, preprocess, signature, cache=cache, transform=adapter.train_transform(tcfg),
+                             workers=cfg.num_workers)
+    sampler = EpochSampler(len(train_ds), seed=cfg.seed, labels=train_ds.labels() if cfg.balanced_sampling else None,
+                           rank=dist_info.rank, world_size=dist_info.world_size)
+    model: torch.nn.Module = adapter.build_model(tcfg)
+    init_note = ""
+    if cfg.init_from is not None:
+        init_note = load_initial_weights(model, cfg.init_from, adapter, tcfg, mode=cfg.init_mode, skip=cfg.init_skip,
+                                         holdout_hash=split.holdout_hash)
+    model = model.to(device)
+    if cfg.channels_last:
+        model = to_channels_last(model)
+    if dist_info.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dist_info.local_rank] if device.type == "cuda" else None)
+    opt = _make_optimizer(model.parameters(), cfg)
+    sched = _make_scheduler(opt, cfg, adapter.greater_is_better)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    return _Run(adapter=adapter, split=split, cfg=cfg, tcfg=tcfg, work=work, dist=dist_info, device=device, amp=amp,
+                cache=cache, train_ds=train_ds, sampler=sampler, model=model, opt=opt, sched=sched, scaler=scaler,
+                fingerprint=_fingerprint(adapter, tcfg, cfg, split), init_note=init_note)
+
+
+def _resume(run: _Run, state: _State) -> None:
+    """Restore model, optimiser, scheduler, scaler, progress and RNG from the run's checkpoint.
+
+    Raises
+    ------
+    TrainError
+        If the checkpoint cannot be read or belongs to another run.
+    """
+    ckpt_path = run.ckpt_path
+    try:
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a torn write cannot happen (atomic), but a foreign file can
+        raise TrainError(f"cannot read checkpoint {ckpt_path}: {exc}") from exc
+    if ck.get("fingerprint") != run.fingerprint:
+        raise TrainError(f"checkpoint {ckpt_path} belongs to a different run; delete it or use another work dir")
+    _unwrap(run.model).load_state_dict(ck["model"])
+    run.opt.load_state_dict(ck["optimizer"])
+    if run.sched is not None and ck.get("scheduler") is not None:
+        run.sched.load_state_dict(ck["scheduler"])
+    run.scaler.load_state_dict(ck["scaler"])
+    state.start_epoch, state.history = int(ck["epoch"]) + 1, list(ck["history"])
+    state.best_metric, state.best_epoch, state.bad_epochs = ck["best_metric"], ck["best_epoch"], ck["bad_epochs"]
+    state.best_state = ck["best_state"]
+    _set_rng_state(ck["rng"])
+    log.info("resumed %s training from epoch %d", run.adapter.name, state.start_epoch)
+
+
+def _train_epoch(run: _Run, epoch: int, collate: Callable | None) -> float:
+    """One pass over the training data; returns the mean training loss.
+
+    Raises
+    ------
+    TrainError
+        If the loss stops being finite.
+    """
+    cfg, adapter, model, opt, scaler = run.cfg, run.adapter, run.model, run.opt, run.scaler
+    run.sampler.set_epoch(epoch)
+    loader = make_loader(run.train_ds, cfg, collate, sampler=run.sampler, epoch_seed=cfg.seed * 100003 + epoch)
+    model.train()
+    total, steps = 0.0, 0
+    n_steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
+    for batch in _progress(loader, n_steps, f"{adapter.name} epoch {epoch + 1}/{cfg.epochs}"):
+        if steps >= n_steps:
+            break
+        batch = move_to(batch, run.device)
+        opt.zero_grad(set_to_none=True)
+        with autocast_context(run.device, run.amp):
+            loss = adapter.loss(adapter.forward(model, batch, run.device), batch)
+        if not torch.isfinite(loss):
+            raise TrainError(f"loss became {loss.item()} at epoch {epoch + 1} step {steps + 1}")
+        scaler.scale(loss).backward()
+        if cfg.grad_clip is not None:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        total += float(loss.detach())
+        steps += 1
+        if not sys.stderr.isatty() and steps % cfg.log_every_steps == 0:
+            log.info("%s epoch %d step %d/%d loss %.4f", adapter.name, epoch + 1, steps, n_steps, total / steps)
+    return total / max(steps, 1)
+
+
+def _score_epoch(run: _Run, state: _State, epoch: int, train_loss: float) -> tuple[dict[str, Any], float]:
+    """Validate (when there is a validation split), keep the best weights, step the scheduler.
+
+    Returns the epoch's log entry (without its duration) and the selection metric.
+    """
+    adapter = run.adapter
+    entry: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss, "lr": run.opt.param_groups[0]["lr"]}
+    if run.split.val:
+        res = state.last_val = evaluate_records(adapter, run.model, run.split.val, run.tcfg, run.cfg, run.device,
+                                                run.cache)
+        metric = float(res.metrics[adapter.primary_metric])
+        entry.update({f"val_{k}": v for k, v in res.metrics.items() if isinstance(v, (int, float))})
+    else:
+        metric = -train_loss if adapter.greater_is_better else train_loss
+    if _better(metric, state.best_metric, adapter.greater_is_better):
+        state.best_metric, state.best_epoch, state.bad_epochs = metric, epoch + 1, 0
+        state.best_state, state.best_val = copy.deepcopy(_unwrap(run.model).state_dict()), state.last_val
+    else:
+        state.bad_epochs += 1
+    if run.sched is not None:
+        run.sched.step(metric) if run.cfg.schedule == "plateau" else run.sched.step()
+    return entry, metric
+
+
+def _save_checkpoint(run: _Run, state: _State, epoch: int) -> None:
+    """Write the training log and, when due, the checkpoint (main process only)."""
+    cfg = run.cfg
+    (run.work / TRAIN_LOG).write_text("".join(json.dumps(h) + "\n" for h in state.history), encoding="utf-8")
+    if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs or state.stopped_early:
+        _atomic_torch_save({
+            "fingerprint": run.fingerprint, "epoch": epoch, "model": _unwrap(run.model).state_dict(),
+            "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict() if run.sched is not None else None,
+            "scaler": run.scaler.state_dict(), "history": state.history, "best_metric": state.best_metric,
+            "best_epoch": state.best_epoch, "bad_epochs": state.bad_epochs, "best_state": state.best_state,
+            "rng": _rng_state(),
+        }, run.ckpt_path)
+
+
+def _run_epochs(run: _Run, state: _State, callbacks: Sequence[Callable[[int, dict[str, Any]], None]]) -> None:
+    """The epoch loop: train, score, log, stop early or on the time budget, checkpoint, call back."""
+    cfg, adapter = run.cfg, run.adapter
+    collate = adapter.collate(run.tcfg)
+    t_start = time.perf_counter()
+    state.stopped_early = (state.start_epoch > 0 and cfg.early_stopping_patience is not None
+                           and state.bad_epochs >= cfg.early_stopping_patience)
+    for epoch in range(state.start_epoch, cfg.epochs):
+        if state.stopped_early:
+            break
+        t0 = time.perf_counter()
+        train_loss = _train_epoch(run, epoch, collate)
+        entry, metric = _score_epoch(run, state, epoch, train_loss)
+        entry["seconds"] = round(time.perf_counter() - t0, 3)
+        state.history.append(entry)
+        log.info("%s epoch %d/%d train_loss %.4f %s %.4f lr %.2e", adapter.name, epoch + 1, cfg.epochs, train_loss,
+                 adapter.primary_metric, metric, entry["lr"])
+        state.stopped_early = cfg.early_stopping_patience is not None and state.bad_epochs >= cfg.early_stopping_patience
+        # stop when another epoch like this one would overrun the budget (evaluation must still fit after it)
+        now = time.perf_counter()
+        if cfg.time_budget_s is not None and (now - t_start) + (now - t0) >= cfg.time_budget_s:
+            entry["stopped_by_time_budget"] = True
+            state.stopped_early = True
+        if run.dist.main:
+            _save_checkpoint(run, state, epoch)
+        for cb in callbacks:
+            cb(epoch, entry)
+        if state.stopped_early:
+            why = "time budget" if entry.get("stopped_by_time_budget") else "early stop"
+            log.info("%s: %s after epoch %d (best epoch %d)", adapter.name, why, epoch + 1, state.best_epoch)
+
+
+def _finish(run: _Run, state: _State) -> tuple[TaskConfig, dict[str, Any], str]:
+    """Settle the kept weights; return the (tuned) task settings, the hold-out metrics and the notes for the bundle."""
+    adapter, split = run.adapter, run.split
+    selection_note = ""
+    if state.best_epoch == -1 and state.history:  # no epoch scored a finite metric: keep the trained weights
+        state.best_state = copy.deepcopy(_unwrap(run.model).state_dict())
+        state.best_epoch, state.best_val = len(state.history), state.last_val
+        selection_note = f"no epoch had a finite validation {adapter.primary_metric}; the last epoch's weights are kept"
+        log.warning("%s: %s", adapter.name, selection_note)
+    tcfg = run.tcfg
+    final_model = adapter.build_model(tcfg)
+    final_model.load_state_dict(state.best_state)
+    final_model.to(run.device)
+    tune = getattr(adapter, "tune", None)
+    tune_note = ""
+    if tune is not None and split.val:
+        # the kept weights' validation result: from the epoch loop, or scored again after a resume
+        val_res = state.best_val or evaluate_records(adapter, final_model, split.val, tcfg, run.cfg, run.device,
+                                                     run.cache)
+        tcfg, tune_note = tune(val_res, tcfg)
+        if tune_note:
+            log.info("%s: %s", adapter.name, tune_note)
+    metrics: dict[str, Any] = {}
+    if split.holdout:
+        metrics = evaluate_records(adapter, final_model, split.holdout, tcfg, run.cfg, run.device, run.cache).metrics
+    notes = "; ".join(n for n in (f"best epoch {state.best_epoch} of {len(state.history)}", selection_note,
+                                  run.init_note, tune_note) if n)
+    return tcfg, metrics, notes
+
+
+def _bundle_meta(run: _Run, state: _State, tcfg: TaskConfig, metrics: dict[str, Any], notes: str) -> BundleMeta:
+    """The bundle's metadata for the kept weights."""
+    adapter, split, cfg = run.adapter, run.split, run.cfg
+    arch, init_args = adapter.architecture(tcfg)
+    rows = [r.row for r in split.train + split.val + split.holdout]
+    synthetic = cfg.synthetic_only if cfg.synthetic_only is not None else bool(rows) and all(
+        bool(r.get("synthetic")) for r in rows)
+    return BundleMeta(
+        task=adapter.name, version=cfg.version or _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ"),
+        architecture=arch, init_args=init_args, input=adapter.input_spec(tcfg), labels=adapter.labels(tcfg),
+        training_data_hash=data_hash(split.train + split.val, run.cache.file_index), holdout_hash=split.holdout_hash,
+        split=split.summary(), metrics=metrics, primary_metric=adapter.primary_metric,
+        greater_is_better=adapter.greater_is_better, train_config=cfg.model_dump(mode="json"),
+        task_config=tcfg.model_dump(mode="json"), synthetic_only=synthetic, training_log=state.history, notes=notes,
+    )
+
+
 def train(
     adapter: TaskAdapter,
     split: Split,
@@ -374,171 +627,23 @@ def train(
     work.mkdir(parents=True, exist_ok=True)
     if not split.train:
         raise TrainError("training split is empty")
-    dist_info, device = _init_distributed(cfg.device)
-    seed_everything(cfg.seed + dist_info.rank)
-    amp = cfg.amp and device.type == "cuda"
-    cache = SampleCache(cache_dir_of(cfg, work))
-    preprocess, signature = adapter.preprocessor(tcfg), adapter.preprocess_signature(tcfg)
-    train_ds = RecordDataset(split.train, preprocess, signature, cache=cache, transform=adapter.train_transform(tcfg),
-                             workers=cfg.num_workers)
-    sampler = EpochSampler(len(train_ds), seed=cfg.seed, labels=train_ds.labels() if cfg.balanced_sampling else None,
-                           rank=dist_info.rank, world_size=dist_info.world_size)
-    model: torch.nn.Module = adapter.build_model(tcfg)
-    init_note = ""
-    if cfg.init_from is not None:
-        init_note = load_initial_weights(model, cfg.init_from, adapter, tcfg, mode=cfg.init_mode, skip=cfg.init_skip,
-                                         holdout_hash=split.holdout_hash)
-    model = model.to(device)
-    if cfg.channels_last:
-        model = to_channels_last(model)
-    if dist_info.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist_info.local_rank] if device.type == "cuda" else None)
-    opt = _make_optimizer(model.parameters(), cfg)
-    sched = _make_scheduler(opt, cfg, adapter.greater_is_better)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    fingerprint = _fingerprint(adapter, tcfg, cfg, split)
-
-    start_epoch, history = 0, []
-    best_metric: float | None = None
-    best_epoch, bad_epochs = -1, 0
-    best_state = copy.deepcopy(_unwrap(model).state_dict())
-    ckpt_path = work / CHECKPOINT
-    if resume and ckpt_path.exists():
-        try:
-            ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # a torn write cannot happen (atomic), but a foreign file can
-            raise TrainError(f"cannot read checkpoint {ckpt_path}: {exc}") from exc
-        if ck.get("fingerprint") != fingerprint:
-            raise TrainError(f"checkpoint {ckpt_path} belongs to a different run; delete it or use another work dir")
-        _unwrap(model).load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        if sched is not None and ck.get("scheduler") is not None:
-            sched.load_state_dict(ck["scheduler"])
-        scaler.load_state_dict(ck["scaler"])
-        start_epoch, history = int(ck["epoch"]) + 1, list(ck["history"])
-        best_metric, best_epoch, bad_epochs = ck["best_metric"], ck["best_epoch"], ck["bad_epochs"]
-        best_state = ck["best_state"]
-        _set_rng_state(ck["rng"])
-        log.info("resumed %s training from epoch %d", adapter.name, start_epoch)
-
-    collate = adapter.collate(tcfg)
-    t_start = time.perf_counter()
-    stopped_early = start_epoch > 0 and cfg.early_stopping_patience is not None and bad_epochs >= cfg.early_stopping_patience
-    best_val: EvalResult | None = None  # the best epoch's validation result, when this process scored it
-    last_val: EvalResult | None = None
-    for epoch in range(start_epoch, cfg.epochs):
-        if stopped_early:
-            break
-        t0 = time.perf_counter()
-        sampler.set_epoch(epoch)
-        loader = make_loader(train_ds, cfg, collate, sampler=sampler, epoch_seed=cfg.seed * 100003 + epoch)
-        model.train()
-        total, steps = 0.0, 0
-        n_steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
-        for batch in _progress(loader, n_steps, f"{adapter.name} epoch {epoch + 1}/{cfg.epochs}"):
-            if steps >= n_steps:
-                break
-            batch = move_to(batch, device)
-            opt.zero_grad(set_to_none=True)
-            with autocast_context(device, amp):
-                loss = adapter.loss(adapter.forward(model, batch, device), batch)
-            if not torch.isfinite(loss):
-                raise TrainError(f"loss became {loss.item()} at epoch {epoch + 1} step {steps + 1}")
-            scaler.scale(loss).backward()
-            if cfg.grad_clip is not None:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            total += float(loss.detach())
-            steps += 1
-            if not sys.stderr.isatty() and steps % cfg.log_every_steps == 0:
-                log.info("%s epoch %d step %d/%d loss %.4f", adapter.name, epoch + 1, steps, n_steps, total / steps)
-        train_loss = total / max(steps, 1)
-        entry: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss, "lr": opt.param_groups[0]["lr"]}
-        if split.val:
-            res = last_val = evaluate_records(adapter, model, split.val, tcfg, cfg, device, cache)
-            metric = float(res.metrics[adapter.primary_metric])
-            entry.update({f"val_{k}": v for k, v in res.metrics.items() if isinstance(v, (int, float))})
-        else:
-            metric = -train_loss if adapter.greater_is_better else train_loss
-        if _better(metric, best_metric, adapter.greater_is_better):
-            best_metric, best_epoch, bad_epochs = metric, epoch + 1, 0
-            best_state, best_val = copy.deepcopy(_unwrap(model).state_dict()), last_val
-        else:
-            bad_epochs += 1
-        if sched is not None:
-            sched.step(metric) if cfg.schedule == "plateau" else sched.step()
-        entry["seconds"] = round(time.perf_counter() - t0, 3)
-        history.append(entry)
-        log.info("%s epoch %d/%d train_loss %.4f %s %.4f lr %.2e", adapter.name, epoch + 1, cfg.epochs, train_loss,
-                 adapter.primary_metric, metric, entry["lr"])
-        stopped_early = cfg.early_stopping_patience is not None and bad_epochs >= cfg.early_stopping_patience
-        # stop when another epoch like this one would overrun the budget (evaluation must still fit after it)
-        now = time.perf_counter()
-        if cfg.time_budget_s is not None and (now - t_start) + (now - t0) >= cfg.time_budget_s:
-            entry["stopped_by_time_budget"] = True
-            stopped_early = True
-        if dist_info.main:
-            (work / TRAIN_LOG).write_text("".join(json.dumps(h) + "\n" for h in history), encoding="utf-8")
-            if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs or stopped_early:
-                _atomic_torch_save({
-                    "fingerprint": fingerprint, "epoch": epoch, "model": _unwrap(model).state_dict(),
-                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched is not None else None,
-                    "scaler": scaler.state_dict(), "history": history, "best_metric": best_metric,
-                    "best_epoch": best_epoch, "bad_epochs": bad_epochs, "best_state": best_state, "rng": _rng_state(),
-                }, ckpt_path)
-        for cb in callbacks:
-            cb(epoch, entry)
-        if stopped_early:
-            why = "time budget" if entry.get("stopped_by_time_budget") else "early stop"
-            log.info("%s: %s after epoch %d (best epoch %d)", adapter.name, why, epoch + 1, best_epoch)
-
-    selection_note = ""
-    if best_epoch == -1 and history:  # no epoch scored a finite metric: keep the trained weights, not the initial
-        best_state, best_epoch, best_val = copy.deepcopy(_unwrap(model).state_dict()), len(history), last_val
-        selection_note = f"no epoch had a finite validation {adapter.primary_metric}; the last epoch's weights are kept"
-        log.warning("%s: %s", adapter.name, selection_note)
-    final_model = adapter.build_model(tcfg)
-    final_model.load_state_dict(best_state)
-    final_model.to(device)
-    tune = getattr(adapter, "tune", None)
-    if tune is not None and split.val:
-        # the kept weights' validation result: from the epoch loop, or scored again after a resume
-        val_res = best_val or evaluate_records(adapter, final_model, split.val, tcfg, cfg, device, cache)
-        tcfg, tune_note = tune(val_res, tcfg)
-        if tune_note:
-            log.info("%s: %s", adapter.name, tune_note)
-    else:
-        tune_note = ""
-    metrics: dict[str, Any] = {}
-    if split.holdout:
-        metrics = evaluate_records(adapter, final_model, split.holdout, tcfg, cfg, device, cache).metrics
-    arch, init_args = adapter.architecture(tcfg)
-    rows = [r.row for r in split.train + split.val + split.holdout]
-    synthetic = cfg.synthetic_only if cfg.synthetic_only is not None else bool(rows) and all(
-        bool(r.get("synthetic")) for r in rows)
-    meta = BundleMeta(
-        task=adapter.name, version=cfg.version or _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ"),
-        architecture=arch, init_args=init_args, input=adapter.input_spec(tcfg), labels=adapter.labels(tcfg),
-        training_data_hash=data_hash(split.train + split.val, cache.file_index), holdout_hash=split.holdout_hash,
-        split=split.summary(), metrics=metrics, primary_metric=adapter.primary_metric,
-        greater_is_better=adapter.greater_is_better, train_config=cfg.model_dump(mode="json"),
-        task_config=tcfg.model_dump(mode="json"), synthetic_only=synthetic, training_log=history,
-        notes="; ".join(n for n in (f"best epoch {best_epoch} of {len(history)}", selection_note, init_note,
-                                    tune_note) if n),
-    )
+    run = _setup(adapter, split, cfg, tcfg, work)
+    state = _State(best_state=copy.deepcopy(_unwrap(run.model).state_dict()))
+    if resume and run.ckpt_path.exists():
+        _resume(run, state)
+    _run_epochs(run, state, callbacks)
+    tcfg, metrics, notes = _finish(run, state)
+    meta = _bundle_meta(run, state, tcfg, metrics, notes)
     bundle_dir = out
-    if dist_info.main:
-        bundle_dir = save_bundle(out, meta, best_state, model_card(adapter, tcfg, meta, split), fp16=cfg.fp16_weights,
-                                 overwrite=True)
-    if dist_info.world_size > 1:
+    if run.dist.main:
+        bundle_dir = save_bundle(out, meta, state.best_state, model_card(adapter, tcfg, meta, split),
+                                 fp16=cfg.fp16_weights, overwrite=True)
+    if run.dist.world_size > 1:
         import torch.distributed as dist
 
         dist.barrier()
-    return TrainResult(bundle_dir=bundle_dir, metrics=metrics, history=history, best_epoch=best_epoch,
-                       epochs_run=len(history))
+    return TrainResult(bundle_dir=bundle_dir, metrics=metrics, history=state.history, best_epoch=state.best_epoch,
+                       epochs_run=len(state.history))
 
 
 def history_of(work_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
