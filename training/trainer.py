@@ -22,21 +22,22 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from inference.bundle import BundleMeta, save_bundle
 from inference.fsutil import atomic_write
 from inference.runtime import autocast_context, select_device, to_channels_last
 from training.adapter import EvalResult, TaskAdapter, TaskConfig, move_to
-from training.data import RecordDataset, SampleCache, Split, SplitConfig, data_hash
+from training.data import RecordDataset, SampleCache, Split, data_hash
 from training.errors import TrainError
+from training.sampling import EpochSampler, balanced_indices, make_loader, seed_everything
+from training.train_config import TrainConfig
 from training.warm_start import load_initial_weights
 
 log = logging.getLogger(__name__)
@@ -50,61 +51,6 @@ CHECKPOINT = "checkpoint.pt"
 TRAIN_LOG = "train_log.jsonl"
 
 
-class TrainConfig(BaseModel):
-    """Hyperparameters shared by every task."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    epochs: int = Field(20, ge=1)
-    batch_size: int = Field(16, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    schedule: Literal["none", "plateau", "cosine", "step"] = "none"
-    step_size: int = Field(10, ge=1, description="epochs between LR drops (schedule=step)")
-    gamma: float = Field(0.1, gt=0, le=1, description="LR factor (step and plateau)")
-    plateau_patience: int = Field(5, ge=0)
-    min_lr: float = Field(0.0, ge=0)
-    early_stopping_patience: int | None = Field(None, ge=1)
-    amp: bool = True
-    seed: int = 0
-    balanced_sampling: bool = False
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (also used to pre-process)")
-    checkpoint_every: int = Field(1, ge=1)
-    grad_clip: float | None = Field(None, gt=0)
-    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap for quick runs and tests")
-    time_budget_s: float | None = Field(
-        None, gt=0, description="stop after an epoch when one more epoch of the same length would pass this many "
-        "seconds of training (the best epoch so far is kept; for fixed-length leases such as a borrowed GPU)")
-    eval_batch_size: int | None = Field(None, ge=1)
-    split: SplitConfig = Field(default_factory=SplitConfig)
-    cache_dir: Path | None = None
-    version: str | None = Field(None, pattern=r"^[A-Za-z0-9_.+-]+$")
-    fp16_weights: bool = False
-    synthetic_only: bool | None = Field(None, description="None: true when every manifest row says synthetic")
-    log_every_steps: int = Field(50, ge=1)
-    init_from: Path | None = Field(
-        None, description="start from the weights of this bundle (same task and network; fine-tuning or a nightly "
-        "warm start); its version and weights SHA-256 are recorded in the new bundle's notes")
-    init_mode: Literal["exact", "matching"] = Field(
-        "exact", description="exact: init_from must hold the same network and every weight is copied; matching: "
-        "copy only the tensors whose name and shape agree (e.g. a shared trunk into another backbone variant of the "
-        "same task), the rest keep their fresh initialisation")
-    init_skip: list[str] = Field(
-        default_factory=list, description="fnmatch patterns of weight names that are never copied from init_from "
-        "(start those modules fresh, e.g. 'backbone.body.attn_*'); only with init_mode=matching")
-    channels_last: bool = Field(True, description="train 2-D conv nets in channels-last memory (faster on CUDA and "
-                                "on the oneDNN CPU path; the saved weights are the same)")
-
-    @model_validator(mode="after")
-    def _skip_needs_matching(self) -> TrainConfig:
-        if self.init_skip and self.init_mode != "matching":
-            raise ValueError("init_skip needs init_mode=matching")
-        return self
-
-
 @dataclass
 class TrainResult:
     """Outcome of :func:`train`."""
@@ -114,88 +60,6 @@ class TrainResult:
     history: list[dict[str, Any]]
     best_epoch: int
     epochs_run: int
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, numpy and torch (CPU and CUDA) and ask for deterministic kernels."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
-    torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def balanced_indices(labels: Sequence[int], rng: np.random.Generator) -> list[int]:
-    """One balanced epoch: each class contributes minority-class-size samples drawn without replacement.
-
-    For two classes that is 2 x minority per epoch (the wrist spec); the result is shuffled.
-    """
-    lab = np.asarray(labels)
-    classes = [c for c in np.unique(lab)]
-    if not classes:
-        return []
-    per = min(int(np.sum(lab == c)) for c in classes)
-    chosen = np.concatenate([rng.choice(np.nonzero(lab == c)[0], size=per, replace=False) for c in classes])
-    rng.shuffle(chosen)
-    return [int(i) for i in chosen]
-
-
-class EpochSampler(torch.utils.data.Sampler[int]):
-    """Deterministic per-epoch order (shuffled or class-balanced), sharded by DDP rank.
-
-    The order depends only on (seed, epoch), so a resumed run sees the same batches.
-    """
-
-    def __init__(self, n: int, *, seed: int, labels: Sequence[int] | None = None, shuffle: bool = True,
-                 rank: int = 0, world_size: int = 1) -> None:
-        self.n, self.seed, self.labels, self.shuffle = n, seed, labels, shuffle
-        self.rank, self.world_size = rank, world_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the order of ``epoch``."""
-        self.epoch = epoch
-
-    def _indices(self) -> list[int]:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        if self.labels is not None:
-            idx = balanced_indices(self.labels, rng)
-        elif self.shuffle:
-            idx = [int(i) for i in rng.permutation(self.n)]
-        else:
-            idx = list(range(self.n))
-        if self.world_size > 1:
-            total = math.ceil(len(idx) / self.world_size) * self.world_size
-            idx = (idx + idx[: total - len(idx)])[self.rank:total:self.world_size]
-        return idx
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._indices())
-
-    def __len__(self) -> int:
-        return len(self._indices())
-
-
-def _worker_init(worker_id: int) -> None:
-    s = torch.initial_seed() % 2**32
-    np.random.seed(s)
-    random.seed(s)
-    torch.set_num_threads(1)
-
-
-def make_loader(ds: RecordDataset, cfg: TrainConfig, collate: Callable | None, *, sampler: EpochSampler | None = None,
-                batch_size: int | None = None, epoch_seed: int = 0) -> torch.utils.data.DataLoader:
-    """A DataLoader with seeded workers (the generator fixes worker seeds and any random ops)."""
-    g = torch.Generator()
-    g.manual_seed(epoch_seed)
-    return torch.utils.data.DataLoader(
-        ds, batch_size=batch_size or cfg.batch_size, sampler=sampler, shuffle=False, num_workers=cfg.num_workers,
-        collate_fn=collate, worker_init_fn=_worker_init if cfg.num_workers else None, generator=g,
-        persistent_workers=False, pin_memory=torch.cuda.is_available(),
-    )
 
 
 @dataclass
