@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from inference.errors import BundleError
 from inference.fsutil import replace_dir
+from inference.task_settings import validate_settings
 
 log = logging.getLogger(__name__)
 
@@ -219,11 +220,13 @@ def save_bundle(
     Raises
     ------
     BundleError
-        If ``directory`` exists and ``overwrite`` is false.
+        If ``directory`` exists and ``overwrite`` is false, or ``meta.task_config`` does not validate
+        against the task's settings model.
     """
     final = Path(directory)
     if final.exists() and not overwrite:
         raise BundleError(f"bundle directory {final} already exists")
+    validate_settings(meta.task, meta.task_config, where=f"bundle {final}")  # never write one that cannot load
     final.parent.mkdir(parents=True, exist_ok=True)
     sd = {
         k: (v.detach().cpu().half() if fp16 and v.is_floating_point() else v.detach().cpu()).contiguous()
@@ -248,12 +251,13 @@ def save_bundle(
 
 
 def read_meta(directory: str | os.PathLike[str]) -> BundleMeta:
-    """Read and validate only ``bundle.json`` (cheap; no weights).
+    """Read and validate only ``bundle.json`` (cheap; no weights), the task's settings included.
 
     Raises
     ------
     BundleError
-        If the file is missing or invalid.
+        If the file is missing or invalid, or a ``task_config`` setting is unknown or invalid for its task
+        (:mod:`inference.task_settings`).
     """
     path = Path(directory) / BUNDLE_JSON
     try:
@@ -268,6 +272,7 @@ def read_meta(directory: str | os.PathLike[str]) -> BundleMeta:
         raise BundleError(f"bundle metadata {path} is invalid:\n{exc}") from exc
     if meta.format_version > FORMAT_VERSION:
         raise BundleError(f"bundle {directory} has format {meta.format_version}; this code reads <= {FORMAT_VERSION}")
+    validate_settings(meta.task, meta.task_config, where=f"bundle {directory}")
     return meta
 
 

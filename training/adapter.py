@@ -41,24 +41,18 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
 
 from inference.bundle import InputSpec, LabelSpec
+from inference.task_settings import TaskSettings
 from training.data import Preprocess, Sample
 
 __all__ = ["BaseAdapter", "EvalResult", "TaskAdapter", "TaskConfig", "move_to"]
 
 
-class TaskConfig(BaseModel):
-    """Base of every task's typed config (``extra="forbid"``); tasks subclass it once with their fields.
-
-    ``after_training`` names the fields read only once training is over (operating points chosen on the
-    validation split, see :meth:`BaseAdapter.tune`): they are left out of the trainer's resume fingerprint,
-    so a finished or interrupted run can be resumed with another operating-point setting.
-    """
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-    after_training: ClassVar[frozenset[str]] = frozenset()
+#: base of every task's typed config: frozen, ``extra="forbid"``, with ``after_training`` (the fields read only
+#: once training is over, left out of the trainer's resume fingerprint). Defined in :mod:`inference.task_settings`,
+#: so that serving validates a bundle's ``task_config`` with the very classes training uses.
+TaskConfig = TaskSettings
 
 
 @dataclass

@@ -22,21 +22,22 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from inference.bundle import BundleMeta, save_bundle
 from inference.fsutil import atomic_write
 from inference.runtime import autocast_context, select_device, to_channels_last
 from training.adapter import EvalResult, TaskAdapter, TaskConfig, move_to
-from training.data import RecordDataset, SampleCache, Split, SplitConfig, data_hash
+from training.data import RecordDataset, SampleCache, Split, data_hash
 from training.errors import TrainError
+from training.sampling import EpochSampler, balanced_indices, make_loader, seed_everything
+from training.train_config import TrainConfig
 from training.warm_start import load_initial_weights
 
 log = logging.getLogger(__name__)
@@ -50,61 +51,6 @@ CHECKPOINT = "checkpoint.pt"
 TRAIN_LOG = "train_log.jsonl"
 
 
-class TrainConfig(BaseModel):
-    """Hyperparameters shared by every task."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    epochs: int = Field(20, ge=1)
-    batch_size: int = Field(16, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    schedule: Literal["none", "plateau", "cosine", "step"] = "none"
-    step_size: int = Field(10, ge=1, description="epochs between LR drops (schedule=step)")
-    gamma: float = Field(0.1, gt=0, le=1, description="LR factor (step and plateau)")
-    plateau_patience: int = Field(5, ge=0)
-    min_lr: float = Field(0.0, ge=0)
-    early_stopping_patience: int | None = Field(None, ge=1)
-    amp: bool = True
-    seed: int = 0
-    balanced_sampling: bool = False
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (also used to pre-process)")
-    checkpoint_every: int = Field(1, ge=1)
-    grad_clip: float | None = Field(None, gt=0)
-    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap for quick runs and tests")
-    time_budget_s: float | None = Field(
-        None, gt=0, description="stop after an epoch when one more epoch of the same length would pass this many "
-        "seconds of training (the best epoch so far is kept; for fixed-length leases such as a borrowed GPU)")
-    eval_batch_size: int | None = Field(None, ge=1)
-    split: SplitConfig = Field(default_factory=SplitConfig)
-    cache_dir: Path | None = None
-    version: str | None = Field(None, pattern=r"^[A-Za-z0-9_.+-]+$")
-    fp16_weights: bool = False
-    synthetic_only: bool | None = Field(None, description="None: true when every manifest row says synthetic")
-    log_every_steps: int = Field(50, ge=1)
-    init_from: Path | None = Field(
-        None, description="start from the weights of this bundle (same task and network; fine-tuning or a nightly "
-        "warm start); its version and weights SHA-256 are recorded in the new bundle's notes")
-    init_mode: Literal["exact", "matching"] = Field(
-        "exact", description="exact: init_from must hold the same network and every weight is copied; matching: "
-        "copy only the tensors whose name and shape agree (e.g. a shared trunk into another backbone variant of the "
-        "same task), the rest keep their fresh initialisation")
-    init_skip: list[str] = Field(
-        default_factory=list, description="fnmatch patterns of weight names that are never copied from init_from "
-        "(start those modules fresh, e.g. 'backbone.body.attn_*'); only with init_mode=matching")
-    channels_last: bool = Field(True, description="train 2-D conv nets in channels-last memory (faster on CUDA and "
-                                "on the oneDNN CPU path; the saved weights are the same)")
-
-    @model_validator(mode="after")
-    def _skip_needs_matching(self) -> TrainConfig:
-        if self.init_skip and self.init_mode != "matching":
-            raise ValueError("init_skip needs init_mode=matching")
-        return self
-
-
 @dataclass
 class TrainResult:
     """Outcome of :func:`train`."""
@@ -114,88 +60,6 @@ class TrainResult:
     history: list[dict[str, Any]]
     best_epoch: int
     epochs_run: int
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, numpy and torch (CPU and CUDA) and ask for deterministic kernels."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
-    torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def balanced_indices(labels: Sequence[int], rng: np.random.Generator) -> list[int]:
-    """One balanced epoch: each class contributes minority-class-size samples drawn without replacement.
-
-    For two classes that is 2 x minority per epoch (the wrist spec); the result is shuffled.
-    """
-    lab = np.asarray(labels)
-    classes = [c for c in np.unique(lab)]
-    if not classes:
-        return []
-    per = min(int(np.sum(lab == c)) for c in classes)
-    chosen = np.concatenate([rng.choice(np.nonzero(lab == c)[0], size=per, replace=False) for c in classes])
-    rng.shuffle(chosen)
-    return [int(i) for i in chosen]
-
-
-class EpochSampler(torch.utils.data.Sampler[int]):
-    """Deterministic per-epoch order (shuffled or class-balanced), sharded by DDP rank.
-
-    The order depends only on (seed, epoch), so a resumed run sees the same batches.
-    """
-
-    def __init__(self, n: int, *, seed: int, labels: Sequence[int] | None = None, shuffle: bool = True,
-                 rank: int = 0, world_size: int = 1) -> None:
-        self.n, self.seed, self.labels, self.shuffle = n, seed, labels, shuffle
-        self.rank, self.world_size = rank, world_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the order of ``epoch``."""
-        self.epoch = epoch
-
-    def _indices(self) -> list[int]:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        if self.labels is not None:
-            idx = balanced_indices(self.labels, rng)
-        elif self.shuffle:
-            idx = [int(i) for i in rng.permutation(self.n)]
-        else:
-            idx = list(range(self.n))
-        if self.world_size > 1:
-            total = math.ceil(len(idx) / self.world_size) * self.world_size
-            idx = (idx + idx[: total - len(idx)])[self.rank:total:self.world_size]
-        return idx
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._indices())
-
-    def __len__(self) -> int:
-        return len(self._indices())
-
-
-def _worker_init(worker_id: int) -> None:
-    s = torch.initial_seed() % 2**32
-    np.random.seed(s)
-    random.seed(s)
-    torch.set_num_threads(1)
-
-
-def make_loader(ds: RecordDataset, cfg: TrainConfig, collate: Callable | None, *, sampler: EpochSampler | None = None,
-                batch_size: int | None = None, epoch_seed: int = 0) -> torch.utils.data.DataLoader:
-    """A DataLoader with seeded workers (the generator fixes worker seeds and any random ops)."""
-    g = torch.Generator()
-    g.manual_seed(epoch_seed)
-    return torch.utils.data.DataLoader(
-        ds, batch_size=batch_size or cfg.batch_size, sampler=sampler, shuffle=False, num_workers=cfg.num_workers,
-        collate_fn=collate, worker_init_fn=_worker_init if cfg.num_workers else None, generator=g,
-        persistent_workers=False, pin_memory=torch.cuda.is_available(),
-    )
 
 
 @dataclass
@@ -340,6 +204,259 @@ def cache_dir_of(cfg: TrainConfig, work: Path) -> Path:
     return Path(cfg.cache_dir) if cfg.cache_dir else work / "cache"
 
 
+@dataclass
+class _Run:
+    """What one training run works with (built once by :func:`_setup`)."""
+
+    adapter: TaskAdapter
+    split: Split
+    cfg: TrainConfig
+    tcfg: TaskConfig
+    work: Path
+    dist: _Dist
+    device: torch.device
+    amp: bool
+    cache: SampleCache
+    train_ds: RecordDataset
+    sampler: EpochSampler
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: Any
+    scaler: torch.amp.GradScaler
+    fingerprint: str
+    init_note: str = ""
+
+    @property
+    def ckpt_path(self) -> Path:
+        """The run's checkpoint file."""
+        return self.work / CHECKPOINT
+
+
+@dataclass
+class _State:
+    """What changes from epoch to epoch (and what a checkpoint restores)."""
+
+    best_state: dict[str, Any]
+    start_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_metric: float | None = None
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    best_val: EvalResult | None = None  # the best epoch's validation result, when this process scored it
+    last_val: EvalResult | None = None
+    stopped_early: bool = False
+
+
+def _setup(adapter: TaskAdapter, split: Split, cfg: TrainConfig, tcfg: TaskConfig, work: Path) -> _Run:
+    """Seed, data set, sampler, model (initial weights, device, DDP), optimiser, scheduler and scaler."""
+    dist_info, device = _init_distributed(cfg.device)
+    seed_everything(cfg.seed + dist_info.rank)
+    amp = cfg.amp and device.type == "cuda"
+    cache = SampleCache(cache_dir_of(cfg, work))
+    preprocess, signature = adapter.preprocessor(tcfg), adapter.preprocess_signature(tcfg)
+    train_ds = RecordDataset(split.train, preprocess, signature, cache=cache, transform=adapter.train_transform(tcfg),
+                             workers=cfg.num_workers)
+    sampler = EpochSampler(len(train_ds), seed=cfg.seed, labels=train_ds.labels() if cfg.balanced_sampling else None,
+                           rank=dist_info.rank, world_size=dist_info.world_size)
+    model: torch.nn.Module = adapter.build_model(tcfg)
+    init_note = ""
+    if cfg.init_from is not None:
+        init_note = load_initial_weights(model, cfg.init_from, adapter, tcfg, mode=cfg.init_mode, skip=cfg.init_skip,
+                                         holdout_hash=split.holdout_hash)
+    model = model.to(device)
+    if cfg.channels_last:
+        model = to_channels_last(model)
+    if dist_info.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dist_info.local_rank] if device.type == "cuda" else None)
+    opt = _make_optimizer(model.parameters(), cfg)
+    sched = _make_scheduler(opt, cfg, adapter.greater_is_better)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    return _Run(adapter=adapter, split=split, cfg=cfg, tcfg=tcfg, work=work, dist=dist_info, device=device, amp=amp,
+                cache=cache, train_ds=train_ds, sampler=sampler, model=model, opt=opt, sched=sched, scaler=scaler,
+                fingerprint=_fingerprint(adapter, tcfg, cfg, split), init_note=init_note)
+
+
+def _resume(run: _Run, state: _State) -> None:
+    """Restore model, optimiser, scheduler, scaler, progress and RNG from the run's checkpoint.
+
+    Raises
+    ------
+    TrainError
+        If the checkpoint cannot be read or belongs to another run.
+    """
+    ckpt_path = run.ckpt_path
+    try:
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a torn write cannot happen (atomic), but a foreign file can
+        raise TrainError(f"cannot read checkpoint {ckpt_path}: {exc}") from exc
+    if ck.get("fingerprint") != run.fingerprint:
+        raise TrainError(f"checkpoint {ckpt_path} belongs to a different run; delete it or use another work dir")
+    _unwrap(run.model).load_state_dict(ck["model"])
+    run.opt.load_state_dict(ck["optimizer"])
+    if run.sched is not None and ck.get("scheduler") is not None:
+        run.sched.load_state_dict(ck["scheduler"])
+    run.scaler.load_state_dict(ck["scaler"])
+    state.start_epoch, state.history = int(ck["epoch"]) + 1, list(ck["history"])
+    state.best_metric, state.best_epoch, state.bad_epochs = ck["best_metric"], ck["best_epoch"], ck["bad_epochs"]
+    state.best_state = ck["best_state"]
+    _set_rng_state(ck["rng"])
+    log.info("resumed %s training from epoch %d", run.adapter.name, state.start_epoch)
+
+
+def _train_epoch(run: _Run, epoch: int, collate: Callable | None) -> float:
+    """One pass over the training data; returns the mean training loss.
+
+    Raises
+    ------
+    TrainError
+        If the loss stops being finite.
+    """
+    cfg, adapter, model, opt, scaler = run.cfg, run.adapter, run.model, run.opt, run.scaler
+    run.sampler.set_epoch(epoch)
+    loader = make_loader(run.train_ds, cfg, collate, sampler=run.sampler, epoch_seed=cfg.seed * 100003 + epoch)
+    model.train()
+    total, steps = 0.0, 0
+    n_steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
+    for batch in _progress(loader, n_steps, f"{adapter.name} epoch {epoch + 1}/{cfg.epochs}"):
+        if steps >= n_steps:
+            break
+        batch = move_to(batch, run.device)
+        opt.zero_grad(set_to_none=True)
+        with autocast_context(run.device, run.amp):
+            loss = adapter.loss(adapter.forward(model, batch, run.device), batch)
+        if not torch.isfinite(loss):
+            raise TrainError(f"loss became {loss.item()} at epoch {epoch + 1} step {steps + 1}")
+        scaler.scale(loss).backward()
+        if cfg.grad_clip is not None:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        total += float(loss.detach())
+        steps += 1
+        if not sys.stderr.isatty() and steps % cfg.log_every_steps == 0:
+            log.info("%s epoch %d step %d/%d loss %.4f", adapter.name, epoch + 1, steps, n_steps, total / steps)
+    return total / max(steps, 1)
+
+
+def _score_epoch(run: _Run, state: _State, epoch: int, train_loss: float) -> tuple[dict[str, Any], float]:
+    """Validate (when there is a validation split), keep the best weights, step the scheduler.
+
+    Returns the epoch's log entry (without its duration) and the selection metric.
+    """
+    adapter = run.adapter
+    entry: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss, "lr": run.opt.param_groups[0]["lr"]}
+    if run.split.val:
+        res = state.last_val = evaluate_records(adapter, run.model, run.split.val, run.tcfg, run.cfg, run.device,
+                                                run.cache)
+        metric = float(res.metrics[adapter.primary_metric])
+        entry.update({f"val_{k}": v for k, v in res.metrics.items() if isinstance(v, (int, float))})
+    else:
+        metric = -train_loss if adapter.greater_is_better else train_loss
+    if _better(metric, state.best_metric, adapter.greater_is_better):
+        state.best_metric, state.best_epoch, state.bad_epochs = metric, epoch + 1, 0
+        state.best_state, state.best_val = copy.deepcopy(_unwrap(run.model).state_dict()), state.last_val
+    else:
+        state.bad_epochs += 1
+    if run.sched is not None:
+        run.sched.step(metric) if run.cfg.schedule == "plateau" else run.sched.step()
+    return entry, metric
+
+
+def _save_checkpoint(run: _Run, state: _State, epoch: int) -> None:
+    """Write the training log and, when due, the checkpoint (main process only)."""
+    cfg = run.cfg
+    (run.work / TRAIN_LOG).write_text("".join(json.dumps(h) + "\n" for h in state.history), encoding="utf-8")
+    if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs or state.stopped_early:
+        _atomic_torch_save({
+            "fingerprint": run.fingerprint, "epoch": epoch, "model": _unwrap(run.model).state_dict(),
+            "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict() if run.sched is not None else None,
+            "scaler": run.scaler.state_dict(), "history": state.history, "best_metric": state.best_metric,
+            "best_epoch": state.best_epoch, "bad_epochs": state.bad_epochs, "best_state": state.best_state,
+            "rng": _rng_state(),
+        }, run.ckpt_path)
+
+
+def _run_epochs(run: _Run, state: _State, callbacks: Sequence[Callable[[int, dict[str, Any]], None]]) -> None:
+    """The epoch loop: train, score, log, stop early or on the time budget, checkpoint, call back."""
+    cfg, adapter = run.cfg, run.adapter
+    collate = adapter.collate(run.tcfg)
+    t_start = time.perf_counter()
+    state.stopped_early = (state.start_epoch > 0 and cfg.early_stopping_patience is not None
+                           and state.bad_epochs >= cfg.early_stopping_patience)
+    for epoch in range(state.start_epoch, cfg.epochs):
+        if state.stopped_early:
+            break
+        t0 = time.perf_counter()
+        train_loss = _train_epoch(run, epoch, collate)
+        entry, metric = _score_epoch(run, state, epoch, train_loss)
+        entry["seconds"] = round(time.perf_counter() - t0, 3)
+        state.history.append(entry)
+        log.info("%s epoch %d/%d train_loss %.4f %s %.4f lr %.2e", adapter.name, epoch + 1, cfg.epochs, train_loss,
+                 adapter.primary_metric, metric, entry["lr"])
+        state.stopped_early = cfg.early_stopping_patience is not None and state.bad_epochs >= cfg.early_stopping_patience
+        # stop when another epoch like this one would overrun the budget (evaluation must still fit after it)
+        now = time.perf_counter()
+        if cfg.time_budget_s is not None and (now - t_start) + (now - t0) >= cfg.time_budget_s:
+            entry["stopped_by_time_budget"] = True
+            state.stopped_early = True
+        if run.dist.main:
+            _save_checkpoint(run, state, epoch)
+        for cb in callbacks:
+            cb(epoch, entry)
+        if state.stopped_early:
+            why = "time budget" if entry.get("stopped_by_time_budget") else "early stop"
+            log.info("%s: %s after epoch %d (best epoch %d)", adapter.name, why, epoch + 1, state.best_epoch)
+
+
+def _finish(run: _Run, state: _State) -> tuple[TaskConfig, dict[str, Any], str]:
+    """Settle the kept weights; return the (tuned) task settings, the hold-out metrics and the notes for the bundle."""
+    adapter, split = run.adapter, run.split
+    selection_note = ""
+    if state.best_epoch == -1 and state.history:  # no epoch scored a finite metric: keep the trained weights
+        state.best_state = copy.deepcopy(_unwrap(run.model).state_dict())
+        state.best_epoch, state.best_val = len(state.history), state.last_val
+        selection_note = f"no epoch had a finite validation {adapter.primary_metric}; the last epoch's weights are kept"
+        log.warning("%s: %s", adapter.name, selection_note)
+    tcfg = run.tcfg
+    final_model = adapter.build_model(tcfg)
+    final_model.load_state_dict(state.best_state)
+    final_model.to(run.device)
+    tune = getattr(adapter, "tune", None)
+    tune_note = ""
+    if tune is not None and split.val:
+        # the kept weights' validation result: from the epoch loop, or scored again after a resume
+        val_res = state.best_val or evaluate_records(adapter, final_model, split.val, tcfg, run.cfg, run.device,
+                                                     run.cache)
+        tcfg, tune_note = tune(val_res, tcfg)
+        if tune_note:
+            log.info("%s: %s", adapter.name, tune_note)
+    metrics: dict[str, Any] = {}
+    if split.holdout:
+        metrics = evaluate_records(adapter, final_model, split.holdout, tcfg, run.cfg, run.device, run.cache).metrics
+    notes = "; ".join(n for n in (f"best epoch {state.best_epoch} of {len(state.history)}", selection_note,
+                                  run.init_note, tune_note) if n)
+    return tcfg, metrics, notes
+
+
+def _bundle_meta(run: _Run, state: _State, tcfg: TaskConfig, metrics: dict[str, Any], notes: str) -> BundleMeta:
+    """The bundle's metadata for the kept weights."""
+    adapter, split, cfg = run.adapter, run.split, run.cfg
+    arch, init_args = adapter.architecture(tcfg)
+    rows = [r.row for r in split.train + split.val + split.holdout]
+    synthetic = cfg.synthetic_only if cfg.synthetic_only is not None else bool(rows) and all(
+        bool(r.get("synthetic")) for r in rows)
+    return BundleMeta(
+        task=adapter.name, version=cfg.version or _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ"),
+        architecture=arch, init_args=init_args, input=adapter.input_spec(tcfg), labels=adapter.labels(tcfg),
+        training_data_hash=data_hash(split.train + split.val, run.cache.file_index), holdout_hash=split.holdout_hash,
+        split=split.summary(), metrics=metrics, primary_metric=adapter.primary_metric,
+        greater_is_better=adapter.greater_is_better, train_config=cfg.model_dump(mode="json"),
+        task_config=tcfg.model_dump(mode="json"), synthetic_only=synthetic, training_log=state.history, notes=notes,
+    )
+
+
 def train(
     adapter: TaskAdapter,
     split: Split,
@@ -374,171 +491,23 @@ def train(
     work.mkdir(parents=True, exist_ok=True)
     if not split.train:
         raise TrainError("training split is empty")
-    dist_info, device = _init_distributed(cfg.device)
-    seed_everything(cfg.seed + dist_info.rank)
-    amp = cfg.amp and device.type == "cuda"
-    cache = SampleCache(cache_dir_of(cfg, work))
-    preprocess, signature = adapter.preprocessor(tcfg), adapter.preprocess_signature(tcfg)
-    train_ds = RecordDataset(split.train, preprocess, signature, cache=cache, transform=adapter.train_transform(tcfg),
-                             workers=cfg.num_workers)
-    sampler = EpochSampler(len(train_ds), seed=cfg.seed, labels=train_ds.labels() if cfg.balanced_sampling else None,
-                           rank=dist_info.rank, world_size=dist_info.world_size)
-    model: torch.nn.Module = adapter.build_model(tcfg)
-    init_note = ""
-    if cfg.init_from is not None:
-        init_note = load_initial_weights(model, cfg.init_from, adapter, tcfg, mode=cfg.init_mode, skip=cfg.init_skip,
-                                         holdout_hash=split.holdout_hash)
-    model = model.to(device)
-    if cfg.channels_last:
-        model = to_channels_last(model)
-    if dist_info.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist_info.local_rank] if device.type == "cuda" else None)
-    opt = _make_optimizer(model.parameters(), cfg)
-    sched = _make_scheduler(opt, cfg, adapter.greater_is_better)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    fingerprint = _fingerprint(adapter, tcfg, cfg, split)
-
-    start_epoch, history = 0, []
-    best_metric: float | None = None
-    best_epoch, bad_epochs = -1, 0
-    best_state = copy.deepcopy(_unwrap(model).state_dict())
-    ckpt_path = work / CHECKPOINT
-    if resume and ckpt_path.exists():
-        try:
-            ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # a torn write cannot happen (atomic), but a foreign file can
-            raise TrainError(f"cannot read checkpoint {ckpt_path}: {exc}") from exc
-        if ck.get("fingerprint") != fingerprint:
-            raise TrainError(f"checkpoint {ckpt_path} belongs to a different run; delete it or use another work dir")
-        _unwrap(model).load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        if sched is not None and ck.get("scheduler") is not None:
-            sched.load_state_dict(ck["scheduler"])
-        scaler.load_state_dict(ck["scaler"])
-        start_epoch, history = int(ck["epoch"]) + 1, list(ck["history"])
-        best_metric, best_epoch, bad_epochs = ck["best_metric"], ck["best_epoch"], ck["bad_epochs"]
-        best_state = ck["best_state"]
-        _set_rng_state(ck["rng"])
-        log.info("resumed %s training from epoch %d", adapter.name, start_epoch)
-
-    collate = adapter.collate(tcfg)
-    t_start = time.perf_counter()
-    stopped_early = start_epoch > 0 and cfg.early_stopping_patience is not None and bad_epochs >= cfg.early_stopping_patience
-    best_val: EvalResult | None = None  # the best epoch's validation result, when this process scored it
-    last_val: EvalResult | None = None
-    for epoch in range(start_epoch, cfg.epochs):
-        if stopped_early:
-            break
-        t0 = time.perf_counter()
-        sampler.set_epoch(epoch)
-        loader = make_loader(train_ds, cfg, collate, sampler=sampler, epoch_seed=cfg.seed * 100003 + epoch)
-        model.train()
-        total, steps = 0.0, 0
-        n_steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
-        for batch in _progress(loader, n_steps, f"{adapter.name} epoch {epoch + 1}/{cfg.epochs}"):
-            if steps >= n_steps:
-                break
-            batch = move_to(batch, device)
-            opt.zero_grad(set_to_none=True)
-            with autocast_context(device, amp):
-                loss = adapter.loss(adapter.forward(model, batch, device), batch)
-            if not torch.isfinite(loss):
-                raise TrainError(f"loss became {loss.item()} at epoch {epoch + 1} step {steps + 1}")
-            scaler.scale(loss).backward()
-            if cfg.grad_clip is not None:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            total += float(loss.detach())
-            steps += 1
-            if not sys.stderr.isatty() and steps % cfg.log_every_steps == 0:
-                log.info("%s epoch %d step %d/%d loss %.4f", adapter.name, epoch + 1, steps, n_steps, total / steps)
-        train_loss = total / max(steps, 1)
-        entry: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss, "lr": opt.param_groups[0]["lr"]}
-        if split.val:
-            res = last_val = evaluate_records(adapter, model, split.val, tcfg, cfg, device, cache)
-            metric = float(res.metrics[adapter.primary_metric])
-            entry.update({f"val_{k}": v for k, v in res.metrics.items() if isinstance(v, (int, float))})
-        else:
-            metric = -train_loss if adapter.greater_is_better else train_loss
-        if _better(metric, best_metric, adapter.greater_is_better):
-            best_metric, best_epoch, bad_epochs = metric, epoch + 1, 0
-            best_state, best_val = copy.deepcopy(_unwrap(model).state_dict()), last_val
-        else:
-            bad_epochs += 1
-        if sched is not None:
-            sched.step(metric) if cfg.schedule == "plateau" else sched.step()
-        entry["seconds"] = round(time.perf_counter() - t0, 3)
-        history.append(entry)
-        log.info("%s epoch %d/%d train_loss %.4f %s %.4f lr %.2e", adapter.name, epoch + 1, cfg.epochs, train_loss,
-                 adapter.primary_metric, metric, entry["lr"])
-        stopped_early = cfg.early_stopping_patience is not None and bad_epochs >= cfg.early_stopping_patience
-        # stop when another epoch like this one would overrun the budget (evaluation must still fit after it)
-        now = time.perf_counter()
-        if cfg.time_budget_s is not None and (now - t_start) + (now - t0) >= cfg.time_budget_s:
-            entry["stopped_by_time_budget"] = True
-            stopped_early = True
-        if dist_info.main:
-            (work / TRAIN_LOG).write_text("".join(json.dumps(h) + "\n" for h in history), encoding="utf-8")
-            if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs or stopped_early:
-                _atomic_torch_save({
-                    "fingerprint": fingerprint, "epoch": epoch, "model": _unwrap(model).state_dict(),
-                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched is not None else None,
-                    "scaler": scaler.state_dict(), "history": history, "best_metric": best_metric,
-                    "best_epoch": best_epoch, "bad_epochs": bad_epochs, "best_state": best_state, "rng": _rng_state(),
-                }, ckpt_path)
-        for cb in callbacks:
-            cb(epoch, entry)
-        if stopped_early:
-            why = "time budget" if entry.get("stopped_by_time_budget") else "early stop"
-            log.info("%s: %s after epoch %d (best epoch %d)", adapter.name, why, epoch + 1, best_epoch)
-
-    selection_note = ""
-    if best_epoch == -1 and history:  # no epoch scored a finite metric: keep the trained weights, not the initial
-        best_state, best_epoch, best_val = copy.deepcopy(_unwrap(model).state_dict()), len(history), last_val
-        selection_note = f"no epoch had a finite validation {adapter.primary_metric}; the last epoch's weights are kept"
-        log.warning("%s: %s", adapter.name, selection_note)
-    final_model = adapter.build_model(tcfg)
-    final_model.load_state_dict(best_state)
-    final_model.to(device)
-    tune = getattr(adapter, "tune", None)
-    if tune is not None and split.val:
-        # the kept weights' validation result: from the epoch loop, or scored again after a resume
-        val_res = best_val or evaluate_records(adapter, final_model, split.val, tcfg, cfg, device, cache)
-        tcfg, tune_note = tune(val_res, tcfg)
-        if tune_note:
-            log.info("%s: %s", adapter.name, tune_note)
-    else:
-        tune_note = ""
-    metrics: dict[str, Any] = {}
-    if split.holdout:
-        metrics = evaluate_records(adapter, final_model, split.holdout, tcfg, cfg, device, cache).metrics
-    arch, init_args = adapter.architecture(tcfg)
-    rows = [r.row for r in split.train + split.val + split.holdout]
-    synthetic = cfg.synthetic_only if cfg.synthetic_only is not None else bool(rows) and all(
-        bool(r.get("synthetic")) for r in rows)
-    meta = BundleMeta(
-        task=adapter.name, version=cfg.version or _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ"),
-        architecture=arch, init_args=init_args, input=adapter.input_spec(tcfg), labels=adapter.labels(tcfg),
-        training_data_hash=data_hash(split.train + split.val, cache.file_index), holdout_hash=split.holdout_hash,
-        split=split.summary(), metrics=metrics, primary_metric=adapter.primary_metric,
-        greater_is_better=adapter.greater_is_better, train_config=cfg.model_dump(mode="json"),
-        task_config=tcfg.model_dump(mode="json"), synthetic_only=synthetic, training_log=history,
-        notes="; ".join(n for n in (f"best epoch {best_epoch} of {len(history)}", selection_note, init_note,
-                                    tune_note) if n),
-    )
+    run = _setup(adapter, split, cfg, tcfg, work)
+    state = _State(best_state=copy.deepcopy(_unwrap(run.model).state_dict()))
+    if resume and run.ckpt_path.exists():
+        _resume(run, state)
+    _run_epochs(run, state, callbacks)
+    tcfg, metrics, notes = _finish(run, state)
+    meta = _bundle_meta(run, state, tcfg, metrics, notes)
     bundle_dir = out
-    if dist_info.main:
-        bundle_dir = save_bundle(out, meta, best_state, model_card(adapter, tcfg, meta, split), fp16=cfg.fp16_weights,
-                                 overwrite=True)
-    if dist_info.world_size > 1:
+    if run.dist.main:
+        bundle_dir = save_bundle(out, meta, state.best_state, model_card(adapter, tcfg, meta, split),
+                                 fp16=cfg.fp16_weights, overwrite=True)
+    if run.dist.world_size > 1:
         import torch.distributed as dist
 
         dist.barrier()
-    return TrainResult(bundle_dir=bundle_dir, metrics=metrics, history=history, best_epoch=best_epoch,
-                       epochs_run=len(history))
+    return TrainResult(bundle_dir=bundle_dir, metrics=metrics, history=state.history, best_epoch=state.best_epoch,
+                       epochs_run=len(state.history))
 
 
 def history_of(work_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -40,7 +40,7 @@ from numpy.typing import ArrayLike
 from pydicom import Dataset
 
 from inference import codes
-from inference.errors import BundleError, InvalidDatasetError
+from inference.errors import InvalidDatasetError
 from inference.findings import (
     Classification,
     Code,
@@ -55,6 +55,7 @@ from inference.findings import (
 from inference.hrpqct import N_SLICES, DensityNorm, prepare_stack
 from inference.runtime import StageTimer, run_batched
 from inference.series import Series, group_by_series
+from inference.task_settings import HrpqctMotionSettings, settings_of
 from inference.tasks import TaskContext, register_task
 from inference.tasks.base import image_refs, model_for
 
@@ -313,14 +314,11 @@ def hrpqct_motion_task(datasets: Sequence[Dataset], context: TaskContext) -> Fin
     with timer.stage("load"):
         loaded = model_for(NAME, context)
         scans = eligible_series(datasets)
-    tcfg = loaded.meta.task_config or {}
-    aggregation: Aggregation = tcfg.get("aggregation", "argmax")
-    rescan_min = int(tcfg.get("rescan_min_grade", RESCAN_MIN_GRADE))
-    threshold = None if tcfg.get("rescan_threshold") is None else float(tcfg["rescan_threshold"])
-    try:
-        cutpoints = None if tcfg.get("grade_cutpoints") is None else check_cutpoints(tcfg["grade_cutpoints"])
-    except (TypeError, ValueError) as exc:
-        raise BundleError(f"{NAME} bundle {loaded.version}: task_config.grade_cutpoints: {exc}") from exc
+    settings = settings_of(loaded.meta, HrpqctMotionSettings)
+    aggregation: Aggregation = settings.aggregation
+    rescan_min = settings.rescan_min_grade
+    threshold = settings.rescan_threshold
+    cutpoints = settings.grade_cutpoints
     norm = _norm_of(loaded.meta)
     classifications: list[Classification] = []
     overlays: list[Overlay] = []

@@ -25,7 +25,6 @@ axial slices with their boxes.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +36,7 @@ from scipy import ndimage
 
 from inference import codes
 from inference.ct import BONE_WINDOW_CENTER, BONE_WINDOW_WIDTH, bone_window, sagittal_reformat, trabecular_roi
-from inference.errors import BundleError, InvalidDatasetError, TaskError
+from inference.errors import InvalidDatasetError, TaskError
 from inference.findings import (
     HU_UNIT,
     Box,
@@ -52,6 +51,7 @@ from inference.findings import (
 )
 from inference.runtime import StageTimer, run_batched
 from inference.series import Series, group_by_series
+from inference.task_settings import SpineBmdSettings, settings_of
 from inference.tasks import TaskContext, register_task
 from inference.tasks.base import image_refs, model_for
 from inference.tasks.spine_bmd_levels import (
@@ -111,16 +111,9 @@ class SpineParams:
         if meta.input.window is not None:
             values["window_center"], values["window_width"] = meta.input.window
         values.setdefault("in_channels", meta.input.channels)
-        offsets = (getattr(meta, "task_config", None) or {}).get("class_log_offsets")
+        offsets = settings_of(meta, SpineBmdSettings).class_log_offsets
         if offsets is not None:
-            try:
-                values["class_log_offsets"] = tuple(float(x) for x in offsets)
-            except (TypeError, ValueError) as exc:
-                raise BundleError(f"spine_bmd bundle: task_config.class_log_offsets {offsets!r}: {exc}") from exc
-            if len(values["class_log_offsets"]) != len(CLASS_NAMES) or not all(
-                    math.isfinite(x) for x in values["class_log_offsets"]):
-                raise BundleError(f"spine_bmd bundle: task_config.class_log_offsets must be {len(CLASS_NAMES)} "
-                                  f"finite numbers, not {offsets!r}")
+            values["class_log_offsets"] = offsets
         return cls(**values)
 
     def extra(self) -> dict[str, Any]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -48,16 +47,13 @@ from inference.findings import (
 )
 from inference.nets.resnet import gradcam
 from inference.radiograph import (
-    MEAN,
-    MODEL_HEIGHT,
-    MODEL_WIDTH,
-    STD,
     PreparedImage,
     prepare,
     split_parts,
     to_float,
 )
 from inference.runtime import StageTimer, run_batched
+from inference.task_settings import WristFractureSettings, settings_of
 from inference.tasks import TaskContext, register_task
 from inference.tasks.base import model_for
 
@@ -133,17 +129,16 @@ def _ordered(datasets: Sequence[Dataset]) -> list[Dataset]:
     return sorted(datasets, key=key)
 
 
-def _parts(ds: Dataset, tcfg: dict[str, Any]) -> list[PreparedImage]:
+def _parts(ds: Dataset, settings: WristFractureSettings) -> list[PreparedImage]:
     """The model inputs of one image, with the pre-processing parameters the bundle was trained with."""
     image = to_float(ds)
     rows, cols = image.shape
-    if tcfg.get("split_parts", True):
-        boxes = [p.bbox for p in split_parts(image, min_share=float(tcfg.get("min_part_share", 0.02)))]
+    if settings.split_parts:
+        boxes = [p.bbox for p in split_parts(image, min_share=settings.min_part_share)]
     else:
         boxes = [(0, 0, cols, rows)]
-    out_hw = tuple(int(v) for v in tcfg.get("input_hw", (MODEL_HEIGHT, MODEL_WIDTH)))
-    return [prepare(image, bbox=b, align=bool(tcfg.get("align", True)), out_hw=out_hw,
-                    mean=float(tcfg.get("mean", MEAN)), std=float(tcfg.get("std", STD))) for b in boxes]
+    return [prepare(image, bbox=b, align=settings.align, out_hw=settings.input_hw,
+                    mean=settings.mean, std=settings.std) for b in boxes]
 
 
 def _cams(model: torch.nn.Module, x: torch.Tensor, device: torch.device) -> np.ndarray:
@@ -165,13 +160,13 @@ def run_wrist_fracture(datasets: Sequence[Dataset], context: TaskContext) -> Fin
     timer = StageTimer()
     with timer.stage("model_load"):
         loaded = model_for(NAME, context)
-        tcfg = loaded.meta.task_config or {}
-        threshold = float(tcfg.get("threshold", DEFAULT_THRESHOLD))
+        settings = settings_of(loaded.meta, WristFractureSettings)
+        threshold = settings.threshold
         images = _ordered([ds for ds in datasets if _is_radiograph(ds)])
         if not images:
             raise TaskError("wrist_fracture: the study has no single-channel radiograph to analyse")
     with timer.stage("preprocess"):
-        prepared: list[list[PreparedImage]] = [_parts(ds, tcfg) for ds in images]
+        prepared: list[list[PreparedImage]] = [_parts(ds, settings) for ds in images]
         flat = [p for parts in prepared for p in parts]
         x = torch.stack([p.tensor for p in flat])
     model = loaded.model

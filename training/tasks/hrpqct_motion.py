@@ -40,11 +40,10 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator, model_validator
 
 from inference import codes
 from inference.bundle import CodedConcept, InputSpec, LabelSpec
@@ -53,6 +52,7 @@ from inference.hrpqct import input_spec as hrpqct_input_spec
 from inference.nets import build_network
 from inference.nets.losses import OrdinalGradeLoss, class_weights
 from inference.series import group_by_series, read_datasets
+from inference.task_settings import THESIS_RADIUS, THESIS_TIBIA, HrpqctMotionSettings
 from inference.tasks.hrpqct_motion import (
     GRADES,
     ROUNDING_CUTPOINTS,
@@ -61,7 +61,7 @@ from inference.tasks.hrpqct_motion import (
     grade_from_expected,
     recommends_rescan,
 )
-from training.adapter import BaseAdapter, EvalResult, TaskConfig
+from training.adapter import BaseAdapter, EvalResult
 from training.data import DataError, Record, Sample
 from training.metrics import (
     accuracy,
@@ -76,67 +76,10 @@ from training.tasks import register_adapter
 __all__ = ["ADAPTER", "HrpqctMotionAdapter", "MotionConfig", "MotionEvalResult", "choose_grade_cutpoints",
            "choose_rescan_threshold", "grade_of", "preprocess_record"]
 
-#: thesis label distribution (grades 1-5) per site
-THESIS_TIBIA = (334, 97, 42, 24, 2)
-THESIS_RADIUS = (139, 169, 233, 62, 8)
 CLASS_NAMES = [f"grade {g}" for g in GRADES]
 
 
-class MotionConfig(TaskConfig):
-    """Every hyperparameter of the task (faithful defaults)."""
-
-    channels: tuple[int, ...] = (32, 64, 128, 256, 256)
-    hidden: int = Field(128, ge=1)
-    negative_slope: float = Field(0.01, ge=0)
-    batch_norm: bool = False
-    dropout: float = Field(0.0, ge=0, lt=1)
-    density_low: float = -500.0
-    density_high: float = 2500.0
-    density_mean: float = 0.0  # about the mean and std of clipped mg HA/cm3 over whole HR-pQCT slices
-    density_std: float = Field(300.0, gt=0)  # (air/soft tissue around a bone cross-section)
-    loss: Literal["ordinal", "cross_entropy"] = "ordinal"
-    ordinal_weight: float = Field(0.5, ge=0)
-    class_counts: tuple[int, ...] | None = tuple(t + r for t, r in zip(THESIS_TIBIA, THESIS_RADIUS, strict=True))
-    class_weight_scheme: Literal["effective", "inverse", "none"] = "effective"
-    class_weight_beta: float = Field(0.99, gt=0, lt=1)
-    aggregation: Literal["argmax", "expected"] = "argmax"
-    grade_cutpoints: tuple[float, ...] | None = Field(
-        None, description="with aggregation 'expected': 4 cut points of the expected grade (None: round it)")
-    tune_grade_cutpoints: bool = Field(
-        False, description="after training, choose grade_cutpoints on the validation split for the highest "
-        "quadratic-weighted kappa (needs aggregation 'expected')")
-    rescan_min_grade: int = Field(4, ge=2, le=5)
-    rescan_threshold: float | None = Field(
-        None, gt=0, lt=1, description="also recommend a rescan when P(grade >= rescan_min_grade) reaches this")
-    rescan_target_sensitivity: float | None = Field(
-        None, gt=0, le=1, description="after training, set rescan_threshold on the validation split so that the "
-        "rescan decision reaches this sensitivity (None: keep rescan_threshold)")
-    augment: bool = True
-
-    after_training: ClassVar[frozenset[str]] = frozenset({"rescan_threshold", "rescan_target_sensitivity",
-                                                          "grade_cutpoints", "tune_grade_cutpoints"})
-
-    @field_validator("grade_cutpoints")
-    @classmethod
-    def _cutpoints(cls, v: tuple[float, ...] | None) -> tuple[float, ...] | None:
-        return None if v is None else check_cutpoints(v)
-
-    @model_validator(mode="after")
-    def _cutpoints_need_expected(self) -> MotionConfig:
-        if (self.grade_cutpoints is not None or self.tune_grade_cutpoints) and self.aggregation != "expected":
-            raise ValueError("grade_cutpoints and tune_grade_cutpoints need aggregation 'expected'")
-        return self
-
-    @field_validator("class_counts")
-    @classmethod
-    def _five(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
-        if v is not None and (len(v) != len(GRADES) or any(c < 0 for c in v)):
-            raise ValueError(f"class_counts needs {len(GRADES)} non-negative counts")
-        return v
-
-    def norm(self) -> DensityNorm:
-        """The density normalisation these settings describe."""
-        return DensityNorm(self.density_low, self.density_high, self.density_mean, self.density_std)
+MotionConfig = HrpqctMotionSettings  # the settings model serving validates bundles with (inference.task_settings)
 
 
 def grade_of(row: dict[str, Any]) -> int:

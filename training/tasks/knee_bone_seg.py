@@ -27,11 +27,10 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field
 
 from inference import codes
 from inference.bundle import CodedConcept, InputSpec, LabelSpec
@@ -39,6 +38,7 @@ from inference.mr import CropResize, ZScore
 from inference.nets import build_network
 from inference.nets.losses import SoftDiceLoss
 from inference.series import Series, from_sitk, read_datasets
+from inference.task_settings import KneeBoneSegSettings
 from inference.tasks.knee_bone_seg import (
     BONE_CODES,
     BONES,
@@ -73,32 +73,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 }
 
 
-class KneeConfig(TaskConfig):
-    """Every hyperparameter of the knee task; defaults are the faithful configuration."""
-
-    crop_mm: float = Field(140.0, gt=0, description="side of the square window at the joint (mm)")
-    size: int = Field(224, ge=16, description="in-plane network input size")
-    n4: bool = True
-    n4_shrink: int = Field(4, ge=1)
-    norm_mean: float = Field(0.592, description="population mean of the prepared crops (synthetic; refit with `norm`)")
-    norm_std: float = Field(0.382, gt=0, description="population std of the prepared crops (refit with `norm`)")
-    base_channels: int = Field(32, ge=1)
-    depth: int = Field(4, ge=1)
-    dropout: float = Field(0.5, ge=0, lt=1)
-    threshold: float = Field(0.5, gt=0, lt=1)
-    largest_component: bool = True
-    fill_holes: bool = True
-    min_slices: int = Field(20, ge=1)
-    augment: bool = True
-    dice_over: Literal["batch", "slice"] = Field(
-        "batch", description="soft Dice per bone over the whole batch (Keras-style flattened F1) or per slice")
-    hd95: bool = True
-
-    def params(self) -> KneeParams:
-        """The shared pre/post-processing parameters (as the node will read them from the bundle)."""
-        return KneeParams(crop_mm=self.crop_mm, size=self.size, n4=self.n4, n4_shrink=self.n4_shrink,
-                          threshold=self.threshold, largest_component=self.largest_component,
-                          fill_holes=self.fill_holes, min_slices=self.min_slices)
+KneeConfig = KneeBoneSegSettings  # the settings model serving validates bundles with (inference.task_settings)
 
 
 # --------------------------------------------------------------------------- labels

@@ -25,21 +25,21 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Iterator
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import numpy as np
 import pydicom
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 
 from inference.bundle import CodedConcept, InputSpec, LabelSpec
 from inference.codes import GROWTH_PLATE_FRACTURE
 from inference.nets import build_network
 from inference.radiograph import MEAN, STD, crop_with_margin, detector_input, to_float
+from inference.task_settings import PhysisFractureSettings
 from inference.tasks.physis_fracture import ImageInputs, score_image
-from inference.tasks.physis_fracture_post import LABEL_NAMES, PostConfig
-from training.adapter import BaseAdapter, EvalResult, TaskConfig
+from inference.tasks.physis_fracture_post import LABEL_NAMES
+from training.adapter import BaseAdapter, EvalResult
 from training.data import Record, Sample
 from training.metrics import (
     BoxPrediction,
@@ -87,44 +87,7 @@ REFERENCE = {
 }
 
 
-class PhysisFractureConfig(TaskConfig):
-    """Hyperparameters of the physis task (defaults: the faithful two-stage configuration)."""
-
-    method: Literal["two_stage", "classifier", "detector"] = "two_stage"
-    variant: Literal["faithful", "light"] = Field(
-        "faithful", description="faithful: ResNet50 everywhere; light: ResNet18-3-stage detector and classifiers "
-                                "(demo bundles under the 25 MB fp16 cap)")
-    detector_kind: Literal["faster_rcnn", "retinanet"] = "faster_rcnn"
-    det_long_side: int = Field(1024, ge=64, description="detector input square side (>= 1024 faithful)")
-    image_size: int = Field(512, ge=32, description="whole-image classifier input square side")
-    crop_size: int = Field(224, ge=32, description="crop classifier input square side")
-    crops_per_image: int = Field(4, ge=1, le=16)
-    crop_jitter: float = Field(0.15, ge=0, le=0.5, description="random shift/scale of positive crops (box fraction)")
-    patch_crop_extent: float = Field(160.0, gt=0, description="box-patch pretraining: source pixels one crop "
-                                     "classifier patch covers (a typical fracture box with its margin)")
-    det_loss_weight: float = Field(1.0, ge=0)
-    crop_loss_weight: float = Field(1.0, ge=0)
-    image_loss_weight: float = Field(1.0, ge=0)
-    hflip_p: float = Field(0.5, ge=0, le=1)
-    mine_crops: bool = Field(True, description="also train the crop classifier on the detector's own fracture "
-                                               "proposals (hard negatives, labelled by IoU with the truth)")
-    mined_per_image: int = Field(2, ge=1, le=16)
-    mine_iou: float = Field(0.3, gt=0, lt=1, description="IoU with a true fracture box for a positive proposal")
-    post: dict[str, Any] = Field(default_factory=dict, description="PostConfig overrides (thresholds, top_k, ...)")
-    n_boot: int = Field(1000, ge=0, description="bootstrap resamples for AUC confidence intervals")
-    tune_threshold: bool = Field(True, description="after training, choose the image threshold of the highest "
-                                                   "validation accuracy (the thesis's metric) for the served method")
-    operating_threshold: float | None = Field(None, ge=0, le=1, description="image threshold chosen after "
-                                              "training; replaces post.threshold when set")
-
-    after_training: ClassVar[frozenset[str]] = frozenset({"tune_threshold", "operating_threshold"})
-
-    def post_config(self) -> PostConfig:
-        """The validated post-processing rules (with the tuned ``operating_threshold``, if any)."""
-        post = PostConfig.from_dict(self.post)
-        if self.operating_threshold is not None:
-            post = PostConfig.from_dict({**post.to_dict(), "threshold": self.operating_threshold})
-        return post
+PhysisFractureConfig = PhysisFractureSettings  # the settings model serving validates bundles with (inference.task_settings)
 
 
 def _positive(value: Any) -> int:

@@ -45,17 +45,17 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field
 
 from inference.bundle import CodedConcept, InputSpec, LabelSpec
 from inference.ct import BONE_WINDOW_CENTER, BONE_WINDOW_WIDTH
 from inference.nets import build_network
 from inference.nets.spine_detector import SPINE_LIGHT_ARGS
 from inference.series import load_series
+from inference.task_settings import SpineBmdSettings
 from inference.tasks.spine_bmd import (
     CLASS_CODES,
     SpineParams,
@@ -65,7 +65,7 @@ from inference.tasks.spine_bmd import (
     slice_positions,
 )
 from inference.tasks.spine_bmd_levels import CLASS_NAMES, LEVEL_NAMES, REPORTED_LEVELS, decide_class
-from training.adapter import BaseAdapter, EvalResult, TaskConfig, move_to
+from training.adapter import BaseAdapter, EvalResult, move_to
 from training.data import DataError, Record, Sample
 from training.metrics import cohen_kappa, confusion_matrix, macro_f1, sensitivity_specificity
 from training.tasks import register_adapter
@@ -76,44 +76,7 @@ log = logging.getLogger(__name__)
 __all__ = ["SpineBmdAdapter", "SpineBmdConfig", "choose_class_offsets", "prepare_record", "study_truth"]
 
 
-class SpineBmdConfig(TaskConfig):
-    """Every hyperparameter of the task (network, pre-processing, sampling, post-processing)."""
-
-    backbone: Literal["resnet50", "resnet50_se", "resnet50_sk", "resnet50_ds"] = "resnet50_ds"
-    variant: Literal["faithful", "light"] = "faithful"
-    image_size: int = Field(512, ge=64, le=1024, description="slices resized to this (CT is 512x512)")
-    in_channels: Literal[1, 3] = 3
-    pretrained_path: str | None = Field(None, description="local ImageNet ResNet weights (never downloaded)")
-    box_score_thresh: float = Field(0.05, ge=0, lt=1, description="detector output threshold (torchvision default)")
-    negatives_per_study: int = Field(2, ge=0, description="slices without a body (discs) per training study")
-    hflip: bool = True
-    intensity_jitter: float = Field(
-        0.0, ge=0, le=0.5,
-        description="training brightness/contrast change on the [0, 1] window scale (1 = 2000 HU). Off by default: "
-                    "the class is the trabecular HU itself, and 0.05 already shifts it by up to 100 HU, twice the "
-                    "width of the osteopenia band")
-    slices_per_vertebra: int = Field(3, ge=1, le=9, description="mid-body slices per vertebra at inference")
-    central_fraction: float = Field(0.4, gt=0, le=1)
-    cortex_hu: float = 300.0
-    roi_fraction: float = Field(0.5, gt=0, le=1)
-    class_log_offsets: tuple[float, float, float] | None = Field(
-        None, description="operating point: added to the log class probabilities of a vertebra before the argmax "
-                          "(normal, osteopenia, osteoporosis); None is the plain argmax")
-    pseudo_boxes: bool = Field(
-        False, description="weak labels: a study row with per-level classes ('vertebrae', e.g. from DXA) but no "
-                           "boxes gets vertebral-body pseudo-boxes from the level finder (training.tasks.spine_weak)")
-    tune_class_offsets: bool = Field(
-        False, description="after training, choose class_log_offsets on the validation split for the highest "
-                           "vertebra macro-F1 (choose_class_offsets)")
-
-    after_training: ClassVar[frozenset[str]] = frozenset({"class_log_offsets", "tune_class_offsets"})
-
-    def params(self) -> SpineParams:
-        """The serving parameters (recorded in the bundle; the class offsets through ``task_config``)."""
-        return SpineParams(image_size=self.image_size, in_channels=self.in_channels,
-                           slices_per_vertebra=self.slices_per_vertebra, central_fraction=self.central_fraction,
-                           cortex_hu=self.cortex_hu, roi_fraction=self.roi_fraction,
-                           class_log_offsets=self.class_log_offsets)
+SpineBmdConfig = SpineBmdSettings  # the settings model serving validates bundles with (inference.task_settings)
 
 
 def choose_class_offsets(y_true: np.ndarray, probs: np.ndarray, *, span: float = 3.0, step: float = 0.05,

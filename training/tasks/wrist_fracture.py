@@ -26,30 +26,26 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pydicom
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 
 from inference.bundle import CodedConcept, InputSpec, LabelSpec
 from inference.findings import FRACTURE
 from inference.imgops import apply_affine
 from inference.nets import build_network
 from inference.radiograph import (
-    MEAN,
-    MODEL_HEIGHT,
-    MODEL_WIDTH,
-    STD,
     Part,
     PreparedImage,
     prepare,
     split_parts,
     to_float,
 )
-from training.adapter import BaseAdapter, EvalResult, TaskConfig, move_to
+from inference.task_settings import WristFractureSettings
+from training.adapter import BaseAdapter, EvalResult, move_to
 from training.data import Record, Sample
 from training.metrics import (
     accuracy,
@@ -79,24 +75,7 @@ REFERENCE = {
 }
 
 
-class WristFractureConfig(TaskConfig):
-    """Hyperparameters of the wrist task (defaults are the thesis's configuration)."""
-
-    backbone: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
-    stages: int = Field(4, ge=3, le=4, description="4 = full ResNet; 3 drops layer4 (light variant)")
-    in_channels: Literal[1, 3] = 1
-    pretrained_path: str | None = Field(None, description="local ImageNet torchvision weights (never downloaded)")
-    input_hw: tuple[int, int] = (MODEL_HEIGHT, MODEL_WIDTH)
-    mean: float = MEAN
-    std: float = STD
-    split_parts: bool = True
-    min_part_share: float = Field(0.02, gt=0, lt=1)
-    align: bool = True
-    crop_area: tuple[float, float] = (0.9, 1.0)
-    hflip_p: float = Field(0.5, ge=0, le=1)
-    image_labels: Literal["study", "boxes"] = "study"
-    threshold: float = Field(0.5, gt=0, lt=1, description="probability threshold for image and ALO study calls")
-    n_boot: int = Field(1000, ge=0, description="bootstrap resamples for the AUC confidence intervals")
+WristFractureConfig = WristFractureSettings  # the settings model serving validates bundles with (inference.task_settings)
 
 
 def image_label(row: dict[str, Any], sop_uid: str, mode: str) -> int:

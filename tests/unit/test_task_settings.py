@@ -1,0 +1,125 @@
+"""Task settings are defined once (inference.task_settings), validated when a bundle loads, shared with training."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from inference.bundle import BUNDLE_JSON, BundleMeta, load_bundle, read_meta, save_bundle
+from inference.errors import BundleError
+from inference.registry import load_model
+from inference.task_settings import (
+    SETTINGS,
+    HrpqctMotionSettings,
+    PhysisFractureSettings,
+    SpineBmdSettings,
+    WristFractureSettings,
+    settings_of,
+)
+
+MODELS = Path(__file__).resolve().parents[2] / "models"
+TASKS = ("wrist_fracture", "physis_fracture", "spine_bmd", "hrpqct_motion", "knee_bone_seg")
+
+
+def _current(task: str) -> Path:
+    return MODELS / task / (MODELS / task / "current").read_text(encoding="utf-8").strip()
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_shipped_bundle_loads_with_its_settings(task: str) -> None:
+    bundle = load_bundle(_current(task))
+    settings = settings_of(bundle.meta, SETTINGS[task])
+    # every key the shipped bundle carries is a setting, with the value it carries
+    assert settings.model_dump(mode="json", include=set(bundle.meta.task_config)) == bundle.meta.task_config
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_training_and_serving_share_the_class(task: str) -> None:
+    from training.adapter import TaskConfig
+    from training.tasks import get_adapter
+
+    assert get_adapter(task).config_model is SETTINGS[task]
+    assert issubclass(SETTINGS[task], TaskConfig)
+
+
+def test_settings_are_frozen_and_typed() -> None:
+    s = WristFractureSettings()
+    with pytest.raises(ValidationError):
+        s.threshold = 0.7  # type: ignore[misc]
+    assert s.model_copy(update={"threshold": 0.7}).threshold == 0.7
+    for field in WristFractureSettings.model_fields.values():
+        assert field.annotation is not None
+
+
+def _tiny_bundle(tmp_path: Path, task: str, task_config: dict) -> Path:
+    meta = BundleMeta(task=task, version="t1", architecture="none", task_config={})
+    d = save_bundle(tmp_path / task / "t1", meta, {"w": torch.zeros(2)}, "card")
+    raw = json.loads((d / BUNDLE_JSON).read_text(encoding="utf-8"))
+    raw["task_config"] = task_config  # an edited bundle.json, as a site might hand-tune it
+    (d / BUNDLE_JSON).write_text(json.dumps(raw), encoding="utf-8")
+    return d
+
+
+@pytest.mark.parametrize("task, task_config, key, words", [
+    ("wrist_fracture", {"threshold": 1.5}, "task_config.threshold", "less than 1"),
+    ("wrist_fracture", {"input_hw": [512]}, "task_config.input_hw", "fix: give a valid value"),
+    ("hrpqct_motion", {"aggregation": "expected", "grade_cutpoints": [4.0, 3.0, 2.0, 1.5]},
+     "task_config.grade_cutpoints", "strictly increasing"),
+    ("hrpqct_motion", {"grade_cutpoints": [1.5, 2.5, 3.5, 4.5]}, "task_config", "need aggregation 'expected'"),
+    ("spine_bmd", {"class_log_offsets": [0.0, float("nan"), 0.0]}, "task_config.class_log_offsets", "finite"),
+    ("physis_fracture", {"post": {"bogus": 1}}, "task_config.post", "unknown post-processing keys"),
+])
+def test_a_bad_setting_fails_at_load(tmp_path: Path, task: str, task_config: dict, key: str, words: str) -> None:
+    d = _tiny_bundle(tmp_path, task, task_config)
+    for load in (read_meta, load_bundle):
+        with pytest.raises(BundleError) as info:
+            load(d)
+        msg = str(info.value)
+        assert "\n" not in msg and str(d) in msg and key in msg and words in msg and "fix:" in msg, msg
+    # the serving path refuses it too (a pinned bundle), before any study is read
+    with pytest.raises(BundleError, match=key):
+        load_model(task, model_dir=d, models_dir=tmp_path)
+
+
+def test_a_misspelt_key_fails_at_load_naming_the_known_ones(tmp_path: Path) -> None:
+    d = _tiny_bundle(tmp_path, "wrist_fracture", {"treshold": 0.4})
+    with pytest.raises(BundleError) as info:
+        read_meta(d)
+    msg = str(info.value)
+    assert "\n" not in msg and str(d) in msg
+    assert "task_config.treshold: unknown setting" in msg and "correct the spelling or remove it" in msg
+    assert "threshold" in msg.split("known:")[1]
+
+
+def test_a_bad_setting_is_never_written(tmp_path: Path) -> None:
+    meta = BundleMeta(task="spine_bmd", version="t1", architecture="none", task_config={"slices_per_vertebra": 0})
+    with pytest.raises(BundleError, match="task_config.slices_per_vertebra"):
+        save_bundle(tmp_path / "b", meta, {"w": torch.zeros(1)}, "card")
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_good_edit_loads_typed(tmp_path: Path) -> None:
+    src = _current("hrpqct_motion")
+    d = tmp_path / "hrpqct_motion" / "edited"
+    shutil.copytree(src, d)
+    raw = json.loads((d / BUNDLE_JSON).read_text(encoding="utf-8"))
+    raw["task_config"]["rescan_threshold"] = 0.4
+    (d / BUNDLE_JSON).write_text(json.dumps(raw), encoding="utf-8")
+    s = settings_of(read_meta(d), HrpqctMotionSettings)
+    assert s.rescan_threshold == 0.4 and s.aggregation == "expected" and len(s.grade_cutpoints or ()) == 4
+
+
+def test_tasks_without_a_settings_model_are_not_checked(tmp_path: Path) -> None:
+    d = _tiny_bundle(tmp_path, "some_plugin_task", {"anything": 1})
+    assert read_meta(d).task_config == {"anything": 1}
+
+
+def test_physis_and_spine_helpers_still_work() -> None:
+    post = PhysisFractureSettings(operating_threshold=0.7).post_config()
+    assert post.threshold == 0.7
+    assert SpineBmdSettings(class_log_offsets=(0.0, 1.0, 2.0)).params().class_log_offsets == (0.0, 1.0, 2.0)
