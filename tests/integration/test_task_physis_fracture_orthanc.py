@@ -26,11 +26,13 @@ from training.cli import main as train_main
 pytestmark = pytest.mark.integration
 
 SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
-# tiny light model; thresholds at 0 so the barely trained detector's fracture boxes are reported (the test checks
-# the reporting path, not the model's accuracy)
+# tiny light model; thresholds at 0 (and no tuned operating point) so the barely trained detector's fracture boxes
+# are reported: a region is reported only at or above the operating point (the test checks the reporting path, not
+# the model's accuracy)
 TINY = ["--set", "task.variant=light", "--set", "task.det_long_side=128", "--set", "task.image_size=64",
         "--set", "task.crop_size=32", "--set", "task.crops_per_image=2", "--set", "task.n_boot=10",
-        "--set", "task.post={det_score_thresh: 0.0, box_report_thresh: 0.0}", "--set", "batch_size=2",
+        "--set", "task.post={det_score_thresh: 0.0, box_report_thresh: 0.0, threshold: 0.0}",
+        "--set", "task.tune_threshold=false", "--set", "batch_size=2",
         "--set", "max_steps_per_epoch=2"]
 
 
