@@ -86,7 +86,12 @@ def test_pinned_model_is_checked(tmp_path: Path) -> None:
                                            tmp_path / "empty"))) == []
 
 
-def test_plugin_task_is_known_through_plugins(tmp_path: Path) -> None:
+def test_plugin_task_is_known_through_plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import inference.tasks as tasks
+
+    # an earlier test in this process may have imported the plugin: start from a node that has not
+    monkeypatch.setattr(tasks, "_TASKS", {k: v for k, v in tasks._TASKS.items() if k != "test_task"})
+    monkeypatch.delitem(sys.modules, "tests.plugins.bone_test_task", raising=False)
     routes = "  - {name: site-rule, task: test_task}\n"
     problems = check_routes(load_config(_write(tmp_path, routes, tmp_path / "empty")))
     assert len(problems) == 1 and "unknown task 'test_task'" in problems[0]
