@@ -31,7 +31,7 @@ TIMEOUT_S = 900
 # words every task's key finding carries, whether the SR states a summary (the one wording with the operating
 # point) or only coded groups; the table must show the SR's finding in full (the old table cut it at 90 characters)
 FINDING = {
-    "wrist_fracture": r"(?i)fracture.*p=0\.\d\d",
+    "wrist_fracture": r"(?i)p=0\.\d\d.*fracture|fracture.*p=0\.\d\d",
     "physis_fracture": r"(?i)(growth.plate|physis).*p=0\.\d\d|p=0\.\d\d.*(growth.plate|physis)",
     "spine_bmd": r"(?i)L1.*L4.*\d+ HU",
     "hrpqct_motion": r"(?i)motion grade [1-5].*rescan",
