@@ -53,3 +53,7 @@ def colour_for(name: str) -> RGB:
     if key in NAMED:
         return NAMED[key]
     return OKABE_ITO[zlib.crc32(key.encode("utf-8")) % len(OKABE_ITO)]
+
+#: colour map of saliency heat maps: cividis reads the same to people with red-green colour-vision deficiency
+#: (jet, the usual choice, does not); low values are also nearly transparent in the overlays (alpha follows the value)
+HEATMAP_CMAP = "cividis"

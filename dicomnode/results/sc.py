@@ -5,7 +5,7 @@ a header ("AI RESULT - NOT FOR DIAGNOSTIC USE ALONE", algorithm name/version,
 the overlay's subject and ``Findings.summary``, the statement the SR and the
 demo table show too) above one panel or a montage of panels. Panels show the
 source image through the shared display pipeline
-(:func:`inference.pixels.display_array`) with a heat map (jet colour map, alpha
+(:func:`inference.pixels.display_array`) with a heat map (cividis, a colour-vision-deficiency-safe map; alpha
 up to 0.4), mask contours, and boxes with label and score, each structure in its
 colour from :mod:`inference.palette`; the panel's caption sits under the picture.
 All text is wrapped to the image width and drawn on a dark backing; box labels
@@ -46,7 +46,7 @@ from dicomnode.results.layout import (
 )
 from inference.findings import Box, Findings, Overlay, Panel, statement
 from inference.imgops import mask_contour
-from inference.palette import RGB, colour_for
+from inference.palette import HEATMAP_CMAP, RGB, colour_for
 from inference.pixels import display_array
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def _heat_blend(rgb: np.ndarray, heat: np.ndarray) -> np.ndarray:
     if top > 1.0:
         h = h / top
     h = np.clip(h, 0.0, 1.0)
-    colour = colormaps["jet"](h)[..., :3].astype(np.float32)
+    colour = colormaps[HEATMAP_CMAP](h)[..., :3].astype(np.float32)
     alpha = (HEATMAP_ALPHA * h)[..., None]
     return rgb * (1.0 - alpha) + colour * alpha
 

@@ -95,9 +95,10 @@ def test_wrist_heatmap_sc(tmp_path, dciodvfy):
     centre = grey[h // 2 - 5:h // 2 + 5, w // 2 - 5:w // 2 + 5].mean()
     corner = grey[h - 40:h - 30, 5:15].mean()
     assert centre > corner + 60
-    # heat map region is coloured (red-ish from jet at 1.0), the rest stays grey
+    # heat map region is coloured (yellow from cividis at 1.0: red well above blue), the rest stays grey
     hot = body[int(h * 3 / 12):int(h * 4 / 12), int(w * 6 / 9):int(w * 7 / 9)].astype(int)
     assert (hot[..., 0] - hot[..., 2]).mean() > 40
+    assert (hot[..., 1] - hot[..., 2]).mean() > 40  # cividis's yellow, not jet's dark red (green ~0)
     calm = body[h // 2 - 5:h // 2 + 5, w // 2 - 5:w // 2 + 5].astype(int)
     assert np.abs(calm[..., 0] - calm[..., 2]).mean() < 3
 
