@@ -11,6 +11,7 @@ from typing import Any
 
 from dicomnode import db
 from dicomnode.config import Config
+from dicomnode.execution import status_lines
 from dicomnode.quarantine import QuarantinedInstance, list_quarantined
 
 __all__ = ["attention", "print_status", "status_text"]
@@ -31,7 +32,7 @@ def status_text(cfg: Config, limit: int = 50) -> str:
     if not path.exists():
         return f"no node database at {path} (the node has not run yet)" + models
     conn = db.connect(path)
-    out: list[str] = [f"database: {path}"]
+    out: list[str] = [f"database: {path}", *status_lines(cfg)]
     try:
         out += _attention_text(conn, cfg)
         if _table(conn, "journal_backlog"):

@@ -24,7 +24,7 @@ from inference.tasks import TaskContext
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "LocalEngine", "engine_for", "close_engines"]
+__all__ = ["Engine", "LocalEngine", "close_engines", "engine_for", "status_lines"]
 
 
 class Engine(Protocol):
@@ -82,3 +82,20 @@ def close_engines() -> None:
             engine.close()
         except Exception:  # noqa: BLE001 - shutdown is best effort
             log.warning("closing execution engine failed", exc_info=True)
+
+
+def status_lines(cfg: Config) -> list[str]:
+    """``dicomnode status`` lines for the Ray engine (its last written state); none for ``local``."""
+    if cfg.execution.engine != "ray":
+        return []
+    import json
+    from pathlib import Path
+
+    try:
+        state = json.loads((Path(cfg.node.storage_dir) / "execution-state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return [f"execution engine: ray at {cfg.execution.address} (no state written yet)"]
+    line = f"execution engine: ray at {cfg.execution.address}: {state.get('state')}"
+    if state.get("waiting_jobs"):
+        line += f" ({state['waiting_jobs']} job(s) waiting; {state.get('reason') or 'cluster unreachable'})"
+    return [line]

@@ -10,7 +10,7 @@ itself. The job's state never leaves the node's store:
 * the cluster unreachable (head down, driver process gone): the job *waits*,
   still ``running`` in the store, and the engine reconnects every
   ``retry_wait_s``; the wait shows as ``dicomnode_execution_waiting`` in the
-  metrics and as "waiting for execution engine" in ``dicomnode status``. It
+  metrics, in ``<storage_dir>/execution-state.json`` and in ``dicomnode status``. It
   never counts as a failed attempt.
 
 The Ray driver runs in child processes (one per node worker thread), so a

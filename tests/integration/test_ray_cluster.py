@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +23,7 @@ import pydicom
 import pytest
 import yaml
 
-from tests.integration.conftest import NodeProcess, wait_for
+from tests.integration.conftest import REPO_ROOT, NodeProcess, wait_for
 from tests.orthanc import OrthancServer
 from tests.plugins.bone_test_task import dx_dataset
 
@@ -190,6 +192,9 @@ def test_two_tasks_actor_and_node_loss_and_cluster_restart(
     wait_for(lambda: "waiting for execution engine" in state_file.read_text(encoding="utf-8"), 60,
              "engine state 'waiting for execution engine'")
     time.sleep(3.0)
+    status = subprocess.run([sys.executable, "-m", "dicomnode.cli", "status", "--config", str(node.config_path)],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert "execution engine: ray at" in status.stdout and "waiting for execution engine" in status.stdout
     assert [j["state"] for j in node.query("SELECT state FROM jobs WHERE study_uid=?", (study[0],))] == ["running"]
     ray_cluster.start()
     _exactly_once(pacs, *study, timeout_s=120)
