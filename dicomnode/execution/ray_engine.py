@@ -122,6 +122,7 @@ class RayEngine:
                     raise EngineStopped("node stopping while the job waited for the execution engine")
                 replica = self._replica(task_name, spec.replicas)
                 try:
+                    _reachable(self.ex.address or "")
                     fut = self._executor().submit(driver.run_remote, self.ex.address, self.ex.namespace,
                                                   task_name, replica, payload, list(datasets), context)
                     return fut.result()
@@ -196,6 +197,21 @@ class RayEngine:
             atomic_write_text(storage / STATE_FILE, json.dumps(state))
         except OSError as exc:
             log.warning("cannot write %s: %s", STATE_FILE, exc)
+
+
+def _reachable(address: str) -> None:
+    """Raise :class:`driver.EngineDown` unless the head's GCS port accepts a TCP connection (2 s).
+
+    ``ray.init`` against a dead address retries for minutes; this makes the wait visible at once.
+    """
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=2.0):
+            return
+    except (OSError, ValueError) as exc:
+        raise driver.EngineDown(f"Ray head {address} not reachable: {exc}") from None
 
 
 _GAUGE: list[object] = []
