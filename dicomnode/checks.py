@@ -15,7 +15,7 @@ from pathlib import Path
 
 from dicomnode.config import Config, Route
 
-__all__ = ["check_routes", "known_task_names", "model_problem"]
+__all__ = ["check_execution", "check_routes", "known_task_names", "model_problem"]
 
 #: the ``current`` pointer file of a task in the model registry (``inference.registry.POINTER``)
 POINTER = "current"
@@ -100,4 +100,20 @@ def check_routes(cfg: Config) -> list[str]:
         problem = model_problem(route, cfg.models_dir)
         if problem:
             problems.append(problem)
+    return problems + check_execution(cfg)
+
+
+def check_execution(cfg: Config) -> list[str]:
+    """Problems with ``execution`` that pydantic cannot see: Ray not installed, an address without a port."""
+    ex = cfg.execution
+    if ex.engine != "ray":
+        return []
+    problems: list[str] = []
+    if importlib.util.find_spec("ray") is None:
+        problems.append("execution.engine is 'ray' but Ray is not installed; install it with "
+                        "`pip install 'bone-dicomnode[cluster]'` or set execution.engine: local")
+    host, _, port = (ex.address or "").rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        problems.append(f"execution.address {ex.address!r} is not host:port; give the Ray head's GCS address, "
+                        "e.g. 10.0.0.5:6379")
     return problems

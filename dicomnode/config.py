@@ -154,6 +154,37 @@ class TrainingArchiveConfig(_Strict):
     max_gb: float = Field(50.0, gt=0, description="size cap; the oldest series are evicted first")
 
 
+class ActorSpec(_Strict):
+    """Ray actors of one task: how many, and what each reserves on a worker machine."""
+
+    replicas: int = Field(1, ge=1, le=64, description="actors of this task, each holding its model warm")
+    num_gpus: float = Field(0.0, ge=0, le=16, description="GPUs per actor; 0.25 packs four actors on one GPU")
+    num_cpus: float = Field(1.0, ge=0, le=256, description="CPUs per actor")
+
+
+class ExecutionConfig(_Strict):
+    """Where tasks run: in the node's worker threads (``local``) or on Ray actors (``ray``, extra [cluster])."""
+
+    engine: Literal["local", "ray"] = "local"
+    address: str | None = Field(None, description="Ray head as host:port (the GCS port, 6379 by default)")
+    namespace: str = Field("dicomnode", pattern=r"^[A-Za-z0-9_.-]+$", description="Ray namespace of the actors")
+    actors: dict[str, ActorSpec] = Field(default_factory=dict, description="task -> actor spec; tasks not "
+                                         "listed get one replica with 1 CPU")
+    retry_wait_s: float = Field(5.0, gt=0, le=300, description="pause between reconnects while the cluster "
+                                "is unreachable (jobs wait, they do not fail)")
+    actor_retries: int = Field(3, ge=0, le=100, description="re-runs on another actor when one dies mid-job")
+
+    @model_validator(mode="after")
+    def _ray_needs_address(self) -> ExecutionConfig:
+        if self.engine == "ray" and not self.address:
+            raise ValueError("execution.engine 'ray' needs execution.address (the head's host:port, "
+                             "e.g. 127.0.0.1:6379)")
+        if self.engine == "local" and self.actors:
+            raise ValueError("execution.actors is only used with execution.engine 'ray'; remove it or set "
+                             "engine: ray")
+        return self
+
+
 class Config(_Strict):
     """The whole node configuration."""
 
@@ -168,6 +199,7 @@ class Config(_Strict):
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     training_archive: TrainingArchiveConfig = Field(default_factory=TrainingArchiveConfig)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
@@ -184,6 +216,10 @@ class Config(_Strict):
                 raise ValueError(f"route {route.name!r}: min_age_years > max_age_years")
             if m.min_slices is not None and m.max_slices is not None and m.min_slices > m.max_slices:
                 raise ValueError(f"route {route.name!r}: min_slices > max_slices")
+        unrouted = sorted(set(self.execution.actors) - {r.task for r in self.routes})
+        if unrouted:
+            raise ValueError(f"execution.actors names task(s) no route uses: {', '.join(unrouted)}; "
+                             "fix the task name or remove the entry")
         if self.results.series_number_start > self.results.series_number_end:
             raise ValueError("results.series_number_start > results.series_number_end")
         return self

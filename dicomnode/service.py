@@ -57,6 +57,9 @@ class Node:
         self.assembler.stop()
         self.workers.stop(timeout_s)
         self.sender.stop(timeout_s)
+        from dicomnode.execution import close_engines
+
+        close_engines()
 
 
 def serve(cfg: Config, *, stop_event: threading.Event | None = None) -> int:

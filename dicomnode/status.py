@@ -13,6 +13,7 @@ from typing import Any
 
 from dicomnode import store
 from dicomnode.config import Config
+from dicomnode.execution import status_lines
 from dicomnode.quarantine import QuarantinedInstance, quarantined_from_rows
 from dicomnode.store import StoreView
 
@@ -29,7 +30,7 @@ def status_text(cfg: Config, limit: int = 50) -> str:
     models = _models_text(cfg)
     if not path.exists():
         return f"no node database at {path} (the node has not run yet)" + models
-    out: list[str] = [f"database: {path}"]
+    out: list[str] = [f"database: {path}", *status_lines(cfg)]
     with StoreView(path) as view:
         out += _attention_text(view, cfg)
         rows = view.journal_backlog()

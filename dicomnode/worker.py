@@ -16,10 +16,10 @@ from dicomnode import store
 from dicomnode.assembler import load_result_context, result_series_of
 from dicomnode.config import Config
 from dicomnode.errors import TaskError
+from dicomnode.execution import engine_for
 from dicomnode.jobs import Job, JobQueue
 from dicomnode.metrics import job_done, job_failed
 from dicomnode.outbox import Outbox
-from dicomnode.processing import process_study
 from dicomnode.results import ResultContext
 from dicomnode.spool import Spool
 from inference.tasks import TaskContext
@@ -68,7 +68,7 @@ class JobHandler:
             institution_name=self.cfg.results.institution_name))
         tctx = TaskContext(models_dir=self.cfg.models_dir, model_dir=route.model, device=self.cfg.device,
                            extra={"route": route.name, "job_id": job.id})
-        findings, objects = process_study(paths, job.task, tctx, rctx)
+        findings, objects = engine_for(self.cfg).process_study(paths, job.task, tctx, rctx)
         files = self.outbox.write_datasets(job.id, objects)
         sr = next(((str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), str(ds.SOPClassUID)) for ds in objects
                    if str(ds.SOPClassUID).startswith(SR_STORAGE_PREFIX)), None)

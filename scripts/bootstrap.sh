@@ -30,7 +30,7 @@ if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
   # torch first and pinned, so no other requirement can pull a different build
   .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
 fi
-.venv/bin/pip install -q -e '.[dev]'
+.venv/bin/pip install -q -e '.[dev,cluster]'
 # The OHIF web app (viewer for the results; the browser test and the demo serve it with dicomnode/viewer.py):
 # the npm package ships its built dist/, so `npm pack` fetches it without a build. Pinned, cached outside the repo.
 if [ ! -f "$OHIF_CACHE/ohif-$OHIF_VERSION/dist/index.html" ]; then

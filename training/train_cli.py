@@ -17,6 +17,7 @@ import yaml
 from pydantic import ValidationError
 
 from inference.errors import DicomNodeError
+from training.distributed_launch import add_distributed_arguments, relaunch_if_distributed
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="data loading / pre-processing processes")
     p.add_argument("--method", help="shortcut for --set task.method=... (tasks whose config has a 'method' field)")
     p.add_argument("--backbone", help="shortcut for --set task.backbone=... (tasks whose config has a 'backbone' field)")
+    add_distributed_arguments(p)
     p.add_argument("--synthetic", action="store_true",
                    help="mark the bundle as trained on synthetic data only (also automatic when every manifest "
                         "row has \"synthetic\": true)")
@@ -127,6 +129,9 @@ def build_configs(adapter: Any, args: argparse.Namespace) -> tuple[Any, Any]:
 
 def run(args: argparse.Namespace) -> int:
     """Train and write the bundle; print its path."""
+    relaunched = relaunch_if_distributed(args)
+    if relaunched is not None:
+        return relaunched
     from training.data import load_records, split_records
     from training.file_index import FILE_INDEX_NAME, FileIndex
     from training.tasks import get_adapter
