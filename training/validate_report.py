@@ -169,7 +169,8 @@ def _baselines(v: Validation) -> Section:
     if v.bundle.meta.task == "knee_bone_seg":  # segmentation: Dice per bone, the task's own figures
         keys = ["dice_femur", "dice_tibia", "dice_fibula", "dice_mean"]
         net = {k: v.adapter_metrics.get(k, math.nan) for k in keys}
-    rows: list[list[Any]] = [["network (this bundle)", f"per {v.scores.unit if v.scores else '?'}",
+    net_unit = v.scores.unit if v.scores else (f"volume; n={len(v.per_record)}" if v.per_record else "?")
+    rows: list[list[Any]] = [["network (this bundle)", f"per {net_unit}",
                               *(_f(net[k]) for k in keys)]]
     for name, b in v.baselines.items():
         if "error" in b:

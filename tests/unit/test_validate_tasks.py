@@ -92,7 +92,7 @@ def test_knee_bone_seg_dice_per_volume_and_subgroups(tmp_path: Path, monkeypatch
     assert sum(sex[s]["n"] * sex[s]["dice_femur"] for s in sex) == pytest.approx(
         sum(r["dice_femur"] for r in per))
     report = (out / "report.md").read_text()
-    assert "## Subgroups" in report and "## Dice per volume" in report
+    assert "## Subgroups" in report and "## Dice per volume" in report and "| per volume; n=4 |" in report
     assert "no decision threshold" in report and "gives no per-record" not in report
 
 
