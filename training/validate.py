@@ -15,6 +15,11 @@ of its own training data), ``validate`` treats ``DIR`` as an external test set:
 * ``BUNDLE`` is a bundle folder, ``models/<task>/current`` (the registry's
   pointer file), ``models/<task>``, or a task name with ``--models-dir``.
 
+``hrpqct_motion`` is scored with the bundle's own scan grades and rescan decision
+(subgroup QWK and rescan sensitivity/specificity, a sweep of the rescan threshold);
+``knee_bone_seg`` by the task's evaluation run on one volume at a time
+(:mod:`training.validate_seg`: Dice per bone per volume and per subgroup).
+
 The report (``report.md``, ``report.html``, ``validation.json`` and plots) is
 written by :mod:`training.validate_report` from the figures of
 :mod:`training.validate_stats`.
@@ -258,23 +263,10 @@ def validate(bundle: str | os.PathLike[str], data_dir: str | os.PathLike[str],
         raise ValidateError(f"none of the {n_rows} rows could be scored; see the reasons: "
                             + "; ".join(f"{f.key}: {f.reason}" for f in failures[:3]))
     figures: dict[str, Any] = {}
-    subgroups: dict[str, dict[str, dict[str, Any]]] = {}
     if scores is not None:
         scores.notes = notes
         figures = binary_figures(scores, n_boot) if scores.binary else multiclass_figures(scores, n_boot)
-        values = [header_groups(r) for r in scored]
-        subgroups = {g: subgroup_table(scores, [values[int(i)][g] for i in scores.record]) for g in SUBGROUPS}
-    elif per_record:
-        from training.validate_seg import seg_subgroup_table
-
-        values = [header_groups(r) for r in scored]
-        patients = [r.patient_id for r in scored]
-        subgroups = {g: seg_subgroup_table(per_record, [x[g] for x in values], patients) for g in SUBGROUPS}
-        notes.append("segmentation: Dice per bone of each volume, mean Dice per subgroup; there is no decision "
-                     "threshold to choose, so no threshold sweep")
-    else:
-        notes.append(f"task {b.meta.task} gives no per-record prediction: subgroup tables and the threshold sweep "
-                     "are not available; the task's own figures are shown")
+    subgroups = _subgroups(b.meta.task, scores, scored, per_record, notes)
     baselines = _baselines(b.meta.task, scored, scores, baseline_train)
     v = Validation(bundle=b, bundle_dir=bundle_dir, data_dir=data, n_rows=n_rows, scored=scored, scores=scores,
                    figures=figures, adapter_metrics=adapter_metrics, subgroups=subgroups, baselines=baselines,
@@ -284,6 +276,24 @@ def validate(bundle: str | os.PathLike[str], data_dir: str | os.PathLike[str],
 
         v.files = write_validation_report(v, Path(out_dir))
     return v
+
+
+def _subgroups(task: str, scores: Scores | None, scored: list[Record], per_record: list[dict[str, Any]],
+               notes: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Subgroup tables from the per-unit scores, or from the per-volume Dice of a segmentation (notes appended)."""
+    values = [header_groups(r) for r in scored]
+    if scores is not None:
+        return {g: subgroup_table(scores, [values[int(i)][g] for i in scores.record]) for g in SUBGROUPS}
+    if per_record:
+        from training.validate_seg import seg_subgroup_table
+
+        patients = [r.patient_id for r in scored]
+        notes.append("segmentation: Dice per bone of each volume, mean Dice per subgroup; there is no decision "
+                     "threshold to choose, so no threshold sweep")
+        return {g: seg_subgroup_table(per_record, [x[g] for x in values], patients) for g in SUBGROUPS}
+    notes.append(f"task {task} gives no per-record prediction: subgroup tables and the threshold sweep "
+                 "are not available; the task's own figures are shown")
+    return {}
 
 
 def _train_config(b: Bundle, dev: Any) -> Any:
