@@ -15,6 +15,11 @@ of its own training data), ``validate`` treats ``DIR`` as an external test set:
 * ``BUNDLE`` is a bundle folder, ``models/<task>/current`` (the registry's
   pointer file), ``models/<task>``, or a task name with ``--models-dir``.
 
+``hrpqct_motion`` is scored with the bundle's own scan grades and rescan decision
+(subgroup QWK and rescan sensitivity/specificity, a sweep of the rescan threshold);
+``knee_bone_seg`` by the task's evaluation run on one volume at a time
+(:mod:`training.validate_seg`: Dice per bone per volume and per subgroup).
+
 The report (``report.md``, ``report.html``, ``validation.json`` and plots) is
 written by :mod:`training.validate_report` from the figures of
 :mod:`training.validate_stats`.
@@ -81,6 +86,7 @@ class Validation:
     failures: list[Failure]
     notes: list[str] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
+    per_record: list[dict[str, Any]] = field(default_factory=list)  # knee_bone_seg: Dice per bone of each volume
 
 
 def resolve_bundle(spec: str | os.PathLike[str], models_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -241,29 +247,30 @@ def validate(bundle: str | os.PathLike[str], data_dir: str | os.PathLike[str],
     failures += refused
     dev = select_device(device)
     model = b.load_into(adapter.build_model(tcfg)).to(dev).eval()
+    per_record: list[dict[str, Any]] = []
     if b.meta.task == "spine_bmd":
         from training.validate_spine import score_spine
 
         scores, scored, adapter_metrics = score_spine(adapter, model, usable, tcfg, dev, failures)
+    elif b.meta.task == "knee_bone_seg":
+        from training.validate_seg import score_knee
+
+        scores = None
+        scored, adapter_metrics, per_record = score_knee(adapter, model, usable, tcfg, b, dev, failures)
     else:
         scores, scored, adapter_metrics = _score_generic(adapter, model, usable, tcfg, b, dev, failures)
     if not scored:
         raise ValidateError(f"none of the {n_rows} rows could be scored; see the reasons: "
                             + "; ".join(f"{f.key}: {f.reason}" for f in failures[:3]))
     figures: dict[str, Any] = {}
-    subgroups: dict[str, dict[str, dict[str, Any]]] = {}
     if scores is not None:
         scores.notes = notes
         figures = binary_figures(scores, n_boot) if scores.binary else multiclass_figures(scores, n_boot)
-        values = [header_groups(r) for r in scored]
-        subgroups = {g: subgroup_table(scores, [values[int(i)][g] for i in scores.record]) for g in SUBGROUPS}
-    else:
-        notes.append(f"task {b.meta.task} gives no per-record prediction: subgroup tables and the threshold sweep "
-                     "are not available; the task's own figures are shown")
+    subgroups = _subgroups(b.meta.task, scores, scored, per_record, notes)
     baselines = _baselines(b.meta.task, scored, scores, baseline_train)
     v = Validation(bundle=b, bundle_dir=bundle_dir, data_dir=data, n_rows=n_rows, scored=scored, scores=scores,
                    figures=figures, adapter_metrics=adapter_metrics, subgroups=subgroups, baselines=baselines,
-                   failures=failures, notes=notes)
+                   failures=failures, notes=notes, per_record=per_record)
     if out_dir is not None:
         from training.validate_report import write_validation_report
 
@@ -271,32 +278,62 @@ def validate(bundle: str | os.PathLike[str], data_dir: str | os.PathLike[str],
     return v
 
 
+def _subgroups(task: str, scores: Scores | None, scored: list[Record], per_record: list[dict[str, Any]],
+               notes: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Subgroup tables from the per-unit scores, or from the per-volume Dice of a segmentation (notes appended)."""
+    values = [header_groups(r) for r in scored]
+    if scores is not None:
+        return {g: subgroup_table(scores, [values[int(i)][g] for i in scores.record]) for g in SUBGROUPS}
+    if per_record:
+        from training.validate_seg import seg_subgroup_table
+
+        patients = [r.patient_id for r in scored]
+        notes.append("segmentation: Dice per bone of each volume, mean Dice per subgroup; there is no decision "
+                     "threshold to choose, so no threshold sweep")
+        return {g: seg_subgroup_table(per_record, [x[g] for x in values], patients) for g in SUBGROUPS}
+    notes.append(f"task {task} gives no per-record prediction: subgroup tables and the threshold sweep "
+                 "are not available; the task's own figures are shown")
+    return {}
+
+
+def _train_config(b: Bundle, dev: Any) -> Any:
+    """The bundle's training config on this machine (no split: validation scores every record)."""
+    from training.trainer import TrainConfig
+
+    return TrainConfig.model_validate({**b.meta.train_config, "device": str(dev.type), "num_workers": 0,
+                                       "cache_dir": None})
+
+
+def preprocess_each(adapter: Any, records: list[Record], tcfg: TaskConfig, cache: SampleCache,
+                    failures: list[Failure]) -> list[Record]:
+    """Pre-process each record on its own into ``cache``; a failure is listed, not fatal. Returns the good ones."""
+    preprocess, signature = adapter.preprocessor(tcfg), adapter.preprocess_signature(tcfg)
+    good: list[Record] = []
+    for r in records:
+        try:
+            samples = preprocess(r)
+        except Exception as exc:  # noqa: BLE001 - one bad study is listed, the others are scored
+            failures.append(Failure(r.key, f"{type(exc).__name__}: {exc}", "image"))
+            continue
+        if not samples:
+            failures.append(Failure(r.key, "no usable image (no pixel data)", "image"))
+            continue
+        cache.put(cache.key(r, signature), samples)
+        good.append(r)
+    return good
+
+
 def _score_generic(adapter: Any, model: Any, records: list[Record], tcfg: TaskConfig, b: Bundle, dev: Any,
                    failures: list[Failure]) -> tuple[Scores | None, list[Record], dict[str, Any]]:
     """Pre-process each record on its own (a failure is listed, not fatal), then the adapter's evaluation."""
-    from training.trainer import TrainConfig, evaluate_records
+    from training.trainer import evaluate_records
 
-    # the bundle's training config on this machine (no split: validation scores every record)
-    train_cfg = TrainConfig.model_validate({**b.meta.train_config, "device": str(dev.type), "num_workers": 0,
-                                            "cache_dir": None})
-    preprocess, signature = adapter.preprocessor(tcfg), adapter.preprocess_signature(tcfg)
-    good: list[Record] = []
     with tempfile.TemporaryDirectory(prefix="validate-cache-") as tmp:
         cache = SampleCache(tmp)
-        for r in records:
-            try:
-                samples = preprocess(r)
-            except Exception as exc:  # noqa: BLE001 - one bad study is listed, the others are scored
-                failures.append(Failure(r.key, f"{type(exc).__name__}: {exc}", "image"))
-                continue
-            if not samples:
-                failures.append(Failure(r.key, "no usable image (no pixel data)", "image"))
-                continue
-            cache.put(cache.key(r, signature), samples)
-            good.append(r)
+        good = preprocess_each(adapter, records, tcfg, cache, failures)
         if not good:
             return None, [], {}
-        result = evaluate_records(adapter, model, good, tcfg, train_cfg, dev, cache)
+        result = evaluate_records(adapter, model, good, tcfg, _train_config(b, dev), dev, cache)
     y, p = result.y_true, result.y_prob
     if y is None or p is None or len(y) != len(good):
         return None, good, result.metrics
@@ -307,7 +344,25 @@ def _score_generic(adapter: Any, model: Any, records: list[Record], tcfg: TaskCo
     idx = np.arange(len(good))
     scores = Scores(unit="study", class_names=list(result.class_names), y_true=np.asarray(y).astype(int), prob=p,
                     pred=pred, record=idx, patient=np.asarray([r.patient_id for r in good]), threshold=threshold)
+    if b.meta.task == "hrpqct_motion":
+        _motion_rescan(scores, result, tcfg)
     return scores, good, result.metrics
+
+
+def _motion_rescan(scores: Scores, result: Any, tcfg: TaskConfig) -> None:
+    """The bundle's own scan grades (its aggregation and cut points, not the argmax) and rescan decision, as
+    :meth:`training.tasks.hrpqct_motion.HrpqctMotionAdapter.evaluate` computed them."""
+    from inference.tasks.hrpqct_motion import recommends_rescan
+
+    min_grade = int(getattr(tcfg, "rescan_min_grade", 4))
+    threshold = getattr(tcfg, "rescan_threshold", None)
+    grade = np.asarray(result.pred_grade, dtype=int)
+    scores.pred = grade - 1
+    scores.p_rescan = scores.prob[:, min_grade - 1:].sum(axis=1)
+    scores.rescan_pred = recommends_rescan(grade, scores.p_rescan, rescan_min_grade=min_grade,
+                                           rescan_threshold=threshold).astype(int)
+    scores.rescan_min_class = min_grade - 1
+    scores.rescan_threshold = threshold
 
 
 def _baselines(task: str, scored: list[Record], scores: Scores | None,

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from training.evaluate import _json_safe
-from training.validate_stats import calibration, ordinal_collapses, threshold_sweep
+from training.validate_stats import calibration, ordinal_collapses, rescan_sweep, threshold_sweep
 
 if TYPE_CHECKING:
     from training.validate import Validation
@@ -60,12 +60,15 @@ def _sections(v: Validation, plots: list[str]) -> list[Section]:
         f"Data: `{v.data_dir}`: {v.n_rows} manifest rows, {len(v.scored)} studies scored, "
         f"{len({f.key for f in v.failures})} studies or rows with something not scored (listed at the end).",
     ] + ([f"Unit: {s.unit} ({len(s.y_true)} units, {len(np.unique(s.patient))} patients); operating point: "
-          + (f"probability >= {s.threshold}" if s.threshold is not None else "the bundle's class rule") + "."]
+          + (f"probability >= {s.threshold}" if s.threshold is not None else "the bundle's class rule")
+          + (f"; rescan when {_rescan_rule(s)}" if s.rescan_true is not None else "") + "."]
          if s is not None else []) + [f"Note: {n}" for n in v.notes])
     out = [head]
     if s is None:
         out.append(Section("Task figures", tables=[("", (["metric", "value"], [
             [k, _f(x)] for k, x in v.adapter_metrics.items() if isinstance(x, int | float)]))]))
+        if v.per_record:
+            out += _segmentation(v)
         return out + [_baselines(v), _failures(v)]
     metrics = Section("Metrics with 95% confidence intervals", text=[
         "Rates: Wilson intervals; AUC, macro-F1 and kappa: bootstrap over patients."],
@@ -76,10 +79,14 @@ def _sections(v: Validation, plots: list[str]) -> list[Section]:
     out.append(metrics)
     names = s.class_names or ["0", "1"]
     cm = fig["confusion_matrix"]
-    out.append(Section("Confusion matrix at the bundle's operating point", text=["Rows: truth; columns: prediction."],
-                       tables=[("", (["truth \\ prediction", *names],
-                                     [[names[i], *row] for i, row in enumerate(cm)]))],
-                       images=[p for p in plots if p == "confusion_matrix.png"]))
+    conf = Section("Confusion matrix at the bundle's operating point", text=["Rows: truth; columns: prediction."],
+                   tables=[("", (["truth \\ prediction", *names], [[names[i], *row] for i, row in enumerate(cm)]))],
+                   images=[p for p in plots if p == "confusion_matrix.png"])
+    if "rescan_confusion_matrix" in fig:
+        (tn, fp), (fn, tp) = fig["rescan_confusion_matrix"]
+        conf.tables.append((f"rescan ({_rescan_rule(s)})", (["truth \\ decision", "no rescan", "rescan"], [
+            [f"{names[0]}-{names[s.rescan_min_class - 1]}", tn, fp], [f"{names[s.rescan_min_class]} or worse", fn, tp]])))
+    out.append(conf)
     cal = Section("Calibration", images=[p for p in plots if p == "calibration.png"])
     for name, score, truth in _binary_views(v):
         rows = [[_f(r["predicted"]), _f(r["observed"])] for r in calibration(truth, score)]
@@ -90,21 +97,56 @@ def _sections(v: Validation, plots: list[str]) -> list[Section]:
     out.append(cal)
     sweep = Section("Threshold sweep", text=["Sensitivity and specificity at each threshold, so the site can choose "
                                              "its own operating point (score >= threshold is positive)."])
-    for name, score, truth in _binary_views(v):
-        rows = [[_f(r["threshold"]), _f(r["sensitivity"]), _f(r["specificity"]), _f(r["ppv"]), _f(r["npv"]),
-                 r["tp"], r["fp"], r["tn"], r["fn"]] for r in threshold_sweep(truth, score)]
-        sweep.tables.append((name, (["threshold", "sensitivity", "specificity", "PPV", "NPV", "TP", "FP", "TN", "FN"],
-                                    rows)))
+    if s.rescan_true is not None:
+        sweep.text.append(f"Rescan decision: {_rescan_rule(s, 'threshold')}; the bundle's operating point is "
+                          f"{_f(s.rescan_threshold)}. A scan graded {names[s.rescan_min_class]} or worse is a rescan at "
+                          "every threshold.")
+        sweep.tables.append((f"rescan: P({names[s.rescan_min_class]} or worse) >= threshold",
+                             _sweep_table(rescan_sweep(s))))
+    else:
+        for name, score, truth in _binary_views(v):
+            sweep.tables.append((name, _sweep_table(threshold_sweep(truth, score))))
     out.append(sweep)
-    sub = Section("Subgroups", text=[f"Per {s.unit}, grouped by the DICOM header of the study."])
-    for g, table in v.subgroups.items():
-        cols = list(next(iter(table.values())).keys()) if table else []
-        sub.tables.append((g, (["value", *cols], [[k, *(_f(r[c]) for c in cols)] for k, r in table.items()])))
-    out += [sub, _baselines(v), _failures(v)]
+    out += [_subgroups(v, f"Per {s.unit}, grouped by the DICOM header of the study."), _baselines(v), _failures(v)]
     others = [p for p in plots if p not in ("confusion_matrix.png", "calibration.png")]
     if others:
         out.append(Section("Plots", images=others))
     return out
+
+
+def _rescan_rule(s: Any, threshold: str | None = None) -> str:
+    t = threshold or _f(s.rescan_threshold)
+    grade = s.class_names[s.rescan_min_class]
+    return f"{grade} or worse predicted, or P({grade} or worse) >= {t}"
+
+
+def _sweep_table(sweep: list[dict[str, Any]]) -> Table:
+    rows = [[_f(r["threshold"]), _f(r["sensitivity"]), _f(r["specificity"]), _f(r["ppv"]), _f(r["npv"]),
+             r["tp"], r["fp"], r["tn"], r["fn"]] for r in sweep]
+    return ["threshold", "sensitivity", "specificity", "PPV", "NPV", "TP", "FP", "TN", "FN"], rows
+
+
+def _subgroups(v: Validation, text: str) -> Section:
+    sub = Section("Subgroups", text=[text])
+    for g, table in v.subgroups.items():
+        cols = list(next(iter(table.values())).keys()) if table else []
+        sub.tables.append((g, (["value", *cols], [[k, *(_f(r[c]) for c in cols)] for k, r in table.items()])))
+    return sub
+
+
+def _segmentation(v: Validation) -> list[Section]:
+    """Knee segmentation: Dice per bone of each volume and the subgroup tables of mean Dice (no sweep)."""
+    from training.validate_seg import DICE_KEYS
+
+    per = Section("Dice per volume", text=["The task's own evaluation run on each volume alone (post-processing as "
+                                           "the node does, Dice per bone on the source grid)."],
+                  tables=[("", (["study", *DICE_KEYS], [[r["study"], *(_f(r.get(k, math.nan)) for k in DICE_KEYS)]
+                                                        for r in v.per_record]))])
+    sub = _subgroups(v, "Mean Dice per bone over the volumes of each subgroup (n volumes), grouped by the DICOM "
+                        "header of the study.")
+    sweep = Section("Threshold sweep", text=["Not applicable: a segmentation has no decision threshold to choose; "
+                                             "the subgroup tables give the Dice per bone instead."])
+    return [per, sub, sweep]
 
 
 def _binary_views(v: Validation) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -127,7 +169,8 @@ def _baselines(v: Validation) -> Section:
     if v.bundle.meta.task == "knee_bone_seg":  # segmentation: Dice per bone, the task's own figures
         keys = ["dice_femur", "dice_tibia", "dice_fibula", "dice_mean"]
         net = {k: v.adapter_metrics.get(k, math.nan) for k in keys}
-    rows: list[list[Any]] = [["network (this bundle)", f"per {v.scores.unit if v.scores else '?'}",
+    net_unit = v.scores.unit if v.scores else (f"volume; n={len(v.per_record)}" if v.per_record else "?")
+    rows: list[list[Any]] = [["network (this bundle)", f"per {net_unit}",
                               *(_f(net[k]) for k in keys)]]
     for name, b in v.baselines.items():
         if "error" in b:
@@ -241,7 +284,7 @@ def write_validation_report(v: Validation, out: Path) -> list[Path]:
     payload = {"task": v.bundle.meta.task, "version": v.bundle.meta.version, "bundle": str(v.bundle_dir),
                "data": str(v.data_dir), "manifest_rows": v.n_rows, "studies_scored": len(v.scored),
                "unit": v.scores.unit if v.scores else None, "figures": v.figures, "subgroups": v.subgroups,
-               "baselines": v.baselines, "task_metrics": v.adapter_metrics, "notes": v.notes,
+               "baselines": v.baselines, "task_metrics": v.adapter_metrics, "notes": v.notes, "per_record": v.per_record,
                "not_scored": [{"key": f.key, "stage": f.stage, "reason": f.reason} for f in v.failures]}
     (out / "validation.json").write_text(json.dumps(_json_safe(payload), indent=2) + "\n", encoding="utf-8")
     return [out / "report.md", out / "report.html", out / "validation.json", *(out / p for p in plots)]

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from sklearn import metrics as skm
 
-__all__ = ["Scores", "age_band", "binary_figures", "multiclass_figures", "subgroup_table", "threshold_sweep",
+__all__ = ["Scores", "age_band", "binary_figures", "multiclass_figures", "rescan_figures", "rescan_sweep", "subgroup_table", "threshold_sweep",
            "wilson"]
 
 NAN = float("nan")
@@ -40,6 +40,19 @@ class Scores:
     patient: np.ndarray
     threshold: float | None = None
     notes: list[str] = field(default_factory=list)
+    # a graded task with a rescan decision (hrpqct_motion): P(class >= rescan_min_class) per unit, the bundle's
+    # rescan decision at its operating point, and the first class (0-based) whose truth calls for a rescan
+    p_rescan: np.ndarray | None = None
+    rescan_pred: np.ndarray | None = None
+    rescan_min_class: int | None = None
+    rescan_threshold: float | None = None
+
+    @property
+    def rescan_true(self) -> np.ndarray | None:
+        """Truth of the rescan decision (class >= ``rescan_min_class``), or None without one."""
+        if self.rescan_min_class is None:
+            return None
+        return (self.y_true >= self.rescan_min_class).astype(int)
 
     @property
     def binary(self) -> bool:
@@ -129,11 +142,27 @@ def multiclass_figures(s: Scores, n_boot: int = 1000) -> dict[str, Any]:
         "sensitivity_per_class": {c: _rate(int(cm[i, i]), int(cm[i].sum())) for i, c in enumerate(s.class_names)},
         "confusion_matrix": cm.tolist(),
     }
+    out.update(rescan_figures(s, n_boot))
     for name, score, truth in ordinal_collapses(s):
         out[f"auc {name}"] = {"value": _auc(truth, score),
                               "ci95": list(patient_bootstrap(lambda i, t=truth, q=score: _auc(t[i], q[i]),
                                                              s.patient, n_boot=n_boot))}
     return out
+
+
+def rescan_figures(s: Scores, n_boot: int = 1000) -> dict[str, Any]:
+    """Rescan sensitivity/specificity (Wilson) at the bundle's operating point, the AUC of the rescan
+    probability (patient bootstrap CI) and the rescan confusion matrix; empty without a rescan decision."""
+    truth = s.rescan_true
+    if truth is None or s.p_rescan is None or s.rescan_pred is None:
+        return {}
+    p, dec = s.p_rescan.astype(float), s.rescan_pred.astype(int)
+    tn, fp, fn, tp = (int(v) for v in skm.confusion_matrix(truth, dec, labels=[0, 1]).ravel())
+    lo, hi = patient_bootstrap(lambda i: _auc(truth[i], p[i]), s.patient, n_boot=n_boot)
+    return {"rescan sensitivity": _rate(tp, tp + fn), "rescan specificity": _rate(tn, tn + fp),
+            "rescan auc": {"value": _auc(truth, p), "ci95": [lo, hi]}, "rescan_positives": int(truth.sum()),
+            "rescan_confusion_matrix": [[tn, fp], [fn, tp]], "rescan_threshold": s.rescan_threshold,
+            "rescan_sweep": rescan_sweep(s)}
 
 
 def ordinal_collapses(s: Scores) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -157,6 +186,15 @@ def threshold_sweep(y: np.ndarray, score: np.ndarray, thresholds: Sequence[float
                      "specificity": tn / (tn + fp) if tn + fp else NAN, "ppv": tp / (tp + fp) if tp + fp else NAN,
                      "npv": tn / (tn + fn) if tn + fn else NAN, "tp": tp, "fp": fp, "tn": tn, "fn": fn})
     return rows
+
+
+def rescan_sweep(s: Scores, thresholds: Sequence[float] | None = None) -> list[dict[str, float]]:
+    """:func:`threshold_sweep` of the bundle's rescan rule with its threshold moved: a unit is a rescan when its
+    predicted class reaches ``rescan_min_class`` (at any threshold) or ``p_rescan >= threshold``."""
+    if s.rescan_true is None or s.p_rescan is None:
+        return []
+    score = np.where(s.pred >= int(s.rescan_min_class or 0), 1.0, s.p_rescan.astype(float))
+    return threshold_sweep(s.rescan_true, score, thresholds)
 
 
 def calibration(y: np.ndarray, score: np.ndarray, bins: int = 5) -> list[dict[str, float]]:
@@ -194,8 +232,17 @@ def subgroup_table(s: Scores, groups: Sequence[str]) -> dict[str, dict[str, Any]
             row.update(positives=int(y.sum()), sensitivity=tp / (tp + fn) if tp + fn else NAN,
                        specificity=tn / (tn + fp) if tn + fp else NAN, auc=_auc(y, s.prob[i]))
         else:
-            row.update(accuracy=float(np.mean(y == pred)),
-                       macro_f1=float(skm.f1_score(y, pred, labels=list(range(len(s.class_names))),
-                                                   average="macro", zero_division=0)))
+            labels = list(range(len(s.class_names)))
+            qwk = (float(skm.cohen_kappa_score(y, pred, labels=labels, weights="quadratic"))
+                   if len(np.unique(np.concatenate([y, pred]))) > 1 else NAN)
+            row.update(accuracy=float(np.mean(y == pred)), kappa_quadratic=qwk,
+                       macro_f1=float(skm.f1_score(y, pred, labels=labels, average="macro", zero_division=0)))
+            truth = s.rescan_true
+            if truth is not None and s.rescan_pred is not None:
+                t, d = truth[i], s.rescan_pred[i].astype(int)
+                tp, tn = int(((t == 1) & (d == 1)).sum()), int(((t == 0) & (d == 0)).sum())
+                pos, neg = int(t.sum()), int((t == 0).sum())
+                row.update(rescan_positives=pos, rescan_sensitivity=tp / pos if pos else NAN,
+                           rescan_specificity=tn / neg if neg else NAN)
         table[str(value)] = row
     return table
