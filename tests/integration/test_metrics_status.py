@@ -179,9 +179,9 @@ def test_readyz_reports_low_disk_and_escapes_html(tmp_path: Path) -> None:
 
 
 def test_overlay_route_refuses_files_outside_storage(tmp_path: Path) -> None:
-    from dicomnode import db
     from dicomnode.http import render_overlay_png
     from dicomnode.outbox import Outbox
+    from dicomnode.store import connection as db
 
     storage = tmp_path / "var"
     outbox = Outbox(storage)

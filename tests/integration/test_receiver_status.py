@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from pydicom.uid import generate_uid
 
-from dicomnode import db
 from dicomnode.config import Config
 from dicomnode.http import REFRESH_S, render_status_page
 from dicomnode.jobs import JobQueue
@@ -19,6 +18,7 @@ from dicomnode.metrics import NodeMetrics
 from dicomnode.outbox import Outbox
 from dicomnode.scp import start_receivers
 from dicomnode.status import status_text
+from dicomnode.store import connection as db
 from tests.integration.test_scp_dcmtk import _node_config, ct_file
 
 pytestmark = pytest.mark.integration

@@ -7,11 +7,12 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from dicomnode import db, metrics
+from dicomnode import metrics
 from dicomnode.jobs import JobQueue
 from dicomnode.metrics import NodeMetrics
 from dicomnode.outbox import Outbox
 from dicomnode.spool import Spool
+from dicomnode.store import connection as db
 
 
 def _samples(m: NodeMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -12,11 +12,11 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, Verification
 
-from dicomnode import db
 from dicomnode.config import Config, Destination
 from dicomnode.errors import DeliveryError
 from dicomnode.outbox import Outbox
 from dicomnode.sender import Sender, classify_status, send_files
+from dicomnode.store import connection as db
 from tests.conftest import free_port
 from tests.plugins.bone_test_task import dx_dataset
 

@@ -11,7 +11,6 @@ import pytest
 from pydicom.uid import generate_uid
 
 import tests.plugins.bone_test_task  # noqa: F401 - registers test_task
-from dicomnode import db
 from dicomnode.analyze import analyze
 from dicomnode.assembler import Assembler
 from dicomnode.config import Config
@@ -19,6 +18,7 @@ from dicomnode.jobs import JobQueue
 from dicomnode.outbox import Outbox
 from dicomnode.spool import Spool
 from dicomnode.status import status_text
+from dicomnode.store import connection as db
 from dicomnode.worker import JobHandler, PermanentJobError
 from tests.plugins.bone_test_task import dx_dataset
 
