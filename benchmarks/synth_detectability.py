@@ -33,8 +33,9 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.synth.common import StudyJob, study_seed  # noqa: E402
+from training.synth.common import study_seed  # noqa: E402
 from training.synth.manifest import read_manifest  # noqa: E402
+from training.synth.runner import StudyJob  # noqa: E402
 
 MODEL_LONG_SIDE = 512
 #: the 3x3 box-mean residual keeps sqrt(1 - 2/9 + 1/9) = sqrt(8/9) of white noise's standard deviation

@@ -11,7 +11,7 @@ import pytest
 from pydicom.uid import SecondaryCaptureImageStorage
 
 from dicomnode.bodypart import canonical_body_part
-from training.synth import common
+from training.synth import common, runner
 from training.synth.manifest import ManifestError, ManifestWriter, read_manifest
 
 
@@ -131,17 +131,17 @@ def test_manifest_writer_is_atomic_and_rejects_duplicates(tmp_path: Path) -> Non
         read_manifest(tmp_path / "missing")
 
 
-def _toy_study(job: common.StudyJob) -> list[dict]:
+def _toy_study(job: runner.StudyJob) -> list[dict]:
     rng = job.rng()
     return [{"study_uid": common.UidSource(str(job.seed)).make("study"), "label": int(rng.integers(0, 2))}]
 
 
 def test_generate_studies_same_rows_for_any_worker_count(tmp_path: Path) -> None:
-    a = common.generate_studies(tmp_path / "a", 9, 3, _toy_study, workers=1)
-    b = common.generate_studies(tmp_path / "b", 9, 3, _toy_study, workers=2, chunk_size=2)
+    a = runner.generate_studies(tmp_path / "a", 9, 3, _toy_study, workers=1)
+    b = runner.generate_studies(tmp_path / "b", 9, 3, _toy_study, workers=2, chunk_size=2)
     assert a.read_text() == b.read_text() and len(read_manifest(a)) == 9
     with pytest.raises(common.SynthError):
-        common.generate_studies(tmp_path / "c", 1, 3, _toy_study, difficulty=2.0)
+        runner.generate_studies(tmp_path / "c", 1, 3, _toy_study, difficulty=2.0)
 
 
 def test_slice_series_writer_equals_pydicom_and_varies_per_slice(tmp_path: Path) -> None:
@@ -240,4 +240,4 @@ def test_mallopt_takes_effect_on_glibc() -> None:
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's")
-    assert common.keep_freed_memory()
+    assert runner.keep_freed_memory()

@@ -8,7 +8,7 @@ import pydicom
 import pytest
 
 from training.cli import main
-from training.synth import common, wrist_fracture
+from training.synth import common, runner, wrist_fracture
 from training.synth.cli import GENERATORS, load_generator
 from training.synth.manifest import read_manifest
 from training.synth.params import Param, check_params, parse_assignments
@@ -48,7 +48,7 @@ def test_every_generator_rejects_a_misspelt_parameter_before_writing(tmp_path: P
         mod.generate(tmp_path / f"{task}-ok", 0, 1, workers=1, params={name: spec.choices[-1]})  # type: ignore[attr-defined]
     # a generator that declares no parameters takes none
     with pytest.raises(common.SynthError, match="unknown parameter"):
-        common.generate_studies(tmp_path / "toy", 1, 1, lambda job: [], params={"n": 1})
+        runner.generate_studies(tmp_path / "toy", 1, 1, lambda job: [], params={"n": 1})
 
 
 def test_cli_params_are_the_python_params_and_the_preview_shows_them(tmp_path: Path,

@@ -47,17 +47,16 @@ from scipy.ndimage import gaussian_filter, gaussian_filter1d
 from training.synth.common import (
     DEFAULT_DIFFICULTY,
     Equipment,
-    StudyJob,
     SynthError,
     UidSource,
     body_part_string,
-    generate_studies,
     new_patient,
     new_series,
     new_study,
     standard_normal32,
 )
 from training.synth.params import Param
+from training.synth.runner import StudyJob, generate_studies
 from training.synth.tomo import ParallelBeam, fbp, forward_project, opposed_projection_ssd
 from training.synth.volume import VolumeGeometry, write_slice_series
 

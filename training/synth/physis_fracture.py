@@ -28,18 +28,17 @@ from training.synth import radiograph as rg
 from training.synth import wrist_phantom as wp
 from training.synth.common import (
     DEFAULT_DIFFICULTY,
-    StudyJob,
     UidSource,
     body_part_string,
     choose_bits_stored,
     choose_photometric,
-    generate_studies,
     new_patient,
     new_series,
     new_study,
     write_dataset,
 )
 from training.synth.params import FORCE_LABEL
+from training.synth.runner import StudyJob, generate_studies
 from training.synth.wrist_fracture import EQUIPMENT, WRIST_CODE, acquire, fracture_visible, lerp
 
 TASK = "physis_fracture"

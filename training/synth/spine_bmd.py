@@ -44,16 +44,15 @@ from scipy.ndimage import gaussian_filter
 from training.synth.common import (
     DEFAULT_DIFFICULTY,
     Equipment,
-    StudyJob,
     UidSource,
     body_part_string,
-    generate_studies,
     new_patient,
     new_series,
     new_study,
     standard_normal32,
 )
 from training.synth.params import Param
+from training.synth.runner import StudyJob, generate_studies
 from training.synth.volume import VolumeGeometry, write_slice_series
 
 log = logging.getLogger(__name__)

@@ -25,18 +25,17 @@ from training.synth import radiograph as rg
 from training.synth import wrist_phantom as wp
 from training.synth.common import (
     Equipment,
-    StudyJob,
     UidSource,
     body_part_string,
     choose_bits_stored,
     choose_photometric,
-    generate_studies,
     new_patient,
     new_series,
     new_study,
     write_dataset,
 )
 from training.synth.params import FORCE_LABEL
+from training.synth.runner import StudyJob, generate_studies
 
 TASK = "wrist_fracture"
 PREVALENCE = 0.31
