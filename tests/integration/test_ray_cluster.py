@@ -94,20 +94,37 @@ class LocalCluster:
         return found
 
 
-@pytest.fixture
-def ray_cluster(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[LocalCluster]:
-    """The cluster; its processes (and so the actors) inherit a slow test task and loopback-only addressing."""
+def _cluster_env(monkeypatch: pytest.MonkeyPatch, marks: Path) -> None:
+    """Environment the cluster's processes (and so the actors) inherit: a slow test task, loopback only."""
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every Ray process uses 127.0.0.1
     monkeypatch.setenv("BONE_TEST_TASK_SLEEP_S", str(SLEEP_S))
-    (tmp_path / "marks").mkdir()
-    monkeypatch.setenv("BONE_TEST_TASK_MARK_DIR", str(tmp_path / "marks"))
+    marks.mkdir(exist_ok=True)
+    monkeypatch.setenv("BONE_TEST_TASK_MARK_DIR", str(marks))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).resolve().parents[2]),
                                                       os.environ.get("PYTHONPATH", "")]))
+
+
+@pytest.fixture
+def ray_cluster(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[LocalCluster]:
+    """A cluster of the test's own (it is stopped, restarted and loses a worker node)."""
+    _cluster_env(monkeypatch, tmp_path / "marks")
     c = LocalCluster().start()
     try:
         yield c
     finally:
         c.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A cluster kept for several tests (each uses its own Ray namespace); saves a start and a stop."""
+    with pytest.MonkeyPatch.context() as mp:
+        _cluster_env(mp, tmp_path_factory.mktemp("ray") / "marks")
+        c = LocalCluster().start()
+        try:
+            yield c
+        finally:
+            c.stop()
 
 
 def _configure(node: NodeProcess, address: str) -> None:
@@ -251,14 +268,15 @@ def _versions(node: NodeProcess, pacs: OrthancServer, study_uid: str) -> tuple[s
 
 
 def test_promotion_while_jobs_run(
-        tmp_path: Path, ray_cluster: LocalCluster, node_with_orthanc: tuple[NodeProcess, OrthancServer]) -> None:
+        tmp_path: Path, shared_cluster: LocalCluster, node_with_orthanc: tuple[NodeProcess, OrthancServer]) -> None:
     """Promote v2 while v1 jobs run on the actors: those finish on v1, jobs after the swap use v2, all once."""
     from inference.registry import ModelRegistry
     from tests.plugins.versioned_test_task import make_bundle
 
     node, pacs = node_with_orthanc
-    _configure(node, ray_cluster.address)
+    _configure(node, shared_cluster.address)
     cfg = yaml.safe_load(node.config_path.read_text(encoding="utf-8"))
+    cfg["execution"]["namespace"] = "promotion"
     cfg["plugins"].append("tests.plugins.versioned_test_task")
     cfg["routes"][0]["task"] = "test_task_v"
     cfg["execution"]["actors"] = {"test_task_v": {"replicas": 2, "num_cpus": 0.5}}
@@ -268,7 +286,7 @@ def test_promotion_while_jobs_run(
     node.start()
 
     before = [_send_study(pacs, tmp_path / f"before{i}", "WRIST") for i in range(2)]
-    marks = tmp_path / "marks"
+    marks = Path(os.environ["BONE_TEST_TASK_MARK_DIR"])
     wait_for(lambda: all((marks / s[0]).exists() for s in before), 90, "both jobs running on their actors")
     assert all(_running(node, s[0]) for s in before)
     registry.promote("test_task_v", make_bundle(tmp_path / "b2", "v2", 2.0))
@@ -283,11 +301,12 @@ def test_promotion_while_jobs_run(
 
 
 def test_kill9_of_the_node_with_ray_jobs_in_flight(
-        tmp_path: Path, ray_cluster: LocalCluster, node_with_orthanc: tuple[NodeProcess, OrthancServer]) -> None:
+        tmp_path: Path, shared_cluster: LocalCluster, node_with_orthanc: tuple[NodeProcess, OrthancServer]) -> None:
     """One driver process serves both worker threads; kill -9 takes it along; after restart, results exactly once."""
     node, pacs = node_with_orthanc
-    _configure(node, ray_cluster.address)
+    _configure(node, shared_cluster.address)
     cfg = yaml.safe_load(node.config_path.read_text(encoding="utf-8"))
+    cfg["execution"]["namespace"] = "kill9"
     cfg["execution"]["actors"]["test_task"]["replicas"] = 2
     node.config_path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     node.start()
