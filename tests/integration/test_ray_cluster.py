@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,7 @@ def _configure(node: NodeProcess, address: str) -> None:
          "complete_after_s": 1.0, "send_to": ["pacs"]},
     ]
     cfg["node"]["workers"] = 2
+    cfg["node"]["status_http_port"] = _free_port()
     cfg["execution"] = {"engine": "ray", "address": address, "retry_wait_s": 1.0,
                         "actors": {"test_task": {"replicas": 1, "num_cpus": 0.5},
                                    "test_task_b": {"replicas": 1, "num_cpus": 0.5}}}
@@ -217,6 +219,11 @@ def test_two_tasks_actor_and_node_loss_and_cluster_restart(
     status = subprocess.run([sys.executable, "-m", "dicomnode.cli", "status", "--config", str(node.config_path)],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert "execution engine: ray at" in status.stdout and "waiting for execution engine" in status.stdout
+    http = f"http://127.0.0.1:{yaml.safe_load(node.config_path.read_text(encoding='utf-8'))['node']['status_http_port']}"
+    with urllib.request.urlopen(http + "/", timeout=10) as page:  # the status page shows the wait
+        assert "waiting for execution engine" in page.read().decode()
+    with urllib.request.urlopen(http + "/metrics", timeout=10) as metrics:
+        assert "dicomnode_execution_waiting 1.0" in metrics.read().decode()
     assert [j["state"] for j in node.query("SELECT state FROM jobs WHERE study_uid=?", (study[0],))] == ["running"]
     ray_cluster.start()
     _exactly_once(pacs, *study, timeout_s=120)
