@@ -34,6 +34,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):  # what a one-CPU Ray actor gets,
+    os.environ.setdefault(_var, "1")  # so in-process and actor jobs run with the same threads (before numpy loads)
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 TASK = "wrist_fracture"
