@@ -122,7 +122,7 @@ td.err{{max-width:28em;word-break:break-word}}
 .alert h2{{font-size:105%;margin:.2em 0;color:#b00020}}td.dead{{background:#fdecea;color:#b00020;font-weight:bold}}.ok{{color:#1b5e20}}</style></head>
 <body><h1>Node {_e(cfg.node.ae_title)}</h1>
 <div id="alerts">{alerts}</div>
-<p id="summary">Studies: {summary}. Page generated {_e(_ts(time.time()))}; refreshes every {REFRESH_S} s.
+{_engine_html(cfg)}<p id="summary">Studies: {summary}. Page generated {_e(_ts(time.time()))}; refreshes every {REFRESH_S} s.
 Results are AI outputs, not for diagnostic use alone.</p>
 <table id="studies">{head}
 {body}
@@ -130,6 +130,14 @@ Results are AI outputs, not for diagnostic use alone.</p>
 <p><a href="/metrics">metrics</a> &middot; <a href="/healthz">healthz</a> &middot; <a href="/readyz">readyz</a></p>
 </body></html>
 """
+
+
+def _engine_html(cfg: Config) -> str:
+    """The execution engine's state (Ray only); an alert while jobs wait for the cluster."""
+    from dicomnode.execution import status_lines
+
+    return "".join(f'<p id="engine" class="{"alert" if "waiting" in line else "ok"}">{_e(line)}</p>\n'
+                   for line in status_lines(cfg))
 
 
 def _alerts_html(found: dict[str, Any]) -> str:

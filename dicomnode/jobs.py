@@ -162,7 +162,8 @@ class WorkerPool:
 
     ``handler`` must finish the job itself (call :meth:`JobQueue.mark_done`,
     typically inside its own transaction). An exception marks the job failed;
-    exceptions with a true ``permanent`` attribute make it dead at once.
+    exceptions with a true ``permanent`` attribute make it dead at once, and those
+    with ``counts_as_attempt = False`` return it to pending as if never claimed.
     """
 
     def __init__(self, queue: JobQueue, handler: Callable[[Job], None], *, n_workers: int = 1,
@@ -207,6 +208,10 @@ class WorkerPool:
                 self.handler(job)
                 log.info("job %d (%s, route %s) done in %.2f s", job.id, job.task, job.route, time.monotonic() - t0)
             except Exception as exc:  # noqa: BLE001 - any failure of a job is recorded, never kills the worker
+                if getattr(exc, "counts_as_attempt", True) is False:  # e.g. shutdown while waiting for a cluster
+                    log.info("job %d returned to pending without counting the attempt: %s", job.id, exc)
+                    self.queue.release(job.id)
+                    continue
                 log.debug("job %d failed", job.id, exc_info=True)
                 self.queue.mark_failed(job.id, f"{type(exc).__name__}: {exc}",
                                        permanent=bool(getattr(exc, "permanent", False)))

@@ -54,11 +54,12 @@ class Node:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop assembling, finish or return in-flight jobs, stop sending."""
+        from dicomnode.execution import close_engines, stop_waiting
+
         self.assembler.stop()
+        stop_waiting()  # jobs waiting for a Ray cluster return to pending now instead of holding up the stop
         self.workers.stop(timeout_s)
         self.sender.stop(timeout_s)
-        from dicomnode.execution import close_engines
-
         close_engines()
 
 

@@ -52,8 +52,9 @@ class JobHandler:
         """Process ``job`` and commit its results; raises on failure (the pool records it)."""
         try:
             self._run(job)
-        except Exception:
-            job_failed(job.task)
+        except Exception as exc:
+            if getattr(exc, "counts_as_attempt", True):
+                job_failed(job.task)
             raise
 
     def _run(self, job: Job) -> None:

@@ -19,7 +19,7 @@ import sys
 
 log = logging.getLogger(__name__)
 
-__all__ = ["add_distributed_arguments", "relaunch_if_distributed", "torchrun_command"]
+__all__ = ["add_distributed_arguments", "relaunch_if_distributed", "torchrun_command", "torchrun_prefix"]
 
 _FLAGS = ("--nproc-per-node", "--nnodes", "--node-rank", "--master-addr", "--master-port")
 
@@ -49,14 +49,19 @@ def _strip(argv: list[str]) -> list[str]:
     return out
 
 
+def torchrun_prefix(nproc_per_node: int, nnodes: int = 1, node_rank: int = 0, master_addr: str = "127.0.0.1",
+                    master_port: int = 29500) -> list[str]:
+    """``python -m torch.distributed.run ...`` up to the module to run (one machine: ``--standalone``)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}"]
+    if nnodes == 1:
+        return [*cmd, "--standalone"]
+    return [*cmd, f"--nnodes={nnodes}", f"--node-rank={node_rank}", f"--master-addr={master_addr}",
+            f"--master-port={master_port}"]
+
+
 def torchrun_command(args: argparse.Namespace, train_argv: list[str]) -> list[str]:
     """The torchrun command line running ``training.cli train_argv`` with the requested processes."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc_per_node}"]
-    if args.nnodes == 1:
-        cmd.append("--standalone")
-    else:
-        cmd += [f"--nnodes={args.nnodes}", f"--node-rank={args.node_rank}", f"--master-addr={args.master_addr}",
-                f"--master-port={args.master_port}"]
+    cmd = torchrun_prefix(args.nproc_per_node, args.nnodes, args.node_rank, args.master_addr, args.master_port)
     return [*cmd, "-m", "training.cli", *_strip(train_argv)]
 
 

@@ -24,7 +24,7 @@ from inference.tasks import TaskContext
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "LocalEngine", "close_engines", "engine_for", "status_lines"]
+__all__ = ["Engine", "LocalEngine", "close_engines", "engine_for", "status_lines", "stop_waiting"]
 
 
 class Engine(Protocol):
@@ -70,6 +70,16 @@ def engine_for(cfg: Config) -> Engine:
                 engine = LocalEngine()
             _ENGINES[id(cfg)] = (cfg, engine)
         return engine
+
+
+def stop_waiting() -> None:
+    """Node shutdown, first step: jobs waiting for an engine give up at once (back to pending, no attempt used)."""
+    with _LOCK:
+        engines = [engine for _, engine in _ENGINES.values()]
+    for engine in engines:
+        stop = getattr(engine, "stop_waiting", None)
+        if callable(stop):
+            stop()
 
 
 def close_engines() -> None:

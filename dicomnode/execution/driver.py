@@ -1,15 +1,28 @@
-"""The Ray driver, run in a child process of the node (see :class:`dicomnode.execution.ray_engine.RayEngine`).
+"""The Ray driver process of a node (child side; the node side is :class:`dicomnode.execution.host.DriverProcess`).
 
-A Ray driver process exits when the cluster it is attached to goes away; running
-it in a child keeps the node (receiver, store, sender) alive, and the engine
-starts a fresh child once the cluster is back. Errors come back as the small
-exception classes below, which pickle without Ray.
+One such process per node process is attached to the cluster and serves every
+worker thread of the node: requests ``(id, op, args)`` arrive on a pipe, each
+runs on a thread of its own here (``ray.get`` is thread-safe), and the reply
+``(id, ok, value)`` goes back on the same pipe.
+
+A Ray driver process exits when the cluster it is attached to goes away, which
+is why it is not the node itself; the node starts a fresh one once the cluster
+is back. It dies with the node: it exits when the pipe to the node closes (the
+node exited or was killed), and on Linux the kernel also kills it when the node
+does (``PR_SET_PDEATHSIG``). Errors come back as the small exception classes
+below, which pickle without Ray.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import sys
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import Connection
 from typing import Any
 
 from pydicom import Dataset
@@ -18,7 +31,11 @@ from inference.findings import Findings
 
 log = logging.getLogger(__name__)
 
+__all__ = ["ActorLost", "EngineDown", "RemoteTaskError", "serve"]
+
 _STATE: dict[str, Any] = {}
+_CONNECT_LOCK = threading.Lock()
+PR_SET_PDEATHSIG = 1
 
 
 class ActorLost(Exception):
@@ -26,7 +43,7 @@ class ActorLost(Exception):
 
 
 class EngineDown(Exception):
-    """The Ray cluster cannot be reached; the job waits."""
+    """The Ray cluster (or the node's driver process) cannot be reached; the job waits."""
 
 
 class RemoteTaskError(Exception):
@@ -43,14 +60,15 @@ class RemoteTaskError(Exception):
 def _connect(address: str, namespace: str) -> Any:
     import ray
 
-    if not ray.is_initialized():
-        try:
-            host = address.rsplit(":", 1)[0]
-            local = host in ("127.0.0.1", "localhost", "::1")
-            ray.init(address=address, namespace=namespace, log_to_driver=False, include_dashboard=False,
-                     configure_logging=False, _node_ip_address="127.0.0.1" if local else None)
-        except Exception as exc:  # noqa: BLE001 - any failure to attach means "not reachable now"
-            raise EngineDown(f"Ray cluster at {address} unreachable: {type(exc).__name__}: {exc}") from None
+    with _CONNECT_LOCK:
+        if not ray.is_initialized():
+            try:
+                host = address.rsplit(":", 1)[0]
+                local = host in ("127.0.0.1", "localhost", "::1")
+                ray.init(address=address, namespace=namespace, log_to_driver=False, include_dashboard=False,
+                         configure_logging=False, _node_ip_address="127.0.0.1" if local else None)
+            except Exception as exc:  # noqa: BLE001 - any failure to attach means "not reachable now"
+                raise EngineDown(f"Ray cluster at {address} unreachable: {type(exc).__name__}: {exc}") from None
     return ray
 
 
@@ -89,3 +107,55 @@ def ping(address: str, namespace: str) -> int:
     """Attach to the cluster; the number of alive nodes."""
     ray = _connect(address, namespace)
     return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
+def echo(address: str, namespace: str, payload: object) -> object:
+    """``payload`` back, without Ray (the pipe's own cost, for the benchmark)."""
+    return payload
+
+
+OPS = {"run": run_remote, "ping": ping, "echo": echo}
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Exit when the node does: the kernel's parent-death signal (Linux), and a check that it is still there."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):  # pragma: no cover - no prctl: the pipe's EOF still ends us
+            log.debug("prctl(PR_SET_PDEATHSIG) unavailable")
+    if os.getppid() != parent_pid:  # the node died before the signal was armed
+        os._exit(0)
+
+
+def serve(conn: Connection, address: str, namespace: str, parent_pid: int, threads: int) -> None:
+    """The driver's loop (the child process's target): answer requests until the node goes away."""
+    _die_with_parent(parent_pid)
+    pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="ray-call")
+    send_lock = threading.Lock()
+
+    def handle(req_id: int, op: str, args: tuple[Any, ...]) -> None:
+        try:
+            reply: tuple[int, bool, Any] = (req_id, True, OPS[op](address, namespace, *args))
+        except (ActorLost, EngineDown, RemoteTaskError) as exc:
+            reply = (req_id, False, exc)
+        except Exception as exc:  # noqa: BLE001 - an unexpected error fails the job (it is retried), never the driver
+            reply = (req_id, False, RemoteTaskError(f"{type(exc).__name__}: {exc}"))
+        with send_lock:
+            try:
+                conn.send(reply)
+            except (OSError, ValueError):  # the node is gone
+                os._exit(0)
+            except Exception as exc:  # noqa: BLE001 - e.g. a result that does not pickle: fail that job only
+                conn.send((req_id, False, RemoteTaskError(f"result not sendable: {type(exc).__name__}: {exc}")))
+
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):  # the node exited or was killed
+            os._exit(0)
+        if msg is None:  # the node closes the engine
+            os._exit(0)
+        pool.submit(handle, *msg)

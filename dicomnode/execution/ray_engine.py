@@ -13,28 +13,35 @@ itself. The job's state never leaves the node's store:
   metrics, in ``<storage_dir>/execution-state.json`` and in ``dicomnode status``. It
   never counts as a failed attempt.
 
-The Ray driver runs in child processes (one per node worker thread), so a
-cluster going away can never take the node down with it.
+Waiting never uses up the job's attempts: while the job only waits, the
+attempt its claim counted is given back in the store (and counted again when
+the job is next sent to an actor), so neither a long outage, nor node restarts
+during it, nor a shutdown while waiting (``counts_as_attempt = False``: the
+worker pool returns the job to pending) can make it dead.
+
+The Ray driver runs in one child process per node (:class:`~dicomnode.execution.host.DriverProcess`),
+shared by every worker thread, so a cluster going away can never take the node
+down with it, and the driver dies with the node.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
+import sqlite3
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from os import PathLike
 from pathlib import Path
 
 from pydicom import Dataset
 
+from dicomnode import store
 from dicomnode.config import ActorSpec, Config
 from dicomnode.errors import TaskError
 from dicomnode.execution import driver
+from dicomnode.execution.host import DriverProcess
 from dicomnode.processing import load_builder
 from dicomnode.results import ResultContext
 from inference.findings import Findings
@@ -51,7 +58,9 @@ WAITING = "waiting for execution engine"
 
 
 class EngineStopped(TaskError):
-    """The node is shutting down while the job waited for the cluster; the job stays pending (not permanent)."""
+    """The node is shutting down while the job waited for the cluster: back to pending, no attempt counted."""
+
+    counts_as_attempt = False
 
 
 class RemoteJobError(TaskError):
@@ -77,7 +86,7 @@ class RayEngine:
         self.cfg = cfg
         self.ex = cfg.execution
         self._lock = threading.Lock()
-        self._pool: ProcessPoolExecutor | None = None
+        self._host: DriverProcess | None = None
         self._next: dict[str, int] = {}
         self._waiting = 0
         self._stopped = threading.Event()
@@ -114,18 +123,23 @@ class RayEngine:
         context = {"models_dir": str(task_context.models_dir) if task_context.models_dir else None,
                    "model_dir": str(task_context.model_dir) if task_context.model_dir else None,
                    "device": task_context.device, "extra": dict(task_context.extra)}
+        ledger = _Attempts(self.cfg.node.storage_dir, task_context.extra.get("job_id"))
         lost = 0
         waiting = False
         try:
             while True:
                 if self._stopped.is_set():
+                    ledger.charge()  # the worker pool's release gives the claim's attempt back
                     raise EngineStopped("node stopping while the job waited for the execution engine")
+                if self._waiting:  # the cluster is believed down: this job is not an attempt (yet)
+                    ledger.refund()
                 replica = self._replica(task_name, spec.replicas)
+                host: DriverProcess | None = None
                 try:
                     _reachable(self.ex.address or "")
-                    fut = self._executor().submit(driver.run_remote, self.ex.address, self.ex.namespace,
-                                                  task_name, replica, payload, list(datasets), context)
-                    return fut.result()
+                    host = self._driver()
+                    ledger.charge()
+                    return host.call("run", task_name, replica, payload, list(datasets), context)  # type: ignore[no-any-return]
                 except driver.RemoteTaskError as exc:
                     raise RemoteJobError(str(exc), exc.permanent) from None
                 except driver.ActorLost as exc:
@@ -135,9 +149,10 @@ class RayEngine:
                     if lost <= self.ex.actor_retries:
                         continue
                     reason = f"actors keep dying ({exc})"
-                except (driver.EngineDown, BrokenProcessPool, OSError) as exc:
+                except (driver.EngineDown, OSError) as exc:
                     reason = f"{type(exc).__name__}: {exc}"
-                    self._reset_pool()
+                    self._reset_driver(host)
+                ledger.refund()
                 if not waiting:
                     waiting = True
                     self._set_waiting(+1, reason)
@@ -147,10 +162,25 @@ class RayEngine:
             if waiting:
                 self._set_waiting(-1, "")
 
-    def close(self) -> None:
-        """Stop waiting jobs and the driver processes (the detached actors stay warm on the cluster)."""
+    def stop_waiting(self) -> None:
+        """Node shutdown: jobs waiting for the cluster return at once (EngineStopped); calls in flight go on."""
         self._stopped.set()
-        self._reset_pool()
+
+    def close(self) -> None:
+        """Stop waiting jobs and the driver process (the detached actors stay warm on the cluster)."""
+        self._stopped.set()
+        self._reset_driver(None)
+
+    def echo(self, payload: object) -> object:
+        """``payload`` sent to the node's driver process and back, without Ray (what the pipe hop costs)."""
+        return self._driver().call("echo", payload)
+
+    @property
+    def driver_pid(self) -> int | None:
+        """Process id of the node's Ray driver process, if one runs."""
+        with self._lock:
+            host = self._host
+        return host.pid if host is not None and host.alive else None
 
     # ------------------------------------------------------------------ internals
     def _replica(self, task: str, replicas: int) -> int:
@@ -159,21 +189,24 @@ class RayEngine:
             self._next[task] = n + 1
         return n % replicas
 
-    def _executor(self) -> ProcessPoolExecutor:
+    def _driver(self) -> DriverProcess:
+        """The node's one driver process, started (again) when there is none alive."""
         with self._lock:
-            if self._pool is None:
-                self._pool = ProcessPoolExecutor(max_workers=self.cfg.node.workers,
-                                                 mp_context=multiprocessing.get_context("spawn"))
-            return self._pool
+            if self._host is None or not self._host.alive:
+                old, self._host = self._host, None
+                if old is not None:
+                    old.close(0.5)
+                self._host = DriverProcess(self.ex.address or "", self.ex.namespace, self.cfg.node.workers + 1)
+            return self._host
 
-    def _reset_pool(self) -> None:
+    def _reset_driver(self, host: DriverProcess | None) -> None:
+        """End ``host`` if it is still the current driver (``None``: whichever is current)."""
         with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            for proc in list(getattr(pool, "_processes", {}).values()):
-                if proc.is_alive():
-                    proc.kill()
-            pool.shutdown(wait=False, cancel_futures=True)
+            current = self._host
+            if current is None or (host is not None and host is not current):
+                return
+            self._host = None
+        current.close()
 
     def _set_waiting(self, delta: int, reason: str) -> None:
         with self._lock:
@@ -197,6 +230,38 @@ class RayEngine:
             atomic_write_text(storage / STATE_FILE, json.dumps(state))
         except OSError as exc:
             log.warning("cannot write %s: %s", STATE_FILE, exc)
+
+
+class _Attempts:
+    """The job's attempt counter while it waits: given back on entering a wait, counted again on the next send.
+
+    ``job_id`` None (no job behind the call, e.g. the benchmark) makes both no-ops.
+    """
+
+    def __init__(self, storage_dir: Path, job_id: object) -> None:
+        self.db = store.db_path(Path(storage_dir)) if isinstance(job_id, int) else None
+        self.job_id = job_id if isinstance(job_id, int) else -1
+        self.refunded = False
+
+    def _add(self, delta: int) -> bool:
+        if self.db is None:
+            return False
+        try:
+            store.JobsRepo(store.thread_connection(self.db)).add_attempts(self.job_id, delta)
+        except sqlite3.Error as exc:
+            log.warning("job %d: attempt count not adjusted (%+d): %s", self.job_id, delta, exc)
+            return False
+        return True
+
+    def refund(self) -> None:
+        """The job only waits for the cluster: its claim's attempt does not count."""
+        if not self.refunded and self._add(-1):
+            self.refunded = True
+
+    def charge(self) -> None:
+        """The job is sent to an actor (or handed back to the pool): count its attempt again."""
+        if self.refunded and self._add(+1):
+            self.refunded = False
 
 
 def _reachable(address: str) -> None:

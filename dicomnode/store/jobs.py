@@ -59,6 +59,11 @@ class JobsRepo:
         self.conn.execute("UPDATE jobs SET state='pending', attempts=MAX(attempts-1,0), updated_at=? WHERE id=?"
                           " AND state='running'", (time.time(), job_id))
 
+    def add_attempts(self, job_id: int, delta: int) -> None:
+        """Adjust a running job's attempt count (the Ray engine gives back an attempt spent waiting for its cluster)."""
+        self.conn.execute("UPDATE jobs SET attempts=MAX(attempts+?,0) WHERE id=? AND state='running'",
+                          (delta, job_id))
+
     def recover(self) -> int:
         """Jobs left running by a dead process back to pending; how many."""
         return int(self.conn.execute("UPDATE jobs SET state='pending', updated_at=? WHERE state='running'",

@@ -4,7 +4,10 @@ A real local Ray cluster (``ray.cluster_utils.Cluster``: a head with no CPUs bes
 the node, two worker nodes with one CPU each, small object stores). Studies of two
 tasks go through it exactly once; then an actor is killed mid-job, a worker node is
 removed mid-job, and the whole cluster is stopped and started again, each time
-with every job completing exactly once.
+with every job completing exactly once. A newer bundle promoted while jobs run is
+used by the later jobs, the running ones finish on theirs. kill -9 of the node
+while Ray runs its jobs loses and duplicates nothing, and takes the node's one
+Ray driver process with it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -91,18 +95,37 @@ class LocalCluster:
         return found
 
 
-@pytest.fixture
-def ray_cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalCluster]:
-    """The cluster; its processes (and so the actors) inherit a slow test task and loopback-only addressing."""
+def _cluster_env(monkeypatch: pytest.MonkeyPatch, marks: Path) -> None:
+    """Environment the cluster's processes (and so the actors) inherit: a slow test task, loopback only."""
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every Ray process uses 127.0.0.1
     monkeypatch.setenv("BONE_TEST_TASK_SLEEP_S", str(SLEEP_S))
+    marks.mkdir(exist_ok=True)
+    monkeypatch.setenv("BONE_TEST_TASK_MARK_DIR", str(marks))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).resolve().parents[2]),
                                                       os.environ.get("PYTHONPATH", "")]))
+
+
+@pytest.fixture
+def ray_cluster(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[LocalCluster]:
+    """A cluster of the test's own (it is stopped, restarted and loses a worker node)."""
+    _cluster_env(monkeypatch, tmp_path / "marks")
     c = LocalCluster().start()
     try:
         yield c
     finally:
         c.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A cluster kept for several tests (each uses its own Ray namespace); saves a start and a stop."""
+    with pytest.MonkeyPatch.context() as mp:
+        _cluster_env(mp, tmp_path_factory.mktemp("ray") / "marks")
+        c = LocalCluster().start()
+        try:
+            yield c
+        finally:
+            c.stop()
 
 
 def _configure(node: NodeProcess, address: str) -> None:
@@ -115,6 +138,7 @@ def _configure(node: NodeProcess, address: str) -> None:
          "complete_after_s": 1.0, "send_to": ["pacs"]},
     ]
     cfg["node"]["workers"] = 2
+    cfg["node"]["status_http_port"] = _free_port()
     cfg["execution"] = {"engine": "ray", "address": address, "retry_wait_s": 1.0,
                         "actors": {"test_task": {"replicas": 1, "num_cpus": 0.5},
                                    "test_task_b": {"replicas": 1, "num_cpus": 0.5}}}
@@ -195,9 +219,116 @@ def test_two_tasks_actor_and_node_loss_and_cluster_restart(
     status = subprocess.run([sys.executable, "-m", "dicomnode.cli", "status", "--config", str(node.config_path)],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert "execution engine: ray at" in status.stdout and "waiting for execution engine" in status.stdout
+    http = f"http://127.0.0.1:{yaml.safe_load(node.config_path.read_text(encoding='utf-8'))['node']['status_http_port']}"
+    with urllib.request.urlopen(http + "/", timeout=10) as page:  # the status page shows the wait
+        assert "waiting for execution engine" in page.read().decode()
+    with urllib.request.urlopen(http + "/metrics", timeout=10) as metrics:
+        assert "dicomnode_execution_waiting 1.0" in metrics.read().decode()
     assert [j["state"] for j in node.query("SELECT state FROM jobs WHERE study_uid=?", (study[0],))] == ["running"]
     ray_cluster.start()
     _exactly_once(pacs, *study, timeout_s=120)
     wait_for(lambda: '"state": "connected"' in state_file.read_text(encoding="utf-8"), 30, "engine connected")
     assert {j["state"] for j in node.query("SELECT state FROM jobs")} == {"done"}
     assert node.query("SELECT COUNT(*) AS n FROM jobs WHERE state='failed'")[0]["n"] == 0
+    # the wait through the outage did not use up attempts: the job counts the one run that produced results
+    assert [j["attempts"] for j in node.query("SELECT attempts FROM jobs WHERE study_uid=?", (study[0],))] == [1]
+
+
+def _children() -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            out.setdefault(ppid, []).append(int(d.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def ray_drivers(root: int) -> list[int]:
+    """Processes under ``root`` (the node) that have Ray's core worker loaded: the node's Ray drivers."""
+    children, found, stack = _children(), [], [root]
+    while stack:
+        pid = stack.pop()
+        try:
+            if "_raylet" in Path(f"/proc/{pid}/maps").read_text(errors="replace"):
+                found.append(pid)
+        except OSError:
+            pass
+        stack.extend(children.get(pid, []))
+    return sorted(found)
+
+
+def _versions(node: NodeProcess, pacs: OrthancServer, study_uid: str) -> tuple[str, str]:
+    """The job's recorded model version and the version in its SR's series description."""
+    [job] = node.query("SELECT model_version FROM jobs WHERE study_uid=?", (study_uid,))
+    [sr] = [i for i in pacs.instances_in_study(study_uid) if i["Modality"] == "SR"]
+    return str(job["model_version"]).rsplit(" ", 1)[-1], str(sr["SeriesDescription"]).rsplit(" v", 1)[-1]
+
+
+def test_promotion_while_jobs_run(
+        tmp_path: Path, shared_cluster: LocalCluster, node_with_orthanc: tuple[NodeProcess, OrthancServer]) -> None:
+    """Promote v2 while v1 jobs run on the actors: those finish on v1, jobs after the swap use v2, all once."""
+    from inference.registry import ModelRegistry
+    from tests.plugins.versioned_test_task import make_bundle
+
+    node, pacs = node_with_orthanc
+    _configure(node, shared_cluster.address)
+    cfg = yaml.safe_load(node.config_path.read_text(encoding="utf-8"))
+    cfg["execution"]["namespace"] = "promotion"
+    cfg["plugins"].append("tests.plugins.versioned_test_task")
+    cfg["routes"][0]["task"] = "test_task_v"
+    cfg["execution"]["actors"] = {"test_task_v": {"replicas": 2, "num_cpus": 0.5}}
+    node.config_path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    registry = ModelRegistry(cfg["models_dir"])
+    registry.promote("test_task_v", make_bundle(tmp_path / "b1", "v1", 1.0))
+    node.start()
+
+    before = [_send_study(pacs, tmp_path / f"before{i}", "WRIST") for i in range(2)]
+    marks = Path(os.environ["BONE_TEST_TASK_MARK_DIR"])
+    wait_for(lambda: all((marks / s[0]).exists() for s in before), 90, "both jobs running on their actors")
+    assert all(_running(node, s[0]) for s in before)
+    registry.promote("test_task_v", make_bundle(tmp_path / "b2", "v2", 2.0))
+    time.sleep(6.0)  # the actors' model cache looks at the registry pointer every 5 s
+    after = [_send_study(pacs, tmp_path / f"after{i}", "WRIST") for i in range(2)]
+    for s in before + after:
+        _exactly_once(pacs, *s)
+    assert [_versions(node, pacs, s[0]) for s in before] == [("v1", "v1")] * 2  # in flight: kept their model
+    assert [_versions(node, pacs, s[0]) for s in after] == [("v2", "v2")] * 2   # later jobs: the new version
+    jobs = node.query("SELECT state, attempts FROM jobs")
+    assert [(j["state"], j["attempts"]) for j in jobs] == [("done", 1)] * 4  # none lost, none run twice
+
+
+def test_kill9_of_the_node_with_ray_jobs_in_flight(
+        tmp_path: Path, shared_cluster: LocalCluster, node_with_orthanc: tuple[NodeProcess, OrthancServer]) -> None:
+    """One driver process serves both worker threads; kill -9 takes it along; after restart, results exactly once."""
+    node, pacs = node_with_orthanc
+    _configure(node, shared_cluster.address)
+    cfg = yaml.safe_load(node.config_path.read_text(encoding="utf-8"))
+    cfg["execution"]["namespace"] = "kill9"
+    cfg["execution"]["actors"]["test_task"]["replicas"] = 2
+    node.config_path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    node.start()
+    studies = [_send_study(pacs, tmp_path / f"s{i}", "WRIST") for i in range(3)]
+    wait_for(lambda: sum(_running(node, s[0]) for s in studies) == 2, 60, "two jobs running at once")
+    time.sleep(1.0)
+    assert node.proc is not None
+    drivers = ray_drivers(node.proc.pid)
+    assert len(drivers) == 1, f"one Ray driver process per node, found {drivers}"
+    node.kill9()
+    wait_for(lambda: not _alive(drivers[0]), 10, f"driver process {drivers[0]} gone with the node")
+
+    node.start()
+    for s in studies:
+        _exactly_once(pacs, *s)
+    assert {j["state"] for j in node.query("SELECT state FROM jobs")} == {"done"}
+    assert node.proc is not None and len(ray_drivers(node.proc.pid)) == 1
+    assert not _alive(drivers[0])

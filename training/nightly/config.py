@@ -7,6 +7,10 @@ Example::
     key_dir: /srv/dicomnode/var/training-archive-keys
     incoming_labels_dir: /srv/dicomnode/incoming_labels
     device: auto
+    distributed:                   # optional: train under torchrun (DDP)
+      nproc_per_node: 2            # processes (GPUs) on this machine
+      nnodes: 1                    # >1: same config on each machine, its own node_rank,
+      # node_rank: 0               #     rdzv_endpoint: host:port of the rank-0 machine
     tasks:
       wrist_fracture:
         cron: "0 2 * * *"          # local time
@@ -24,11 +28,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from inference.errors import DicomNodeError
 
-__all__ = ["NightlyConfig", "cron_trigger", "NightlyConfigError", "SecondaryMetric", "TaskSchedule", "load_nightly_config"]
+__all__ = ["DistributedSpec", "NightlyConfig", "cron_trigger", "NightlyConfigError", "SecondaryMetric", "TaskSchedule",
+           "load_nightly_config"]
 
 
 def cron_trigger(expr: str, timezone: Any = None) -> Any:
@@ -58,6 +63,35 @@ class SecondaryMetric(_Strict):
     greater_is_better: bool = True
 
 
+class DistributedSpec(_Strict):
+    """Run the nightly training under torchrun (DDP): processes on this machine, machines, rendezvous.
+
+    Several machines: every machine runs the scheduler with the same config except ``node_rank``;
+    the registry, archive and label folders must be the same shared paths on all of them.
+    """
+
+    nproc_per_node: int = Field(1, ge=1, le=64, description="training processes on this machine")
+    nnodes: int = Field(1, ge=1, le=64, description="machines taking part")
+    node_rank: int = Field(0, ge=0, description="this machine's rank, 0..nnodes-1 (rank 0 gates and promotes)")
+    rdzv_endpoint: str | None = Field(None, description="host:port of the rank-0 machine (needed when nnodes > 1)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DistributedSpec:
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"distributed.node_rank {self.node_rank} must be below nnodes {self.nnodes}")
+        if self.nnodes > 1:
+            host, _, port = (self.rdzv_endpoint or "").rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError("distributed.nnodes > 1 needs rdzv_endpoint: host:port of the rank-0 machine "
+                                 f"(got {self.rdzv_endpoint!r})")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """Whether more than one process trains."""
+        return self.nproc_per_node * self.nnodes > 1
+
+
 class TaskSchedule(_Strict):
     """When and how one task is retrained."""
 
@@ -72,6 +106,8 @@ class TaskSchedule(_Strict):
     min_new_labels: int = Field(0, ge=0, description="skip the run unless this many new labels arrived")
     train: dict[str, Any] = Field(default_factory=dict, description="extra TrainConfig keys")
     task: dict[str, Any] = Field(default_factory=dict, description="task config keys (scratch mode)")
+    distributed: DistributedSpec | None = Field(None, description="torchrun set-up of this task (default: the "
+                                                "config's top-level distributed)")
 
     @field_validator("cron")
     @classmethod
@@ -92,7 +128,15 @@ class NightlyConfig(_Strict):
     incoming_labels_dir: Path
     device: Literal["auto", "cpu", "cuda"] = "auto"
     misfire_grace_time_s: int = Field(6 * 3600, ge=1, description="a run missed by less than this still runs once")
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec, description="torchrun set-up of every "
+                                         "task's run (multi-process / multi-machine DDP)")
+    plugins: list[str] = Field(default_factory=list, description="modules imported first (site task adapters)")
     tasks: dict[str, TaskSchedule] = Field(default_factory=dict)
+
+    def distributed_for(self, task: str) -> DistributedSpec:
+        """The torchrun set-up of ``task``'s runs."""
+        sched = self.tasks.get(task)
+        return sched.distributed if sched is not None and sched.distributed is not None else self.distributed
 
     def resolve_paths(self, base: Path) -> NightlyConfig:
         """Copy with relative paths resolved against ``base``."""

@@ -33,11 +33,12 @@ from apscheduler.triggers.cron import CronTrigger
 
 from inference.errors import DicomNodeError
 from inference.fsutil import atomic_write_text
-from training.nightly.config import NightlyConfig, cron_trigger, load_nightly_config
+from training.nightly.config import NightlyConfig, NightlyConfigError, cron_trigger, load_nightly_config
+from training.nightly.distributed import inside_torchrun, launch, terminate_all
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NightlyScheduler", "add_arguments", "cron_trigger", "missed_runs", "run"]
+__all__ = ["NightlyScheduler", "add_arguments", "cron_trigger", "load_plugins", "missed_runs", "run", "run_once"]
 
 Runner = Callable[[NightlyConfig, str], Any]
 STATE = "state.json"
@@ -52,10 +53,30 @@ def missed_runs(trigger: CronTrigger, last: _dt.datetime, now: _dt.datetime, lim
     return n
 
 
-def _default_runner(cfg: NightlyConfig, task: str) -> Any:
+def load_plugins(cfg: NightlyConfig) -> None:
+    """Import ``cfg.plugins`` (modules registering site task adapters)."""
+    import importlib
+
+    for name in cfg.plugins:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise NightlyConfigError(f"plugin module {name!r} cannot be imported: {exc}; fix 'plugins' in the "
+                                     "nightly config or PYTHONPATH") from exc
+
+
+def run_once(cfg: NightlyConfig, task: str, stamp: str | None = None) -> Any:
+    """One nightly run of ``task``: in this process, or under torchrun when ``distributed`` asks for more."""
+    load_plugins(cfg)
+    if cfg.distributed_for(task).enabled and not inside_torchrun():
+        return launch(cfg, task, stamp=stamp)
     from training.nightly.job import run_task
 
-    return run_task(cfg, task)
+    return run_task(cfg, task, stamp=stamp)
+
+
+def _default_runner(cfg: NightlyConfig, task: str) -> Any:
+    return run_once(cfg, task)
 
 
 class NightlyScheduler:
@@ -166,21 +187,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--once", metavar="TASK", help="run TASK's job now, print the decision and exit")
     g.add_argument("--list", action="store_true", help="print each task's next run time and exit")
+    p.add_argument("--stamp", help="with --once: the run folder's name (default: the start time)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the scheduler in the foreground (SIGTERM/SIGINT stop it); ``--once`` exits 0 unless the run failed."""
     try:
         cfg = load_nightly_config(args.config)
+        load_plugins(cfg)
     except DicomNodeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.once:
-        from training.nightly.job import run_task
-
         if args.once not in cfg.tasks:
             log.warning("task %s has no schedule in %s; using the defaults", args.once, args.config)
-        outcome = run_task(cfg, args.once)
+        outcome = run_once(cfg, args.once, args.stamp)
         if outcome.status == "worker":  # a non-zero torchrun rank; rank 0 prints the decision
             print(f"{args.once}: {outcome.reason}")
             return 0
@@ -198,6 +219,7 @@ def run(args: argparse.Namespace) -> int:
     def _stop(signum: int, _frame: Any) -> None:
         log.info("signal %d: stopping the scheduler", signum)
         ns.shutdown(wait=False)
+        terminate_all()  # a torchrun run ends with it (it promotes nothing unless it finished)
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
