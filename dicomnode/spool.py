@@ -18,7 +18,6 @@ receiver's journal still holds, reported by :mod:`dicomnode.native_scp`) are wri
 
 from __future__ import annotations
 
-import ctypes
 import enum
 import io
 import json
@@ -43,6 +42,7 @@ from dicomnode.filemeta import seek_dataset
 from dicomnode.fsutil import fsync_path
 from dicomnode.router import SeriesInfo, routing_meta
 from dicomnode.spool_associations import AssociationIndex
+from dicomnode.spool_sync import sync_files as _sync_filesystem
 from dicomnode.store import ReceiveRepo
 
 log = logging.getLogger(__name__)
@@ -96,34 +96,6 @@ class SeriesRecord:
         return SeriesInfo.from_meta(self.meta, self.n_instances)
 
 
-def _sync_filesystem(root: Path, files: list[Path]) -> None:
-    """Make ``files`` and their directory entries durable: one ``syncfs`` of ``root``'s file system.
-
-    Falls back to fsyncing every file and directory where ``syncfs`` is not available.
-    """
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if _LIBC is not None and _LIBC.syncfs(fd) == 0:
-            return
-    finally:
-        os.close(fd)
-    dirs: set[Path] = set()
-    for f in files:
-        fsync_path(f)
-        dirs.update((f.parent, f.parent.parent))
-    for d in sorted(dirs) + [root]:
-        fsync_path(d)
-
-
-def _load_libc() -> Any:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc if hasattr(libc, "syncfs") else None
-    except OSError:  # pragma: no cover - not Linux
-        return None
-
-
-_LIBC = _load_libc()
 
 
 @dataclass(frozen=True)
@@ -372,8 +344,8 @@ class Spool(AssociationIndex):
         The bytes may also be an object with ``copy_to(fd)`` and ``bytes()`` (a
         :class:`dicomnode.journal.JournalPayload`): the kernel then copies it into the spool file.
 
-        Each file is written and renamed into place without its own fsync; one ``syncfs`` of the
-        spool's file system then makes all of them (and their directories) durable before a single
+        Each file is written and renamed into place without its own fsync; one flush
+        (:func:`_sync_filesystem`) then makes all of them (and their directories) durable before a single
         transaction indexes them. An item that cannot be parsed gets its InvalidDatasetError in the
         result list and does not stop the others. SOP Instance UIDs already stored (or repeated in
         the batch) go through :meth:`store` one by one afterwards (duplicate or re-send).
