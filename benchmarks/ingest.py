@@ -408,8 +408,12 @@ def render_sustained(res: dict) -> str:
         "",
         "storescp writes into the page cache and never waits for the disk, so its rate swings with the kernel's "
         "dirty-page state (see every run); the node answers each instance only after parsing the data set "
-        "(since issue #33) and `fdatasync`ing its journal record, and once the stream outgrows the journals it "
-        "also waits for the spool (file, directory and index fsyncs) to free room. "
+        "(since issue #33) and `fdatasync`ing its journal record (associations appending at the same time share "
+        "one flush), and once the stream outgrows the journals it also waits for the spool to free room (batches "
+        "of up to 32 MiB copied from the journal by the kernel, their files flushed with one file-system commit, "
+        "one index transaction). `benchmarks/receiver_cpu.py` shows what sets the ratio on a given machine: the "
+        "CPU time per instance of each (when both are starved of CPU) and the latency of one device flush (when "
+        "the disk is busy; the node waits for one per instance and association, storescp for none). "
         + ("The 0.5x goal is **missed** in this run: " + "; ".join(
             f"{p} association{'s' if p > 1 else ''} {r[f'node/{p}'] / r[f'storescp/{p}']:.2f}x"
             for p in (1, 4) if r[f"node/{p}"] / r[f"storescp/{p}"] < SUSTAINED_GOAL) + "."
