@@ -426,6 +426,7 @@ def render_sustained(res: dict) -> str:
                    f"in {met_runs} of the {1 + len(res['history'])} runs listed here, so the goal cannot be claimed "
                    "for a sustained stream on this machine."]
                   if res.get("history") and met_runs < 1 + len(res["history"]) else [])
+          + [x for note in res.get("notes", []) for x in ("", note)]
           + [""] + [f"- Earlier run, {h['date']}, commit `{h['commit']}`: node / storescp (medians) "
                   f"{h['ratio_1']:.2f} on 1 association, {h['ratio_4']:.2f} on 4 "
                   f"({h['node_1']:.0f} vs {h['storescp_1']:.0f} and {h['node_4']:.0f} vs {h['storescp_4']:.0f} "
@@ -532,10 +533,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--render-only", action="store_true", help="re-render the last results JSON, measure nothing")
     ap.add_argument("--sustained", type=int, default=0, help="also run the sustained stream of N images (0: skip)")
     ap.add_argument("--sustained-only", action="store_true", help="run only the sustained stream (default N 2000)")
+    ap.add_argument("--note", action="append", default=[],
+                    help="a paragraph to print under the sustained table (kept in the results JSON)")
     args = ap.parse_args(argv)
     if args.sustained_only or args.sustained:
         if args.render_only:
             sres = json.loads(SUSTAINED_RESULTS.read_text())
+            if args.note:
+                sres["notes"] = args.note
+                SUSTAINED_RESULTS.write_text(json.dumps(sres, indent=2))
         else:
             sres = run_sustained(args.sustained or 2000, args.processes, args.repeats)
             sres["history"] = _sustained_history()
