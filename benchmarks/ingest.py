@@ -408,8 +408,12 @@ def render_sustained(res: dict) -> str:
         "",
         "storescp writes into the page cache and never waits for the disk, so its rate swings with the kernel's "
         "dirty-page state (see every run); the node answers each instance only after parsing the data set "
-        "(since issue #33) and `fdatasync`ing its journal record, and once the stream outgrows the journals it "
-        "also waits for the spool (file, directory and index fsyncs) to free room. "
+        "(since issue #33) and `fdatasync`ing its journal record (associations appending at the same time share "
+        "one flush), and once the stream outgrows the journals it also waits for the spool to free room (batches "
+        "of up to 32 MiB copied from the journal by the kernel, their files flushed with one file-system commit, "
+        "one index transaction). `benchmarks/receiver_cpu.py` shows what sets the ratio on a given machine: the "
+        "CPU time per instance of each (when both are starved of CPU) and the latency of one device flush (when "
+        "the disk is busy; the node waits for one per instance and association, storescp for none). "
         + ("The 0.5x goal is **missed** in this run: " + "; ".join(
             f"{p} association{'s' if p > 1 else ''} {r[f'node/{p}'] / r[f'storescp/{p}']:.2f}x"
             for p in (1, 4) if r[f"node/{p}"] / r[f"storescp/{p}"] < SUSTAINED_GOAL) + "."
@@ -422,6 +426,7 @@ def render_sustained(res: dict) -> str:
                    f"in {met_runs} of the {1 + len(res['history'])} runs listed here, so the goal cannot be claimed "
                    "for a sustained stream on this machine."]
                   if res.get("history") and met_runs < 1 + len(res["history"]) else [])
+          + [x for note in res.get("notes", []) for x in ("", note)]
           + [""] + [f"- Earlier run, {h['date']}, commit `{h['commit']}`: node / storescp (medians) "
                   f"{h['ratio_1']:.2f} on 1 association, {h['ratio_4']:.2f} on 4 "
                   f"({h['node_1']:.0f} vs {h['storescp_1']:.0f} and {h['node_4']:.0f} vs {h['storescp_4']:.0f} "
@@ -528,10 +533,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--render-only", action="store_true", help="re-render the last results JSON, measure nothing")
     ap.add_argument("--sustained", type=int, default=0, help="also run the sustained stream of N images (0: skip)")
     ap.add_argument("--sustained-only", action="store_true", help="run only the sustained stream (default N 2000)")
+    ap.add_argument("--note", action="append", default=[],
+                    help="a paragraph to print under the sustained table (kept in the results JSON)")
     args = ap.parse_args(argv)
     if args.sustained_only or args.sustained:
         if args.render_only:
             sres = json.loads(SUSTAINED_RESULTS.read_text())
+            if args.note:
+                sres["notes"] = args.note
+                SUSTAINED_RESULTS.write_text(json.dumps(sres, indent=2))
         else:
             sres = run_sustained(args.sustained or 2000, args.processes, args.repeats)
             sres["history"] = _sustained_history()

@@ -22,6 +22,7 @@ from dicomnode._identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 from dicomnode.dimse_status import (
     RJ_APP_CONTEXT,
     RJ_CALLED_AE,
+    RJ_LOCAL_LIMIT,
     RJ_PROTOCOL_VERSION,
     STATUS_SOP_CLASS_NOT_SUPPORTED,
     STATUS_SUCCESS,
@@ -88,7 +89,8 @@ class Association:
         self.calling = ""
         self.slot = False
         self.pending = True  # counted in the server's connections without an association
-        self.evicted = False  # closed by the accept loop to make room (max_pending_connections)
+        self.evicted = False  # refused by the accept loop to make room (max_pending_connections)
+        self.rq_read = False  # the whole A-ASSOCIATE-RQ was read: never evicted from then on
         self.released = False
 
     # ---------------------------------------------------------------- socket helpers
@@ -162,7 +164,7 @@ class Association:
         True when the peer has not completed its request ``EVICT_AFTER_S`` after connecting (silent, or
         stalled part way); never while bytes it sent wait unread (then the node is the slow one).
         """
-        if age_s < EVICT_AFTER_S or self.released or self.slot:
+        if age_s < EVICT_AFTER_S or self.rq_read or self.released or self.slot:
             return False
         try:
             readable, _, _ = select.select([self.conn], [], [], 0)
@@ -170,12 +172,40 @@ class Association:
             return True
         return not readable
 
-    def evict(self) -> None:
-        """Close this connection to make room for a new one (called by the accept loop; it is pending)."""
+    def evict(self, *, lingering: bool) -> None:
+        """Refuse this connection to make room for a new one (called by the accept loop under its pending lock).
+
+        One that waits for its A-ASSOCIATE-RQ gets an A-ASSOCIATE-RJ (transient, local limit) followed by
+        our FIN, on plain TCP: a slow but honest sender learns it was refused, never sees a bare close. Its
+        thread goes on draining what the peer sends until the peer closes or the ARTIM deadline passes, so
+        the close never resets the connection before the peer read the rejection. One that lingers after
+        its answer (and a TLS connection, where no plain PDU may be sent) is shut down at once.
+        """
         self.evicted = True
         try:
-            self.conn.shutdown(socket.SHUT_RDWR)
+            if lingering or self.server.ssl_context is not None:
+                self.conn.shutdown(socket.SHUT_RDWR)
+                return
+            self.conn.send(ul.associate_rj(*RJ_LOCAL_LIMIT))  # 10 bytes into an empty send buffer
+            self.conn.shutdown(socket.SHUT_WR)
         except OSError:
+            pass
+
+    def _request_read(self) -> bool:
+        """Mark the A-ASSOCIATE-RQ as read; False when the accept loop refused this connection first."""
+        with self.server.pending_lock:
+            if self.evicted:
+                return False
+            self.rq_read = True
+            return True
+
+    def _drain_until_closed(self) -> None:
+        """Read and drop what the peer sends until it closes or the ARTIM deadline passes."""
+        scratch = memoryview(bytearray(4096))
+        try:
+            while not self.server.stopping:
+                self._recv_into(scratch)
+        except (_Closed, OSError):
             pass
 
     # ---------------------------------------------------------------- the association
@@ -188,6 +218,9 @@ class Association:
             if self.server.ssl_context is not None:
                 self.conn = self.server.ssl_context.wrap_socket(self.conn, server_side=True)
             pdu_type, body = self._read_pdu()
+            if not self._request_read():  # refused to make room while its request arrived: it has the RJ
+                self._drain_until_closed()
+                return
             if pdu_type != ul.ASSOCIATE_RQ:
                 raise ul.ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type {pdu_type}", ul.UNEXPECTED_PDU)
             if not self._accept(ul.decode_associate_rq(bytes(body))):
@@ -202,8 +235,10 @@ class Association:
                 self._linger()
         except (_Closed, ConnectionError, TimeoutError, OSError) as exc:
             if self.evicted and not self.slot:
-                log.warning("connection from %s closed while waiting for its A-ASSOCIATE-RQ, to make room for a new"
-                            " one (max_pending_connections)", self.peer_host)
+                log.warning("connection from %s refused while waiting for its A-ASSOCIATE-RQ, to make room for a"
+                            " new one (max_pending_connections)", self.peer_host)
+                if not isinstance(exc, _Closed | TimeoutError):
+                    self._drain_until_closed()
             elif not self.released:
                 log.warning("association %s from %s ended without release: %s", self.aid, self.peer_host,
                             type(exc).__name__)
@@ -356,11 +391,12 @@ class Association:
             if not spool.disk_ok():
                 raise OutOfResourcesError(f"free disk space below {spool.disk_min_free_gb:g} GiB")
             data: Any = instance.path if instance.path is not None else instance.buf
-            ident = spool.identify(data)
+            ident = spool.identify(data, dataset_offset=instance.meta_length)  # the meta is ours
             if ident.sop_class != cmd.sop_class_uid or ident.sop != cmd.sop_instance_uid:
                 raise DataSetMismatchError("the data set's SOP Class / Instance UID differ from the C-STORE-RQ's")
             if instance.path is None and server.journal is not None and ts in _FAST_SYNTAXES:
-                if server.journal.append(instance.buf, {"assoc_id": self.aid, "ident": ident.to_json()}) is not None:
+                if server.journal.append(instance.buf, {"assoc_id": self.aid, "ident": ident.to_json()},
+                                         adler32=instance.adler) is not None:
                     return None
             return spool.store(data if instance.path is not None else bytes(data), assoc_id=self.aid, ident=ident)
 

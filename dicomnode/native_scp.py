@@ -44,6 +44,7 @@ import struct
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from dicomnode import ul
 from dicomnode.config import NodeConfig
 from dicomnode.dimse_status import RJ_CALLING_AE, RJ_LOCAL_LIMIT
-from dicomnode.journal import Journal
+from dicomnode.journal import Journal, JournalPayload
 from dicomnode.metrics import instance_rejected, instance_stored
 from dicomnode.quarantine import quarantine
 from dicomnode.spool import Identity, Spool, StoreOutcome
@@ -82,7 +83,7 @@ def supported_contexts(transfer_syntaxes: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def apply_records(spool: Spool, items: list[tuple[bytes, dict[str, Any]]]) -> None:
+def apply_records(spool: Spool, items: list[tuple[bytes | JournalPayload, dict[str, Any]]]) -> None:
     """Move journal records into the spool (one sync, one commit); unparseable ones go to quarantine.
 
     The receiver parsed every record before its success status (the identity travels in the record),
@@ -96,7 +97,7 @@ def apply_records(spool: Spool, items: list[tuple[bytes, dict[str, Any]]]) -> No
         if isinstance(result, StoreOutcome):
             instance_stored(result.value)
             continue
-        quarantine(spool.storage_dir, payload, kind="invalid_dataset", reason=str(result),
+        quarantine(spool.storage_dir, bytes(payload), kind="invalid_dataset", reason=str(result),
                    sop_instance_uid=(meta.get("ident") or {}).get("sop"), assoc_id=meta.get("assoc_id"))
         instance_rejected("quarantined")
 
@@ -107,6 +108,7 @@ class _Instance:
     def __init__(self, head: bytes, tmp_dir: Path) -> None:
         self.buf = bytearray(head)
         self.meta_length = len(head)
+        self.adler = zlib.adler32(head)  # of the bytes in memory, kept as fragments arrive (the journal's checksum)
         self._tmp_dir = tmp_dir
         self.file: Any = None
         self.path: Path | None = None
@@ -125,6 +127,7 @@ class _Instance:
                 self.file.write(fragment)
             else:
                 self.buf += fragment
+                self.adler = zlib.adler32(fragment, self.adler)
         except OSError as exc:
             self.error = exc
             self.discard()
@@ -198,7 +201,7 @@ class NativeServer:
         self._selector.register(self.sock, selectors.EVENT_READ)
         # connections without an association: waiting for their A-ASSOCIATE-RQ, or lingering after RJ/RP/abort
         self._pending: dict[Any, tuple[float, bool]] = {}  # association -> (since, lingering)
-        self._pending_lock = threading.Lock()
+        self.pending_lock = threading.Lock()  # also orders an eviction against the request being read
         self._last_refusal_log = 0.0
 
     @property
@@ -208,12 +211,12 @@ class NativeServer:
 
     def pending_enter(self, assoc: Any, *, lingering: bool) -> None:
         """Count ``assoc`` as a connection without an association (again, or now lingering)."""
-        with self._pending_lock:
+        with self.pending_lock:
             self._pending[assoc] = (time.monotonic(), lingering)
 
     def pending_leave(self, assoc: Any) -> None:
         """``assoc`` was accepted or closed."""
-        with self._pending_lock:
+        with self.pending_lock:
             self._pending.pop(assoc, None)
 
     def _admit(self, assoc: Any) -> bool:
@@ -225,16 +228,17 @@ class NativeServer:
         milliseconds, so silent or stalling peers cannot keep senders out.
         """
         now = time.monotonic()
-        with self._pending_lock:
+        with self.pending_lock:
             if len(self._pending) >= self.node.max_pending_connections:
                 by_age = sorted(self._pending.items(), key=lambda kv: kv[1][0])
                 victim = next((a for a, (_, lingering) in by_age if lingering), None)
+                lingering = victim is not None
                 if victim is None:
                     victim = next((a for a, (since, _) in by_age if a.evictable(now - since)), None)
                 if victim is None:
                     return False
                 del self._pending[victim]
-                victim.evict()
+                victim.evict(lingering=lingering)
             self._pending[assoc] = (now, False)
             return True
 
@@ -268,7 +272,7 @@ class NativeServer:
         elif kind == "abort":
             self.spool.abort_association(aid)
 
-    def _apply(self, items: list[tuple[bytes, dict[str, Any]]]) -> None:
+    def _apply(self, items: list[tuple[bytes | JournalPayload, dict[str, Any]]]) -> None:
         apply_records(self.spool, items)
 
     def _report_backlog(self) -> None:
@@ -299,7 +303,7 @@ class NativeServer:
         if self.journal is not None:
             journal = self.journal
             mat = threading.Thread(target=journal.run_materializer, args=(self._apply, self._on_event, self._stop),
-                                   name="dicomnode-materializer", daemon=True)
+                                   kwargs={"lazy_payloads": True}, name="dicomnode-materializer", daemon=True)
             mat.start()
             self._threads.append(mat)
             rep = threading.Thread(target=self._report_backlog, name="dicomnode-journal-backlog", daemon=True)

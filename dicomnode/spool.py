@@ -18,7 +18,6 @@ receiver's journal still holds, reported by :mod:`dicomnode.native_scp`) are wri
 
 from __future__ import annotations
 
-import ctypes
 import enum
 import io
 import json
@@ -43,6 +42,7 @@ from dicomnode.filemeta import seek_dataset
 from dicomnode.fsutil import fsync_path
 from dicomnode.router import SeriesInfo, routing_meta
 from dicomnode.spool_associations import AssociationIndex
+from dicomnode.spool_sync import sync_files as _sync_filesystem
 from dicomnode.store import ReceiveRepo
 
 log = logging.getLogger(__name__)
@@ -96,34 +96,6 @@ class SeriesRecord:
         return SeriesInfo.from_meta(self.meta, self.n_instances)
 
 
-def _sync_filesystem(root: Path, files: list[Path]) -> None:
-    """Make ``files`` and their directory entries durable: one ``syncfs`` of ``root``'s file system.
-
-    Falls back to fsyncing every file and directory where ``syncfs`` is not available.
-    """
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if _LIBC is not None and _LIBC.syncfs(fd) == 0:
-            return
-    finally:
-        os.close(fd)
-    dirs: set[Path] = set()
-    for f in files:
-        fsync_path(f)
-        dirs.update((f.parent, f.parent.parent))
-    for d in sorted(dirs) + [root]:
-        fsync_path(d)
-
-
-def _load_libc() -> Any:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc if hasattr(libc, "syncfs") else None
-    except OSError:  # pragma: no cover - not Linux
-        return None
-
-
-_LIBC = _load_libc()
 
 
 @dataclass(frozen=True)
@@ -211,15 +183,22 @@ class Spool(AssociationIndex):
             return False
 
     @staticmethod
-    def _parse(fp: BinaryIO) -> tuple[pydicom.Dataset, str]:
-        """Parse the header (no pixel data) and check the data set is complete; return it and its transfer syntax."""
+    def _parse(fp: BinaryIO, dataset_offset: int | None = None) -> tuple[pydicom.Dataset, str]:
+        """Parse the header (no pixel data) and check the data set is complete; return it and its transfer syntax.
+
+        ``dataset_offset``: where the data set starts, when the caller wrote the File Meta Information itself
+        (the native receiver); otherwise it is found and checked by :func:`dicomnode.filemeta.seek_dataset`.
+        """
         try:
             ds = pydicom.dcmread(fp, stop_before_pixels=True)
             ts = str(ds.file_meta.get("TransferSyntaxUID") or "")
             meta_sop = ds.file_meta.get("MediaStorageSOPInstanceUID")
             if meta_sop is not None and "SOPInstanceUID" not in ds:
                 ds.SOPInstanceUID = meta_sop
-            seek_dataset(fp)
+            if dataset_offset is None:
+                seek_dataset(fp)
+            else:
+                fp.seek(dataset_offset)
         except Exception as exc:  # noqa: BLE001 - anything pydicom raises means "cannot parse"
             raise InvalidDatasetError(f"cannot parse received dataset: {type(exc).__name__}: {exc}") from exc
         check_complete(fp, ts)
@@ -252,8 +231,11 @@ class Spool(AssociationIndex):
 
     # ------------------------------------------------------------------ store
 
-    def identify(self, encoded: bytes | bytearray | memoryview | str | os.PathLike[str]) -> Identity:
+    def identify(self, encoded: bytes | bytearray | memoryview | str | os.PathLike[str], *,
+                 dataset_offset: int | None = None) -> Identity:
         """Parse and check a received instance (File Format bytes or a path) as :meth:`store` would.
+
+        ``dataset_offset`` is where the data set starts when the caller wrote the File Meta Information.
 
         Raises
         ------
@@ -263,10 +245,10 @@ class Spool(AssociationIndex):
             A path that cannot be read.
         """
         if isinstance(encoded, bytes | bytearray | memoryview):
-            return self._identify(io.BytesIO(encoded))
+            return self._identify(io.BytesIO(encoded), dataset_offset)
         try:
             with open(encoded, "rb") as fp:
-                return self._identify(fp)
+                return self._identify(fp, dataset_offset)
         except OSError as exc:
             raise OutOfResourcesError(f"cannot read received file {encoded}: {exc}") from exc
 
@@ -355,12 +337,15 @@ class Spool(AssociationIndex):
         """Remove an instance row being replaced (in the caller's transaction); its series is touched."""
         ReceiveRepo(conn).remove_instance(row["sop_instance_uid"], row["series_uid"], now)
 
-    def store_batch(self, items: list[tuple[bytes, str | None]] | list[tuple[bytes, str | None, Identity | None]]
+    def store_batch(self, items: list[tuple[Any, str | None]] | list[tuple[Any, str | None, Identity | None]]
                     ) -> list[StoreOutcome | InvalidDatasetError]:
         """Persist several instances (File Format bytes, association id[, identity]) with one sync and one commit.
 
-        Each file is written and renamed into place without its own fsync; one ``syncfs`` of the
-        spool's file system then makes all of them (and their directories) durable before a single
+        The bytes may also be an object with ``copy_to(fd)`` and ``bytes()`` (a
+        :class:`dicomnode.journal.JournalPayload`): the kernel then copies it into the spool file.
+
+        Each file is written and renamed into place without its own fsync; one flush
+        (:func:`_sync_filesystem`) then makes all of them (and their directories) durable before a single
         transaction indexes them. An item that cannot be parsed gets its InvalidDatasetError in the
         result list and does not stop the others. SOP Instance UIDs already stored (or repeated in
         the batch) go through :meth:`store` one by one afterwards (duplicate or re-send).
@@ -375,12 +360,12 @@ class Spool(AssociationIndex):
         conn = self._conn
         results: list[StoreOutcome | InvalidDatasetError] = []
         placed: list[tuple[int, Identity, Path, str | None]] = []
-        again: list[tuple[int, bytes, Identity, str | None]] = []
+        again: list[tuple[int, Any, Identity, str | None]] = []
         seen: set[str] = set()
         try:
             for k, (data, assoc_id, *rest) in enumerate(items):
                 try:
-                    ident = rest[0] if rest and rest[0] is not None else self._identify(io.BytesIO(data))
+                    ident = rest[0] if rest and rest[0] is not None else self._identify(io.BytesIO(bytes(data)))
                 except InvalidDatasetError as exc:
                     results.append(exc)
                     continue
@@ -393,7 +378,10 @@ class Spool(AssociationIndex):
                 final.parent.mkdir(parents=True, exist_ok=True)
                 tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
                 with open(tmp, "wb") as f:
-                    f.write(data)
+                    if hasattr(data, "copy_to"):
+                        data.copy_to(f.fileno())
+                    else:
+                        f.write(data)
                 os.replace(tmp, final)
                 placed.append((k, ident, final, assoc_id))
             if placed:
@@ -408,12 +396,12 @@ class Spool(AssociationIndex):
         except sqlite3.Error as exc:
             raise OutOfResourcesError(f"cannot index {len(placed)} instances: {exc}") from exc
         for k, data, ident, assoc_id in again:
-            results[k] = self._store_again(ident, data, assoc_id)
+            results[k] = self._store_again(ident, bytes(data), assoc_id)
         return results
 
-    def _identify(self, fp: BinaryIO) -> _Identity:
+    def _identify(self, fp: BinaryIO, dataset_offset: int | None = None) -> _Identity:
         """Parse and check a received file; its UIDs, transfer syntax and routing attributes."""
-        ds, ts = self._parse(fp)
+        ds, ts = self._parse(fp, dataset_offset)
         try:
             sop = _valid_uid(ds.get("SOPInstanceUID"))
             sop_class = _valid_uid(ds.get("SOPClassUID")) or _valid_uid(ds.file_meta.get("MediaStorageSOPClassUID"))

@@ -20,7 +20,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, build_role
+from pynetdicom import AE, build_role, evt
 from pynetdicom.pdu_primitives import (
     AsynchronousOperationsWindowNegotiation,
     SOPClassCommonExtendedNegotiation,
@@ -353,15 +353,21 @@ def test_associations_beyond_the_limit_are_rejected_not_aborted(tmp_path: Path) 
         held = [_ae(Verification).associate("127.0.0.1", group.port, ae_title=AE_TITLE) for _ in range(4)]
         assert all(a.is_established for a in held)
         outcomes: list[str] = []
+        wire_events: list[list[str]] = []
         lock = threading.Lock()
 
         def attempt() -> None:
-            a = _ae(Verification).associate("127.0.0.1", group.port, ae_title=AE_TITLE)
+            trail: list[str] = []
+            a = _ae(Verification).associate("127.0.0.1", group.port, ae_title=AE_TITLE, evt_handlers=[
+                (evt.EVT_FSM_TRANSITION, lambda e: trail.append(e.fsm_event))])
+            if a.is_established:
+                a.release()
+            else:
+                a.dul.join(10)  # its state machine has handled everything it received
             with lock:
                 outcomes.append("established" if a.is_established else "rejected" if a.is_rejected
                                 else "aborted" if a.is_aborted else "other")
-            if a.is_established:
-                a.release()
+                wire_events.append(trail)
 
         for _ in range(5):
             threads = [threading.Thread(target=attempt) for _ in range(24)]
@@ -371,9 +377,12 @@ def test_associations_beyond_the_limit_are_rejected_not_aborted(tmp_path: Path) 
                 t.join(60)
         counts = {o: outcomes.count(o) for o in set(outcomes)}
         assert len(outcomes) == 120 and set(counts) <= {"rejected", "aborted"}, counts  # never accepted over the limit
-        # Issue #33 (open): under CI load a few over-limit requests (2 of 120 in one fresh-clone run, with the node
-        # logging one association "ended without release: _Closed") still reach pynetdicom as an abort; on a quiet
-        # machine all 120 are rejected. The bound catches a regression to the old behaviour without hiding the rest.
+        # On the wire every one of them got an A-ASSOCIATE-RJ (Evt4), no A-ABORT (Evt16), no bare close (Evt17).
+        # The few that pynetdicom 3.0.4 reports as aborted under CPU load are its own race: its DUL thread closes
+        # the socket on the RJ before its ACSE thread checks ``socket._is_connected`` and calls ``abort()``
+        # (see test_receiver_protocol.test_too_many_associations_are_rejected_never_aborted).
+        bad = [ev for ev in wire_events if "Evt4" not in ev or {"Evt16", "Evt17"} & set(ev)]
+        assert not bad, bad
         assert counts.get("rejected", 0) >= 114, counts
         # the reject is the right one: transient, service provider (presentation), local limit exceeded
         wire, kind, body = w.associate(group.port, [(1, w.VERIFICATION, [w.IMPLICIT_LE])])

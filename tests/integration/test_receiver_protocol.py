@@ -210,12 +210,11 @@ def test_silent_connections_cannot_keep_senders_out(make_node) -> None:  # noqa:
     assert lingering.recv(10) == b""
     silent.append(socket.create_connection((PORT_HOST, node.port), timeout=10))
     time.sleep(2.3)  # full again, all silent
-    assert echo(node.port).returncode == 0  # now the silent connection that waited longest is closed
+    assert echo(node.port).returncode == 0  # now the silent connection that waited longest is refused
     silent[0].settimeout(5)
-    try:
-        assert silent[0].recv(10) == b""
-    except ConnectionResetError:
-        pass
+    # a refusal it can read (rejected-transient, service provider, local limit), then our FIN: never a bare close
+    assert read_pdu(silent[0]) == (ul.ASSOCIATE_RJ, bytes([0, 2, 3, 2]))
+    assert silent[0].recv(10) == b""
     for s in silent[1:]:  # the others are still waiting (until ARTIM)
         s.settimeout(0.3)
         with pytest.raises(TimeoutError):
@@ -436,24 +435,39 @@ def test_unsupported_command_answers_unrecognized_operation(make_node) -> None: 
 
 
 def test_too_many_associations_are_rejected_never_aborted(make_node) -> None:  # noqa: F811
-    """Many concurrent pynetdicom associations against a limit of 2: every refusal arrives as A-ASSOCIATE-RJ."""
+    """Many concurrent pynetdicom associations against a limit of 2: every refusal arrives as A-ASSOCIATE-RJ.
+
+    Judged on the wire, from pynetdicom's own state machine: each association that was not accepted must have
+    received an A-ASSOCIATE-RJ PDU (Evt4) and neither an A-ABORT PDU (Evt16) nor a bare close (Evt17).
+    pynetdicom 3.0.4 itself reports a few of those refusals as aborted under CPU load: its DUL thread receives the
+    RJ and closes the socket before its ACSE thread checks ``socket._is_connected``, which then calls ``abort()``
+    (acse.py ``_negotiate_as_requestor``); that client-side race is counted apart and is not the node's doing.
+    """
+    from pynetdicom import evt
+
     node = make_node(max_associations=2, max_pending_connections=6)  # both limits: RJ from the thread and the loop
     outcomes: list[str] = []
+    trails: list[list[tuple[str, str]]] = []
     lock = threading.Lock()
 
     def one() -> None:
         ae = AE(ae_title="PYSCU")
         ae.add_requested_context(Verification)
         ae.acse_timeout = ae.network_timeout = 30
-        assoc = ae.associate(PORT_HOST, node.port, ae_title="BONENODE")
+        trail: list[tuple[str, str]] = []
+        handlers = [(evt.EVT_FSM_TRANSITION, lambda e: trail.append((e.current_state, e.fsm_event)))]
+        assoc = ae.associate(PORT_HOST, node.port, ae_title="BONENODE", evt_handlers=handlers)
         if assoc.is_established:
             time.sleep(0.05)
             assoc.release()
             what = "accepted"
         else:
             what = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "other"
+            assoc.dul.join(10)  # its state machine has handled everything it received
         with lock:
             outcomes.append(what)
+            if what != "accepted":
+                trails.append(list(trail))
 
     for _ in range(5):
         threads = [threading.Thread(target=one) for _ in range(20)]
@@ -464,9 +478,10 @@ def test_too_many_associations_are_rejected_never_aborted(make_node) -> None:  #
     assert len(outcomes) == 100
     assert outcomes.count("rejected") > 0
     assert outcomes.count("other") == 0, outcomes
-    # Issue #33 (open): under CI load a few refusals still reach pynetdicom as an abort (this test failed once in a
-    # fresh-clone run of the whole suite; 0 aborts when run alone). Bounded here so a regression to bare closes or
-    # aborts fails, while the remaining cause is found; see the issue's note.
+    events = [[ev for _, ev in trail] for trail in trails]
+    assert all("Evt4" in ev and "Evt16" not in ev and "Evt17" not in ev for ev in events), [
+        trail for trail, ev in zip(trails, events, strict=True) if "Evt4" not in ev or {"Evt16", "Evt17"} & set(ev)]
+    # what pynetdicom calls aborted is only its race after a received RJ (see above), never more than a few
     assert outcomes.count("aborted") <= 5, outcomes
 
 

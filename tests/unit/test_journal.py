@@ -171,3 +171,114 @@ def test_concurrent_writers_waiting_for_room_get_distinct_sequence_numbers(tmp_p
     t.join(5)
     assert len(seqs) == len(set(seqs)) == 60
     assert sorted(got) == sorted(p for ps in data.values() for p in ps)
+
+
+def test_concurrent_appends_share_flushes_and_each_follows_one_started_after_its_write(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Group commit: fewer fdatasyncs than appends, yet every append returns only after a flush that began
+    after its own write ended (so its record is durable before the caller answers success)."""
+    import os
+
+    j = Journal(tmp_path / "0.bin", 32 << 20, defer_s=0.0)
+    syncs: list[tuple[float, float]] = []
+    writes: dict[int, float] = {}
+    real_sync, real_pwritev = os.fdatasync, os.pwritev
+
+    def slow_sync(fd: int) -> None:
+        t0 = time.monotonic()
+        time.sleep(0.02)  # a device flush
+        real_sync(fd)
+        syncs.append((t0, time.monotonic()))
+
+    def pwritev(fd: int, bufs: list, offset: int) -> int:
+        n = real_pwritev(fd, bufs, offset)
+        writes[threading.get_ident()] = time.monotonic()
+        return n
+
+    monkeypatch.setattr(os, "fdatasync", slow_sync)
+    monkeypatch.setattr(os, "pwritev", pwritev)
+    got: list[bytes] = []
+    t, stop = _drain(j, got)
+    checked: list[bool] = []
+    lock = threading.Lock()
+
+    def writer(seed: int) -> None:
+        for p in _payloads(10, seed):
+            assert j.append(p, {}) is not None
+            done, wrote = time.monotonic(), writes[threading.get_ident()]
+            ok = any(wrote <= s0 and s1 <= done for s0, s1 in list(syncs))
+            with lock:
+                checked.append(ok)
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    _wait_idle(j)
+    stop.set()
+    t.join(5)
+    j.close()
+    assert len(checked) == 80 and all(checked)
+    assert len(syncs) < 60, len(syncs)  # 8 writers: flushes are shared (about 80 / 7 expected)
+    assert len(got) == 80
+
+
+def test_a_failed_group_flush_fails_the_appends_it_covered_and_later_ones_succeed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    j = Journal(tmp_path / "0.bin", 8 << 20, defer_s=0.0)
+    real_sync = os.fdatasync
+    calls = {"n": 0}
+
+    def failing_once(fd: int) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(5, "Input/output error")
+        real_sync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", failing_once)
+    with pytest.raises(OutOfResourcesError, match="cannot write the journal"):
+        j.append(b"x" * 1000, {"i": 0})
+    assert j.backlog() == 0  # the failed record is not live (not replayed, not applied)
+    assert j.append(b"y" * 1000, {"i": 1}) is not None
+    j.close()
+    records, _ = pending_records(tmp_path / "0.bin")
+    # the acknowledged record is replayable (the refused one may be too: its sender was told to retry, and a
+    # replayed copy of it is at worst a duplicate)
+    assert 1 in [r.meta["i"] for r in records]
+
+
+def test_lazy_payloads_are_copied_by_the_kernel_and_read_on_demand(tmp_path: Path) -> None:
+    """``lazy_payloads``: the materializer hands JournalPayload objects; copy_to and bytes() give the record."""
+    import os
+
+    from dicomnode.journal import JournalPayload
+
+    j = Journal(tmp_path / "0.bin", 8 << 20, defer_s=0.0)
+    data = _payloads(12, seed=3)
+    copied: list[bytes] = []
+    stop = threading.Event()
+
+    def apply(items: list[tuple[JournalPayload, dict]]) -> None:
+        for payload, _ in items:
+            assert isinstance(payload, JournalPayload) and len(payload) == payload.length
+            out = tmp_path / f"out{len(copied)}"
+            with open(out, "wb") as f:
+                f.write(b"")  # the copy goes at the file's position
+                payload.copy_to(f.fileno())
+            assert out.read_bytes() == bytes(payload)
+            copied.append(out.read_bytes())
+            os.unlink(out)
+
+    t = threading.Thread(target=j.run_materializer, args=(apply, lambda *_: None, stop),
+                         kwargs={"lazy_payloads": True}, daemon=True)
+    t.start()
+    for p in data:
+        assert j.append(p, {}) is not None
+    _wait_idle(j)
+    stop.set()
+    t.join(5)
+    j.close()
+    assert copied == data

@@ -272,8 +272,9 @@ def test_store_batch_syncs_once_and_indexes_all(spool: Spool, monkeypatch: pytes
 
 def test_store_batch_sync_falls_back_to_fsync(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
     import dicomnode.spool as spool_mod
+    import dicomnode.spool_sync as sync_mod
 
-    monkeypatch.setattr(spool_mod, "_LIBC", None)  # no syncfs: every file and directory is fsynced
+    monkeypatch.setattr(sync_mod, "_LIBC", None)  # no sync_file_range: every file and directory is fsynced
     fsynced: list[int] = []
     real_fsync = os.fsync
     monkeypatch.setattr(spool_mod.os, "fsync", lambda fd: (fsynced.append(fd), real_fsync(fd)))
@@ -299,3 +300,35 @@ def test_journal_backlog_reports_hold_quiet_completion_and_show_in_status(tmp_pa
     spool.set_journal_backlog("1.bin", 2)
     spool.clear_journal_backlog()
     assert not spool.journal_busy()
+
+
+def test_store_batch_sync_writes_only_its_files_and_commits_once(spool: Spool, monkeypatch: pytest.MonkeyPatch
+                                                                ) -> None:
+    """The batch sync writes its own files' data (sync_file_range: start all, then wait for each), then one
+    commit through the spool root (changed, then fsynced); never syncfs, which writes every process's dirty pages."""
+    import dicomnode.spool_sync as sync_mod
+
+    real = sync_mod._LIBC
+    assert real is not None  # Linux
+    calls: list[tuple[str, int]] = []
+
+    class Libc:
+        def sync_file_range(self, fd: int, off: int, n: int, flags: int) -> int:
+            calls.append(("sfr", flags))
+            return real.sync_file_range(fd, off, n, flags)
+
+        def syncfs(self, fd: int) -> int:  # pragma: no cover - must not be called
+            calls.append(("syncfs", 0))
+            return 0
+
+    monkeypatch.setattr(sync_mod, "_LIBC", Libc())
+    fsynced: list[str] = []
+    real_fsync_path = sync_mod.fsync_path
+    monkeypatch.setattr(sync_mod, "fsync_path", lambda p: (fsynced.append(str(p)), real_fsync_path(p)))
+    study, series = generate_uid(), generate_uid()
+    out = spool.store_batch([(make_instance(study, series), None) for _ in range(3)])
+    assert out == [StoreOutcome.STORED] * 3
+    assert calls == [("sfr", 2)] * 3 + [("sfr", 7)] * 3  # started for all, then waited for each
+    assert fsynced[0] == str(spool.root)  # the commit, before the directories
+    assert str(spool.root / study / series) in fsynced
+    assert all(not f.endswith(".dcm") for f in fsynced)  # no per-file fsync
