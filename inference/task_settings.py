@@ -24,7 +24,6 @@ from inference.radiograph import MEAN, MODEL_HEIGHT, MODEL_WIDTH, STD
 
 if TYPE_CHECKING:
     from inference.hrpqct import DensityNorm
-    from inference.tasks.knee_bone_seg import KneeParams
     from inference.tasks.physis_fracture_post import PostConfig
     from inference.tasks.spine_bmd import SpineParams
 
@@ -234,7 +233,12 @@ class HrpqctMotionSettings(TaskSettings):
 
 
 class KneeBoneSegSettings(TaskSettings):
-    """Settings of ``knee_bone_seg``; defaults are the faithful configuration."""
+    """Settings of ``knee_bone_seg``; defaults are the faithful configuration.
+
+    Serving (:mod:`inference.tasks.knee_bone_seg`) passes these settings themselves to its series
+    choice, pre-processing (:func:`~inference.tasks.knee_bone_seg.prepare_knee`) and post-processing,
+    and training (``training.tasks.knee_bone_seg``) to the same functions: there is no second copy.
+    """
 
     crop_mm: float = Field(DEFAULT_CROP_MM, gt=0, description="side of the square window at the joint (mm)")
     size: int = Field(MODEL_SIZE, ge=16, description="in-plane network input size")
@@ -248,19 +252,16 @@ class KneeBoneSegSettings(TaskSettings):
     threshold: float = Field(0.5, gt=0, lt=1, description="probability threshold of a bone voxel")
     largest_component: bool = True
     fill_holes: bool = True
-    min_slices: int = Field(20, ge=1)
+    min_slices: int = Field(20, ge=1, description="fewest planes of a usable series")
+    planes: tuple[Literal["coronal", "sagittal", "axial"], ...] = Field(
+        ("coronal", "sagittal"), min_length=1, description="slice orientations a usable series may have")
+    batch_size: int = Field(8, ge=1, description="serving: slices per forward pass")
     augment: bool = True
     dice_over: Literal["batch", "slice"] = Field(
         "batch", description="soft Dice per bone over the whole batch (Keras-style flattened F1) or per slice")
     hd95: bool = True
 
-    def params(self) -> KneeParams:
-        """The shared pre/post-processing parameters (as the node will read them from the bundle)."""
-        from inference.tasks.knee_bone_seg import KneeParams
-
-        return KneeParams(crop_mm=self.crop_mm, size=self.size, n4=self.n4, n4_shrink=self.n4_shrink,
-                          threshold=self.threshold, largest_component=self.largest_component,
-                          fill_holes=self.fill_holes, min_slices=self.min_slices)
+    after_training: ClassVar[frozenset[str]] = frozenset({"batch_size"})
 
 
 #: task name -> its settings model (plugins add theirs with :func:`register_settings`)
