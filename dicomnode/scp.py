@@ -232,23 +232,34 @@ def start_receivers(cfg: Config, stop: Any | None = None, *,
     spool.clean_tmp()
     replay_journals(cfg, spool)
     if n == 1:
-        stop_evt = stop if stop is not None else threading.Event()
-        receiver = None
-        try:
-            if cfg.node.receiver == "native":
-                server = _start_native(cfg, spool, LocalCounter(), 0, reuse_port=False, on_release=on_release)
-                port = server.port
-            else:
-                receiver = build_ae(cfg, spool, on_release=on_release)
-                server = serve_ae(receiver, cfg)
-                port = int(server.server_address[1])
-        except OSError as exc:
-            raise ConfigError(f"cannot listen on {cfg.node.host}:{cfg.node.port}: {exc}") from exc
-        group = ReceiverGroup(port=port, stop=stop_evt, receiver=receiver, server=server)
-        if stop is not None:  # setting the caller's event stops the server, as it does the processes
-            threading.Thread(target=lambda: (stop_evt.wait(), group.stop()), name="dicomnode-scp-stop",
-                             daemon=True).start()
-        return group
+        return _start_in_process(cfg, spool, stop, on_release)
+    return _start_processes(cfg, n, stop)
+
+
+def _start_in_process(cfg: Config, spool: Spool, stop: Any | None,
+                      on_release: Callable[[], None] | None) -> ReceiverGroup:
+    """One receiver in this process (a thread per association)."""
+    stop_evt = stop if stop is not None else threading.Event()
+    receiver = None
+    try:
+        if cfg.node.receiver == "native":
+            server = _start_native(cfg, spool, LocalCounter(), 0, reuse_port=False, on_release=on_release)
+            port = server.port
+        else:
+            receiver = build_ae(cfg, spool, on_release=on_release)
+            server = serve_ae(receiver, cfg)
+            port = int(server.server_address[1])
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {cfg.node.host}:{cfg.node.port}: {exc}") from exc
+    group = ReceiverGroup(port=port, stop=stop_evt, receiver=receiver, server=server)
+    if stop is not None:  # setting the caller's event stops the server, as it does the processes
+        threading.Thread(target=lambda: (stop_evt.wait(), group.stop()), name="dicomnode-scp-stop",
+                         daemon=True).start()
+    return group
+
+
+def _start_processes(cfg: Config, n: int, stop: Any | None) -> ReceiverGroup:
+    """``n`` receiver processes sharing the port (``SO_REUSEPORT``) and one association limit."""
     ctx = mp.get_context("spawn")
     stop_evt = stop if stop is not None else ctx.Event()
     counter = ctx.Value("i", 0)
