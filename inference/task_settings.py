@@ -136,6 +136,8 @@ class SpineBmdSettings(TaskSettings):
         description="training brightness/contrast change on the [0, 1] window scale (1 = 2000 HU). Off by default: "
                     "the class is the trabecular HU itself, and 0.05 already shifts it by up to 100 HU, twice the "
                     "width of the osteopenia band")
+    min_slices: int = Field(20, ge=1, description="fewest axial slices of a usable CT series")
+    batch_size: int = Field(4, ge=1, description="serving: slices per forward pass")
     slices_per_vertebra: int = Field(3, ge=1, le=9, description="mid-body slices per vertebra at inference")
     central_fraction: float = Field(0.4, gt=0, le=1)
     cortex_hu: float = 300.0
@@ -150,7 +152,7 @@ class SpineBmdSettings(TaskSettings):
         False, description="after training, choose class_log_offsets on the validation split for the highest "
                            "vertebra macro-F1 (choose_class_offsets)")
 
-    after_training: ClassVar[frozenset[str]] = frozenset({"class_log_offsets", "tune_class_offsets"})
+    after_training: ClassVar[frozenset[str]] = frozenset({"class_log_offsets", "tune_class_offsets", "batch_size"})
 
     @field_validator("class_log_offsets")
     @classmethod
@@ -160,12 +162,12 @@ class SpineBmdSettings(TaskSettings):
         return v
 
     def params(self) -> SpineParams:
-        """The serving parameters (recorded in the bundle; the class offsets through ``task_config``)."""
+        """The pre- and post-processing parameters these settings give (bone window: the default one)."""
         from inference.tasks.spine_bmd import SpineParams
 
-        return SpineParams(image_size=self.image_size, in_channels=self.in_channels,
+        return SpineParams(image_size=self.image_size, in_channels=self.in_channels, min_slices=self.min_slices,
                            slices_per_vertebra=self.slices_per_vertebra, central_fraction=self.central_fraction,
-                           cortex_hu=self.cortex_hu, roi_fraction=self.roi_fraction,
+                           cortex_hu=self.cortex_hu, roi_fraction=self.roi_fraction, batch_size=self.batch_size,
                            class_log_offsets=self.class_log_offsets)
 
 

@@ -76,6 +76,7 @@ def _tiny_bundle(tmp_path: Path, task: str, task_config: dict) -> Path:
     ("physis_fracture", {"post": {"top_k": 0}}, "task_config.post", "top_k must be an integer >= 1"),
     ("physis_fracture", {"post": {"nms_iou": "high"}}, "task_config.post", "nms_iou must be a number in [0, 1]"),
     ("physis_fracture", {"operating_threshold": 1.2}, "task_config.operating_threshold", "less than or equal to 1"),
+    ("spine_bmd", {"min_slices": 0}, "task_config.min_slices", "greater than or equal to 1"),
     ("knee_bone_seg", {"threshold": 0.0}, "task_config.threshold", "greater than 0"),
     ("knee_bone_seg", {"planes": ["oblique"]}, "task_config.planes.0", "fix: give a valid value"),
     ("knee_bone_seg", {"min_slices": 0}, "task_config.min_slices", "greater than or equal to 1"),
