@@ -35,8 +35,9 @@ import torch
 from inference.bundle import BundleMeta, InputSpec, save_bundle
 from inference.nets import build_network
 from inference.series import read_datasets
+from inference.task_settings import KneeBoneSegSettings
 from inference.tasks import TaskContext
-from inference.tasks.knee_bone_seg import KneeParams, choose_series, prepare_knee, run_knee_bone_seg
+from inference.tasks.knee_bone_seg import choose_series, prepare_knee, run_knee_bone_seg
 
 
 def _bundle(root: Path) -> Path:
@@ -44,7 +45,8 @@ def _bundle(root: Path) -> Path:
     model = build_network("unet2d")
     meta = BundleMeta(task="knee_bone_seg", version="bench", architecture="unet2d", init_args={},
                       input=InputSpec(modality=["MR"], size=[224, 224], normalisation="zscore", mean=0.592,
-                                      std=0.382, extra=KneeParams().to_extra()),
+                                      std=0.382),
+                      task_config=KneeBoneSegSettings().model_dump(mode="json"),
                       notes="benchmark: freshly initialised faithful U-Net (timing only)")
     return save_bundle(root / "bundle", meta, model.state_dict(), "# benchmark bundle (untrained)\n")
 
@@ -83,10 +85,10 @@ def main(argv: list[str] | None = None) -> int:
             findings = run_knee_bone_seg(datasets, ctx)
             totals.append(time.perf_counter() - t0)
             stages.append(dict(findings.timings_s))
-        series = choose_series(datasets, KneeParams())
+        series = choose_series(datasets, KneeBoneSegSettings())
         peer = None
         if not args.no_peer:
-            stack = prepare_knee(series.volume(), series.spacing, KneeParams(n4=False)).array
+            stack = prepare_knee(series.volume(), series.spacing, KneeBoneSegSettings(n4=False)).array
             peer = _peer_n4(stack, (series.spacing[0], 140.0 / 224, 140.0 / 224))
     median = float(np.median(totals))
     stage_med = {k: float(np.median([s.get(k, 0.0) for s in stages])) for k in stages[0]}

@@ -163,7 +163,7 @@ class NativeServer:
     spool:
         Where instances end up.
     policy:
-        :class:`dicomnode.scp._Policy` (allowed callers, disk, association limit).
+        :class:`dicomnode.scp_policy.AssociationPolicy` (allowed callers, disk, association limit).
     contexts:
         Abstract syntax -> accepted transfer syntaxes in order of preference.
     journal:

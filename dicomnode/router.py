@@ -16,7 +16,6 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from pydicom.uid import UID
 
 from dicomnode.bodypart import canonical_body_part
 from dicomnode.config import Config, Match, Route
-from inference.ages import age_in_years
+from inference.ages import age_in_years, parse_patient_age, patient_age
 from inference.fsutil import walk_files
 
 log = logging.getLogger(__name__)
@@ -35,9 +34,6 @@ __all__ = [
     "KeyCheck", "RouteExplanation", "SeriesInfo", "age_in_years", "describe_routes", "explain", "explain_paths",
     "parse_patient_age", "route_series", "routing_meta",
 ]
-
-_DAYS_PER_YEAR = 365.2425
-
 
 # --------------------------------------------------------------------------------------------- metadata
 
@@ -106,41 +102,9 @@ def routing_meta(ds: Dataset) -> dict[str, Any]:
     return meta
 
 
-def parse_patient_age(value: str | None) -> float | None:
-    """Convert a DICOM AS value (``045Y``, ``006M``, ``010W``, ``003D``) to years; None if malformed."""
-    if not value:
-        return None
-    m = re.fullmatch(r"\s*(\d{1,3})\s*([DWMY])\s*", str(value).upper())
-    if not m:
-        return None
-    n, unit = int(m.group(1)), m.group(2)
-    return {"Y": float(n), "M": n / 12.0, "W": n * 7 / _DAYS_PER_YEAR, "D": n / _DAYS_PER_YEAR}[unit]
-
-
-def _parse_da(value: str | None) -> date | None:
-    if not value:
-        return None
-    m = re.fullmatch(r"\s*(\d{4})\.?(\d{2})\.?(\d{2})\s*", str(value))
-    if not m:
-        return None
-    try:
-        return date(int(m.group(1)), int(m.group(2)), int(m.group(3)))
-    except ValueError:
-        return None
-
-
 def _age_from_meta(meta: dict[str, Any]) -> float | None:
-    age = parse_patient_age(meta.get("patient_age"))
-    if age is not None:
-        return age
-    birth = _parse_da(meta.get("birth_date"))
-    if birth is None:
-        return None
-    for key in ("study_date", "series_date", "acquisition_date", "content_date"):
-        on = _parse_da(meta.get(key))
-        if on is not None:
-            return age_in_years(birth, on)
-    return None
+    dates = (meta.get(k) for k in ("study_date", "series_date", "acquisition_date", "content_date"))
+    return patient_age(meta.get("patient_age"), meta.get("birth_date"), dates)
 
 
 @dataclass(frozen=True)

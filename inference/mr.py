@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import ndimage
 
-from inference.radiograph import otsu_threshold
+from inference.radiograph_parts import otsu_threshold
 
 log = logging.getLogger(__name__)
 

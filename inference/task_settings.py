@@ -24,7 +24,6 @@ from inference.radiograph import MEAN, MODEL_HEIGHT, MODEL_WIDTH, STD
 
 if TYPE_CHECKING:
     from inference.hrpqct import DensityNorm
-    from inference.tasks.knee_bone_seg import KneeParams
     from inference.tasks.physis_fracture_post import PostConfig
     from inference.tasks.spine_bmd import SpineParams
 
@@ -137,6 +136,8 @@ class SpineBmdSettings(TaskSettings):
         description="training brightness/contrast change on the [0, 1] window scale (1 = 2000 HU). Off by default: "
                     "the class is the trabecular HU itself, and 0.05 already shifts it by up to 100 HU, twice the "
                     "width of the osteopenia band")
+    min_slices: int = Field(20, ge=1, description="fewest axial slices of a usable CT series")
+    batch_size: int = Field(4, ge=1, description="serving: slices per forward pass")
     slices_per_vertebra: int = Field(3, ge=1, le=9, description="mid-body slices per vertebra at inference")
     central_fraction: float = Field(0.4, gt=0, le=1)
     cortex_hu: float = 300.0
@@ -151,7 +152,7 @@ class SpineBmdSettings(TaskSettings):
         False, description="after training, choose class_log_offsets on the validation split for the highest "
                            "vertebra macro-F1 (choose_class_offsets)")
 
-    after_training: ClassVar[frozenset[str]] = frozenset({"class_log_offsets", "tune_class_offsets"})
+    after_training: ClassVar[frozenset[str]] = frozenset({"class_log_offsets", "tune_class_offsets", "batch_size"})
 
     @field_validator("class_log_offsets")
     @classmethod
@@ -161,12 +162,12 @@ class SpineBmdSettings(TaskSettings):
         return v
 
     def params(self) -> SpineParams:
-        """The serving parameters (recorded in the bundle; the class offsets through ``task_config``)."""
+        """The pre- and post-processing parameters these settings give (bone window: the default one)."""
         from inference.tasks.spine_bmd import SpineParams
 
-        return SpineParams(image_size=self.image_size, in_channels=self.in_channels,
+        return SpineParams(image_size=self.image_size, in_channels=self.in_channels, min_slices=self.min_slices,
                            slices_per_vertebra=self.slices_per_vertebra, central_fraction=self.central_fraction,
-                           cortex_hu=self.cortex_hu, roi_fraction=self.roi_fraction,
+                           cortex_hu=self.cortex_hu, roi_fraction=self.roi_fraction, batch_size=self.batch_size,
                            class_log_offsets=self.class_log_offsets)
 
 
@@ -234,7 +235,12 @@ class HrpqctMotionSettings(TaskSettings):
 
 
 class KneeBoneSegSettings(TaskSettings):
-    """Settings of ``knee_bone_seg``; defaults are the faithful configuration."""
+    """Settings of ``knee_bone_seg``; defaults are the faithful configuration.
+
+    Serving (:mod:`inference.tasks.knee_bone_seg`) passes these settings themselves to its series
+    choice, pre-processing (:func:`~inference.tasks.knee_bone_seg.prepare_knee`) and post-processing,
+    and training (``training.tasks.knee_bone_seg``) to the same functions: there is no second copy.
+    """
 
     crop_mm: float = Field(DEFAULT_CROP_MM, gt=0, description="side of the square window at the joint (mm)")
     size: int = Field(MODEL_SIZE, ge=16, description="in-plane network input size")
@@ -248,19 +254,16 @@ class KneeBoneSegSettings(TaskSettings):
     threshold: float = Field(0.5, gt=0, lt=1, description="probability threshold of a bone voxel")
     largest_component: bool = True
     fill_holes: bool = True
-    min_slices: int = Field(20, ge=1)
+    min_slices: int = Field(20, ge=1, description="fewest planes of a usable series")
+    planes: tuple[Literal["coronal", "sagittal", "axial"], ...] = Field(
+        ("coronal", "sagittal"), min_length=1, description="slice orientations a usable series may have")
+    batch_size: int = Field(8, ge=1, description="serving: slices per forward pass")
     augment: bool = True
     dice_over: Literal["batch", "slice"] = Field(
         "batch", description="soft Dice per bone over the whole batch (Keras-style flattened F1) or per slice")
     hd95: bool = True
 
-    def params(self) -> KneeParams:
-        """The shared pre/post-processing parameters (as the node will read them from the bundle)."""
-        from inference.tasks.knee_bone_seg import KneeParams
-
-        return KneeParams(crop_mm=self.crop_mm, size=self.size, n4=self.n4, n4_shrink=self.n4_shrink,
-                          threshold=self.threshold, largest_component=self.largest_component,
-                          fill_holes=self.fill_holes, min_slices=self.min_slices)
+    after_training: ClassVar[frozenset[str]] = frozenset({"batch_size"})
 
 
 #: task name -> its settings model (plugins add theirs with :func:`register_settings`)

@@ -55,10 +55,11 @@ class KneeVolume:
 def load_knee(record: Record) -> KneeVolume:
     """The record's MR series (as the task chooses it) and its label map on that grid."""
     from inference.series import read_datasets
-    from inference.tasks.knee_bone_seg import KneeParams, choose_series
+    from inference.task_settings import KneeBoneSegSettings
+    from inference.tasks.knee_bone_seg import choose_series
     from training.tasks.knee_bone_seg import load_label_map
 
-    series = choose_series(read_datasets(record.files), KneeParams())
+    series = choose_series(read_datasets(record.files), KneeBoneSegSettings())
     text = " ".join(str(series.planes[0].ds.get(k, "")) for k in ("SeriesDescription", "ScanOptions", "SequenceName"))
     fat_sat = "FS" in text.upper().split() or "FAT" in text.upper()
     lat = str(series.planes[0].ds.get("Laterality", "") or series.planes[0].ds.get("ImageLaterality", "")).upper()
@@ -67,9 +68,9 @@ def load_knee(record: Record) -> KneeVolume:
 
 def _window(k: KneeVolume) -> tuple[slice, slice, slice]:
     from inference.mr import CropResize, joint_centre
-    from inference.tasks.knee_bone_seg import KneeParams
+    from inference.task_settings import KneeBoneSegSettings
 
-    p = KneeParams()
+    p = KneeBoneSegSettings()
     crop = CropResize.around(joint_centre(k.volume), k.volume.shape[1:], (k.spacing[1], k.spacing[2]),
                              crop_mm=p.crop_mm, out=p.size)
     return slice(None), slice(crop.r0, crop.r0 + crop.size_r), slice(crop.c0, crop.c0 + crop.size_c)
@@ -131,7 +132,7 @@ def _patient_z(k: KneeVolume, idx: np.ndarray) -> np.ndarray:
 def threshold_segment(k: KneeVolume) -> np.ndarray:
     """Label map from a marrow threshold, components and their position about the joint."""
     from inference.mr import joint_centre
-    from inference.radiograph import otsu_threshold
+    from inference.radiograph_parts import otsu_threshold
 
     vol = k.volume
     t = otsu_threshold(vol)

@@ -36,6 +36,7 @@ from typing import Any
 import pydicom
 
 from inference.errors import DicomNodeError
+from inference.fsutil import walk_files
 from training.import_readers import (
     LabelImportError,
     dxa_levels,
@@ -72,8 +73,8 @@ def scan_dicom(root: Path) -> tuple[dict[str, Study], dict[str, set[str]], list[
     studies: dict[str, Study] = {}
     by_acc: dict[str, set[str]] = {}
     annotations: list[Path] = []
-    for f in sorted(root.rglob("*")):
-        if not f.is_file() or f.name.startswith(".") or f.suffix.lower() in (".json", ".jsonl", ".csv", ".xlsx"):
+    for f in walk_files(root):
+        if f.suffix.lower() in (".json", ".jsonl", ".csv", ".xlsx"):
             continue
         try:
             ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=[
@@ -288,7 +289,7 @@ class LabelImporter:
 def _files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
-        out += sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")) if p.is_dir() else [p]
+        out += list(walk_files(p)) if p.is_dir() else [p]
     return out
 
 

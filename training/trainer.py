@@ -3,8 +3,8 @@
 The loop is configured by :class:`TrainConfig` and specialised by a task's
 :class:`~training.adapter.TaskAdapter`. It seeds everything, uses AMP on CUDA,
 checkpoints every ``checkpoint_every`` epochs and resumes from the checkpoint
-after an interruption (on CPU with a fixed seed the result equals an
-uninterrupted run), stops early, supports LR schedules and class-balanced
+after an interruption (:mod:`training.checkpoint`; on CPU with a fixed seed the
+result equals an uninterrupted run), stops early, supports LR schedules and class-balanced
 sampling, and runs under ``torchrun`` with DistributedDataParallel through the
 same code path (world size 1 otherwise). It ends by evaluating the best
 checkpoint on the locked hold-out split and writing a bundle.
@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
-import hashlib
 import json
 import logging
 import math
 import os
-import random
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -27,13 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from inference.bundle import BundleMeta, save_bundle
-from inference.fsutil import atomic_write
 from inference.runtime import autocast_context, select_device, to_channels_last
 from training.adapter import EvalResult, TaskAdapter, TaskConfig, move_to
+from training.checkpoint import CHECKPOINT, fingerprint, read_checkpoint, write_checkpoint, write_train_log
 from training.data import RecordDataset, SampleCache, Split, data_hash
 from training.errors import TrainError
 from training.sampling import EpochSampler, balanced_indices, make_loader, seed_everything
@@ -46,10 +43,6 @@ __all__ = [
     "EpochSampler", "TrainConfig", "TrainError", "TrainResult", "balanced_indices", "evaluate_records",
     "cache_dir_of", "load_initial_weights", "make_loader", "model_card", "seed_everything", "train", "work_dir_of",
 ]
-
-CHECKPOINT = "checkpoint.pt"
-TRAIN_LOG = "train_log.jsonl"
-
 
 @dataclass
 class TrainResult:
@@ -109,34 +102,6 @@ def _make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, greater: bool)
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
-
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def _fingerprint(adapter: TaskAdapter, tcfg: TaskConfig, cfg: TrainConfig, split: Split) -> str:
-    ignore = {"num_workers", "device", "cache_dir", "version", "log_every_steps", "checkpoint_every",
-              "time_budget_s"}  # a lease-bound run resumes under a new budget
-    payload = {"task": adapter.name, "task_cfg": tcfg.model_dump(mode="json", exclude=set(tcfg.after_training)),
-               "train": cfg.model_dump(mode="json", exclude=ignore),
-               "train_keys": sorted(r.key for r in split.train), "val_keys": sorted(r.key for r in split.val)}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _progress(iterable: Any, total: int, desc: str) -> Any:
@@ -274,7 +239,7 @@ def _setup(adapter: TaskAdapter, split: Split, cfg: TrainConfig, tcfg: TaskConfi
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     return _Run(adapter=adapter, split=split, cfg=cfg, tcfg=tcfg, work=work, dist=dist_info, device=device, amp=amp,
                 cache=cache, train_ds=train_ds, sampler=sampler, model=model, opt=opt, sched=sched, scaler=scaler,
-                fingerprint=_fingerprint(adapter, tcfg, cfg, split), init_note=init_note)
+                fingerprint=fingerprint(adapter, tcfg, cfg, split), init_note=init_note)
 
 
 def _resume(run: _Run, state: _State) -> None:
@@ -285,13 +250,7 @@ def _resume(run: _Run, state: _State) -> None:
     TrainError
         If the checkpoint cannot be read or belongs to another run.
     """
-    ckpt_path = run.ckpt_path
-    try:
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # a torn write cannot happen (atomic), but a foreign file can
-        raise TrainError(f"cannot read checkpoint {ckpt_path}: {exc}") from exc
-    if ck.get("fingerprint") != run.fingerprint:
-        raise TrainError(f"checkpoint {ckpt_path} belongs to a different run; delete it or use another work dir")
+    ck = read_checkpoint(run.ckpt_path, run.fingerprint)
     _unwrap(run.model).load_state_dict(ck["model"])
     run.opt.load_state_dict(ck["optimizer"])
     if run.sched is not None and ck.get("scheduler") is not None:
@@ -300,7 +259,6 @@ def _resume(run: _Run, state: _State) -> None:
     state.start_epoch, state.history = int(ck["epoch"]) + 1, list(ck["history"])
     state.best_metric, state.best_epoch, state.bad_epochs = ck["best_metric"], ck["best_epoch"], ck["bad_epochs"]
     state.best_state = ck["best_state"]
-    _set_rng_state(ck["rng"])
     log.info("resumed %s training from epoch %d", run.adapter.name, state.start_epoch)
 
 
@@ -367,15 +325,14 @@ def _score_epoch(run: _Run, state: _State, epoch: int, train_loss: float) -> tup
 def _save_checkpoint(run: _Run, state: _State, epoch: int) -> None:
     """Write the training log and, when due, the checkpoint (main process only)."""
     cfg = run.cfg
-    (run.work / TRAIN_LOG).write_text("".join(json.dumps(h) + "\n" for h in state.history), encoding="utf-8")
+    write_train_log(run.work, state.history)
     if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs or state.stopped_early:
-        _atomic_torch_save({
-            "fingerprint": run.fingerprint, "epoch": epoch, "model": _unwrap(run.model).state_dict(),
+        write_checkpoint(run.ckpt_path, run.fingerprint, {
+            "epoch": epoch, "model": _unwrap(run.model).state_dict(),
             "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict() if run.sched is not None else None,
             "scaler": run.scaler.state_dict(), "history": state.history, "best_metric": state.best_metric,
             "best_epoch": state.best_epoch, "bad_epochs": state.bad_epochs, "best_state": state.best_state,
-            "rng": _rng_state(),
-        }, run.ckpt_path)
+        })
 
 
 def _run_epochs(run: _Run, state: _State, callbacks: Sequence[Callable[[int, dict[str, Any]], None]]) -> None:
@@ -508,12 +465,3 @@ def train(
         dist.barrier()
     return TrainResult(bundle_dir=bundle_dir, metrics=metrics, history=state.history, best_epoch=state.best_epoch,
                        epochs_run=len(state.history))
-
-
-def history_of(work_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Rows of ``train_log.jsonl`` in ``work_dir`` (the learning curves)."""
-    p = Path(work_dir) / TRAIN_LOG
-    if not p.exists():
-        return []
-    return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import pydicom
 
+from inference.ages import patient_age
 from inference.bundle import BUNDLE_JSON, Bundle, load_bundle
 from inference.errors import DicomNodeError
 from inference.registry import POINTER, ModelRegistry
@@ -201,13 +202,8 @@ def header_groups(record: Record) -> dict[str, str]:
 
 
 def _age_years(ds: pydicom.Dataset) -> float | None:
-    age = str(ds.get("PatientAge") or "")
-    if len(age) == 4 and age[:3].isdigit() and age[3] in "DWMY":
-        return int(age[:3]) / {"D": 365.25, "W": 52.18, "M": 12.0, "Y": 1.0}[age[3]]
-    birth, date = str(ds.get("PatientBirthDate") or ""), str(ds.get("StudyDate") or "")
-    if len(birth) == 8 and len(date) == 8 and birth.isdigit() and date.isdigit():
-        return (int(date[:4]) - int(birth[:4])) + (int(date[4:]) - int(birth[4:])) / 10000.0
-    return None
+    return patient_age(ds.get("PatientAge"), ds.get("PatientBirthDate"),
+                       (ds.get(k) for k in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate")))
 
 
 def _read_rows(data_dir: Path, failures: list[Failure]) -> tuple[int, list[Record]]:

@@ -16,8 +16,8 @@ method          sub-networks
 
 The module only holds the networks and their geometry (``det_long_side``,
 ``image_size``, ``crop_size``); the post-processing rules and their thresholds
-are in :mod:`inference.tasks.physis_fracture_post` and are stored next to the
-geometry in ``init_args["post"]``, so a bundle is self-describing.
+are in :mod:`inference.tasks.physis_fracture_post` and are task settings
+(:class:`inference.task_settings.PhysisFractureSettings`, the bundle's ``task_config``).
 
 Faithful: Faster R-CNN ResNet50-FPN detector and ResNet50 classifiers (~135 MB
 fp16). Light (demo bundles, 25 MB cap): ``PHYSIS_LIGHT_ARGS`` detector and two
@@ -42,8 +42,7 @@ _LIGHT_CLASSIFIER: dict[str, Any] = {"backbone": "resnet18", "stages": 3, "in_ch
 
 
 def physis_init_args(method: str = "two_stage", *, variant: str = "faithful", kind: str = "faster_rcnn",
-                     det_long_side: int = 1024, image_size: int = 512, crop_size: int = 224,
-                     post: dict[str, Any] | None = None) -> dict[str, Any]:
+                     det_long_side: int = 1024, image_size: int = 512, crop_size: int = 224) -> dict[str, Any]:
     """JSON init args of :class:`PhysisTwoStage` for a method and a variant ('faithful' or 'light')."""
     if variant not in ("faithful", "light"):
         raise ValueError(f"variant must be 'faithful' or 'light', got {variant!r}")
@@ -54,7 +53,7 @@ def physis_init_args(method: str = "two_stage", *, variant: str = "faithful", ki
     cls = dict(_LIGHT_CLASSIFIER if variant == "light" else _FAITHFUL_CLASSIFIER)
     return {"method": method, "variant": variant, "detector": det, "crop_classifier": dict(cls),
             "image_classifier": dict(cls), "det_long_side": det_long_side, "image_size": image_size,
-            "crop_size": crop_size, "post": dict(post or {})}
+            "crop_size": crop_size}
 
 
 class PhysisTwoStage(nn.Module):
@@ -75,7 +74,8 @@ class PhysisTwoStage(nn.Module):
     crop_size : int
         Square side the crops are letterboxed to.
     post : dict
-        Post-processing parameters (:class:`inference.tasks.physis_fracture_post.PostConfig`).
+        Ignored: bundles written before the post-processing rules became task settings carry a copy
+        here; serving reads them from ``task_config`` only.
     """
 
     def __init__(self, method: str = "two_stage", variant: str = "faithful", detector: dict[str, Any] | None = None,
@@ -92,7 +92,6 @@ class PhysisTwoStage(nn.Module):
         self.det_long_side = int(det_long_side)
         self.image_size = int(image_size)
         self.crop_size = int(crop_size)
-        self.post = dict(post or {})
         self.detector: nn.Module | None = None
         self.crop_classifier: nn.Module | None = None
         self.image_classifier: nn.Module | None = None

@@ -18,16 +18,17 @@ Findings: one :class:`~inference.findings.Mask` per bone (SNOMED femur / tibia /
 fibula, category "Anatomical Structure") with its volume in mm3, and an
 :class:`~inference.findings.Overlay` montage of several slices with coloured contours.
 
-The pre-processing of training (``training.tasks.knee_bone_seg``) calls
-:func:`prepare_knee` with the same :class:`KneeParams`, so both sides share one code path.
+Every step takes the task's settings, :class:`~inference.task_settings.KneeBoneSegSettings`,
+read from the bundle's ``task_config`` (validated when the bundle loads). Training
+(``training.tasks.knee_bone_seg``) calls :func:`choose_series`, :func:`prepare_knee` and
+:func:`postprocess` with the same settings object, so both sides share one code path and one
+definition of every setting.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -37,26 +38,18 @@ from scipy import ndimage
 from inference import codes
 from inference.errors import TaskError
 from inference.findings import CUBIC_MM, Findings, ImageRef, Mask, Measurement, Overlay, Panel, statement
-from inference.mr import (
-    DEFAULT_CROP_MM,
-    MODEL_SIZE,
-    N4_SHRINK,
-    CropResize,
-    PreparedMR,
-    ZScore,
-    joint_centre,
-    n4_correct,
-)
-from inference.radiograph import otsu_threshold
+from inference.mr import CropResize, PreparedMR, ZScore, joint_centre, n4_correct
+from inference.radiograph_parts import otsu_threshold
 from inference.runtime import StageTimer, run_batched
 from inference.series import Series, group_by_series
+from inference.task_settings import KneeBoneSegSettings, settings_of
 from inference.tasks import TaskContext, register_task
 from inference.tasks.base import model_for
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "BONES", "BONE_CODES", "KneeParams", "TASK", "bone_masks_to_source", "choose_series", "intensity_scale",
+    "BONES", "BONE_CODES", "TASK", "bone_masks_to_source", "choose_series", "intensity_scale",
     "make_findings", "plane_of", "postprocess", "prepare_knee", "run_knee_bone_seg",
 ]
 
@@ -64,37 +57,6 @@ TASK = "knee_bone_seg"
 BONES: tuple[str, ...] = ("femur", "tibia", "fibula")
 BONE_CODES = {"femur": codes.FEMUR, "tibia": codes.TIBIA, "fibula": codes.FIBULA}
 MONTAGE_PANELS = 6
-
-
-@dataclass(frozen=True)
-class KneeParams:
-    """Pre- and post-processing parameters; stored in ``bundle.json`` under ``input.extra``."""
-
-    crop_mm: float = DEFAULT_CROP_MM
-    size: int = MODEL_SIZE
-    n4: bool = True
-    n4_shrink: int = N4_SHRINK
-    threshold: float = 0.5
-    largest_component: bool = True
-    fill_holes: bool = True
-    min_slices: int = 20
-    planes: tuple[str, ...] = ("coronal", "sagittal")
-    batch_size: int = 8
-
-    def to_extra(self) -> dict[str, Any]:
-        """JSON-able dict for ``InputSpec.extra``."""
-        d = asdict(self)
-        d["planes"] = list(self.planes)
-        return d
-
-    @classmethod
-    def from_extra(cls, extra: Mapping[str, Any]) -> KneeParams:
-        """Parameters from ``InputSpec.extra`` (unknown keys ignored, missing keys default)."""
-        names = {f.name for f in fields(cls)}
-        values = {k: v for k, v in extra.items() if k in names}
-        if "planes" in values:
-            values["planes"] = tuple(str(p) for p in values["planes"])
-        return cls(**values)
 
 
 # --------------------------------------------------------------------------- series selection
@@ -109,7 +71,7 @@ def plane_of(series: Series) -> str:
     return ("sagittal", "coronal", "axial")[axis]
 
 
-def choose_series(datasets: Sequence[Dataset], params: KneeParams) -> Series:
+def choose_series(datasets: Sequence[Dataset], params: KneeBoneSegSettings) -> Series:
     """The MR series to segment: coronal or sagittal, at least ``min_slices`` planes, the most planes first.
 
     Raises
@@ -146,7 +108,7 @@ def intensity_scale(volume: np.ndarray) -> float:
     return med if med > 0 else 1.0
 
 
-def prepare_knee(volume: np.ndarray, spacing: tuple[float, float, float], params: KneeParams,
+def prepare_knee(volume: np.ndarray, spacing: tuple[float, float, float], params: KneeBoneSegSettings,
                  norm: ZScore | None = None) -> PreparedMR:
     """Joint centre -> crop + resize -> N4 -> intensity scale -> z-score (``norm``, if given).
 
@@ -193,7 +155,7 @@ def _fill_holes_2d(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def postprocess(probs: np.ndarray, params: KneeParams) -> np.ndarray:
+def postprocess(probs: np.ndarray, params: KneeBoneSegSettings) -> np.ndarray:
     """(slices, bones, H, W) probabilities -> (bones, slices, H, W) boolean masks on the model grid."""
     p = np.asarray(probs)
     if p.ndim != 4:
@@ -293,18 +255,16 @@ def run_knee_bone_seg(datasets: Sequence[Dataset], context: TaskContext) -> Find
     Raises
     ------
     TaskError
-        No usable series, or a bundle without normalisation constants.
+        No usable series.
     """
     timer = StageTimer()
     with timer.stage("load"):
         loaded = model_for(TASK, context)
         meta = loaded.meta
-        params = KneeParams.from_extra(meta.input.extra)
+        params = settings_of(meta, KneeBoneSegSettings)
         series = choose_series(datasets, params)
         volume = series.volume()
-    if meta.input.mean is None or meta.input.std is None:
-        raise TaskError(f"{TASK}: bundle {meta.version} has no z-score mean/std in its input spec")
-    norm = ZScore(float(meta.input.mean), float(meta.input.std))  # type: ignore[arg-type]
+    norm = ZScore(params.norm_mean, params.norm_std)
     with timer.stage("preprocess"):
         prepared = prepare_knee(volume, series.spacing, params, norm)
     with timer.stage("forward"):

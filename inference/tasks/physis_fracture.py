@@ -11,7 +11,9 @@ Pipeline per image (``tasks/physis_fracture.md``):
    (detector proposes fracture/metal/text boxes; the kept fracture boxes are
    cropped *from the full-resolution source* with a margin for the crop classifier);
 4. postprocess: :mod:`inference.tasks.physis_fracture_post` (threshold, NMS,
-   distractor suppression, top-k, combination rule).
+   distractor suppression, top-k, combination rule) with the rules of the bundle's
+   task settings (:meth:`~inference.task_settings.PhysisFractureSettings.post_config`:
+   ``task_config.post`` and the tuned ``operating_threshold``), the class training uses.
 
 Findings: one image-level classification per image (growth-plate fracture
 present/absent with its probability) plus a study-level one (maximum over
@@ -50,6 +52,7 @@ from inference.findings import (
 )
 from inference.radiograph import apply_affine, crop_with_margin, detector_input, to_float
 from inference.runtime import StageTimer
+from inference.task_settings import PhysisFractureSettings, settings_of
 from inference.tasks import TaskContext, register_task
 from inference.tasks.base import model_for
 from inference.tasks.physis_fracture_post import (
@@ -125,14 +128,15 @@ def score_image(model: torch.nn.Module, image: np.ndarray | Callable[[], np.ndar
     model:
         A :class:`~inference.nets.physis_two_stage.PhysisTwoStage` in eval mode.
     post:
-        Post-processing rules; default: the bundle's (``model.post``).
+        Post-processing rules; default :class:`PostConfig` (the task serves the bundle's settings,
+        ``PhysisFractureSettings.post_config()``).
     image:
         The source radiograph, or a callable returning it (read only if crops are needed).
     inputs:
         Pre-computed :func:`image_inputs` (evaluation re-uses the cached ones).
     """
     device = torch.device(device)
-    post = post or PostConfig.from_dict(getattr(model, "post", {}))
+    post = post or PostConfig()
     timer = timer or StageTimer()
     dtype = next(model.parameters()).dtype
     with timer.stage("preprocess"):
@@ -191,6 +195,24 @@ def _overlay(ref: ImageRef, boxes: list[Box], score: ImageScore, threshold: floa
                    derived_from=(ref,))
 
 
+def _fracture_boxes(result: ImageScore, post: PostConfig, ref: ImageRef) -> list[Box]:
+    """The regions of one image reported as fractures, as boxes on its source image.
+
+    A region is reported only at or above the operating point, so a negative image never shows a
+    box labelled "fracture"; the writer renders ``score`` as the region's probability.
+    """
+    boxes = []
+    for k, c in enumerate((c for c in reported_boxes(result, post) if c.score >= post.threshold), start=1):
+        x0, y0, x1, y1 = c.box
+        if x1 - x0 <= 0 or y1 - y0 <= 0:
+            continue
+        boxes.append(Box(ref, x0, y0, x1, y1, label=codes.GROWTH_PLATE_FRACTURE, score=round(c.score, 4),
+                         finding_site=codes.GROWTH_PLATE,
+                         tracking_id=f"physis fracture region {ref.sop_instance_uid[-12:]}.{k}",
+                         text=f"suspected fracture p={c.score:.2f}"))
+    return boxes
+
+
 def run_physis_fracture(datasets: Sequence[Dataset], context: TaskContext) -> Findings:
     """Run the physis fracture model on one study (every DX/CR image in it).
 
@@ -210,7 +232,7 @@ def run_physis_fracture(datasets: Sequence[Dataset], context: TaskContext) -> Fi
     for attr in ("method", "det_long_side", "image_size"):
         if not hasattr(model, attr):
             raise TaskError(f"bundle {loaded.meta.architecture!r} is not a physis_two_stage model")
-    post = PostConfig.from_dict(getattr(model, "post", {}))
+    post = settings_of(loaded.meta, PhysisFractureSettings).post_config()  # the bundle's task_config
     classifications: list[Classification] = []
     all_boxes: list[Box] = []
     overlays: list[Overlay] = []
@@ -221,18 +243,7 @@ def run_physis_fracture(datasets: Sequence[Dataset], context: TaskContext) -> Fi
             image = to_float(ds)
         result = score_image(model, image, loaded.device, post, timer)
         laterality = _LATERALITY.get(str(ds.get("ImageLaterality", "") or ds.get("Laterality", "")).upper())
-        boxes = []
-        # a region is reported as a fracture only at or above the operating point, so a negative image
-        # never shows a box labelled "fracture"
-        for k, c in enumerate((c for c in reported_boxes(result, post) if c.score >= post.threshold), start=1):
-            x0, y0, x1, y1 = c.box
-            if x1 - x0 <= 0 or y1 - y0 <= 0:
-                continue
-            # the writer renders ``score`` as the region's probability
-            boxes.append(Box(ref, x0, y0, x1, y1, label=codes.GROWTH_PLATE_FRACTURE, score=round(c.score, 4),
-                             finding_site=codes.GROWTH_PLATE,
-                             tracking_id=f"physis fracture region {ref.sop_instance_uid[-12:]}.{k}",
-                             text=f"suspected fracture p={c.score:.2f}"))
+        boxes = _fracture_boxes(result, post, ref)
         all_boxes.extend(boxes)
         prob = round(float(np.clip(result.score, 0.0, 1.0)), 4)
         classifications.append(Classification(

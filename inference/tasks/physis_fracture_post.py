@@ -59,7 +59,12 @@ SALTER_HARRIS_FIELD = "salter_harris_type"
 
 @dataclass(frozen=True)
 class PostConfig:
-    """Thresholds of the post-processing rules (stored in the bundle's ``init_args["post"]``)."""
+    """Thresholds of the post-processing rules.
+
+    A bundle sets them through its task settings (``task_config.post`` and ``operating_threshold`` of
+    :class:`inference.task_settings.PhysisFractureSettings`); a bad value raises ValueError, so such a
+    bundle fails when it loads.
+    """
 
     det_score_thresh: float = 0.2
     nms_iou: float = 0.5
@@ -69,6 +74,21 @@ class PostConfig:
     crop_min_side: int = 32
     threshold: float = 0.5
     box_report_thresh: float = 0.5
+
+    def __post_init__(self) -> None:
+        def number(v: Any) -> bool:
+            return isinstance(v, int | float) and not isinstance(v, bool)
+
+        unit = ("det_score_thresh", "nms_iou", "distractor_overlap", "threshold", "box_report_thresh")
+        problems = [f"{name} must be a number in [0, 1], got {getattr(self, name)!r}" for name in unit
+                    if not (number(getattr(self, name)) and 0.0 <= getattr(self, name) <= 1.0)]
+        problems += [f"{name} must be an integer >= 1, got {getattr(self, name)!r}" for name in ("top_k", "crop_min_side")
+                     if not (isinstance(getattr(self, name), int) and number(getattr(self, name))
+                             and getattr(self, name) >= 1)]
+        if not (number(self.crop_margin) and 0.0 <= self.crop_margin <= 2.0):
+            problems.append(f"crop_margin must be a number in [0, 2], got {self.crop_margin!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> PostConfig:

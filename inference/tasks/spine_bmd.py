@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -80,7 +80,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class SpineParams:
-    """Pre- and post-processing parameters; bundles record them in ``input.extra`` (plus the window)."""
+    """Pre- and post-processing parameters: the bundle's settings (:class:`SpineBmdSettings`) and bone window."""
 
     image_size: int = 512
     in_channels: int = 3
@@ -96,30 +96,20 @@ class SpineParams:
 
     @classmethod
     def from_meta(cls, meta: Any) -> SpineParams:
-        """Parameters of a bundle (unknown keys in ``input.extra`` are ignored).
+        """Parameters of a bundle: its ``task_config`` settings, and the window of its input spec.
 
-        The class offsets are an operating point: they come from ``task_config.class_log_offsets``
-        (which ``dicomnode-train retune`` may change), not from ``input.extra``.
+        ``input.extra`` is descriptive only (bundles written before the settings were defined once
+        carry a copy there; it is not read).
 
         Raises
         ------
         BundleError
-            If the bundle's class offsets are not three finite numbers.
+            If the bundle's settings do not validate (e.g. class offsets that are not three finite numbers).
         """
-        extra = dict(getattr(meta.input, "extra", {}) or {})
-        values: dict[str, Any] = {k: extra[k] for k in cls.__dataclass_fields__ if k in extra and k != "class_log_offsets"}
+        params = settings_of(meta, SpineBmdSettings).params()
         if meta.input.window is not None:
-            values["window_center"], values["window_width"] = meta.input.window
-        values.setdefault("in_channels", meta.input.channels)
-        offsets = settings_of(meta, SpineBmdSettings).class_log_offsets
-        if offsets is not None:
-            values["class_log_offsets"] = offsets
-        return cls(**values)
-
-    def extra(self) -> dict[str, Any]:
-        """What goes into a bundle's ``input.extra`` (the class offsets live in ``task_config``)."""
-        return {k: getattr(self, k) for k in self.__dataclass_fields__
-                if not k.startswith("window") and k != "class_log_offsets"}
+            params = replace(params, window_center=meta.input.window[0], window_width=meta.input.window[1])
+        return params
 
 
 def prepare_slice(hu_slice: np.ndarray, params: SpineParams) -> tuple[np.ndarray, float]:

@@ -13,7 +13,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import (
     JPEG2000,
     ExplicitVRLittleEndian,
@@ -118,10 +118,16 @@ def ct_file(path: Path, *, bits: int = 16, rows: int = 64, study: str | None = N
 
 def dataset_bytes(path: Path) -> tuple[str, bytes]:
     """Transfer syntax and the encoded data set after the file meta."""
-    with open(path, "rb") as fp:
-        read_preamble(fp, False)
-        meta = _read_file_meta_info(fp)
-        return str(meta.TransferSyntaxUID), fp.read()
+    meta, start = meta_and_end(path)
+    return str(meta.TransferSyntaxUID), path.read_bytes()[start:]
+
+
+def meta_and_end(path: Path) -> tuple[FileMetaDataset, int]:
+    """The file meta of a Part 10 file (pydicom's public reader) and the offset where the data set starts."""
+    meta = read_file_meta_info(path)
+    # preamble + "DICM" (132 bytes), the (0002,0000) UL element (12 bytes), then the group it counts
+    assert "FileMetaInformationGroupLength" in meta, f"{path}: no file meta group length"
+    return meta, 132 + 12 + int(meta.FileMetaInformationGroupLength)
 
 
 def stored_path(spool: Spool, src: Path, timeout_s: float = 15.0) -> Path:
@@ -260,10 +266,7 @@ def _send_raw(port: int, path: Path, ts: str = ExplicitVRLittleEndian) -> int:
 
 def _corrupt(src: Path, dst: Path, how: str) -> Path:
     raw = src.read_bytes()
-    with open(src, "rb") as fp:
-        read_preamble(fp, False)
-        _read_file_meta_info(fp)
-        start = fp.tell()
+    _, start = meta_and_end(src)
     body = raw[:start] + (b"\x08\x00\x18\x00UI\xff\x7f" + os.urandom(300) if how == "garbage" else
                           raw[start:-3000])
     dst.write_bytes(body)

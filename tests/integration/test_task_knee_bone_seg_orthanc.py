@@ -20,8 +20,9 @@ import yaml
 from dicomnode.results import codes as rc
 from inference import codes
 from inference.series import read_datasets
+from inference.task_settings import KneeBoneSegSettings
 from inference.tasks import TaskContext, get_task
-from inference.tasks.knee_bone_seg import KneeParams, choose_series
+from inference.tasks.knee_bone_seg import choose_series
 from tests.integration.conftest import NodeProcess, wait_for
 from tests.orthanc import OrthancServer
 from tests.unit.knee_phantom import write_knee_dataset, write_knee_study
@@ -104,7 +105,7 @@ def test_knee_mr_through_orthanc_gives_seg_sr_sc_in_the_source_study(
     assert [seg.get_segment_description(i).segmented_property_type.value for i in (1, 2, 3)] == [
         codes.FEMUR.value, codes.TIBIA.value, codes.FIBULA.value]
     datasets = read_datasets([knee_dir])
-    series = choose_series(datasets, KneeParams())
+    series = choose_series(datasets, KneeBoneSegSettings())
     uids = [str(p.ds.SOPInstanceUID) for p in series.planes]
     src = {str(p.ds.SOPInstanceUID): p.ds for p in series.planes}
     for frame in seg_ds.PerFrameFunctionalGroupsSequence:

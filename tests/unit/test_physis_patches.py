@@ -18,8 +18,8 @@ from training.data import load_records
 from training.errors import TrainError
 from training.patch_pretrain import PatchPretrainConfig, PatchSource, PatchView, _samplers
 from training.tasks import get_adapter
-from training.tasks.physis_fracture import image_boxes, image_label, source_images
 from training.tasks.physis_patches import DetectorTrunkHead, patch_sources, views_of
+from training.tasks.physis_samples import image_boxes, image_label, source_images
 
 SIZES = {"det_long_side": 128, "image_size": 96, "crop_size": 48}
 TASK = ["--set", "variant=light", "--set", "det_long_side=128", "--set", "image_size=96", "--set", "crop_size=48"]
@@ -159,8 +159,8 @@ def test_tune_sets_the_served_threshold_of_the_highest_validation_accuracy() -> 
     tuned, note = adapter.tune(EvalResult(metrics={}, y_true=y, y_prob=s), cfg)
     assert tuned.operating_threshold == pytest.approx(0.725) and "accuracy 0.500 at 0.50 -> 1.000" in note
     assert tuned.post_config().threshold == pytest.approx(0.725)
-    _, args = adapter.architecture(tuned)  # what the bundle (and so the node) serves
-    assert args["post"]["threshold"] == pytest.approx(0.725)
+    _, args = adapter.architecture(tuned)
+    assert "post" not in args  # the rules are settings (task_config), not a second copy in the network args
     assert "operating_threshold" in adapter.config_model.after_training  # retune may change it, resume ignores it
     off = cfg.model_copy(update={"tune_threshold": False})
     assert adapter.tune(EvalResult(metrics={}, y_true=y, y_prob=s), off) == (off, "")

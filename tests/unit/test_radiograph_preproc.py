@@ -1,4 +1,4 @@
-"""Tests of the shared radiograph pre-processing (inference.radiograph) on constructed images."""
+"""Tests of the shared radiograph pre-processing (inference.radiograph, radiograph_parts) on constructed images."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from scipy import ndimage
 
 from inference import imgops
 from inference import radiograph as rg
+from inference import radiograph_parts as rp
 
 # --------------------------------------------------------------------------- synthetic images
 
@@ -118,7 +119,7 @@ def test_to_float_uses_header_and_fallback_only_when_unreliable() -> None:
 def test_otsu_separates_two_levels() -> None:
     rng = np.random.default_rng(1)
     values = np.concatenate([rng.normal(0.2, 0.03, 5000), rng.normal(0.7, 0.03, 3000)])
-    assert 0.3 < rg.otsu_threshold(values) < 0.6
+    assert 0.3 < rp.otsu_threshold(values) < 0.6
 
 
 def test_splitter_counts_two_large_parts_and_drops_marker() -> None:
@@ -126,7 +127,7 @@ def test_splitter_counts_two_large_parts_and_drops_marker() -> None:
     img[40:260, 30:150] = 0.8  # left arm
     img[60:280, 230:360] = 0.7  # right arm
     img[10:18, 380:390] = 1.0  # laterality marker, 0.07 % of the image
-    parts = rg.split_parts(img)
+    parts = rp.split_parts(img)
     assert len(parts) == 2
     (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = parts[0].bbox, parts[1].bbox
     assert abs(ax0 - 30) <= 2 and abs(ax1 - 150) <= 2 and abs(ay0 - 40) <= 2 and abs(ay1 - 260) <= 2
@@ -138,8 +139,8 @@ def test_splitter_ignores_bright_collimation_frame() -> None:
     img[40:260, 40:150] = 0.6
     img[60:270, 230:350] = 0.55
     img[:18], img[-25:], img[:, :12], img[:, -20:] = 1.0, 1.0, 1.0, 1.0  # unexposed shutter bars
-    assert rg.collimation_interior(img) == (18, 275, 12, 380)
-    parts = rg.split_parts(img)
+    assert rp.collimation_interior(img) == (18, 275, 12, 380)
+    parts = rp.split_parts(img)
     assert len(parts) == 2
     assert parts[0].bbox[0] == pytest.approx(40, abs=2) and parts[1].bbox[2] == pytest.approx(350, abs=2)
 
@@ -147,7 +148,7 @@ def test_splitter_ignores_bright_collimation_frame() -> None:
 def test_rotation_with_collimation_frame() -> None:
     img, _ = hand_image(120.0)
     img[:20], img[:, -30:] = 1.0, 1.0
-    assert angle_diff(rg.find_alignment(img).angle_deg, -120.0) <= 5.0
+    assert angle_diff(rp.find_alignment(img).angle_deg, -120.0) <= 5.0
 
 
 def test_splitter_on_large_image_maps_boxes_to_source_pixels() -> None:
@@ -155,14 +156,14 @@ def test_splitter_on_large_image_maps_boxes_to_source_pixels() -> None:
     img[200:1300, 150:750] = 0.8
     img[300:1400, 1150:1800] = 0.8
     img[50:90, 1900:1940] = 1.0
-    parts = rg.split_parts(img)
+    parts = rp.split_parts(img)
     assert [p.bbox[0] for p in parts] == pytest.approx([150, 1150], abs=6)
     assert [p.bbox[2] for p in parts] == pytest.approx([750, 1800], abs=6)
 
 
 def test_splitter_without_parts_returns_whole_image() -> None:
     img = np.zeros((50, 60), dtype=np.float32)
-    assert rg.split_parts(img) == [rg.Part((0, 0, 60, 50), 1.0)]
+    assert rp.split_parts(img) == [rp.Part((0, 0, 60, 50), 1.0)]
 
 
 # --------------------------------------------------------------------------- rotation
@@ -171,7 +172,7 @@ def test_splitter_without_parts_returns_whole_image() -> None:
 @pytest.mark.parametrize("true_angle", [0.0, 20.0, -35.0, 60.0, 95.0, 135.0, 180.0, -120.0, -170.0])
 def test_rotation_recovered_with_fingers_up(true_angle: float) -> None:
     img, tip = hand_image(true_angle, seed=int(true_angle) % 7)
-    al = rg.find_alignment(img)
+    al = rp.find_alignment(img)
     assert angle_diff(al.angle_deg, -true_angle) <= 5.0, al
     # The fingertip ends up in the upper part of the aligned image.
     tip_aligned = rg.apply_affine(al.matrix, tip[None])[0]
@@ -191,9 +192,9 @@ def test_synthetic_pa_and_lateral_wrists_come_out_fingers_up(tmp_path) -> None:
     for f in sorted(tmp_path.glob("*/*/*.dcm")):
         ds = pydicom.dcmread(f)
         img = rg.to_float(ds)
-        for part in rg.split_parts(img):
+        for part in rp.split_parts(img):
             x0, y0, x1, y1 = part.bbox
-            al = rg.find_alignment(img[y0:y1, x0:x1])
+            al = rp.find_alignment(img[y0:y1, x0:x1])
             assert abs(al.angle_deg) < 30.0, (ds.ViewPosition, al)
             views[ds.ViewPosition] = views.get(ds.ViewPosition, 0) + 1
     assert views.get("LL", 0) >= 10 and views.get("PA", 0) >= 10

@@ -1,4 +1,4 @@
-"""The private pynetdicom hooks dicomnode/scp.py relies on exist in the pinned pynetdicom (see pyproject.toml)."""
+"""The private pynetdicom hooks dicomnode/scp_pynetdicom.py relies on exist in the pinned pynetdicom (see pyproject.toml)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_installed_pynetdicom_is_the_pinned_one() -> None:
     pin = re.search(r'"pynetdicom==([0-9.]+)"', (ROOT / "pyproject.toml").read_text())
-    assert pin is not None, "pynetdicom must stay pinned while scp.py uses its private hooks"
+    assert pin is not None, "pynetdicom must stay pinned while scp_pynetdicom.py uses its private hooks"
     assert version("pynetdicom") == pin.group(1)
 
 

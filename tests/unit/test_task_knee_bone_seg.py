@@ -15,13 +15,14 @@ from dicomnode.results import ResultContext
 from dicomnode.results import codes as rc
 from dicomnode.results.builder import build_results
 from inference import codes
+from inference.bundle import read_meta
 from inference.errors import TaskError
 from inference.mr import CropResize
 from inference.series import group_by_series, read_datasets
+from inference.task_settings import KneeBoneSegSettings, settings_of
 from inference.tasks import TaskContext, get_task
 from inference.tasks.knee_bone_seg import (
     BONES,
-    KneeParams,
     bone_masks_to_source,
     choose_series,
     make_findings,
@@ -96,11 +97,14 @@ def test_faithful_training_schedule_is_the_default() -> None:
     assert cfg.balanced_sampling  # slices balanced on "shows fibula" (the addition that lets it be learned)
 
 
-def test_params_round_trip_through_bundle_extra() -> None:
-    spec = get_adapter("knee_bone_seg").input_spec(KneeConfig(crop_mm=120.0, threshold=0.4))
-    p = KneeParams.from_extra(spec.extra)
-    assert p.crop_mm == 120.0 and p.threshold == 0.4 and p.planes == ("coronal", "sagittal") and p.size == 224
-    assert spec.normalisation == "zscore" and spec.mean is not None and spec.std is not None
+def test_the_settings_are_the_one_serving_model() -> None:
+    """Training's config is serving's settings class; the input spec carries no second copy of them."""
+    cfg = KneeConfig(crop_mm=120.0, threshold=0.4)
+    assert isinstance(cfg, KneeBoneSegSettings)
+    assert cfg.planes == ("coronal", "sagittal") and cfg.size == 224 and cfg.batch_size == 8
+    spec = get_adapter("knee_bone_seg").input_spec(cfg)
+    assert not {"crop_mm", "threshold", "n4_shrink", "planes"} & set(spec.extra)
+    assert spec.normalisation == "zscore" and (spec.mean, spec.std) == (cfg.norm_mean, cfg.norm_std)
     labels = get_adapter("knee_bone_seg").labels(KneeConfig())
     assert [(lab.name, lab.code.value) for lab in labels] == [  # type: ignore[union-attr]
         ("femur", codes.FEMUR.value), ("tibia", codes.TIBIA.value), ("fibula", codes.FIBULA.value)]
@@ -115,7 +119,7 @@ def test_series_selection_rules(tmp_path: Path) -> None:
     write_knee_study(tmp_path / "ax", 0, 7, orientation="axial", n_slices=24, rows=48, cols=48)
     write_knee_study(tmp_path / "few", 0, 8, n_slices=12, rows=48, cols=48)
     write_knee_study(tmp_path / "ct", 0, 9, modality="CT", n_slices=24, rows=48, cols=48)
-    params = KneeParams()
+    params = KneeBoneSegSettings()
     cor = choose_series(_study_datasets(tmp_path / "cor"), params)
     assert plane_of(cor) == "coronal" and len(cor) == 20
     assert plane_of(choose_series(_study_datasets(tmp_path / "sag"), params)) == "sagittal"
@@ -136,11 +140,11 @@ def test_postprocess_keeps_largest_component_and_fills_holes() -> None:
     probs[:, 0, 10:12, 10:12] = 0.1  # hole
     probs[1, 0, 26:29, 26:29] = 0.95  # small island
     probs[:, 2, 0:2, 0:2] = 0.49  # below threshold
-    masks = postprocess(probs, KneeParams())
+    masks = postprocess(probs, KneeBoneSegSettings())
     assert masks.shape == (3, 4, 32, 32)
     assert masks[0, :, 4:20, 4:20].all() and not masks[0, 1, 26:29, 26:29].any()
     assert not masks[1].any() and not masks[2].any()
-    raw = postprocess(probs, KneeParams(largest_component=False, fill_holes=False))
+    raw = postprocess(probs, KneeBoneSegSettings(largest_component=False, fill_holes=False))
     assert raw[0, 1, 27, 27] and not raw[0, 0, 10, 10]
 
 
@@ -149,11 +153,11 @@ def test_ground_truth_through_forward_and_inverse_mapping(tmp_path: Path, rows: 
     """GT label map -> crop/resize -> post-processing -> inverse: exact when the window is <= 224 px."""
     row = write_knee_study(tmp_path, 0, 11, n_slices=20, rows=rows, cols=rows, pixel_mm=pixel_mm)
     (record,) = [r for r in load_records_from_row(tmp_path, row)]
-    series = choose_series(read_datasets(record.files), KneeParams())
+    series = choose_series(read_datasets(record.files), KneeBoneSegSettings())
     labels = load_label_map(record, series)
     crop = CropResize.around((rows / 2 + 3, rows / 2 - 2), (rows, rows), (pixel_mm, pixel_mm), crop_mm=100.0)
     model = np.stack([crop.mask_to_model(labels == b + 1) for b in range(3)], axis=1).astype(np.float32)
-    back = bone_masks_to_source(postprocess(model, KneeParams()), crop)
+    back = bone_masks_to_source(postprocess(model, KneeBoneSegSettings()), crop)
     assert back.shape == (3, *labels.shape)
     inside = np.zeros(labels.shape, bool)
     inside[:, crop.r0:crop.r0 + crop.size_r, crop.c0:crop.c0 + crop.size_c] = True
@@ -178,7 +182,7 @@ def test_label_map_is_resampled_when_stored_in_another_slice_order(tmp_path: Pat
 
     row = write_knee_study(tmp_path, 0, 12, n_slices=20, rows=48, cols=48)
     (record,) = load_records_from_row(tmp_path, row)
-    series = choose_series(read_datasets(record.files), KneeParams())
+    series = choose_series(read_datasets(record.files), KneeBoneSegSettings())
     direct = load_label_map(record, series)
     img = sitk.ReadImage(str(tmp_path / row["mask"]))
     flipped = sitk.Flip(img, [False, False, True])  # reversed slice order, geometry kept consistent
@@ -191,7 +195,7 @@ def test_known_mask_round_trips_voxel_for_voxel_through_seg(tmp_path: Path, dcio
     row = write_knee_study(tmp_path, 0, 13, n_slices=20, rows=64, cols=64)
     (record,) = load_records_from_row(tmp_path, row)
     datasets = read_datasets(record.files)
-    series = choose_series(datasets, KneeParams())
+    series = choose_series(datasets, KneeBoneSegSettings())
     labels = load_label_map(record, series)
     masks = np.stack([labels == b + 1 for b in range(3)])
     findings = make_findings(masks, series, algorithm_name="bone-dicomnode/knee_bone_seg/unet2d",
@@ -256,7 +260,10 @@ def test_score_volume_perfect_and_shifted() -> None:
 def test_tiny_bundle_meta_evaluate_and_report(tiny_bundle: Path, knee_data: Path, tmp_path: Path) -> None:
     meta = json.loads((tiny_bundle / "bundle.json").read_text())
     assert meta["task"] == "knee_bone_seg" and meta["architecture"] == "unet2d" and meta["init_args"] == {}
-    assert meta["input"]["normalisation"] == "zscore" and meta["input"]["extra"]["n4_shrink"] == 4
+    assert meta["input"]["normalisation"] == "zscore" and "n4_shrink" not in meta["input"]["extra"]
+    # the settings the bundle was trained with are its task_config, read back typed by serving
+    settings = settings_of(read_meta(tiny_bundle), KneeBoneSegSettings)
+    assert settings == KneeConfig(size=64, norm_mean=settings.norm_mean, norm_std=settings.norm_std)
     assert meta["synthetic_only"] is True
     assert {"dice_femur", "dice_tibia", "dice_fibula", "hd95_femur", "hd95_fibula", "dice_merged", "iou_merged",
             "dice_mean", "dice_femur_full_image"} <= set(meta["metrics"])
@@ -341,7 +348,7 @@ def test_generator_label_maps_load_on_the_series_grid(tmp_path: Path) -> None:
         generate(root, 1, 3, workers=1, params={"orientation": orientation, "n": 96, "n_slices": 20,
                                                   "pixel_spacing": 1.2})
         (record,) = load_records(root)
-        series = choose_series(read_datasets(record.files), KneeParams())
+        series = choose_series(read_datasets(record.files), KneeBoneSegSettings())
         assert plane_of(series) == orientation
         labels = load_label_map(record, series)
         assert labels.shape == (20, 96, 96)
@@ -364,7 +371,7 @@ def test_montage_draws_contours_not_filled_panels(tmp_path: Path) -> None:
     row = write_knee_study(tmp_path, 0, 14, n_slices=20, rows=384, cols=384, pixel_mm=0.4)
     (record,) = load_records_from_row(tmp_path, row)
     datasets = read_datasets(record.files)
-    series = choose_series(datasets, KneeParams())
+    series = choose_series(datasets, KneeBoneSegSettings())
     labels = load_label_map(record, series)
     findings = make_findings(np.stack([labels == b + 1 for b in range(3)]), series, algorithm_name="a",
                              algorithm_version="1", synthetic_model=True)

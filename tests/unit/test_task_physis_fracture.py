@@ -32,7 +32,7 @@ from inference.tasks.physis_fracture_post import (
     select_fracture_boxes,
 )
 from tests.plugins.bone_test_task import dx_dataset
-from training.tasks.physis_fracture import image_boxes, image_label
+from training.tasks.physis_samples import image_boxes, image_label
 
 FX, METAL, TEXT = 1, 2, 3
 
@@ -162,8 +162,7 @@ class FixedLogit(nn.Module):
 @pytest.fixture(scope="module")
 def scripted_model() -> nn.Module:
     torch.set_num_threads(1)
-    args = physis_init_args("two_stage", variant="light", det_long_side=64, image_size=32, crop_size=32,
-                            post={"det_score_thresh": 0.2, "box_report_thresh": 0.5})
+    args = physis_init_args("two_stage", variant="light", det_long_side=64, image_size=32, crop_size=32)
     model = build_network("physis_two_stage", **args).eval()
     # source 200 x 160 -> detector square 64: scale 0.32, x padded by (64 - 51.2) / 2 = 6.4
     model.detector = ScriptedDetector(
@@ -327,7 +326,7 @@ def test_mined_crops_match_the_serving_crops(box):
     from scipy import ndimage
 
     from inference.radiograph import crop_with_margin
-    from training.tasks.physis_fracture import letterbox_crops
+    from training.tasks.physis_samples import letterbox_crops
 
     img = ndimage.gaussian_filter(np.random.default_rng(0).random((100, 80)), 4).astype(np.float32)
     img = (img - img.min()) / (img.max() - img.min())
@@ -339,7 +338,7 @@ def test_mined_crops_match_the_serving_crops(box):
 
 
 def test_mining_labels_proposals_by_iou():
-    from training.tasks.physis_fracture import mine_proposals
+    from training.tasks.physis_samples import mine_proposals
 
     det = ScriptedDetector([[10, 10, 30, 30], [50, 50, 60, 60], [10, 10, 30, 30]], [FX, FX, METAL], [0.9, 0.8, 0.7])
     gt = torch.tensor([[[12, 12, 30, 30], [0, 0, 0, 0]]], dtype=torch.float32)
@@ -379,8 +378,7 @@ def test_negative_image_carries_no_positive_label_and_states_the_operating_point
     from dicomnode.results.sc import compose
     from inference.palette import colour_for
 
-    args = physis_init_args("two_stage", variant="light", det_long_side=64, image_size=32, crop_size=32,
-                            post={"det_score_thresh": 0.2, "box_report_thresh": 0.5, "threshold": 0.81})
+    args = physis_init_args("two_stage", variant="light", det_long_side=64, image_size=32, crop_size=32)
     model = build_network("physis_two_stage", **args).eval()
     model.detector = ScriptedDetector([[22.4, 16.0, 38.4, 32.0]], [FX], [0.9])
     model.crop_classifier = FixedLogit(0.6)  # combined sqrt(0.9 * 0.6) = 0.735: reportable, but below 0.81
@@ -388,7 +386,9 @@ def test_negative_image_carries_no_positive_label_and_states_the_operating_point
     study = "1.2.826.0.1.3680043.8.498.778"
     images = [dx_dataset(study, study + ".1", 0, rows=200, cols=160)]
     meta = type("Meta", (), {"algorithm_name": "physis", "version": "t1", "synthetic_only": True,
-                             "architecture": "physis_two_stage"})()
+                             "architecture": "physis_two_stage", "task": "physis_fracture",
+                             # the served operating point comes from the bundle's task settings
+                             "task_config": {"post": {"threshold": 0.5}, "operating_threshold": 0.81}})()
     loaded = LoadedModel(bundle=type("B", (), {"meta": meta})(), model=model, device=torch.device("cpu"))
     monkeypatch.setattr(task_mod, "model_for", lambda task, ctx: loaded)
     f = task_mod.run_physis_fracture(images, TaskContext())

@@ -73,6 +73,14 @@ def _tiny_bundle(tmp_path: Path, task: str, task_config: dict) -> Path:
     ("hrpqct_motion", {"grade_cutpoints": [1.5, 2.5, 3.5, 4.5]}, "task_config", "need aggregation 'expected'"),
     ("spine_bmd", {"class_log_offsets": [0.0, float("nan"), 0.0]}, "task_config.class_log_offsets", "finite"),
     ("physis_fracture", {"post": {"bogus": 1}}, "task_config.post", "unknown post-processing keys"),
+    ("physis_fracture", {"post": {"top_k": 0}}, "task_config.post", "top_k must be an integer >= 1"),
+    ("physis_fracture", {"post": {"nms_iou": "high"}}, "task_config.post", "nms_iou must be a number in [0, 1]"),
+    ("physis_fracture", {"operating_threshold": 1.2}, "task_config.operating_threshold", "less than or equal to 1"),
+    ("spine_bmd", {"min_slices": 0}, "task_config.min_slices", "greater than or equal to 1"),
+    ("knee_bone_seg", {"threshold": 0.0}, "task_config.threshold", "greater than 0"),
+    ("knee_bone_seg", {"planes": ["oblique"]}, "task_config.planes.0", "fix: give a valid value"),
+    ("knee_bone_seg", {"min_slices": 0}, "task_config.min_slices", "greater than or equal to 1"),
+    ("knee_bone_seg", {"norm_std": -1}, "task_config.norm_std", "greater than 0"),
 ])
 def test_a_bad_setting_fails_at_load(tmp_path: Path, task: str, task_config: dict, key: str, words: str) -> None:
     d = _tiny_bundle(tmp_path, task, task_config)
@@ -123,3 +131,49 @@ def test_physis_and_spine_helpers_still_work() -> None:
     post = PhysisFractureSettings(operating_threshold=0.7).post_config()
     assert post.threshold == 0.7
     assert SpineBmdSettings(class_log_offsets=(0.0, 1.0, 2.0)).params().class_log_offsets == (0.0, 1.0, 2.0)
+
+
+def _edited_copy(tmp_path: Path, task: str, **changes: object) -> Path:
+    """A copy of the shipped bundle of ``task`` with ``changes`` written into its ``task_config``."""
+    d = tmp_path / task / "edited"
+    shutil.copytree(_current(task), d)
+    raw = json.loads((d / BUNDLE_JSON).read_text(encoding="utf-8"))
+    raw["task_config"].update(changes)
+    (d / BUNDLE_JSON).write_text(json.dumps(raw), encoding="utf-8")
+    return d
+
+
+def test_knee_serving_reads_its_settings_from_task_config(tmp_path: Path) -> None:
+    """The knee task takes min_slices / planes from task_config (input.extra's old copy is not read)."""
+    from inference.errors import TaskError
+    from inference.series import read_datasets
+    from inference.tasks import TaskContext, get_task
+    from tests.unit.knee_phantom import write_knee_study
+
+    write_knee_study(tmp_path / "study", 0, 3, n_slices=20, rows=48, cols=48)
+    datasets = read_datasets([tmp_path / "study"])
+    task = get_task("knee_bone_seg")
+    extra = read_meta(_current("knee_bone_seg")).input.extra
+    assert extra.get("min_slices") == 20  # the shipped bundle still carries the old copy, which must be ignored
+    with pytest.raises(TaskError, match="20 slices < 30"):
+        task(datasets, TaskContext(model_dir=_edited_copy(tmp_path, "knee_bone_seg", min_slices=30), device="cpu"))
+    with pytest.raises(TaskError, match="coronal plane, need sagittal"):
+        task(datasets, TaskContext(model_dir=_edited_copy(tmp_path / "b", "knee_bone_seg", planes=["sagittal"]),
+                                   device="cpu"))
+
+
+def test_physis_serving_reads_its_post_processing_from_task_config(tmp_path: Path) -> None:
+    """The served operating point is the task setting's (the network args hold no post-processing copy)."""
+    from inference.tasks import TaskContext, get_task
+    from tests.plugins.bone_test_task import dx_dataset
+
+    study = "1.2.826.0.1.3680043.8.498.36"
+    images = [dx_dataset(study, study + ".1", 0, rows=96, cols=80)]
+    d = _edited_copy(tmp_path, "physis_fracture", operating_threshold=0.987)
+    findings = get_task("physis_fracture")(images, TaskContext(model_dir=d, device="cpu"))
+    assert {c.threshold for c in findings.classifications} == {0.987}
+    raw = json.loads((d / BUNDLE_JSON).read_text(encoding="utf-8"))
+    raw["init_args"]["post"] = {"threshold": 0.1}  # an older bundle's copy in the network args is not read
+    (d / BUNDLE_JSON).write_text(json.dumps(raw), encoding="utf-8")
+    findings = get_task("physis_fracture")(images, TaskContext(model_dir=d, device="cpu"))
+    assert {c.threshold for c in findings.classifications} == {0.987}

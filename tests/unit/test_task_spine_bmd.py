@@ -452,11 +452,10 @@ def test_bundle_class_offsets_reach_the_decision(spine_data) -> None:
     from training.tasks.spine_bmd import _load, study_truth
 
     meta = BundleMeta(task="spine_bmd", version="v", architecture="spine_detector",
-                      input=InputSpec(window=(500.0, 2000.0), extra={"image_size": 192}),
-                      task_config={"class_log_offsets": [0.0, 0.0, 60.0]})
-    params = SpineParams.from_meta(meta)
-    assert params.class_log_offsets == (0.0, 0.0, 60.0) and params.image_size == 192
-    assert "class_log_offsets" not in params.extra()
+                      input=InputSpec(window=(500.0, 2000.0), extra={"image_size": 999, "min_slices": 999}),
+                      task_config={"class_log_offsets": [0.0, 0.0, 60.0], "image_size": 192})
+    params = SpineParams.from_meta(meta)  # the settings are task_config's; input.extra (an old copy) is not read
+    assert params.class_log_offsets == (0.0, 0.0, 60.0) and params.image_size == 192 and params.min_slices == 20
     for bad in ([0.0, 1.0], [0.0, "x", 1.0], [0.0, float("nan"), 0.0]):
         with pytest.raises(BundleError, match="class_log_offsets"):
             SpineParams.from_meta(meta.model_copy(update={"task_config": {"class_log_offsets": bad}}))

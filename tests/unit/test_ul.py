@@ -5,8 +5,9 @@ from __future__ import annotations
 import io
 import struct
 
+import pydicom
 import pytest
-from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
+from pydicom.filereader import read_dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
@@ -21,7 +22,7 @@ from pynetdicom.transport import AddressInformation
 
 from dicomnode import ul
 from dicomnode.native_scp import supported_contexts
-from dicomnode.scp import TRANSFER_SYNTAXES
+from dicomnode.scp_policy import TRANSFER_SYNTAXES
 
 
 def _rq_bytes(*, async_ops: bool = False) -> bytes:
@@ -128,9 +129,9 @@ def test_file_meta_is_valid_part10() -> None:
     head = ul.file_meta(CTImageStorage, "1.2.3.4", ExplicitVRLittleEndian, implementation_class_uid="2.25.1",
                         implementation_version="BONENODE_010", source_ae="SCANNER")
     fp = io.BytesIO(head)
-    read_preamble(fp, False)
-    meta = _read_file_meta_info(fp)
-    assert fp.tell() == len(head)
+    ds = pydicom.dcmread(fp)  # strict Part 10 read: preamble, DICM, meta group, then an empty data set
+    meta = ds.file_meta
+    assert len(ds) == 0 and fp.tell() == len(head)
     assert meta.MediaStorageSOPInstanceUID == "1.2.3.4" and meta.TransferSyntaxUID == ExplicitVRLittleEndian
     assert meta.SourceApplicationEntityTitle.strip() == "SCANNER"
     assert meta.FileMetaInformationGroupLength == len(head) - 132 - 12

@@ -42,7 +42,6 @@ from inference.task_settings import KneeBoneSegSettings
 from inference.tasks.knee_bone_seg import (
     BONE_CODES,
     BONES,
-    KneeParams,
     choose_series,
     postprocess,
     prepare_knee,
@@ -79,10 +78,10 @@ KneeConfig = KneeBoneSegSettings  # the settings model serving validates bundles
 # --------------------------------------------------------------------------- labels
 
 
-def _mask_series(record: Record, min_slices: int) -> Series:
+def _mask_series(record: Record, cfg: KneeBoneSegSettings) -> Series:
     datasets = read_datasets(record.files)
     try:
-        return choose_series(datasets, KneeParams(min_slices=min_slices))
+        return choose_series(datasets, cfg)
     except Exception as exc:  # TaskError from selection: training data problem here
         raise DataError(f"record {record.key}: {exc}") from exc
 
@@ -134,10 +133,10 @@ def prepare_record(record: Record, cfg: KneeConfig) -> list[Sample]:
     training default) half of every epoch's slices show the fibula, which covers ~15 % of the
     slices and ~0.4 % of the pixels of a synthetic knee.
     """
-    series = _mask_series(record, cfg.min_slices)
+    series = _mask_series(record, cfg)
     volume = series.volume()
     labels = load_label_map(record, series)
-    prepared = prepare_knee(volume, series.spacing, cfg.params(), norm=None)
+    prepared = prepare_knee(volume, series.spacing, cfg, norm=None)
     crop = prepared.crop
     targets = np.stack([crop.mask_to_model(labels == i + 1) for i in range(len(BONES))], axis=1)  # (n, 3, H, W)
     geom = np.asarray([crop.r0, crop.c0, crop.size_r, crop.size_c, *crop.source_shape], dtype=np.int64)
@@ -290,7 +289,6 @@ class KneeAdapter(BaseAdapter):
         count bone outside it (which the window never shows) as missed.
         """
         assert isinstance(cfg, KneeConfig)
-        params = cfg.params()
         pending: dict[int, dict[str, Any]] = {}
         rows: list[dict[str, float]] = []
         for batch in loader:
@@ -304,9 +302,9 @@ class KneeAdapter(BaseAdapter):
                 entry["probs"][k] = probs[i].astype(np.float16)
                 entry["labels"][k] = batch["source_label"][i].numpy()
                 if len(entry["probs"]) == n:
-                    rows.append(self._score(pending.pop(ri), params, cfg.hd95))
+                    rows.append(self._score(pending.pop(ri), cfg, cfg.hd95))
         for entry in pending.values():  # incomplete volumes (should not happen): score what is there
-            rows.append(self._score(entry, params, cfg.hd95))
+            rows.append(self._score(entry, cfg, cfg.hd95))
         metrics: dict[str, Any] = {"n_volumes": len(rows)}
         if rows:
             for key in rows[0]:
@@ -320,7 +318,7 @@ class KneeAdapter(BaseAdapter):
         return EvalResult(metrics=metrics, class_names=list(BONES), tables={"per_bone (source grid)": table})
 
     @staticmethod
-    def _score(entry: dict[str, Any], params: KneeParams, with_hd95: bool) -> dict[str, float]:
+    def _score(entry: dict[str, Any], params: KneeBoneSegSettings, with_hd95: bool) -> dict[str, float]:
         ks = sorted(entry["probs"])
         probs = np.stack([entry["probs"][k] for k in ks]).astype(np.float32)  # (n, 3, H, W)
         labels = np.stack([entry["labels"][k] for k in ks])
@@ -343,10 +341,12 @@ class KneeAdapter(BaseAdapter):
         return scores
 
     def input_spec(self, cfg: TaskConfig) -> InputSpec:
-        """MR, 224x224 in-plane, native slices, population z-score and the shared parameters."""
+        """MR, 224x224 in-plane, native slices, population z-score (a description: serving reads ``task_config``)."""
         assert isinstance(cfg, KneeConfig)
         return InputSpec(modality=["MR"], size=[cfg.size, cfg.size], channels=1, normalisation="zscore",
-                         mean=cfg.norm_mean, std=cfg.norm_std, extra=cfg.params().to_extra())
+                         mean=cfg.norm_mean, std=cfg.norm_std,
+                         extra={"pipeline": "inference.tasks.knee_bone_seg.prepare_knee with the task_config "
+                                            "settings (KneeBoneSegSettings)"})
 
     def labels(self, cfg: TaskConfig) -> list[LabelSpec]:
         """One sigmoid channel per bone, SNOMED coded, category Anatomical Structure."""
@@ -389,8 +389,8 @@ class KneeAdapter(BaseAdapter):
 
 def _prepared_crops(args: tuple[Record, KneeConfig]) -> np.ndarray:
     record, cfg = args
-    series = _mask_series(record, cfg.min_slices)
-    return prepare_knee(series.volume(), series.spacing, cfg.params(), norm=None).array
+    series = _mask_series(record, cfg)
+    return prepare_knee(series.volume(), series.spacing, cfg, norm=None).array
 
 
 def fit_norm(records: Sequence[Record], cfg: KneeConfig, max_records: int = 16, workers: int = 0) -> ZScore:

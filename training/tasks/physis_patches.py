@@ -26,7 +26,7 @@ from inference.imgops import apply_affine
 from inference.radiograph import detector_input
 from training.data import Record
 from training.patch_pretrain import PatchSource, PatchView
-from training.tasks.physis_fracture import image_boxes, image_label, source_images
+from training.tasks.physis_samples import image_boxes, image_label, source_images
 
 __all__ = ["DetectorTrunkHead", "patch_sources", "patch_views", "views_of"]
 

@@ -381,7 +381,7 @@ class SpineBmdAdapter(BaseAdapter):
     def input_spec(self, cfg: SpineBmdConfig) -> InputSpec:  # type: ignore[override]
         return InputSpec(modality=["CT"], size=[cfg.image_size, cfg.image_size], channels=cfg.in_channels,
                          window=(BONE_WINDOW_CENTER, BONE_WINDOW_WIDTH), normalisation="window",
-                         extra=cfg.params().extra())
+                         extra={"pipeline": "inference.tasks.spine_bmd with the task_config settings (SpineBmdSettings)"})
 
     def labels(self, cfg: SpineBmdConfig) -> list[LabelSpec]:  # type: ignore[override]
         return [LabelSpec(name=n, index=i + 1, code=CodedConcept(value=c.value, scheme=c.scheme, meaning=c.meaning))
