@@ -13,6 +13,8 @@ from pydicom.uid import MRImageStorage
 from scipy.ndimage import binary_erosion, gaussian_filter
 
 from training.synth import knee_bone_seg as kb
+from training.synth.knee_anatomy import MODE_NAMES, KneeFindings, KneePose, KneeShape, bone_fields
+from training.synth.knee_tissue import SIGNAL, Scene, scanner_signals, tissue_signal
 
 SMALL = {"n": 72, "pixel_spacing": 2.0, "thickness": 4.0, "n_slices": 20}
 
@@ -89,16 +91,21 @@ def test_masks_align_with_bone_signal(tmp_path: Path) -> None:
 def test_growth_plate_open_only_when_young() -> None:
     z = np.linspace(-60, 60, 1201, dtype=np.float32)
     pts = (np.zeros_like(z), np.full_like(z, 4.0), z)
-    fields = kb.bone_fields(np.random.default_rng(0), pts, 1.0, 1.0)
-    physis = kb.SIGNAL["physis"][1]
-    for seq in (0, 1):
-        open_ = kb.tissue_signal(fields, pts, seq, 12.0, True, 1.0, (70.0, 8.0, 5.0))
-        closed = kb.tissue_signal(fields, pts, seq, 40.0, False, 1.0, (70.0, 8.0, 5.0))
-        band = np.isclose(open_, kb.SIGNAL["physis"][seq])
-        assert band.sum() >= 4 and not np.isclose(closed, kb.SIGNAL["physis"][seq]).any()
+    shape = KneeShape.from_modes(1.0, 1.0, (0.0,) * len(MODE_NAMES))
+    pose = KneePose.build(shape, 0.0, 0.0, 0.0, 0.0, (0.0, 0.0, 0.0))
+    qf = pose.to_femur(pts)
+    fields = bone_fields(pts, qf, shape)
+    physis = SIGNAL["physis"][1]
+    for seq in (0, 1, 2):
+        sig = scanner_signals(None, seq, 3.0, "SIEMENS")
+        limb = (70.0, 8.0, 5.0, 0.0)
+        open_ = tissue_signal(Scene(shape, pose, KneeFindings(), sig, 12.0, True, limb), pts, qf, fields)
+        closed = tissue_signal(Scene(shape, pose, KneeFindings(), sig, 40.0, False, limb), pts, qf, fields)
+        band = np.isclose(open_, SIGNAL["physis"][seq])
+        assert band.sum() >= 4 and not np.isclose(closed, SIGNAL["physis"][seq]).any()
         # two plates: distal femur above the joint, proximal tibia below
         assert (z[band] > 10).any() and (z[band] < -10).any()
-    assert physis > kb.SIGNAL["marrow"][1]
+    assert physis > SIGNAL["marrow"][1]
 
 
 def test_preview_outlines_each_slice_s_own_label_map(tmp_path: Path) -> None:
@@ -116,7 +123,7 @@ def test_preview_outlines_each_slice_s_own_label_map(tmp_path: Path) -> None:
         for k, ds in enumerate(_series(root, row["study_uid"])):
             assert np.array_equal(slicer(row, ds), labels[k])
         assert slicer({k: v for k, v in row.items() if k != "mask"}, ds) is None
-    png = sheet_from_folder(tmp_path / "coronal", tmp_path / "sheet.png", per_series=4)
+    png = sheet_from_folder(tmp_path / "coronal", tmp_path / "sheet.png", per_series=16)
     px = np.asarray(Image.open(png).convert("RGB")).reshape(-1, 3)
-    for value in (1, 2, 3):  # femur, tibia, fibula: the middle coronal slices show all three
+    for value in (1, 2, 3):  # femur, tibia, fibula: the 16 middle coronal slices show all three
         assert (px == _MASK_COLOURS[value - 1]).all(axis=1).sum() > 20, value
