@@ -311,7 +311,8 @@ class Exposure:
 
 def _edge_profile(n: int, a: int, b: int, leakage: float, soft: float = 1.5) -> np.ndarray:
     x = np.arange(n, dtype=np.float32)
-    inner = 1.0 / (1.0 + np.exp(-(x - a + 0.5) / soft * 1.7)) / (1.0 + np.exp((x - b + 0.5) / soft * 1.7))
+    k = 1.7 / soft  # exponents clipped: far outside the field exp() would overflow (to the same 0)
+    inner = 1.0 / (1.0 + np.exp(np.clip(-(x - a + 0.5) * k, -60, 60))) / (1.0 + np.exp(np.clip((x - b + 0.5) * k, -60, 60)))
     return (leakage + (1.0 - leakage) * inner).astype(np.float32)
 
 
