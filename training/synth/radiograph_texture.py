@@ -59,16 +59,24 @@ def _tile(period_px: int, kind: str, k: int) -> np.ndarray:
     return (t / np.float32(t.std() + 1e-9)).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=16)
+def _wrapped(period_px: int, kind: str, k: int) -> np.ndarray:
+    """The tile extended periodically to ``3 x BANK`` square, so any crop of up to ``2 x BANK`` is a view."""
+    return np.pad(_tile(period_px, kind, k), ((0, 2 * _BANK), (0, 2 * _BANK)), mode="wrap")
+
+
 def texture_field(rng: np.random.Generator, shape: tuple[int, int], period_px: float, kind: str) -> np.ndarray:
-    """A ``shape`` crop of a periodic texture tile at a random offset (``period_px`` rounded to 2-16 px)."""
+    """A read-only ``shape`` crop (a view) of a periodic texture tile at a random offset (period rounded, 2-16 px)."""
     p = int(np.clip(round(period_px), 2, 16))
-    tile = _tile(p, kind, int(rng.integers(3)))
+    ext = _wrapped(p, kind, int(rng.integers(3)))
     r0, c0 = int(rng.integers(_BANK)), int(rng.integers(_BANK))
-    rows = (np.arange(shape[0]) + r0) % _BANK
-    cols = (np.arange(shape[1]) + c0) % _BANK
+    if shape[0] > 2 * _BANK or shape[1] > 2 * _BANK:
+        raise ValueError(f"texture crops are at most {2 * _BANK} pixels a side, got {shape}")
+    crop = ext[r0:r0 + shape[0], c0:c0 + shape[1]]
     if rng.random() < 0.5:
-        cols = cols[::-1]
-    return tile[rows][:, cols]
+        crop = crop[:, ::-1]
+    crop.flags.writeable = False
+    return crop
 
 
 def trabecular_map(parts: list[rg.Part], view: np.ndarray, det: rg.Detector) -> np.ndarray | None:
@@ -144,16 +152,18 @@ def acquire(rng: np.random.Generator, bone_li: np.ndarray, soft_li: np.ndarray, 
     li = bone_li * np.float32(sc.bone_contrast)
     li += soft_li * np.float32(sc.soft_contrast)
     if trabecular is not None:
-        tex = texture_field(rng, li.shape, rng.uniform(0.55, 0.9) / det.pixel_mm, "trabecular")
-        tex *= trabecular
-        li += tex * np.float32(rng.uniform(0.08, 0.16) * sc.bone_contrast)
+        tex = np.multiply(texture_field(rng, li.shape, rng.uniform(0.55, 0.9) / det.pixel_mm, "trabecular"),
+                          trabecular)
+        tex *= np.float32(rng.uniform(0.08, 0.16) * sc.bone_contrast)
+        li += tex
     if cast is not None:
         thick, kind = cast
-        pattern = texture_field(rng, li.shape, (3.0 if kind == "fibreglass" else 0.5) / det.pixel_mm,
-                                "weave" if kind == "fibreglass" else "grain")
-        pattern *= np.float32(0.12 if kind == "fibreglass" else 0.06)
+        pattern = np.multiply(texture_field(rng, li.shape, (3.0 if kind == "fibreglass" else 0.5) / det.pixel_mm,
+                                            "weave" if kind == "fibreglass" else "grain"),
+                              np.float32(0.12 if kind == "fibreglass" else 0.06))
         pattern += np.float32(1.0)
-        li += thick * pattern
+        pattern *= thick
+        li += pattern
     mbox = None
     if marker:
         m = rg.text_mask(marker, int(9.0 / det.pixel_mm))
