@@ -37,7 +37,7 @@ from training.synth.common import (
     new_study,
     write_dataset,
 )
-from training.synth.params import FORCE_LABEL
+from training.synth.params import FORCE_LABEL, Param
 from training.synth.runner import StudyJob, generate_studies
 
 TASK = "wrist_fracture"
@@ -47,7 +47,9 @@ PREVALENCE = 0.31
 DEFAULT_DIFFICULTY = 0.3
 AGE_RANGE = (18.0, 90.0)
 #: ``params`` this generator takes (training.synth.params)
-PARAMS = {"force_label": FORCE_LABEL}
+PARAMS = {"force_label": FORCE_LABEL,
+          "confounders": Param(int, "1 (default): casts, implants and overlapping soft tissue drawn as usual; "
+                                    "0: none (an ablation)", (0, 1))}
 #: share of studies with each label-independent confounder
 P_CAST, P_IMPLANT, P_OVERLAP = 0.10, 0.05, 0.25
 EQUIPMENT = (
@@ -110,6 +112,8 @@ def make_study(job: StudyJob) -> list[dict[str, Any]]:
         radius, other, sites = [*w.radius, *w.epiphyses], w.other, {}
     metal, cast, cast_kind = confounders(rng_a, w)
     soft = [*w.soft, *(rt.overlap_parts(rng_a, w.scale) if rng_a.random() < P_OVERLAP else [])]
+    if not job.params.get("confounders", 1):
+        metal, cast, cast_kind, soft = [], [], None, w.soft
     mirror = rg.rot("y", 180.0) if side == "L" else np.eye(3)
     bones = [*other, *radius, *metal]
     vendor = int(rng_a.integers(len(EQUIPMENT)))
