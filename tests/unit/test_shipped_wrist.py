@@ -24,6 +24,9 @@ MIN_AUC, MIN_MARGIN, MAX_BASELINE = VAL_AUC - 0.10, (VAL_AUC - VAL_BASE) - 0.15,
 
 @pytest.mark.slow
 @pytest.mark.skipif(not SHIPPED.exists(), reason="no shipped wrist_fracture bundle")
+# Known failure (2026-12-08): demo-20261203w predates the issue-34 generator and scores study AUC 0.651 here (baseline
+# 0.528), below MIN_AUC; it needs retraining (models/README.md). strict: a bundle that passes must drop this mark.
+@pytest.mark.xfail(strict=True, reason="shipped wrist bundle predates the issue-34 generator (AUC 0.65 < 0.72 here)")
 def test_shipped_wrist_model_is_far_above_the_histogram_baseline_on_the_same_studies(tmp_path: Path) -> None:
     # test seeds (200-299), unlike the training (1), validation (100-199) and sealed (9010-9019) sets
     wrist_fracture.generate(tmp_path / "fit", 120, 200, workers=2)
