@@ -19,7 +19,7 @@
 #    The report also scores the histogram baseline (training.baseline) fitted on the training set.
 #
 # Sizes: N_TRAIN, N_HOLDOUT, EPOCHS, DEVICE (auto|cpu|cuda), WORKERS, DET_SIDE, IMAGE_SIZE, CROP_SIZE, BATCH,
-# DIFFICULTY (synthesis, 0 obvious .. 1 subtle), PRETRAIN_S, PATCH, PATCH_BATCH, TRAIN_DATA / HOLDOUT_DATA
+# DIFFICULTY (synthesis, 0 obvious .. 1 subtle; default the generator's own), PRETRAIN_S, PATCH, PATCH_BATCH, TRAIN_DATA / HOLDOUT_DATA
 # (existing folders to reuse), TRAIN_ARGS (extra `train` options), LOADERS (data-loading processes; 0 on a CPU).
 # Tiny CPU check:  N_TRAIN=12 N_HOLDOUT=6 EPOCHS=1 DEVICE=cpu DET_SIDE=256 IMAGE_SIZE=128 CROP_SIZE=64 \
 #                  scripts/train_demo/physis_fracture.sh /tmp/physis_demo
@@ -47,7 +47,7 @@ DET_SIDE=${DET_SIDE:-1024}
 IMAGE_SIZE=${IMAGE_SIZE:-512}
 CROP_SIZE=${CROP_SIZE:-224}
 BATCH=${BATCH:-8}
-DIFFICULTY=${DIFFICULTY:-0.5}
+DIFFICULTY=${DIFFICULTY:-}
 PRETRAIN_S=${PRETRAIN_S:-300}
 PATCH=${PATCH:-64}
 PATCH_BATCH=${PATCH_BATCH:-64}
@@ -60,7 +60,7 @@ source "$(dirname "$0")/_budget.sh"
 source "$(dirname "$0")/_data.sh"
 mkdir -p "$OUT"
 rm -rf "$OUT/pretrain" "$OUT/bundle" "$OUT/bundle.work" "$OUT/eval"
-synth_sets physis_fracture --difficulty "$DIFFICULTY"
+synth_sets physis_fracture ${DIFFICULTY:+--difficulty "$DIFFICULTY"}
 
 TASK_ARGS=(--set task.variant=light --set task.det_long_side="$DET_SIDE" --set task.image_size="$IMAGE_SIZE"
            --set task.crop_size="$CROP_SIZE")

@@ -23,9 +23,14 @@
 #    The report also scores the histogram baseline (training.baseline) fitted on the training set.
 #
 # Sizes: N_TRAIN, N_HOLDOUT, EPOCHS, DEVICE (auto|cpu|cuda), WORKERS (synthesis + pre-processing processes),
-# DIFFICULTY (synthetic generator, 0 obvious .. 1 subtle), TRAIN_DATA / HOLDOUT_DATA (existing folders to reuse),
+# DIFFICULTY (synthetic generator, 0 obvious .. 1 subtle; default the generator's own), TRAIN_DATA / HOLDOUT_DATA (existing folders to reuse),
 # TRAIN_ARGS (extra `train` options), LOADERS (data-loading processes; default 0 on a CPU). With DEADLINE the
 # pretraining stages keep their seconds and the final run gets the rest (scripts/train_demo/_budget.sh).
+# INIT_FROM (a bundle or pretraining directory of the same network): warm start, e.g. from the shipped bundle after a
+# generator change; the patch pretraining and the warm-up are then skipped (PRETRAIN_S and WARMUP_S ignored).
+# Warm start on CPU (issue 34, demo-20261208w): INIT_FROM=models/wrist_fracture/demo-20261203w DEVICE=cpu WORKERS=1 \
+#                   LOADERS=0 N_TRAIN=600 EPOCHS=4 TRAIN_ARGS="--set lr=0.0003" DEADLINE=$(date -d 01:50 +%s) \
+#                   HOLDOUT_DATA=VAL_DIR scripts/train_demo/wrist_fracture.sh out
 # Tiny CPU check:   N_TRAIN=12 N_HOLDOUT=6 EPOCHS=1 PRETRAIN_S=5 DEVICE=cpu scripts/train_demo/wrist_fracture.sh /tmp/w
 # CPU (2 cores, ~60 min; the shipped demo-20261203w): DEVICE=cpu WORKERS=2 LOADERS=2 DIFFICULTY=0.2 \
 #                   PRETRAIN_HW=[256,171] PATCH=64 PRETRAIN_S=900 WARMUP_S=480 EPOCHS=3 \
@@ -41,7 +46,7 @@ N_HOLDOUT=${N_HOLDOUT:-400}
 EPOCHS=${EPOCHS:-30}
 DEVICE=${DEVICE:-auto}
 WORKERS=${WORKERS:-12}
-DIFFICULTY=${DIFFICULTY:-0.5}
+DIFFICULTY=${DIFFICULTY:-}
 IMAGE_LABELS=${IMAGE_LABELS:-boxes}
 PRETRAIN_S=${PRETRAIN_S:-300}
 PRETRAIN_HW=${PRETRAIN_HW:-}
@@ -56,9 +61,14 @@ source "$(dirname "$0")/_budget.sh"
 source "$(dirname "$0")/_data.sh"
 mkdir -p "$OUT"
 rm -rf "$OUT/pretrain" "$OUT/warmup" "$OUT/warmup.work" "$OUT/bundle" "$OUT/bundle.work" "$OUT/eval"
-synth_sets wrist_fracture --difficulty "$DIFFICULTY"
+synth_sets wrist_fracture ${DIFFICULTY:+--difficulty "$DIFFICULTY"}
 
 INIT=()
+if [ -n "${INIT_FROM:-}" ]; then
+  PRETRAIN_S=0
+  WARMUP_S=0
+  INIT=(--set init_from="$INIT_FROM")
+fi
 if [ "$PRETRAIN_S" != 0 ]; then
   "$PY" -m training.cli pretrain-patches wrist_fracture --data "$TRAIN_DATA" --out "$OUT/pretrain" \
       --device "$DEVICE" --workers "$WORKERS" --synthetic --version "$VERSION-pretrain" \

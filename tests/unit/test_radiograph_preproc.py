@@ -187,13 +187,17 @@ def test_synthetic_pa_and_lateral_wrists_come_out_fingers_up(tmp_path) -> None:
 
     from training.synth import wrist_fracture
 
-    wrist_fracture.generate(tmp_path, 14, 2024, workers=1)
+    # without casts (a cast can make the forearm end the wider one; issue 34's confounders) and only the anatomy's
+    # parts (with tight collimation a strip of the shutter's leakage can become a small part of its own)
+    wrist_fracture.generate(tmp_path, 14, 2024, workers=1, params={"confounders": 0})
     views: dict[str, int] = {}
     for f in sorted(tmp_path.glob("*/*/*.dcm")):
         ds = pydicom.dcmread(f)
         img = rg.to_float(ds)
         for part in rp.split_parts(img):
             x0, y0, x1, y1 = part.bbox
+            if (x1 - x0) * (y1 - y0) < 0.25 * img.size:
+                continue
             al = rp.find_alignment(img[y0:y1, x0:x1])
             assert abs(al.angle_deg) < 30.0, (ds.ViewPosition, al)
             views[ds.ViewPosition] = views.get(ds.ViewPosition, 0) + 1

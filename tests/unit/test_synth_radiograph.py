@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -122,33 +123,36 @@ def test_same_seed_same_bytes(tmp_path: Path) -> None:
 @pytest.mark.parametrize("difficulty", [0.2, 0.8])
 def test_fracture_box_lies_on_the_fracture(difficulty: float) -> None:
     """The box marks where the fractured radius differs from the same radius intact."""
+    from training.synth import fractures as fr
+
     rng = np.random.default_rng(3)
     checked = 0
-    for _ in range(12):
+    for _ in range(16):
         w = wp.wrist_anatomy(rng, float(rng.uniform(20, 80)))
-        fx = wrist_fracture.fracture_plane(rng, w, difficulty)
-        broken = wp.split_parts(w.radius, fx["n"], fx["h"], fx["gap"], fx["delta"])
-        pts = wp.plane_points(fx["n"], fx["h"], fx["center"], w.radius, extent=30 * w.scale)
-        assert len(pts) > 50
+        fx = fr.wrist_fracture(rng, w, difficulty)
+        broken, _, sites = fr.apply(fx, w.radius, w.epiphyses, w.other)
+        assert len(sites["radius"]) > 50
         for lateral in (False, True):
             view = rg.view_matrix(lateral, float(rng.normal(0, 6)))
             det = rg.Detector(320, 256, 0.6, cy=-8)
-            if not wrist_fracture.fracture_visible(fx, view):
+            if not fr.visible_sites(fx, view)["radius"]:
                 continue
-            box = rg.box_of_points(np.concatenate([pts, pts + fx["delta"]]), view, det)
+            box = rg.box_of_points(sites["radius"], view, det)
             assert box is not None
             intact = rg.project(w.radius, view, det)
             r0, r1, c0, c1 = int(box["y0"]), int(box["y1"]) + 1, int(box["x0"]), int(box["x1"]) + 1
             assert intact[r0:r1, c0:c1].max() > 0.5  # the box is on the radius
-            # the gap alone changes the image only inside the box
-            gap_only = wp.split_parts(w.radius, fx["n"], fx["h"], fx["gap"], np.zeros(3))
+            # the gaps alone change the image only inside the box
+            still = fr.Fracture(fx.kind, [dataclasses.replace(c, delta=np.zeros(3), angle=0.0) for c in fx.cuts
+                                          if c.site == "radius"])
+            gap_only, _, _ = fr.apply(still, w.radius, w.epiphyses, w.other)
             diff = np.abs(rg.project(gap_only, view, det) - intact)
-            assert diff.sum() > 0 and diff[r0:r1, c0:c1].sum() >= 0.97 * diff.sum()
+            assert diff.sum() > 0 and diff[r0:r1, c0:c1].sum() >= 0.95 * diff.sum()
             # with the displacement, the fracture site inside the box changes clearly
             moved = np.abs(rg.project(broken, view, det) - intact)
             assert moved[r0:r1, c0:c1].max() > 0.02
             checked += 1
-    assert checked >= 6
+    assert checked >= 8
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +170,9 @@ def test_both_classes_and_boxes(wrist_hundred: Path) -> None:
     assert all(not r["boxes"] for r in rows if r["label"] == 0)
     with_box = [r for r in pos if r["boxes"]]
     assert 0.6 * len(pos) <= len(with_box)  # usually visible in at least one view
+    for r in rows:  # the per-view flag says where the boxes are
+        assert {v["sop_instance_uid"] for v in r["views"] if v["fracture_visible"]} == {
+            b["sop_instance_uid"] for b in r["boxes"]}
     one_view = [r for r in pos if len(r["boxes"]) == 1]
     assert one_view, "some fractures must be visible in one view only"
     shapes = {}
@@ -225,6 +232,7 @@ def test_physis_labels_boxes_and_distractors(physis_set: Path) -> None:
         assert has_fx == bool(r["label"])  # no label noise here: image label == fracture box present
         if r["label"]:
             assert r["study_fracture"] == 1 and r["fracture_kind"] in physis_fracture.KINDS
+        assert r["fracture_visible"] == r["label_true"] == r["label"] and r["view_position"] in ("PA", "LL")
     # metal occurs in both classes somewhere in a larger parameter sweep (no pixels needed)
     rng = np.random.default_rng(0)
     w = wp.wrist_anatomy(rng, 9.0)
@@ -235,26 +243,27 @@ def test_physis_labels_boxes_and_distractors(physis_set: Path) -> None:
     assert all(p.mu == rg.MU_STEEL for p in parts) and len(pts) >= 2
 
 
-@pytest.mark.parametrize("kind", ["widened", "corner", "metaphyseal"])
+@pytest.mark.parametrize("kind", ["buckle", "greenstick", "metaphyseal", "sh1", "sh2", "sh3", "sh4"])
 def test_physis_fracture_box_covers_the_change(kind: str) -> None:
-    from training.synth import physis_fracture
+    from training.synth import fractures as fr
 
     rng = np.random.default_rng(5)
-    for _ in range(50):
+    for _ in range(400):
         w = wp.wrist_anatomy(rng, float(rng.uniform(5, 15)))
-        fx = physis_fracture.physis_fracture(rng, w, 0.3)
-        if fx["kind"] == kind:
+        fx = fr.paediatric_fracture(rng, w, 0.3)
+        views = [v for v in (rg.view_matrix(False, 0.0), rg.view_matrix(True, 0.0)) if fr.visible_in(fx, v)]
+        if fx.kind == kind and views:
             break
-    assert fx["kind"] == kind
-    broken, pts = physis_fracture.apply_fracture(w, fx)
-    view = rg.view_matrix(False, 0.0)
-    det = rg.Detector(400, 300, 0.3, cx=w.radius_x, cy=w.physis_y or 0.0)
-    box = rg.box_of_points(pts, view, det)
+    assert fx.kind == kind
+    broken, _, sites = fr.apply(fx, w.radius, w.epiphyses, w.other)
+    view = views[0]
+    det = rg.Detector(400, 300, 0.3, cx=w.radius_x if view[0, 0] > 0.5 else 0.0, cy=w.physis_y or 0.0)
+    box = rg.box_of_points(sites["radius"], view, det)
     assert box is not None
     intact = rg.project([*w.radius, *w.epiphyses], view, det)
     diff = np.abs(rg.project(broken, view, det) - intact)
     r0, r1, c0, c1 = int(box["y0"]), int(box["y1"]) + 1, int(box["x0"]), int(box["x1"]) + 1
-    assert diff[r0:r1, c0:c1].max() > 0.05
+    assert diff[r0:r1, c0:c1].max() > 0.02
     assert intact[r0:r1, c0:c1].max() > 0.3
 
 
@@ -279,15 +288,15 @@ def test_cli_default_difficulty_is_the_tasks_calibrated_one(tmp_path: Path) -> N
     from training.cli import main
     from training.synth.cli import GENERATORS, default_difficulty, load_generator
 
-    # wrist's default was measured against the shipped bundle (thesis-level accuracy); the others keep 0.5
+    # wrist's and physis's defaults come from the fracture mix of emergency practice (training/README.md)
     assert {t: default_difficulty(load_generator(t)) for t in GENERATORS} == {
-        "wrist_fracture": 0.7, "physis_fracture": 0.5, "spine_bmd": 0.5, "hrpqct_motion": 0.5, "knee_bone_seg": 0.5}
+        "wrist_fracture": 0.3, "physis_fracture": 0.5, "spine_bmd": 0.5, "hrpqct_motion": 0.5, "knee_bone_seg": 0.5}
     assert main(["synth", "wrist_fracture", "--out", str(tmp_path / "cli"), "--n", "1", "--seed", "4",
                  "--workers", "1"]) == 0
-    for d in (0.7, 0.5):
+    for d in (0.3, 0.7):
         wrist_fracture.generate(tmp_path / f"d{d}", 1, 4, workers=1, difficulty=d)
 
     def pixels(root: Path) -> list[bytes]:
         return [pydicom.dcmread(f).PixelData for f in _files(root)]
 
-    assert pixels(tmp_path / "cli") == pixels(tmp_path / "d0.7") != pixels(tmp_path / "d0.5")
+    assert pixels(tmp_path / "cli") == pixels(tmp_path / "d0.3") != pixels(tmp_path / "d0.7")

@@ -92,6 +92,8 @@ class Part:
     infinite: int = -1
     clips: tuple[tuple[np.ndarray, float], ...] = ()
     tag: str = ""
+    #: trabecular attenuation (1/mm) whose texture this (inner) part carries; 0 for none
+    texture: float = 0.0
 
     def moved(self, delta: np.ndarray) -> Part:
         """The part translated by ``delta`` (clip planes move with it)."""
@@ -119,7 +121,10 @@ def bone(center: np.ndarray, axes: np.ndarray, semi: tuple[float, float, float],
          tag: str = "", mu_cortex: float = MU_CORTEX) -> list[Part]:
     """Outer cortical part plus inner (trabecular or medullary) part."""
     outer = Part(np.asarray(center, float), np.asarray(axes, float), semi, mu_cortex, infinite, clips, tag)
-    return [outer, outer.shrunk(cortex, mu_inner - mu_cortex)]
+    inner = outer.shrunk(cortex, mu_inner - mu_cortex)
+    if mu_inner > 1.3 * MU_SOFT:  # cancellous bone: radiograph_texture draws its trabecular pattern
+        inner = replace(inner, texture=mu_inner)
+    return [outer, inner]
 
 
 def view_matrix(lateral: bool, tilt_deg: float, roll_deg: float = 0.0) -> np.ndarray:
@@ -300,12 +305,14 @@ class Exposure:
     leakage: float = 0.004
     gamma: float = 1.0
     unsharp: float = 0.5
+    unsharp_sigma: float = 6.0  # px, the edge-enhancement kernel (vendor processing)
     extra: dict[str, float] = field(default_factory=dict)
 
 
 def _edge_profile(n: int, a: int, b: int, leakage: float, soft: float = 1.5) -> np.ndarray:
     x = np.arange(n, dtype=np.float32)
-    inner = 1.0 / (1.0 + np.exp(-(x - a + 0.5) / soft * 1.7)) / (1.0 + np.exp((x - b + 0.5) / soft * 1.7))
+    k = 1.7 / soft  # exponents clipped: far outside the field exp() would overflow (to the same 0)
+    inner = 1.0 / (1.0 + np.exp(np.clip(-(x - a + 0.5) * k, -60, 60))) / (1.0 + np.exp(np.clip((x - b + 0.5) * k, -60, 60)))
     return (leakage + (1.0 - leakage) * inner).astype(np.float32)
 
 
@@ -383,7 +390,7 @@ def form_image(line_integral: np.ndarray, exp: Exposure, rng: np.random.Generato
     np.log(img, out=img)
     np.negative(img, out=img)
     if exp.unsharp > 0:
-        detail = _coarse_blur(img, 6.0, 4)
+        detail = _coarse_blur(img, exp.unsharp_sigma, 4)
         np.subtract(img, detail, out=detail)
         detail *= np.float32(exp.unsharp)
         img += detail
