@@ -303,6 +303,7 @@ def _promote(registry: ModelRegistry, task: str, bundle_dir: Path, version: str,
 def _run(cfg: NightlyConfig, task: str, sched: TaskSchedule, registry: ModelRegistry, run_dir: Path, work: Path,
          adapter: Any, callbacks: Sequence[Callable[[int, dict[str, Any]], None]], outcome: RunOutcome,
          report: dict[str, Any], dist: _Dist) -> None:
+    """One nightly run of ``task``: intake, train a candidate, compare on the hold-out, promote or keep."""
     from training.data import SplitConfig, records_from_rows, split_records
     from training.evaluate import split_config_of
     from training.tasks import get_adapter
