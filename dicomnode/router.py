@@ -221,50 +221,50 @@ def _sop_class_names(uid: str) -> set[str]:
     return names
 
 
-def _checks(info: SeriesInfo, m: Match) -> list[KeyCheck]:
+def _check_body_part(info: SeriesInfo, wanted_raw: list[str]) -> KeyCheck:
+    """Body part (canonicalised on both sides) against the route's list."""
+    wanted = [canonical_body_part(b) or b for b in wanted_raw]
+    actual = canonical_body_part(info.body_part)
+    if actual is None:
+        return KeyCheck("body_part", False, f"body part missing (route wants {_fmt(wanted_raw)})")
+    ok = actual in wanted
+    shown = info.body_part if actual == (info.body_part or "").upper() else f"{info.body_part} (= {actual})"
+    return KeyCheck("body_part", ok, f"body part {shown} {'in' if ok else 'not in'} {_fmt(wanted_raw)}")
+
+
+def _check_sop_class(info: SeriesInfo, wanted: list[str]) -> KeyCheck:
+    """SOP Class UID (by UID or keyword) against the route's list."""
+    if info.sop_class_uid is None:
+        return KeyCheck("sop_class", False, f"SOP class missing (route wants {_fmt(wanted)})")
+    ok = bool(_sop_class_names(info.sop_class_uid) & {s.upper() for s in wanted})
+    name = UID(info.sop_class_uid).name or info.sop_class_uid
+    return KeyCheck("sop_class", ok, f"SOP class {name} {'in' if ok else 'not in'} {_fmt(wanted)}")
+
+
+def _check_view_position(info: SeriesInfo, wanted_raw: list[str]) -> KeyCheck:
+    """Any of the series' view positions in the route's list."""
+    wanted = {v.upper() for v in wanted_raw}
+    if not info.view_positions:
+        return KeyCheck("view_position", False, f"view position missing (route wants {_fmt(wanted_raw)})")
+    ok = bool(info.view_positions & wanted)
+    return KeyCheck("view_position", ok, f"view positions {_fmt(sorted(info.view_positions))} "
+                    f"{'intersect' if ok else 'do not intersect'} {_fmt(wanted_raw)}")
+
+
+def _check_image_type(info: SeriesInfo, wanted: list[str]) -> KeyCheck:
+    """Image Type contains every value the route asks for."""
+    if not info.image_type:
+        return KeyCheck("image_type", False, f"image type missing (route wants {_fmt(wanted)})")
+    missing = [v for v in wanted if v.upper() not in set(info.image_type)]
+    ok = not missing
+    why = "image type " + "\\".join(info.image_type) + " "
+    why += "contains all of " + _fmt(wanted) if ok else "lacks " + _fmt(missing)
+    return KeyCheck("image_type", ok, why)
+
+
+def _check_bounds(info: SeriesInfo, m: Match) -> list[KeyCheck]:
+    """Patient age and slice count against the route's min/max bounds (only those set)."""
     out: list[KeyCheck] = []
-    if m.modality is not None:
-        out.append(_check_in("modality", info.modality, m.modality, label="modality"))
-    if m.body_part is not None:
-        wanted = [canonical_body_part(b) or b for b in m.body_part]
-        actual = canonical_body_part(info.body_part)
-        if actual is None:
-            out.append(KeyCheck("body_part", False, f"body part missing (route wants {_fmt(m.body_part)})"))
-        else:
-            ok = actual in wanted
-            shown = info.body_part if actual == (info.body_part or "").upper() else f"{info.body_part} (= {actual})"
-            out.append(KeyCheck("body_part", ok, f"body part {shown} {'in' if ok else 'not in'} {_fmt(m.body_part)}"))
-    if m.sop_class is not None:
-        if info.sop_class_uid is None:
-            out.append(KeyCheck("sop_class", False, f"SOP class missing (route wants {_fmt(m.sop_class)})"))
-        else:
-            ok = bool(_sop_class_names(info.sop_class_uid) & {s.upper() for s in m.sop_class})
-            name = UID(info.sop_class_uid).name or info.sop_class_uid
-            out.append(KeyCheck("sop_class", ok, f"SOP class {name} {'in' if ok else 'not in'} {_fmt(m.sop_class)}"))
-    if m.series_description is not None:
-        out.append(_check_regex("series_description", info.series_description, m.series_description,
-                                label="series description"))
-    if m.view_position is not None:
-        wanted = {v.upper() for v in m.view_position}
-        if not info.view_positions:
-            out.append(KeyCheck("view_position", False, f"view position missing (route wants {_fmt(m.view_position)})"))
-        else:
-            ok = bool(info.view_positions & wanted)
-            out.append(KeyCheck("view_position", ok, f"view positions {_fmt(sorted(info.view_positions))} "
-                                f"{'intersect' if ok else 'do not intersect'} {_fmt(m.view_position)}"))
-    if m.image_type is not None:
-        if not info.image_type:
-            out.append(KeyCheck("image_type", False, f"image type missing (route wants {_fmt(m.image_type)})"))
-        else:
-            missing = [v for v in m.image_type if v.upper() not in set(info.image_type)]
-            ok = not missing
-            why = "image type " + "\\".join(info.image_type) + " "
-            why += "contains all of " + _fmt(m.image_type) if ok else "lacks " + _fmt(missing)
-            out.append(KeyCheck("image_type", ok, why))
-    if m.manufacturer is not None:
-        out.append(_check_regex("manufacturer", info.manufacturer, m.manufacturer, label="manufacturer"))
-    if m.model_name is not None:
-        out.append(_check_regex("model_name", info.model_name, m.model_name, label="model name"))
     age = info.patient_age_years
     for key, bound, below in (("min_age_years", m.min_age_years, True), ("max_age_years", m.max_age_years, False)):
         if bound is None:
@@ -283,6 +283,30 @@ def _checks(info: SeriesInfo, m: Match) -> list[KeyCheck]:
         ok = n >= bound if below else n <= bound
         op = (">=" if ok else "<") if below else ("<=" if ok else ">")
         out.append(KeyCheck(key, ok, f"{n} slices {op} {bound}"))
+    return out
+
+
+def _checks(info: SeriesInfo, m: Match) -> list[KeyCheck]:
+    """One check per key the route's match sets, in a fixed order."""
+    out: list[KeyCheck] = []
+    if m.modality is not None:
+        out.append(_check_in("modality", info.modality, m.modality, label="modality"))
+    if m.body_part is not None:
+        out.append(_check_body_part(info, m.body_part))
+    if m.sop_class is not None:
+        out.append(_check_sop_class(info, m.sop_class))
+    if m.series_description is not None:
+        out.append(_check_regex("series_description", info.series_description, m.series_description,
+                                label="series description"))
+    if m.view_position is not None:
+        out.append(_check_view_position(info, m.view_position))
+    if m.image_type is not None:
+        out.append(_check_image_type(info, m.image_type))
+    if m.manufacturer is not None:
+        out.append(_check_regex("manufacturer", info.manufacturer, m.manufacturer, label="manufacturer"))
+    if m.model_name is not None:
+        out.append(_check_regex("model_name", info.model_name, m.model_name, label="model name"))
+    out.extend(_check_bounds(info, m))
     return out
 
 

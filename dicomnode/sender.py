@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
-from pynetdicom.presentation import build_context
+from pynetdicom import AE, Association
+from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification
 
 from dicomnode.config import Config, Destination, TLSConfig
@@ -67,27 +67,19 @@ def client_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
     return ctx
 
 
-def send_files(paths: Sequence[Path], dest: Destination, calling_ae: str) -> list[DeliveryError | None]:
-    """Send files over one association; return per-file ``None`` (stored) or the error.
-
-    Raises
-    ------
-    DeliveryError
-        When no association could be established (every file failed the same way).
-    """
-    headers = []
-    for p in paths:
-        ds = pydicom.dcmread(p, stop_before_pixels=True)
-        headers.append((str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)))
-    ae = AE(ae_title=dest.calling_ae_title or calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_s
+def _requested_contexts(headers: list[tuple[str, str]]) -> list[PresentationContext]:
+    """Verification plus, per SOP class, its own transfer syntax and the uncompressed ones (at most 128)."""
     contexts = [build_context(Verification)]  # keeps the association up when no storage context is accepted
     for sop_class, ts in sorted(set(headers)):
         if ts not in _UNCOMPRESSED:
             contexts.append(build_context(sop_class, [ts]))
         contexts.append(build_context(sop_class, list(_UNCOMPRESSED)))
     uniq = {(c.abstract_syntax, tuple(c.transfer_syntax)): c for c in contexts}
-    ae.requested_contexts = list(uniq.values())[:128]
+    return list(uniq.values())[:128]
+
+
+def _associate(ae: AE, dest: Destination) -> Association:
+    """Open the association to ``dest`` (with TLS when configured); raise DeliveryError unless established."""
     tls_args = None
     if dest.tls is not None:
         try:
@@ -109,39 +101,57 @@ def send_files(paths: Sequence[Path], dest: Destination, calling_ae: str) -> lis
     if not assoc.is_established:
         raise DeliveryError(f"cannot associate with {dest.ae_title}@{dest.host}:{dest.port} (refused, timed out "
                             "or aborted)", transient=True)
-    results: list[DeliveryError | None] = []
+    return assoc
+
+
+def _store_one(assoc: Association, accepted: set[tuple[str, str]], path: Path, sop_class: str, ts: str,
+               dest: Destination) -> DeliveryError | None:
+    """C-STORE one file, decompressing it when only an uncompressed context was accepted."""
+    if not assoc.is_established:
+        return DeliveryError("association aborted during sending", transient=True)
+    ds = pydicom.dcmread(path)
+    if (sop_class, ts) not in accepted:
+        target = next((t for t in _UNCOMPRESSED if (sop_class, t) in accepted), None)
+        if target is None:
+            return DeliveryError(f"{dest.ae_title} does not support SOP class {sop_class} "
+                                 "(no presentation context accepted)", transient=False)
+        if ds.file_meta.TransferSyntaxUID.is_compressed:
+            ds.decompress()
+        ds.file_meta.TransferSyntaxUID = target
+    try:
+        status = assoc.send_c_store(ds)
+    except (ValueError, RuntimeError) as exc:
+        return DeliveryError(f"cannot send: {exc}", transient=False)
+    code = int(status.Status) if status and "Status" in status else None
+    if code is None:
+        return DeliveryError("no C-STORE response (timeout or abort)", transient=True)
+    ok, transient = classify_status(code)
+    return None if ok else DeliveryError(f"{dest.ae_title} answered C-STORE status 0x{code:04X}", transient=transient)
+
+
+def send_files(paths: Sequence[Path], dest: Destination, calling_ae: str) -> list[DeliveryError | None]:
+    """Send files over one association; return per-file ``None`` (stored) or the error.
+
+    Raises
+    ------
+    DeliveryError
+        When no association could be established (every file failed the same way).
+    """
+    headers = []
+    for p in paths:
+        ds = pydicom.dcmread(p, stop_before_pixels=True)
+        headers.append((str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)))
+    ae = AE(ae_title=dest.calling_ae_title or calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_s
+    ae.requested_contexts = _requested_contexts(headers)
+    assoc = _associate(ae, dest)
     try:
         accepted = {(c.abstract_syntax, c.transfer_syntax[0]) for c in assoc.accepted_contexts}
-        for path, (sop_class, ts) in zip(paths, headers, strict=True):
-            if not assoc.is_established:
-                results.append(DeliveryError("association aborted during sending", transient=True))
-                continue
-            ds = pydicom.dcmread(path)
-            if (sop_class, ts) not in accepted:
-                target = next((t for t in _UNCOMPRESSED if (sop_class, t) in accepted), None)
-                if target is None:
-                    results.append(DeliveryError(f"{dest.ae_title} does not support SOP class {sop_class} "
-                                                 "(no presentation context accepted)", transient=False))
-                    continue
-                if ds.file_meta.TransferSyntaxUID.is_compressed:
-                    ds.decompress()
-                ds.file_meta.TransferSyntaxUID = target
-            try:
-                status = assoc.send_c_store(ds)
-            except (ValueError, RuntimeError) as exc:
-                results.append(DeliveryError(f"cannot send: {exc}", transient=False))
-                continue
-            code = int(status.Status) if status and "Status" in status else None
-            if code is None:
-                results.append(DeliveryError("no C-STORE response (timeout or abort)", transient=True))
-                continue
-            ok, transient = classify_status(code)
-            results.append(None if ok else DeliveryError(
-                f"{dest.ae_title} answered C-STORE status 0x{code:04X}", transient=transient))
+        return [_store_one(assoc, accepted, path, sop_class, ts, dest)
+                for path, (sop_class, ts) in zip(paths, headers, strict=True)]
     finally:
         if assoc.is_established:
             assoc.release()
-    return results
 
 
 class Sender:

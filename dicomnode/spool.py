@@ -374,16 +374,7 @@ class Spool(AssociationIndex):
                     again.append((k, data, ident, assoc_id))
                     continue
                 seen.add(ident.sop)
-                final = self._final_path(ident)
-                final.parent.mkdir(parents=True, exist_ok=True)
-                tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
-                with open(tmp, "wb") as f:
-                    if hasattr(data, "copy_to"):
-                        data.copy_to(f.fileno())
-                    else:
-                        f.write(data)
-                os.replace(tmp, final)
-                placed.append((k, ident, final, assoc_id))
+                placed.append((k, ident, self._place_unsynced(ident, data), assoc_id))
             if placed:
                 _sync_filesystem(self.root, [p for _, _, p, _ in placed])
         except OSError as exc:
@@ -398,6 +389,22 @@ class Spool(AssociationIndex):
         for k, data, ident, assoc_id in again:
             results[k] = self._store_again(ident, bytes(data), assoc_id)
         return results
+
+    def _place_unsynced(self, ident: Identity, data: Any) -> Path:
+        """Write ``data`` (bytes or a ``copy_to(fd)`` payload) to its final spool path, without fsync.
+
+        The caller makes it durable (:func:`_sync_filesystem`) before indexing it. Raises OSError.
+        """
+        final = self._final_path(ident)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        with open(tmp, "wb") as f:
+            if hasattr(data, "copy_to"):
+                data.copy_to(f.fileno())
+            else:
+                f.write(data)
+        os.replace(tmp, final)
+        return final
 
     def _identify(self, fp: BinaryIO, dataset_offset: int | None = None) -> _Identity:
         """Parse and check a received file; its UIDs, transfer syntax and routing attributes."""

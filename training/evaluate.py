@@ -94,68 +94,21 @@ def as_trained(meta: BundleMeta, records: list[Record], *, device: str = "auto",
     return train_cfg, split_records(records, split_config_of(meta))
 
 
-def evaluate_bundle(
-    bundle_dir: str | os.PathLike[str],
-    data_dir: str | os.PathLike[str] | None = None,
-    out_dir: str | os.PathLike[str] | None = None,
-    *,
-    records: list[Record] | None = None,
-    subset: Literal["holdout", "all"] = "holdout",
-    device: str = "auto",
-    adapter: TaskAdapter | None = None,
-    num_workers: int = 0,
-    cache_dir: str | os.PathLike[str] | None = None,
-    baseline: bool = False,
-    baseline_fit_dir: str | os.PathLike[str] | None = None,
-    task_overrides: dict[str, Any] | None = None,
-    clinic_baselines: bool = False,
-) -> Evaluation:
-    """Evaluate a bundle on the hold-out split (or all records) of a labelled data folder.
+def _load_eval_records(records: list[Record] | None, data_dir: str | os.PathLike[str] | None,
+                       cache_dir: str | os.PathLike[str] | None) -> list[Record]:
+    """``records`` as given, or the manifest of ``data_dir`` (read through the file index in ``cache_dir``)."""
+    if records is not None:
+        return records
+    if data_dir is None:
+        raise TrainError("evaluate needs a data folder or records")
+    return load_records(data_dir, FileIndex(Path(cache_dir) / FILE_INDEX_NAME) if cache_dir else None)
 
-    Parameters
-    ----------
-    records:
-        Records to use instead of reading ``data_dir``'s manifest.
-    subset:
-        ``"holdout"``: the split the bundle's split config assigns to hold-out;
-        ``"all"``: every record (e.g. an external test set).
-    adapter:
-        Task adapter; by default the registered one for the bundle's task.
-    out_dir:
-        Where ``metrics.json``, plots and ``report.md`` go (nothing written if None).
-    baseline:
-        Also score the non-deep histogram baseline (:mod:`training.baseline`) on the same data:
-        fitted on the patients outside the hold-out and scored on it, or cross-validated by
-        patient with ``subset="all"``. Tasks without a baseline are skipped.
-    baseline_fit_dir:
-        With ``subset="all"``: fit the baseline on this folder (the network's training data)
-        instead of cross-validating on the evaluated one.
-    clinic_baselines:
-        Score the task's simple clinical baselines (:mod:`training.clinic_baselines`) on the same
-        records and compare the strongest with the network (``baselines`` and ``baseline_comparison``
-        in metrics.json, a table in report.md). Off for library callers (the nightly comparison and
-        promotion do not need them); ``dicomnode-train evaluate`` turns it on unless
-        ``--no-clinic-baselines``. Fitted baselines follow the protocol of ``baseline`` above.
-    task_overrides:
-        Task-config values to evaluate with instead of the bundle's (labelling fields such as
-        ``image_labels``, so that two bundles compared on the same records use the same truth).
 
-    Raises
-    ------
-    TrainError
-        If the selected subset is empty.
-    """
-    from training.tasks import get_adapter
-
-    bundle = load_bundle(bundle_dir)
+def _score_network(bundle: Bundle, adapter: TaskAdapter, tcfg: Any, records: list[Record],
+                   subset: Literal["holdout", "all"], device: str, num_workers: int,
+                   cache_dir: str | os.PathLike[str] | None) -> tuple[Evaluation, list[Record]]:
+    """Run the bundle's network on the chosen subset; return its Evaluation and the records scored."""
     meta = bundle.meta
-    adapter = adapter or get_adapter(meta.task)
-    tcfg = adapter.config_model.model_validate({**meta.task_config, **(task_overrides or {})})
-    if records is None:
-        if data_dir is None:
-            raise TrainError("evaluate needs a data folder or records")
-        records = load_records(data_dir, FileIndex(Path(cache_dir) / FILE_INDEX_NAME) if cache_dir else None)
-    _refuse_box_labels_without_boxes(tcfg, records)
     train_cfg, split = as_trained(meta, records, device=device, num_workers=num_workers)
     chosen = split.holdout if subset == "holdout" else list(records)
     matches = None if subset == "all" or meta.holdout_hash is None else split.holdout_hash == meta.holdout_hash
@@ -171,20 +124,81 @@ def evaluate_bundle(
     ev = Evaluation(bundle=bundle, result=result, n_records=len(chosen),
                     holdout_hash=split.holdout_hash if subset == "holdout" else None, holdout_matches=matches, files=[],
                     n_total=len(records))
-    if baseline:
-        from training import baseline as histogram_baseline
+    return ev, chosen
 
-        if meta.task in histogram_baseline.TASKS:
-            holdout = {r.patient_id for r in chosen} if subset == "holdout" else None
-            try:
-                fit_dir = Path(baseline_fit_dir) if baseline_fit_dir is not None and holdout is None else None
-                ev.baseline = histogram_baseline.run_baseline(meta.task, records, holdout_patients=holdout,
-                                                              fit_root=fit_dir)
-            except histogram_baseline.BaselineError as exc:  # the model's evaluation stands without it
-                log.warning("histogram baseline not scored: %s", exc)
-                ev.baseline = {"error": str(exc)}
-        else:
-            log.info("no histogram baseline for %s", meta.task)
+
+def _score_histogram_baseline(ev: Evaluation, records: list[Record], chosen: list[Record],
+                              subset: Literal["holdout", "all"],
+                              baseline_fit_dir: str | os.PathLike[str] | None) -> None:
+    """The non-deep histogram baseline on the same data, into ``ev.baseline`` (its error there if it fails)."""
+    from training import baseline as histogram_baseline
+
+    task = ev.bundle.meta.task
+    if task not in histogram_baseline.TASKS:
+        log.info("no histogram baseline for %s", task)
+        return
+    holdout = {r.patient_id for r in chosen} if subset == "holdout" else None
+    try:
+        fit_dir = Path(baseline_fit_dir) if baseline_fit_dir is not None and holdout is None else None
+        ev.baseline = histogram_baseline.run_baseline(task, records, holdout_patients=holdout, fit_root=fit_dir)
+    except histogram_baseline.BaselineError as exc:  # the model's evaluation stands without it
+        log.warning("histogram baseline not scored: %s", exc)
+        ev.baseline = {"error": str(exc)}
+
+
+def evaluate_bundle(
+    bundle_dir: str | os.PathLike[str], data_dir: str | os.PathLike[str] | None = None,
+    out_dir: str | os.PathLike[str] | None = None, *, records: list[Record] | None = None,
+    subset: Literal["holdout", "all"] = "holdout", device: str = "auto", adapter: TaskAdapter | None = None,
+    num_workers: int = 0, cache_dir: str | os.PathLike[str] | None = None, baseline: bool = False,
+    baseline_fit_dir: str | os.PathLike[str] | None = None, task_overrides: dict[str, Any] | None = None,
+    clinic_baselines: bool = False,
+) -> Evaluation:
+    """Evaluate a bundle on the hold-out split (or all records) of a labelled data folder.
+
+    Parameters
+    ----------
+    records:
+        Records to use instead of reading ``data_dir``'s manifest.
+    subset:
+        ``"holdout"``: the split the bundle's split config assigns to hold-out; ``"all"``: every record (e.g.
+        an external test set).
+    adapter:
+        Task adapter; by default the registered one for the bundle's task.
+    out_dir:
+        Where ``metrics.json``, plots and ``report.md`` go (nothing written if None).
+    baseline:
+        Also score the non-deep histogram baseline (:mod:`training.baseline`) on the same data: fitted on the
+        patients outside the hold-out and scored on it, or cross-validated by patient with ``subset="all"``.
+        Tasks without a baseline are skipped.
+    baseline_fit_dir:
+        With ``subset="all"``: fit the baseline on this folder (the network's training data) instead of
+        cross-validating on the evaluated one.
+    clinic_baselines:
+        Score the task's simple clinical baselines (:mod:`training.clinic_baselines`) on the same records and
+        compare the strongest with the network (``baselines`` and ``baseline_comparison`` in metrics.json, a
+        table in report.md). Off for library callers (the nightly comparison and promotion do not need them);
+        ``dicomnode-train evaluate`` turns it on unless ``--no-clinic-baselines``. Fitted baselines follow
+        the protocol of ``baseline`` above.
+    task_overrides:
+        Task-config values to evaluate with instead of the bundle's (labelling fields such as
+        ``image_labels``, so that two bundles compared on the same records use the same truth).
+
+    Raises
+    ------
+    TrainError
+        If the selected subset is empty.
+    """
+    from training.tasks import get_adapter
+
+    bundle = load_bundle(bundle_dir)
+    adapter = adapter or get_adapter(bundle.meta.task)
+    tcfg = adapter.config_model.model_validate({**bundle.meta.task_config, **(task_overrides or {})})
+    records = _load_eval_records(records, data_dir, cache_dir)
+    _refuse_box_labels_without_boxes(tcfg, records)
+    ev, chosen = _score_network(bundle, adapter, tcfg, records, subset, device, num_workers, cache_dir)
+    if baseline:
+        _score_histogram_baseline(ev, records, chosen, subset, baseline_fit_dir)
     if clinic_baselines:
         _score_clinic_baselines(ev, records, chosen, subset, baseline_fit_dir)
     if out_dir is not None:
@@ -304,29 +318,15 @@ def _plot_learning(ax: Any, log_rows: list[dict[str, Any]], primary: str | None)
     ax.legend(loc="upper left", fontsize=8)
 
 
-def write_report(ev: Evaluation, out: Path, reference: dict[str, Any],
-                 plotter: Callable[[EvalResult, Path], list[Path]] | None = None) -> list[Path]:
-    """Write ``metrics.json``, plots and ``report.md`` into ``out``; return the files written.
-
-    ``plotter`` (an adapter's optional ``report_plots``) draws task-specific PNGs into ``out``.
-    """
+def _save_plots(ev: Evaluation, out: Path) -> list[Path]:
+    """ROC, calibration, confusion matrix and learning curves (those the result has) as PNGs in ``out``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out.mkdir(parents=True, exist_ok=True)
-    meta = ev.bundle.meta
-    res = ev.result
+    meta, res = ev.bundle.meta, ev.result
     files: list[Path] = []
-    payload = {"task": meta.task, "version": meta.version, "n_records": ev.n_records,
-               "holdout_hash": ev.holdout_hash, "holdout_matches_bundle": ev.holdout_matches,
-               "primary_metric": meta.primary_metric, "architecture": meta.architecture,
-               "task_config": meta.task_config, "metrics": res.metrics, "tables": res.tables,
-               "reference": reference, "baseline": ev.baseline, "baselines": ev.baselines,
-               "baseline_comparison": ev.comparison}
-    (out / "metrics.json").write_text(json.dumps(_json_safe(payload), indent=2) + "\n", encoding="utf-8")
-    files.append(out / "metrics.json")
     names = res.class_names or [str(i) for i in range(2)]
 
     def save(fig: Any, name: str) -> None:
@@ -361,6 +361,26 @@ def write_report(ev: Evaluation, out: Path, reference: dict[str, Any],
         ax.set_title("learning curves")
         _plot_learning(ax, meta.training_log, meta.primary_metric)
         save(fig, "learning_curves.png")
+    return files
+
+
+def write_report(ev: Evaluation, out: Path, reference: dict[str, Any],
+                 plotter: Callable[[EvalResult, Path], list[Path]] | None = None) -> list[Path]:
+    """Write ``metrics.json``, plots and ``report.md`` into ``out``; return the files written.
+
+    ``plotter`` (an adapter's optional ``report_plots``) draws task-specific PNGs into ``out``.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    meta = ev.bundle.meta
+    res = ev.result
+    payload = {"task": meta.task, "version": meta.version, "n_records": ev.n_records,
+               "holdout_hash": ev.holdout_hash, "holdout_matches_bundle": ev.holdout_matches,
+               "primary_metric": meta.primary_metric, "architecture": meta.architecture,
+               "task_config": meta.task_config, "metrics": res.metrics, "tables": res.tables,
+               "reference": reference, "baseline": ev.baseline, "baselines": ev.baselines,
+               "baseline_comparison": ev.comparison}
+    (out / "metrics.json").write_text(json.dumps(_json_safe(payload), indent=2) + "\n", encoding="utf-8")
+    files = [out / "metrics.json", *_save_plots(ev, out)]
     if plotter is not None:
         files.extend(plotter(res, out))
     (out / "report.md").write_text(_report_md(ev, reference, [f.name for f in files if f.suffix == ".png"]),

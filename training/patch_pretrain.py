@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from inference.bundle import BundleMeta, save_bundle
 from inference.errors import DicomNodeError
 from inference.runtime import select_device, to_channels_last
-from training.data import Record, SplitConfig, data_hash, load_records, process_pool, split_records
+from training.data import Record, Split, SplitConfig, data_hash, load_records, process_pool, split_records
 from training.errors import TrainError
 from training.metrics import roc_auc
 from training.train_cli import apply_set_items
@@ -186,6 +186,122 @@ def _samplers(views: dict[str, PatchView], sources: list[PatchSource], cfg: Patc
     return out
 
 
+@dataclass
+class _PretrainRun:
+    """What the training loop leaves: its log, the best validation step and its weights."""
+
+    history: list[dict[str, Any]]
+    best_auc: float
+    best_step: int
+    best_state: dict[str, torch.Tensor]
+    steps: int
+
+
+def _val_batches(name: str, views: dict[str, PatchView], val_src: list[PatchSource], cfg: PatchPretrainConfig
+                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+    """One fixed validation batch per view, or None (with a warning) when the validation split has none."""
+    try:
+        return {view: s.batch(cfg.val_patches)
+                for view, s in _samplers(views, val_src, cfg, cfg.seed + 100, "validation").items()}
+    except TrainError as exc:
+        log.warning("%s: %s; keeping the last step's weights", name, exc)
+        return None
+
+
+def _train_step(views: dict[str, PatchView], samplers: dict[str, PatchSampler], opt: torch.optim.Optimizer,
+                cfg: PatchPretrainConfig, device: torch.device) -> float:
+    """One optimiser step on a fresh batch per view (the loss summed over views); returns the loss."""
+    amp = device.type == "cuda"
+    loss = torch.zeros((), device=device)
+    for name, sampler in samplers.items():
+        x, y = sampler.batch(cfg.batch_size)
+        x = x.to(device).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = views[name].network(x)[:, 0].float()
+        loss = loss + F.binary_cross_entropy_with_logits(logits, y.to(device))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+def _eval_row(step: int, losses: list[float], views: dict[str, PatchView], samplers: dict[str, PatchSampler],
+              val: dict[str, tuple[torch.Tensor, torch.Tensor]] | None, cfg: PatchPretrainConfig,
+              device: torch.device, seconds: float) -> dict[str, Any]:
+    """The training-log row at ``step``: mean recent loss and validation patch AUC (per view when several)."""
+    row: dict[str, Any] = {"step": step, "train_loss": float(np.mean(losses[-cfg.eval_every:]))}
+    if val is not None:
+        aucs = {name: _val_auc(views[name].network, *val[name], device) for name in samplers}
+        if len(aucs) > 1:
+            row.update({f"val_patch_auc_{name}": a for name, a in aucs.items()})
+        auc = float(np.mean(list(aucs.values())))
+    else:
+        auc = float("nan")
+    row.update(val_patch_auc=auc, seconds=round(seconds, 1))
+    return row
+
+
+def _train_patches(name: str, model: torch.nn.Module, views: dict[str, PatchView],
+                   samplers: dict[str, PatchSampler],
+                   val: dict[str, tuple[torch.Tensor, torch.Tensor]] | None, cfg: PatchPretrainConfig,
+                   device: torch.device) -> _PretrainRun:
+    """Train until ``cfg.steps`` or the time budget, keeping the weights of the best validation AUC."""
+    params = list({id(p): p for v in views.values() for p in v.network.parameters() if p.requires_grad}.values())
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    run = _PretrainRun([], -1.0, 0, copy.deepcopy(model.state_dict()), 0)
+    losses: list[float] = []
+    start = time.monotonic()
+    for view in views.values():
+        view.network.train()
+    for step in range(1, cfg.steps + 1):
+        run.steps = step
+        losses.append(_train_step(views, samplers, opt, cfg, device))
+        over = cfg.time_budget_s is not None and time.monotonic() - start > cfg.time_budget_s
+        if step % cfg.eval_every == 0 or step == cfg.steps or over:
+            row = _eval_row(step, losses, views, samplers, val, cfg, device, time.monotonic() - start)
+            run.history.append(row)
+            auc = row["val_patch_auc"]
+            log.info("%s: patch step %d loss %.4f val patch AUC %.4f", name, step, row["train_loss"], auc)
+            if val is not None and auc > run.best_auc:
+                run.best_auc, run.best_step, run.best_state = auc, step, copy.deepcopy(model.state_dict())
+        if over:
+            break
+    if val is None:
+        run.best_auc, run.best_step, run.best_state = float("nan"), run.steps, copy.deepcopy(model.state_dict())
+    return run
+
+
+def _save_pretrain_bundle(adapter: Any, tcfg: Any, cfg: PatchPretrainConfig, split: Split,
+                          samplers: dict[str, PatchSampler], run: _PretrainRun, out_dir: str | Path) -> Path:
+    """Write the best weights as a ``purpose="pretraining"`` bundle with its model card."""
+    best_row = next((r for r in run.history if r["step"] == run.best_step), {})
+    metrics = ({k: v for k, v in best_row.items() if k.startswith("val_patch_auc")}
+               or {"val_patch_auc": run.best_auc})
+    patches = ", ".join(f"{name} {s.patch}x{s.patch}" for name, s in samplers.items())
+    n_pos, n_neg = sum(len(s.pos) for s in samplers.values()), sum(len(s.neg) for s in samplers.values())
+    arch, init_args = adapter.architecture(tcfg)
+    best_auc, best_step, step = run.best_auc, run.best_step, run.steps
+    meta = BundleMeta(
+        task=adapter.name, version=cfg.version or time.strftime("pretrain-%Y%m%d-%H%M%S", time.gmtime()),
+        architecture=arch, init_args=init_args, input=adapter.input_spec(tcfg), labels=adapter.labels(tcfg),
+        training_data_hash=data_hash(split.train), holdout_hash=split.holdout_hash, split=split.summary(),
+        metrics=metrics, primary_metric=None,
+        train_config={"stage": "patch_pretrain", **cfg.model_dump(mode="json")},
+        task_config=tcfg.model_dump(mode="json"), training_log=run.history, synthetic_only=cfg.synthetic_only,
+        purpose="pretraining",
+        notes=(f"box-patch pretraining, best validation patch AUC {best_auc:.3f} at step {best_step} of {step} "
+               f"({n_pos} lesion centres, {n_neg} negative images; patches {patches}); not a study classifier"),
+    )
+    card = (f"# {adapter.name} {meta.version}: pretraining weights, not a model\n\n"
+            f"The task's network ({arch} {init_args}) trained for {step} steps on patches of its own model inputs "
+            f"({patches}): lesion boxes against negative studies at the same positions. Start a "
+            "`dicomnode-train train` run from it with `--set init_from=<this directory>`; the registry refuses to "
+            f"serve it. Best validation patch AUC {best_auc:.3f}."
+            + (" Trained on synthetic data only." if cfg.synthetic_only else "") + "\n")
+    return save_bundle(out_dir, meta, {k: v.detach().cpu() for k, v in run.best_state.items()}, card,
+                       fp16=cfg.fp16_weights, overwrite=True)
+
+
 def pretrain_patches(adapter: Any, records: list[Record], out_dir: str | Path, cfg: PatchPretrainConfig,
                      task_cfg: Any | None = None) -> Path:
     """Train ``adapter``'s network(s) on lesion patches of the training split and write a pretraining bundle.
@@ -211,78 +327,9 @@ def pretrain_patches(adapter: Any, records: list[Record], out_dir: str | Path, c
     model = to_channels_last(adapter.build_model(tcfg).to(device))
     views = _views(adapter, model, tcfg, device)
     samplers = _samplers(views, train_src, cfg, cfg.seed, "training")
-    try:
-        val: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = {
-            name: s.batch(cfg.val_patches) for name, s in _samplers(views, val_src, cfg, cfg.seed + 100,
-                                                                   "validation").items()}
-    except TrainError as exc:
-        log.warning("%s: %s; keeping the last step's weights", adapter.name, exc)
-        val = None
-    params = list({id(p): p for v in views.values() for p in v.network.parameters() if p.requires_grad}.values())
-    opt = torch.optim.Adam(params, lr=cfg.lr)
-    amp = device.type == "cuda"
-    history: list[dict[str, Any]] = []
-    best_auc, best_step, best_state = -1.0, 0, copy.deepcopy(model.state_dict())
-    losses: list[float] = []
-    start = time.monotonic()
-    for view in views.values():
-        view.network.train()
-    step = 0
-    for step in range(1, cfg.steps + 1):
-        loss = torch.zeros((), device=device)
-        for name, sampler in samplers.items():
-            x, y = sampler.batch(cfg.batch_size)
-            x = x.to(device).contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = views[name].network(x)[:, 0].float()
-            loss = loss + F.binary_cross_entropy_with_logits(logits, y.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-        over = cfg.time_budget_s is not None and time.monotonic() - start > cfg.time_budget_s
-        if step % cfg.eval_every == 0 or step == cfg.steps or over:
-            row: dict[str, Any] = {"step": step, "train_loss": float(np.mean(losses[-cfg.eval_every:]))}
-            if val is not None:
-                aucs = {name: _val_auc(views[name].network, *val[name], device) for name in samplers}
-                if len(aucs) > 1:
-                    row.update({f"val_patch_auc_{name}": a for name, a in aucs.items()})
-                auc = float(np.mean(list(aucs.values())))
-            else:
-                auc = float("nan")
-            row.update(val_patch_auc=auc, seconds=round(time.monotonic() - start, 1))
-            history.append(row)
-            log.info("%s: patch step %d loss %.4f val patch AUC %.4f", adapter.name, step, row["train_loss"], auc)
-            if val is not None and auc > best_auc:
-                best_auc, best_step, best_state = auc, step, copy.deepcopy(model.state_dict())
-        if over:
-            break
-    if val is None:
-        best_auc, best_step, best_state = float("nan"), step, copy.deepcopy(model.state_dict())
-    best_row = next((r for r in history if r["step"] == best_step), {})
-    metrics = {k: v for k, v in best_row.items() if k.startswith("val_patch_auc")} or {"val_patch_auc": best_auc}
-    patches = ", ".join(f"{name} {s.patch}x{s.patch}" for name, s in samplers.items())
-    n_pos, n_neg = sum(len(s.pos) for s in samplers.values()), sum(len(s.neg) for s in samplers.values())
-    arch, init_args = adapter.architecture(tcfg)
-    meta = BundleMeta(
-        task=adapter.name, version=cfg.version or time.strftime("pretrain-%Y%m%d-%H%M%S", time.gmtime()),
-        architecture=arch, init_args=init_args, input=adapter.input_spec(tcfg), labels=adapter.labels(tcfg),
-        training_data_hash=data_hash(split.train), holdout_hash=split.holdout_hash, split=split.summary(),
-        metrics=metrics, primary_metric=None,
-        train_config={"stage": "patch_pretrain", **cfg.model_dump(mode="json")},
-        task_config=tcfg.model_dump(mode="json"), training_log=history, synthetic_only=cfg.synthetic_only,
-        purpose="pretraining",
-        notes=(f"box-patch pretraining, best validation patch AUC {best_auc:.3f} at step {best_step} of {step} "
-               f"({n_pos} lesion centres, {n_neg} negative images; patches {patches}); not a study classifier"),
-    )
-    card = (f"# {adapter.name} {meta.version}: pretraining weights, not a model\n\n"
-            f"The task's network ({arch} {init_args}) trained for {step} steps on patches of its own model inputs "
-            f"({patches}): lesion boxes against negative studies at the same positions. Start a "
-            "`dicomnode-train train` run from it with `--set init_from=<this directory>`; the registry refuses to "
-            f"serve it. Best validation patch AUC {best_auc:.3f}."
-            + (" Trained on synthetic data only." if cfg.synthetic_only else "") + "\n")
-    return save_bundle(out_dir, meta, {k: v.detach().cpu() for k, v in best_state.items()}, card,
-                       fp16=cfg.fp16_weights, overwrite=True)
+    val = _val_batches(adapter.name, views, val_src, cfg)
+    run = _train_patches(adapter.name, model, views, samplers, val, cfg, device)
+    return _save_pretrain_bundle(adapter, tcfg, cfg, split, samplers, run, out_dir)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

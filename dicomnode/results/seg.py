@@ -82,18 +82,8 @@ def segment_array(masks: Sequence[Mask], sources: Sequence[Dataset]) -> tuple[li
     return seg_sources, array
 
 
-def build_seg(findings: Findings, sources: Sequence[Dataset], context: ResultContext) -> Dataset:
-    """Build one BINARY SEG with a segment per mask of ``findings`` (segment ``i + 1`` = ``masks[i]``).
-
-    Raises
-    ------
-    ResultWriteError
-        If there are no masks, masks do not fit the source grid, or highdicom
-        rejects the sources.
-    """
-    if not findings.masks:
-        raise ResultWriteError("no masks to write as SEG")
-    seg_sources, array = segment_array(findings.masks, sources)
+def _segment_descriptions(findings: Findings) -> list[hd.seg.SegmentDescription]:
+    """One automatic segment description per mask of ``findings``, numbered from 1."""
     algo = hd.AlgorithmIdentificationSequence(
         name=findings.algorithm_name[:64],
         family=rc.to_hd(rc.ARTIFICIAL_INTELLIGENCE),
@@ -113,6 +103,33 @@ def build_seg(findings: Findings, sources: Sequence[Dataset], context: ResultCon
             anatomic_regions=[rc.to_hd(mask.finding_site)] if mask.finding_site else None,
             display_color=hd.color.CIELabColor.from_rgb(*colour_for(mask.label.meaning)),
         ))
+    return descriptions
+
+
+def _fit_projection_seg(seg: Dataset, source: Dataset) -> None:
+    """Make a SEG without a frame of reference (projection images) valid and readable."""
+    # projection images: the SEG shares the source pixel grid, hence its orientation (Type 2C)
+    seg.PatientOrientation = source.get("PatientOrientation") or None
+    # Pixel Measures is only required with a frame of reference; highdicom writes it without a
+    # Slice Thickness here and then cannot read its own object back
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    if "PixelMeasuresSequence" in shared and "SliceThickness" not in shared.PixelMeasuresSequence[0]:
+        del shared.PixelMeasuresSequence
+
+
+def build_seg(findings: Findings, sources: Sequence[Dataset], context: ResultContext) -> Dataset:
+    """Build one BINARY SEG with a segment per mask of ``findings`` (segment ``i + 1`` = ``masks[i]``).
+
+    Raises
+    ------
+    ResultWriteError
+        If there are no masks, masks do not fit the source grid, or highdicom
+        rejects the sources.
+    """
+    if not findings.masks:
+        raise ResultWriteError("no masks to write as SEG")
+    seg_sources, array = segment_array(findings.masks, sources)
+    descriptions = _segment_descriptions(findings)
     description = series_description(findings.task, "seg", findings.algorithm_version)
     try:
         seg = hd.seg.Segmentation(
@@ -136,11 +153,5 @@ def build_seg(findings: Findings, sources: Sequence[Dataset], context: ResultCon
     except (ValueError, TypeError, AttributeError) as exc:
         raise ResultWriteError(f"cannot build SEG: {exc}") from exc
     if "FrameOfReferenceUID" not in seg:
-        # projection images: the SEG shares the source pixel grid, hence its orientation (Type 2C)
-        seg.PatientOrientation = seg_sources[0].get("PatientOrientation") or None
-        # Pixel Measures is only required with a frame of reference; highdicom writes it without a
-        # Slice Thickness here and then cannot read its own object back
-        shared = seg.SharedFunctionalGroupsSequence[0]
-        if "PixelMeasuresSequence" in shared and "SliceThickness" not in shared.PixelMeasuresSequence[0]:
-            del shared.PixelMeasuresSequence
+        _fit_projection_seg(seg, seg_sources[0])
     return finish(seg, seg_sources[0], context, description)

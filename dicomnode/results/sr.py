@@ -348,6 +348,31 @@ def _predecessor_datasets(context: ResultContext) -> list[Dataset] | None:
     return out
 
 
+def _report_content(
+    findings: Findings, sources: Sequence[Dataset], by_uid: dict[str, Dataset], context: ResultContext,
+) -> hd.sr.ContainerContentItem:
+    """The TID 1500 root container: conclusion groups first, then the findings' groups, then conclusions.
+
+    Raises ResultWriteError if there is nothing to report.
+    """
+    algo = algorithm_id(findings)
+    groups, study_level = _groups(findings, algo, by_uid)
+    # conclusions first: OHIF opens an SR on its first group's image, so the reader starts at the conclusion
+    groups[:0] = conclusion_groups(findings, study_level, algo, by_uid, sources)
+    if not groups:
+        raise ResultWriteError("findings contain no classification, measurement, box or mask to report")
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=_observer(findings, context)),
+        procedure_reported=rc.to_hd(rc.procedure_for(sources[0].get("Modality"))),
+        imaging_measurements=groups,
+    )
+    root = report[0]
+    conclusions = _conclusions(findings, study_level)
+    if conclusions is not None:
+        root.ContentSequence.append(conclusions)
+    return root
+
+
 def build_sr(
     findings: Findings,
     sources: Sequence[Dataset],
@@ -377,24 +402,10 @@ def build_sr(
     """
     if findings.masks and seg is None:
         raise ResultWriteError("findings have masks but no SEG was built to reference")
-    algo = algorithm_id(findings)
-    groups, study_level = _groups(findings, algo, by_uid)
-    # conclusions first: OHIF opens an SR on its first group's image, so the reader starts at the conclusion
-    groups[:0] = conclusion_groups(findings, study_level, algo, by_uid, sources)
-    if not groups:
-        raise ResultWriteError("findings contain no classification, measurement, box or mask to report")
+    root = _report_content(findings, sources, by_uid, context)
     evidence = [header_for_copy(ds) for ds in sources]
     if seg is not None:
         evidence.append(header_for_copy(seg))
-    report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=_observer(findings, context)),
-        procedure_reported=rc.to_hd(rc.procedure_for(sources[0].get("Modality"))),
-        imaging_measurements=groups,
-    )
-    root = report[0]
-    conclusions = _conclusions(findings, study_level)
-    if conclusions is not None:
-        root.ContentSequence.append(conclusions)
     description = series_description(findings.task, "sr", findings.algorithm_version)
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,

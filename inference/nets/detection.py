@@ -117,6 +117,43 @@ def _resnet_trunk(
     return model
 
 
+def _trunk_body(
+    trunk: nn.Module, stages: int, chans: Sequence[int], attention: Callable[[int], nn.Module] | None,
+) -> tuple[nn.Sequential, str]:
+    """The stem and the first ``stages`` residual stages (with optional attention); and the last module's name."""
+    parts: list[tuple[str, nn.Module]] = [
+        ("conv1", trunk.conv1), ("bn1", trunk.bn1), ("relu", trunk.relu), ("maxpool", trunk.maxpool)
+    ]
+    if attention is not None:
+        parts.append(("attn_stem", attention(_STEM_CHANNELS)))
+    for i in range(1, stages + 1):
+        parts.append((f"layer{i}", getattr(trunk, f"layer{i}")))
+    last_name = f"layer{stages}"
+    if attention is not None:
+        parts.append(("attn_last", attention(chans[stages - 1])))
+        last_name = "attn_last"
+    return nn.Sequential(OrderedDict(parts)), last_name
+
+
+def _freeze_lowest_stages(body: nn.Module, stages: int, trainable_stages: int) -> None:
+    """Freeze all but the top ``trainable_stages`` stages (stage 1 = stem, stages 2.. = layer1..)."""
+    stage_modules: list[list[str]] = [["conv1", "bn1"]] + [[f"layer{i}"] for i in range(1, stages + 1)]
+    n_frozen = max(0, len(stage_modules) - int(trainable_stages))
+    for names in stage_modules[:n_frozen]:
+        for name in names:
+            for prm in getattr(body, name).parameters():
+                prm.requires_grad_(False)
+
+
+def _extra_block(extra: str, fpn_channels: int) -> LastLevelMaxPool | LastLevelP6P7:
+    """The FPN's extra level: 'maxpool' (Faster R-CNN) or 'p6p7' (RetinaNet)."""
+    if extra == "maxpool":
+        return LastLevelMaxPool()
+    if extra == "p6p7":
+        return LastLevelP6P7(fpn_channels, fpn_channels)
+    raise ValueError(f"extra must be 'maxpool' or 'p6p7', got {extra!r}")
+
+
 def resnet_fpn_backbone(
     backbone: str = "resnet50",
     *,
@@ -167,39 +204,15 @@ def resnet_fpn_backbone(
         raise ValueError(f"returned_from must lie in 1..{stages}, got {returned_from}")
     trunk = _resnet_trunk(backbone, in_channels, frozen_bn, pretrained_path)
     chans = RESNET_STAGE_CHANNELS[backbone]
-    parts: list[tuple[str, nn.Module]] = [
-        ("conv1", trunk.conv1), ("bn1", trunk.bn1), ("relu", trunk.relu), ("maxpool", trunk.maxpool)
-    ]
-    if attention is not None:
-        parts.append(("attn_stem", attention(_STEM_CHANNELS)))
-    for i in range(1, stages + 1):
-        parts.append((f"layer{i}", getattr(trunk, f"layer{i}")))
-    last_name = f"layer{stages}"
-    if attention is not None:
-        parts.append(("attn_last", attention(chans[stages - 1])))
-        last_name = "attn_last"
-    body = nn.Sequential(OrderedDict(parts))
-
-    # Freeze the lowest stages if asked (stage 1 = stem, stages 2.. = layer1..).
-    stage_modules: list[list[str]] = [["conv1", "bn1"]] + [[f"layer{i}"] for i in range(1, stages + 1)]
-    n_frozen = max(0, len(stage_modules) - int(trainable_stages))
-    for names in stage_modules[:n_frozen]:
-        for name in names:
-            for prm in getattr(body, name).parameters():
-                prm.requires_grad_(False)
-
+    body, last_name = _trunk_body(trunk, stages, chans, attention)
+    _freeze_lowest_stages(body, stages, trainable_stages)
     return_layers: dict[str, str] = {}
     in_list: list[int] = []
     for idx, i in enumerate(range(returned_from, stages + 1)):
         name = last_name if i == stages else f"layer{i}"
         return_layers[name] = str(idx)
         in_list.append(chans[i - 1])
-    if extra == "maxpool":
-        extra_block = LastLevelMaxPool()
-    elif extra == "p6p7":
-        extra_block = LastLevelP6P7(fpn_channels, fpn_channels)
-    else:
-        raise ValueError(f"extra must be 'maxpool' or 'p6p7', got {extra!r}")
+    extra_block = _extra_block(extra, fpn_channels)
     return BackboneWithFPN(body, return_layers, in_list, fpn_channels, extra_blocks=extra_block)
 
 

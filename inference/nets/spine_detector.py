@@ -29,7 +29,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from torch import nn
 from torchvision.models.detection import FasterRCNN
@@ -60,6 +60,16 @@ SPINE_LIGHT_ARGS: dict[str, object] = {
 }
 
 
+def _attention_factory(backbone: str, reduction: int, groups: int) -> Callable[[int], nn.Module] | None:
+    """``channels -> attention module`` for the named spine backbone (None for plain 'resnet50')."""
+    if backbone not in SPINE_BACKBONES:
+        raise ValueError(f"unknown spine backbone {backbone!r}; expected one of {sorted(SPINE_BACKBONES)}")
+    kind = SPINE_BACKBONES[backbone]
+    if kind == "none":
+        return None
+    return functools.partial(_attention, kind=kind, reduction=reduction, groups=groups)
+
+
 def build_spine_detector(
     backbone: str = "resnet50_ds",
     *,
@@ -87,15 +97,13 @@ def build_spine_detector(
     Parameters
     ----------
     backbone : str
-        'resnet50', 'resnet50_se', 'resnet50_sk' or 'resnet50_ds' (the
-        attention module; the names are the paper's variants).
+        'resnet50', 'resnet50_se', 'resnet50_sk' or 'resnet50_ds' (the attention module; the paper's variants).
     trunk : str
-        ResNet depth under the attention: 'resnet50' (faithful) or 'resnet18'
-        (light demo variant, see ``SPINE_LIGHT_ARGS``).
+        ResNet depth under the attention: 'resnet50' (faithful) or 'resnet18' (light demo variant, see
+        ``SPINE_LIGHT_ARGS``).
     stages : int
-        Residual stages kept: 4 (faithful; the second module follows stage 5 =
-        ``layer4``) or 3 (drops ``layer4``; the second module then follows the
-        last kept stage, used by the light variant).
+        Residual stages kept: 4 (faithful; the second module follows stage 5 = ``layer4``) or 3 (drops
+        ``layer4``; the second module then follows the last kept stage, used by the light variant).
     num_classes : int
         Including background: 1 + 3 (normal/osteopenia/osteoporosis).
     in_channels : int
@@ -105,24 +113,17 @@ def build_spine_detector(
     reduction, attention_groups : int
         Attention FC reduction ratio (16) and conv groups (see ``DSModule``).
     min_size, max_size : int
-        Resize bounds: CT slices are 512x512, so 512 keeps native resolution
-        (torchvision's 800 would upsample for no gain).
+        Resize bounds: CT slices are 512x512, so 512 keeps native resolution (torchvision's 800 would
+        upsample for no gain).
     image_mean, image_std : sequence of float, optional
-        Normalisation of the [0, 1] input; ImageNet statistics by default
-        (mean 0.5 / std 0.25 for a single channel).
+        Normalisation of the [0, 1] input; ImageNet statistics by default (mean 0.5 / std 0.25 for one channel).
     """
-    if backbone not in SPINE_BACKBONES:
-        raise ValueError(f"unknown spine backbone {backbone!r}; expected one of {sorted(SPINE_BACKBONES)}")
-    kind = SPINE_BACKBONES[backbone]
-    attention = (
-        None if kind == "none"
-        else functools.partial(_attention, kind=kind, reduction=reduction, groups=attention_groups)
-    )
     if in_channels != 3 and image_mean is None:
         image_mean, image_std = [0.5] * in_channels, [0.25] * in_channels
     bb = resnet_fpn_backbone(
         trunk, in_channels=in_channels, stages=stages, fpn_channels=fpn_channels, extra="maxpool", returned_from=1,
-        frozen_bn=frozen_bn, trainable_stages=trainable_stages, pretrained_path=pretrained_path, attention=attention,
+        frozen_bn=frozen_bn, trainable_stages=trainable_stages, pretrained_path=pretrained_path,
+        attention=_attention_factory(backbone, reduction, attention_groups),
     )
     return faster_rcnn(
         bb, num_classes, min_size=min_size, max_size=max_size, representation_size=representation_size,

@@ -253,15 +253,9 @@ def _lead(cfg: NightlyConfig, task: str, sched: TaskSchedule, registry: ModelReg
     return outcome
 
 
-def _run(cfg: NightlyConfig, task: str, sched: TaskSchedule, registry: ModelRegistry, run_dir: Path, work: Path,
-         adapter: Any, callbacks: Sequence[Callable[[int, dict[str, Any]], None]], outcome: RunOutcome,
-         report: dict[str, Any], dist: _Dist) -> None:
-    from training.data import SplitConfig, records_from_rows, split_records
-    from training.evaluate import evaluate_bundle, split_config_of
-    from training.tasks import get_adapter
-    from training.trainer import train
-
-    adapter = adapter or get_adapter(task)
+def _intake_rows(cfg: NightlyConfig, task: str, work: Path, report: dict[str, Any]
+                 ) -> tuple[IntakeReport, list[dict[str, Any]]]:
+    """Take in new label files; return the intake and the task's labelled rows whose study is archived."""
     intake: IntakeReport = run_intake(cfg.incoming_labels_dir, cfg.archive_dir, cfg.key_dir, work / "labels")
     report["intake"] = intake.as_dict()
     index = ArchiveIndex.read(cfg.archive_dir)
@@ -270,6 +264,53 @@ def _run(cfg: NightlyConfig, task: str, sched: TaskSchedule, registry: ModelRegi
     report["data"] = {"labelled_rows": len(rows), "rows_in_archive": len(usable),
                       "rows_evicted_or_missing": len(rows) - len(usable),
                       "new_labels_this_run": intake.new_keys.get(task, 0)}
+    return intake, usable
+
+
+def _current_model(registry: ModelRegistry, task: str) -> tuple[Path | None, BundleMeta | None]:
+    """The task's current bundle folder and metadata (both None when no model is promoted yet)."""
+    try:
+        cur_dir: Path | None = registry.current_dir(task)
+    except ModelNotFoundError:
+        cur_dir = None
+    return cur_dir, read_meta(cur_dir) if cur_dir is not None else None
+
+
+def _evaluate_on_holdout(cfg: NightlyConfig, adapter: Any, holdout: list[Any], candidate_dir: Path,
+                         cur_dir: Path | None, run_dir: Path) -> dict[str, dict[str, Any]]:
+    """Metrics of the candidate (and of the current model, if any) on the same hold-out records."""
+    from training.evaluate import evaluate_bundle
+
+    cand = evaluate_bundle(candidate_dir, records=holdout, subset="all", device=cfg.device,
+                           adapter=adapter, out_dir=run_dir / "eval_candidate")
+    metrics: dict[str, dict[str, Any]] = {"candidate": cand.metrics}
+    if cur_dir is not None:
+        cur = evaluate_bundle(cur_dir, records=holdout, subset="all", device=cfg.device, adapter=adapter,
+                              out_dir=run_dir / "eval_current")
+        metrics["current"] = cur.metrics
+    return metrics
+
+
+def _promote(registry: ModelRegistry, task: str, bundle_dir: Path, version: str, run_dir: Path,
+             cur_meta: BundleMeta | None) -> None:
+    """Make the candidate current and append the promotion to the task's ``promotions.jsonl``."""
+    registry.promote(task, bundle_dir)
+    with open(registry.task_dir(task) / "promotions.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"version": version, "promoted_at": time.time(), "run": run_dir.name,
+                            "previous": cur_meta.version if cur_meta else None}) + "\n")
+
+
+def _run(cfg: NightlyConfig, task: str, sched: TaskSchedule, registry: ModelRegistry, run_dir: Path, work: Path,
+         adapter: Any, callbacks: Sequence[Callable[[int, dict[str, Any]], None]], outcome: RunOutcome,
+         report: dict[str, Any], dist: _Dist) -> None:
+    """One nightly run of ``task``: intake, train a candidate, compare on the hold-out, promote or keep."""
+    from training.data import SplitConfig, records_from_rows, split_records
+    from training.evaluate import split_config_of
+    from training.tasks import get_adapter
+    from training.trainer import train
+
+    adapter = adapter or get_adapter(task)
+    intake, usable = _intake_rows(cfg, task, work, report)
     if intake.new_keys.get(task, 0) < sched.min_new_labels:
         outcome.status = "skipped"
         outcome.reason = f"{intake.new_keys.get(task, 0)} new labels, fewer than min_new_labels={sched.min_new_labels}"
@@ -278,11 +319,7 @@ def _run(cfg: NightlyConfig, task: str, sched: TaskSchedule, registry: ModelRegi
         outcome.status, outcome.reason = "skipped", "no labelled archived studies for this task"
         return
     records = records_from_rows(usable, cfg.archive_dir / "studies")
-    try:
-        cur_dir: Path | None = registry.current_dir(task)
-    except ModelNotFoundError:
-        cur_dir = None
-    cur_meta = read_meta(cur_dir) if cur_dir is not None else None
+    cur_dir, cur_meta = _current_model(registry, task)
     split_cfg = split_config_of(cur_meta) if cur_meta is not None else SplitConfig()
     split = split_records(records, split_cfg)
     report["data"]["split"] = split.summary()
@@ -302,26 +339,17 @@ def _run(cfg: NightlyConfig, task: str, sched: TaskSchedule, registry: ModelRegi
     result = train(model_adapter, split, run_dir / "candidate", train_cfg, tcfg, work_dir=run_dir / "work",
                    resume=False, callbacks=callbacks)
     report["history"] = result.history
-    cand = evaluate_bundle(result.bundle_dir, records=split.holdout, subset="all", device=cfg.device,
-                           adapter=adapter, out_dir=run_dir / "eval_candidate")
-    metrics: dict[str, dict[str, Any]] = {"candidate": cand.metrics}
-    current_metrics = None
-    if cur_dir is not None:
-        cur = evaluate_bundle(cur_dir, records=split.holdout, subset="all", device=cfg.device, adapter=adapter,
-                              out_dir=run_dir / "eval_current")
-        current_metrics = metrics["current"] = cur.metrics
+    metrics = _evaluate_on_holdout(cfg, adapter, split.holdout, result.bundle_dir, cur_dir, run_dir)
+    current_metrics = metrics.get("current")
     outcome.metrics, outcome.version = metrics, version
     meta = read_meta(result.bundle_dir)
-    gate = decide(cand.metrics, current_metrics, meta.primary_metric or adapter.primary_metric,
+    gate = decide(metrics["candidate"], current_metrics, meta.primary_metric or adapter.primary_metric,
                   meta.greater_is_better, sched.margin, sched.secondary)
     report["gate"] = asdict(gate)
     report["current_version"] = cur_meta.version if cur_meta else None
     _plot(run_dir, metrics, result.history, [c["metric"] for c in gate.checks] or [meta.primary_metric or ""])
     if gate.promote:
-        registry.promote(task, result.bundle_dir)
-        with open(registry.task_dir(task) / "promotions.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps({"version": version, "promoted_at": time.time(), "run": run_dir.name,
-                                "previous": cur_meta.version if cur_meta else None}) + "\n")
+        _promote(registry, task, result.bundle_dir, version, run_dir, cur_meta)
         outcome.status = "promoted"
     else:
         outcome.status = "kept"
