@@ -82,8 +82,9 @@ def soft_tissue(rng: np.random.Generator, n: int, px: float, half_mm: float, sd:
         return SoftTissue(muscle=z, fat=z, vessels=z, sd=0.0)
     grain = rng.uniform(*TEXTURE_GRAIN_MM) / px
     cell = rng.uniform(*SEPTA_CELL_MM) / px
-    septa_depth = rng.uniform(40.0, 110.0) if septa else 0.0  # fat partial volume of a 0.1-0.4 mm septum
-    strands = rng.uniform(20.0, 60.0) if septa else 0.0
+    # fat partial volume of a 0.1-0.4 mm septum; drawn either way, so that septa=False keeps the rest
+    septa_depth = rng.uniform(40.0, 110.0) * septa
+    strands = rng.uniform(20.0, 60.0) * septa
     muscle, fat = [], []
     for _ in range(2):
         tex = _smooth_unit(rng, n, grain) * np.float32(sd)
