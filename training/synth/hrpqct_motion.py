@@ -70,6 +70,8 @@ PARAMS = {
     "texture_sd": Param(float, "muscle fascicle texture SD in mg HA/cm3 for every scan (0: no soft-tissue "
                                "texture, septa or vessels; default: drawn from "
                                f"{anat.TEXTURE_SD_RANGE[0]:g}-{anat.TEXTURE_SD_RANGE[1]:g})"),
+    "texture_sd_max": Param(float, "upper end of the per-scan texture SD range (default "
+                                   f"{anat.TEXTURE_SD_RANGE[1]:g}; the lower end is min({anat.TEXTURE_SD_RANGE[0]:g}, this))"),
     "septa": Param(int, "1 (default): fat septa and fibrous strands; 0: none", (0, 1)),
     "photons": Param(float, "photons per detector bin for every scan (default: log-uniform 4e4-4e5)"),
     "n": Param(int, "in-plane reconstruction matrix (default 256; smaller for tests)"),
@@ -141,9 +143,10 @@ def draw_motion(rng: np.random.Generator, severity: float, n_views: int, px_mm: 
 
 
 def _texture_sd(rng: np.random.Generator, p: dict[str, Any]) -> float:
-    sd = float(p["texture_sd"]) if "texture_sd" in p else float(rng.uniform(*anat.TEXTURE_SD_RANGE))
-    if not sd >= 0.0:
-        raise SynthError(f"the muscle texture SD must be >= 0 mg HA/cm3, got {sd}; pass texture_sd=0 to switch "
+    hi = float(p.get("texture_sd_max", anat.TEXTURE_SD_RANGE[1]))
+    sd = float(p["texture_sd"]) if "texture_sd" in p else float(rng.uniform(min(anat.TEXTURE_SD_RANGE[0], hi), hi))
+    if not (sd >= 0.0 and hi >= 0.0):
+        raise SynthError(f"the muscle texture SD must be >= 0 mg HA/cm3, got {sd} (max {hi}); pass texture_sd=0 to switch "
                          "the texture off")
     return sd
 
