@@ -18,8 +18,12 @@
 #
 # Sizes: N_TRAIN, N_HOLDOUT, EPOCHS, DEVICE (auto|cpu|cuda), WORKERS (synthesis processes), BATCH; RESCAN_SENS;
 # CUTPOINTS; INIT_FROM (a hrpqct_motion bundle to start from instead of a fresh initialisation); SYNTH_PARAMS
-# (generator parameters for both sets, e.g. "texture_sd_max=60": the muscle texture of models/README.md);
-# TRAIN_DATA / HOLDOUT_DATA (existing sets to reuse).
+# (generator parameters for both sets, e.g. "texture_sd=0" for an ablation without the soft-tissue texture,
+# which is on by default since 2026-12-08); TRAIN_DATA / HOLDOUT_DATA (existing sets to reuse; since the sealed
+# test protocol the hold-out should be a validation seed, 100-199, e.g. HOLDOUT_DATA from `synth --seed 100`);
+# TRAIN_ARGS (more `train` options, e.g. "--set lr=0.0005" for a warm start); DEADLINE (see _budget.sh).
+# CPU warm start of 2026-12-08 (models/README.md): DEVICE=cpu WORKERS=1 EPOCHS=8 N_TRAIN=400
+#   INIT_FROM=models/hrpqct_motion/demo-20261203b TRAIN_ARGS="--set lr=0.0005" HOLDOUT_DATA=VAL_SEED_100 ...
 # Tiny CPU check:   N_TRAIN=12 N_HOLDOUT=6 EPOCHS=1 DEVICE=cpu scripts/train_demo/hrpqct_motion.sh /tmp/motion_demo
 # GPU (H100):       PYTHON=python3 PYTHONPATH=. N_TRAIN=400 N_HOLDOUT=100 EPOCHS=30 \
 #                   scripts/train_demo/hrpqct_motion.sh out
