@@ -253,7 +253,7 @@ def body_runs(
     for s, e in _runs(~mask):  # close thin gaps (noise, partial volume) inside a body
         if s > 0 and e < len(mask) - 1 and (e - s + 1) < gap:
             mask[s:e + 1] = True
-    weak_gap = max(1, int(round(weak_mm / step)))
+    weak_gap = int(round(weak_mm / step))  # 0: off
     plate = 0.5 * float(np.percentile(prof[prof > 0], 90)) if (prof > 0).any() else 0.0
     for s, e in _runs(~mask):  # a thin cortex (140 kVp) can fade to one row at mid-body: still the body
         if (s > 0 and e < len(mask) - 1 and (e - s + 1) <= weak_gap and (prof[s:e + 1] > 0).all()
