@@ -23,7 +23,7 @@ Level finding (the cheap pass that decides which slices go through the detector)
    reach the disc levels at the facet joints) lie further back. Counting cortex
    rather than averaging HU matters: an osteoporotic body (40-110 HU) and a
    disc (70-110 HU) have the same mean.
-4. Slices with bone form runs; gaps thinner than ``close_mm`` are closed, runs
+4. Slices with bone form runs; gaps thinner than ``close_mm`` (or ``weak_mm`` with faint cortex) are closed, runs
    shorter than ``min_body_mm`` are dropped unless cut by the stack's end, and
    runs longer than ``max_body_mm`` (a disc lost to thick slices) are split at
    the profile's minimum. Each run is one vertebral body.
@@ -231,8 +231,13 @@ def body_runs(
     min_body_mm: float = 12.0,
     max_body_mm: float = 45.0,
     edge_mm: float = 2.0,
+    weak_mm: float = 6.0,
 ) -> list[BodyRun]:
     """Vertebral bodies as runs of slices whose profile shows cortical bone (step 4 above).
+
+    Gaps of up to ``weak_mm`` whose slices still show some cortex (fewer than ``min_rows`` rows, none empty)
+    between mid-body slices (not endplates) are closed too: a thin anterior cortex at high kVp fades to one
+    row at mid-body, while a disc lies between two endplates.
 
     Returns the runs ordered from superior to inferior (descending position).
     """
@@ -247,6 +252,12 @@ def body_runs(
     gap = max(1, int(round(close_mm / step)))
     for s, e in _runs(~mask):  # close thin gaps (noise, partial volume) inside a body
         if s > 0 and e < len(mask) - 1 and (e - s + 1) < gap:
+            mask[s:e + 1] = True
+    weak_gap = int(round(weak_mm / step))  # 0: off
+    plate = 0.5 * float(np.percentile(prof[prof > 0], 90)) if (prof > 0).any() else 0.0
+    for s, e in _runs(~mask):  # a thin cortex (140 kVp) can fade to one row at mid-body: still the body
+        if (s > 0 and e < len(mask) - 1 and (e - s + 1) <= weak_gap and (prof[s:e + 1] > 0).all()
+                and max(prof[s - 1], prof[e + 1]) < plate):  # a disc lies between endplates (many rows)
             mask[s:e + 1] = True
     pieces: list[tuple[int, int]] = []
     for s, e in _runs(mask):

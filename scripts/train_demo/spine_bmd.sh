@@ -3,7 +3,9 @@
 #
 #   scripts/train_demo/spine_bmd.sh OUT_DIR
 #
-# 1. synthesise a training set (seed 1) and a fresh-seed hold-out (seed 2),
+# 1. synthesise a training set (seed 1) and a fresh-seed hold-out (seed 2); under the sealed test protocol
+#    (models/README.md) pass a validation set of seeds 100-199 as HOLDOUT_DATA instead, e.g.
+#    `dicomnode-train synth spine_bmd --out VAL --n 60 --seed 100`, and never a sealed (9010-9019) set,
 # 2. train the light variant of the same design (Faster R-CNN + FPN, DS attention after the stem and the last
 #    kept stage, ResNet18 trunk without layer4: SPINE_LIGHT_ARGS, ~10.4 MB fp16) with the paper's optimiser
 #    (SGD lr 0.01, momentum 0.9, batch 9) for EPOCHS epochs instead of 100, weights stored in fp16,
@@ -19,6 +21,9 @@
 # OUT_DIR/holdout_data, always synthesised afresh).
 # Tiny CPU check:   N_TRAIN=12 N_HOLDOUT=6 EPOCHS=1 DEVICE=cpu IMAGE_SIZE=160 MAX_STEPS=3 WORKERS=2 \
 #                   scripts/train_demo/spine_bmd.sh /tmp/spine_demo
+# issue 34 (2026-12-08, demo-20261208s): DEVICE=cpu WORKERS=1 EPOCHS=6 MAX_STEPS=60 DEADLINE=... EVAL_RESERVE_S=600 \
+#                   INIT_FROM=models/spine_bmd/demo-20261203b TRAIN_DATA=TRAIN HOLDOUT_DATA=VAL TRAIN_ARGS="--set \
+#                   split.train=0.82 --set split.val=0.12 --set split.holdout=0.06 --set task.tune_class_offsets=true"
 # GPU (H100):       PYTHON=python3 PYTHONPATH=. N_TRAIN=200 N_HOLDOUT=40 EPOCHS=8 scripts/train_demo/spine_bmd.sh out
 set -euo pipefail
 
