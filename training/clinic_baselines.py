@@ -95,14 +95,28 @@ def spine_roi_hu(volume_hu: np.ndarray, positions: np.ndarray, spacing: tuple[fl
         values = []
         for i in select_slices(run, positions):
             cr = float(geom.anterior_row[i]) + sign * ROI_CENTRE_MM / spacing[0]
+            col = _body_column(volume_hu[i], float(geom.anterior_row[i]), geom.column, spacing, sign, cortex_hu)
             r0, r1 = max(0, round(cr - half_r)), min(volume_hu.shape[1], round(cr + half_r) + 1)
-            c0, c1 = max(0, round(geom.column - half_c)), min(volume_hu.shape[2], round(geom.column + half_c) + 1)
+            c0, c1 = max(0, round(col - half_c)), min(volume_hu.shape[2], round(col + half_c) + 1)
             roi = np.asarray(volume_hu[i, r0:r1, c0:c1], dtype=np.float64)
             values.append(roi[(roi >= -200.0) & (roi <= 1000.0)])
         voxels = np.concatenate(values) if values else np.zeros(0)
         if voxels.size:
             out[run.name] = float(voxels.mean())
     return out
+
+
+def _body_column(slice_hu: np.ndarray, anterior_row: float, column: int, spacing: tuple[float, float],
+                 sign: float, cortex_hu: float) -> float:
+    """This slice's body centre column: the mean column of cortical bone in the body's front 20 mm, within
+    30 mm of the spine's midline (a scoliotic or rotated body sits off the stack's midline column, where a
+    box on that column would reach the lateral cortex, as a reader's ROI never does)."""
+    rows = sorted((round(anterior_row), round(anterior_row + sign * 20.0 / spacing[0])))
+    r0, r1 = max(0, rows[0]), min(slice_hu.shape[0], rows[1] + 1)
+    half = round(30.0 / spacing[1])
+    c0, c1 = max(0, column - half), min(slice_hu.shape[1], column + half + 1)
+    _, cols = np.nonzero(np.asarray(slice_hu[r0:r1, c0:c1]) >= cortex_hu)
+    return float(c0 + cols.mean()) if cols.size else float(column)
 
 
 def _spine_study(record: Record) -> tuple[dict[str, int], dict[str, float], int | None]:

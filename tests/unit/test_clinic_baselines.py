@@ -34,8 +34,14 @@ def spine_studies(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def _plain(level: dict) -> bool:
+    """A body without endplate sclerosis or a fracture (issue 34's generator draws both)."""
+    return not level.get("endplate_sclerosis") and not level.get("fracture")
+
+
 def test_spine_roi_reads_the_phantoms_trabecular_hu(spine_studies: Path) -> None:
-    """The ROI at the levels the task's level finder names reads the HU the phantom was built with."""
+    """The ROI at the levels the task's level finder names reads the HU the phantom was built with (on bodies
+    without endplate sclerosis or a fracture, whose dense bands can reach the mid-body slices of a short body)."""
     from inference.series import load_series
     from inference.tasks.spine_bmd import anterior_is_up, slice_positions
 
@@ -45,10 +51,10 @@ def test_spine_roi_reads_the_phantoms_trabecular_hu(spine_studies: Path) -> None
         hu = spine_roi_hu(series.volume(), slice_positions(series), (float(series.spacing[1]),
                           float(series.spacing[2])), anterior_up=anterior_is_up(series))
         for lv, info in rec.row["levels"].items():
-            if lv in hu:
+            if lv in hu and _plain(info):
                 assert hu[lv] == pytest.approx(info["trabecular_hu"], abs=10.0), lv
                 checked += 1
-    assert checked >= 9  # L1-L4 of three studies, all but a few found
+    assert checked >= 5  # the plain bodies among L1-L4 of three studies, all but a few found
 
 
 def test_spine_rule_scores_one_when_the_truth_is_the_rule(spine_studies: Path) -> None:
@@ -60,10 +66,10 @@ def test_spine_rule_scores_one_when_the_truth_is_the_rule(spine_studies: Path) -
         # levels within 5 HU of a cut are ambiguous for a noisy ROI: leave them unlabelled
         rec.row["vertebrae"] = {lv: ("normal", "osteopenia", "osteoporosis")[hu_class(i["trabecular_hu"])]
                                 for lv, i in levels.items()
-                                if min(abs(i["trabecular_hu"] - 160), abs(i["trabecular_hu"] - 110)) > 5}
+                                if _plain(i) and min(abs(i["trabecular_hu"] - 160), abs(i["trabecular_hu"] - 110)) > 5}
         rec.row["boxes"] = []
     result = spine_rule(records)
-    assert result["n"] >= 6 and result["vertebra_macro_f1"] == pytest.approx(1.0)
+    assert result["n"] >= 5 and result["vertebra_macro_f1"] == pytest.approx(1.0)
     assert result["vertebra_accuracy"] == 1.0
     for rec in records:
         rec.row["vertebrae"] = {lv: "osteoporosis" if c == "normal" else "normal"
