@@ -57,7 +57,6 @@ from inference.tasks.base import image_refs, model_for
 from inference.tasks.spine_bmd_levels import (
     CLASS_NAMES,
     REPORTED_LEVELS,
-    SpineGeometry,
     VertebraResult,
     aggregate_vertebra,
     find_levels,
@@ -65,6 +64,7 @@ from inference.tasks.spine_bmd_levels import (
     select_slices,
     slice_class_scores,
 )
+from inference.tasks.spine_bmd_profile import SpineGeometry
 
 log = logging.getLogger(__name__)
 

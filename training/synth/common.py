@@ -242,28 +242,19 @@ def _tm(t: dt.time) -> str:
     return t.strftime("%H%M%S")
 
 
-def base_dataset(sop_class_uid: str, patient: Patient, study: Study, series: Series, equipment: Equipment, *,
-                 sop_instance_uid: str, instance_number: int = 1,
-                 content_time: dt.time | None = None, image_laterality: bool = False) -> FileDataset:
-    """A dataset with file meta and the Patient, General Study, Patient Study, General Series,
-    General Equipment, General Image (numbering, dates) and SOP Common modules filled.
-
-    The caller adds the modality-specific modules and the pixel data. ``image_laterality``:
-    the caller writes ImageLaterality (DX), so series Laterality (Type 2C) stays absent.
-    """
+def _file_dataset(sop_class_uid: str, sop_instance_uid: str) -> FileDataset:
+    """An empty dataset with its file meta (Explicit VR Little Endian) and a blank preamble."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class_uid
     meta.MediaStorageSOPInstanceUID = sop_instance_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = "BONEDICOMNODE1"
-    ds = FileDataset("", Dataset(), file_meta=meta, preamble=b"\x00" * 128)
+    return FileDataset("", Dataset(), file_meta=meta, preamble=b"\x00" * 128)
 
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.SOPClassUID = sop_class_uid
-    ds.SOPInstanceUID = sop_instance_uid
-    ds.InstanceCreationDate = _da(study.date)
-    ds.InstanceCreationTime = _tm(study.time)
+
+def _set_patient_study(ds: Dataset, patient: Patient, study: Study) -> None:
+    """Fill the Patient, General Study and Patient Study modules."""
     # Patient
     ds.PatientName = patient.name
     ds.PatientID = patient.patient_id
@@ -280,6 +271,11 @@ def base_dataset(sop_class_uid: str, patient: Patient, study: Study, series: Ser
     ds.AccessionNumber = study.accession
     ds.StudyDescription = study.description
     ds.PatientAge = patient.age_string
+
+
+def _set_series_equipment(ds: Dataset, study: Study, series: Series, equipment: Equipment,
+                          image_laterality: bool) -> None:
+    """Fill the General Series and General Equipment modules (series Laterality as :func:`base_dataset` says)."""
     # General Series
     ds.Modality = series.modality
     ds.SeriesInstanceUID = series.series_uid
@@ -304,6 +300,25 @@ def base_dataset(sop_class_uid: str, patient: Patient, study: Study, series: Ser
     ds.StationName = equipment.station
     ds.DeviceSerialNumber = equipment.serial
     ds.SoftwareVersions = equipment.software
+
+
+def base_dataset(sop_class_uid: str, patient: Patient, study: Study, series: Series, equipment: Equipment, *,
+                 sop_instance_uid: str, instance_number: int = 1,
+                 content_time: dt.time | None = None, image_laterality: bool = False) -> FileDataset:
+    """A dataset with file meta and the Patient, General Study, Patient Study, General Series,
+    General Equipment, General Image (numbering, dates) and SOP Common modules filled.
+
+    The caller adds the modality-specific modules and the pixel data. ``image_laterality``:
+    the caller writes ImageLaterality (DX), so series Laterality (Type 2C) stays absent.
+    """
+    ds = _file_dataset(sop_class_uid, sop_instance_uid)
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = sop_class_uid
+    ds.SOPInstanceUID = sop_instance_uid
+    ds.InstanceCreationDate = _da(study.date)
+    ds.InstanceCreationTime = _tm(study.time)
+    _set_patient_study(ds, patient, study)
+    _set_series_equipment(ds, study, series, equipment, image_laterality)
     # General Image
     ds.InstanceNumber = instance_number
     ds.ContentDate = _da(study.date)

@@ -86,6 +86,29 @@ def burn_text(rng: np.random.Generator, img: np.ndarray) -> dict[str, float]:
     return {"x0": float(c), "y0": float(r), "x1": float(c + w - 1), "y1": float(r + h - 1)}
 
 
+def _view_boxes(rng_a: np.random.Generator, img: np.ndarray, mbox: dict[str, float] | None,
+                mpts: np.ndarray | None, view: np.ndarray, det: rg.Detector, fx: fr.Fracture | None,
+                sites: dict[str, np.ndarray]) -> tuple[list[dict[str, Any]], bool]:
+    """Boxes of one rendered view (text, burned-in text drawn here, metal, fracture); does the fracture show?
+
+    ``fx`` is None for a study without a fracture. Burned-in text is drawn onto ``img`` in place.
+    """
+    boxes = [] if mbox is None else [{**mbox, "label": "text"}]
+    if rng_a.random() < 0.5:
+        boxes.append({**burn_text(rng_a, img), "label": "text"})
+    if mpts is not None:
+        b = rg.box_of_points(mpts, view, det, pad_px=6)
+        if b is not None:
+            boxes.append({**b, "label": "metal"})
+    visible = False
+    if fx is not None and fr.visible_in(fx, view):
+        b = rg.box_of_points(sites["radius"], view, det, pad_px=6) if "radius" in sites else None
+        if b is not None:
+            boxes.append({**b, "label": "fracture"})
+            visible = True
+    return boxes, visible
+
+
 def make_study(job: StudyJob) -> list[dict[str, Any]]:
     """Write one paediatric study (PA + lateral, sometimes one view) and return one row per image."""
     rng_a, rng_i, rng_l = job.rng("anatomy"), job.rng("image"), job.rng("labels")
@@ -125,19 +148,8 @@ def make_study(job: StudyJob) -> list[dict[str, Any]]:
         det = rg.Detector(ROWS, COLS, pix, cx=rng_a.normal(0, 6), cy=(10 if region == "FOREARM" else -4) * w.scale
                           + rng_a.normal(0, 7))
         img, mbox = render(rng_a, rng_i, bones, soft, cast, cast_kind, view, det, sc, side)
-        boxes = [] if mbox is None else [{**mbox, "label": "text"}]
-        if rng_a.random() < 0.5:
-            boxes.append({**burn_text(rng_a, img), "label": "text"})
-        if mpts is not None:
-            b = rg.box_of_points(mpts, view, det, pad_px=6)
-            if b is not None:
-                boxes.append({**b, "label": "metal"})
-        visible = False
-        if fractured and fr.visible_in(fx, view):
-            b = rg.box_of_points(sites["radius"], view, det, pad_px=6) if "radius" in sites else None
-            if b is not None:
-                boxes.append({**b, "label": "fracture"})
-                visible = True
+        boxes, visible = _view_boxes(rng_a, img, mbox, mpts, view, det,
+                                     fx if fractured else None, sites)
         sop = uids.make("sop", 1, k + 1)
         ds = rg.xray_dataset(modality=modality, patient=patient, study=study, series=series, equipment=eq,
                              sop_instance_uid=sop, instance_number=k + 1, image=img, bits_stored=bits,

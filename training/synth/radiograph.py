@@ -401,6 +401,29 @@ _VIEW_CODES = {"PA": ("399348003", "SCT"), "AP": ("399182002", "SCT"), "LL": ("3
 _VIEW_MEANINGS = {"PA": "postero-anterior", "AP": "antero-posterior", "LL": "latero-medial"}
 
 
+def _set_dx_modules(ds: Dataset, *, laterality: str, mono1: bool, view_position: str,
+                    body_part_code: tuple[str, str]) -> None:
+    """Fill the DX-only attributes: intensity relationship, detector, view and anatomy codes."""
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.ImageLaterality = laterality
+    ds.PixelIntensityRelationship = "LOG"
+    ds.PixelIntensityRelationshipSign = 1 if mono1 else -1
+    set_rescale(ds, 1.0, 0.0, "US")
+    ds.PresentationLUTShape = "INVERSE" if mono1 else "IDENTITY"
+    ds.DetectorType = "SCINTILLATOR"
+    ds.DetectorConfiguration = "AREA"
+    ds.PixelSpacing = ds.ImagerPixelSpacing
+    view = Dataset()
+    view.CodeValue, view.CodingSchemeDesignator = _VIEW_CODES[view_position]
+    view.CodeMeaning = _VIEW_MEANINGS[view_position]
+    ds.ViewCodeSequence = [view]
+    ds.AcquisitionContextSequence = []
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = body_part_code[0], "SCT", body_part_code[1]
+    ds.AnatomicRegionSequence = [code]
+    ds.PositionerType = "NONE"
+
+
 def xray_dataset(*, modality: str, patient: Patient, study: Study, series: Series, equipment: Equipment,
                  sop_instance_uid: str, instance_number: int, image: np.ndarray, bits_stored: int,
                  photometric: str, pixel_mm: float, view_position: str, laterality: str,
@@ -440,24 +463,8 @@ def xray_dataset(*, modality: str, patient: Patient, study: Study, series: Serie
     # VOI LUT Function is left out: LINEAR is its default, and OHIF 3.x rejects an explicit LINEAR ("Invalid VOI
     # LUT function") and shows the radiograph black
     if modality == "DX":
-        ds.PresentationIntentType = "FOR PRESENTATION"
-        ds.ImageLaterality = laterality
-        ds.PixelIntensityRelationship = "LOG"
-        ds.PixelIntensityRelationshipSign = 1 if mono1 else -1
-        set_rescale(ds, 1.0, 0.0, "US")
-        ds.PresentationLUTShape = "INVERSE" if mono1 else "IDENTITY"
-        ds.DetectorType = "SCINTILLATOR"
-        ds.DetectorConfiguration = "AREA"
-        ds.PixelSpacing = ds.ImagerPixelSpacing
-        view = Dataset()
-        view.CodeValue, view.CodingSchemeDesignator = _VIEW_CODES[view_position]
-        view.CodeMeaning = _VIEW_MEANINGS[view_position]
-        ds.ViewCodeSequence = [view]
-        ds.AcquisitionContextSequence = []
-        code = Dataset()
-        code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = body_part_code[0], "SCT", body_part_code[1]
-        ds.AnatomicRegionSequence = [code]
-        ds.PositionerType = "NONE"
+        _set_dx_modules(ds, laterality=laterality, mono1=mono1, view_position=view_position,
+                        body_part_code=body_part_code)
     else:
         ds.Laterality = laterality
         ds.PlateType = "IP"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +86,28 @@ def _run_chunk(fn: StudyFn, jobs: list[StudyJob]) -> list[list[dict[str, Any]]]:
     return [fn(job) for job in jobs]
 
 
+def _check_ranges(n: int, difficulty: float, label_noise: float) -> None:
+    """Raise :class:`SynthError` when ``n``, ``difficulty`` or ``label_noise`` is out of range."""
+    if n < 0:
+        raise SynthError(f"n must be >= 0, got {n}")
+    if not 0.0 <= difficulty <= 1.0:
+        raise SynthError(f"difficulty must be in [0, 1], got {difficulty}")
+    if not 0.0 <= label_noise <= 0.5:
+        raise SynthError(f"label_noise must be in [0, 0.5], got {label_noise}")
+
+
+def _chunk_results(make_study: StudyFn, chunks: list[list[StudyJob]],
+                   workers: int) -> Iterator[list[list[dict[str, Any]]]]:
+    """Each chunk's rows in chunk order: in this process (one worker or one chunk) or over a process pool."""
+    if workers == 1 or len(chunks) <= 1:
+        keep_freed_memory()  # process-wide; see its docstring
+        for c in chunks:
+            yield _run_chunk(make_study, c)
+    else:
+        with ProcessPoolExecutor(max_workers=workers, initializer=keep_freed_memory) as pool:
+            yield from pool.map(_run_chunk, [make_study] * len(chunks), chunks)
+
+
 def generate_studies(out: Path, n: int, seed: int, make_study: StudyFn, *, workers: int = 2,
                      difficulty: float = DEFAULT_DIFFICULTY, label_noise: float = 0.02, params: dict[str, Any] | None = None,
                      param_spec: Mapping[str, Param] | None = None, manifest_name: str = "labels.jsonl",
@@ -109,12 +131,7 @@ def generate_studies(out: Path, n: int, seed: int, make_study: StudyFn, *, worke
     """
     from training.synth.manifest import ManifestWriter
 
-    if n < 0:
-        raise SynthError(f"n must be >= 0, got {n}")
-    if not 0.0 <= difficulty <= 1.0:
-        raise SynthError(f"difficulty must be in [0, 1], got {difficulty}")
-    if not 0.0 <= label_noise <= 0.5:
-        raise SynthError(f"label_noise must be in [0, 0.5], got {label_noise}")
+    _check_ranges(n, difficulty, label_noise)
     from training.synth.params import check_params  # imports this module
 
     params = check_params(make_study.__module__.rsplit(".", 1)[-1], params, param_spec or {})
@@ -134,19 +151,10 @@ def generate_studies(out: Path, n: int, seed: int, make_study: StudyFn, *, worke
 
     progress = Progress(n, f"synth {make_study.__module__.rsplit('.', 1)[-1]}", "studies", logger=log, announce=True)
     try:
-        if workers == 1 or len(chunks) <= 1:
-            keep_freed_memory()  # process-wide; see its docstring
-            results: Iterable[list[list[dict[str, Any]]]] = (_run_chunk(make_study, c) for c in chunks)
-            for chunk_rows in results:
-                for rows in chunk_rows:
-                    writer.extend(rows)
-                progress.update(len(chunk_rows))
-        else:
-            with ProcessPoolExecutor(max_workers=workers, initializer=keep_freed_memory) as pool:
-                for chunk_rows in pool.map(_run_chunk, [make_study] * len(chunks), chunks):
-                    for rows in chunk_rows:
-                        writer.extend(rows)
-                    progress.update(len(chunk_rows))
+        for chunk_rows in _chunk_results(make_study, chunks, workers):
+            for rows in chunk_rows:
+                writer.extend(rows)
+            progress.update(len(chunk_rows))
         path = writer.finalize()
     except BaseException:
         writer.abort()

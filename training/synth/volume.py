@@ -191,6 +191,23 @@ class SliceSeriesWriter:
         return write_atomic(path, lambda fh: fh.write(b"".join(parts)))
 
 
+def _set_image_plane(ds: Dataset, geom: VolumeGeometry, frame_uid: str, modality: str,
+                     equipment: Equipment) -> None:
+    """Fill the Frame of Reference and Image Plane attributes shared by every slice, and PatientPosition."""
+    iop = [*(float(v) for v in geom.row_dir), *(float(v) for v in geom.col_dir)]
+    ds.FrameOfReferenceUID = frame_uid
+    ds.PositionReferenceIndicator = ""
+    ds.ImageOrientationPatient = [_ds_str(v) for v in iop]
+    ds.PixelSpacing = [_ds_str(geom.pixel_spacing[0]), _ds_str(geom.pixel_spacing[1])]
+    ds.SliceThickness = _ds_str(geom.slice_thickness)
+    ds.SpacingBetweenSlices = _ds_str(geom.slice_spacing)
+    ds.AcquisitionNumber = 1
+    if modality == "MR":
+        ds.PatientPosition = "FFS"
+    else:
+        ds.PatientPosition = "FFS" if "XtremeCT" in equipment.model else "HFS"
+
+
 def write_slice_series(
     out: Path,
     values: np.ndarray,
@@ -232,25 +249,13 @@ def write_slice_series(
     lo, hi = (-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1) if signed else (0, (1 << bits_stored) - 1)
     stored = np.clip(np.rint((values.astype(np.float64) - intercept) / slope), lo, hi).astype(np.int32)
     frame_uid = uids.make("frame-of-reference", series.number)
-    t0 = dt.datetime.combine(study.date, study.time)
-    iop = [*(float(v) for v in geom.row_dir), *(float(v) for v in geom.col_dir)]
     if values.shape[0] == 0:
         return []
     sop_uids = [uids.make("sop", series.number, k + 1) for k in range(values.shape[0])]
-    ds = base_dataset(sop_class, patient, study, series, equipment, sop_instance_uid=sop_uids[0],
-                      instance_number=1, content_time=(t0 + dt.timedelta(seconds=60)).time())
+    ds = base_dataset(sop_class, patient, study, series, equipment, sop_instance_uid=sop_uids[0], instance_number=1,
+                      content_time=(dt.datetime.combine(study.date, study.time) + dt.timedelta(seconds=60)).time())
     ds.ImageType = list(image_type)
-    ds.FrameOfReferenceUID = frame_uid
-    ds.PositionReferenceIndicator = ""
-    ds.ImageOrientationPatient = [_ds_str(v) for v in iop]
-    ds.PixelSpacing = [_ds_str(geom.pixel_spacing[0]), _ds_str(geom.pixel_spacing[1])]
-    ds.SliceThickness = _ds_str(geom.slice_thickness)
-    ds.SpacingBetweenSlices = _ds_str(geom.slice_spacing)
-    ds.AcquisitionNumber = 1
-    if modality == "MR":
-        ds.PatientPosition = "FFS"
-    else:
-        ds.PatientPosition = "FFS" if "XtremeCT" in equipment.model else "HFS"
+    _set_image_plane(ds, geom, frame_uid, modality, equipment)
     if modality == "CT":
         set_rescale(ds, slope, intercept, rescale_type)
     if window is not None:
@@ -261,10 +266,16 @@ def write_slice_series(
     ds.ImagePositionPatient = [_ds_str(float(v)) for v in geom.position(0)]
     ds.SliceLocation = _ds_str(float(geom.position(0) @ geom.normal))
     set_pixel_data(ds, stored[0], bits_stored=bits_stored, photometric="MONOCHROME2", signed=signed)
-    writer = SliceSeriesWriter(ds)
+    _write_slices(out, ds, stored, sop_uids, geom, study_uid=study.study_uid, series_uid=series.series_uid)
+    return sop_uids
+
+
+def _write_slices(out: Path, template: FileDataset, stored: np.ndarray, sop_uids: list[str], geom: VolumeGeometry, *,
+                  study_uid: str, series_uid: str) -> None:
+    """Write slice ``k`` of ``stored`` as ``sop_uids[k]`` from the completed first-slice ``template``."""
+    writer = SliceSeriesWriter(template)
     for k, sop in enumerate(sop_uids):
         pos = geom.position(k)
-        writer.write_slice(out, study_uid=study.study_uid, series_uid=series.series_uid, sop_instance_uid=sop,
+        writer.write_slice(out, study_uid=study_uid, series_uid=series_uid, sop_instance_uid=sop,
                            instance_number=k + 1, position=[_ds_str(float(v)) for v in pos],
                            slice_location=_ds_str(float(pos @ geom.normal)), pixels=stored[k])
-    return sop_uids

@@ -94,6 +94,17 @@ def render(rng_a: np.random.Generator, rng_i: np.random.Generator, bones: list[r
                       collimation_tight=float(rng_a.random()))
 
 
+def _fracture_boxes(fx: fr.Fracture, sites: dict[str, np.ndarray], view: np.ndarray, det: rg.Detector,
+                    sop: str) -> list[dict[str, Any]]:
+    """The fracture boxes of one view: one per fracture site that shows in it and projects onto the detector."""
+    boxes = []
+    for site, shows in fr.visible_sites(fx, view).items():
+        box = rg.box_of_points(sites[site], view, det) if shows and site in sites else None
+        if box is not None:
+            boxes.append({"sop_instance_uid": sop, **box, "label": "fracture"})
+    return boxes
+
+
 def make_study(job: StudyJob) -> list[dict[str, Any]]:
     """Write one adult wrist study (1-2 images) and return its manifest row."""
     rng_a, rng_i, rng_l = job.rng("anatomy"), job.rng("image"), job.rng("labels")
@@ -139,13 +150,9 @@ def make_study(job: StudyJob) -> list[dict[str, Any]]:
                              content_time=(dt.datetime.combine(study.date, study.time)
                                            + dt.timedelta(seconds=40 * k)).time())
         write_dataset(ds, job.out)
-        visible = False
-        if fractured:
-            for site, shows in fr.visible_sites(fx, view).items():
-                box = rg.box_of_points(sites[site], view, det) if shows and site in sites else None
-                if box is not None:
-                    boxes.append({"sop_instance_uid": sop, **box, "label": "fracture"})
-                    visible = True
+        view_boxes = _fracture_boxes(fx, sites, view, det, sop) if fractured else []
+        boxes.extend(view_boxes)
+        visible = bool(view_boxes)
         view_rows.append({"sop_instance_uid": sop, "view_position": vp, "fracture_visible": int(visible)})
     label = int(fractured)
     if rng_l.random() < job.label_noise:
