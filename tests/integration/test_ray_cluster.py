@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +128,9 @@ def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCl
             c.stop()
 
 
-def _configure(node: NodeProcess, address: str) -> None:
+def _configure(node: NodeProcess, address: str, namespace: str | None = None,
+               edit: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Route two test tasks to the Ray engine at ``address`` (in ``namespace``), then ``edit`` the config."""
     cfg = yaml.safe_load(node.config_path.read_text(encoding="utf-8"))
     cfg["plugins"] = ["tests.plugins.bone_test_task", "tests.plugins.second_test_task"]
     cfg["routes"] = [
@@ -142,7 +144,12 @@ def _configure(node: NodeProcess, address: str) -> None:
     cfg["execution"] = {"engine": "ray", "address": address, "retry_wait_s": 1.0,
                         "actors": {"test_task": {"replicas": 1, "num_cpus": 0.5},
                                    "test_task_b": {"replicas": 1, "num_cpus": 0.5}}}
+    if namespace:
+        cfg["execution"]["namespace"] = namespace
+    if edit:
+        edit(cfg)
     node.config_path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return cfg
 
 
 def _send_study(pacs: OrthancServer, folder: Path, body_part: str) -> tuple[str, set[str]]:
@@ -281,13 +288,13 @@ def test_promotion_while_jobs_run(
     from tests.plugins.versioned_test_task import make_bundle
 
     node, pacs = node_with_orthanc
-    _configure(node, shared_cluster.address)
-    cfg = yaml.safe_load(node.config_path.read_text(encoding="utf-8"))
-    cfg["execution"]["namespace"] = "promotion"
-    cfg["plugins"].append("tests.plugins.versioned_test_task")
-    cfg["routes"][0]["task"] = "test_task_v"
-    cfg["execution"]["actors"] = {"test_task_v": {"replicas": 2, "num_cpus": 0.5}}
-    node.config_path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+
+    def versioned(cfg: dict[str, Any]) -> None:
+        cfg["plugins"].append("tests.plugins.versioned_test_task")
+        cfg["routes"][0]["task"] = "test_task_v"
+        cfg["execution"]["actors"] = {"test_task_v": {"replicas": 2, "num_cpus": 0.5}}
+
+    cfg = _configure(node, shared_cluster.address, "promotion", versioned)
     registry = ModelRegistry(cfg["models_dir"])
     registry.promote("test_task_v", make_bundle(tmp_path / "b1", "v1", 1.0))
     node.start()
@@ -311,11 +318,8 @@ def test_kill9_of_the_node_with_ray_jobs_in_flight(
         tmp_path: Path, shared_cluster: LocalCluster, node_with_orthanc: tuple[NodeProcess, OrthancServer]) -> None:
     """One driver process serves both worker threads; kill -9 takes it along; after restart, results exactly once."""
     node, pacs = node_with_orthanc
-    _configure(node, shared_cluster.address)
-    cfg = yaml.safe_load(node.config_path.read_text(encoding="utf-8"))
-    cfg["execution"]["namespace"] = "kill9"
-    cfg["execution"]["actors"]["test_task"]["replicas"] = 2
-    node.config_path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    _configure(node, shared_cluster.address, "kill9",
+               lambda cfg: cfg["execution"]["actors"]["test_task"].update(replicas=2))
     node.start()
     studies = [_send_study(pacs, tmp_path / f"s{i}", "WRIST") for i in range(3)]
     wait_for(lambda: sum(_running(node, s[0]) for s in studies) == 2, 60, "two jobs running at once")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -161,16 +163,23 @@ def test_concurrent_writers_waiting_for_room_get_distinct_sequence_numbers(tmp_p
             with lock:
                 seqs.append(rec.seq)
 
-    threads = [threading.Thread(target=writer, args=(w,)) for w in data]
+    _run_writers(j, writer, list(data), t, stop)
+    assert len(seqs) == len(set(seqs)) == 60
+    assert sorted(got) == sorted(p for ps in data.values() for p in ps)
+
+
+
+def _run_writers(j: Journal, writer: Callable[[Any], None], args: list[Any], drain: threading.Thread,
+                 stop: threading.Event) -> None:
+    """Run ``writer(arg)`` in one thread per argument, wait for the journal to drain, then stop the drain."""
+    threads = [threading.Thread(target=writer, args=(a,)) for a in args]
     for th in threads:
         th.start()
     for th in threads:
         th.join(60)
     _wait_idle(j)
     stop.set()
-    t.join(5)
-    assert len(seqs) == len(set(seqs)) == 60
-    assert sorted(got) == sorted(p for ps in data.values() for p in ps)
+    drain.join(5)
 
 
 def test_concurrent_appends_share_flushes_and_each_follows_one_started_after_its_write(
@@ -210,14 +219,7 @@ def test_concurrent_appends_share_flushes_and_each_follows_one_started_after_its
             with lock:
                 checked.append(ok)
 
-    threads = [threading.Thread(target=writer, args=(k,)) for k in range(8)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(60)
-    _wait_idle(j)
-    stop.set()
-    t.join(5)
+    _run_writers(j, writer, list(range(8)), t, stop)
     j.close()
     assert len(checked) == 80 and all(checked)
     assert len(syncs) < 60, len(syncs)  # 8 writers: flushes are shared (about 80 / 7 expected)
