@@ -72,14 +72,7 @@ class LocalCluster:
     def actor_pids(self) -> dict[int, Any]:
         """PID of each TaskActor process -> the worker node (raylet) it runs under."""
         found: dict[int, Any] = {}
-        children: dict[int, list[int]] = {}
-        for d in Path("/proc").iterdir():
-            if d.name.isdigit():
-                try:
-                    ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                except (OSError, IndexError, ValueError):
-                    continue
-                children.setdefault(ppid, []).append(int(d.name))
+        children = _children()
         for node in self.workers:
             raylet = node.all_processes["raylet"][0].process.pid
             stack = list(children.get(raylet, []))
@@ -242,6 +235,7 @@ def test_two_tasks_actor_and_node_loss_and_cluster_restart(
 
 
 def _children() -> dict[int, list[int]]:
+    """Parent PID -> child PIDs of every process in /proc."""
     out: dict[int, list[int]] = {}
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
