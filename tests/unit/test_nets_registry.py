@@ -43,7 +43,8 @@ def test_detectors_in_registry(arch: str, args: dict) -> None:
 
 
 def test_registry_keys_and_errors() -> None:
-    assert set(NETWORKS) == {
+    # test plugins register their own tiny networks under "bone_test_*" when a test imports them
+    assert {k for k in NETWORKS if not k.startswith("bone_test_")} == {
         "resnet_classifier", "mobilenet_v2_classifier", "physis_detector", "physis_two_stage", "spine_detector",
         "motion_cnn", "unet2d",
     }
