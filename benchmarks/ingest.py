@@ -250,6 +250,24 @@ def peak_rss_mib(pids: list[int]) -> float:
     return total
 
 
+def timed_send(name: str, target: Callable, work: Path, files: list[Path], parallel: int, *, rss: bool = False
+               ) -> tuple[float, float, float | None]:
+    """Send ``files`` over ``parallel`` associations to a fresh ``target`` in ``work`` (after a ``sync``): seconds
+    until acknowledged, seconds until also indexed, and with ``rss`` the target's peak RSS in MiB; ``work`` is
+    removed after."""
+    with target(work) as (port, aet, pids, drained):
+        os.sync()
+        time.sleep(1.0)
+        t0 = time.perf_counter()
+        dt_ack = send(port, files, parallel, aet)
+        if not drained():
+            raise RuntimeError(f"{name}: acknowledged instances were not indexed")
+        dt_idx = time.perf_counter() - t0
+        peak = peak_rss_mib(pids()) if rss else None
+    shutil.rmtree(work, ignore_errors=True)
+    return dt_ack, dt_idx, peak
+
+
 # ------------------------------------------------------------------------------------------ main
 
 
@@ -269,16 +287,10 @@ def run(n: int, repeats: int, processes: int, big_gb: float) -> dict:
             indexed: dict[str, list[float]] = {name: [] for name in targets}
             for r in range(repeats):  # round robin, so slow phases of the shared disk hit every target alike
                 for name, target in targets.items():
-                    work = tmp_path / f"{name}-{parallel}-{r}"
-                    with target(work) as (port, aet, _pids, drained):
-                        os.sync()
-                        time.sleep(1.0)
-                        t0 = time.perf_counter()
-                        times[name].append(send(port, files, parallel, aet))
-                        if not drained():
-                            raise RuntimeError(f"{name}: acknowledged instances were not indexed")
-                        indexed[name].append(time.perf_counter() - t0)
-                    shutil.rmtree(work, ignore_errors=True)
+                    dt_ack, dt_idx, _peak = timed_send(name, target, tmp_path / f"{name}-{parallel}-{r}", files,
+                                                       parallel)
+                    times[name].append(dt_ack)
+                    indexed[name].append(dt_idx)
             for name in targets:
                 rate = n / statistics.median(times[name])
                 results["rates"][f"{name}/{parallel}"] = rate

@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -25,9 +22,8 @@ from ingest import (  # noqa: E402
     _provenance,
     make_images,
     node_target,
-    peak_rss_mib,
-    send,
     storescp_target,
+    timed_send,
     write_readme_section,
 )
 
@@ -51,17 +47,8 @@ def run_sustained(n: int, processes: int, repeats: int = 1) -> dict:
         for parallel in (1, 4):
             for r in range(repeats):
                 for name, target in targets.items():
-                    work = tmp_path / f"{name}-{parallel}-{r}"
-                    with target(work) as (port, aet, pids, drained):
-                        os.sync()
-                        time.sleep(1.0)
-                        t0 = time.perf_counter()
-                        dt_ack = send(port, files, parallel, aet)
-                        if not drained():
-                            raise RuntimeError(f"{name}: acknowledged instances were not indexed")
-                        dt_idx = time.perf_counter() - t0
-                        peak = peak_rss_mib(pids())
-                    shutil.rmtree(work, ignore_errors=True)
+                    dt_ack, dt_idx, peak = timed_send(name, target, tmp_path / f"{name}-{parallel}-{r}", files,
+                                                      parallel, rss=True)
                     runs = res["runs"].setdefault(f"{name}/{parallel}", [])
                     runs.append({"ack": n / dt_ack, "indexed": n / dt_idx, "peak_rss_mib": peak})
                     print(f"sustained {name:9s} {parallel} assoc, run {r + 1}: {n / dt_ack:7.1f} images/s acknowledged, "
