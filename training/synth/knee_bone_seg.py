@@ -100,8 +100,7 @@ def place_grid(rng: np.random.Generator, pose: KneePose, orientation: str, n: in
                thick: float, n_sl: int, variation: bool = True) -> VolumeGeometry:
     """Slice grid on the knee: in-plane off-centre (+-20 mm) and a random coverage start along the normal."""
     probe = VolumeGeometry(orientation, (px, px), spacing, thick, (0.0, 0.0, 0.0))
-    s = 1.0
-    joint = np.array([0.0, 2.0 * s, 0.0])
+    joint = np.array([0.0, 2.0, 0.0])
     if variation:
         off = np.clip(rng.normal(0.0, 8.0, size=2), -20.0, 20.0)
         joint = joint + probe.row_dir * off[0] + probe.col_dir * off[1] + probe.normal * rng.uniform(-12.0, 12.0)
